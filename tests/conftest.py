@@ -1,0 +1,65 @@
+"""Shared pytest fixtures.
+
+The read-only sample data and published weights live in ``$RETINAFACE_SHARED`` (default
+``../shared`` beside the checkout). Tests that need them skip with a reason when the folder is
+absent, except when ``REQUIRE_SHARED=1`` (set by ``.ci/run``), where they fail instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def shared_root() -> Path:
+    return Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")).resolve()
+
+
+def require_shared(relative: str) -> Path:
+    """Path of ``relative`` inside the shared folder, or skip (fail under REQUIRE_SHARED=1)."""
+    path = shared_root() / relative
+    if not path.exists():
+        reason = f"shared test data not found: {path} (set RETINAFACE_SHARED to the shared/ folder)"
+        if os.environ.get("REQUIRE_SHARED") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def widerface_sample() -> Path:
+    """``shared/data/widerface_sample``: val/images/<event>/*.jpg, val/label.txt, ground_truth/*.mat."""
+    return require_shared("data/widerface_sample")
+
+
+@pytest.fixture(scope="session")
+def widerface_gt_dir() -> Path:
+    return require_shared("data/widerface_sample/ground_truth")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_weights() -> Path:
+    """Published Pytorch_Retinaface mobilenet0.25 detector weights."""
+    return require_shared("weights/mobilenet0.25_Final.pth")
+
+
+@pytest.fixture(scope="session")
+def mobilenet_backbone_weights() -> Path:
+    """ImageNet-pretrained MobileNetV1x0.25 backbone ({'state_dict': {'module.stage1...'}})."""
+    return require_shared("weights/mobilenetV1X0.25_pretrain.tar")
+
+
+@pytest.fixture(scope="session")
+def sample_mask_images() -> Path:
+    return require_shared("data/sample_mask/images")
+
+
+@pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    return require_shared("data/photos")
