@@ -15,11 +15,11 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from models import NETWORKS
+
 SCRIPTS = ("train", "test", "inference")
 TRAIN, TEST, INFERENCE = SCRIPTS
 ALL = frozenset(SCRIPTS)
-
-NETWORKS = ("mobilenet0.25", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 def str2bool(value: str | bool) -> bool:

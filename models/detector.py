@@ -1,0 +1,223 @@
+"""``FaceDetector``: a RetinaFace checkpoint turned into a callable face detector.
+
+    detector = FaceDetector("mobilenet0.25", device="cuda", confidence_threshold=0.5)
+    faces = detector.detect("group.jpg")            # one image -> Detections
+    batch = detector.detect([img1, img2, "x.png"])  # list -> list[Detections]
+
+Images are BGR uint8 arrays (H, W, 3) or paths. Results are in pixels of the original image:
+boxes (K, 4) x1, y1, x2, y2; scores (K,); landmarks (K, 5, 2) as (x, y) in the order left eye,
+right eye, nose, left mouth corner, right mouth corner (the RetinaFace label order).
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, Union
+
+import cv2
+import numpy as np
+import torch
+
+from layers.prior_box import prior_boxes
+from models.retinaface import RetinaFace, preprocess
+from utils.checkpoint import load_model
+from utils.image_io import as_bgr_uint8, read_image
+from utils.nms import PUBLIC_PIXEL_OFFSET
+from utils.postprocess import postprocess
+
+ImageInput = Union[np.ndarray, str, Path]
+
+
+@dataclass
+class Detections:
+    """Faces found in one image, sorted by decreasing score, in original-image pixels."""
+
+    boxes: np.ndarray      # (K, 4) float32 x1, y1, x2, y2
+    scores: np.ndarray     # (K,) float32
+    landmarks: np.ndarray  # (K, 5, 2) float32 (x, y)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, 5, 2), np.float32))
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """JSON-ready ``[{"box": [x1, y1, x2, y2], "score": s, "landmarks": [[x, y] * 5]}, ...]``."""
+        return [{"box": box.tolist(), "score": float(score), "landmarks": points.tolist()}
+                for box, score, points in zip(self.boxes, self.scores, self.landmarks)]
+
+
+def resize_scale(height: int, width: int, target_size: int | None = None, max_size: int | None = None) -> float:
+    """Scale applied to an image before the network (1.0 = original size).
+
+    ``target_size``: the shorter side becomes ``target_size``, unless the longer side would then
+    exceed ``max_size`` (the published "1600/2150" test setting). Without ``target_size``,
+    ``max_size`` only caps the longer side.
+    """
+    long_side, short_side = max(height, width), min(height, width)
+    if target_size is not None:
+        scale = target_size / short_side
+        if max_size is not None and np.round(scale * long_side) > max_size:
+            scale = max_size / long_side
+        return scale
+    if max_size is not None and long_side > max_size:
+        return max_size / long_side
+    return 1.0
+
+
+def resolve_device(device: str | torch.device | None = None, gpu_num: int = 0) -> torch.device:
+    """``device`` if given (``cpu``, ``cuda``, ``cuda:N``), else ``cuda:<gpu_num>`` when CUDA is
+    available, else the CPU. Raises ``ValueError`` for a CUDA device that does not exist."""
+    if device is None:
+        return torch.device(f"cuda:{gpu_num}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} requested but CUDA is not available")
+        index = device.index if device.index is not None else gpu_num
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device cuda:{index} requested but only {torch.cuda.device_count()} GPU(s) exist")
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {device}; use cpu, cuda or cuda:N")
+    return device
+
+
+class FaceDetector:
+    """Face detector built once from a checkpoint (see ``utils/checkpoint.py`` for formats).
+
+    Args:
+        weights: checkpoint path, or ``mobilenet0.25``/``resnet50`` for the published models.
+        model: an already built :class:`RetinaFace` instead of ``weights``.
+        device: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
+        overrides: architecture options for checkpoints that do not record them.
+        confidence_threshold, nms_threshold, top_k, keep_top_k: post-processing (see
+            ``utils/postprocess.py``); the defaults are the public demo's except the threshold.
+        target_size, max_size: test-time resize (see :func:`resize_scale`); default original size.
+        batch_size: images per forward pass. Images of different sizes are batched only with
+            ``pad_batches=True`` (bottom/right padding with the mean colour, which can change
+            scores near the padded border slightly); otherwise each size is its own batch.
+        half: bf16 (fp16 where bf16 is unsupported) autocast on CUDA; ignored on the CPU.
+        channels_last: NHWC memory format (default: on for CUDA).
+    """
+
+    def __init__(self, weights: str | Path | None = None, *, model: RetinaFace | None = None,
+                 device: str | torch.device | None = None, overrides: Mapping[str, Any] | None = None,
+                 confidence_threshold: float = 0.5, nms_threshold: float = 0.4, top_k: int = 5000,
+                 keep_top_k: int = 750, target_size: int | None = None, max_size: int | None = None,
+                 batch_size: int = 1, pad_batches: bool = False, half: bool = False,
+                 channels_last: bool | None = None, pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> None:
+        if (weights is None) == (model is None):
+            raise ValueError("give exactly one of weights or model")
+        self.device = resolve_device(device)
+        self.model = (model if model is not None else load_model(weights, overrides)).to(self.device).eval()
+        self.confidence_threshold = confidence_threshold
+        self.nms_threshold = nms_threshold
+        self.top_k = top_k
+        self.keep_top_k = keep_top_k
+        self.target_size = target_size
+        self.max_size = max_size
+        self.batch_size = batch_size
+        self.pad_batches = pad_batches
+        self.pixel_offset = pixel_offset
+        cuda = self.device.type == "cuda"
+        if half and not cuda:
+            warnings.warn("half precision is only used on CUDA; running in float32", stacklevel=2)
+        self.autocast_dtype = None
+        if half and cuda:
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.channels_last = cuda if channels_last is None else channels_last
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.timings: dict[str, float] = defaultdict(float)  # seconds: preprocess, forward, postprocess
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def detect(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
+        """Detect faces in one image (returns :class:`Detections`) or a list (returns a list)."""
+        if isinstance(images, (np.ndarray, str, Path)):
+            return self.detect_batch([images])[0]
+        return [d for start in range(0, len(images), self.batch_size)
+                for d in self.detect_batch(images[start:start + self.batch_size])]
+
+    __call__ = detect
+
+    def detect_batch(self, images: Sequence[ImageInput]) -> list[Detections]:
+        """Detect faces in ``images`` with as few forward passes as the sizes allow."""
+        started = time.perf_counter()
+        arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
+        scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
+        inputs = [a if s == 1.0 else cv2.resize(a, None, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
+                  for a, s in zip(arrays, scales)]
+        self.timings["preprocess"] += time.perf_counter() - started
+        results: list[Detections | None] = [None] * len(inputs)
+        for group in self._groups(inputs):
+            for index, detections in zip(group, self._detect_same_canvas([inputs[i] for i in group])):
+                results[index] = _rescale(detections, scales[index])
+        return results  # type: ignore[return-value]
+
+    def _groups(self, inputs: Sequence[np.ndarray]) -> Iterable[list[int]]:
+        if self.pad_batches:
+            return [list(range(len(inputs)))]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(inputs):
+            by_size.setdefault(image.shape[:2], []).append(index)
+        return by_size.values()
+
+    @torch.inference_mode()
+    def _detect_same_canvas(self, images: list[np.ndarray]) -> list[Detections]:
+        started = time.perf_counter()
+        height = max(im.shape[0] for im in images)
+        width = max(im.shape[1] for im in images)
+        batch = np.empty((len(images), height, width, 3), dtype=np.uint8)
+        batch[:] = np.asarray((104, 117, 123), dtype=np.uint8)  # mean colour: zero after preprocess
+        for slot, image in zip(batch, images):
+            slot[:image.shape[0], :image.shape[1]] = image
+        tensor = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        inputs = preprocess(tensor)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        self._sync()
+        self.timings["preprocess"] += time.perf_counter() - started
+
+        started = time.perf_counter()
+        autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                    else nullcontext())
+        with autocast:
+            outputs = self.model(inputs)
+        self._sync()
+        self.timings["forward"] += time.perf_counter() - started
+
+        started = time.perf_counter()
+        priors = prior_boxes((height, width), self.model.config.num_anchor, self.device)
+        boxes, scores, landmarks = self.model.decode_detections(outputs, priors)
+        found = postprocess(boxes, scores, landmarks, self.confidence_threshold, self.nms_threshold,
+                            self.top_k, self.keep_top_k, self.pixel_offset)
+        boxes_np = found.boxes.cpu().numpy()
+        scores_np = found.scores.cpu().numpy()
+        landmarks_np = found.landmarks.cpu().numpy().reshape(-1, 5, 2)
+        offsets = np.concatenate([[0], np.cumsum(found.counts)])
+        results = [Detections(boxes_np[a:b], scores_np[a:b], landmarks_np[a:b])
+                   for a, b in zip(offsets[:-1], offsets[1:])]
+        self.timings["postprocess"] += time.perf_counter() - started
+        return results
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _rescale(detections: Detections, scale: float) -> Detections:
+    if scale == 1.0:
+        return detections
+    return Detections(detections.boxes / scale, detections.scores, detections.landmarks / scale)

@@ -1,0 +1,228 @@
+"""Reading and writing detector checkpoints.
+
+Our checkpoints are dicts ``{'format': 'retinaface-toolkit', 'model_config': {...}, 'model':
+state_dict, ...training state}`` so that test.py and inference.py rebuild the right model from
+the file alone. Foreign files load too:
+
+- published Pytorch_Retinaface / facexlib files: a raw state dict, possibly with a ``module.``
+  prefix, or ``{'state_dict': ...}``;
+- the original project's files: ``{'network': state_dict}`` whose cascade layout (``ssh1_k``,
+  ``ssh2_k``, ``ClassHead_1/2`` ..., unused ``fpn.output0/4`` and ``fpn.merge0/3``) is mapped onto
+  ours, with ``cascade_mode='residual'``.
+
+The architecture of a foreign file is inferred from its keys. Loading is always strict: any
+missing or unexpected key raises :class:`CheckpointError` naming them.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import urllib.error
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from models.retinaface import ModelConfig, RetinaFace
+
+CHECKPOINT_FORMAT = "retinaface-toolkit"
+FORMAT_VERSION = 1
+
+# Published Pytorch_Retinaface weights as hosted by the facexlib project (release v0.1.0).
+_RELEASE = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
+PUBLISHED_WEIGHTS: dict[str, tuple[str, ModelConfig]] = {
+    "mobilenet0.25": (_RELEASE + "detection_mobilenet0.25_Final.pth",
+                      ModelConfig(network="mobilenet0.25", num_anchor=2, cascade=False)),
+    "resnet50": (_RELEASE + "detection_Resnet50_Final.pth",
+                 ModelConfig(network="resnet50", num_anchor=2, cascade=False)),
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, read or matched to a model; the message says why."""
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, **extra: Any) -> Path:
+    """Write ``model``'s configuration and weights (plus ``extra`` training state) atomically.
+
+    The file is written to a temporary name in the same folder and renamed, so an interrupted
+    save never leaves a truncated checkpoint behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    payload = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION,
+               "model_config": model.config.to_dict(), "model": model.state_dict(), **extra}
+    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, tmp_name)
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load`` a file with ``weights_only=True`` onto the CPU, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path} holds Python objects that are not loaded for safety "
+                              f"(torch.load weights_only=True): re-save its state_dict ({error})") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(checkpoint).__name__})")
+    return dict(checkpoint)
+
+
+def split_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[OrderedDict, ModelConfig | None]:
+    """The model state dict (our key layout, ``module.`` stripped) and recorded configuration.
+
+    For the original project's cascade files the returned configuration is the inferred one
+    with ``cascade_mode='residual'``; for other foreign files it is ``None``.
+    """
+    if checkpoint.get("format") == CHECKPOINT_FORMAT:
+        return OrderedDict(checkpoint["model"]), ModelConfig.from_dict(checkpoint["model_config"])
+    for key in ("state_dict", "network", "model"):
+        if isinstance(checkpoint.get(key), Mapping):
+            state_dict = checkpoint[key]
+            break
+    else:
+        state_dict = checkpoint
+    state_dict = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v)
+                             for k, v in state_dict.items())
+    if _is_original_cascade_layout(state_dict):
+        state_dict = _remap_original_cascade(state_dict)
+        return state_dict, infer_model_config(state_dict).replace(cascade_mode="residual")
+    return state_dict, None
+
+
+def _is_original_cascade_layout(state_dict: Mapping[str, Any]) -> bool:
+    return any(key.startswith("ssh1_1.") for key in state_dict)
+
+
+_UNUSED_ORIGINAL_FPN = re.compile(r"^fpn\.(output0|output4|merge0|merge3)\.")
+_ORIGINAL_RENAMES = (
+    (re.compile(r"^ssh1_([123])\."), lambda m: f"ssh{m.group(1)}."),
+    (re.compile(r"^ssh2_([123])\."), lambda m: f"cascade.ssh.{int(m.group(1)) - 1}."),
+    (re.compile(r"^(ClassHead|BboxHead|LandmarkHead|IoUHead)_1\."), lambda m: f"{m.group(1)}."),
+    (re.compile(r"^(ClassHead|BboxHead|LandmarkHead|IoUHead)_2\."), lambda m: f"cascade.{m.group(1)}."),
+)
+
+
+def _remap_original_cascade(state_dict: Mapping[str, torch.Tensor]) -> OrderedDict:
+    """Map the original project's cascade key names onto ours; drop its FPN layers that its
+    forward pass never used (output0, output4, merge0, merge3)."""
+    remapped = OrderedDict()
+    for key, value in state_dict.items():
+        if _UNUSED_ORIGINAL_FPN.match(key):
+            continue
+        for pattern, replacement in _ORIGINAL_RENAMES:
+            key = pattern.sub(replacement, key, count=1)
+        remapped[key] = value
+    return remapped
+
+
+_RESNET_BY_BLOCKS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
+                     (True, 23): "resnet101", (True, 36): "resnet152"}
+
+
+def infer_model_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """Architecture of a state dict in our key layout, read from its key names and shapes."""
+    if "body.stage1.0.0.weight" in state_dict:
+        network = "mobilenet0.25"
+    elif "body.layer1.0.conv1.weight" in state_dict:
+        bottleneck = "body.layer1.0.conv3.weight" in state_dict
+        blocks = len({key.split(".")[2] for key in state_dict if key.startswith("body.layer3.")})
+        network = _RESNET_BY_BLOCKS.get((bottleneck, blocks))
+        if network is None:
+            raise CheckpointError(f"unrecognised ResNet backbone ({blocks} blocks in layer3, "
+                                  f"{'bottleneck' if bottleneck else 'basic'} blocks)")
+    else:
+        raise CheckpointError("not a RetinaFace state dict: no 'body.stage1.*' (mobilenet0.25) or "
+                              "'body.layer1.*' (ResNet) backbone keys; first keys: "
+                              f"{list(state_dict)[:5]}")
+    try:
+        num_anchor = state_dict["ClassHead.0.conv1x1.weight"].shape[0] // 2
+        out_channels = state_dict["fpn.output1.0.weight"].shape[0]
+    except KeyError as error:
+        raise CheckpointError(f"not a RetinaFace state dict: missing key {error}") from None
+    default_channels = ModelConfig(network=network, cascade=False).fpn_channels
+    return ModelConfig(
+        network=network, num_anchor=num_anchor,
+        cascade=any(key.startswith("cascade.") for key in state_dict),
+        model_version="tina" if any(key.startswith("IoUHead.") for key in state_dict) else "retina",
+        out_channels=None if out_channels == default_channels else out_channels,
+    )
+
+
+def resolve_weights(weights: str | Path) -> Path:
+    """Path of a checkpoint: ``mobilenet0.25``/``resnet50`` name the published weights, fetched once
+    into the torch hub cache (``$TORCH_HOME/hub/checkpoints``); anything else is a path."""
+    name = str(weights)
+    if name not in PUBLISHED_WEIGHTS:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"weights file not found: {path} (use 'mobilenet0.25' or 'resnet50' for "
+                                  f"the published models, or a path to a checkpoint)")
+        return path
+    url = PUBLISHED_WEIGHTS[name][0]
+    target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[1]
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, str(target), progress=True)
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            raise CheckpointError(f"could not download the published {name} weights ({error}); "
+                                  f"download {url} and put it at {target}") from None
+    return target
+
+
+def load_model(weights: str | Path, overrides: Mapping[str, Any] | None = None,
+               device: str | torch.device = "cpu") -> RetinaFace:
+    """Build the model a checkpoint describes and load its weights strictly, in eval mode.
+
+    ``overrides`` (architecture options from the command line) apply only where the file does
+    not say: a recorded configuration wins, with a warning when an override disagrees.
+    """
+    path = resolve_weights(weights)
+    state_dict, recorded = split_checkpoint(read_checkpoint(path))
+    overrides = dict(overrides or {})
+    if recorded is not None:
+        config = recorded
+        conflicts = {k: v for k, v in overrides.items() if getattr(recorded, k) != v}
+        if conflicts:
+            warnings.warn(f"{path.name} records its architecture; ignoring {conflicts}", stacklevel=2)
+    else:
+        try:
+            config = infer_model_config(state_dict).replace(**overrides)
+        except CheckpointError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+    model = RetinaFace(config)
+    load_state_dict_strict(model, state_dict, source=str(path))
+    return model.to(device).eval()
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mis_shaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or mis_shaped:
+        def show(keys: list[str]) -> str:
+            return f"{len(keys)} {keys[:6]}{' ...' if len(keys) > 6 else ''}"
+        raise CheckpointError(f"{source} does not match the model {getattr(model, 'config', type(model).__name__)}: missing {show(missing)}, "
+                              f"unexpected {show(unexpected)}, shape mismatch {show(mis_shaped)}")
+    model.load_state_dict(state_dict, strict=True)

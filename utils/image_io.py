@@ -1,0 +1,58 @@
+"""Reading images as the detector expects them: BGR uint8 (H, W, 3)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class ImageReadError(ValueError):
+    """An image file is missing, empty, not an image or cannot be decoded."""
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as BGR uint8 (H, W, 3).
+
+    Decoded like the public RetinaFace pipeline (``cv2.IMREAD_COLOR``): grayscale is expanded to
+    three channels, an alpha channel is dropped, 16-bit images are reduced to 8 bits and EXIF
+    orientation is applied.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: empty file")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:  # cv2.imread cannot open some non-ASCII paths; decode from memory instead
+        image = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise ImageReadError(f"{path}: not a readable image")
+    return image
+
+
+def as_bgr_uint8(image: np.ndarray) -> np.ndarray:
+    """Validate/convert an in-memory image to BGR uint8 (H, W, 3).
+
+    Accepts (H, W) grayscale, (H, W, 1), (H, W, 3) BGR and (H, W, 4) BGRA arrays of dtype uint8,
+    uint16 (reduced to 8 bits) or float in [0, 1].
+    """
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected a numpy image or a path, got {type(image).__name__}")
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype.kind == "f":
+        image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise TypeError(f"unsupported image dtype {image.dtype}")
+    if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
+        image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+    elif image.ndim == 3 and image.shape[2] == 4:
+        image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+    elif not (image.ndim == 3 and image.shape[2] == 3):
+        raise ValueError(f"expected an (H, W, 3) BGR image, got shape {image.shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(f"empty image of shape {image.shape}")
+    return image

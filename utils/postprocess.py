@@ -1,0 +1,60 @@
+"""Batched post-processing of decoded detections: score threshold, top-k, NMS, keep-top-k.
+
+Runs on the tensors' device for the whole batch at once; only the final detections leave it.
+Semantics follow the public RetinaFace pipeline: keep scores ``> confidence_threshold``, the
+``top_k`` best of those enter NMS (IoU ``> nms_threshold`` suppresses, +1 pixel areas), and the
+``keep_top_k`` best survivors are returned.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from utils.nms import PUBLIC_PIXEL_OFFSET, batched_nms
+
+
+class BatchDetections(NamedTuple):
+    """Detections of a batch, concatenated over images and sorted by image then score.
+
+    image_index (K,) int64; boxes (K, 4) x1y1x2y2; scores (K,); landmarks (K, 10); counts (B,)
+    number of detections per image (a Python list: the one host sync of post-processing).
+    """
+
+    image_index: torch.Tensor
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    landmarks: torch.Tensor
+    counts: list[int]
+
+
+def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor,
+                confidence_threshold: float, nms_threshold: float, top_k: int = 5000,
+                keep_top_k: int = 750, pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> BatchDetections:
+    """Select the final detections of each image.
+
+    ``boxes`` (B, N, 4) x1y1x2y2, ``scores`` (B, N), ``landmarks`` (B, N, 10), in pixels of the
+    network input (the NMS pixel convention assumes pixels).
+    """
+    batch, num_priors = scores.shape
+    k = min(top_k, num_priors)
+    top_scores, top_index = scores.topk(k, dim=1, sorted=True)              # (B, k)
+    image_index = torch.arange(batch, device=scores.device).unsqueeze(1).expand(batch, k)
+    selected = top_scores > confidence_threshold
+    image_index = image_index[selected]
+    prior_index = top_index[selected]
+    candidate_scores = top_scores[selected]
+    candidate_boxes = boxes[image_index, prior_index]
+    candidate_landmarks = landmarks[image_index, prior_index]
+
+    keep = batched_nms(candidate_boxes, candidate_scores, image_index, nms_threshold, pixel_offset)
+    # keep is sorted by score over the whole batch; regroup by image (stable keeps score order).
+    keep = keep[torch.sort(image_index[keep], stable=True).indices]
+    kept_image = image_index[keep]
+    counts = torch.bincount(kept_image, minlength=batch)
+    first_of_image = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(keep.numel(), device=keep.device) - first_of_image[kept_image]
+    keep = keep[rank < keep_top_k]
+    counts = counts.clamp(max=keep_top_k)
+    return BatchDetections(image_index[keep], candidate_boxes[keep], candidate_scores[keep],
+                           candidate_landmarks[keep], counts.tolist())
