@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from layers.prior_box import prior_boxes
+from models.net import fuse_conv_bn
 from models.retinaface import RetinaFace, preprocess
 from utils.checkpoint import load_model
 from utils.image_io import as_bgr_uint8, read_image
@@ -76,7 +77,10 @@ def resolve_device(device: str | torch.device | None = None, gpu_num: int = 0) -
     available, else the CPU. Raises ``ValueError`` for a CUDA device that does not exist."""
     if device is None:
         return torch.device(f"cuda:{gpu_num}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {device} requested but CUDA is not available")
@@ -105,6 +109,9 @@ class FaceDetector:
             scores near the padded border slightly); otherwise each size is its own batch.
         half: bf16 (fp16 where bf16 is unsupported) autocast on CUDA; ignored on the CPU.
         channels_last: NHWC memory format (default: on for CUDA).
+        fuse_bn: run a copy of the model with BatchNorm folded into the convolutions (same
+            outputs up to float rounding, fewer operations); ``self.model`` keeps its weights and
+            train/eval mode. With ``fuse_bn=False`` the model itself is put in eval mode.
     """
 
     def __init__(self, weights: str | Path | None = None, *, model: RetinaFace | None = None,
@@ -112,11 +119,12 @@ class FaceDetector:
                  confidence_threshold: float = 0.5, nms_threshold: float = 0.4, top_k: int = 5000,
                  keep_top_k: int = 750, target_size: int | None = None, max_size: int | None = None,
                  batch_size: int = 1, pad_batches: bool = False, half: bool = False,
-                 channels_last: bool | None = None, pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> None:
+                 channels_last: bool | None = None, fuse_bn: bool = True,
+                 pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> None:
         if (weights is None) == (model is None):
             raise ValueError("give exactly one of weights or model")
         self.device = resolve_device(device)
-        self.model = (model if model is not None else load_model(weights, overrides)).to(self.device).eval()
+        self.model = (model if model is not None else load_model(weights, overrides)).to(self.device)
         self.confidence_threshold = confidence_threshold
         self.nms_threshold = nms_threshold
         self.top_k = top_k
@@ -133,8 +141,9 @@ class FaceDetector:
         if half and cuda:
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.channels_last = cuda if channels_last is None else channels_last
+        self.network = fuse_conv_bn(self.model) if fuse_bn else self.model.eval()
         if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.network = self.network.to(memory_format=torch.channels_last)
         self.timings: dict[str, float] = defaultdict(float)  # seconds: preprocess, forward, postprocess
 
     @property
@@ -194,7 +203,7 @@ class FaceDetector:
         autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else nullcontext())
         with autocast:
-            outputs = self.model(inputs)
+            outputs = self.network(inputs)
         self._sync()
         self.timings["forward"] += time.perf_counter() - started
 

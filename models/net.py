@@ -7,12 +7,14 @@ the finer level's size.
 """
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models as tv_models
 from torchvision.models._utils import IntermediateLayerGetter
 
@@ -186,3 +188,27 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"backbone weights {path} do not match the {type(backbone).__name__} backbone: "
                            f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+def fuse_conv_bn(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every BatchNorm folded into the convolution before it.
+
+    Covers conv+BN pairs inside ``nn.Sequential`` (all RetinaFace blocks, ResNet downsampling) and
+    the ``conv{i}``/``bn{i}`` attribute pairs of torchvision ResNets. The copy computes the same
+    function with fewer operations; use it for inference only (its parameter names differ).
+    """
+    fused = copy.deepcopy(model).eval()
+    for module in list(fused.modules()):
+        if isinstance(module, nn.Sequential):
+            children = list(module._modules)
+            for first, second in zip(children, children[1:]):
+                conv, bn = module._modules[first], module._modules[second]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    module._modules[first] = fuse_conv_bn_eval(conv, bn)
+                    module._modules[second] = nn.Identity()
+        for index in (1, 2, 3):
+            conv, bn = getattr(module, f"conv{index}", None), getattr(module, f"bn{index}", None)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(module, f"conv{index}", fuse_conv_bn_eval(conv, bn))
+                setattr(module, f"bn{index}", nn.Identity())
+    return fused

@@ -76,10 +76,14 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path} holds Python objects that are not loaded for safety "
-                              f"(torch.load weights_only=True): re-save its state_dict ({error})") from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {error}") from None
+        reason = " ".join(str(error).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
+        if "Unsupported global" in reason:
+            raise CheckpointError(f"{path} holds Python objects that are not loaded for safety "
+                                  f"(torch.load weights_only=True); re-save its state_dict: {reason}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
+    except Exception as error:  # torch.load raises many types for corrupt files (struct.error, ...)
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(checkpoint).__name__})")
     return dict(checkpoint)

@@ -1,0 +1,155 @@
+import re
+import urllib.error
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from models.retinaface import ModelConfig, RetinaFace
+from utils import checkpoint as ckpt
+from utils.checkpoint import (CheckpointError, infer_model_config, load_model, resolve_weights, save_checkpoint,
+                              split_checkpoint)
+
+
+def outputs_equal(a, b, x):
+    with torch.no_grad():
+        for stage_a, stage_b in zip(a(x), b(x)):
+            for ta, tb in zip(stage_a, stage_b):
+                if ta is not None:
+                    torch.testing.assert_close(ta, tb)
+
+
+def test_published_mobilenet_loads_strictly_with_inferred_architecture(mobilenet_weights):
+    model = load_model(mobilenet_weights)
+    assert model.config == ModelConfig(network="mobilenet0.25", num_anchor=2, cascade=False)
+    assert not model.training
+
+
+@pytest.mark.parametrize("wrap", ["module_prefix", "state_dict_key"])
+def test_published_file_wrappers(tmp_path, mobilenet_weights, wrap):
+    state = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
+    if wrap == "module_prefix":
+        payload = OrderedDict(("module." + k, v) for k, v in state.items())
+    else:
+        payload = {"state_dict": state, "epoch": 3}
+    torch.save(payload, tmp_path / "wrapped.pth")
+    reference = load_model(mobilenet_weights)
+    outputs_equal(load_model(tmp_path / "wrapped.pth"), reference, torch.randn(1, 3, 64, 64))
+
+
+def test_our_checkpoint_round_trip_rebuilds_the_architecture(tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig(network="resnet18", num_anchor=3, cascade=True, cascade_mode="residual",
+                         model_version="tina", out_channels=128)
+    model = RetinaFace(config).eval()
+    path = save_checkpoint(tmp_path / "ckpt" / "last.pth", model, epoch=4)
+    assert not list(path.parent.glob("*.tmp"))
+    loaded = load_model(path)
+    assert loaded.config == config
+    outputs_equal(loaded, model, torch.randn(1, 3, 64, 64))
+    assert torch.load(path, weights_only=True)["epoch"] == 4
+
+
+@pytest.mark.parametrize("config", [
+    ModelConfig(network="resnet18", num_anchor=3, cascade=False),
+    ModelConfig(network="resnet34", num_anchor=2, cascade=True, model_version="tina"),
+    ModelConfig(network="resnet50", num_anchor=2, cascade=False),
+    ModelConfig(network="mobilenet0.25", num_anchor=3, cascade=True),
+])
+def test_architecture_inferred_from_raw_state_dict(config):
+    assert infer_model_config(RetinaFace(config).state_dict()) == config
+
+
+def to_original_layout(state):
+    """Our residual-cascade ResNet-50 state dict written in the original project's key layout."""
+    renames = [(r"^ssh([123])\.", lambda m: f"ssh1_{m.group(1)}."),
+               (r"^cascade\.ssh\.([012])\.", lambda m: f"ssh2_{int(m.group(1)) + 1}."),
+               (r"^cascade\.(ClassHead|BboxHead|LandmarkHead)\.", lambda m: f"{m.group(1)}_2."),
+               (r"^(ClassHead|BboxHead|LandmarkHead)\.", lambda m: f"{m.group(1)}_1.")]
+    original = OrderedDict()
+    for key, value in state.items():
+        for pattern, replacement in renames:
+            key, hits = re.subn(pattern, replacement, key, count=1)
+            if hits:
+                break
+        original[key] = value
+    for index, channels in enumerate([256, 512, 1024, 2048, 4096]):  # output0..4; 0 and 4 unused
+        if index in (0, 4):
+            original[f"fpn.output{index}.0.weight"] = torch.randn(256, channels, 1, 1)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                original[f"fpn.output{index}.1.{name}"] = torch.rand(256)
+    for index in (0, 3):  # merge0..3; 0 and 3 unused
+        original[f"fpn.merge{index}.0.weight"] = torch.randn(256, 256, 3, 3)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            original[f"fpn.merge{index}.1.{name}"] = torch.rand(256)
+    return original
+
+
+def test_original_project_cascade_checkpoint_loads_as_residual(tmp_path):
+    torch.manual_seed(0)
+    model = RetinaFace(ModelConfig(network="resnet50", cascade=True, cascade_mode="residual")).eval()
+    original = to_original_layout(model.state_dict())
+    assert "ssh1_1.conv3X3.0.weight" in original and "ClassHead_2.0.conv1x1.weight" in original
+    torch.save({"network": original}, tmp_path / "original.pth")
+    loaded = load_model(tmp_path / "original.pth")
+    assert loaded.config.cascade and loaded.config.cascade_mode == "residual"
+    outputs_equal(loaded, model, torch.randn(1, 3, 64, 64))
+
+
+def test_mismatch_names_the_keys(tmp_path, mobilenet_weights):
+    state = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
+    del state["ssh2.conv3X3.0.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(CheckpointError, match=r"missing 1 \['ssh2.conv3X3.0.weight'\].*unexpected 1 \['extra.weight'\]"):
+        load_model(tmp_path / "broken.pth")
+    # a flag that contradicts the weights is a clear error, not a partial load
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_model(mobilenet_weights, overrides={"num_anchor": 3})
+
+
+def test_unreadable_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.pth")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "short.pth").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_model(tmp_path / "short.pth")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_model(tmp_path / "garbage.pth")
+    torch.save({"weights": {"a": torch.zeros(1)}, "object": ModelConfig()}, tmp_path / "pickled.pth")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_model(tmp_path / "pickled.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match="not a RetinaFace state dict"):
+        load_model(tmp_path / "other.pth")
+
+
+def test_published_name_offline_gives_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(CheckpointError) as error:
+        resolve_weights("resnet50")
+    message = str(error.value)
+    assert "detection_Resnet50_Final.pth" in message and str(tmp_path) in message and "\n" not in message
+
+
+def test_published_name_uses_the_hub_cache(tmp_path, monkeypatch, mobilenet_weights):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = tmp_path / "hub" / "checkpoints" / "detection_mobilenet0.25_Final.pth"
+    cached.parent.mkdir(parents=True)
+    cached.symlink_to(mobilenet_weights)
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: pytest.fail("downloaded although the file is cached"))
+    assert resolve_weights("mobilenet0.25") == cached
+    assert load_model("mobilenet0.25").config.network == "mobilenet0.25"
+
+
+def test_split_checkpoint_of_our_format_returns_recorded_config():
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False))
+    checkpoint = {"format": ckpt.CHECKPOINT_FORMAT, "model_config": model.config.to_dict(),
+                  "model": model.state_dict()}
+    state, config = split_checkpoint(checkpoint)
+    assert config == model.config and list(state) == list(model.state_dict())

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from models.detector import Detections, FaceDetector, resize_scale, resolve_device
+from models.retinaface import ModelConfig, RetinaFace
+from tools.fidelity import as_rows, load_reference, unmatched
+
+
+@pytest.fixture(scope="module")
+def detector(mobilenet_weights):
+    torch.set_num_threads(2)
+    return FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4)
+
+
+@pytest.fixture(scope="module")
+def reference(widerface_sample):
+    return load_reference(widerface_sample / "reference_detections_mobilenet0.25.json")
+
+
+def test_matches_public_pipeline_both_ways(detector, reference, widerface_sample):
+    assert len(reference) == 2
+    for name, expected in reference.items():
+        found = detector.detect(widerface_sample / "val" / "images" / name)
+        ours = as_rows(found.boxes, found.scores, found.landmarks)
+        assert (expected[:, 4] >= 0.5).sum() >= 5
+        assert unmatched(expected, ours) == [], name
+        assert unmatched(ours, expected) == [], name
+
+
+def test_detections_are_sorted_and_thresholded(detector, widerface_sample):
+    image = next((widerface_sample / "val" / "images").rglob("*.jpg"))
+    found = detector.detect(image)
+    assert isinstance(found, Detections) and len(found) > 0
+    assert (np.diff(found.scores) <= 0).all() and (found.scores > 0.02).all()
+    assert found.boxes.dtype == np.float32 and found.landmarks.shape == (len(found), 5, 2)
+
+
+def test_batch_of_same_size_images_equals_single_images(detector, widerface_sample):
+    import cv2
+    path = widerface_sample / "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
+    image = cv2.imread(str(path))
+    flipped = np.ascontiguousarray(image[:, ::-1])
+    batched = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.3, batch_size=2)
+    together = batched.detect([image, flipped])
+    for single_image, result in zip([image, flipped], together):
+        single = batched.detect(single_image)
+        np.testing.assert_allclose(result.boxes, single.boxes, atol=1e-3)
+        np.testing.assert_allclose(result.scores, single.scores, atol=1e-5)
+
+
+def test_max_size_maps_boxes_back_to_the_original_image(detector, widerface_sample):
+    path = widerface_sample / "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
+    full = detector.detect(path)
+    capped = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.02, max_size=640).detect(path)
+    best_full, best_capped = full.boxes[0], capped.boxes[0]
+    from torchvision.ops import box_iou
+    iou = box_iou(torch.from_numpy(best_full[None]), torch.from_numpy(capped.boxes)).max().item()
+    assert iou > 0.8, (best_full, best_capped)
+    assert capped.boxes[:, 2].max() > 640  # coordinates are in the original (1024 px wide) image
+
+
+def test_grayscale_rgba_and_tiny_inputs(detector):
+    gray = np.full((50, 60), 128, np.uint8)
+    rgba = np.zeros((40, 40, 4), np.uint8)
+    tiny = np.zeros((1, 1, 3), np.uint8)
+    results = detector.detect([gray, rgba, tiny])
+    assert len(results) == 3 and all(isinstance(r, Detections) for r in results)
+
+
+def test_resize_scale():
+    assert resize_scale(480, 640) == 1.0
+    assert resize_scale(480, 640, max_size=320) == 0.5
+    assert resize_scale(1000, 500, target_size=1600, max_size=2150) == 2150 / 1000
+    assert resize_scale(500, 600, target_size=1600, max_size=2150) == 1600 / 500
+
+
+def test_device_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert resolve_device(None) == torch.device("cpu")
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="unsupported device"):
+        resolve_device("meta")
+
+
+def test_needs_exactly_one_source():
+    with pytest.raises(ValueError):
+        FaceDetector()
+    with pytest.raises(ValueError):
+        FaceDetector("x.pth", model=RetinaFace(ModelConfig(network="mobilenet0.25")))

@@ -1,0 +1,145 @@
+import itertools
+
+import pytest
+import torch
+
+from layers.prior_box import num_priors, prior_boxes
+from models.retinaface import ModelConfig, RetinaFace
+
+VARIANTS = list(itertools.product(
+    ["mobilenet0.25", "resnet18", "resnet50"], [2, 3], [(False, "refine"), (True, "refine"), (True, "residual")],
+    ["retina", "tina"]))
+
+
+@pytest.mark.parametrize("network,num_anchor,cascade,model_version", VARIANTS,
+                         ids=[f"{n}-a{a}-{'casc-' + m if c else 'single'}-{v}" for n, a, (c, m), v in VARIANTS])
+def test_forward_backward_shapes(network, num_anchor, cascade, model_version):
+    torch.manual_seed(0)
+    config = ModelConfig(network=network, num_anchor=num_anchor, cascade=cascade[0], cascade_mode=cascade[1],
+                         model_version=model_version)
+    model = RetinaFace(config).train()
+    size = (64, 96)
+    n = num_priors(size, num_anchor)
+    outputs = model(torch.randn(2, 3, *size))
+    assert len(outputs) == (2 if cascade[0] else 1)
+    for stage in outputs:
+        assert stage.loc.shape == (2, n, 4)
+        assert stage.conf.shape == (2, n, 2)
+        assert stage.landm.shape == (2, n, 10)
+        assert (stage.iou.shape == (2, n, 1)) if model_version == "tina" else stage.iou is None
+    loss = sum(t.float().square().mean() for stage in outputs for t in stage if t is not None)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+    boxes, scores, landmarks = model.decode_detections(outputs, prior_boxes(size, num_anchor))
+    assert boxes.shape == (2, n, 4) and scores.shape == (2, n) and landmarks.shape == (2, n, 10)
+    assert ((scores >= 0) & (scores <= 1)).all()
+
+
+def test_default_config_is_the_original_best_model():
+    config = ModelConfig()
+    assert (config.network, config.num_anchor, config.cascade, config.model_version) == ("resnet50", 2, True, "retina")
+    assert config.fpn_channels == 256
+
+
+def test_building_a_model_downloads_nothing(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    RetinaFace(ModelConfig(network="resnet50"))
+
+
+def test_mobilenet_parameter_names_and_shapes_match_published_file(mobilenet_weights):
+    published = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
+    ours = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)).state_dict()
+    assert list(ours) == list(published)
+    assert all(ours[k].shape == published[k].shape for k in ours)
+
+
+def test_resnet50_layout_matches_pytorch_retinaface():
+    state = RetinaFace(ModelConfig(network="resnet50", cascade=False)).state_dict()
+    expected_shapes = {
+        "body.conv1.weight": (64, 3, 7, 7),
+        "body.layer4.2.bn3.running_var": (2048,),
+        "fpn.output1.0.weight": (256, 512, 1, 1),
+        "fpn.output3.0.weight": (256, 2048, 1, 1),
+        "fpn.merge2.0.weight": (256, 256, 3, 3),
+        "ssh3.conv3X3.0.weight": (128, 256, 3, 3),
+        "ssh1.conv7x7_3.1.running_mean": (64,),
+        "ClassHead.0.conv1x1.weight": (4, 256, 1, 1),
+        "BboxHead.1.conv1x1.weight": (8, 256, 1, 1),
+        "LandmarkHead.2.conv1x1.bias": (20,),
+    }
+    for key, shape in expected_shapes.items():
+        assert tuple(state[key].shape) == shape, key
+    assert not any(k.startswith(("body.fc", "body.avgpool", "cascade")) for k in state)
+
+
+def test_activation_rule_follows_out_channels():
+    narrow = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False))
+    wide = RetinaFace(ModelConfig(network="resnet18", cascade=False))
+    assert narrow.fpn.merge1[2].negative_slope == 0.1 and narrow.ssh1.conv5X5_1[2].negative_slope == 0.1
+    assert wide.fpn.merge1[2].negative_slope == 0.0 and wide.ssh1.conv5X5_1[2].negative_slope == 0.0
+
+
+def test_cascade_semantics():
+    torch.manual_seed(0)
+    size = (64, 64)
+    priors = prior_boxes(size, 2)
+    for mode in ("refine", "residual"):
+        model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade_mode=mode)).eval()
+        with torch.no_grad():
+            outputs = model(torch.randn(1, 3, *size))
+        first, second = model.stage_predictions(outputs, priors)
+        assert first.anchors is priors
+        if mode == "refine":
+            from utils.box_utils import center_size, decode
+            torch.testing.assert_close(second.anchors, center_size(decode(outputs[0].loc, priors)))
+            assert second.loc is outputs[1].loc
+        else:
+            assert second.anchors is priors
+            torch.testing.assert_close(second.loc, outputs[0].loc + outputs[1].loc)
+        # test-time scores come from the last stage
+        _, scores, _ = model.decode_detections(outputs, priors)
+        torch.testing.assert_close(scores, torch.softmax(outputs[1].conf, -1)[..., 1])
+
+
+def test_tina_score_is_geometric_mean():
+    torch.manual_seed(0)
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False, model_version="tina")).eval()
+    priors = prior_boxes((32, 32), 2)
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 32, 32))
+    _, scores, _ = model.decode_detections(outputs, priors)
+    expected = torch.sqrt(torch.softmax(outputs[0].conf, -1)[..., 1] * torch.sigmoid(outputs[0].iou[..., 0]))
+    torch.testing.assert_close(scores, expected)
+
+
+def test_invalid_config_values():
+    with pytest.raises(ValueError, match="network"):
+        ModelConfig(network="vgg16")
+    with pytest.raises(ValueError, match="cascade_mode"):
+        ModelConfig(cascade_mode="stacked")
+    with pytest.raises(ValueError, match="unknown model configuration keys"):
+        ModelConfig.from_dict({"network": "resnet50", "depth": 50})
+
+
+@pytest.mark.parametrize("network", ["mobilenet0.25", "resnet18", "resnet50"])
+def test_batchnorm_folding_keeps_outputs(network):
+    from models.net import fuse_conv_bn
+    torch.manual_seed(0)
+    model = RetinaFace(ModelConfig(network=network, model_version="tina")).train()
+    for module in model.modules():  # non-trivial statistics so that folding has something to do
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            module.bias.data.uniform_(-0.5, 0.5)
+    fused = fuse_conv_bn(model)
+    assert model.training, "the original model keeps its mode"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for expected, got in zip(model.eval()(x), fused(x)):
+            for a, b in zip(expected, got):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+
+from utils.nms import nms, nms_numpy
+from utils.postprocess import postprocess
+
+
+def random_detections(seed, n):
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 300, (n, 2))
+    wh = rng.uniform(2, 80, (n, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1).astype(np.float32)
+    # clusters of overlapping boxes make NMS do real work
+    boxes[n // 2:] = boxes[: n - n // 2] + rng.normal(0, 3, (n - n // 2, 4)).astype(np.float32)
+    return boxes, rng.uniform(0, 1, n).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("threshold", [0.3, 0.4, 0.7])
+@pytest.mark.parametrize("pixel_offset", [0.0, 1.0])
+def test_numpy_and_torchvision_nms_agree(seed, threshold, pixel_offset):
+    boxes, scores = random_detections(seed, 400)
+    expected = nms_numpy(boxes, scores, threshold, pixel_offset)
+    got = nms(torch.from_numpy(boxes), torch.from_numpy(scores), threshold, pixel_offset).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert 0 < len(expected) < len(boxes)
+
+
+def test_plus_one_pixel_convention_changes_the_decision():
+    # Two 10x10 boxes overlapping by 4 columns: continuous IoU 40/160 = 0.25,
+    # inclusive-pixel IoU 5*11/(2*121 - 55) = 0.294; a 0.27 threshold separates them.
+    boxes = np.array([[0, 0, 10, 10], [6, 0, 16, 10]], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    assert nms_numpy(boxes, scores, 0.27, pixel_offset=0.0).tolist() == [0, 1]
+    assert nms_numpy(boxes, scores, 0.27, pixel_offset=1.0).tolist() == [0]
+    assert nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.27, 1.0).tolist() == [0]
+
+
+def per_image_reference(boxes, scores, landmarks, conf, iou, top_k, keep_top_k):
+    """The public pipeline's steps for one image: threshold, top-k, NumPy NMS, keep-top-k."""
+    inds = np.where(scores > conf)[0]
+    order = inds[np.argsort(-scores[inds], kind="stable")][:top_k]
+    keep = nms_numpy(boxes[order], scores[order], iou)[:keep_top_k]
+    return boxes[order][keep], scores[order][keep], landmarks[order][keep]
+
+
+def test_batched_postprocess_equals_per_image_pipeline():
+    batch, n = 4, 600
+    rng = np.random.default_rng(7)
+    all_boxes, all_scores = zip(*(random_detections(s, n) for s in range(batch)))
+    boxes = np.stack(all_boxes)
+    scores = np.stack(all_scores)
+    scores[2] = 0.01  # an image with no candidate above the threshold
+    landmarks = rng.uniform(0, 300, (batch, n, 10)).astype(np.float32)
+    found = postprocess(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(landmarks),
+                        confidence_threshold=0.3, nms_threshold=0.4, top_k=300, keep_top_k=40)
+    assert len(found.counts) == batch and found.counts[2] == 0
+    start = 0
+    for image in range(batch):
+        ref_boxes, ref_scores, ref_landmarks = per_image_reference(
+            boxes[image], scores[image], landmarks[image], 0.3, 0.4, 300, 40)
+        stop = start + found.counts[image]
+        assert (found.image_index[start:stop] == image).all()
+        np.testing.assert_array_equal(found.boxes[start:stop].numpy(), ref_boxes)
+        np.testing.assert_array_equal(found.scores[start:stop].numpy(), ref_scores)
+        np.testing.assert_array_equal(found.landmarks[start:stop].numpy(), ref_landmarks)
+        start = stop
+    assert max(found.counts) == 40  # keep_top_k is reached on the busy images

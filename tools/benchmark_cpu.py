@@ -1,0 +1,101 @@
+"""CPU benchmark: our full detection pipeline vs a public-style per-image pipeline, one run.
+
+    python tools/benchmark_cpu.py [--weights W] [--images DIR] [--threads 2] [--repeats 3]
+
+Both pipelines read every image from disk and run the published mobilenet0.25 detector at
+original scale (confidence 0.02, NMS 0.4); the public-style one is tools/public_pipeline.py. The
+rounds alternate between the two and the best round of each is reported, so the ratio comes
+from the same machine state. The detections of both are compared (score >= 0.5, both ways).
+Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models.detector import FaceDetector  # noqa: E402
+from tools.fidelity import as_rows, unmatched  # noqa: E402
+from tools.public_pipeline import public_style_detect  # noqa: E402
+from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
+
+SHARED = REPO.parent / "shared"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", default=str(SHARED / "weights/mobilenet0.25_Final.pth"))
+    parser.add_argument("--images", default=str(SHARED / "data/widerface_sample/val/images"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise SystemExit(f"no images under {args.images}")
+
+    detector = FaceDetector(args.weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4)
+    model = detector.model.eval()
+
+    def ours() -> list[np.ndarray]:
+        return [as_rows(d.boxes, d.scores, d.landmarks) for d in (detector.detect(p) for p in paths)]
+
+    def public(timings: dict | None = None) -> list[np.ndarray]:
+        return [public_style_detect(model, cv2.imread(str(p), cv2.IMREAD_COLOR), timings=timings) for p in paths]
+
+    ours()  # warm-up (allocations, caches)
+    public()
+    best = {"ours": float("inf"), "public": float("inf")}
+    public_steps: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for name, run in (("ours", ours), ("public", public)):
+            detector.timings.clear()
+            steps: dict[str, float] = {}
+            started = time.perf_counter()
+            results = run() if name == "ours" else run(steps)
+            elapsed = time.perf_counter() - started
+            if elapsed < best[name]:
+                best[name] = elapsed
+                if name == "ours":
+                    our_results, our_steps = results, dict(detector.timings)
+                else:
+                    public_results, public_steps = results, steps
+    started = time.perf_counter()
+    for p in paths:
+        read_image(p)
+    read_seconds = time.perf_counter() - started
+
+    mismatches = sum(len(unmatched(a, b)) + len(unmatched(b, a)) for a, b in zip(our_results, public_results))
+    n = len(paths)
+    report = {
+        "benchmark": "cpu_pipeline_mobilenet0.25_original_scale",
+        "images": n, "threads": args.threads, "repeats": args.repeats,
+        "ours_ms_per_img": round(best["ours"] / n * 1000, 2),
+        "public_style_ms_per_img": round(best["public"] / n * 1000, 2),
+        "ratio_ours_over_public": round(best["ours"] / best["public"], 3),
+        "ours_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in our_steps.items()},
+        "public_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in public_steps.items()},
+        "read_image_ms_per_img": round(read_seconds / n * 1000, 2),
+        "detections_score_ge_0.5_unmatched_between_pipelines": mismatches,
+        "env": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                "cv2": cv2.__version__, "cpu": platform.processor() or platform.machine(),
+                "cpu_count": os.cpu_count()},
+    }
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
