@@ -39,7 +39,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.data_loaders import dataset_from_root, load_image  # noqa: E402
+from utils.data_loaders import dataset_from_root  # noqa: E402
+from utils.image_io import read_image  # noqa: E402
 from utils.data_transformer import RGB_MEAN_BGR, TrainTransform  # noqa: E402
 
 DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "data" / "widerface_sample"
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     cv2.setNumThreads(1)
 
     dataset = dataset_from_root(args.dataset, args.split)
-    samples = [(load_image(dataset.image_path(i)), dataset.targets(i)) for i in range(len(dataset))]
+    samples = [(read_image(dataset.image_path(i)), dataset.targets(i)) for i in range(len(dataset))]
     samples = [(img, t) for img, t in samples if len(t)]  # the public code cannot take empty images
 
     ours = TrainTransform(args.im_size, rng=args.seed)

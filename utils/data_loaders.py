@@ -53,10 +53,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from utils.image_io import read_image
 
 from utils.data_transformer import (
     RGB_MEAN_BGR,
@@ -79,7 +79,6 @@ __all__ = [
     "images_to_network_input",
     "normalize_targets",
     "build_train_loader",
-    "load_image",
     "seed_worker",
     "TrainTransform",
 ]
@@ -293,14 +292,6 @@ def parse_label_file(file: str | os.PathLike[str], fmt: LabelFormat = "auto") ->
     raise ValueError(f"unknown label format {fmt!r} (expected 'auto', 'retinaface' or 'wider')")
 
 
-def load_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as uint8 ``(H, W, 3)`` BGR; raises ``OSError`` when it cannot be decoded."""
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise OSError(f"cannot read image: {path}")
-    return image
-
-
 class WiderFaceDataset(Dataset):
     """Face-detection dataset over a label file and an image folder.
 
@@ -389,7 +380,7 @@ class WiderFaceDataset(Dataset):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        image = load_image(self.image_path(index))
+        image = read_image(self.image_path(index))
         targets = self.targets(index)
         if self.transform is not None:
             image, targets = self.transform(image, targets)
