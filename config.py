@@ -138,10 +138,55 @@ OPTIONS: tuple[Option, ...] = (
          help="square training image size after augmentation"),
     _opt("--landmark_loss", type=str2bool, default=True, scripts={TRAIN},
          help="train the landmark head (true/false)"),
+    _opt("--train_split", type=str, default="train", scripts={TRAIN},
+         help="split folder of --dataset to train on (<dataset>/<split>/label.txt and images/)"),
+    _opt("--lr", type=float, default=1e-3, scripts={TRAIN},
+         help="base learning rate of SGD (per process batch; not scaled with the GPU count)"),
+    _opt("--momentum", type=float, default=0.9, scripts={TRAIN}, help="SGD momentum"),
+    _opt("--weight_decay", type=float, default=5e-4, scripts={TRAIN}, help="SGD weight decay"),
+    _opt("--lr_schedule", type=str, choices=("step", "cosine"), default="step", scripts={TRAIN},
+         help="step: x0.1 at --lr_steps; cosine: cosine decay to 0 over all epochs (after warm-up)"),
+    _opt("--lr_steps", type=str, default=None, scripts={TRAIN},
+         help="comma-separated epochs of the x0.1 step decays (default: the reference points "
+              "190,220 of 250 epochs for mobilenet0.25, 70,90 of 100 for ResNets, scaled to --epochs)"),
+    _opt("--warmup_epochs", type=float, default=1.0, scripts={TRAIN},
+         help="linear learning-rate warm-up length in epochs (0 = none)"),
+    _opt("--resume", type=str, default=None, scripts={TRAIN},
+         help="continue a run from its checkpoint (e.g. experiments/<name>/ckpt/last.pth): weights, "
+              "optimizer, LR schedule, AMP scaler, step, RNG states, best metric"),
+    _opt("--init_weights", type=str, default=None, scripts={TRAIN},
+         help="start from the weights of any detector checkpoint (fine-tuning), e.g. the published "
+              "mobilenet0.25_Final.pth; its architecture is used unless overridden"),
+    _opt("--pretrained", type=str2bool, default=True, scripts={TRAIN},
+         help="initialise the backbone with ImageNet weights (ResNets: torchvision download; "
+              "mobilenet0.25: --backbone_weights or weights/mobilenetV1X0.25_pretrain.tar)"),
+    _opt("--backbone_weights", type=str, default=None, scripts={TRAIN},
+         help="local ImageNet backbone file (mobilenetV1X0.25_pretrain.tar, or a torchvision "
+              "ResNet state dict); implies --pretrained true"),
+    _opt("--val_dataset", type=str, default=None, scripts={TRAIN},
+         help="dataset root with val/images and val/label.txt for the periodic WIDER FACE AP "
+              "(default: --dataset when it has a val/ split)"),
+    _opt("--eval_every", type=non_negative_int, default=10, scripts={TRAIN},
+         help="evaluate easy/medium/hard AP every N epochs and at the end (0 = never)"),
+    _opt("--save_every", type=non_negative_int, default=0, scripts={TRAIN},
+         help="also write last.pth every N iterations (0 = only at epoch ends and at the end)"),
+    _opt("--max_iters", type=non_negative_int, default=0, scripts={TRAIN},
+         help="stop after this many training iterations in total (0 = run all epochs)"),
+    _opt("--seed", type=non_negative_int, default=42, scripts={TRAIN},
+         help="seed of weight init, data order and augmentation (a resumed run keeps its own)"),
+    _opt("--deterministic", type=str2bool, default=False, scripts={TRAIN},
+         help="torch.use_deterministic_algorithms and no cudnn.benchmark (slower, reproducible)"),
+    _opt("--amp", type=str2bool, default=True, scripts={TRAIN},
+         help="automatic mixed precision on CUDA (bf16 where supported, else fp16 with a "
+              "GradScaler); ignored on the CPU"),
+    _opt("--sync_bn", type=str2bool, default=False, scripts={TRAIN},
+         help="SyncBatchNorm across processes in multi-GPU (CUDA) runs"),
+    _opt("--log_every", type=positive_int, default=20, scripts={TRAIN},
+         help="iterations between loss read-backs (progress bar, logs.txt, TensorBoard, NaN check)"),
     # --- evaluation ------------------------------------------------------------------------
-    _opt("--gt_dir", type=str, default=None, scripts={TEST},
+    _opt("--gt_dir", type=str, default=None, scripts={TRAIN, TEST},
          help="folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat "
-              "(default: <dataset>/ground_truth)"),
+              "(default: <dataset>/ground_truth; training: <val_dataset>/ground_truth)"),
     _opt("--pred_dir", type=str, default=None, scripts={TEST},
          help="evaluate an existing folder of WIDER FACE prediction files; no model is run"),
     _opt("--results_json", type=str, default=None, scripts={TEST},
@@ -149,22 +194,37 @@ OPTIONS: tuple[Option, ...] = (
     _opt("--target_size", type=positive_int, default=None, scripts={TEST},
          help="resize the shorter side to this size (e.g. 1600 with --max_size 2150)"),
     _opt("--tta", type=str2bool, default=False, scripts={TEST},
-         help="multi-scale + horizontal-flip test-time augmentation"),
+         help="multi-scale + horizontal-flip test-time augmentation: every --tta_scales shorter side "
+              "(longer side capped at --max_size, default 2150), each also mirrored, detections "
+              "merged by score-weighted box voting at the --nms_threshold IoU"),
+    _opt("--tta_scales", type=str, default="500,800,1100,1400,1700", scripts={TEST},
+         help="comma-separated shorter-side sizes of the --tta passes (default: the RetinaFace "
+              "paper's); 0 = original size"),
+    _opt("--results_dir", type=str, default=None, scripts={TEST},
+         help="folder for widerface_txt/ (prediction files), results.txt, results.json and "
+              "pr_curves.png (default: experiments/<experiment_name>/results)"),
     # --- inference -------------------------------------------------------------------------
     _opt("--inference_dir", type=str, default=None, scripts={INFERENCE},
-         help="folder of images (searched recursively; jpg, jpeg, png, bmp, webp)"),
+         help="folder of images, searched recursively (jpg, jpeg, png, bmp, webp, any letter case); "
+              "unreadable, truncated, empty and non-image files are skipped and listed (exit status 3)"),
     _opt("--inference_save_folder", type=str, default="inference_results", scripts={INFERENCE},
-         help="output folder"),
+         help="output folder: <experiment_name>_inference_results.txt, detections.json, summary.json "
+              "(+ result_images/, masks/, faces/, heads/, head_masks/); a folder that already holds "
+              "results is refused unless --exist_ok true"),
     _opt("--save_img", type=str2bool, default=False, scripts={INFERENCE},
-         help="write images with boxes, scores and landmarks drawn"),
+         help="write images with boxes, scores and landmarks drawn to result_images/"),
     _opt("--mask", type=str2bool, default=False, scripts={INFERENCE},
-         help="compute MediaPipe face and head masks"),
+         help="compute MediaPipe selfie-segmentation face and head masks (needs mediapipe)"),
     _opt("--save_mask", type=str2bool, default=False, scripts={INFERENCE},
-         help="write face/head crops and masks"),
+         help="write face masks (masks/), face crops (faces/), head crops (heads/) and head masks "
+              "(head_masks/) as <image stem>_<face index>.<ext>; implies --mask"),
     _opt("--infer_imsize_same", type=str2bool, default=False, scripts={INFERENCE},
-         help="batch images of the same size together"),
+         help="group images of the same size into batches of --batch_size (one forward pass each)"),
     _opt("--exist_ok", type=str2bool, default=False, scripts={INFERENCE},
-         help="allow writing into an output folder that already holds results"),
+         help="allow writing into an output folder that already holds results (files are overwritten)"),
+    _opt("--max_pixels", type=non_negative_int, default=36_000_000, scripts={INFERENCE},
+         help="images with more pixels are downscaled to this many for the network, with a warning "
+              "(boxes are mapped back to the original image); 0 = never"),
 )
 
 

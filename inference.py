@@ -1,0 +1,116 @@
+"""Detect faces in a folder of images; optionally draw them and cut MediaPipe face/head masks.
+
+    python inference.py --weights mobilenet0.25 --inference_dir photos/ \\
+        --inference_save_folder out/ --save_img true [--mask true --save_mask true]
+
+Options are declared in ``config.py`` (``python inference.py --help``); the work is done by
+:func:`utils.inference_utils.run_inference` and :mod:`utils.face_mask`. Exit codes: 0 all images
+processed, 3 finished but some files were skipped (listed in the summary and in
+``OUT/summary.json``), 1 nothing run (no images, missing weights, unknown device, output folder
+already holds results ...), 2 bad option, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from config import build_parser
+from utils.inference_utils import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, InferenceError, format_summary,
+                                   legacy_outputs, run_inference)
+
+PROG = "inference.py"
+DESCRIPTION = ("Detect faces in every image under --inference_dir (recursively) and write "
+               "<experiment>_inference_results.txt, detections.json and summary.json to "
+               "--inference_save_folder; --save_img draws them, --mask/--save_mask add MediaPipe "
+               "face and head masks.")
+EPILOG = ("exit status: 0 all images processed; 3 finished, but some files were skipped "
+          "(unreadable, truncated, empty, not an image; listed in the summary and summary.json); "
+          "1 nothing was run (no images, missing weights, unknown device, output folder already "
+          "holds results without --exist_ok); 2 invalid option; 130 interrupted.")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def build_inference_parser() -> argparse.ArgumentParser:
+    """``config.build_parser('inference')`` with this script's description, exit codes and a
+    one-line error message for invalid options."""
+    parser = build_parser("inference", description=DESCRIPTION)
+    parser.epilog = EPILOG
+
+    def error(message: str):
+        raise _UsageError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def complete_args(args: argparse.Namespace | None = None, **overrides) -> argparse.Namespace:
+    """``args`` with every inference option present (missing ones get their defaults), so a
+    notebook can pass a hand-made ``Namespace(inference_dir=..., weights=...)``."""
+    full = build_parser("inference").parse_args([])
+    for key, value in {**vars(args or argparse.Namespace()), **overrides}.items():
+        setattr(full, key, value)
+    return full
+
+
+def inference(args: argparse.Namespace):
+    """Run inference as configured by ``args`` and return the original project's 5-tuple.
+
+    Writes the outputs described in ``utils/inference_utils.py`` and returns
+    ``(result_bboxes, face_bboxes, face_masks, head_bboxes, head_masks)``, one entry per
+    processed image, in the order of the sorted relative paths (skipped files have no entry; the
+    names are the keys of ``OUT/detections.json`` in the same order):
+
+    - ``result_bboxes[i]``: ``np.ndarray`` (K_i, 4) int, face boxes ``x1, y1, x2, y2`` in pixels
+      of image i (truncated to integers; float boxes, scores and landmarks are in
+      ``detections.json``). Unlike the original, images without faces get an empty (0, 4) array
+      instead of no entry, so the list stays aligned with the images.
+    - With ``--mask`` (else these four are empty lists ``[]``), for face k of image i:
+      ``face_bboxes[i][k]``: ``[x1, y1, x2, y2]`` ints, the face box in head-crop coordinates;
+      ``face_masks[i][k]``: ``np.ndarray`` (h, w, 3) uint8 0/255, the face mask (size of the
+      face crop ``head_crop[y1:y2, x1:x2]``);
+      ``head_bboxes[i][k]``: ``[x1, y1, x2, y2]`` ints, the head box (face box x4 about its
+      centre, clipped) in image coordinates;
+      ``head_masks[i][k]``: ``np.ndarray`` (H, W, 3) uint8 0/255, the head-crop mask.
+
+    Raises :class:`utils.inference_utils.InferenceError` or
+    :class:`utils.checkpoint.CheckpointError` when the run cannot start.
+    """
+    run = run_inference(complete_args(args), collect=True)
+    print(format_summary(run.summary))
+    return legacy_outputs(run)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (see ``--help``)."""
+    from utils.checkpoint import CheckpointError  # noqa: PLC0415
+
+    parser = build_inference_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as error:
+        print(f"{PROG}: error: {_one_line(error)} (see --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    try:
+        run = run_inference(args, collect=False)
+    except (InferenceError, CheckpointError, OSError) as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(format_summary(run.summary))
+    return run.summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""inference.py: outputs, fidelity to the public pipeline, mask stage, bad inputs, CLI errors.
+
+Runs on the CPU with the published mobilenet0.25 weights and the shared sample images.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import inference
+from utils import face_mask as fm
+from utils import inference_utils as iu
+
+REPO = Path(__file__).resolve().parents[1]
+GREETING = "49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
+
+
+def run_main(argv, capsys):
+    code = inference.main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def box_iou(a, b) -> float:
+    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
+    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def assert_matching(ours: list[dict], reference: list[tuple], min_score=0.5, iou=0.98, score_tol=0.005, px=1.0):
+    """Every detection (score >= min_score) of each side has a partner on the other side."""
+    ref = [(list(b), float(s), np.asarray(p, float).reshape(5, 2)) for b, s, p in reference]
+    mine = [(d["box"], d["score"], np.asarray(d["landmarks"], float)) for d in ours]
+    for side, other in ((ref, mine), (mine, ref)):
+        for box, score, points in side:
+            if score < min_score:
+                continue
+            best = max(other, key=lambda o: box_iou(box, o[0]))
+            assert box_iou(box, best[0]) >= iou, (box, score, best)
+            assert abs(score - best[1]) <= score_tol, (box, score, best)
+            assert np.abs(points - best[2]).max() <= px, (box, points, best)
+
+
+def link_images(folder: Path, sources: dict[str, Path]) -> Path:
+    for name, source in sources.items():
+        target = folder / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(source)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------
+# End to end on the WIDER FACE sample
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def widerface_run(widerface_sample, mobilenet_weights, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wider") / "out"
+    code = inference.main(["--weights", str(mobilenet_weights), "--experiment_name", "sample",
+                           "--inference_dir", str(widerface_sample / "val/images"),
+                           "--inference_save_folder", str(out), "--save_img", "true"])
+    return code, out, widerface_sample / "val/images"
+
+
+def test_end_to_end_outputs_agree(widerface_run):
+    code, out, images = widerface_run
+    assert code == iu.EXIT_OK
+    names = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.jpg"))
+    detections = json.loads((out / "detections.json").read_text())
+    assert sorted(detections) == names
+
+    lines = (out / "sample_inference_results.txt").read_text().splitlines()
+    parsed, current = {}, None
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 5 and current is not None and all(f.lstrip("-").replace(".", "").isdigit() for f in fields):
+            parsed[current].append((tuple(int(v) for v in fields[:4]), float(fields[4])))
+        else:
+            current = line
+            parsed[current] = []
+    assert sorted(parsed) == names
+    total = 0
+    for name in names:
+        faces = detections[name]
+        total += len(faces)
+        assert len(parsed[name]) == len(faces)
+        for (box, score), face in zip(parsed[name], faces):
+            assert box == tuple(int(v) for v in face["box"])
+            assert score == pytest.approx(face["score"], abs=1e-6)
+            assert face["score"] > 0.5 and len(face["landmarks"]) == 5
+        assert [f["score"] for f in faces] == sorted((f["score"] for f in faces), reverse=True)
+        drawn = cv2.imread(str(out / "result_images" / name))
+        assert drawn is not None and drawn.shape == cv2.imread(str(images / name)).shape
+    assert total > 100
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processed"] == len(names) and summary["faces"] == total and summary["skipped"] == []
+    assert summary["exit_code"] == 0 and set(summary["ms_per_image"]) >= {"load", "forward", "postprocess", "masks"}
+
+
+def test_refuses_to_overwrite_results(widerface_run, capsys):
+    _, out, images = widerface_run
+    before = (out / "detections.json").read_text()
+    code, _, err = run_main(["--weights", "mobilenet0.25", "--inference_dir", images,
+                             "--inference_save_folder", out], capsys)
+    assert code == iu.EXIT_ERROR
+    assert len(err.strip().splitlines()) == 1 and "already holds results" in err and "--exist_ok" in err
+    assert (out / "detections.json").read_text() == before
+
+
+def test_fidelity_to_public_pipeline(widerface_sample, mobilenet_weights, tmp_path, capsys):
+    """The fidelity command of the issue against the public Pytorch_Retinaface reference."""
+    reference = json.loads((widerface_sample / "reference_detections_mobilenet0.25.json").read_text())["detections"]
+    folder = link_images(tmp_path / "in", {name: widerface_sample / "val/images" / name for name in reference})
+    out = tmp_path / "out"
+    code, _, _ = run_main(["--weights", mobilenet_weights, "--inference_dir", folder,
+                           "--inference_save_folder", out, "--confidence_threshold", "0.02",
+                           "--nms_threshold", "0.4"], capsys)
+    assert code == iu.EXIT_OK
+    ours = json.loads((out / "detections.json").read_text())
+    assert sorted(ours) == sorted(reference)
+    for name, rows in reference.items():
+        assert sum(r[4] >= 0.5 for r in rows) > 0
+        assert_matching(ours[name], [(r[:4], r[4], r[5:]) for r in rows])
+        assert min(d["score"] for d in ours[name]) > 0.02
+
+
+def test_same_size_batching_matches_single_images(widerface_sample, mobilenet_weights, tmp_path, capsys):
+    image = cv2.imread(str(widerface_sample / "val/images" / GREETING))
+    folder = tmp_path / "in"
+    for name, scale in (("a/x.jpg", 0.5), ("a/y.jpg", 0.5), ("b/z.jpg", 0.5), ("b/w.jpg", 0.4)):  # w: another size
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / name), cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
+    results = {}
+    for same, batch in (("false", "1"), ("true", "2")):
+        out = tmp_path / f"out_{same}"
+        code, _, _ = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder",
+                               out, "--infer_imsize_same", same, "--batch_size", batch, "--workers", "1"], capsys)
+        assert code == iu.EXIT_OK
+        results[same] = json.loads((out / "detections.json").read_text())
+    assert list(results["true"]) == ["a/x.jpg", "a/y.jpg", "b/w.jpg", "b/z.jpg"]
+    for name, faces in results["false"].items():
+        assert len(faces) > 0
+        assert_matching(results["true"][name], [(f["box"], f["score"], f["landmarks"]) for f in faces],
+                        min_score=0.0, iou=0.999, score_tol=1e-3, px=0.1)
+
+
+# ------------------------------------------------------------------------------------------
+# Mask stage
+# ------------------------------------------------------------------------------------------
+
+def test_masks_on_rgba_portraits(sample_mask_images, mobilenet_weights, tmp_path, capsys):
+    out = tmp_path / "masks_out"
+    args = argparse.Namespace(weights=str(mobilenet_weights), inference_dir=str(sample_mask_images),
+                              inference_save_folder=str(out), mask=True, save_mask=True)
+    result_bboxes, face_bboxes, face_masks, head_bboxes, head_masks = inference.inference(args)
+    capsys.readouterr()
+    images = sorted(sample_mask_images.glob("*.png"))
+    assert len(result_bboxes) == len(face_bboxes) == len(face_masks) == len(head_bboxes) == len(head_masks) == len(images)
+    faces = 0
+    for path, boxes, fboxes, fmasks, hboxes, hmasks in zip(images, result_bboxes, face_bboxes, face_masks,
+                                                           head_bboxes, head_masks):
+        height, width = cv2.imread(str(path)).shape[:2]
+        assert boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes) == len(fboxes) == len(fmasks) >= 1
+        for k, (fbox, fmask, hbox, hmask) in enumerate(zip(fboxes, fmasks, hboxes, hmasks)):
+            faces += 1
+            hx1, hy1, hx2, hy2 = hbox
+            assert 0 <= hx1 < hx2 <= width and 0 <= hy1 < hy2 <= height
+            assert hmask.shape == (hy2 - hy1, hx2 - hx1, 3) and hmask.dtype == np.uint8
+            fx1, fy1, fx2, fy2 = fbox
+            assert fmask.shape == (fy2 - fy1, fx2 - fx1, 3)
+            assert np.array_equal(fmask, hmask[fy1:fy2, fx1:fx2])
+            stem = f"{path.stem}_{k}"
+            saved = {kind: cv2.imread(str(out / kind / f"{stem}{ext}"), cv2.IMREAD_UNCHANGED)
+                     for kind, ext in (("masks", ".png"), ("faces", ".png"), ("heads", ".png"), ("head_masks", ".png"))}
+            assert all(image is not None for image in saved.values()), stem
+            assert saved["masks"].ndim == 2 and saved["masks"].shape == saved["faces"].shape[:2]
+            assert saved["head_masks"].ndim == 2 and saved["head_masks"].shape == saved["heads"].shape[:2]
+            assert saved["heads"].shape[:2] == (hy2 - hy1, hx2 - hx1)
+            for kind in ("masks", "head_masks"):
+                assert set(np.unique(saved[kind])) <= {0, 255}
+                assert saved[kind].max() == 255, f"{kind}/{stem}.png is empty"
+            assert np.array_equal(saved["masks"], fmask[:, :, 0])
+    assert faces >= len(images)
+
+
+def test_head_box_scaling_and_clipping():
+    assert fm.head_box((40, 40, 60, 60), (200, 200)) == (10, 10, 90, 90)
+    assert fm.head_box((0, 0, 20, 20), (100, 100)) == (0, 0, 50, 50)
+    assert fm.head_box((85, 90, 100, 100), (100, 100)) == (62, 75, 100, 100)
+    assert fm.head_box((-5, -5, 15, 15), (100, 120)) == (0, 0, 45, 45)
+    assert fm.head_box((10.5, 10.5, 10.5, 10.5), (50, 50)) == (10, 10, 11, 11)  # never empty
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # the head box always contains the face's pixels
+        h, w = rng.integers(1, 300, size=2)
+        x1, y1 = rng.uniform(-20, w), rng.uniform(-20, h)
+        box = (x1, y1, x1 + rng.uniform(0, 80), y1 + rng.uniform(0, 80))
+        head = fm.head_box(box, (h, w))
+        face = fm.pixel_box(box, (h, w))
+        assert 0 <= head[0] <= face[0] < face[2] <= head[2] <= w
+        assert 0 <= head[1] <= face[1] < face[3] <= head[3] <= h
+
+
+@pytest.mark.parametrize("face_box, image_shape", [
+    ((0, 0, 20, 20), (100, 100)),         # top-left corner: head clipped left and top
+    ((85, 90, 100, 100), (100, 100)),     # bottom-right corner
+    ((-6.5, 30.2, 14.7, 52.9), (80, 60)),  # partly outside on the left
+    ((40, 40, 60, 60), (200, 200)),       # centred: no clipping
+])
+def test_face_mask_cut_at_the_real_offset(face_box, image_shape):
+    head = fm.head_box(face_box, image_shape)
+    hx1, hy1, hx2, hy2 = head
+    image_mask = np.arange(image_shape[0] * image_shape[1], dtype=np.int64).reshape(image_shape)
+    head_mask = image_mask[hy1:hy2, hx1:hx2]  # a "segmentation" whose values encode the position
+    face = fm.face_mask_from_head_mask(head_mask, face_box, head)
+    x1, y1, x2, y2 = fm.pixel_box(face_box, image_shape)
+    assert np.array_equal(face, image_mask[y1:y2, x1:x2])
+    fx1, fy1, fx2, fy2 = fm.face_box_in_head(face_box, head)
+    assert (fx1 + hx1, fy1 + hy1, fx2 + hx1, fy2 + hy1) == (x1, y1, x2, y2)
+    with pytest.raises(ValueError):
+        fm.face_mask_from_head_mask(head_mask[1:], face_box, head)
+
+
+def test_corner_face_is_not_assumed_centred():
+    """The original code cut the centre of the head crop; at a border that is the wrong place."""
+    head_mask = np.zeros((50, 50), np.uint8)
+    head_mask[0:20, 0:20] = 255  # the face region of a face box (0, 0, 20, 20) in a 100x100 image
+    head = fm.head_box((0, 0, 20, 20), (100, 100))
+    assert head == (0, 0, 50, 50)
+    face = fm.face_mask_from_head_mask(head_mask, (0, 0, 20, 20), head)
+    assert face.shape == (20, 20) and (face == 255).all()
+    assert (head_mask[15:35, 15:35] == 0).any()  # the centred cut would have been partly empty
+
+
+def test_binarize_threshold():
+    assert fm.binarize(np.array([[0.0, 0.1, 0.11, 1.0]], np.float32)).tolist() == [[0, 0, 255, 255]]
+
+
+# ------------------------------------------------------------------------------------------
+# Bad inputs
+# ------------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def mixed_folder(widerface_sample, tmp_path) -> Path:
+    folder = tmp_path / "mixed"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    original = cv2.imread(str(widerface_sample / "val/images" / GREETING))
+    cv2.imwrite(str(folder / "good.jpg"), cv2.resize(original, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA))
+    image = cv2.imread(str(folder / "good.jpg"))  # the same pixels in every format below
+    (folder / "zero.jpg").write_bytes(b"")
+    data = (folder / "good.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "text.png").write_text("this is not an image\n")
+    (folder / "notes.txt").write_text("ignored: not an image extension\n")
+    cv2.imwrite(str(folder / "gray.png"), cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(folder / "sub" / "deep16.png"), image.astype(np.uint16) * 257)
+    rgba = cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)
+    rgba[..., 3] = 128
+    cv2.imwrite(str(folder / "sub" / "rgba.png"), rgba)
+    cv2.imwrite(str(folder / "tiny.bmp"), np.full((1, 1, 3), 200, np.uint8))
+    (folder / "sub" / "deeper" / "UPPER.JPG").write_bytes(data)
+    return folder
+
+
+def test_mixed_folder_skips_bad_files(mixed_folder, mobilenet_weights, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run_main(["--weights", mobilenet_weights, "--inference_dir", mixed_folder,
+                                  "--inference_save_folder", out, "--save_img", "true"], capsys)
+    assert code == iu.EXIT_SKIPPED == 3
+    good = ["gray.png", "good.jpg", "sub/deep16.png", "sub/deeper/UPPER.JPG", "sub/rgba.png", "tiny.bmp"]
+    bad = {"zero.jpg": "empty", "truncated.jpg": "truncated", "text.png": "not a readable image"}
+    detections = json.loads((out / "detections.json").read_text())
+    assert sorted(detections) == sorted(good)
+    reference = detections["good.jpg"]
+    assert len(reference) >= 3 and detections["tiny.bmp"] == []
+    for name in ("sub/deeper/UPPER.JPG", "sub/rgba.png", "sub/deep16.png"):
+        assert detections[name] == reference  # same pixels: 16-bit reduced, alpha dropped
+    assert len(detections["gray.png"]) >= 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_code"] == 3 and summary["processed"] == len(good)
+    assert {s["file"] for s in summary["skipped"]} == set(bad)
+    for entry in summary["skipped"]:
+        assert bad[entry["file"]] in entry["reason"]
+        assert f"skipped {entry['file']}" in stdout and f"skipped {entry['file']}" in err
+    assert "Traceback" not in err
+    for name in good:
+        assert (out / "result_images" / name).is_file()
+
+
+def test_too_many_pixels_are_downscaled(widerface_sample, mobilenet_weights, tmp_path, capsys):
+    images = widerface_sample / "val/images"
+    folder = link_images(tmp_path / "in", {"big.jpg": images / GREETING})
+    full = tmp_path / "full"
+    small = tmp_path / "small"
+    height, width = cv2.imread(str(images / GREETING)).shape[:2]
+    assert run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", full,
+                     "--workers", "0"], capsys)[0] == 0
+    code, stdout, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder,
+                                  "--inference_save_folder", small, "--workers", "0",
+                                  "--max_pixels", str(height * width // 2)], capsys)
+    assert code == iu.EXIT_OK and "more than" in err and "more than" in stdout
+    faces = json.loads((small / "detections.json").read_text())["big.jpg"]
+    reference = json.loads((full / "detections.json").read_text())["big.jpg"]
+    assert len(faces) >= 3
+    big = [f for f in reference if (f["box"][2] - f["box"][0]) > 40]
+    assert big
+    for face in big:  # large faces are found again, in original-image coordinates
+        assert max(box_iou(face["box"], f["box"]) for f in faces) > 0.8
+
+
+def test_truncation_checks(widerface_sample, tmp_path):
+    data = (widerface_sample / "val/images" / GREETING).read_bytes()
+    assert iu.jpeg_is_complete(data)
+    assert iu.jpeg_is_complete(data + b"\x00" * 100 + b"trailing video data")
+    assert not iu.jpeg_is_complete(data[:-2])
+    assert not iu.jpeg_is_complete(data[: len(data) // 3])
+    png = tmp_path / "a.png"
+    cv2.imwrite(str(png), np.zeros((8, 8, 3), np.uint8))
+    assert iu.png_is_complete(png)
+    png.write_bytes(png.read_bytes()[:-12])
+    assert not iu.png_is_complete(png)
+
+
+def test_find_images_recursive_any_case(tmp_path):
+    for name in ("a.JPG", "b.jpeg", "c.Png", "d.bmp", "e.WEBP", "f.txt", "sub/g.jpg", "out/h.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    found = [iu.relative_name(p, tmp_path) for p in iu.find_images(tmp_path, exclude=[tmp_path / "out"])]
+    assert found == ["a.JPG", "b.jpeg", "c.Png", "d.bmp", "e.WEBP", "sub/g.jpg"]
+
+
+def test_out_of_memory_retries_downscaled(tmp_path):
+    from models.detector import Detections
+
+    class FakeDetector:
+        device = None
+
+        def detect_batch(self, images):
+            if any(im.shape[0] * im.shape[1] > 100 * 100 for im in images):
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+            return [Detections(np.array([[10, 10, 20, 20]], np.float32), np.array([0.9], np.float32),
+                               np.full((1, 5, 2), 15, np.float32)) for _ in images]
+
+    class Bar:
+        def update(self, n):
+            pass
+
+        def write(self, *a, **k):
+            pass
+
+    args = argparse.Namespace(mask=False, save_mask=False, save_img=False)
+    summary = iu.InferenceSummary(output_folder=str(tmp_path))
+    runner = iu._Runner(args, FakeDetector(), tmp_path, ["big.png"], True, summary, Bar())
+    image = np.zeros((300, 300, 3), np.uint8)
+    record = iu.ImageRecord(index=0, name="big.png", path="big.png", image=image, net_image=image)
+    runner.detect([record])
+    result = runner.results[0]
+    assert summary.processed == 1 and not summary.skipped and summary.notes
+    assert np.allclose(result.detections.boxes, [[40, 40, 80, 80]])  # found at 1/4 scale, mapped back
+
+
+# ------------------------------------------------------------------------------------------
+# Command-line errors: one clear line, non-zero exit, no traceback
+# ------------------------------------------------------------------------------------------
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_main(["--weights", "mobilenet0.25", "--inference_dir", tmp_path / "empty",
+                             "--inference_save_folder", tmp_path / "out"], capsys)
+    assert code == iu.EXIT_ERROR and len(err.strip().splitlines()) == 1 and "no images" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_weights(sample_mask_images, tmp_path, capsys):
+    code, _, err = run_main(["--weights", tmp_path / "nope.pth", "--inference_dir", sample_mask_images,
+                             "--inference_save_folder", tmp_path / "out"], capsys)
+    assert code == iu.EXIT_ERROR and len(err.strip().splitlines()) == 1 and "not found" in err
+    code, _, err = run_main(["--experiment_name", "no_such_experiment", "--model_weight", "best.pth",
+                             "--inference_dir", sample_mask_images, "--inference_save_folder", tmp_path / "out"], capsys)
+    assert code == iu.EXIT_ERROR and len(err.strip().splitlines()) == 1 and "not found" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("device, expected_code", [("tpu", iu.EXIT_USAGE), ("cuda:9", iu.EXIT_ERROR)])
+def test_unknown_device(device, expected_code, sample_mask_images, mobilenet_weights, tmp_path, capsys):
+    code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", sample_mask_images,
+                             "--inference_save_folder", tmp_path / "out", "--device", device], capsys)
+    assert code == expected_code and len(err.strip().splitlines()) == 1 and "device" in err
+
+
+def test_cli_error_without_traceback_in_subprocess(sample_mask_images, tmp_path):
+    missing = tmp_path / "missing.pth"
+    completed = subprocess.run(
+        [sys.executable, "inference.py", "--weights", str(missing), "--inference_dir", str(sample_mask_images),
+         "--inference_save_folder", str(tmp_path / "out")],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == iu.EXIT_ERROR
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in completed.stderr
+    assert lines[0].startswith("inference.py: error:") and str(missing) in lines[0]
+
+
+def test_detector_runs_without_mediapipe(sample_mask_images, mobilenet_weights, tmp_path):
+    """GPU machines have no mediapipe: detection must work and --mask must fail with one line."""
+    image = sample_mask_images / "sideface_0003.png"
+    script = (
+        "import sys; sys.modules['mediapipe'] = None  # any 'import mediapipe' now raises ImportError\n"
+        "import inference\n"
+        f"common = ['--weights', {str(mobilenet_weights)!r}, '--inference_dir', {str(image)!r}, '--workers', '0']\n"
+        f"masked = inference.main(common + ['--inference_save_folder', {str(tmp_path / 'a')!r}, '--mask', 'true'])\n"
+        f"plain = inference.main(common + ['--inference_save_folder', {str(tmp_path / 'b')!r}])\n"
+        "print('codes', masked, plain)\n")
+    completed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert f"codes {iu.EXIT_ERROR} {iu.EXIT_OK}" in completed.stdout, completed.stderr
+    assert "Traceback" not in completed.stderr and "needs mediapipe" in completed.stderr
+    assert len(json.loads((tmp_path / "b" / "detections.json").read_text())["sideface_0003.png"]) == 1

@@ -1,0 +1,164 @@
+"""Face and head masks from MediaPipe selfie segmentation (the ``--mask`` stage of inference.py).
+
+For every detected face:
+
+- the *head box* is the face box scaled by ``scale`` (4 by default) about its centre and clipped
+  to the image (:func:`head_box`);
+- the *head mask* is the selfie segmentation of the head crop, thresholded at 0.1
+  (:class:`HeadSegmenter`), as uint8 0/255 of the head crop's size;
+- the *face mask* is the part of the head mask under the face box (:func:`face_mask_from_head_mask`).
+  The face box's position inside the head crop is computed from the boxes themselves
+  (:func:`face_box_in_head`), so it stays right when the head box was clipped at an image border
+  and the face is no longer centred in the head crop.
+
+Boxes are ``(x1, y1, x2, y2)``; integer boxes are half-open pixel ranges (``image[y1:y2, x1:x2]``).
+The geometry functions are pure numpy; only :class:`HeadSegmenter` needs mediapipe, imported when
+the first instance is created.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+MASK_THRESHOLD = 0.1  # selfie-segmentation probability above which a pixel is foreground
+HEAD_SCALE = 4.0      # head box = face box scaled by this factor about its centre
+
+IntBox = tuple[int, int, int, int]
+
+
+def _image_hw(image_shape: Sequence[int]) -> tuple[int, int]:
+    height, width = int(image_shape[0]), int(image_shape[1])
+    if height <= 0 or width <= 0:
+        raise ValueError(f"empty image shape {tuple(image_shape)}")
+    return height, width
+
+
+def _clip_span(start: float, stop: float, size: int) -> tuple[int, int]:
+    """``floor(start), ceil(stop)`` clipped to ``[0, size]``, at least one pixel wide."""
+    lo = min(max(math.floor(start), 0), size - 1)
+    hi = max(min(math.ceil(stop), size), lo + 1)
+    return lo, hi
+
+
+def pixel_box(box: Sequence[float], image_shape: Sequence[int]) -> IntBox:
+    """The pixels a (float) box covers, clipped to the image: ``floor`` of the top-left corner,
+    ``ceil`` of the bottom-right one; never empty (at least 1x1, inside the image)."""
+    height, width = _image_hw(image_shape)
+    x1, x2 = _clip_span(float(box[0]), float(box[2]), width)
+    y1, y2 = _clip_span(float(box[1]), float(box[3]), height)
+    return x1, y1, x2, y2
+
+
+def head_box(face_box: Sequence[float], image_shape: Sequence[int], scale: float = HEAD_SCALE) -> IntBox:
+    """The face box scaled by ``scale`` about its centre, as a pixel box clipped to the image.
+
+    For ``scale >= 1`` the result contains :func:`pixel_box` of the face box.
+    """
+    x1, y1, x2, y2 = (float(v) for v in face_box[:4])
+    cx, cy = (x1 + x2) / 2.0, (y1 + y2) / 2.0
+    half_w, half_h = scale * (x2 - x1) / 2.0, scale * (y2 - y1) / 2.0
+    return pixel_box((cx - half_w, cy - half_h, cx + half_w, cy + half_h), image_shape)
+
+
+def face_box_in_head(face_box: Sequence[float], head: Sequence[int]) -> IntBox:
+    """The face's pixel box in head-crop coordinates (clipped to the head crop, never empty).
+
+    ``face_box`` is in image coordinates (float allowed; rounded outwards like :func:`pixel_box`),
+    ``head`` the integer head box in image coordinates (see :func:`head_box`).
+    """
+    hx1, hy1, hx2, hy2 = (int(v) for v in head[:4])
+    x1, y1, x2, y2 = (float(v) for v in face_box[:4])
+    return pixel_box((x1 - hx1, y1 - hy1, x2 - hx1, y2 - hy1), (hy2 - hy1, hx2 - hx1))
+
+
+def face_mask_from_head_mask(head_mask: np.ndarray, face_box: Sequence[float], head: Sequence[int]) -> np.ndarray:
+    """The part of ``head_mask`` (the mask of the crop ``image[hy1:hy2, hx1:hx2]``) under the face.
+
+    The cut is at the face box's real offset inside the head crop (:func:`face_box_in_head`), which
+    differs from the centre when the head box was clipped at an image border. Returns a copy of
+    shape ``(fy2 - fy1, fx2 - fx1) + head_mask.shape[2:]``, the shape of the matching face crop.
+    """
+    hx1, hy1, hx2, hy2 = (int(v) for v in head[:4])
+    if head_mask.shape[:2] != (hy2 - hy1, hx2 - hx1):
+        raise ValueError(f"head mask of shape {head_mask.shape[:2]} does not match head box {tuple(head[:4])}")
+    fx1, fy1, fx2, fy2 = face_box_in_head(face_box, head)
+    return head_mask[fy1:fy2, fx1:fx2].copy()
+
+
+def binarize(probabilities: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:
+    """Segmentation probabilities -> uint8 mask, 255 where ``> threshold`` else 0."""
+    return np.where(np.asarray(probabilities) > threshold, 255, 0).astype(np.uint8)
+
+
+def selfie_segmentation_module():
+    """``mediapipe.solutions.selfie_segmentation``, imported on first use; ``RuntimeError`` with
+    an installation hint when mediapipe (or its legacy solutions API) is missing."""
+    try:
+        import mediapipe as mp  # noqa: PLC0415 (lazy: only the mask stage needs it)
+    except ImportError as error:
+        raise RuntimeError(f"the mask stage needs mediapipe (pip install mediapipe==0.10.21): {error}") from None
+    try:
+        return mp.solutions.selfie_segmentation
+    except AttributeError:
+        raise RuntimeError(f"mediapipe {getattr(mp, '__version__', '?')} has no legacy selfie segmentation "
+                           f"solution; the mask stage needs mediapipe==0.10.21") from None
+
+
+class HeadSegmenter:
+    """One MediaPipe ``SelfieSegmentation(model_selection=0)`` graph for a whole run.
+
+        with HeadSegmenter() as segmenter:
+            mask = segmenter.segment(head_crop_bgr)   # (H, W) uint8 0/255
+
+    mediapipe is imported here, not at module import, so the detector runs where it is absent.
+    """
+
+    def __init__(self, model_selection: int = 0, threshold: float = MASK_THRESHOLD) -> None:
+        self.threshold = threshold
+        self._segmentation = selfie_segmentation_module().SelfieSegmentation(model_selection=model_selection)
+
+    def probabilities(self, image_bgr: np.ndarray) -> np.ndarray:
+        """Foreground probability (H, W) float32 of a BGR uint8 image (MediaPipe takes RGB)."""
+        if self._segmentation is None:
+            raise RuntimeError("HeadSegmenter is closed")
+        rgb = np.ascontiguousarray(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2RGB))
+        result = self._segmentation.process(rgb)
+        if result.segmentation_mask is None:
+            return np.zeros(image_bgr.shape[:2], np.float32)
+        return np.asarray(result.segmentation_mask, dtype=np.float32)
+
+    def segment(self, image_bgr: np.ndarray) -> np.ndarray:
+        """Binary mask (H, W) uint8 0/255 of a BGR uint8 image."""
+        return binarize(self.probabilities(image_bgr), self.threshold)
+
+    def close(self) -> None:
+        if self._segmentation is not None:
+            self._segmentation.close()
+            self._segmentation = None
+
+    def __enter__(self) -> "HeadSegmenter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def face_and_head_masks(image: np.ndarray, face_box: Sequence[float], segmenter: HeadSegmenter,
+                        scale: float = HEAD_SCALE) -> dict[str, object]:
+    """Everything the mask stage produces for one face of a BGR image.
+
+    Returns ``head_box`` (image coordinates), ``face_box`` (head-crop coordinates), ``head``/``face``
+    (BGR crops, views of ``image``), ``head_mask``/``face_mask`` ((h, w) uint8 0/255, the sizes of
+    the crops).
+    """
+    head = head_box(face_box, image.shape, scale)
+    hx1, hy1, hx2, hy2 = head
+    head_crop = image[hy1:hy2, hx1:hx2]
+    head_mask = segmenter.segment(head_crop)
+    fx1, fy1, fx2, fy2 = face_in_head = face_box_in_head(face_box, head)
+    return {"head_box": head, "face_box": face_in_head, "head": head_crop,
+            "face": head_crop[fy1:fy2, fx1:fx2],
+            "head_mask": head_mask, "face_mask": face_mask_from_head_mask(head_mask, face_box, head)}
