@@ -198,8 +198,8 @@ OPTIONS: tuple[Option, ...] = (
               "(longer side capped at --max_size, default 2150), each also mirrored, detections "
               "merged by score-weighted box voting at the --nms_threshold IoU"),
     _opt("--tta_scales", type=str, default="500,800,1100,1400,1700", scripts={TEST},
-         help="comma-separated shorter-side sizes of the --tta passes (default: the RetinaFace "
-              "paper's); 0 = original size"),
+         help="comma-separated shorter-side sizes of the --tta passes (the RetinaFace paper's "
+              "test scales; 0 = original size)"),
     _opt("--results_dir", type=str, default=None, scripts={TEST},
          help="folder for widerface_txt/ (prediction files), results.txt, results.json and "
               "pr_curves.png (default: experiments/<experiment_name>/results)"),

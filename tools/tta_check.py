@@ -1,0 +1,120 @@
+"""Measure what test-time augmentation buys: AP of single scale vs multi-scale + flip variants.
+
+    python tools/tta_check.py --weights /path/mobilenet0.25_Final.pth \\
+        --dataset data/widerface_sample [--gt_dir ...] [--scales 0,500,800,1100,1400,1700]
+
+Every (scale, flip) pass is run once per image; the variants below are merged from those cached
+passes with :class:`utils.tta.TTADetector`'s merge (box voting, or plain NMS for comparison) and
+evaluated with the official protocol (a subset when the val set is partial). Prints one row per
+variant: APs, hard-AP gain over single scale, and the network seconds its passes cost. The
+``paper`` row is what ``test.py --tta true`` computes with its default scales.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision import ops  # noqa: E402
+
+from models.detector import Detections, FaceDetector  # noqa: E402
+from utils.evaluation import (check_images_in_gt, default_gt_dir, evaluate_predictions,  # noqa: E402
+                              list_val_images, load_gt, prediction_rows)
+from utils.image_io import read_image  # noqa: E402
+from utils.tta import DEFAULT_MAX_SIZE, DEFAULT_SCALES, TTAConfig, TTADetector, parse_scales  # noqa: E402
+
+
+def variants(all_scales: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], bool, str, int]]:
+    """name -> (scales, flip, merge ('vote' or 'nms'), min_votes), restricted to measured scales."""
+    paper = DEFAULT_SCALES
+    table = {
+        "single (original size)": ((0,), False, "vote", 1),
+        "original + flip": ((0,), True, "vote", 1),
+        "paper (500..1700) + flip [--tta]": (paper, True, "vote", 1),
+        "paper, no flip": (paper, False, "vote", 1),
+        "paper + flip, NMS merge": (paper, True, "nms", 1),
+        "paper + flip, min_votes 2": (paper, True, "vote", 2),
+        "paper + original + flip": ((0,) + paper, True, "vote", 1),
+        "500,800,1100 + flip": ((500, 800, 1100), True, "vote", 1),
+        "original,1100,1400 + flip": ((0, 1100, 1400), True, "vote", 1),
+    }
+    return {name: v for name, v in table.items() if set(v[0]) <= set(all_scales)}
+
+
+def nms_merge(parts: list[Detections], threshold: float, keep_top_k: int) -> Detections:
+    boxes = np.concatenate([p.boxes for p in parts])
+    scores = np.concatenate([p.scores for p in parts])
+    landmarks = np.concatenate([p.landmarks for p in parts])
+    shifted = torch.from_numpy(boxes).clone()
+    shifted[:, 2:] += 1.0
+    keep = ops.nms(shifted, torch.from_numpy(scores), threshold).numpy()[:keep_top_k]
+    return Detections(boxes[keep], scores[keep], landmarks[keep])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--gt_dir", default=None)
+    parser.add_argument("--scales", default="0," + ",".join(map(str, DEFAULT_SCALES)),
+                        help="shorter sides to measure (0 = original size)")
+    parser.add_argument("--max_size", type=int, default=DEFAULT_MAX_SIZE)
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+
+    images = list_val_images(args.dataset)
+    gt = load_gt(args.gt_dir or default_gt_dir(args.dataset))
+    check_images_in_gt(images, gt)
+    detector = FaceDetector(args.weights, device=args.device, confidence_threshold=0.02, nms_threshold=0.4)
+    scales = parse_scales(args.scales)
+    # passes[(scale, flipped)][image index] -> Detections; seconds[scale] for both flips
+    passes: dict[tuple[int, bool], list[Detections]] = defaultdict(list)
+    seconds: dict[int, float] = defaultdict(float)
+    runners = {s: TTADetector(detector, TTAConfig(scales=(s,), max_size=args.max_size)) for s in scales}
+    for n, image in enumerate(images, 1):
+        array = read_image(image.path)
+        for scale, runner in runners.items():
+            started = time.perf_counter()
+            for size, flipped, found in runner.run_passes([array])[0]:
+                passes[(size, flipped)].append(found)
+            seconds[scale] += time.perf_counter() - started
+        print(f"\r{n}/{len(images)} images", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+
+    merger = TTADetector(detector, TTAConfig(scales=(0,)))
+    print(f"{len(images)} images, thresholds: confidence 0.02, NMS/vote IoU 0.4, longer side <= {args.max_size}")
+    print(f"{'variant':36s} {'easy':>8s} {'medium':>8s} {'hard':>8s} {'d hard':>8s} {'seconds':>8s}")
+    base_hard = None
+    for name, (chosen, flip, merge, min_votes) in variants(scales).items():
+        keys = [(s, f) for s in chosen for f in ((False, True) if flip else (False,))]
+        merger.config = TTAConfig(scales=chosen, flip=flip, min_votes=min_votes)
+        predictions: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+        for i, image in enumerate(images):
+            parts = [passes[k][i] for k in keys]
+            if len(parts) == 1:
+                merged = parts[0]
+            elif merge == "nms":
+                merged = nms_merge(parts, 0.4, detector.keep_top_k)
+            else:
+                merged = merger.merge(parts)
+            predictions[image.event][image.stem] = prediction_rows(merged)[0]
+        result = evaluate_predictions(predictions, gt)
+        base_hard = result.hard if base_hard is None else base_hard
+        cost = sum(seconds[s] for s in chosen) / (1 if flip else 2)
+        print(f"{name:36s} {result.easy:8.4f} {result.medium:8.4f} {result.hard:8.4f} "
+              f"{result.hard - base_hard:+8.4f} {cost:8.1f}")
+    if len(images) < gt.num_images:
+        print(f"subset: {len(images)} of {gt.num_images} images, not comparable with full-val numbers")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""WIDER FACE validation of a detector: official prediction files, AP, result files.
+
+The reusable part of ``test.py`` (and of the periodic evaluation in training):
+
+* :func:`list_val_images` — the val images of a ``--dataset`` root (``val/label.txt`` order, or
+  ``val/images/<event>/*.jpg`` when there is no label file);
+* :func:`predict_widerface` — runs a detector over them (images decoded by DataLoader workers,
+  same-size images batched, tqdm progress) and writes ``<out_dir>/<event>/<stem>.txt``;
+* :func:`evaluate_predictions` / :func:`evaluate_prediction_dir` — easy/medium/hard AP with
+  :func:`utils.metric.evaluate`, counting only the images that have predictions when the set is
+  partial (``subset``);
+* :func:`evaluate_model` — model in, :class:`~utils.metric.WiderFaceResult` out (train.py);
+* :func:`write_results` — ``results.txt``, ``results.json``, ``pr_curves.png``.
+
+Prediction files follow the public Pytorch_Retinaface ``test_widerface.py`` exactly, because AP
+depends on the box convention: the image stem, the number of boxes, then per detection (score
+order) ``x y w h score`` with ``x = int(x1)``, ``y = int(y1)``, ``w = int(x2) - int(x1)``,
+``h = int(y2) - int(y1)`` (truncation of the float32 box corners, no ``+1``) and the float32 score
+printed at its shortest round-trip precision. The in-memory predictions evaluated are the values
+of those files, so evaluating the folder again gives the same APs bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+from utils.metric import (NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTruth, WiderFaceResult, evaluate,
+                          load_ground_truth, plot_pr_curves, read_prediction_dir)
+
+__all__ = [
+    "EvaluationError", "ValImage", "PredictionRun", "PREDICTION_FOLDER", "RESULTS_TXT", "RESULTS_JSON",
+    "PR_CURVES_PNG", "list_val_images", "default_gt_dir", "load_gt", "check_images_in_gt",
+    "prediction_rows", "format_prediction_file", "predict_widerface", "evaluate_predictions",
+    "evaluate_prediction_dir", "evaluate_model", "format_aps", "subset_note", "write_results",
+]
+
+PREDICTION_FOLDER = "widerface_txt"
+RESULTS_TXT = "results.txt"
+RESULTS_JSON = "results.json"
+PR_CURVES_PNG = "pr_curves.png"
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation cannot run (missing data, bad files); the message is one line for the user."""
+
+
+# --------------------------------------------------------------------------------------------
+# Images and ground truth
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ValImage:
+    """One validation image: its file, event folder and file stem (the ground-truth key)."""
+
+    path: Path
+    event: str
+    stem: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.event}/{self.stem}"
+
+
+def _val_image(image_root: Path, relative: str) -> ValImage:
+    rel = Path(relative.strip().lstrip("/"))
+    if len(rel.parts) < 2:
+        raise EvaluationError(f"image {relative!r} is not inside an event folder (expected <event>/<name>.jpg)")
+    return ValImage(image_root / rel, rel.parent.name, rel.stem)
+
+
+def list_val_images(dataset_root: str | os.PathLike[str]) -> list[ValImage]:
+    """Validation images of ``<dataset_root>/val``, in label-file order.
+
+    Uses the ``# <event>/<name>.jpg`` headers of ``val/label.txt`` (RetinaFace format; the
+    official ``wider_face_val_bbx_gt.txt`` format is accepted too); without a label file every
+    ``val/images/<event>/*.jpg`` is used (sorted). Raises :class:`EvaluationError` when the
+    folders are missing, the list is empty or a listed image file does not exist.
+    """
+    root = Path(dataset_root)
+    if not root.is_dir():
+        raise EvaluationError(f"dataset folder not found: {root} (--dataset must hold val/images/ and val/label.txt)")
+    image_root = root / "val" / "images"
+    if not image_root.is_dir():
+        raise EvaluationError(f"no val/images/ folder in {root} (expected <dataset>/val/images/<event>/*.jpg)")
+    label_file = root / "val" / "label.txt"
+    if label_file.is_file():
+        lines = [line.strip() for line in label_file.read_text().splitlines()]
+        names = [line[1:].strip().split()[0] for line in lines if line.startswith("#") and line[1:].strip()]
+        if not names:  # official WIDER FACE format: path lines ending in an image extension
+            names = [line.split()[0] for line in lines if line and line.split()[0].lower().endswith(
+                (".jpg", ".jpeg", ".png"))]
+        images = [_val_image(image_root, name) for name in names]
+        source = str(label_file)
+    else:
+        images = [ValImage(p, p.parent.name, p.stem) for p in sorted(image_root.glob("*/*.jpg"))]
+        source = f"{image_root}/<event>/*.jpg"
+    if not images:
+        raise EvaluationError(f"no validation images listed in {source}")
+    missing = [im for im in images if not im.path.is_file()]
+    if missing:
+        raise EvaluationError(f"{len(missing)} of {len(images)} images listed in {source} are missing, "
+                              f"e.g. {missing[0].path}")
+    seen: set[str] = set()
+    unique = []
+    for im in images:
+        if im.key not in seen:
+            seen.add(im.key)
+            unique.append(im)
+    return unique
+
+
+def default_gt_dir(dataset_root: str | os.PathLike[str]) -> Path:
+    """``<dataset>/ground_truth``, where ``--gt_dir`` points by default."""
+    return Path(dataset_root) / "ground_truth"
+
+
+def load_gt(gt_dir: str | os.PathLike[str] | WiderFaceGroundTruth) -> WiderFaceGroundTruth:
+    """:func:`utils.metric.load_ground_truth` with one-line :class:`EvaluationError` messages."""
+    if isinstance(gt_dir, WiderFaceGroundTruth):
+        return gt_dir
+    path = Path(gt_dir)
+    if not path.is_dir():
+        raise EvaluationError(f"ground-truth folder not found: {path} (--gt_dir must hold wider_face_val.mat "
+                              f"and wider_easy/medium/hard_val.mat)")
+    try:
+        return load_ground_truth(path)
+    except (OSError, ValueError, KeyError) as error:
+        raise EvaluationError(f"cannot read the ground truth in {path}: {_one_line(error)}") from None
+
+
+def check_images_in_gt(images: Sequence[ValImage], gt: WiderFaceGroundTruth) -> None:
+    """Raise :class:`EvaluationError` when an image is not in the WIDER FACE val ground truth."""
+    unknown = [im.key for im in images if not gt.has_image(im.event, im.stem)]
+    if unknown:
+        raise EvaluationError(f"{len(unknown)} of {len(images)} images are not in the ground truth, "
+                              f"e.g. {unknown[0]} (is --gt_dir the WIDER FACE val ground truth?)")
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction files (public test_widerface.py convention)
+# --------------------------------------------------------------------------------------------
+def prediction_rows(detections: Any) -> tuple[np.ndarray, list[str]]:
+    """``(rows (N, 5) float64 x y w h score, text lines)`` of one image's detections.
+
+    ``detections`` has ``boxes`` (N, 4) x1 y1 x2 y2 and ``scores`` (N,) sorted by score. Box
+    values are the public convention (module docstring); ``rows`` hold exactly the numbers the
+    text lines spell.
+    """
+    boxes = np.asarray(detections.boxes, dtype=np.float32).reshape(-1, 4)
+    scores = np.asarray(detections.scores, dtype=np.float32).reshape(-1)
+    corners = boxes.astype(np.int64)  # truncation toward zero, as int() of a float32
+    xywh = np.stack([corners[:, 0], corners[:, 1], corners[:, 2] - corners[:, 0],
+                     corners[:, 3] - corners[:, 1]], axis=1)
+    score_text = scores.astype(str)  # shortest repr of each float32, like str(np.float32)
+    lines = [f"{x} {y} {w} {h} {s}" for (x, y, w, h), s in zip(xywh.tolist(), score_text)]
+    rows = np.empty((len(scores), 5), dtype=np.float64)
+    rows[:, :4] = xywh
+    rows[:, 4] = score_text.astype(np.float64) if len(scores) else 0.0
+    return rows, lines
+
+
+def format_prediction_file(stem: str, detections: Any) -> tuple[str, np.ndarray]:
+    """``(file text, rows)``: the stem line, the count line, then ``x y w h score`` lines."""
+    rows, lines = prediction_rows(detections)
+    return "\n".join([stem, str(len(lines)), *lines]) + "\n", rows
+
+
+# --------------------------------------------------------------------------------------------
+# Running a detector over the val images
+# --------------------------------------------------------------------------------------------
+class _ImageDataset(Dataset):
+    """Decodes val images (in DataLoader workers); items ``(index, image or None, error)``."""
+
+    def __init__(self, images: Sequence[ValImage]) -> None:
+        self.paths = [str(im.path) for im in images]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from utils.image_io import read_image  # noqa: PLC0415
+        try:
+            return index, read_image(self.paths[index]), None
+        except Exception as error:  # reported by the main process with the file name
+            return index, None, _one_line(error)
+
+
+def _collate(items: list) -> list:
+    return list(items)
+
+
+def _loader(images: Sequence[ValImage], workers: int) -> DataLoader:
+    """Images decoded in ``workers`` forked processes (0: in this one), in order.
+
+    The workers only call ``cv2.imread``. Nothing touches OpenCV's thread pool there (not even
+    ``cv2.setNumThreads``): a pool inherited through ``fork`` from a parent that had used it
+    (``cv2.resize`` of the scaled test settings) can deadlock the child.
+    """
+    workers = max(0, min(workers, len(images)))
+    return DataLoader(_ImageDataset(images), batch_size=1, shuffle=False, num_workers=workers,
+                      collate_fn=_collate, prefetch_factor=4 if workers else None,
+                      timeout=600 if workers else 0)
+
+
+@dataclass
+class PredictionRun:
+    """What :func:`predict_widerface` did.
+
+    ``predictions``: ``{event: {stem: (N, 5) x y w h score}}`` (the values of the files);
+    ``seconds``: wall time of the whole pass (decoding, network, post-processing, writing);
+    ``timings``: the detector's per-stage seconds (preprocess, forward, postprocess).
+    """
+
+    predictions: dict[str, dict[str, np.ndarray]]
+    num_images: int
+    seconds: float
+    out_dir: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def fps(self) -> float:
+        return self.num_images / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def num_detections(self) -> int:
+        return int(sum(len(a) for per in self.predictions.values() for a in per.values()))
+
+
+def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None = None,
+                      out_dir: str | os.PathLike[str] | None = None, *,
+                      images: Sequence[ValImage] | None = None, batch_size: int | None = None,
+                      workers: int = 2, progress: bool | None = True, max_pending: int | None = None,
+                      clean: bool = True) -> PredictionRun:
+    """Detect faces in every val image and (with ``out_dir``) write the official prediction files.
+
+    Args:
+        detector: a :class:`models.detector.FaceDetector` or :class:`utils.tta.TTADetector`
+            (anything with ``detect_batch(list of BGR arrays) -> list of Detections``); its
+            thresholds define the run (AP: confidence 0.02, NMS 0.4).
+        dataset_root: ``--dataset`` root (``val/images``, ``val/label.txt``); or give ``images``.
+        out_dir: folder for ``<event>/<stem>.txt`` (one file per image, ``0`` boxes when none);
+            ``None`` writes nothing. With ``clean``, prediction files of other images left there
+            by earlier runs are deleted so that the folder describes this run only.
+        batch_size: images per forward pass (default: the detector's). Images wait in per-size
+            groups until a group is full (at most ``max_pending`` images wait; default
+            ``4 * batch_size``), so only same-size images share a pass, like FaceDetector does.
+        workers: DataLoader processes decoding images while the network runs (0: in-process).
+        progress: tqdm bar on stderr (``None``: only on a terminal).
+    """
+    if images is None:
+        if dataset_root is None:
+            raise ValueError("give dataset_root or images")
+        images = list_val_images(dataset_root)
+    batch_size = int(batch_size or getattr(detector, "batch_size", 1) or 1)
+    max_pending = max_pending or max(4 * batch_size, batch_size)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    timings = getattr(detector, "timings", None)
+    before = dict(timings) if timings is not None else {}
+    predictions: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    written: set[Path] = set()
+
+    from tqdm import tqdm  # noqa: PLC0415
+    bar = tqdm(total=len(images), unit="img", desc="test", file=sys.stderr, dynamic_ncols=True,
+               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    groups: OrderedDict[tuple[int, ...], list[tuple[int, np.ndarray]]] = OrderedDict()
+    pending = 0
+
+    def run(batch: list[tuple[int, np.ndarray]]) -> None:
+        found = detector.detect_batch([image for _, image in batch])
+        for (index, _), detections in zip(batch, found):
+            image = images[index]
+            text, rows = format_prediction_file(image.stem, detections)
+            predictions[image.event][image.stem] = rows
+            if out is not None:
+                path = out / image.event / f"{image.stem}.txt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+                written.add(path.resolve())
+        bar.update(len(batch))
+
+    started = time.perf_counter()
+    try:
+        for items in _loader(images, workers):
+            for index, image, error in items:
+                if image is None:
+                    raise EvaluationError(f"cannot read {images[index].path}: {error}")
+                key = tuple(image.shape)
+                groups.setdefault(key, []).append((index, image))
+                pending += 1
+                if len(groups[key]) >= batch_size:
+                    pending -= len(groups[key])
+                    run(groups.pop(key))
+                while pending > max_pending:
+                    largest = max(groups, key=lambda k: len(groups[k]))
+                    pending -= len(groups[largest])
+                    run(groups.pop(largest))
+        for key in list(groups):
+            run(groups.pop(key))
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - started
+    if out is not None and clean:
+        for stale in out.glob("*/*.txt"):
+            if stale.resolve() not in written:
+                stale.unlink()
+    spent = {k: float(v) - float(before.get(k, 0.0)) for k, v in (timings or {}).items()}
+    return PredictionRun({e: dict(p) for e, p in predictions.items()}, len(images), seconds, out, spent)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+def evaluate_predictions(predictions: Mapping[str, Mapping[str, np.ndarray]],
+                         gt: WiderFaceGroundTruth | str | os.PathLike[str],
+                         iou_threshold: float = 0.5) -> WiderFaceResult:
+    """Easy/medium/hard AP of ``{event: {stem: (N, 5) x y w h score}}``.
+
+    When every ground-truth image has predictions this is the official protocol; otherwise only
+    the images present are counted (``result.subset`` is True; see :func:`subset_note`).
+    Raises :class:`EvaluationError` for images unknown to the ground truth or bad arrays.
+    """
+    gt = load_gt(gt)
+    present = sum(len(per) for per in predictions.values())
+    if present == 0:
+        raise EvaluationError("no predictions to evaluate")
+    try:
+        return evaluate(predictions, gt, iou_threshold, subset=present < gt.num_images)
+    except ValueError as error:
+        raise EvaluationError(_one_line(error)) from None
+
+
+def evaluate_prediction_dir(pred_dir: str | os.PathLike[str],
+                            gt: WiderFaceGroundTruth | str | os.PathLike[str],
+                            iou_threshold: float = 0.5) -> WiderFaceResult:
+    """AP of a prediction folder ``<pred_dir>/<event>/<stem>.txt`` (official format), the
+    replacement of the public Cython/python evaluation tool. Malformed files, unknown images or
+    an empty folder raise :class:`EvaluationError` naming the problem."""
+    path = Path(pred_dir)
+    if not path.is_dir():
+        raise EvaluationError(f"prediction folder not found: {path}")
+    try:
+        predictions = read_prediction_dir(path)
+    except (OSError, ValueError, UnicodeDecodeError) as error:
+        raise EvaluationError(_one_line(error)) from None
+    if not any(predictions.values()):
+        raise EvaluationError(f"no prediction files in {path} (expected <event>/<image stem>.txt)")
+    return evaluate_predictions(predictions, gt, iou_threshold)
+
+
+def evaluate_model(model: Any, dataset_root: str | os.PathLike[str],
+                   gt: WiderFaceGroundTruth | str | os.PathLike[str], device: Any = None, *,
+                   confidence_threshold: float = 0.02, nms_threshold: float = 0.4,
+                   out_dir: str | os.PathLike[str] | None = None, batch_size: int = 1,
+                   workers: int = 0, half: bool = False, progress: bool | None = False
+                   ) -> WiderFaceResult:
+    """Official-protocol AP of a model (or a ready detector) on ``<dataset_root>/val`` — the call
+    for periodic evaluation during training.
+
+    ``model``: a :class:`models.retinaface.RetinaFace` (a BN-folded copy is run; the model's own
+    train/eval mode and weights are left untouched; unwrap DDP first) or a FaceDetector /
+    TTADetector. ``gt``: a loaded ground truth (load it once per run) or its folder. Detection at
+    original scale with the given thresholds; predictions in the public file convention (written
+    to ``out_dir`` when given); partial val sets are evaluated as a subset.
+    """
+    gt = load_gt(gt)
+    images = list_val_images(dataset_root)
+    check_images_in_gt(images, gt)
+    if hasattr(model, "detect_batch"):
+        detector = model
+    else:
+        from models.detector import FaceDetector  # noqa: PLC0415
+        detector = FaceDetector(model=model, device=device, confidence_threshold=confidence_threshold,
+                                nms_threshold=nms_threshold, batch_size=batch_size, half=half)
+    run = predict_widerface(detector, images=images, out_dir=out_dir, batch_size=batch_size,
+                            workers=workers, progress=progress)
+    return evaluate_predictions(run.predictions, gt)
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+def format_aps(result: WiderFaceResult) -> str:
+    """``Easy AP: 0.xxxxxx  Medium AP: 0.xxxxxx  Hard AP: 0.xxxxxx`` (``nan`` for a setting with
+    no face in a subset)."""
+    return "  ".join(f"{s.capitalize()} AP: {result.aps[s]:.6f}" for s in SETTINGS)
+
+
+def subset_note(result: WiderFaceResult) -> str | None:
+    """The warning printed for partial val sets, else ``None``."""
+    if not result.subset:
+        return None
+    total = result.num_gt_images or NUM_VAL_IMAGES
+    return f"subset: {result.num_images} of {total} images, not comparable with full-val numbers"
+
+
+def _json_number(value: float | None) -> float | None:
+    if value is None or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
+def write_results(results_dir: str | os.PathLike[str], result: WiderFaceResult, *,
+                  seconds: float | None = None, num_images: int | None = None,
+                  details: Iterable[str] = (), json_path: str | os.PathLike[str] | None = None,
+                  plot: bool = True, title: str | None = None) -> dict[str, Any]:
+    """Write ``results.txt``, ``results.json`` and ``pr_curves.png`` into ``results_dir``.
+
+    ``seconds``: wall time of the detection pass (``None`` when only a prediction folder was
+    evaluated: time and fps are then ``null`` in the JSON and absent from the text);
+    ``num_images``: images run (default: the images evaluated); ``details``: extra lines for
+    ``results.txt`` (weights, scale setting ...); ``json_path``: also write the JSON there.
+    Returns the JSON dict ``{"easy", "medium", "hard", "num_images", "subset", "seconds", "fps"}``
+    (APs ``null`` when nan).
+    """
+    folder = Path(results_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    count = result.num_images if num_images is None else int(num_images)
+    fps = count / seconds if seconds else None
+    data: dict[str, Any] = {
+        "easy": _json_number(result.easy),
+        "medium": _json_number(result.medium),
+        "hard": _json_number(result.hard),
+        "num_images": count,
+        "subset": bool(result.subset),
+        "seconds": None if seconds is None else round(float(seconds), 6),
+        "fps": _json_number(fps),
+    }
+    lines = [f"test images: {count}"]
+    if seconds is not None:
+        lines += [f"total time: {seconds:.3f} s",
+                  f"time per image: {seconds / max(count, 1):.4f} s",
+                  f"fps: {fps:.2f}"]
+    lines += list(details)
+    note = subset_note(result)
+    if note:
+        lines.append(note)
+    lines += [f"{s.capitalize()} AP: {result.aps[s]:.6f}" for s in SETTINGS]
+    (folder / RESULTS_TXT).write_text("\n".join(lines) + "\n")
+    text = json.dumps(data, indent=2) + "\n"
+    (folder / RESULTS_JSON).write_text(text)
+    if json_path is not None:
+        target = Path(json_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    if plot:
+        plot_pr_curves(result, folder / PR_CURVES_PNG, title=title)
+    return data
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
