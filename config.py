@@ -12,8 +12,9 @@ otherwise the defaults of :class:`models.retinaface.ModelConfig` apply.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from models import NETWORKS
 
@@ -228,13 +229,34 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 
-def build_parser(script: str, description: str | None = None) -> argparse.ArgumentParser:
-    """An ``ArgumentParser`` holding exactly the options that ``script`` uses."""
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """An invalid command-line option, raised by parsers built with ``raise_usage_errors``."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message folded onto one line (its type name when it has none)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def build_parser(script: str, description: str | None = None, epilog: str | None = None,
+                 raise_usage_errors: bool = False) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` holding exactly the options that ``script`` uses.
+
+    With ``raise_usage_errors`` an invalid option raises :class:`UsageError` instead of printing
+    the usage and exiting, so :func:`run_command_line` can report it in one line.
+    """
     if script not in SCRIPTS:
         raise ValueError(f"unknown script {script!r}; expected one of {SCRIPTS}")
     parser = argparse.ArgumentParser(
-        prog=f"{script}.py", description=description,
+        prog=f"{script}.py", description=description, epilog=epilog,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    if raise_usage_errors:
+        def error(message: str) -> NoReturn:
+            raise UsageError(message)
+        parser.error = error  # type: ignore[method-assign]
     for option in OPTIONS:
         if script not in option.scripts:
             continue
@@ -257,3 +279,30 @@ def architecture_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The architecture options given on the command line (those not left at ``None``)."""
     return {name: getattr(args, name) for name in ARCHITECTURE_FLAGS
             if getattr(args, name, None) is not None}
+
+
+def run_command_line(script: str, argv: Sequence[str] | None, run: Callable[[argparse.Namespace], int],
+                     expected_errors: tuple[type[BaseException], ...], description: str | None = None,
+                     epilog: str | None = None) -> int:
+    """Parse ``argv`` for ``script`` and call ``run(args)``; returns the exit status.
+
+    Invalid options (:data:`EXIT_USAGE`) and ``expected_errors`` raised by ``run`` (missing files,
+    bad weights, unusable device: :data:`EXIT_ERROR`) are reported as one line on stderr, without
+    a traceback; Ctrl-C gives :data:`EXIT_INTERRUPTED`.
+    """
+    parser = build_parser(script, description=description, epilog=epilog, raise_usage_errors=True)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        print(f"{parser.prog}: error: {one_line(error)} (see --help)", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as done:  # --help
+        return int(done.code or 0)
+    try:
+        return run(args)
+    except expected_errors as error:
+        print(f"{parser.prog}: error: {one_line(error)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -15,11 +15,9 @@ import argparse
 import sys
 from typing import Sequence
 
-from config import build_parser
-from utils.inference_utils import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, InferenceError, format_summary,
-                                   legacy_outputs, run_inference)
+from config import build_parser, run_command_line
+from utils.inference_utils import InferenceError, format_summary, legacy_outputs, run_inference
 
-PROG = "inference.py"
 DESCRIPTION = ("Detect faces in every image under --inference_dir (recursively) and write "
                "<experiment>_inference_results.txt, detections.json and summary.json to "
                "--inference_save_folder; --save_img draws them, --mask/--save_mask add MediaPipe "
@@ -28,23 +26,6 @@ EPILOG = ("exit status: 0 all images processed; 3 finished, but some files were 
           "(unreadable, truncated, empty, not an image; listed in the summary and summary.json); "
           "1 nothing was run (no images, missing weights, unknown device, output folder already "
           "holds results without --exist_ok); 2 invalid option; 130 interrupted.")
-
-
-class _UsageError(Exception):
-    pass
-
-
-def build_inference_parser() -> argparse.ArgumentParser:
-    """``config.build_parser('inference')`` with this script's description, exit codes and a
-    one-line error message for invalid options."""
-    parser = build_parser("inference", description=DESCRIPTION)
-    parser.epilog = EPILOG
-
-    def error(message: str):
-        raise _UsageError(message)
-
-    parser.error = error  # type: ignore[method-assign]
-    return parser
 
 
 def complete_args(args: argparse.Namespace | None = None, **overrides) -> argparse.Namespace:
@@ -84,32 +65,18 @@ def inference(args: argparse.Namespace):
     return legacy_outputs(run)
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+def _run(args: argparse.Namespace) -> int:
+    run = run_inference(args, collect=False)
+    print(format_summary(run.summary))
+    return run.summary.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (see ``--help``)."""
     from utils.checkpoint import CheckpointError  # noqa: PLC0415
 
-    parser = build_inference_parser()
-    try:
-        args = parser.parse_args(argv)
-    except _UsageError as error:
-        print(f"{PROG}: error: {_one_line(error)} (see --help)", file=sys.stderr)
-        return EXIT_USAGE
-    except SystemExit as done:  # --help
-        return int(done.code or 0)
-    try:
-        run = run_inference(args, collect=False)
-    except (InferenceError, CheckpointError, OSError) as error:
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    print(format_summary(run.summary))
-    return run.summary.exit_code
+    return run_command_line("inference", argv, _run, (InferenceError, CheckpointError, OSError),
+                            description=DESCRIPTION, epilog=EPILOG)
 
 
 if __name__ == "__main__":

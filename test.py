@@ -22,31 +22,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from config import architecture_overrides, build_parser
+from config import architecture_overrides, run_command_line
 
-PROG = "test.py"
 DESCRIPTION = ("Evaluate a RetinaFace checkpoint on WIDER FACE val (easy/medium/hard AP, official "
                "protocol), or an existing prediction folder with --pred_dir.")
 EPILOG = ("exit status: 0 done; 1 error (missing dataset, ground truth or weights, bad prediction "
           "files); 2 invalid option; 130 interrupted. A val set with only part of the 3226 images "
           "is evaluated on those images only (reported as a subset).")
-CHECKPOINT_CANDIDATES = ("best.pth", "last.pth")
-
-
-class _UsageError(Exception):
-    pass
-
-
-def build_test_parser() -> argparse.ArgumentParser:
-    """``config.build_parser('test')`` with this script's texts and one-line usage errors."""
-    parser = build_parser("test", description=DESCRIPTION)
-    parser.epilog = EPILOG
-
-    def error(message: str):
-        raise _UsageError(message)
-
-    parser.error = error  # type: ignore[method-assign]
-    return parser
 
 
 def results_folder(args: argparse.Namespace) -> Path:
@@ -54,30 +36,6 @@ def results_folder(args: argparse.Namespace) -> Path:
     if args.results_dir:
         return Path(args.results_dir)
     return Path("experiments") / args.experiment_name / "results"
-
-
-def resolve_test_weights(args: argparse.Namespace) -> str:
-    """``--weights`` (published name or path), else ``--model_weight`` inside
-    ``experiments/<experiment_name>/ckpt/``, else that folder's best.pth / last.pth."""
-    from utils.evaluation import EvaluationError  # noqa: PLC0415
-
-    if args.weights and args.model_weight:
-        raise EvaluationError("give either --weights or --model_weight, not both")
-    if args.weights:
-        return args.weights
-    ckpt_dir = Path("experiments") / args.experiment_name / "ckpt"
-    if args.model_weight:
-        path = ckpt_dir / args.model_weight
-        if not path.is_file():
-            raise EvaluationError(f"weights file not found: {path} (--model_weight is a file name inside "
-                                  f"experiments/<experiment_name>/ckpt/; or use --weights PATH)")
-        return str(path)
-    for name in CHECKPOINT_CANDIDATES:
-        if (ckpt_dir / name).is_file():
-            return str(ckpt_dir / name)
-    raise EvaluationError(f"no weights given and no {'/'.join(CHECKPOINT_CANDIDATES)} in {ckpt_dir}: "
-                          f"pass --weights PATH or --experiment_name NAME --model_weight FILE "
-                          f"(or --pred_dir to evaluate existing prediction files)")
 
 
 def scale_description(args: argparse.Namespace) -> str:
@@ -130,6 +88,7 @@ def evaluate_folder(args: argparse.Namespace) -> int:
 def test(args: argparse.Namespace) -> int:
     """Run the checkpoint over the val images, write the prediction files, evaluate."""
     from models.detector import FaceDetector, resolve_device  # noqa: PLC0415
+    from utils.checkpoint import checkpoint_for_run  # noqa: PLC0415
     from utils.evaluation import (PREDICTION_FOLDER, check_images_in_gt, default_gt_dir,  # noqa: PLC0415
                                   evaluate_predictions, list_val_images, load_gt, predict_widerface)
     from utils.tta import DEFAULT_MAX_SIZE, TTAConfig, TTADetector, parse_scales  # noqa: PLC0415
@@ -137,7 +96,7 @@ def test(args: argparse.Namespace) -> int:
     images = list_val_images(args.dataset)
     gt = load_gt(args.gt_dir or default_gt_dir(args.dataset))
     check_images_in_gt(images, gt)
-    weights = resolve_test_weights(args)
+    weights = checkpoint_for_run(args.weights, args.model_weight, args.experiment_name)
     device = resolve_device(args.device, args.gpu_num)
     tta_scales = parse_scales(args.tta_scales) if args.tta else ()
     if args.tta and args.target_size:
@@ -166,30 +125,14 @@ def test(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    parser = build_test_parser()
-    try:
-        args = parser.parse_args(argv)
-    except _UsageError as error:
-        print(f"{PROG}: error: {_one_line(error)} (see --help)", file=sys.stderr)
-        return 2
-    except SystemExit as done:  # --help
-        return int(done.code or 0)
     from utils.checkpoint import CheckpointError  # noqa: PLC0415
     from utils.evaluation import EvaluationError  # noqa: PLC0415
-    try:
-        return evaluate_folder(args) if args.pred_dir else test(args)
-    except (EvaluationError, CheckpointError, OSError, ValueError) as error:
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+
+    return run_command_line("test", argv, lambda args: evaluate_folder(args) if args.pred_dir else test(args),
+                            (EvaluationError, CheckpointError, OSError, ValueError),
+                            description=DESCRIPTION, epilog=EPILOG)
 
 
 if __name__ == "__main__":

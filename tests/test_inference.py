@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import pytest
 
+import config
 import inference
 from utils import face_mask as fm
 from utils import inference_utils as iu
@@ -73,7 +74,7 @@ def widerface_run(widerface_sample, mobilenet_weights, tmp_path_factory):
 
 def test_end_to_end_outputs_agree(widerface_run):
     code, out, images = widerface_run
-    assert code == iu.EXIT_OK
+    assert code == config.EXIT_OK
     names = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.jpg"))
     detections = json.loads((out / "detections.json").read_text())
     assert sorted(detections) == names
@@ -111,7 +112,7 @@ def test_refuses_to_overwrite_results(widerface_run, capsys):
     before = (out / "detections.json").read_text()
     code, _, err = run_main(["--weights", "mobilenet0.25", "--inference_dir", images,
                              "--inference_save_folder", out], capsys)
-    assert code == iu.EXIT_ERROR
+    assert code == config.EXIT_ERROR
     assert len(err.strip().splitlines()) == 1 and "already holds results" in err and "--exist_ok" in err
     assert (out / "detections.json").read_text() == before
 
@@ -124,7 +125,7 @@ def test_fidelity_to_public_pipeline(widerface_sample, mobilenet_weights, tmp_pa
     code, _, _ = run_main(["--weights", mobilenet_weights, "--inference_dir", folder,
                            "--inference_save_folder", out, "--confidence_threshold", "0.02",
                            "--nms_threshold", "0.4"], capsys)
-    assert code == iu.EXIT_OK
+    assert code == config.EXIT_OK
     ours = json.loads((out / "detections.json").read_text())
     assert sorted(ours) == sorted(reference)
     for name, rows in reference.items():
@@ -144,7 +145,7 @@ def test_same_size_batching_matches_single_images(widerface_sample, mobilenet_we
         out = tmp_path / f"out_{same}"
         code, _, _ = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder",
                                out, "--infer_imsize_same", same, "--batch_size", batch, "--workers", "1"], capsys)
-        assert code == iu.EXIT_OK
+        assert code == config.EXIT_OK
         results[same] = json.loads((out / "detections.json").read_text())
     assert list(results["true"]) == ["a/x.jpg", "a/y.jpg", "b/w.jpg", "b/z.jpg"]
     for name, faces in results["false"].items():
@@ -306,7 +307,7 @@ def test_too_many_pixels_are_downscaled(widerface_sample, mobilenet_weights, tmp
     code, stdout, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder,
                                   "--inference_save_folder", small, "--workers", "0",
                                   "--max_pixels", str(height * width // 2)], capsys)
-    assert code == iu.EXIT_OK and "more than" in err and "more than" in stdout
+    assert code == config.EXIT_OK and "more than" in err and "more than" in stdout
     faces = json.loads((small / "detections.json").read_text())["big.jpg"]
     reference = json.loads((full / "detections.json").read_text())["big.jpg"]
     assert len(faces) >= 3
@@ -375,21 +376,21 @@ def test_empty_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = run_main(["--weights", "mobilenet0.25", "--inference_dir", tmp_path / "empty",
                              "--inference_save_folder", tmp_path / "out"], capsys)
-    assert code == iu.EXIT_ERROR and len(err.strip().splitlines()) == 1 and "no images" in err
+    assert code == config.EXIT_ERROR and len(err.strip().splitlines()) == 1 and "no images" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_missing_weights(sample_mask_images, tmp_path, capsys):
     code, _, err = run_main(["--weights", tmp_path / "nope.pth", "--inference_dir", sample_mask_images,
                              "--inference_save_folder", tmp_path / "out"], capsys)
-    assert code == iu.EXIT_ERROR and len(err.strip().splitlines()) == 1 and "not found" in err
+    assert code == config.EXIT_ERROR and len(err.strip().splitlines()) == 1 and "not found" in err
     code, _, err = run_main(["--experiment_name", "no_such_experiment", "--model_weight", "best.pth",
                              "--inference_dir", sample_mask_images, "--inference_save_folder", tmp_path / "out"], capsys)
-    assert code == iu.EXIT_ERROR and len(err.strip().splitlines()) == 1 and "not found" in err
+    assert code == config.EXIT_ERROR and len(err.strip().splitlines()) == 1 and "not found" in err
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("device, expected_code", [("tpu", iu.EXIT_USAGE), ("cuda:9", iu.EXIT_ERROR)])
+@pytest.mark.parametrize("device, expected_code", [("tpu", config.EXIT_USAGE), ("cuda:9", config.EXIT_ERROR)])
 def test_unknown_device(device, expected_code, sample_mask_images, mobilenet_weights, tmp_path, capsys):
     code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", sample_mask_images,
                              "--inference_save_folder", tmp_path / "out", "--device", device], capsys)
@@ -402,7 +403,7 @@ def test_cli_error_without_traceback_in_subprocess(sample_mask_images, tmp_path)
         [sys.executable, "inference.py", "--weights", str(missing), "--inference_dir", str(sample_mask_images),
          "--inference_save_folder", str(tmp_path / "out")],
         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert completed.returncode == iu.EXIT_ERROR
+    assert completed.returncode == config.EXIT_ERROR
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in completed.stderr
     assert lines[0].startswith("inference.py: error:") and str(missing) in lines[0]
@@ -419,6 +420,6 @@ def test_detector_runs_without_mediapipe(sample_mask_images, mobilenet_weights, 
         f"plain = inference.main(common + ['--inference_save_folder', {str(tmp_path / 'b')!r}])\n"
         "print('codes', masked, plain)\n")
     completed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert f"codes {iu.EXIT_ERROR} {iu.EXIT_OK}" in completed.stdout, completed.stderr
+    assert f"codes {config.EXIT_ERROR} {config.EXIT_OK}" in completed.stdout, completed.stderr
     assert "Traceback" not in completed.stderr and "needs mediapipe" in completed.stderr
     assert len(json.loads((tmp_path / "b" / "detections.json").read_text())["sideface_0003.png"]) == 1

@@ -34,6 +34,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from config import one_line
+
 from utils.metric import (NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTruth, WiderFaceResult, evaluate,
                           load_ground_truth, plot_pr_curves, read_prediction_dir)
 
@@ -134,7 +136,7 @@ def load_gt(gt_dir: str | os.PathLike[str] | WiderFaceGroundTruth) -> WiderFaceG
     try:
         return load_ground_truth(path)
     except (OSError, ValueError, KeyError) as error:
-        raise EvaluationError(f"cannot read the ground truth in {path}: {_one_line(error)}") from None
+        raise EvaluationError(f"cannot read the ground truth in {path}: {one_line(error)}") from None
 
 
 def check_images_in_gt(images: Sequence[ValImage], gt: WiderFaceGroundTruth) -> None:
@@ -191,7 +193,7 @@ class _ImageDataset(Dataset):
         try:
             return index, read_image(self.paths[index]), None
         except Exception as error:  # reported by the main process with the file name
-            return index, None, _one_line(error)
+            return index, None, one_line(error)
 
 
 def _collate(items: list) -> list:
@@ -337,7 +339,7 @@ def evaluate_predictions(predictions: Mapping[str, Mapping[str, np.ndarray]],
     try:
         return evaluate(predictions, gt, iou_threshold, subset=present < gt.num_images)
     except ValueError as error:
-        raise EvaluationError(_one_line(error)) from None
+        raise EvaluationError(one_line(error)) from None
 
 
 def evaluate_prediction_dir(pred_dir: str | os.PathLike[str],
@@ -352,7 +354,7 @@ def evaluate_prediction_dir(pred_dir: str | os.PathLike[str],
     try:
         predictions = read_prediction_dir(path)
     except (OSError, ValueError, UnicodeDecodeError) as error:
-        raise EvaluationError(_one_line(error)) from None
+        raise EvaluationError(one_line(error)) from None
     if not any(predictions.values()):
         raise EvaluationError(f"no prediction files in {path} (expected <event>/<image stem>.txt)")
     return evaluate_predictions(predictions, gt, iou_threshold)
@@ -456,7 +458,3 @@ def write_results(results_dir: str | os.PathLike[str], result: WiderFaceResult, 
     if plot:
         plot_pr_curves(result, folder / PR_CURVES_PNG, title=title)
     return data
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

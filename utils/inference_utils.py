@@ -37,20 +37,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from config import EXIT_INTERRUPTED, EXIT_OK
+from utils.checkpoint import checkpoint_for_run
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_SKIPPED = 3
-EXIT_INTERRUPTED = 130
+EXIT_SKIPPED = 3  # the run finished but some files were skipped (the others: config.EXIT_*)
 
 RESULT_SUBFOLDERS = ("result_images", "masks", "faces", "heads", "head_masks")
 RESULTS_TXT_SUFFIX = "_inference_results.txt"
 DETECTIONS_JSON = "detections.json"
 SUMMARY_JSON = "summary.json"
 DEFAULT_MAX_PIXELS = 36_000_000  # larger images are downscaled for the network (with a warning)
-CHECKPOINT_CANDIDATES = ("best.pth", "ckpt-best.pth", "last.pth")
 
 
 class InferenceError(RuntimeError):
@@ -518,31 +515,6 @@ class InferenceRun:
     summary: InferenceSummary
 
 
-def resolve_checkpoint(args: Any) -> str:
-    """The weights to load: ``--weights`` (published name or path), else ``--model_weight`` inside
-    ``experiments/<experiment_name>/ckpt/``, else that folder's best/last checkpoint."""
-    if args.weights and args.model_weight:
-        raise InferenceError("give either --weights or --model_weight, not both")
-    if args.weights:
-        return args.weights
-    ckpt_dir = Path("experiments") / args.experiment_name / "ckpt"
-    if args.model_weight:
-        path = ckpt_dir / args.model_weight
-        if not path.is_file():
-            raise InferenceError(f"weights file not found: {path} (--model_weight is a file name inside "
-                                 f"experiments/<experiment_name>/ckpt/; or use --weights NAME|PATH)")
-        return str(path)
-    for name in CHECKPOINT_CANDIDATES:
-        if (ckpt_dir / name).is_file():
-            return str(ckpt_dir / name)
-    available = sorted(p.name for p in ckpt_dir.glob("*.pth")) if ckpt_dir.is_dir() else []
-    if len(available) == 1:
-        return str(ckpt_dir / available[0])
-    raise InferenceError(f"no weights given and no {'/'.join(CHECKPOINT_CANDIDATES)} in {ckpt_dir}"
-                         f"{' (found ' + ', '.join(available) + ')' if available else ''}: "
-                         f"pass --weights mobilenet0.25|resnet50|PATH or --model_weight FILE")
-
-
 def _is_out_of_memory(error: BaseException) -> bool:
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return True
@@ -716,7 +688,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise InferenceError(f"unusable device: cuda:{device.index} requested (--gpu_num) but only "
                              f"{torch.cuda.device_count()} GPU(s) exist")
-    weights = resolve_checkpoint(args)
+    weights = checkpoint_for_run(args.weights, args.model_weight, args.experiment_name)
     check_output_folder(output, args.exist_ok)
     if args.mask or args.save_mask:  # fail before any work when mediapipe is missing
         from utils.face_mask import selfie_segmentation_module  # noqa: PLC0415

@@ -1,0 +1,369 @@
+"""Training pipeline: batched matching, loss variants, short CPU runs (resume, DDP, NaN stop).
+
+Everything runs on the CPU with tiny inputs; the runs use the shared 10-image sample set.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from config import parse_args
+from layers.multibox_loss import MultiBoxLoss, loss_keys, match_anchors, pad_targets
+from layers.prior_box import prior_boxes
+from models.retinaface import ModelConfig, RetinaFace
+from utils.box_utils import point_form
+import utils.train_utils as tu
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """Tiny CPU workloads: one intra-op thread is faster and immune to oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching
+# ---------------------------------------------------------------------------------------------
+def reference_match(boxes: torch.Tensor, anchors: torch.Tensor, threshold: float = 0.35,
+                    force_min_iou: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image port of the protocol: IoU matrix, best face per anchor, every face's best anchor
+    forced to it (when that IoU >= 0.2; later faces win shared anchors), positives at 0.35."""
+    num_anchors = anchors.shape[0]
+    if boxes.shape[0] == 0:
+        return torch.zeros(num_anchors, dtype=torch.bool), torch.zeros(num_anchors, dtype=torch.long)
+    iou = box_iou(boxes, point_form(anchors))  # (K, N)
+    best_anchor_iou, best_anchor = iou.max(dim=1)
+    best_face_iou, best_face = iou.max(dim=0)
+    for j in range(boxes.shape[0]):
+        if best_anchor_iou[j] >= force_min_iou:
+            best_face[best_anchor[j]] = j
+            best_face_iou[best_anchor[j]] = 2.0
+    return best_face_iou >= threshold, best_face
+
+
+def random_faces(generator: torch.Generator, count: int, size: int) -> torch.Tensor:
+    centre = torch.rand(count, 2, generator=generator) * size
+    side = torch.exp(torch.rand(count, 2, generator=generator) * math.log(size / 3.0)) + 2.0
+    boxes = torch.cat([centre - side / 2, centre + side / 2], dim=1).clamp(0, size)
+    targets = torch.full((count, 15), -1.0)
+    targets[:, :4] = boxes
+    return targets
+
+
+@pytest.mark.parametrize("per_image_anchors", [False, True])
+def test_batched_matching_equals_per_image_reference(per_image_anchors):
+    generator = torch.Generator().manual_seed(0)
+    size = 160
+    priors = prior_boxes((size, size), 3)
+    counts = [0, 1, 7, 0, 25, 3]
+    faces = [random_faces(generator, k, size) for k in counts]
+    faces[2][3] = faces[2][1]           # two identical faces share their best anchor: the later wins
+    faces[2][4, :4] = torch.tensor([50.0, 50.0, 51.0, 51.0])  # 1-pixel face: best IoU < 0.2, claims nothing
+    if per_image_anchors:  # jittered anchors per image, like the refine cascade's stage 2
+        anchors = priors.expand(len(counts), -1, -1).clone()
+        anchors[..., :2] += torch.randn(anchors[..., :2].shape, generator=generator) * 3
+        anchors[..., 2:] *= torch.exp(torch.randn(anchors[..., 2:].shape, generator=generator) * 0.2)
+    else:
+        anchors = priors
+    padded, valid = pad_targets(faces)
+    result = match_anchors(padded[..., :4], valid, anchors)
+    chunked = match_anchors(padded[..., :4], valid, anchors, max_elements=40 * priors.shape[0])
+    total_positives = 0
+    for b, image_faces in enumerate(faces):
+        image_anchors = anchors[b] if per_image_anchors else anchors
+        positive, face = reference_match(image_faces[:, :4], image_anchors)
+        assert torch.equal(result.positive[b], positive), f"image {b}"
+        assert torch.equal(result.face_index[b][positive], face[positive]), f"image {b}"
+        assert torch.equal(chunked.positive[b], positive)
+        assert torch.equal(chunked.face_index[b][positive], face[positive])
+        total_positives += int(positive.sum())
+        if len(image_faces) == 0:
+            assert not result.positive[b].any()
+    assert total_positives > 20
+    image_anchors = anchors[2] if per_image_anchors else anchors
+    best = box_iou(faces[2][3:4, :4], point_form(image_anchors))[0].argmax()
+    assert result.positive[2, best] and result.face_index[2, best] == 3  # the later duplicate wins
+
+
+def test_matching_batch_without_faces():
+    priors = prior_boxes((64, 64), 2)
+    padded, valid = pad_targets([torch.zeros(0, 15), torch.zeros(0, 15)])
+    assert padded.shape == (2, 1, 15) and not valid.any()
+    result = match_anchors(padded[..., :4], valid, priors)
+    assert not result.positive.any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss variants
+# ---------------------------------------------------------------------------------------------
+def _targets(with_landmarks: bool) -> list[torch.Tensor]:
+    faces = torch.tensor([[10.0, 12.0, 40.0, 46.0], [50.0, 20.0, 90.0, 70.0], [5.0, 60.0, 21.0, 78.0]])
+    rows = torch.full((3, 15), -1.0)
+    rows[:, :4] = faces
+    if with_landmarks:
+        cx, cy = (faces[:, 0] + faces[:, 2]) / 2, (faces[:, 1] + faces[:, 3]) / 2
+        rows[:2, 4:14] = torch.stack([cx, cy] * 5, dim=1)[:2] + torch.arange(10.0)
+        rows[:2, 14] = 1.0
+    return [rows, torch.zeros(0, 15)]
+
+
+_CASCADES = [(False, "refine"), (True, "refine"), (True, "residual")]
+
+
+@pytest.mark.parametrize("num_anchor", [2, 3])
+@pytest.mark.parametrize("cascade,cascade_mode", _CASCADES, ids=["single", "refine", "residual"])
+@pytest.mark.parametrize("version", ["retina", "tina"])
+def test_loss_variants(num_anchor, cascade, cascade_mode, version):
+    torch.manual_seed(0)
+    config = ModelConfig(network="mobilenet0.25", num_anchor=num_anchor, cascade=cascade,
+                         cascade_mode=cascade_mode, model_version=version)
+    model = RetinaFace(config)
+    images = torch.randn(2, 3, 96, 96) * 50
+    priors = prior_boxes((96, 96), num_anchor)
+    outputs = model(images)
+    losses = MultiBoxLoss(config)(model, outputs, priors, _targets(with_landmarks=True))
+    assert sorted(losses) == sorted(loss_keys(config.num_stages))
+    for key, value in losses.items():
+        assert value.dim() == 0 and torch.isfinite(value), key
+    assert losses["loss_box"] > 0 and losses["loss_cls"] > 0 and losses["loss_landm"] > 0
+    assert (losses["loss_iou"] > 0) == (version == "tina")
+    stage_sum = sum(losses[f"stage{s}/total"] for s in range(1, config.num_stages + 1))
+    assert torch.allclose(losses["total"], stage_sum)
+    expected = sum(2 * losses[f"stage{s}/loss_box"] + losses[f"stage{s}/loss_cls"] + losses[f"stage{s}/loss_landm"]
+                   + losses[f"stage{s}/loss_iou"] for s in range(1, config.num_stages + 1))
+    assert torch.allclose(losses["total"], expected)
+    losses["total"].backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+    model.zero_grad()
+    without = MultiBoxLoss(config)(model, model(images), priors, _targets(with_landmarks=False))
+    assert without["loss_landm"] == 0 and torch.isfinite(without["total"])
+    switched_off = MultiBoxLoss(config, landmark_loss=False)(model, model(images), priors, _targets(True))
+    assert switched_off["loss_landm"] == 0
+    switched_off["total"].backward()  # the landmark heads stay in the graph (zero gradients): DDP-safe
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_refine_stage2_matches_against_stage1_boxes():
+    """Stage 2 of the refine cascade is matched against the decoded stage-1 boxes: offsets that
+    move stage-1 boxes onto a face make anchors positive that are negative for the priors."""
+    config = ModelConfig(network="mobilenet0.25", num_anchor=2, cascade=True, cascade_mode="refine")
+    model = RetinaFace(config)
+    priors = prior_boxes((64, 64), 2)
+    n = priors.shape[0]
+    face = torch.tensor([[20.0, 20.0, 44.0, 44.0]])
+    target = torch.full((1, 15), -1.0)
+    target[0, :4] = face
+    from models.retinaface import StageOutput
+    from utils.box_utils import encode
+    loc1 = encode(face.expand(n, 4), priors).unsqueeze(0)  # every stage-1 box decodes onto the face
+    zeros = lambda c: torch.zeros(1, n, c)  # noqa: E731
+    outputs = [StageOutput(loc1, zeros(2), zeros(10), None), StageOutput(zeros(4), zeros(2), zeros(10), None)]
+    losses = MultiBoxLoss(config)(model, outputs, priors, [target])
+    assert losses["stage2/loss_box"] < 1e-4  # zero stage-2 offsets are exactly right for every anchor
+    stages = model.stage_predictions(outputs, priors)
+    padded, valid = pad_targets([target])
+    assert match_anchors(padded[..., :4], valid, stages[1].anchors).positive.all()
+    assert match_anchors(padded[..., :4], valid, priors).positive.sum() < n // 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------------
+def test_schedules():
+    step = tu.LRSchedule("step", total_iters=250 * 10, warmup_iters=10, milestones=[1900, 2200])
+    assert step(0) == pytest.approx(0.1) and step(9) == pytest.approx(1.0)
+    assert step(1899) == 1.0 and step(1900) == pytest.approx(0.1) and step(2200) == pytest.approx(0.01)
+    cosine = tu.LRSchedule("cosine", total_iters=100, warmup_iters=0)
+    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
+    args = parse_args("train", ["--network", "mobilenet0.25"])
+    assert tu.resolve_epochs_and_steps(args, "mobilenet0.25") == (250, [190, 220])
+    assert tu.resolve_epochs_and_steps(args, "resnet50") == (100, [70, 90])
+    args = parse_args("train", ["--epochs", "50"])
+    assert tu.resolve_epochs_and_steps(args, "resnet50") == (50, [35, 45])
+
+
+def test_sampler_skip_and_shards():
+    full = tu.ResumableSampler(10, seed=3)
+    full.set_epoch(2)
+    order = [i for i, _ in full]
+    assert sorted(order) == list(range(10))
+    full.set_epoch(2, skip=4)
+    assert [i for i, _ in full] == order[4:] and len(full) == 6
+    shards = [tu.ResumableSampler(11, 2, r, seed=3) for r in range(2)]
+    for s in shards:
+        s.set_epoch(0)
+    assert len(shards[0]) == len(shards[1]) == 6
+    assert set(i for s in shards for i, _ in s) == set(range(11))
+
+
+def test_build_model_backbone_errors(monkeypatch, tmp_path, mobilenet_backbone_weights):
+    monkeypatch.setattr(tu, "DEFAULT_MOBILENET_BACKBONE", tmp_path / "absent.tar")
+    args = parse_args("train", ["--network", "mobilenet0.25"])
+    with pytest.raises(tu.TrainingSetupError, match="--backbone_weights"):
+        tu.build_model(args)
+    args = parse_args("train", ["--network", "mobilenet0.25", "--backbone_weights", str(mobilenet_backbone_weights)])
+    model, notes = tu.build_model(args)
+    assert "ImageNet" in notes[0]
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    args = parse_args("train", ["--network", "resnet18"])
+    with pytest.raises(tu.TrainingSetupError, match="--pretrained false"):
+        tu.build_model(args)
+
+
+def test_init_weights_from_published_checkpoint(mobilenet_weights):
+    args = parse_args("train", ["--init_weights", str(mobilenet_weights)])
+    model, _ = tu.build_model(args)
+    assert model.config == ModelConfig(network="mobilenet0.25", num_anchor=2, cascade=False)
+    published = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
+    key = "ClassHead.0.conv1x1.weight"
+    assert torch.equal(model.state_dict()[key], published[key])
+    args = parse_args("train", ["--init_weights", str(mobilenet_weights), "--cascade", "true",
+                                "--model_version", "tina"])
+    model, notes = tu.build_model(args)
+    assert model.config.cascade and model.config.model_version == "tina"
+    assert torch.equal(model.state_dict()[key], published[key]) and "newly initialised" in notes[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Short training runs on the sample set
+# ---------------------------------------------------------------------------------------------
+def _fixed_batch(root: Path, size: int, count: int):
+    from utils.data_loaders import dataset_from_root, detection_collate, images_to_network_input
+    from utils.data_transformer import TrainTransform
+
+    dataset = dataset_from_root(root, "val", TrainTransform(size, rng=0))
+    images, targets = detection_collate([dataset[i] for i in range(count)])
+    return images_to_network_input(images), targets
+
+
+def test_a_few_iterations_lower_the_loss(widerface_sample):
+    torch.manual_seed(0)
+    inputs, targets = _fixed_batch(widerface_sample, 192, 4)
+    args = parse_args("train", ["--network", "mobilenet0.25", "--pretrained", "false", "--cascade", "true",
+                                "--lr", "0.01"])
+    model, _ = tu.build_model(args)
+    optimizer = tu.build_optimizer(model, args)
+    criterion = MultiBoxLoss(model.config)
+    priors = prior_boxes((192, 192), model.config.num_anchor)
+    padded = pad_targets(targets)
+    model.train()
+    history = []
+    for _ in range(8):
+        losses = criterion(model, model(inputs), priors, padded)
+        optimizer.zero_grad()
+        losses["total"].backward()
+        optimizer.step()
+        history.append(float(losses["total"].detach()))
+    assert all(math.isfinite(v) for v in history)
+    assert history[-1] < 0.8 * history[0], history
+
+
+def _run_args(root: Path, name: str, *extra: str) -> list[str]:
+    return ["--dataset", str(root), "--train_split", "val", "--experiment_name", name,
+            "--network", "mobilenet0.25", "--pretrained", "false", "--cascade", "true", "--im_size", "128",
+            "--batch_size", "2", "--workers", "0", "--eval_every", "0", "--warmup_epochs", "0.5",
+            "--device", "cpu", "--log_every", "1", *extra]
+
+
+def test_resume_reproduces_an_uninterrupted_run(widerface_sample, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    common = ("--deterministic", "true", "--epochs", "3", "--lr", "0.005")
+    summary = train.run(_run_args(widerface_sample, "full", *common, "--max_iters", "7"))
+    assert summary["step"] == 7
+    train.run(_run_args(widerface_sample, "part", *common, "--max_iters", "3"))
+    first = torch.load(tmp_path / "experiments/part/ckpt/last.pth", weights_only=True)
+    assert first["step"] == 3 and first["epoch"] == 0 and first["iters_per_epoch"] == 5
+    assert {"optimizer", "scheduler", "scaler", "rng_state", "best_metric", "model_config"} <= set(first)
+    # only the resume flags: the other options come from the checkpoint; one DataLoader worker
+    # process instead of none must not change anything either
+    train.run(["--resume", "experiments/part/ckpt/last.pth", "--max_iters", "7", "--workers", "1",
+                "--device", "cpu"])
+    full = torch.load(tmp_path / "experiments/full/ckpt/last.pth", weights_only=True)
+    resumed = torch.load(tmp_path / "experiments/part/ckpt/last.pth", weights_only=True)
+    assert resumed["step"] == full["step"] == 7
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for key, state in full["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], resumed["optimizer"]["state"][key]["momentum_buffer"])
+    assert full["scheduler"]["last_epoch"] == resumed["scheduler"]["last_epoch"] == 7
+    log = (tmp_path / "experiments/part/log/logs.txt").read_text()
+    assert "resumed from" in log
+    assert list((tmp_path / "experiments/part/log").glob("events.out.tfevents.*"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(widerface_sample, tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    original = MultiBoxLoss.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        losses = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 4:
+            losses["total"] = losses["total"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(MultiBoxLoss, "forward", poisoned)
+    assert train.main(_run_args(widerface_sample, "nan", "--save_every", "2", "--max_iters", "10")) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("train.py: error:"), message
+    assert "NaN" in message and "step 4" in message and "last.pth" in message, message
+    kept = torch.load(tmp_path / "experiments/nan/ckpt/last.pth", weights_only=True)
+    assert kept["step"] == 2
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    assert "NaN" in (tmp_path / "experiments/nan/log/logs.txt").read_text()
+
+
+def test_finetune_run_evaluates_and_writes_best(widerface_sample, widerface_gt_dir, mobilenet_weights,
+                                                tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--dataset", str(widerface_sample), "--train_split", "val", "--experiment_name", "ft",
+            "--init_weights", str(mobilenet_weights), "--im_size", "320", "--batch_size", "5",
+            "--workers", "0", "--epochs", "1", "--lr", "1e-5", "--warmup_epochs", "0", "--eval_every", "1",
+            "--val_dataset", str(widerface_sample), "--gt_dir", str(widerface_gt_dir), "--device", "cpu"]
+    summary = train.run(argv)
+    assert summary["step"] == 2 and summary["best"] is not None
+    best = torch.load(summary["best"], weights_only=True)
+    assert best["best_metric"] == pytest.approx(summary["metrics"]["hard"]) and best["best_epoch"] == 1
+    assert summary["metrics"]["easy"] > 0.6 and summary["metrics"]["hard"] > 0.4, summary["metrics"]
+    assert "val AP after epoch 1" in (tmp_path / "experiments/ft/log/logs.txt").read_text()
+
+
+def test_two_process_gloo_ddp(widerface_sample, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO_ROOT / "train.py"), *_run_args(widerface_sample, "ddp", "--max_iters", "2")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ckpt_dir = tmp_path / "experiments/ddp/ckpt"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.pth"]
+    saved = torch.load(ckpt_dir / "last.pth", weights_only=True)
+    assert saved["step"] == 2 and saved["iters_per_epoch"] == 2  # 5 images per process, batch 2
+    assert not any(k.startswith("module.") for k in saved["model"])
+    log = (tmp_path / "experiments/ddp/log/logs.txt").read_text()
+    assert log.count("saved checkpoint") == 1 and "x2 process(es)" in log

@@ -1,0 +1,118 @@
+"""Overfitting check: mobilenet0.25 from its ImageNet backbone learns to find the sample faces.
+
+Trains ``train.py`` (mobilenet0.25, no cascade, ImageNet backbone ``mobilenetV1X0.25_pretrain.tar``)
+on the 10 sample images and evaluates the official WIDER FACE AP on the same images every
+``--eval_every`` iterations (original scale, confidence 0.02, NMS 0.4). Training is done in
+chunks that ``--resume`` the previous chunk's ``last.pth``, which is exact, so the curve is the
+one of a single uninterrupted run.
+
+    python tools/overfit_check.py                        # 300 iterations, AP every 50
+    python tools/overfit_check.py --iters 400 --lr 5e-3 --im_size 640 --batch_size 8
+
+Prints one JSON object: the AP curve ``[{"iteration", "easy", "medium", "hard", "loss"...}]``, the
+settings and whether the final hard AP reached ``--min_hard_ap``; exits 1 otherwise.
+(``train_loss``: mean total loss of the last 10 iterations before the point.)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tools.finetune_check import shared_root, window_mean, working_directory  # noqa: E402
+
+
+def parse(argv=None) -> argparse.Namespace:
+    shared = shared_root()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backbone_weights", default=str(shared / "weights/mobilenetV1X0.25_pretrain.tar"))
+    parser.add_argument("--dataset", default=str(shared / "data/widerface_sample"))
+    parser.add_argument("--gt_dir", default=None, help="default: <dataset>/ground_truth")
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--eval_every", type=int, default=50, help="iterations between AP evaluations")
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--warmup_iters", type=int, default=20)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--im_size", type=int, default=640)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min_hard_ap", type=float, default=0.5,
+                        help="final hard AP required to pass")
+    parser.add_argument("--workdir", default=None, help="where experiments/ is written (default: a temp dir)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    opts = parse(argv)
+    import torch
+
+    import train
+    from config import parse_args
+    from utils.checkpoint import load_model
+    from utils.metric import load_ground_truth
+    from utils.train_utils import build_model, evaluate_widerface, seed_everything
+
+    dataset = str(Path(opts.dataset).resolve())
+    gt = load_ground_truth(Path(opts.gt_dir or Path(opts.dataset) / "ground_truth").resolve())
+    device = torch.device(opts.device)
+    started = time.perf_counter()
+    iters_per_epoch = 10 // opts.batch_size
+    epochs = -(-opts.iters // iters_per_epoch)
+    base = ["--experiment_name", "overfit_check", "--network", "mobilenet0.25", "--cascade", "false",
+            "--backbone_weights", str(Path(opts.backbone_weights).resolve()), "--dataset", dataset,
+            "--train_split", "val", "--lr", str(opts.lr), "--lr_schedule", "cosine",
+            "--warmup_epochs", str(opts.warmup_iters / iters_per_epoch), "--epochs", str(epochs),
+            "--batch_size", str(opts.batch_size), "--im_size", str(opts.im_size), "--workers", str(opts.workers),
+            "--eval_every", "0", "--device", opts.device, "--seed", str(opts.seed), "--log_every", "10"]
+    curve = []
+    with contextlib.ExitStack() as stack:
+        workdir = Path(opts.workdir) if opts.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        workdir.mkdir(parents=True, exist_ok=True)
+        with working_directory(workdir):
+            last = Path("experiments/overfit_check/ckpt/last.pth")
+            if last.exists():
+                last.unlink()
+            targets = list(range(0, opts.iters + 1, opts.eval_every))
+            if targets[-1] != opts.iters:
+                targets.append(opts.iters)
+            for step in targets:
+                if step == 0:
+                    # the model train.py starts from: same seed, ImageNet backbone, fresh FPN/SSH/heads
+                    seed_everything(opts.seed)
+                    model = build_model(parse_args("train", base))[0]
+                    loss = None
+                else:
+                    resume = ["--resume", str(last)] if last.is_file() else []
+                    summary = train.run(base + ["--max_iters", str(step)] + resume)
+                    model = load_model(last)
+                    loss = window_mean(summary["loss_history"], step - 10, step)
+                aps = evaluate_widerface(model, dataset, gt, device)
+                point = {"iteration": step, **{k: round(v, 4) for k, v in aps.items()}, "train_loss": loss,
+                         "elapsed_s": round(time.perf_counter() - started, 1)}
+                curve.append(point)
+                print(json.dumps(point), file=sys.stderr, flush=True)
+    final = curve[-1]
+    passed = final["hard"] >= opts.min_hard_ap and final["hard"] > curve[0]["hard"]
+    report = {
+        "check": "mobilenet0.25 from its ImageNet backbone overfits the 10 sample images (507 faces)",
+        "command": "python tools/overfit_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "train_args": " ".join(base),
+        "curve": curve, "min_hard_ap": opts.min_hard_ap, "passed": passed,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(report, indent=2))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

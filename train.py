@@ -1,0 +1,47 @@
+"""Train a RetinaFace detector (see the README's training section).
+
+    python train.py --gpu_num=0 --experiment_name=r50 --dataset data/widerface
+    python train.py --experiment_name mnet --network mobilenet0.25 --cascade false \\
+        --backbone_weights weights/mobilenetV1X0.25_pretrain.tar --dataset data/widerface
+    torchrun --nproc_per_node=4 train.py ...        # one process per GPU (DDP)
+
+All logic lives in ``utils/train_utils.py``; this file only parses the options. Exit status:
+0 done, 1 the run could not start or the loss diverged (one line on stderr), 2 bad option.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+from config import parse_args, run_command_line
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and train; returns the run summary (step, epoch,
+    metrics, checkpoint paths, loss history). Raises ``TrainingSetupError`` when the run cannot
+    start and ``TrainingDivergedError`` when the loss becomes NaN/inf."""
+    return _train(parse_args("train", argv), argv)
+
+
+def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    from utils.train_utils import explicit_options, train  # noqa: PLC0415
+
+    return train(args, explicit=explicit_options(list(sys.argv[1:] if argv is None else argv)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    from utils.checkpoint import CheckpointError  # noqa: PLC0415
+    from utils.train_utils import TrainingDivergedError, TrainingSetupError  # noqa: PLC0415
+
+    def run_and_report(args: argparse.Namespace) -> int:
+        _train(args, argv)
+        return 0
+
+    return run_command_line("train", argv, run_and_report,
+                            (TrainingSetupError, TrainingDivergedError, CheckpointError, OSError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

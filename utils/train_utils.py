@@ -1,0 +1,941 @@
+"""The RetinaFace training pipeline as importable pieces (``train.py`` only parses and calls them).
+
+Entry point: :func:`train` (``args`` from ``config.parse_args('train', argv)``), built from
+
+- :func:`setup_distributed` / :func:`cleanup_distributed`: single process, or one process per GPU
+  under ``torchrun`` (DDP; NCCL on CUDA, gloo on the CPU; rank 0 logs and saves);
+- :func:`build_model`: architecture from the options / ``--init_weights`` / ``--resume``,
+  ImageNet backbone (``--pretrained``, ``--backbone_weights``);
+- :func:`build_optimizer` (SGD), :func:`build_scheduler` (per-iteration linear warm-up, then
+  x0.1 steps at the reference epochs or cosine), :func:`reference_schedule`;
+- :func:`build_train_loader`: augmentation whose randomness depends only on
+  ``(seed, epoch, image index)`` and a sampler that can skip the first batches of an epoch, so
+  ``--resume`` from any iteration continues exactly (any ``--workers``);
+- :func:`train_one_epoch`: autocast (bf16, or fp16 + GradScaler) on CUDA, losses read back
+  only every ``--log_every`` iterations (NaN/inf check, logs, TensorBoard, progress bar);
+- :func:`evaluate_widerface`: official easy/medium/hard AP of the images of a val split;
+- :func:`save_training_state` / :func:`load_training_state`: ``last.pth`` / ``best.pth`` with
+  everything ``--resume`` needs, loadable with ``torch.load(weights_only=True)``.
+
+Outputs go to ``experiments/<experiment_name>/`` (relative to the working directory):
+``ckpt/last.pth``, ``ckpt/best.pth``, ``log/logs.txt`` and TensorBoard event files in ``log/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import time
+import urllib.error
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from config import architecture_overrides
+from layers.multibox_loss import LOSS_TERMS, MultiBoxLoss, pad_targets
+from layers.prior_box import prior_boxes
+from models.retinaface import ModelConfig, RetinaFace
+from utils.checkpoint import (
+    CheckpointError,
+    infer_model_config,
+    load_state_dict_strict,
+    read_checkpoint,
+    resolve_weights,
+    save_checkpoint,
+    split_checkpoint,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MOBILENET_BACKBONE = REPO_ROOT / "weights" / "mobilenetV1X0.25_pretrain.tar"
+
+#: Reference schedules of the public recipe: (epochs, epochs of the x0.1 decays).
+REFERENCE_SCHEDULES = {"mobilenet0.25": (250, (190, 220)), "resnet": (100, (70, 90))}
+
+__all__ = [
+    "TrainingSetupError", "TrainingDivergedError", "DistInfo", "setup_distributed", "cleanup_distributed",
+    "seed_everything", "configure_backends", "model_config_from_args", "build_model", "wrap_model",
+    "build_optimizer", "reference_schedule", "LRSchedule", "build_scheduler", "EpochSeededDataset",
+    "ResumableSampler", "build_train_loader", "autocast_settings", "TrainContext", "train_one_epoch",
+    "evaluate_widerface", "capture_rng_state", "restore_rng_state", "save_training_state",
+    "load_training_state", "train",
+]
+
+
+class TrainingSetupError(RuntimeError):
+    """The run cannot start (missing data or weights, bad options); the message says what to do."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the checkpoint that was kept."""
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed set-up, seeding, backends
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process runs: ``rank``/``world_size`` (1 when not distributed), ``local_rank``
+    (GPU index on this node), ``device``, ``distributed`` (a process group was initialised)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None = None, gpu_num: int = 0) -> DistInfo:
+    """The one distributed set-up helper.
+
+    Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment; works across nodes) it joins the
+    process group: NCCL with one GPU per process (``cuda:<LOCAL_RANK>``) when CUDA is available
+    and ``device`` is not ``cpu``, otherwise gloo on the CPU. Without ``torchrun`` it only
+    resolves ``device`` (``cpu``, ``cuda``, ``cuda:N``; default CUDA ``gpu_num`` when available).
+    """
+    from models.detector import resolve_device
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        try:
+            return DistInfo(device=resolve_device(device, gpu_num))
+        except ValueError as error:
+            raise TrainingSetupError(str(error)) from None
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise TrainingSetupError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on "
+                                     f"this node: lower --nproc_per_node")
+        run_device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(run_device)
+        backend = "nccl"
+    else:
+        if device is not None and device.startswith("cuda"):
+            raise TrainingSetupError(f"--device {device} requested but CUDA is not available")
+        run_device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": run_device} if use_cuda else {}
+        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                    device=run_device, distributed=True)
+
+
+def cleanup_distributed(info: DistInfo) -> None:
+    if info.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed torch (same on every rank: identical initial weights) and numpy/python (per rank)."""
+    torch.manual_seed(seed)
+    np.random.seed((seed + rank) % (2 ** 32))
+    random.seed(seed + rank)
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """cudnn.benchmark on CUDA (unless ``deterministic``); TF32 matmuls; deterministic algorithms
+    when asked (warn-only on CUDA, where nearest-upsampling backward has no deterministic kernel)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+def model_config_from_args(args: argparse.Namespace, base: ModelConfig | None = None) -> ModelConfig:
+    """``base`` (a checkpoint's architecture, else the ModelConfig defaults) with the
+    architecture options given on the command line applied."""
+    return (base or ModelConfig()).replace(**architecture_overrides(args))
+
+
+def _backbone_weights(args: argparse.Namespace, network: str) -> tuple[bool, str | None]:
+    """(pretrained, backbone_weights) for RetinaFace(); clear errors for missing files."""
+    path = getattr(args, "backbone_weights", None)
+    if path is not None:
+        if not Path(path).is_file():
+            raise TrainingSetupError(f"--backbone_weights {path}: file not found")
+        return True, str(path)
+    if not getattr(args, "pretrained", False):
+        return False, None
+    if network == "mobilenet0.25":
+        if DEFAULT_MOBILENET_BACKBONE.is_file():
+            return True, str(DEFAULT_MOBILENET_BACKBONE)
+        raise TrainingSetupError(
+            "mobilenet0.25 needs its ImageNet backbone file: pass --backbone_weights "
+            "path/to/mobilenetV1X0.25_pretrain.tar, or put it at "
+            f"{DEFAULT_MOBILENET_BACKBONE}, or train from scratch with --pretrained false")
+    return True, None
+
+
+def load_init_weights(model: RetinaFace, state_dict: Mapping[str, torch.Tensor], source: str) -> list[str]:
+    """Load detector weights for fine-tuning. Strict when the architectures agree; otherwise
+    every tensor whose name and shape match is loaded (all backbone tensors must), the rest
+    (e.g. a new cascade stage or IoU head) keeps its initialisation. Returns notes for the log."""
+    expected = model.state_dict()
+    if set(expected) == set(state_dict) and all(expected[k].shape == state_dict[k].shape for k in expected):
+        load_state_dict_strict(model, state_dict, source)
+        return [f"initial weights: {source} (all {len(expected)} tensors)"]
+    usable = {k: v for k, v in state_dict.items() if k in expected and expected[k].shape == v.shape}
+    body_missing = [k for k in expected if k.startswith("body.") and k not in usable]
+    if body_missing:
+        raise TrainingSetupError(f"--init_weights {source}: its backbone does not match {model.config} "
+                                 f"(missing or mis-shaped {body_missing[:4]} ...)")
+    model.load_state_dict(usable, strict=False)
+    new = [k for k in expected if k not in usable]
+    dropped = [k for k in state_dict if k not in usable]
+    return [f"initial weights: {source}: loaded {len(usable)} of {len(expected)} tensors; "
+            f"{len(new)} newly initialised (e.g. {new[:3]}), {len(dropped)} unused (e.g. {dropped[:3]})"]
+
+
+def build_model(args: argparse.Namespace, resume_checkpoint: Mapping[str, Any] | None = None
+                ) -> tuple[RetinaFace, list[str]]:
+    """Build the (unwrapped, CPU) model for training and return it with notes for the log.
+
+    - ``resume_checkpoint``: the run's recorded architecture and weights (options that disagree
+      are ignored with a warning);
+    - ``--init_weights``: architecture of that checkpoint (recorded, or inferred from the keys of
+      foreign files such as the published Pytorch_Retinaface weights) with command-line
+      overrides, and its weights (see :func:`load_init_weights`);
+    - otherwise the options over the ModelConfig defaults, with ImageNet backbone weights when
+      ``--pretrained true`` (torchvision download for ResNets; mobilenet0.25 needs the local
+      ``mobilenetV1X0.25_pretrain.tar``).
+    """
+    notes: list[str] = []
+    if resume_checkpoint is not None:
+        state, recorded = split_checkpoint(resume_checkpoint)
+        config = recorded or infer_model_config(state)
+        conflicts = {k: v for k, v in architecture_overrides(args).items() if getattr(config, k) != v}
+        if conflicts:
+            warnings.warn(f"resuming: the checkpoint records its architecture; ignoring {conflicts}", stacklevel=2)
+        model = RetinaFace(config)
+        load_state_dict_strict(model, state, "resume checkpoint")
+        return model, notes
+    init_state = None
+    base = None
+    if getattr(args, "init_weights", None):
+        try:
+            path = resolve_weights(args.init_weights)
+            init_state, recorded = split_checkpoint(read_checkpoint(path))
+            base = recorded or infer_model_config(init_state)
+        except CheckpointError as error:
+            raise TrainingSetupError(f"--init_weights: {error}") from None
+    try:
+        config = model_config_from_args(args, base)
+    except ValueError as error:
+        raise TrainingSetupError(str(error)) from None
+    if init_state is not None:
+        model = RetinaFace(config)
+        notes += load_init_weights(model, init_state, str(args.init_weights))
+        return model, notes
+    pretrained, backbone_weights = _backbone_weights(args, config.network)
+    try:
+        model = RetinaFace(config, pretrained=pretrained, backbone_weights=backbone_weights)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        if backbone_weights is None and pretrained:
+            raise TrainingSetupError(
+                f"could not get the torchvision ImageNet weights of {config.network} ({error}); "
+                "without internet use --pretrained false or --backbone_weights PATH "
+                "(a torchvision state dict of the backbone)") from None
+        raise TrainingSetupError(f"could not load backbone weights {backbone_weights}: {error}") from None
+    notes.append(f"backbone: {'ImageNet weights ' + (backbone_weights or '(torchvision)') if pretrained else 'random init'}")
+    return model, notes
+
+
+def wrap_model(model: RetinaFace, info: DistInfo, sync_bn: bool = False, channels_last: bool = False) -> nn.Module:
+    """Move to the device (channels_last on CUDA) and wrap in DDP when distributed."""
+    if info.distributed and sync_bn:
+        if info.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            warnings.warn("--sync_bn is only used on CUDA; keeping per-process BatchNorm", stacklevel=2)
+    model = model.to(info.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if info.distributed:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True)
+    return model
+
+
+def unwrap(model: nn.Module) -> RetinaFace:
+    return getattr(model, "module", model)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """SGD (momentum 0.9, weight decay 5e-4 on every parameter, as the public recipe)."""
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+
+def reference_schedule(network: str) -> tuple[int, tuple[int, ...]]:
+    """(epochs, decay epochs) of the public recipe: mobilenet0.25 250 epochs, x0.1 at 190 and
+    220; ResNets (the ResNet-50 recipe) 100 epochs, x0.1 at 70 and 90."""
+    return REFERENCE_SCHEDULES["mobilenet0.25" if network == "mobilenet0.25" else "resnet"]
+
+
+def resolve_epochs_and_steps(args: argparse.Namespace, network: str) -> tuple[int, list[int]]:
+    """``--epochs`` (default: reference) and the decay epochs: ``--lr_steps`` or the reference
+    points scaled to ``--epochs``."""
+    ref_epochs, ref_steps = reference_schedule(network)
+    epochs = args.epochs or ref_epochs
+    if getattr(args, "lr_steps", None):
+        try:
+            steps = sorted(int(v) for v in str(args.lr_steps).split(",") if v.strip())
+        except ValueError:
+            raise TrainingSetupError(f"--lr_steps must be comma-separated epochs, got {args.lr_steps!r}") from None
+    else:
+        steps = [int(round(s * epochs / ref_epochs)) for s in ref_steps]
+    return epochs, steps
+
+
+class LRSchedule:
+    """Learning-rate factor of iteration ``step`` (0-based), used through ``LambdaLR``.
+
+    Linear warm-up ``(step + 1) / warmup_iters`` for the first ``warmup_iters`` iterations, then
+    ``step``: ``gamma ** (number of decay iterations <= step)``, or ``cosine``:
+    ``0.5 * (1 + cos(pi * t))`` with ``t`` going from 0 after the warm-up to 1 at ``total_iters``.
+    Only plain numbers are stored, so the scheduler state loads with ``weights_only=True``.
+    """
+
+    def __init__(self, kind: str, total_iters: int, warmup_iters: int = 0,
+                 milestones: list[int] | tuple[int, ...] = (), gamma: float = 0.1) -> None:
+        if kind not in ("step", "cosine"):
+            raise ValueError(f"unknown schedule {kind!r}")
+        self.kind = kind
+        self.total_iters = int(total_iters)
+        self.warmup_iters = int(warmup_iters)
+        self.milestones = [int(m) for m in milestones]
+        self.gamma = float(gamma)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_iters:
+            return (step + 1) / self.warmup_iters
+        if self.kind == "step":
+            return self.gamma ** sum(1 for m in self.milestones if step >= m)
+        span = max(self.total_iters - self.warmup_iters, 1)
+        t = min(max(step - self.warmup_iters, 0) / span, 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, iters_per_epoch: int,
+                    network: str) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-iteration ``LambdaLR`` with :class:`LRSchedule` (step it after every optimizer step)."""
+    epochs, steps = resolve_epochs_and_steps(args, network)
+    schedule = LRSchedule(args.lr_schedule, total_iters=epochs * iters_per_epoch,
+                          warmup_iters=int(round(args.warmup_epochs * iters_per_epoch)),
+                          milestones=[s * iters_per_epoch for s in steps])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def autocast_settings(device: torch.device, amp: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """Autocast dtype (bf16 where supported, else fp16; ``None`` on the CPU or without ``amp``)
+    and a GradScaler that is enabled only for fp16."""
+    if amp and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    return None, torch.amp.GradScaler(device.type, enabled=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+class EpochSeededDataset(Dataset):
+    """Wraps a dataset whose ``transform`` has ``reseed`` (``TrainTransform``): item
+    ``(index, epoch)`` reseeds the transform with ``[seed, epoch, index]`` before loading, so
+    each sample's augmentation depends only on these three numbers (not on worker count,
+    worker scheduling or where a run was resumed)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        transform = getattr(self.dataset, "transform", None)
+        if transform is not None and hasattr(transform, "reseed"):
+            transform.reseed([self.seed, int(epoch), int(index)])
+        return self.dataset[index]
+
+
+class ResumableSampler(Sampler):
+    """Distributed, seeded shuffling that can start an epoch after its first samples.
+
+    Every epoch a permutation of the dataset is drawn from ``seed + epoch`` (identical on all
+    ranks), padded by repetition to a multiple of ``num_replicas`` and split round-robin like
+    ``DistributedSampler``. :meth:`set_epoch` ``(epoch, skip)`` drops the first ``skip``
+    samples of this rank (used by ``--resume`` mid-epoch). Yields ``(index, epoch)`` pairs for
+    :class:`EpochSeededDataset`.
+    """
+
+    def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
+                 seed: int = 0) -> None:
+        self.dataset_size = int(dataset_size)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.epoch = 0
+        self.skip = 0
+        self.num_samples = math.ceil(self.dataset_size / self.num_replicas)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch = int(epoch)
+        self.skip = int(skip)
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        else:
+            order = list(range(self.dataset_size))
+        total = self.num_samples * self.num_replicas
+        while len(order) < total:
+            order += order[:total - len(order)]
+        return order[self.rank:total:self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.indices()[self.skip:]:
+            yield index, self.epoch
+
+    def __len__(self) -> int:
+        return max(self.num_samples - self.skip, 0)
+
+
+def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
+                       ) -> tuple[DataLoader, ResumableSampler, Dataset]:
+    """DataLoader over ``<dataset>/<train_split>`` with ``TrainTransform(im_size)``: drop-last
+    batches of ``--batch_size`` per process, pinned memory and persistent workers on CUDA."""
+    from utils.data_loaders import dataset_from_root, detection_collate
+    from utils.data_transformer import TrainTransform
+
+    try:
+        dataset = dataset_from_root(args.dataset, args.train_split, TrainTransform(args.im_size, rng=seed))
+    except (FileNotFoundError, ValueError) as error:
+        raise TrainingSetupError(f"training data: {error}") from None
+    sampler = ResumableSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=seed)
+    if sampler.num_samples < args.batch_size:
+        raise TrainingSetupError(
+            f"{len(dataset)} training images give {sampler.num_samples} per process, fewer than "
+            f"--batch_size {args.batch_size}: lower --batch_size")
+    cuda = info.device.type == "cuda"
+    loader = DataLoader(EpochSeededDataset(dataset, seed), batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, collate_fn=detection_collate, pin_memory=cuda,
+                        drop_last=True, persistent_workers=args.workers > 0,
+                        prefetch_factor=4 if args.workers > 0 else None)
+    return loader, sampler, dataset
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state and checkpoints
+# --------------------------------------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """torch / CUDA / numpy / python RNG states as tensors, lists and numbers only."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": [int(version), [int(v) for v in internal], gauss_next],
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _plain(value: Any) -> Any:
+    """Options as plain values (weights_only-loadable)."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def save_training_state(path: Path, ctx: "TrainContext") -> Path:
+    """Write ``path`` atomically: model config + weights, ``optimizer``, ``scheduler``,
+    ``scaler``, ``epoch`` (epoch in progress, 0-based), ``step`` (optimizer steps done),
+    ``iters_per_epoch``, ``seed``, ``rng_state``, ``best_metric`` (best val hard AP or None),
+    ``best_epoch``, ``metrics`` (latest val APs), ``args``."""
+    return save_checkpoint(
+        path, ctx.raw_model,
+        optimizer=ctx.optimizer.state_dict(), scheduler=ctx.scheduler.state_dict(),
+        scaler=ctx.scaler.state_dict(), epoch=ctx.global_step // ctx.iters_per_epoch,
+        step=ctx.global_step, iters_per_epoch=ctx.iters_per_epoch, seed=ctx.seed,
+        rng_state=capture_rng_state(), best_metric=ctx.best_metric, best_epoch=ctx.best_epoch,
+        metrics=dict(ctx.last_metrics), args={k: _plain(v) for k, v in vars(ctx.args).items()})
+
+
+def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> None:
+    """Restore optimizer, scheduler, scaler, step, best metric and RNG states from ``checkpoint``
+    (the model weights are loaded by :func:`build_model`)."""
+    ctx.optimizer.load_state_dict(checkpoint["optimizer"])
+    ctx.scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler"):
+        ctx.scaler.load_state_dict(checkpoint["scaler"])
+    ctx.global_step = int(checkpoint["step"])
+    ctx.best_metric = checkpoint.get("best_metric")
+    ctx.best_epoch = checkpoint.get("best_epoch")
+    ctx.last_metrics = dict(checkpoint.get("metrics") or {})
+    if checkpoint.get("rng_state"):
+        restore_rng_state(checkpoint["rng_state"])
+
+
+# --------------------------------------------------------------------------------------------
+# Training loop
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainContext:
+    """Everything the loop needs; ``model`` is what runs forward (DDP wrapper or the model),
+    ``raw_model`` the :class:`RetinaFace` inside."""
+
+    args: argparse.Namespace
+    info: DistInfo
+    model: nn.Module
+    raw_model: RetinaFace
+    criterion: MultiBoxLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    loader: DataLoader
+    sampler: ResumableSampler
+    priors: torch.Tensor
+    iters_per_epoch: int
+    epochs: int
+    seed: int
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    exp_dir: Path = Path("experiments/retinaface")
+    logger: logging.Logger | None = None
+    writer: Any = None
+    last_saved_step: int | None = None
+    loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, mean total loss) per read-back
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.exp_dir / "ckpt"
+
+    def log(self, message: str) -> None:
+        if self.logger is not None:
+            self.logger.info(message)
+
+    def save_last(self) -> None:
+        if self.info.is_main:
+            path = save_training_state(self.ckpt_dir / "last.pth", self)
+            self.log(f"saved checkpoint {path} (epoch {self.global_step // self.iters_per_epoch}, "
+                     f"step {self.global_step})")
+        self.last_saved_step = self.global_step
+
+
+def _last_good_message(ctx: TrainContext) -> str:
+    path = ctx.ckpt_dir / "last.pth"
+    if path.is_file():
+        try:
+            step = int(read_checkpoint(path)["step"])
+            return f"the last good checkpoint {path} (step {step}) was kept"
+        except (CheckpointError, KeyError):
+            return f"the last good checkpoint {path} was kept"
+    return "no checkpoint had been written yet"
+
+
+class _LossMeter:
+    """Running sums of the loss terms on the device; read back (one sync) by :meth:`flush`."""
+
+    KEYS = ("total", *LOSS_TERMS)
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.KEYS), device=self.device, dtype=torch.float64)
+        self.bad = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, losses: Mapping[str, torch.Tensor]) -> None:
+        values = torch.stack([losses[k].detach().double() for k in self.KEYS])
+        self.bad += (~torch.isfinite(values)).any().double()
+        self.sums += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+        self.count += 1
+
+    def flush(self, info: DistInfo) -> tuple[dict[str, float], bool]:
+        """Mean losses since the last flush (averaged over processes) and whether any was non-finite."""
+        packed = torch.cat([self.sums / max(self.count, 1), self.bad.view(1)])
+        if info.distributed:
+            dist.all_reduce(packed)
+            packed[:-1] /= info.world_size
+        host = packed.cpu().tolist()
+        self.reset()
+        return dict(zip(self.KEYS, host[:-1])), host[-1] > 0
+
+
+def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> bool:
+    """Train ``epoch`` (0-based) from its batch ``skip_batches``; returns True when
+    ``--max_iters`` was reached. Raises :class:`TrainingDivergedError` on a NaN/inf loss."""
+    from tqdm import tqdm
+
+    from utils.data_loaders import images_to_network_input
+
+    args, info = ctx.args, ctx.info
+    ctx.model.train()
+    ctx.sampler.set_epoch(epoch, skip_batches * args.batch_size)
+    meter = _LossMeter(info.device)
+    autocast = (torch.autocast("cuda", dtype=ctx.autocast_dtype) if ctx.autocast_dtype is not None
+                else nullcontext())
+    progress = tqdm(total=ctx.iters_per_epoch, initial=skip_batches, desc=f"epoch {epoch + 1}/{ctx.epochs}",
+                    disable=not info.is_main, dynamic_ncols=True, leave=False)
+    window_start = ctx.global_step
+    stop = False
+    started = time.perf_counter()
+    try:
+        for batch_index, (images, targets) in enumerate(ctx.loader, start=skip_batches):
+            inputs = images_to_network_input(images, device=info.device)
+            if ctx.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            padded = pad_targets(targets, info.device)
+            with autocast:
+                outputs = ctx.model(inputs)
+            losses = ctx.criterion(ctx.model, outputs, ctx.priors, padded)
+            lr = ctx.optimizer.param_groups[0]["lr"]  # the rate of this step (host float, no sync)
+            ctx.optimizer.zero_grad(set_to_none=True)
+            ctx.scaler.scale(losses["total"]).backward()
+            ctx.scaler.step(ctx.optimizer)
+            ctx.scaler.update()
+            ctx.scheduler.step()
+            ctx.global_step += 1
+            meter.add(losses)
+            progress.update(1)
+
+            last_of_epoch = batch_index + 1 == ctx.iters_per_epoch
+            reached_max = bool(args.max_iters) and ctx.global_step >= args.max_iters
+            save_now = bool(args.save_every) and ctx.global_step % args.save_every == 0
+            if ctx.global_step % args.log_every == 0 or last_of_epoch or reached_max or save_now:
+                means, bad = meter.flush(info)
+                if bad:
+                    raise TrainingDivergedError(
+                        f"loss became NaN/inf between step {window_start + 1} and step {ctx.global_step} "
+                        f"(epoch {epoch + 1}); training stopped and {_last_good_message(ctx)}. "
+                        f"Try a lower --lr, a longer --warmup_epochs, or --amp false.")
+                window_start = ctx.global_step
+                ctx.loss_history.append((ctx.global_step, means["total"]))
+                if info.is_main:
+                    progress.set_postfix(loss=f"{means['total']:.4f}", lr=f"{lr:.2e}")
+                    speed = (time.perf_counter() - started) / max(batch_index + 1 - skip_batches, 1)
+                    ctx.log(f"epoch {epoch + 1}/{ctx.epochs} iter {batch_index + 1}/{ctx.iters_per_epoch} "
+                            f"step {ctx.global_step} lr {lr:.3e} "
+                            + " ".join(f"{k} {v:.4f}" for k, v in means.items())
+                            + f" ({speed:.3f} s/iter)")
+                    if ctx.writer is not None:
+                        for key, value in means.items():
+                            ctx.writer.add_scalar(f"train/{key}", value, ctx.global_step)
+                        ctx.writer.add_scalar("train/lr", lr, ctx.global_step)
+                if save_now:
+                    ctx.save_last()
+            if reached_max:
+                stop = True
+                break
+    finally:
+        progress.close()
+    return stop
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: torch.device | str,
+                       confidence_threshold: float = 0.02, nms_threshold: float = 0.4) -> dict[str, float]:
+    """Official WIDER FACE easy/medium/hard AP of ``model`` on the images of ``<val_root>/val``.
+
+    :func:`utils.evaluation.evaluate_model` at original scale (confidence 0.02, NMS 0.4, the
+    public prediction-file convention), counting only the images present. ``gt``:
+    ``utils.metric.load_ground_truth(gt_dir)``. The model keeps its weights and train mode.
+    """
+    from utils.evaluation import evaluate_model
+
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False  # every image has its own size: no per-shape autotuning
+    try:
+        result = evaluate_model(unwrap(model), val_root, gt, device, confidence_threshold=confidence_threshold,
+                                nms_threshold=nms_threshold)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+    return {k: float(v) for k, v in result.aps.items()}
+
+
+def _resolve_validation(args: argparse.Namespace) -> tuple[str | None, Path | None, str]:
+    """(val root, gt dir, reason when evaluation is off)."""
+    if not args.eval_every:
+        return None, None, "--eval_every 0"
+    val_root = args.val_dataset or args.dataset
+    if not (Path(val_root) / "val" / "label.txt").is_file():
+        if args.val_dataset:
+            raise TrainingSetupError(f"--val_dataset {val_root}: no val/label.txt (expected val/images and "
+                                     f"val/label.txt, see data/README.md)")
+        return None, None, f"no {Path(val_root) / 'val' / 'label.txt'} (set --val_dataset)"
+    gt_dir = Path(args.gt_dir) if args.gt_dir else Path(val_root) / "ground_truth"
+    if not (gt_dir / "wider_face_val.mat").is_file():
+        if args.gt_dir or args.val_dataset:
+            raise TrainingSetupError(f"WIDER FACE ground truth not found in {gt_dir} (wider_face_val.mat, "
+                                     f"wider_easy/medium/hard_val.mat): set --gt_dir")
+        return None, None, f"no ground truth in {gt_dir} (set --gt_dir)"
+    return val_root, gt_dir, ""
+
+
+# --------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------
+class _TqdmHandler(logging.StreamHandler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            import sys
+
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never break training
+            self.handleError(record)
+
+
+def _make_logger(exp_dir: Path, is_main: bool) -> logging.Logger:
+    logger = logging.getLogger(f"retinaface.train.{exp_dir.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    if is_main:
+        (exp_dir / "log").mkdir(parents=True, exist_ok=True)
+        formatter = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+        file_handler = logging.FileHandler(exp_dir / "log" / "logs.txt", encoding="utf-8")
+        file_handler.setFormatter(formatter)
+        logger.addHandler(file_handler)
+        console = _TqdmHandler()
+        console.setFormatter(formatter)
+        logger.addHandler(console)
+    else:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def _close_logger(logger: logging.Logger) -> None:
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _maybe_evaluate(ctx: TrainContext, epoch: int, val_root: str | None, gt: Any, final: bool) -> bool:
+    """Evaluate after epoch ``epoch`` (0-based) when due; returns True when the best improved."""
+    args = ctx.args
+    due = val_root is not None and ((epoch + 1) % args.eval_every == 0 or final)
+    if not due:
+        return False
+    improved = False
+    if ctx.info.is_main:
+        started = time.perf_counter()
+        aps = evaluate_widerface(ctx.model, val_root, gt, ctx.info.device)
+        ctx.last_metrics = aps
+        improved = ctx.best_metric is None or aps["hard"] > ctx.best_metric
+        if improved:
+            ctx.best_metric, ctx.best_epoch = aps["hard"], epoch + 1
+        ctx.log(f"val AP after epoch {epoch + 1} (step {ctx.global_step}): easy {aps['easy']:.4f} "
+                f"medium {aps['medium']:.4f} hard {aps['hard']:.4f} (best hard {ctx.best_metric:.4f} at "
+                f"epoch {ctx.best_epoch}; {time.perf_counter() - started:.1f} s)")
+        if ctx.writer is not None:
+            for key, value in aps.items():
+                ctx.writer.add_scalar(f"val/AP_{key}", value, ctx.global_step)
+    if ctx.info.distributed:
+        dist.barrier()
+    return improved
+
+
+#: Options a resumed run never takes from its checkpoint (machine- or invocation-specific).
+_NOT_INHERITED = frozenset({"resume", "init_weights", "pretrained", "backbone_weights", "max_iters", "device",
+                            "gpu_num", "workers"})
+
+
+def explicit_options(argv: list[str] | None) -> set[str]:
+    """Names of the training options given explicitly in ``argv``."""
+    from config import build_parser
+
+    parser = build_parser("train")
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def inherit_resume_options(args: argparse.Namespace, recorded: Mapping[str, Any], explicit: set[str]) -> list[str]:
+    """Take the options of the interrupted run (``recorded``, the checkpoint's ``args``) for every
+    option not given explicitly, except those in ``_NOT_INHERITED``. Returns the names taken."""
+    taken = []
+    for name, value in recorded.items():
+        if name in explicit or name in _NOT_INHERITED or not hasattr(args, name):
+            continue
+        if getattr(args, name) != value:
+            setattr(args, name, value)
+            taken.append(name)
+    return taken
+
+
+def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[str, Any]:
+    """Run training as configured by ``args`` (see ``config.py`` / ``docs/training.md``).
+
+    With ``--resume`` and ``explicit`` (the option names given on the command line, see
+    :func:`explicit_options`), options not given are taken from the interrupted run, so
+    ``train.py --resume experiments/x/ckpt/last.pth`` alone continues that run.
+
+    Returns a summary ``{"step", "epoch", "best_metric", "metrics", "last", "best", "loss_history"}``
+    (``loss_history``: ``(step, mean total loss since the previous read-back)`` pairs of this
+    invocation, one per ``--log_every`` window). Raises
+    :class:`TrainingSetupError` for unusable options or data and :class:`TrainingDivergedError`
+    when the loss becomes NaN/inf (after closing everything; the last good checkpoint is kept).
+    """
+    info = setup_distributed(args.device, args.gpu_num)
+    previous_deterministic = torch.are_deterministic_algorithms_enabled()
+    logger = None
+    writer = None
+    inherited: list[str] = []
+    try:
+        resume_ckpt = None
+        if args.resume:
+            try:
+                resume_ckpt = read_checkpoint(args.resume)
+            except CheckpointError as error:
+                raise TrainingSetupError(f"--resume: {error}") from None
+            for key in ("optimizer", "scheduler", "step"):
+                if key not in resume_ckpt:
+                    raise TrainingSetupError(f"--resume {args.resume}: not a training checkpoint (no {key!r}); "
+                                             "use --init_weights to fine-tune from plain weights")
+            inherited = (inherit_resume_options(args, resume_ckpt.get("args") or {}, explicit)
+                         if explicit is not None else [])
+        seed = int(resume_ckpt.get("seed", args.seed)) if resume_ckpt is not None else int(args.seed)
+        exp_dir = Path("experiments") / args.experiment_name
+        logger = _make_logger(exp_dir, info.is_main)
+        configure_backends(info.device, args.deterministic)
+        seed_everything(seed, info.rank)
+
+        model, notes = build_model(args, resume_ckpt)
+        config = model.config
+        cuda = info.device.type == "cuda"
+        autocast_dtype, scaler = autocast_settings(info.device, args.amp)
+        wrapped = wrap_model(model, info, sync_bn=args.sync_bn, channels_last=cuda)
+        raw_model = unwrap(wrapped)
+        loader, sampler, dataset = build_train_loader(args, info, seed)
+        iters_per_epoch = len(sampler) // args.batch_size
+        epochs, steps = resolve_epochs_and_steps(args, config.network)
+        optimizer = build_optimizer(raw_model, args)
+        scheduler = build_scheduler(optimizer, args, iters_per_epoch, config.network)
+        criterion = MultiBoxLoss(config, landmark_loss=args.landmark_loss)
+        priors = prior_boxes((args.im_size, args.im_size), config.num_anchor, info.device)
+        ctx = TrainContext(args=args, info=info, model=wrapped, raw_model=raw_model, criterion=criterion,
+                           optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader=loader,
+                           sampler=sampler, priors=priors, iters_per_epoch=iters_per_epoch, epochs=epochs,
+                           seed=seed, autocast_dtype=autocast_dtype, channels_last=cuda, exp_dir=exp_dir,
+                           logger=logger)
+        if resume_ckpt is not None:
+            load_training_state(ctx, resume_ckpt)
+            if int(resume_ckpt.get("iters_per_epoch", iters_per_epoch)) != iters_per_epoch:
+                warnings.warn(f"resuming with {iters_per_epoch} iterations per epoch instead of "
+                              f"{resume_ckpt['iters_per_epoch']} (batch size, data or process count changed): "
+                              "the data order will not continue exactly", stacklevel=2)
+        val_root, gt_dir, no_eval_reason = _resolve_validation(args)
+        gt = None
+        if val_root is not None:  # checked on every rank so that a bad set-up stops all of them
+            from utils.metric import load_ground_truth
+            gt = load_ground_truth(gt_dir)
+            from utils.evaluation import EvaluationError, check_images_in_gt, list_val_images
+            try:
+                check_images_in_gt(list_val_images(val_root), gt)
+            except EvaluationError as error:
+                raise TrainingSetupError(f"{val_root}/val: {error}") from None
+        if info.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(log_dir=str(exp_dir / "log"))
+            ctx.writer = writer
+            ctx.log(f"training {config} on {info.device} x{info.world_size} process(es); "
+                    f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {args.batch_size} per process, "
+                    f"{epochs} epochs, {args.lr_schedule} schedule"
+                    + (f" (x0.1 at epochs {steps})" if args.lr_schedule == "step" else "")
+                    + f", lr {args.lr}, warm-up {args.warmup_epochs} epochs, "
+                    f"amp {autocast_dtype}, seed {seed}")
+            for note in notes:
+                ctx.log(note)
+            ctx.log("options: " + json.dumps({k: _plain(v) for k, v in vars(args).items()}, sort_keys=True))
+            if resume_ckpt is not None:
+                ctx.log(f"resumed from {args.resume} at step {ctx.global_step}"
+                        + (f"; options of the interrupted run: {', '.join(inherited)}" if inherited else ""))
+            if val_root is None:
+                ctx.log(f"no validation AP ({no_eval_reason})")
+
+        start_epoch, skip = divmod(ctx.global_step, iters_per_epoch)
+        stopped = bool(args.max_iters) and ctx.global_step >= args.max_iters
+        epoch = start_epoch
+        while not stopped and epoch < epochs:
+            stopped = train_one_epoch(ctx, epoch, skip)
+            skip = 0
+            epoch_done = ctx.global_step % iters_per_epoch == 0
+            if epoch_done:
+                improved = _maybe_evaluate(ctx, epoch, val_root, gt, final=epoch + 1 == epochs)
+                ctx.save_last()
+                if improved and info.is_main:
+                    save_training_state(ctx.ckpt_dir / "best.pth", ctx)
+                    ctx.log(f"saved {ctx.ckpt_dir / 'best.pth'} (hard AP {ctx.best_metric:.4f})")
+            epoch += 1
+        if ctx.last_saved_step != ctx.global_step:
+            ctx.save_last()
+        if info.distributed:
+            dist.barrier()
+        ctx.log(f"finished at step {ctx.global_step}; checkpoints in {ctx.ckpt_dir}")
+        best_path = ctx.ckpt_dir / "best.pth"
+        return {"step": ctx.global_step, "epoch": ctx.global_step // iters_per_epoch,
+                "best_metric": ctx.best_metric, "metrics": dict(ctx.last_metrics),
+                "last": str(ctx.ckpt_dir / "last.pth"), "best": str(best_path) if best_path.is_file() else None,
+                "loss_history": list(ctx.loss_history)}
+    except (TrainingDivergedError, TrainingSetupError) as error:
+        if logger is not None:
+            logger.error(f"error: {error}")
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+        if logger is not None:
+            _close_logger(logger)
+        torch.use_deterministic_algorithms(previous_deterministic)
+        cleanup_distributed(info)
