@@ -24,7 +24,7 @@ import torch
 
 from layers.prior_box import prior_boxes
 from models.net import fuse_conv_bn
-from models.retinaface import RetinaFace, preprocess
+from models.retinaface import BGR_MEAN, RetinaFace, preprocess
 from utils.checkpoint import load_model
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import PUBLIC_PIXEL_OFFSET
@@ -186,10 +186,13 @@ class FaceDetector:
         started = time.perf_counter()
         height = max(im.shape[0] for im in images)
         width = max(im.shape[1] for im in images)
-        batch = np.empty((len(images), height, width, 3), dtype=np.uint8)
-        batch[:] = np.asarray((104, 117, 123), dtype=np.uint8)  # mean colour: zero after preprocess
-        for slot, image in zip(batch, images):
-            slot[:image.shape[0], :image.shape[1]] = image
+        if len(images) == 1:
+            batch = np.ascontiguousarray(images[0])[None]
+        else:
+            batch = np.empty((len(images), height, width, 3), dtype=np.uint8)
+            batch[:] = np.asarray(BGR_MEAN, dtype=np.uint8)  # padding: zero after mean subtraction
+            for slot, image in zip(batch, images):
+                slot[:image.shape[0], :image.shape[1]] = image
         tensor = torch.from_numpy(batch)
         if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)

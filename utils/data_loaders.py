@@ -56,15 +56,15 @@ from typing import Any, Callable, Iterable, Literal, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from utils.image_io import read_image
 
+from models.retinaface import preprocess
 from utils.data_transformer import (
-    RGB_MEAN_BGR,
     TARGET_COLUMNS,
     TrainTransform,
     empty_targets,
     seed_worker,
 )
+from utils.image_io import read_image
 
 __all__ = [
     "LabelFormatError",
@@ -453,20 +453,12 @@ def detection_collate(
     return torch.stack(images, 0).contiguous(), targets
 
 
-def images_to_network_input(
-    images: torch.Tensor,
-    rgb_mean: Sequence[float] = RGB_MEAN_BGR,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` BGR -> ``dtype`` ``(B, 3, H, W)`` minus ``rgb_mean`` (BGR), on ``device``.
-
-    This is the public preprocessing (``float(image) - (104, 117, 123)``, BGR, no scaling) moved
-    after the transfer so it runs on the accelerator.
-    """
-    images = images.to(device=device, non_blocking=True) if device is not None else images
-    mean = torch.as_tensor(rgb_mean, dtype=dtype, device=images.device).view(1, 3, 1, 1)
-    return images.to(dtype) - mean
+def images_to_network_input(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` BGR -> float32 network input on ``device``: the public preprocessing
+    (``float(image) - (104, 117, 123)``, no scaling) run after the transfer, on the accelerator."""
+    if device is not None:
+        images = images.to(device=device, non_blocking=True)
+    return preprocess(images, channels_last_input=False)
 
 
 def normalize_targets(targets: torch.Tensor, width: float, height: float | None = None) -> torch.Tensor:
