@@ -17,6 +17,7 @@ import pytest
 import config
 import inference
 from utils import face_mask as fm
+from utils import image_loader
 from utils import inference_utils as iu
 
 REPO = Path(__file__).resolve().parents[1]
@@ -319,22 +320,22 @@ def test_too_many_pixels_are_downscaled(widerface_sample, mobilenet_weights, tmp
 
 def test_truncation_checks(widerface_sample, tmp_path):
     data = (widerface_sample / "val/images" / GREETING).read_bytes()
-    assert iu.jpeg_is_complete(data)
-    assert iu.jpeg_is_complete(data + b"\x00" * 100 + b"trailing video data")
-    assert not iu.jpeg_is_complete(data[:-2])
-    assert not iu.jpeg_is_complete(data[: len(data) // 3])
+    assert image_loader.jpeg_is_complete(data)
+    assert image_loader.jpeg_is_complete(data + b"\x00" * 100 + b"trailing video data")
+    assert not image_loader.jpeg_is_complete(data[:-2])
+    assert not image_loader.jpeg_is_complete(data[: len(data) // 3])
     png = tmp_path / "a.png"
     cv2.imwrite(str(png), np.zeros((8, 8, 3), np.uint8))
-    assert iu.png_is_complete(png)
+    assert image_loader.png_is_complete(png)
     png.write_bytes(png.read_bytes()[:-12])
-    assert not iu.png_is_complete(png)
+    assert not image_loader.png_is_complete(png)
 
 
 def test_find_images_recursive_any_case(tmp_path):
     for name in ("a.JPG", "b.jpeg", "c.Png", "d.bmp", "e.WEBP", "f.txt", "sub/g.jpg", "out/h.jpg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    found = [iu.relative_name(p, tmp_path) for p in iu.find_images(tmp_path, exclude=[tmp_path / "out"])]
+    found = [image_loader.relative_name(p, tmp_path) for p in image_loader.find_images(tmp_path, exclude=[tmp_path / "out"])]
     assert found == ["a.JPG", "b.jpeg", "c.Png", "d.bmp", "e.WEBP", "sub/g.jpg"]
 
 
@@ -361,7 +362,7 @@ def test_out_of_memory_retries_downscaled(tmp_path):
     summary = iu.InferenceSummary(output_folder=str(tmp_path))
     runner = iu._Runner(args, FakeDetector(), tmp_path, ["big.png"], True, summary, Bar())
     image = np.zeros((300, 300, 3), np.uint8)
-    record = iu.ImageRecord(index=0, name="big.png", path="big.png", image=image, net_image=image)
+    record = image_loader.ImageRecord(index=0, name="big.png", path="big.png", image=image, net_image=image)
     runner.detect([record])
     result = runner.results[0]
     assert summary.processed == 1 and not summary.skipped and summary.notes

@@ -26,15 +26,15 @@ import math
 import os
 import sys
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
-from torch.utils.data import DataLoader, Dataset
 
 from config import one_line
+from utils.image_loader import ImageFolderDataset, ImageRecord, SameSizeBatcher, make_loader, start_loader
 
 from utils.metric import (NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTruth, WiderFaceResult, evaluate,
                           load_ground_truth, plot_pr_curves, read_prediction_dir)
@@ -179,40 +179,6 @@ def format_prediction_file(stem: str, detections: Any) -> tuple[str, np.ndarray]
 # --------------------------------------------------------------------------------------------
 # Running a detector over the val images
 # --------------------------------------------------------------------------------------------
-class _ImageDataset(Dataset):
-    """Decodes val images (in DataLoader workers); items ``(index, image or None, error)``."""
-
-    def __init__(self, images: Sequence[ValImage]) -> None:
-        self.paths = [str(im.path) for im in images]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int):
-        from utils.image_io import read_image  # noqa: PLC0415
-        try:
-            return index, read_image(self.paths[index]), None
-        except Exception as error:  # reported by the main process with the file name
-            return index, None, one_line(error)
-
-
-def _collate(items: list) -> list:
-    return list(items)
-
-
-def _loader(images: Sequence[ValImage], workers: int) -> DataLoader:
-    """Images decoded in ``workers`` forked processes (0: in this one), in order.
-
-    The workers only call ``cv2.imread``. Nothing touches OpenCV's thread pool there (not even
-    ``cv2.setNumThreads``): a pool inherited through ``fork`` from a parent that had used it
-    (``cv2.resize`` of the scaled test settings) can deadlock the child.
-    """
-    workers = max(0, min(workers, len(images)))
-    return DataLoader(_ImageDataset(images), batch_size=1, shuffle=False, num_workers=workers,
-                      collate_fn=_collate, prefetch_factor=4 if workers else None,
-                      timeout=600 if workers else 0)
-
-
 @dataclass
 class PredictionRun:
     """What :func:`predict_widerface` did.
@@ -275,13 +241,12 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
     from tqdm import tqdm  # noqa: PLC0415
     bar = tqdm(total=len(images), unit="img", desc="test", file=sys.stderr, dynamic_ncols=True,
                disable=(not sys.stderr.isatty()) if progress is None else not progress)
-    groups: OrderedDict[tuple[int, ...], list[tuple[int, np.ndarray]]] = OrderedDict()
-    pending = 0
+    batcher = SameSizeBatcher(batch_size, max_pending)
 
-    def run(batch: list[tuple[int, np.ndarray]]) -> None:
-        found = detector.detect_batch([image for _, image in batch])
-        for (index, _), detections in zip(batch, found):
-            image = images[index]
+    def run(batch: list[ImageRecord]) -> None:
+        found = detector.detect_batch([record.image for record in batch])
+        for record, detections in zip(batch, found):
+            image = images[record.index]
             text, rows = format_prediction_file(image.stem, detections)
             predictions[image.event][image.stem] = rows
             if out is not None:
@@ -291,24 +256,17 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
                 written.add(path.resolve())
         bar.update(len(batch))
 
+    dataset = ImageFolderDataset([im.path for im in images], max_pixels=None)
     started = time.perf_counter()
     try:
-        for items in _loader(images, workers):
-            for index, image, error in items:
-                if image is None:
-                    raise EvaluationError(f"cannot read {images[index].path}: {error}")
-                key = tuple(image.shape)
-                groups.setdefault(key, []).append((index, image))
-                pending += 1
-                if len(groups[key]) >= batch_size:
-                    pending -= len(groups[key])
-                    run(groups.pop(key))
-                while pending > max_pending:
-                    largest = max(groups, key=lambda k: len(groups[k]))
-                    pending -= len(groups[largest])
-                    run(groups.pop(largest))
-        for key in list(groups):
-            run(groups.pop(key))
+        for records in start_loader(make_loader(dataset, workers=workers)):
+            for record in records:
+                if not record.ok:  # every val image counts in the AP: a bad file stops the run
+                    raise EvaluationError(f"cannot read {record.path}: {record.error}")
+                for batch in batcher.add(record):
+                    run(batch)
+        for batch in batcher.flush():
+            run(batch)
     finally:
         bar.close()
     seconds = time.perf_counter() - started

@@ -1,5 +1,5 @@
-"""The reusable parts of ``inference.py``: file discovery, image loading in DataLoader workers,
-same-size batching, output writers, drawing, the run loop and its summary.
+"""The reusable parts of ``inference.py``: output writers, drawing, the run loop and its summary
+(file discovery and image loading: ``utils/image_loader.py``).
 
 Output folder layout (``--inference_save_folder OUT``)::
 
@@ -20,26 +20,24 @@ files were skipped (unreadable, truncated, empty, not images, out of memory), 13
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
-import struct
 import sys
 import time
 import warnings
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 from config import EXIT_INTERRUPTED, EXIT_OK
 from utils.checkpoint import checkpoint_for_run
-from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
+from utils.image_io import IMAGE_EXTENSIONS
+from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, find_images,
+                                make_loader, start_loader)
 
 EXIT_SKIPPED = 3  # the run finished but some files were skipped (the others: config.EXIT_*)
 
@@ -47,278 +45,10 @@ RESULT_SUBFOLDERS = ("result_images", "masks", "faces", "heads", "head_masks")
 RESULTS_TXT_SUFFIX = "_inference_results.txt"
 DETECTIONS_JSON = "detections.json"
 SUMMARY_JSON = "summary.json"
-DEFAULT_MAX_PIXELS = 36_000_000  # larger images are downscaled for the network (with a warning)
 
 
 class InferenceError(RuntimeError):
     """A run cannot start (or go on); the message is one line meant for the user."""
-
-
-# --------------------------------------------------------------------------------------------
-# File discovery
-# --------------------------------------------------------------------------------------------
-
-def is_image_file(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def find_images(root: str | Path, exclude: Iterable[str | Path] = ()) -> list[Path]:
-    """Image files under ``root`` (recursively; jpg, jpeg, png, bmp, webp in any letter case),
-    sorted by relative path. ``root`` may also be a single image file. Folders in ``exclude``
-    (e.g. the output folder inside the input folder) are not searched."""
-    root = Path(root)
-    if root.is_file():
-        return [root] if is_image_file(root) else []
-    excluded = {os.path.realpath(p) for p in exclude}
-    found = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if os.path.realpath(os.path.join(folder, d)) not in excluded)
-        found.extend(Path(folder) / name for name in files if is_image_file(name))
-    return sorted(found, key=lambda p: relative_name(p, root))
-
-
-def relative_name(path: str | Path, root: str | Path) -> str:
-    """``path`` relative to the input folder, with ``/`` separators (the file name when ``root``
-    is the file itself). This is the image's key in every output."""
-    path, root = Path(path), Path(root)
-    if path == root:
-        return path.name
-    return path.relative_to(root).as_posix()
-
-
-# --------------------------------------------------------------------------------------------
-# Truncated files (cv2 decodes a truncated JPEG without complaint, filling the rest with grey)
-# --------------------------------------------------------------------------------------------
-
-_JPEG_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # a marker inside/after entropy-coded data
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def jpeg_is_complete(data: bytes) -> bool:
-    """Whether a JPEG byte string reaches its end-of-image marker (walking the segments, so an
-    EXIF thumbnail's marker or data after the end, e.g. motion photos, do not mislead)."""
-    n, pos = len(data), 2
-    while pos < n:
-        if data[pos] != 0xFF:  # junk between segments: resynchronise on the next marker
-            match = _JPEG_NEXT_MARKER.search(data, pos)
-            if match is None:
-                return False
-            pos = match.start()
-        while pos < n and data[pos] == 0xFF:  # fill bytes
-            pos += 1
-        if pos >= n:
-            return False
-        marker = data[pos]
-        pos += 1
-        if marker == 0xD9:
-            return True
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # stand-alone markers
-            continue
-        if pos + 2 > n:
-            return False
-        length = int.from_bytes(data[pos:pos + 2], "big")
-        if length < 2:
-            return False
-        pos += length
-        if pos > n:
-            return False
-        if marker == 0xDA:  # start of scan: skip the entropy-coded data
-            match = _JPEG_NEXT_MARKER.search(data, pos)
-            if match is None:
-                return False
-            pos = match.start()
-    return False
-
-
-def png_is_complete(path: str | Path) -> bool:
-    """Whether a PNG file's chunks run up to its IEND chunk."""
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        if handle.read(8) != _PNG_SIGNATURE:
-            return True  # not a PNG: the decoder decides
-        while True:
-            header = handle.read(8)
-            if len(header) < 8:
-                return False
-            length, kind = struct.unpack(">I4s", header)
-            if kind == b"IEND":
-                return True
-            position = handle.tell() + length + 4  # data + CRC
-            if position > size:
-                return False
-            handle.seek(position)
-
-
-def truncation_problem(path: str | Path) -> str | None:
-    """A reason when a JPEG/PNG file is cut short, else ``None`` (other formats: the decoder
-    reports truncation itself)."""
-    path = Path(path)
-    with path.open("rb") as handle:
-        head = handle.read(8)
-    if head.startswith(b"\xff\xd8"):
-        if not jpeg_is_complete(path.read_bytes()):
-            return "truncated JPEG (no end-of-image marker)"
-    elif head.startswith(_PNG_SIGNATURE):
-        if not png_is_complete(path):
-            return "truncated PNG (no IEND chunk)"
-    return None
-
-
-# --------------------------------------------------------------------------------------------
-# Loading images in DataLoader workers
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class ImageRecord:
-    """One input file after loading: the image or the reason it was skipped.
-
-    ``image`` is the decoded BGR uint8 image at its original size; ``net_image`` what the
-    detector gets (the same array unless it had more than ``max_pixels`` pixels, then downscaled
-    by ``net_scale`` = (sx, sy)); ``notes`` are warnings (e.g. downscaled).
-    """
-
-    index: int
-    name: str
-    path: str
-    image: np.ndarray | None = None
-    net_image: np.ndarray | None = None
-    net_scale: tuple[float, float] = (1.0, 1.0)
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-    load_s: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-def _reason(error: BaseException, path: str) -> str:
-    message = str(error) or type(error).__name__
-    for prefix in (f"{path}: ", f"{Path(path)}: "):
-        if message.startswith(prefix):
-            return message[len(prefix):]
-    return message
-
-
-def downscale_for_memory(image: np.ndarray, max_pixels: int | None) -> tuple[np.ndarray, tuple[float, float]]:
-    """``image`` resized (INTER_AREA) to at most ``max_pixels`` pixels, and the (sx, sy) applied."""
-    height, width = image.shape[:2]
-    if not max_pixels or height * width <= max_pixels:
-        return image, (1.0, 1.0)
-    scale = math.sqrt(max_pixels / (height * width))
-    new_w, new_h = max(1, int(width * scale)), max(1, int(height * scale))
-    resized = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_AREA)
-    return resized, (new_w / width, new_h / height)
-
-
-def load_record(index: int, path: str | Path, name: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageRecord:
-    """Read one file into an :class:`ImageRecord`; never raises for a bad file."""
-    started = time.perf_counter()
-    record = ImageRecord(index=index, name=name, path=str(path))
-    try:
-        problem = truncation_problem(path) if Path(path).is_file() and Path(path).stat().st_size else None
-        if problem is not None:
-            raise ImageReadError(problem)
-        image = read_image(path)
-        record.image = image
-        record.net_image, record.net_scale = downscale_for_memory(image, max_pixels)
-        if record.net_scale != (1.0, 1.0):
-            h, w = image.shape[:2]
-            nh, nw = record.net_image.shape[:2]
-            record.notes.append(f"{w}x{h} has more than {max_pixels} pixels: detected at {nw}x{nh} "
-                                f"(boxes mapped back; use --max_size to choose the scale)")
-    except MemoryError:
-        record.image = record.net_image = None
-        record.error = "out of memory while decoding"
-    except (ImageReadError, OSError, ValueError, cv2.error) as error:
-        record.image = record.net_image = None
-        record.error = _reason(error, str(path))
-    record.load_s = time.perf_counter() - started
-    return record
-
-
-class ImageFolderDataset(Dataset):
-    """Map-style dataset over image files; items are :class:`ImageRecord` (errors carried)."""
-
-    def __init__(self, files: Sequence[str | Path], root: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        self.files = [str(f) for f in files]
-        self.names = [relative_name(f, root) for f in files]
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> ImageRecord:
-        return load_record(index, self.files[index], self.names[index], self.max_pixels)
-
-
-def collate_records(batch: list[ImageRecord]) -> list[ImageRecord]:
-    """Keep the records as they are: numpy images of any size, per-file errors included."""
-    return list(batch)
-
-
-def make_loader(dataset: ImageFolderDataset, batch_size: int = 1, workers: int = 2) -> DataLoader:
-    """A DataLoader decoding images in ``workers`` processes (0: in this process), in order.
-
-    Iterate it with :func:`start_loader`, which keeps OpenCV's thread pool out of the forked
-    workers.
-    """
-    workers = min(workers, len(dataset))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=collate_records, prefetch_factor=2 if workers else None,
-                      persistent_workers=False)
-
-
-def start_loader(loader: DataLoader) -> Iterator[list[ImageRecord]]:
-    """``iter(loader)`` with OpenCV's worker threads stopped while the workers are forked.
-
-    OpenCV's pthreads pool has no fork handler: a forked child inherits the pool's bookkeeping
-    (and possibly a locked mutex) without its threads, and ``cv2.setNumThreads`` there blocks
-    forever. ``setNumThreads(1)`` joins the pool's threads in this process first, so the workers
-    start clean and decode single-threaded; the previous setting is restored right after.
-    """
-    if loader.num_workers == 0:
-        return iter(loader)
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        return iter(loader)  # the worker processes are forked here
-    finally:
-        cv2.setNumThreads(previous)
-
-
-class SameSizeBatcher:
-    """Groups records by network-input size into batches of ``batch_size`` (``--infer_imsize_same``).
-
-    :meth:`add` returns the batches that became full; at most ``max_pending`` images wait (the
-    largest group is released early beyond that); :meth:`flush` returns what is left.
-    """
-
-    def __init__(self, batch_size: int, max_pending: int | None = None) -> None:
-        self.batch_size = batch_size
-        self.max_pending = max_pending or max(4 * batch_size, 16)
-        self.groups: OrderedDict[tuple[int, ...], list[ImageRecord]] = OrderedDict()
-        self.pending = 0
-
-    def add(self, record: ImageRecord) -> list[list[ImageRecord]]:
-        key = tuple(record.net_image.shape)
-        self.groups.setdefault(key, []).append(record)
-        self.pending += 1
-        ready = []
-        if len(self.groups[key]) >= self.batch_size:
-            ready.append(self._pop(key))
-        while self.pending > self.max_pending:
-            ready.append(self._pop(max(self.groups, key=lambda k: len(self.groups[k]))))
-        return ready
-
-    def flush(self) -> list[list[ImageRecord]]:
-        return [self._pop(key) for key in list(self.groups)]
-
-    def _pop(self, key: tuple[int, ...]) -> list[ImageRecord]:
-        batch = self.groups.pop(key)
-        self.pending -= len(batch)
-        return batch
 
 
 # --------------------------------------------------------------------------------------------
