@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (see ``--help``)."""
-    from utils.checkpoint import CheckpointError  # noqa: PLC0415
+    from utils.errors import CheckpointError  # noqa: PLC0415
 
     return run_command_line("inference", argv, _run, (InferenceError, CheckpointError, OSError),
                             description=DESCRIPTION, epilog=EPILOG)

@@ -127,7 +127,7 @@ def test(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    from utils.checkpoint import CheckpointError  # noqa: PLC0415
+    from utils.errors import CheckpointError  # noqa: PLC0415
     from utils.evaluation import EvaluationError  # noqa: PLC0415
 
     return run_command_line("test", argv, lambda args: evaluate_folder(args) if args.pred_dir else test(args),

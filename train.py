@@ -32,7 +32,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, An
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    from utils.checkpoint import CheckpointError  # noqa: PLC0415
+    from utils.errors import CheckpointError  # noqa: PLC0415
     from utils.train_utils import TrainingDivergedError, TrainingSetupError  # noqa: PLC0415
 
     def run_and_report(args: argparse.Namespace) -> int:

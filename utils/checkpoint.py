@@ -28,6 +28,7 @@ from typing import Any, Mapping
 import torch
 
 from models.retinaface import ModelConfig, RetinaFace
+from utils.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "retinaface-toolkit"
 FORMAT_VERSION = 1
@@ -40,10 +41,6 @@ PUBLISHED_WEIGHTS: dict[str, tuple[str, ModelConfig]] = {
     "resnet50": (_RELEASE + "detection_Resnet50_Final.pth",
                  ModelConfig(network="resnet50", num_anchor=2, cascade=False)),
 }
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be found, read or matched to a model; the message says why."""
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, **extra: Any) -> Path:

@@ -34,7 +34,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from config import one_line
-from utils.image_loader import ImageFolderDataset, ImageRecord, SameSizeBatcher, make_loader, start_loader
 
 from utils.metric import (NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTruth, WiderFaceResult, evaluate,
                           load_ground_truth, plot_pr_curves, read_prediction_dir)
@@ -241,9 +240,11 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
     from tqdm import tqdm  # noqa: PLC0415
     bar = tqdm(total=len(images), unit="img", desc="test", file=sys.stderr, dynamic_ncols=True,
                disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    from utils.image_loader import ImageFolderDataset, SameSizeBatcher, make_loader, start_loader  # torch
+
     batcher = SameSizeBatcher(batch_size, max_pending)
 
-    def run(batch: list[ImageRecord]) -> None:
+    def run(batch: list) -> None:
         found = detector.detect_batch([record.image for record in batch])
         for record, detections in zip(batch, found):
             image = images[record.index]
