@@ -24,7 +24,7 @@ import torch
 
 from layers.prior_box import prior_boxes
 from models.net import fuse_conv_bn
-from models.retinaface import BGR_MEAN, RetinaFace, preprocess
+from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace, preprocess
 from utils.checkpoint import load_model
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import PUBLIC_PIXEL_OFFSET
@@ -147,7 +147,7 @@ class FaceDetector:
         self.timings: dict[str, float] = defaultdict(float)  # seconds: preprocess, forward, postprocess
 
     @property
-    def config(self):
+    def config(self) -> ModelConfig:
         return self.model.config
 
     def detect(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
