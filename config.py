@@ -95,7 +95,7 @@ OPTIONS: tuple[Option, ...] = (
     _opt("--workers", type=non_negative_int, default=2,
          help="DataLoader worker processes for image decoding and augmentation"),
     _opt("--half", type=str2bool, default=False, scripts={TEST, INFERENCE},
-         help="run the network in reduced precision on CUDA (bf16 where supported, else fp16)"),
+         help="run the network in fp16 autocast on CUDA (ignored on the CPU)"),
     # --- weights ---------------------------------------------------------------------------
     _opt("--model_weight", type=str, default=None, scripts={TEST, INFERENCE},
          help="checkpoint file name inside experiments/<experiment_name>/ckpt/ (e.g. best.pth)"),

@@ -12,6 +12,7 @@ checkpoints load strictly. The cascade stage lives under ``cascade.*``.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -232,5 +233,11 @@ def preprocess(images: torch.Tensor, channels_last_input: bool = True) -> torch.
     """
     if channels_last_input:
         images = images.permute(0, 3, 1, 2)
-    mean = torch.tensor(BGR_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    return images.float() - mean
+    return images.float() - _bgr_mean(images.device)
+
+
+@lru_cache(maxsize=None)
+def _bgr_mean(device: torch.device) -> torch.Tensor:
+    """The mean as a (1, 3, 1, 1) tensor, made once per device (a new one per batch would be a
+    blocking host-to-device copy on CUDA)."""
+    return torch.tensor(BGR_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)

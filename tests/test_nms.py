@@ -67,3 +67,31 @@ def test_batched_postprocess_equals_per_image_pipeline():
         np.testing.assert_array_equal(found.landmarks[start:stop].numpy(), ref_landmarks)
         start = stop
     assert max(found.counts) == 40  # keep_top_k is reached on the busy images
+
+
+def test_batched_postprocess_keeps_images_apart_with_negative_coordinates():
+    # A face at the bottom-right corner of image 0 and a face cut off at the top-left of image 1
+    # (negative decoded coordinates): offsetting groups by the largest coordinate alone would
+    # make them overlap and suppress one another.
+    boxes = torch.zeros(2, 1, 4)
+    boxes[0, 0] = torch.tensor([900.0, 900.0, 1024.0, 1024.0])
+    boxes[1, 0] = torch.tensor([-130.0, -130.0, 0.0, 0.0])
+    scores = torch.tensor([[0.9], [0.8]])
+    found = postprocess(boxes, scores, torch.zeros(2, 1, 10), confidence_threshold=0.5, nms_threshold=0.4)
+    assert found.counts == [1, 1]
+    assert found.image_index.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_batched_nms_equals_per_group_nms_with_negative_coordinates(seed):
+    from utils.nms import batched_nms
+    boxes, scores = random_detections(seed, 900)
+    boxes = torch.from_numpy(boxes) - 150.0  # a third of the boxes reach negative coordinates
+    scores = torch.from_numpy(scores)
+    groups = torch.from_numpy(np.random.default_rng(seed).integers(0, 4, len(scores)))
+    kept = set(batched_nms(boxes, scores, groups, 0.4).tolist())
+    expected = set()
+    for group in range(4):
+        members = torch.nonzero(groups == group).flatten()
+        expected |= set(members[nms(boxes[members], scores[members], 0.4)].tolist())
+    assert kept == expected

@@ -32,8 +32,19 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float,
                 pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> torch.Tensor:
     """NMS applied independently within each group id of ``groups`` (N,), e.g. the image index of
-    each box in a batch. Returns kept indices sorted by decreasing score."""
-    return ops.batched_nms(_shift(boxes.float(), pixel_offset), scores.float(), groups, iou_threshold)
+    each box in a batch. Returns kept indices sorted by decreasing score.
+
+    Groups are kept apart by moving each one past the coordinate span of all boxes, in float64
+    so the IoUs stay exact. (``torchvision.ops.batched_nms`` offsets by the largest coordinate,
+    which assumes coordinates >= 0; decoded boxes at image borders can be negative, and a box of
+    one image could then suppress a box of another.)
+    """
+    if boxes.numel() == 0:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    shifted = _shift(boxes.double(), pixel_offset)
+    low = shifted.min()
+    offsets = groups.to(shifted) * (shifted.max() - low + 1) - low
+    return ops.nms(shifted + offsets[:, None], scores.double(), iou_threshold)
 
 
 def nms_numpy(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float,

@@ -39,11 +39,9 @@ def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tens
     batch, num_priors = scores.shape
     k = min(top_k, num_priors)
     top_scores, top_index = scores.topk(k, dim=1, sorted=True)              # (B, k)
-    image_index = torch.arange(batch, device=scores.device).unsqueeze(1).expand(batch, k)
-    selected = top_scores > confidence_threshold
-    image_index = image_index[selected]
-    prior_index = top_index[selected]
-    candidate_scores = top_scores[selected]
+    image_index, rank = torch.nonzero(top_scores > confidence_threshold, as_tuple=True)
+    prior_index = top_index[image_index, rank]
+    candidate_scores = top_scores[image_index, rank]
     candidate_boxes = boxes[image_index, prior_index]
     candidate_landmarks = landmarks[image_index, prior_index]
 
@@ -52,9 +50,11 @@ def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tens
     keep = keep[torch.sort(image_index[keep], stable=True).indices]
     kept_image = image_index[keep]
     counts = torch.bincount(kept_image, minlength=batch)
-    first_of_image = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(keep.numel(), device=keep.device) - first_of_image[kept_image]
-    keep = keep[rank < keep_top_k]
-    counts = counts.clamp(max=keep_top_k)
+    count_list = counts.tolist()
+    if max(count_list, default=0) > keep_top_k:
+        first_of_image = torch.cumsum(counts, 0) - counts
+        rank_in_image = torch.arange(keep.numel(), device=keep.device) - first_of_image[kept_image]
+        keep = keep[rank_in_image < keep_top_k]
+        count_list = [min(count, keep_top_k) for count in count_list]
     return BatchDetections(image_index[keep], candidate_boxes[keep], candidate_scores[keep],
-                           candidate_landmarks[keep], counts.tolist())
+                           candidate_landmarks[keep], count_list)

@@ -1,0 +1,289 @@
+"""Smoke tests of the speed benchmarks on the CPU with tiny settings.
+
+tools/benchmark_inference.py and tools/benchmark_train.py run in-process (each well under 20 s
+with one thread); their JSON lines are checked for the fields the speed table and the GPU run
+rely on, and for the fidelity checks between the fast and the reference paths. The CUDA-only
+paths (graphs, compile, autocast, sync counts, memory) run only on a GPU (tools/gpu_check.sh).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layers.multibox_loss import MultiBoxLoss
+from layers.prior_box import prior_boxes
+from models.retinaface import ModelConfig, RetinaFace, preprocess
+from tools import benchmark_inference as bi
+from tools import benchmark_train as bt
+from tools import speed_table
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """Tiny CPU workloads: one intra-op thread is faster and immune to oversubscription."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def run_main(main, argv):
+    """Run a benchmark ``main`` in-process; returns (report, the one line it printed)."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        report = main(argv)
+    lines = [line for line in buffer.getvalue().splitlines() if line.strip()]
+    assert len(lines) == 1, "a benchmark prints exactly one JSON line on stdout"
+    return report, lines[0]
+
+
+@pytest.fixture(scope="module")
+def inference_run(tmp_path_factory, mobilenet_weights, widerface_sample):
+    out = tmp_path_factory.mktemp("bench") / "inference.jsonl"
+    argv = ["--device", "cpu", "--threads", "1", "--models", "mobilenet0.25", "--batch_sizes", "1,2",
+            "--iters", "2", "--warmup", "1", "--weights", f"mobilenet0.25={mobilenet_weights}",
+            "--sample_images", str(widerface_sample / "val" / "images"), "--sample_weights", str(mobilenet_weights),
+            "--sample_limit", "2", "--sample_iters", "1", "--sample_warmup", "0", "--out", str(out)]
+    report, line = run_main(bi.main, argv)
+    return report, line, out
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory, widerface_sample):
+    out = tmp_path_factory.mktemp("bench") / "train.jsonl"
+    argv = ["--device", "cpu", "--threads", "1", "--configs", "mobilenet0.25:2:128", "--iters", "2",
+            "--warmup", "1", "--workers", "1", "--dataset", str(widerface_sample), "--split", "val",
+            "--profile", "--profile_steps", "1", "--out", str(out)]
+    report, line = run_main(bt.main, argv)
+    return report, line, out
+
+
+def check_header(report, name):
+    assert report["benchmark"] == name
+    assert report["env"]["device_type"] == "cpu" and report["env"]["torch"] == torch.__version__
+    assert report["date"][:2] == "20" and report["command"].startswith(f"python tools/benchmark_{name}")
+    assert report["errors"] == [] and not report.get("interrupted")
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference benchmark
+# ------------------------------------------------------------------------------------------------
+def test_inference_benchmark_cpu_smoke(inference_run):
+    report, line, out = inference_run
+    assert json.loads(line) == json.loads(out.read_text().strip())
+    check_header(report, "inference")
+    assert any("CUDA graphs" in note for note in report["notes"])
+    entries = {(e["batch"], e["variant"]): e for e in report["synthetic"]}
+    assert set(entries) == {(1, "ref"), (1, "fp32"), (2, "ref"), (2, "fp32")}
+    for (batch, variant), e in entries.items():
+        assert e["model"] == "mobilenet0.25" and e["size"] == [640, 480]
+        assert e["latency_ms"]["median"] > 0 and e["latency_ms"]["n"] == 2
+        assert math.isclose(e["images_per_s"], batch * 1000 / e["latency_ms"]["median"], rel_tol=1e-2)
+        assert set(e["stages_ms"]) == {"h2d", "network", "postprocess"}
+        if variant == "fp32":  # fused BN, same device: must give the reference's detections
+            assert e["fuse_bn"] and e["fidelity"]["passed"], e["fidelity"]
+        else:
+            assert not e["fuse_bn"] and "fidelity" not in e
+    assert entries[(2, "fp32")]["fidelity"]["compared"] > 0  # real image content: a non-vacuous check
+    assert report["fidelity_passed"] is True
+    assert {s["batch"] for s in report["summary"]} == {1, 2}
+
+
+def test_inference_benchmark_sample_images_against_public_pipeline(inference_run):
+    sample = inference_run[0]["sample"]
+    assert sample["images"] == 2 and sample["confidence_threshold"] == 0.02
+    assert sample["public_style"]["ms_per_img"] > 0 and sample["read_image_ms_per_img"] > 0
+    assert set(sample["public_style"]["steps_ms_per_img"]) == {"forward", "priors", "decode", "nms"}
+    assert sample["fidelity_reference_vs_public"]["passed"] and sample["fidelity_reference_vs_public"]["compared"] > 0
+    variants = {v["variant"]: v for v in sample["variants"]}
+    assert set(variants) == {"ref", "fp32"}
+    assert variants["fp32"]["fidelity"]["passed"] and variants["fp32"]["speedup_vs_public"] > 0
+    assert sample["face_detector_api"]["fidelity"]["passed"]
+    assert sample["best"]["variant"] in variants
+
+
+def test_inference_benchmark_random_weights_and_noise(tmp_path):
+    report, _ = run_main(bi.main, ["--device", "cpu", "--threads", "1", "--models", "mobilenet0.25",
+                                   "--weights", "mobilenet0.25=random", "--content", "noise", "--size", "160x128",
+                                   "--batch_sizes", "2", "--iters", "1", "--sample_images", "",
+                                   "--variants", "ref,fp32,fp16+graph"])
+    assert report["errors"] == [] and report["sample"] is None
+    assert report["synthetic"][0]["weights"].startswith("random")
+    assert [e["variant"] for e in report["synthetic"]] == ["ref", "fp32"]
+    assert any("fp16+graph: skipped" in note for note in report["notes"])
+
+
+def test_variant_parsing():
+    ref, note = bi.parse_variant("ref", CPU)
+    assert note is None and ref.is_reference and not ref.channels_last and not ref.fuse_bn
+    fp16, _ = bi.parse_variant("fp16+cl", CPU)
+    assert fp16.autocast_dtype == torch.float16 and fp16.channels_last and fp16.fuse_bn
+    skipped, note = bi.parse_variant("bf16+graph", CPU)
+    assert skipped is None and "CUDA" in note
+    with pytest.raises(ValueError):
+        bi.parse_variant("int8", CPU)
+    with pytest.raises(ValueError):
+        bi.parse_variant("fp32+fast", CPU)
+    assert "fp16+graph" in bi.default_variants(torch.device("cuda"), compile_=False, graphs=True)
+    assert bi.default_variants(CPU, compile_=True, graphs=True) == ["ref", "fp32"]
+
+
+def test_capture_safe_input_equals_preprocess():
+    images = torch.randint(0, 256, (2, 24, 32, 3), dtype=torch.uint8)
+    expected = preprocess(images)
+    for channels_last in (False, True):
+        got = bi.network_input(images, bi._mean(CPU), channels_last)
+        assert torch.equal(got, expected)
+        if channels_last:
+            assert got.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_random_model_calibration_gives_a_face_prior():
+    model, note = bi.load_benchmark_model("mobilenet0.25", "random", CPU,
+                                          torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))
+    assert note.startswith("random") and not model.training
+    with torch.inference_mode():
+        images = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
+        _, scores, _ = model.decode_detections(model(preprocess(images)), prior_boxes((64, 64), 2))
+    assert float(scores.mean()) < 0.1  # ~1 % face prior, not coin flips
+
+
+# ------------------------------------------------------------------------------------------------
+# Training benchmark
+# ------------------------------------------------------------------------------------------------
+def test_train_benchmark_cpu_smoke(train_run):
+    report, line, out = train_run
+    assert json.loads(line) == json.loads(out.read_text().strip())
+    check_header(report, "train")
+    (config,) = report["configs"]
+    assert config["config"] == "mobilenet0.25:2:128" and config["fixed_batch"].startswith("real")
+    modes = {(v["variant"], v["mode"]): v for v in config["variants"]}
+    assert set(modes) == {("public", "fixed"), ("fp32", "fixed"), ("fp32", "real")}
+    for v in modes.values():
+        assert v["img_per_s"] > 0 and v["steps"] == 2 and math.isfinite(v["final_loss"])
+        assert v["step_ms"]["n"] == 2
+    assert modes[("fp32", "real")]["ratio_to_fixed"] > 0 and modes[("fp32", "real")]["workers"] == 1
+    assert config["loader_only"]["img_per_s"] > 0
+    # the public-style step computes the same loss as MultiBoxLoss (protocol difference off)
+    assert config["loss_check"]["protocol_rel_diff"] < 1e-5
+    summary = config["summary"]
+    assert summary["best_fixed_variant"] == "fp32" and summary["speedup_vs_public_style"] > 0
+    assert "real_ratio_to_fixed" in summary
+    assert config["profile"]["top_ops"] and config["profile"]["variant"] == "fp32"
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_public_style_loss_equals_multibox_loss(cascade):
+    """The per-image public protocol (hard faces not claiming anchors) = the batched loss, also for
+    the refine cascade whose stage 2 matches against per-image anchors."""
+    torch.manual_seed(0)
+    config = ModelConfig(network="mobilenet0.25", cascade=cascade)
+    model = RetinaFace(config).train()
+    images, targets = bt.synthetic_batch(3, 96, seed=1, faces=6)
+    targets[1] = targets[1][:0]  # an image without faces
+    priors = prior_boxes((96, 96), config.num_anchor)
+    with torch.no_grad():
+        outputs = model(images.float() - 117.0)
+        ours = MultiBoxLoss(config)(model, outputs, priors, targets)
+        loss_l, loss_c, loss_landm = bt.PublicStyleLoss(claim_invalid=False)(model, outputs, priors, targets)
+    assert math.isclose(float(2.0 * loss_l + loss_c + loss_landm), float(ours["total"]), rel_tol=1e-5)
+    assert math.isclose(float(loss_l), float(ours["loss_box"]), rel_tol=1e-5)
+    assert math.isclose(float(loss_landm), float(ours["loss_landm"]), rel_tol=1e-5)
+
+
+def test_step_clock_window():
+    clock = bt.StepClock(warmup=2, iters=3, device=CPU)
+    clock.source = range(10)
+    seen = []
+    for item in clock:
+        seen.append(item)
+        if item == 6:
+            break
+    result = clock.result(batch=4)
+    assert seen == list(range(7)) and result["steps"] == 3 and result["img_per_s"] > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Speed table, GPU script, imports
+# ------------------------------------------------------------------------------------------------
+def test_speed_table_renders_both_benchmarks(inference_run, train_run, tmp_path):
+    out = tmp_path / "speed.md"
+    text = speed_table.main([str(inference_run[2]), str(train_run[2]), "--out", str(out)])
+    assert out.read_text().strip() == text.strip()
+    for expected in ("### Inference", "### Training", "### Targets of the issue", torch.__version__,
+                     "python tools/benchmark_inference.py", "python tools/benchmark_train.py", "public-style",
+                     "mobilenet0.25:2:128", "– (CPU run)"):
+        assert expected in text, expected
+    tables, current = [], []
+    for row in text.splitlines() + [""]:
+        if row.startswith("|"):
+            current.append(row.count("|"))
+        elif current:
+            tables.append(current)
+            current = []
+    assert len(tables) >= 4 and all(len(set(t)) == 1 for t in tables)  # every row as wide as its header
+
+
+def test_speed_table_target_verdicts():
+    """Targets use the fastest variant whose fidelity passed; status only for GPU runs."""
+    env = {"device": "NVIDIA H200", "device_type": "cuda", "torch": "2.11.0"}
+
+    def entry(model, batch, variant, ips, ms, passed=True):
+        return {"model": model, "batch": batch, "variant": variant, "images_per_s": ips,
+                "latency_ms": {"median": ms, "p90": ms}, "stages_ms": {},
+                "fidelity": {"passed": passed, "compared": 10, "unmatched_reference": 0 if passed else 3,
+                             "unmatched_candidate": 0}}
+    inference = {"benchmark": "inference", "env": env, "date": "2026-01-01", "command": "python x",
+                 "synthetic": [entry("resnet50_cascade", 32, "fp16+graph", 1600.0, 20.0),
+                               entry("resnet50_cascade", 32, "bf16+graph", 9999.0, 3.2, passed=False),
+                               entry("resnet50_cascade", 1, "fp16+graph", 300.0, 3.3),
+                               entry("mobilenet0.25", 32, "fp16+graph", 4000.0, 8.0)],
+                 "sample": {"images": 10, "distinct_sizes": 8, "confidence_threshold": 0.02, "variants": [],
+                            "public_style": {}, "best": {"variant": "fp16+graph", "speedup_vs_public": 60.0}}}
+    train = {"benchmark": "train", "env": env, "date": "2026-01-01", "command": "python y", "configs": [
+        {"config": "mobilenet0.25:32:640", "variants": [],
+         "summary": {"best_fixed_img_per_s": 800.0, "best_fixed_variant": "bf16", "speedup_vs_public_style": 3.0,
+                     "real_ratio_to_fixed": 0.8}}]}
+    rows = {row[0]: row for row in speed_table.target_rows([inference, train])}
+    assert rows["ResNet-50 cascade 640×480 bs32 end to end"][3] == "met"
+    assert "fp16+graph" in rows["ResNet-50 cascade 640×480 bs32 end to end"][2]
+    assert rows["mobilenet0.25 640×480 end to end"][3] == "**not met**"
+    assert rows["ResNet-50 cascade batch-1 latency"][3] == "met"
+    assert rows["sample WIDER images vs public-style pipeline"][3] == "met"
+    assert rows["mobilenet0.25 bs32@640 fixed batches"][3] == "met"
+    assert rows["resnet50 bs24@840 fixed batches"][3] == "not measured"
+    assert rows["mobilenet0.25:32:640 real data pipeline vs fixed batches"][3] == "**not met**"
+    assert "Targets" in speed_table.render([inference, train])
+
+
+def test_gpu_check_script_smoke(tmp_path, widerface_sample, mobilenet_weights):
+    """tools/gpu_check.sh --smoke: the GPU session's one command, with tiny CPU settings."""
+    shared = widerface_sample.parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RETINAFACE_SHARED": str(shared), "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "tools/gpu_check.sh", "--smoke"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    files = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"gpu_check.log", "inference.jsonl", "train.jsonl", "speed_table.md", "train_profile.txt"} <= files
+    assert len(files) <= 8  # the GPU tool brings back at most 8 files
+    assert "### Targets" in (tmp_path / "out" / "speed_table.md").read_text()
+
+
+def test_benchmarks_do_not_import_mediapipe():
+    code = ("import sys; import tools.benchmark_inference, tools.benchmark_train, tools.speed_table, "
+            "models.detector; bad = [m for m in sys.modules if m.startswith('mediapipe')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)

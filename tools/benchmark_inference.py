@@ -1,0 +1,985 @@
+"""End-to-end inference benchmark: images/s and latency of the batched device pipeline, fidelity
+of its fast paths, and the public-style per-image pipeline timed in the same run.
+
+    python tools/benchmark_inference.py [--device cuda] [--models mobilenet0.25,resnet50_cascade]
+        [--batch_sizes 1,8,32] [--size 640x480] [--variants ref,tf32,fp16,bf16,fp16+graph,bf16+graph]
+        [--compile] [--iters 30] [--warmup 5] [--weights MODEL=PATH] [--out FILE]
+
+What one run measures
+---------------------
+*synthetic*: for every model, batch size and variant, ``iters`` end-to-end batches at a fixed
+size (default 640x480): a pinned host uint8 BGR batch (B, H, W, 3) -> device copy -> float
+conversion and mean subtraction on the device -> forward -> decode -> batched post-processing
+(threshold, top-k, NMS, keep-top-k; ``utils/postprocess.py``) -> detections on the host. Every
+iteration is synchronised; the JSON has the median / p10 / p90 latency, images/s = batch /
+median latency, and the per-stage split (h2d, network = preprocess + forward + decode,
+postprocess) from CUDA events (host clock on the CPU). On CUDA ``stream_images_per_s``
+(batch > 1) is the throughput of up to 20 batches run back to back, the next batch's
+host-to-device copy overlapping the current batch on a side stream (``--stream off`` skips it).
+The images are crops of the sample WIDER images (real content, so post-processing sees real
+detections) or uniform noise (``--content noise``). Models without ``--weights`` get random weights with BatchNorm statistics
+calibrated on the benchmark images and a 1 % face prior on the class heads, so their score
+distribution (and the post-processing load) looks like a detector's, not like coin flips.
+
+*sample*: the sample WIDER images at original size with the published mobilenet0.25 weights
+(confidence 0.02, NMS 0.4, like tools/benchmark_cpu.py): our pipeline (images of one size batched
+together, as ``FaceDetector`` does), ``FaceDetector.detect`` itself, and the public-style per-image
+pipeline (tools/public_pipeline.py: CPU mean subtraction, forward, Python prior loop, decode,
+NumPy NMS; on CUDA the forward and decode run on the GPU like the public detect.py). All start
+from decoded images; disk reading (``read_image``) is timed separately. The speed-up is
+public ms/img over ours, from this one run.
+
+Variants (``--variants``, names joined by ``+``)
+-------------------------------------------------
+precision ``fp32`` (IEEE float32: TF32 off), ``tf32`` (float32 with TF32 convolutions and
+matmuls), ``bf16`` / ``fp16`` (autocast); modifiers ``nchw`` / ``cl`` (memory format; default
+channels_last on CUDA, NCHW on the CPU), ``nofuse`` (keep BatchNorm; default: folded), ``graph``
+(CUDA graph of preprocess + forward + decode per input shape; post-processing has data-dependent
+shapes and stays eager), ``compile`` (``torch.compile`` of the same region). ``ref`` =
+``fp32+nchw+nofuse``: the reference path. ``graph`` / ``compile`` variants are skipped with a note
+on the CPU. ``--compile`` adds ``fp16+compile+graph`` (off by default: compiling every shape of
+the ResNet-50 cascade costs minutes). fp16 rather than bf16 is the fast default: on the sample
+images bf16 autocast moves 8 of 376 detections (score >= 0.5) below IoU 0.98 against fp32 (min
+IoU 0.92, score differences up to 0.04), fp16 none (score differences <= 0.004, landmarks
+<= 0.1 px; measured with CPU autocast, whose rounding is the same). Both are always measured.
+
+Fidelity: every variant's detections on the first batch (and on the sample images) are compared
+with the reference path's, both ways, with ``tools/fidelity.py: unmatched`` (a reference detection
+with score >= 0.5 needs a counterpart with IoU >= 0.98, score within ``--score_tol`` and landmarks
+within ``--landmark_tol`` px; the comparison pass uses confidence 0.3 so that a score just under
+0.5 on one side is still found). 16-bit variants use ``--score_tol_16`` / ``--landmark_tol_16``.
+Summaries and "best" pick the fastest variant whose fidelity check passed.
+
+Prints ONE JSON line (device, torch version, date, command, every measurement); ``--out FILE``
+appends it to FILE. ``tools/speed_table.py`` renders such lines as Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from layers.prior_box import prior_boxes  # noqa: E402
+from models.net import fuse_conv_bn  # noqa: E402
+from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace  # noqa: E402
+from tools.fidelity import unmatched  # noqa: E402
+from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
+from utils.postprocess import postprocess  # noqa: E402
+
+SHARED = Path(os.environ.get("RETINAFACE_SHARED", REPO.parent / "shared"))
+SAMPLE_IMAGES = SHARED / "data" / "widerface_sample" / "val" / "images"
+MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet0.25_Final.pth"
+
+#: Benchmark model names -> architectures. ``resnet50_cascade`` is ``ModelConfig()``, the default.
+MODELS: dict[str, ModelConfig] = {
+    "mobilenet0.25": ModelConfig(network="mobilenet0.25", cascade=False),
+    "resnet50_cascade": ModelConfig(),
+    "resnet50": ModelConfig(network="resnet50", cascade=False),
+}
+FACE_PRIOR = 0.01          # class-head face probability of the random-weight models
+FIDELITY_CONFIDENCE = 0.3  # confidence of the fidelity pass (compared at score >= 0.5)
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared helpers (also used by tools/benchmark_train.py)
+# ------------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device name, library versions and host facts for the JSON header."""
+    env: dict[str, Any] = {
+        "device_type": device.type, "torch": torch.__version__, "python": platform.python_version(),
+        "numpy": np.__version__, "cv2": cv2.__version__, "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        import torchvision
+        env["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version(), capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), sm_count=props.multi_processor_count)
+    else:
+        env["device"] = f"cpu ({env['cpu']}, {env['cpu_count']} cores, {env['torch_threads']} torch threads)"
+    return env
+
+
+def report_header(name: str, script: str, argv: Sequence[str], device: torch.device) -> dict[str, Any]:
+    return {"benchmark": name,
+            "date": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "command": shlex.join(["python", script, *argv]), "env": environment(device)}
+
+
+def emit(report: dict[str, Any], out: str | None) -> None:
+    """Print the report as one JSON line; append it to ``out`` when given."""
+    line = json.dumps(report, default=str)
+    print(line, flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+def resolve_device(text: str | None) -> torch.device:
+    from models.detector import resolve_device as _resolve
+    return _resolve(text)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def stats(seconds: Sequence[float], scale: float = 1000.0) -> dict[str, float]:
+    """median / p10 / p90 / min / mean of ``seconds`` times ``scale`` (ms by default)."""
+    values = sorted(v * scale for v in seconds)
+    if not values:
+        return {}
+
+    def pick(q: float) -> float:
+        return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+    return {"median": rnd(statistics.median(values)), "p10": rnd(pick(0.1)), "p90": rnd(pick(0.9)),
+            "min": rnd(values[0]), "mean": rnd(statistics.fmean(values)), "n": len(values)}
+
+
+def rnd(value: float | None, digits: int = 4) -> float | None:
+    """Round to ``digits`` significant digits (JSON readability)."""
+    if value is None or not math.isfinite(value) or value == 0:
+        return value
+    return round(value, max(0, digits - 1 - int(math.floor(math.log10(abs(value))))))
+
+
+class Marks:
+    """Stage boundaries inside a timed region: CUDA events on CUDA (no host sync), host clock on
+    the CPU. ``mark(name)`` records; after the region is synchronised, :meth:`durations` returns
+    seconds between consecutive marks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.names: list[str] = []
+        self.points: list[Any] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.points.append(event)
+        else:
+            self.points.append(time.perf_counter())
+        self.names.append(name)
+
+    def durations(self) -> dict[str, float]:
+        out = {}
+        for i in range(1, len(self.points)):
+            a, b = self.points[i - 1], self.points[i]
+            out[self.names[i]] = a.elapsed_time(b) / 1000.0 if self.cuda else b - a
+        return out
+
+
+@contextlib.contextmanager
+def tf32_mode(device: torch.device, enabled: bool):
+    """TF32 convolutions and matmuls on or off inside the block (CUDA only; restored after)."""
+    if device.type != "cuda":
+        yield
+        return
+    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def release(device: torch.device) -> None:
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def sync_sites(fn: Callable[[], Any], toggle: bool = True) -> dict[str, Any] | None:
+    """Host synchronisations (``.item()``, ``.cpu()``, boolean indexing, pageable copies ...) made
+    while ``fn()`` runs, counted per source line with CUDA's sync debug mode; ``toggle=False`` when
+    ``fn`` switches the mode on and off itself. None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    import warnings
+    from collections import Counter
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if toggle:
+                torch.cuda.set_sync_debug_mode("warn")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    def site(w) -> str:
+        path = Path(w.filename)
+        try:
+            path = path.resolve().relative_to(REPO)
+        except ValueError:
+            path = Path(path.name)
+        return f"{path}:{w.lineno}"
+
+    sites = Counter(site(w) for w in caught if "synchroniz" in str(w.message).lower())
+    return {"count": sum(sites.values()), "sites": dict(sites.most_common(12))}
+
+
+# ------------------------------------------------------------------------------------------------
+# Variants
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    precision: str = "fp32"
+    channels_last: bool = False
+    fuse_bn: bool = True
+    graph: bool = False
+    compile: bool = False
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.precision == "fp32" and not self.channels_last and not self.fuse_bn and not (self.graph or self.compile)
+
+
+def parse_variant(text: str, device: torch.device) -> tuple[Variant | None, str | None]:
+    """``"bf16+graph"`` -> Variant; returns ``(None, note)`` when it cannot run on ``device``."""
+    tokens = [t for t in text.strip().lower().split("+") if t]
+    if tokens == ["ref"]:
+        tokens = ["fp32", "nchw", "nofuse"]
+    if not tokens or tokens[0] not in PRECISIONS:
+        raise ValueError(f"variant {text!r}: start with one of {PRECISIONS} or 'ref'")
+    cuda = device.type == "cuda"
+    fields: dict[str, Any] = {"precision": tokens[0], "channels_last": cuda}
+    for token in tokens[1:]:
+        if token in ("nchw", "cl"):
+            fields["channels_last"] = token == "cl"
+        elif token == "nofuse":
+            fields["fuse_bn"] = False
+        elif token in ("graph", "compile"):
+            fields[token] = True
+        else:
+            raise ValueError(f"variant {text!r}: unknown modifier {token!r} (nchw, cl, nofuse, graph, compile)")
+    if not cuda and (fields.get("graph") or fields.get("compile")):
+        return None, f"{text}: skipped on {device.type} (CUDA graphs / torch.compile are measured on CUDA only)"
+    return Variant(name=text.strip(), **fields), None
+
+
+def default_variants(device: torch.device, compile_: bool, graphs: bool) -> list[str]:
+    if device.type != "cuda":
+        return ["ref", "fp32"]
+    names = ["ref", "tf32", "fp16", "bf16"]
+    if graphs:
+        names += ["fp16+graph", "bf16+graph"]
+    if compile_:
+        names += ["fp16+compile+graph" if graphs else "fp16+compile"]
+    return names
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+def parse_weights(items: Sequence[str]) -> dict[str, str]:
+    weights = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or name not in MODELS:
+            raise SystemExit(f"--weights {item!r}: expected MODEL=PATH (or MODEL=random) with MODEL in {sorted(MODELS)}")
+        weights[name] = path
+    return weights
+
+
+def default_weights(name: str) -> str:
+    return str(MOBILENET_WEIGHTS) if name == "mobilenet0.25" and MOBILENET_WEIGHTS.is_file() else "random"
+
+
+def load_benchmark_model(name: str, weights: str, device: torch.device, calibration: torch.Tensor | None,
+                         seed: int = 0) -> tuple[RetinaFace, str]:
+    """The model ``name`` in eval mode on ``device`` and a description of its weights."""
+    config = MODELS[name]
+    if weights != "random":
+        from utils.checkpoint import load_model
+        model = load_model(weights)
+        if model.config != config:
+            print(f"note: {weights} holds {model.config}, not the {name} benchmark architecture {config}",
+                  file=sys.stderr)
+        return model.to(device).eval(), weights
+    torch.manual_seed(seed)
+    model = RetinaFace(config).to(device)
+    calibrate_random_model(model, calibration)
+    return model.eval(), "random (BN calibrated, 1% face prior)"
+
+
+@torch.no_grad()
+def calibrate_random_model(model: RetinaFace, images_u8: torch.Tensor | None) -> None:
+    """Make a randomly initialised model behave like a detector numerically: BatchNorm running
+    statistics from a few forward passes over ``images_u8`` (B, H, W, 3) in train mode, and class
+    heads biased to a 1 % face probability."""
+    if images_u8 is not None:
+        batch_norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for bn in batch_norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average
+        model.train()
+        device = next(model.parameters()).device
+        for chunk in images_u8.split(4):
+            model(network_input(chunk.to(device), _mean(device)))
+    model.eval()
+    bias = math.log(FACE_PRIOR / (1.0 - FACE_PRIOR))
+    heads = list(model.ClassHead) + (list(model.cascade.ClassHead) if model.cascade is not None else [])
+    for head in heads:
+        head.conv1x1.bias[1::2] += bias  # channel a * 2 + 1 is the face logit of anchor a
+
+
+# ------------------------------------------------------------------------------------------------
+# The pipeline
+# ------------------------------------------------------------------------------------------------
+_MEANS: dict[torch.device, torch.Tensor] = {}
+
+
+def _mean(device: torch.device) -> torch.Tensor:
+    if device not in _MEANS:
+        _MEANS[device] = torch.tensor(BGR_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return _MEANS[device]
+
+
+def network_input(images_u8: torch.Tensor, mean: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``models.retinaface.preprocess`` (uint8 (B, H, W, 3) BGR -> float32 (B, 3, H, W) minus the
+    mean) with the mean tensor made once, so the function holds no host-to-device copy and can be
+    captured in a CUDA graph; equal to ``preprocess`` (tested)."""
+    x = images_u8.permute(0, 3, 1, 2).float() - mean
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class Engine:
+    """The batched device pipeline of one variant for uint8 (B, H, W, 3) host batches.
+
+    Dense part (preprocess, forward, decode: fixed shapes) in eager mode, compiled, or replayed
+    from a CUDA graph captured per input shape; post-processing (``utils.postprocess``) eager.
+    """
+
+    def __init__(self, model: RetinaFace, variant: Variant, device: torch.device, nms_threshold: float = 0.4,
+                 top_k: int = 5000, keep_top_k: int = 750, compile_mode: str | None = None) -> None:
+        self.model = model
+        self.variant = variant
+        self.device = device
+        self.nms_threshold = nms_threshold
+        self.top_k = top_k
+        self.keep_top_k = keep_top_k
+        # both give an eval-mode copy, so .to(channels_last) below never touches ``model``
+        network = fuse_conv_bn(model) if variant.fuse_bn else copy.deepcopy(model).eval()
+        if variant.channels_last:
+            network = network.to(memory_format=torch.channels_last)
+        self.network = network
+        self.mean = _mean(device)
+        self._dense_fn: Callable = self._dense
+        if variant.compile:
+            self._dense_fn = torch.compile(self._dense, dynamic=False, mode=compile_mode)
+        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = {}
+
+    def _autocast(self, cache_enabled: bool = True):
+        dtype = self.variant.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+    def _dense(self, images: torch.Tensor, priors: torch.Tensor, cache_enabled: bool = True):
+        inputs = network_input(images, self.mean, self.variant.channels_last)
+        with self._autocast(cache_enabled):
+            outputs = self.network(inputs)
+        return self.model.decode_detections(outputs, priors)
+
+    def _priors(self, shape: Sequence[int]) -> torch.Tensor:
+        return prior_boxes((shape[1], shape[2]), self.model.config.num_anchor, self.device)
+
+    def _graph(self, example: torch.Tensor):
+        key = tuple(example.shape)
+        if key not in self._graphs:
+            static_in = torch.empty(key, dtype=torch.uint8, device=self.device)
+            static_in.copy_(example)
+            priors = self._priors(key)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(3):  # cudnn autotuning, compilation, lazy initialisation
+                    self._dense_fn(static_in, priors, False)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._dense_fn(static_in, priors, False)
+            self._graphs[key] = (graph, static_in, static_out)
+        return self._graphs[key]
+
+    @torch.inference_mode()
+    def prepare(self, host_batch: torch.Tensor) -> None:
+        """Build what a shape needs (graph capture, compilation) outside the timed region."""
+        if self.variant.graph:
+            with tf32_mode(self.device, self.variant.precision != "fp32"):
+                self._graph(host_batch.to(self.device))
+
+    @torch.inference_mode()
+    def detect(self, host_batch: torch.Tensor, confidence_threshold: float,
+               marks: Marks | None = None) -> list[np.ndarray]:
+        """Detections per image as (K, 15) float32 rows [x1, y1, x2, y2, score, 10 landmarks]."""
+        mark = marks.mark if marks is not None else (lambda name: None)
+        with tf32_mode(self.device, self.variant.precision != "fp32"):
+            mark("start")
+            if self.variant.graph:
+                graph, static_in, static_out = self._graph(host_batch)
+                static_in.copy_(host_batch, non_blocking=True)
+                mark("h2d")
+                graph.replay()
+                boxes, scores, landmarks = static_out
+            else:
+                images = host_batch.to(self.device, non_blocking=True)
+                mark("h2d")
+                boxes, scores, landmarks = self._dense_fn(images, self._priors(images.shape))
+            mark("network")
+            found = postprocess(boxes, scores, landmarks, confidence_threshold, self.nms_threshold,
+                                self.top_k, self.keep_top_k)
+            rows = torch.cat([found.boxes, found.scores[:, None], found.landmarks], dim=1).cpu().numpy()
+            mark("postprocess")
+        offsets = np.concatenate([[0], np.cumsum(found.counts)]).astype(int)
+        return [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+    @torch.inference_mode()
+    def stream(self, host_batches: Sequence[torch.Tensor], confidence_threshold: float) -> int:
+        """Process same-shape pinned batches back to back, copying batch i+1 to the device on a
+        side stream while batch i computes (double-buffered); returns the number of detections.
+        On the CPU the batches simply run one after the other."""
+        if self.device.type != "cuda":
+            return sum(len(r) for b in host_batches for r in self.detect(b, confidence_threshold))
+        main = torch.cuda.current_stream(self.device)
+        copier = torch.cuda.Stream(self.device)
+        shape = tuple(host_batches[0].shape)
+        staging = [torch.empty(shape, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        ready = [torch.cuda.Event() for _ in range(2)]
+        consumed = [torch.cuda.Event() for _ in range(2)]
+        for event in consumed:
+            event.record(main)
+        graph = self._graph(host_batches[0]) if self.variant.graph else None
+        priors = self._priors(shape)
+
+        def prefetch(i: int) -> None:
+            slot = i % 2
+            with torch.cuda.stream(copier):
+                copier.wait_event(consumed[slot])  # batch i - 2 has been read from this slot
+                staging[slot].copy_(host_batches[i], non_blocking=True)
+                ready[slot].record(copier)
+
+        detections = 0
+        with tf32_mode(self.device, self.variant.precision != "fp32"):
+            prefetch(0)
+            for i in range(len(host_batches)):
+                if i + 1 < len(host_batches):
+                    prefetch(i + 1)
+                slot = i % 2
+                main.wait_event(ready[slot])
+                if graph is not None:
+                    graph[1].copy_(staging[slot])  # device-to-device into the graph's input
+                    consumed[slot].record(main)
+                    graph[0].replay()
+                    boxes, scores, landmarks = graph[2]
+                else:
+                    boxes, scores, landmarks = self._dense_fn(staging[slot], priors)
+                    consumed[slot].record(main)
+                found = postprocess(boxes, scores, landmarks, confidence_threshold, self.nms_threshold,
+                                    self.top_k, self.keep_top_k)
+                rows = torch.cat([found.boxes, found.scores[:, None], found.landmarks], dim=1).cpu()
+                detections += rows.shape[0]
+        return detections
+
+
+def pinned(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
+def group_by_size(arrays: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of same-size images (the batching of ``FaceDetector`` without padding)."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(arrays):
+        groups.setdefault(image.shape[:2], []).append(index)
+    return list(groups.values())
+
+
+def detect_images(engine: Engine, arrays: Sequence[np.ndarray], confidence_threshold: float) -> list[np.ndarray]:
+    """Our pipeline over decoded images of any sizes: one batch per size."""
+    results: list[np.ndarray | None] = [None] * len(arrays)
+    for group in group_by_size(arrays):
+        batch = pinned(np.stack([arrays[i] for i in group]), engine.device)
+        for index, rows in zip(group, engine.detect(batch, confidence_threshold)):
+            results[index] = rows
+    return results  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------
+# Public-style baseline on any device
+# ------------------------------------------------------------------------------------------------
+def public_style_detect_on(model: RetinaFace, image_bgr: np.ndarray, device: torch.device,
+                           confidence_threshold: float = 0.02, nms_threshold: float = 0.4, top_k: int = 5000,
+                           keep_top_k: int = 750, timings: dict[str, float] | None = None) -> np.ndarray:
+    """``tools/public_pipeline.public_style_detect`` on ``device``: on the CPU that function itself;
+    on CUDA the public detect.py order: CPU float32 mean subtraction, copy, forward + softmax,
+    Python-loop priors copied to the device, decode on the device, ``.cpu().numpy()``, NumPy
+    threshold/argsort/NMS (``utils.nms.nms_numpy``), keep-top-k."""
+    from tools.public_pipeline import public_style_detect, python_loop_priors
+    if device.type == "cpu":
+        return public_style_detect(model, image_bgr, confidence_threshold, nms_threshold, top_k, keep_top_k, timings)
+    from utils.box_utils import decode, decode_landm
+    from utils.nms import nms_numpy
+
+    clock = time.perf_counter
+    started = clock()
+    image = np.float32(image_bgr)
+    height, width, _ = image.shape
+    image -= (104, 117, 123)
+    tensor = torch.from_numpy(image.transpose(2, 0, 1)).unsqueeze(0).to(device)
+    with torch.no_grad():
+        stage = model(tensor)[0]
+        loc, conf, landmarks = stage.loc, torch.softmax(stage.conf, dim=-1), stage.landm
+        torch.cuda.synchronize(device)
+        after_forward = clock()
+        priors = python_loop_priors(height, width, model.config.min_sizes).to(device)
+        after_priors = clock()
+        scale = torch.tensor([width, height] * 2, dtype=torch.float32, device=device)
+        boxes = (decode(loc.squeeze(0), priors) * scale).cpu().numpy()
+        scores = conf.squeeze(0).cpu().numpy()[:, 1]
+        scale_landm = torch.tensor([width, height] * 5, dtype=torch.float32, device=device)
+        points = (decode_landm(landmarks.squeeze(0), priors) * scale_landm).cpu().numpy()
+    after_decode = clock()
+    inds = np.where(scores > confidence_threshold)[0]
+    boxes, points, scores = boxes[inds], points[inds], scores[inds]
+    order = scores.argsort()[::-1][:top_k]
+    boxes, points, scores = boxes[order], points[order], scores[order]
+    dets = np.hstack((boxes, scores[:, np.newaxis])).astype(np.float32, copy=False)
+    keep = nms_numpy(dets[:, :4], dets[:, 4], nms_threshold)
+    result = np.concatenate((dets[keep], points[keep]), axis=1)[:keep_top_k]
+    if timings is not None:
+        for name, seconds in (("forward", after_forward - started), ("priors", after_priors - after_forward),
+                              ("decode", after_decode - after_priors), ("nms", clock() - after_decode)):
+            timings[name] = timings.get(name, 0.0) + seconds
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Fidelity
+# ------------------------------------------------------------------------------------------------
+def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], score_tol: float,
+            landmark_tol: float) -> dict[str, Any]:
+    """Unmatched detections (score >= 0.5, IoU >= 0.98) both ways over a list of images."""
+    if reference is None:  # the reference path itself failed (its error is reported)
+        return {"compared": 0, "unmatched_reference": 0, "unmatched_candidate": 0, "score_tol": score_tol,
+                "landmark_tol_px": landmark_tol, "passed": False, "examples": ["no reference detections"]}
+    missing, extra, compared = [], [], 0
+    for ref, cand in zip(reference, candidate):
+        ref, cand = np.asarray(ref, np.float64).reshape(-1, 15), np.asarray(cand, np.float64).reshape(-1, 15)
+        compared += int((ref[:, 4] >= 0.5).sum())
+        missing += unmatched(ref, cand, max_score_diff=score_tol, max_landmark_diff=landmark_tol)
+        extra += unmatched(cand, ref, max_score_diff=score_tol, max_landmark_diff=landmark_tol)
+    return {"compared": compared, "unmatched_reference": len(missing), "unmatched_candidate": len(extra),
+            "score_tol": score_tol, "landmark_tol_px": landmark_tol, "passed": not missing and not extra,
+            "examples": (missing + extra)[:3]}
+
+
+def tolerances(variant: Variant, args: argparse.Namespace) -> tuple[float, float]:
+    if variant.autocast_dtype is not None:
+        return args.score_tol_16, args.landmark_tol_16
+    return args.score_tol, args.landmark_tol
+
+
+# ------------------------------------------------------------------------------------------------
+# Measurements
+# ------------------------------------------------------------------------------------------------
+def timed(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device,
+          with_marks: bool = False) -> tuple[list[float], dict[str, list[float]]]:
+    """Run ``fn`` (``fn(marks)`` with ``with_marks``) ``warmup`` times, then ``iters`` synchronised
+    timed times; returns the wall seconds and the per-stage seconds."""
+    for _ in range(warmup):
+        fn(None) if with_marks else fn()
+    synchronize(device)
+    wall: list[float] = []
+    stages: dict[str, list[float]] = {}
+    for _ in range(iters):
+        marks = Marks(device) if with_marks else None
+        started = time.perf_counter()
+        fn(marks) if with_marks else fn()
+        synchronize(device)
+        wall.append(time.perf_counter() - started)
+        if marks is not None:
+            for name, seconds in marks.durations().items():
+                stages.setdefault(name, []).append(seconds)
+    return wall, stages
+
+
+def load_sample_arrays(folder: Path, limit: int | None) -> tuple[list[Path], list[np.ndarray]]:
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+    paths = paths[:limit] if limit else paths
+    return paths, [read_image(p) for p in paths]
+
+
+def synthetic_batches(batch: int, width: int, height: int, content: str, sample_arrays: Sequence[np.ndarray],
+                      count: int, seed: int) -> list[np.ndarray]:
+    """``count`` uint8 (B, H, W, 3) batches: random crops/resizes of the sample images (``sample``)
+    or uniform noise (``noise``)."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        if content == "sample" and sample_arrays:
+            images = []
+            for _ in range(batch):
+                source = sample_arrays[rng.integers(len(sample_arrays))]
+                h, w = source.shape[:2]
+                scale = max(width / w, height / h) * rng.uniform(1.0, 1.6)
+                resized = cv2.resize(source, (max(width, round(w * scale)), max(height, round(h * scale))),
+                                     interpolation=cv2.INTER_LINEAR)
+                top = rng.integers(resized.shape[0] - height + 1)
+                left = rng.integers(resized.shape[1] - width + 1)
+                crop = resized[top:top + height, left:left + width]
+                images.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
+            batches.append(np.ascontiguousarray(np.stack(images)))
+        else:
+            batches.append(rng.integers(0, 256, size=(batch, height, width, 3), dtype=np.uint8))
+    return batches
+
+
+def measure_synthetic(args: argparse.Namespace, device: torch.device, variants: list[Variant],
+                      sample_arrays: list[np.ndarray], errors: list[str], results: list[dict[str, Any]]) -> None:
+    """Append one entry per model, batch size and variant to ``results`` (as they finish)."""
+    width, height = args.width, args.height
+    reference_variant = parse_variant("ref", device)[0]
+    for name in args.models:
+        calibration = None
+        weights = args.weights.get(name, default_weights(name))
+        if weights == "random":
+            calibration = torch.from_numpy(synthetic_batches(8, width, height, args.content, sample_arrays, 1,
+                                                             args.seed + 99)[0])
+        model, weights_note = load_benchmark_model(name, weights, device, calibration, args.seed)
+        for batch in args.batch_sizes:
+            host = [pinned(b, device) for b in synthetic_batches(batch, width, height, args.content, sample_arrays,
+                                                                 2, args.seed + batch)]
+            reference_rows = None
+            time_reference = any(v.is_reference for v in variants)
+            for variant in [reference_variant] + [v for v in variants if not v.is_reference]:
+                entry: dict[str, Any] = {"model": name, "weights": weights_note, "batch": batch,
+                                         "size": [width, height], "variant": variant.name,
+                                         "precision": variant.precision, "channels_last": variant.channels_last,
+                                         "fuse_bn": variant.fuse_bn, "graph": variant.graph,
+                                         "compile": variant.compile}
+                engine = None
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                try:
+                    started = time.perf_counter()
+                    engine = Engine(model, variant, device, compile_mode=args.compile_mode)
+                    engine.prepare(host[0])
+                    fidelity_rows = engine.detect(host[0], FIDELITY_CONFIDENCE)
+                    synchronize(device)
+                    entry["setup_s"] = rnd(time.perf_counter() - started)
+                    if variant.is_reference:
+                        reference_rows = fidelity_rows
+                        if not time_reference:
+                            continue  # fidelity reference only
+                    else:
+                        entry["fidelity"] = compare(reference_rows, fidelity_rows, *tolerances(variant, args))
+                    counter = iter(range(1 << 30))
+
+                    def run(marks, engine=engine):
+                        return engine.detect(host[next(counter) % len(host)], args.confidence_threshold, marks)
+
+                    wall, stages = timed(run, args.warmup, args.iters, device, with_marks=True)
+                    latency = stats(wall)
+                    entry.update(latency_ms=latency, images_per_s=rnd(batch / (latency["median"] / 1000.0)),
+                                 stages_ms={k: stats(v)["median"] for k, v in stages.items()},
+                                 detections_per_image=rnd(float(np.mean([len(r) for r in fidelity_rows]))))
+                    if args.stream and device.type == "cuda" and batch > 1:
+                        sequence = [host[i % len(host)] for i in range(min(args.iters, 20))]
+                        wall, _ = timed(lambda: engine.stream(sequence, args.confidence_threshold), 0, 3, device)
+                        entry["stream_images_per_s"] = rnd(batch * len(sequence) / stats(wall, 1.0)["median"])
+                    if device.type == "cuda":
+                        entry["max_memory_allocated_mib"] = rnd(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+                        entry["syncs_per_batch"] = sync_sites(
+                            lambda: engine.detect(host[0], args.confidence_threshold))
+                except Exception as error:  # a failed variant must not lose the others' numbers
+                    entry["error"] = f"{type(error).__name__}: {error}"
+                    errors.append(f"{name} bs{batch} {variant.name}: {entry['error']}")
+                    traceback.print_exc()
+                finally:
+                    del engine
+                    release(device)
+                results.append(entry)
+                print(f"[inference] {name} bs{batch} {variant.name}: "
+                      f"{entry.get('images_per_s', '-')} img/s, {entry.get('latency_ms', {}).get('median', '-')} ms",
+                      file=sys.stderr, flush=True)
+        del model
+        release(device)
+
+
+def measure_sample(args: argparse.Namespace, device: torch.device, variants: list[Variant],
+                   paths: list[Path], arrays: list[np.ndarray], errors: list[str], report: dict[str, Any]) -> None:
+    """Fill ``report["sample"]`` (as measurements finish; stays None without images or weights)."""
+    weights = args.sample_weights
+    if not arrays or not weights or not Path(weights).is_file():
+        return
+    from models.detector import FaceDetector
+    from utils.checkpoint import load_model
+
+    model = load_model(weights).to(device).eval()
+    conf = args.sample_confidence_threshold
+    sizes = sorted({a.shape[:2] for a in arrays})
+    section: dict[str, Any] = {"images": len(arrays), "distinct_sizes": len(sizes), "weights": str(weights),
+                               "model": str(model.config), "confidence_threshold": conf, "nms_threshold": 0.4,
+                               "iters": args.sample_iters, "variants": []}
+    report["sample"] = section
+    n = len(arrays)
+
+    def read_all():
+        for p in paths:
+            read_image(p)
+    wall, _ = timed(read_all, 1, max(1, min(args.sample_iters, 5)), device)
+    section["read_image_ms_per_img"] = rnd(stats(wall)["median"] / n)
+
+    public_steps: dict[str, float] = {}
+    public_rows: list[np.ndarray] = []
+
+    def public():
+        public_rows[:] = [public_style_detect_on(model, a, device, conf, timings=public_steps) for a in arrays]
+    wall, _ = timed(public, 1, args.sample_iters, device)
+    public_ms = stats(wall)["median"] / n
+    calls = (1 + args.sample_iters) * n
+    section["public_style"] = {"ms_per_img": rnd(public_ms), "images_per_s": rnd(1000.0 / public_ms),
+                               "steps_ms_per_img": {k: rnd(v / calls * 1000) for k, v in public_steps.items()},
+                               "device": "cpu" if device.type == "cpu" else f"{device.type} forward/decode, "
+                                                                             "CPU priors/NMS"}
+    reference_variant = parse_variant("ref", device)[0]
+    reference_rows = None
+    for variant in [reference_variant] + [v for v in variants if not v.is_reference]:
+        entry: dict[str, Any] = {"variant": variant.name}
+        engine = None
+        try:
+            engine = Engine(model, variant, device, compile_mode=args.compile_mode)
+            rows = detect_images(engine, arrays, conf)
+            if variant.is_reference:
+                reference_rows = rows
+                section["fidelity_reference_vs_public"] = compare(public_rows, rows, args.score_tol, args.landmark_tol)
+            else:
+                entry["fidelity"] = compare(reference_rows, rows, *tolerances(variant, args))
+            wall, _ = timed(lambda: detect_images(engine, arrays, conf), args.sample_warmup, args.sample_iters, device)
+            ms = stats(wall)["median"] / n
+            entry.update(ms_per_img=rnd(ms), images_per_s=rnd(1000.0 / ms), speedup_vs_public=rnd(public_ms / ms))
+        except Exception as error:
+            entry["error"] = f"{type(error).__name__}: {error}"
+            errors.append(f"sample {variant.name}: {entry['error']}")
+            traceback.print_exc()
+        finally:
+            del engine
+            release(device)
+        section["variants"].append(entry)
+        print(f"[inference] sample {variant.name}: {entry.get('ms_per_img', '-')} ms/img "
+              f"({entry.get('speedup_vs_public', '-')}x public)", file=sys.stderr, flush=True)
+
+    # FaceDetector itself (the public API: numpy in, Detections out; bf16 autocast on CUDA)
+    try:
+        cuda = device.type == "cuda"
+        detector = FaceDetector(model=model, device=device, confidence_threshold=conf, nms_threshold=0.4,
+                                batch_size=n, half=cuda)
+        api_rows: list[np.ndarray] = []
+
+        def api():
+            api_rows[:] = [np.concatenate([d.boxes, d.scores[:, None], d.landmarks.reshape(-1, 10)], axis=1)
+                           for d in detector.detect(list(arrays))]
+        wall, _ = timed(api, args.sample_warmup, args.sample_iters, device)
+        ms = stats(wall)["median"] / n
+        api_variant = Variant("api", precision="bf16" if cuda else "fp32")
+        section["face_detector_api"] = {
+            "settings": f"FaceDetector(batch_size={n}, half={cuda}, channels_last={cuda}, fuse_bn=True)",
+            "ms_per_img": rnd(ms), "images_per_s": rnd(1000.0 / ms), "speedup_vs_public": rnd(public_ms / ms),
+            "fidelity": compare(reference_rows, api_rows, *tolerances(api_variant, args))}
+    except Exception as error:
+        errors.append(f"sample FaceDetector: {type(error).__name__}: {error}")
+        traceback.print_exc()
+    timed_variants = [v for v in section["variants"] if "ms_per_img" in v and v.get("fidelity", {}).get("passed", True)]
+    if timed_variants:
+        best = min(timed_variants, key=lambda v: v["ms_per_img"])
+        section["best"] = {"variant": best["variant"], "ms_per_img": best["ms_per_img"],
+                           "speedup_vs_public": best["speedup_vs_public"]}
+    del model
+    release(device)
+
+
+def summarize(synthetic: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Best variant per model and batch size, with its speed-up over the reference path."""
+    summary = []
+    keys = sorted({(e["model"], e["batch"]) for e in synthetic}, key=lambda k: (k[0], k[1]))
+    for model, batch in keys:
+        rows = [e for e in synthetic if e["model"] == model and e["batch"] == batch and "images_per_s" in e]
+        faithful = [e for e in rows if e.get("fidelity", {}).get("passed", True)]
+        if not faithful:
+            continue
+        best = max(faithful, key=lambda e: e["images_per_s"])
+        fastest = max(rows, key=lambda e: e["images_per_s"])
+        ref = next((e for e in rows if e["variant"] == "ref"), None)
+        summary.append({"model": model, "batch": batch, "best_variant": best["variant"],
+                        "images_per_s": best["images_per_s"], "latency_ms": best["latency_ms"]["median"],
+                        "stream_images_per_s": best.get("stream_images_per_s"),
+                        "speedup_vs_ref": rnd(best["images_per_s"] / ref["images_per_s"]) if ref else None,
+                        "fastest_variant": fastest["variant"], "fastest_images_per_s": fastest["images_per_s"],
+                        "fastest_fidelity_passed": fastest.get("fidelity", {}).get("passed", True)})
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
+    parser.add_argument("--models", default="mobilenet0.25,resnet50_cascade",
+                        help=f"comma-separated, from {sorted(MODELS)}")
+    parser.add_argument("--batch_sizes", default="1,8,32")
+    parser.add_argument("--size", default="640x480", help="WIDTHxHEIGHT of the synthetic batches")
+    parser.add_argument("--content", choices=("sample", "noise"), default="sample",
+                        help="synthetic image content: crops of the sample images (noise when absent) or noise")
+    parser.add_argument("--variants", default=None, help="comma-separated variants (see the module doc); "
+                        "default CUDA: ref,tf32,fp16,bf16,fp16+graph,bf16+graph; CPU: ref,fp32")
+    parser.add_argument("--graphs", choices=("on", "off"), default="on", help="default variants with CUDA graphs")
+    parser.add_argument("--compile", action="store_true", help="add fp16+compile(+graph) to the default variants")
+    parser.add_argument("--compile_mode", default=None, help="torch.compile mode (default: inductor default)")
+    parser.add_argument("--weights", action="append", default=[], metavar="MODEL=PATH",
+                        help="weights per model (repeatable); MODEL=random for random weights. Default: the "
+                             "published mobilenet0.25 file from the shared folder, random for the others")
+    parser.add_argument("--confidence_threshold", type=float, default=0.5, help="synthetic runs")
+    parser.add_argument("--stream", choices=("on", "off"), default="on",
+                        help="also measure streamed throughput on CUDA: --iters batches back to back, the next "
+                             "batch's host-to-device copy overlapping the current batch (stream_images_per_s)")
+    parser.add_argument("--iters", type=int, default=None, help="timed batches (default 30 CUDA, 3 CPU)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed batches (default 5 CUDA, 1 CPU)")
+    parser.add_argument("--sample_images", default=str(SAMPLE_IMAGES),
+                        help="folder of sample images ('' = none: noise content, no sample section)")
+    parser.add_argument("--sample_weights", default=str(MOBILENET_WEIGHTS),
+                        help="weights of the sample-image section ('' = skip that section, keep the images as "
+                             "synthetic content)")
+    parser.add_argument("--sample_limit", type=int, default=None, help="use only the first N sample images")
+    parser.add_argument("--sample_confidence_threshold", type=float, default=0.02)
+    parser.add_argument("--sample_variants", default=None,
+                        help="default: the --variants default without compile")
+    parser.add_argument("--sample_iters", type=int, default=None, help="timed passes (default 10 CUDA, 2 CPU)")
+    parser.add_argument("--sample_warmup", type=int, default=None, help="default 3 CUDA, 1 CPU")
+    parser.add_argument("--score_tol", type=float, default=0.005, help="fidelity score tolerance, fp32/tf32")
+    parser.add_argument("--landmark_tol", type=float, default=1.0, help="fidelity landmark tolerance (px), fp32/tf32")
+    parser.add_argument("--score_tol_16", type=float, default=0.01, help="fidelity score tolerance, bf16/fp16")
+    parser.add_argument("--landmark_tol_16", type=float, default=1.0, help="landmark tolerance (px), bf16/fp16")
+    parser.add_argument("--threads", type=int, default=None, help="torch/cv2 CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="append the JSON line to this file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        cv2.setNumThreads(args.threads)
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    args.stream = args.stream == "on"
+    args.width, args.height = (int(v) for v in args.size.lower().split("x"))
+    args.weights = parse_weights(args.weights)
+    args.iters = args.iters or (30 if cuda else 3)
+    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    args.sample_iters = args.sample_iters or (10 if cuda else 2)
+    args.sample_warmup = args.sample_warmup if args.sample_warmup is not None else (3 if cuda else 1)
+
+    notes: list[str] = []
+    errors: list[str] = []
+
+    def variants_from(text: str | None, default: list[str]) -> list[Variant]:
+        chosen = []
+        for name in (text.split(",") if text else default):
+            variant, note = parse_variant(name, device)
+            if note:
+                notes.append(note)
+            elif variant is not None:
+                chosen.append(variant)
+        return chosen
+
+    default = default_variants(device, args.compile, args.graphs == "on")
+    variants = variants_from(args.variants, default)
+    sample_variants = variants_from(args.sample_variants, [v for v in default if "compile" not in v])
+    if not cuda:
+        notes.append("CPU run: CUDA graphs and torch.compile are measured on CUDA only; tf32 equals fp32 here")
+
+    paths, arrays = load_sample_arrays(Path(args.sample_images), args.sample_limit) if args.sample_images else ([], [])
+    if args.content == "sample" and not arrays:
+        notes.append("no sample images found: synthetic batches are uniform noise")
+
+    report = report_header("inference", "tools/benchmark_inference.py", argv, device)
+    report["settings"] = {"models": args.models, "batch_sizes": args.batch_sizes, "size": [args.width, args.height],
+                          "content": args.content if arrays else "noise", "iters": args.iters, "warmup": args.warmup,
+                          "confidence_threshold": args.confidence_threshold, "nms_threshold": 0.4,
+                          "variants": [v.name for v in variants], "cudnn_benchmark": cuda,
+                          "fidelity": {"min_score": 0.5, "min_iou": 0.98, "pass_confidence": FIDELITY_CONFIDENCE,
+                                       "score_tol": args.score_tol, "landmark_tol_px": args.landmark_tol,
+                                       "score_tol_16bit": args.score_tol_16, "landmark_tol_16bit_px": args.landmark_tol_16}}
+    started = time.perf_counter()
+    synthetic: list[dict[str, Any]] = []
+    report.update(synthetic=synthetic, summary=[], sample=None)
+    try:
+        measure_synthetic(args, device, variants, arrays, errors, synthetic)
+        measure_sample(args, device, sample_variants, paths, arrays, errors, report)
+        if report["sample"] is None:
+            notes.append("sample-image section skipped (no sample images or weights)")
+    except KeyboardInterrupt:  # timeout --signal=INT in tools/gpu_check.sh: keep what was measured
+        report["interrupted"] = True
+        notes.append("interrupted (SIGINT): partial results")
+    report["summary"] = summarize(synthetic)
+    fidelity = [e["fidelity"]["passed"] for e in synthetic if "fidelity" in e]
+    if report["sample"]:
+        fidelity += [v["fidelity"]["passed"] for v in report["sample"]["variants"] if "fidelity" in v]
+    report["fidelity_passed"] = all(fidelity)
+    report["notes"] = notes
+    report["errors"] = errors
+    report["total_s"] = rnd(time.perf_counter() - started)
+    emit(report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()
