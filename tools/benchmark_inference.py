@@ -84,6 +84,7 @@ from layers.prior_box import prior_boxes  # noqa: E402
 from models.net import fuse_conv_bn  # noqa: E402
 from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace  # noqa: E402
 from tools.fidelity import unmatched  # noqa: E402
+from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
 
@@ -544,55 +545,6 @@ def detect_images(engine: Engine, arrays: Sequence[np.ndarray], confidence_thres
 
 
 # ------------------------------------------------------------------------------------------------
-# Public-style baseline on any device
-# ------------------------------------------------------------------------------------------------
-def public_style_detect_on(model: RetinaFace, image_bgr: np.ndarray, device: torch.device,
-                           confidence_threshold: float = 0.02, nms_threshold: float = 0.4, top_k: int = 5000,
-                           keep_top_k: int = 750, timings: dict[str, float] | None = None) -> np.ndarray:
-    """``tools/public_pipeline.public_style_detect`` on ``device``: on the CPU that function itself;
-    on CUDA the public detect.py order: CPU float32 mean subtraction, copy, forward + softmax,
-    Python-loop priors copied to the device, decode on the device, ``.cpu().numpy()``, NumPy
-    threshold/argsort/NMS (``utils.nms.nms_numpy``), keep-top-k."""
-    from tools.public_pipeline import public_style_detect, python_loop_priors
-    if device.type == "cpu":
-        return public_style_detect(model, image_bgr, confidence_threshold, nms_threshold, top_k, keep_top_k, timings)
-    from utils.box_utils import decode, decode_landm
-    from utils.nms import nms_numpy
-
-    clock = time.perf_counter
-    started = clock()
-    image = np.float32(image_bgr)
-    height, width, _ = image.shape
-    image -= (104, 117, 123)
-    tensor = torch.from_numpy(image.transpose(2, 0, 1)).unsqueeze(0).to(device)
-    with torch.no_grad():
-        stage = model(tensor)[0]
-        loc, conf, landmarks = stage.loc, torch.softmax(stage.conf, dim=-1), stage.landm
-        torch.cuda.synchronize(device)
-        after_forward = clock()
-        priors = python_loop_priors(height, width, model.config.min_sizes).to(device)
-        after_priors = clock()
-        scale = torch.tensor([width, height] * 2, dtype=torch.float32, device=device)
-        boxes = (decode(loc.squeeze(0), priors) * scale).cpu().numpy()
-        scores = conf.squeeze(0).cpu().numpy()[:, 1]
-        scale_landm = torch.tensor([width, height] * 5, dtype=torch.float32, device=device)
-        points = (decode_landm(landmarks.squeeze(0), priors) * scale_landm).cpu().numpy()
-    after_decode = clock()
-    inds = np.where(scores > confidence_threshold)[0]
-    boxes, points, scores = boxes[inds], points[inds], scores[inds]
-    order = scores.argsort()[::-1][:top_k]
-    boxes, points, scores = boxes[order], points[order], scores[order]
-    dets = np.hstack((boxes, scores[:, np.newaxis])).astype(np.float32, copy=False)
-    keep = nms_numpy(dets[:, :4], dets[:, 4], nms_threshold)
-    result = np.concatenate((dets[keep], points[keep]), axis=1)[:keep_top_k]
-    if timings is not None:
-        for name, seconds in (("forward", after_forward - started), ("priors", after_priors - after_forward),
-                              ("decode", after_decode - after_priors), ("nms", clock() - after_decode)):
-            timings[name] = timings.get(name, 0.0) + seconds
-    return result
-
-
-# ------------------------------------------------------------------------------------------------
 # Fidelity
 # ------------------------------------------------------------------------------------------------
 def compare(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray], score_tol: float,
@@ -773,7 +725,7 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
     public_rows: list[np.ndarray] = []
 
     def public():
-        public_rows[:] = [public_style_detect_on(model, a, device, conf, timings=public_steps) for a in arrays]
+        public_rows[:] = [public_style_detect(model, a, conf, timings=public_steps, device=device) for a in arrays]
     wall, _ = timed(public, 1, args.sample_iters, device)
     public_ms = stats(wall)["median"] / n
     calls = (1 + args.sample_iters) * n

@@ -29,30 +29,42 @@ def python_loop_priors(height: int, width: int, min_sizes, steps=(8, 16, 32)) ->
 
 def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidence_threshold: float = 0.02,
                         nms_threshold: float = 0.4, top_k: int = 5000, keep_top_k: int = 750,
-                        timings: dict[str, float] | None = None) -> np.ndarray:
+                        timings: dict[str, float] | None = None,
+                        device: torch.device | str | None = None) -> np.ndarray:
     """Detections (K, 15): x1, y1, x2, y2, score, 10 landmark values, original-image pixels.
 
-    ``model`` is a single-stage :class:`models.retinaface.RetinaFace` in eval mode.
-    ``timings``, when given, accumulates seconds per step (forward, priors, decode, nms).
+    ``model`` is a single-stage :class:`models.retinaface.RetinaFace` in eval mode, on ``device``
+    (default: the CPU). As in the public ``detect.py``, the input is prepared on the host and
+    copied, the priors are built on the host and copied, decoding runs on the device and
+    everything after it in NumPy. ``timings``, when given, accumulates seconds per step
+    (forward, priors, decode, nms).
     """
     import time
+
+    device = torch.device(device or "cpu")
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     clock = time.perf_counter
     started = clock()
     image = np.float32(image_bgr)
     height, width, _ = image.shape
     image -= (104, 117, 123)
-    tensor = torch.from_numpy(image.transpose(2, 0, 1)).unsqueeze(0)
+    tensor = torch.from_numpy(image.transpose(2, 0, 1)).unsqueeze(0).to(device)
     with torch.no_grad():
         stage = model(tensor)[0]
-    loc, conf, landmarks = stage.loc, torch.softmax(stage.conf, dim=-1), stage.landm
-    after_forward = clock()
-    priors = python_loop_priors(height, width, model.config.min_sizes)
-    after_priors = clock()
-    scale = torch.tensor([width, height] * 2, dtype=torch.float32)
-    boxes = (decode(loc.squeeze(0), priors) * scale).numpy()
-    scores = conf.squeeze(0).numpy()[:, 1]
-    points = (decode_landm(landmarks.squeeze(0), priors) * torch.tensor([width, height] * 5)).numpy()
+        loc, conf, landmarks = stage.loc, torch.softmax(stage.conf, dim=-1), stage.landm
+        synchronize()
+        after_forward = clock()
+        priors = python_loop_priors(height, width, model.config.min_sizes).to(device)
+        after_priors = clock()
+        scale = torch.tensor([width, height] * 2, dtype=torch.float32, device=device)
+        boxes = (decode(loc.squeeze(0), priors) * scale).cpu().numpy()
+        scores = conf.squeeze(0).cpu().numpy()[:, 1]
+        scale_landmarks = torch.tensor([width, height] * 5, dtype=torch.float32, device=device)
+        points = (decode_landm(landmarks.squeeze(0), priors) * scale_landmarks).cpu().numpy()
     after_decode = clock()
     inds = np.where(scores > confidence_threshold)[0]
     boxes, points, scores = boxes[inds], points[inds], scores[inds]
