@@ -63,3 +63,14 @@ def sample_mask_images() -> Path:
 @pytest.fixture(scope="session")
 def photos_dir() -> Path:
     return require_shared("data/photos")
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Tiny CPU workloads: one intra-op thread is faster and immune to oversubscription."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

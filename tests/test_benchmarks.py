@@ -31,13 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Tiny CPU workloads: one intra-op thread is faster and immune to oversubscription."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def run_main(main, argv):
