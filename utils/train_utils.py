@@ -846,6 +846,18 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             inherited = (inherit_resume_options(args, resume_ckpt.get("args") or {}, explicit)
                          if explicit is not None else [])
         seed = int(resume_ckpt.get("seed", args.seed)) if resume_ckpt is not None else int(args.seed)
+        # data and ground truth first: a wrong path fails before any download or model build
+        loader, sampler, dataset = build_train_loader(args, info, seed)
+        val_root, gt_dir, no_eval_reason = _resolve_validation(args)
+        gt = None
+        if val_root is not None:  # checked on every rank so that a bad set-up stops all of them
+            from utils.metric import load_ground_truth
+            gt = load_ground_truth(gt_dir)
+            from utils.evaluation import EvaluationError, check_images_in_gt, list_val_images
+            try:
+                check_images_in_gt(list_val_images(val_root), gt)
+            except EvaluationError as error:
+                raise TrainingSetupError(f"{val_root}/val: {error}") from None
         exp_dir = Path("experiments") / args.experiment_name
         logger = _make_logger(exp_dir, info.is_main)
         configure_backends(info.device, args.deterministic)
@@ -857,7 +869,6 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         autocast_dtype, scaler = autocast_settings(info.device, args.amp)
         wrapped = wrap_model(model, info, sync_bn=args.sync_bn, channels_last=cuda)
         raw_model = unwrap(wrapped)
-        loader, sampler, dataset = build_train_loader(args, info, seed)
         iters_per_epoch = len(sampler) // args.batch_size
         epochs, steps = resolve_epochs_and_steps(args, config.network)
         optimizer = build_optimizer(raw_model, args)
@@ -875,16 +886,6 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                 warnings.warn(f"resuming with {iters_per_epoch} iterations per epoch instead of "
                               f"{resume_ckpt['iters_per_epoch']} (batch size, data or process count changed): "
                               "the data order will not continue exactly", stacklevel=2)
-        val_root, gt_dir, no_eval_reason = _resolve_validation(args)
-        gt = None
-        if val_root is not None:  # checked on every rank so that a bad set-up stops all of them
-            from utils.metric import load_ground_truth
-            gt = load_ground_truth(gt_dir)
-            from utils.evaluation import EvaluationError, check_images_in_gt, list_val_images
-            try:
-                check_images_in_gt(list_val_images(val_root), gt)
-            except EvaluationError as error:
-                raise TrainingSetupError(f"{val_root}/val: {error}") from None
         if info.is_main:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(log_dir=str(exp_dir / "log"))
@@ -929,8 +930,11 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                 "last": str(ctx.ckpt_dir / "last.pth"), "best": str(best_path) if best_path.is_file() else None,
                 "loss_history": list(ctx.loss_history)}
     except (TrainingDivergedError, TrainingSetupError) as error:
-        if logger is not None:
-            logger.error(f"error: {error}")
+        if logger is not None:  # into logs.txt only: the console gets train.py's one-line error
+            record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, f"error: {error}", None, None)
+            for handler in logger.handlers:
+                if isinstance(handler, logging.FileHandler):
+                    handler.handle(record)
         raise
     finally:
         if writer is not None:
