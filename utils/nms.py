@@ -14,7 +14,9 @@ from torchvision import ops
 PUBLIC_PIXEL_OFFSET = 1.0
 
 
-def _shift(boxes: torch.Tensor, pixel_offset: float) -> torch.Tensor:
+def with_pixel_offset(boxes: torch.Tensor, pixel_offset: float) -> torch.Tensor:
+    """(N, 4) boxes with x2/y2 moved by ``pixel_offset``: continuous-convention IoUs of the result
+    are the "+1 pixel" IoUs of the input when ``pixel_offset`` is 1."""
     if pixel_offset == 0.0:
         return boxes
     return torch.cat([boxes[:, :2], boxes[:, 2:] + pixel_offset], dim=1)
@@ -26,7 +28,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
 
     A box is suppressed when its IoU with a higher-scoring kept box exceeds ``iou_threshold``.
     """
-    return ops.nms(_shift(boxes.float(), pixel_offset), scores.float(), iou_threshold)
+    return ops.nms(with_pixel_offset(boxes.float(), pixel_offset), scores.float(), iou_threshold)
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float,
@@ -41,7 +43,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
-    shifted = _shift(boxes.double(), pixel_offset)
+    shifted = with_pixel_offset(boxes.double(), pixel_offset)
     low = shifted.min()
     offsets = groups.to(shifted) * (shifted.max() - low + 1) - low
     return ops.nms(shifted + offsets[:, None], scores.double(), iou_threshold)

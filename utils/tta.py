@@ -39,6 +39,7 @@ import torch
 from torchvision import ops
 
 from utils.image_io import as_bgr_uint8, read_image
+from utils.nms import with_pixel_offset
 
 __all__ = ["DEFAULT_SCALES", "DEFAULT_MAX_SIZE", "TTAConfig", "TTADetector", "box_voting",
            "flip_detections", "parse_scales"]
@@ -105,12 +106,6 @@ def flip_detections(detections, width: int):
     return type(detections)(boxes, detections.scores, landmarks)
 
 
-def _shift(boxes: torch.Tensor, pixel_offset: float) -> torch.Tensor:
-    if pixel_offset == 0.0:
-        return boxes
-    return torch.cat([boxes[:, :2], boxes[:, 2:] + pixel_offset], dim=1)
-
-
 def box_voting(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
                landmarks: torch.Tensor | None = None, *, pixel_offset: float = 1.0,
                min_votes: int = 1, keep_top_k: int | None = None
@@ -135,7 +130,7 @@ def box_voting(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
     if len(boxes) == 0:
         empty_landmarks = None if landmarks is None else landmarks[:0]
         return boxes[:0], scores[:0], empty_landmarks, torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    shifted = _shift(boxes, pixel_offset)
+    shifted = with_pixel_offset(boxes, pixel_offset)
     # torchvision suppresses IoU > t; the voting scripts merge IoU >= t. IoUs are float32, so
     # "> the next double below t" is ">= t" for them.
     keep = ops.nms(shifted, scores, math.nextafter(float(iou_threshold), -math.inf))  # by score
