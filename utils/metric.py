@@ -325,8 +325,17 @@ def read_prediction_file(path: PathLike) -> tuple[str, np.ndarray]:
         count = int(lines[1].strip())
     except ValueError:
         raise ValueError(f"{path}:2: box count is not an integer: {lines[1]!r}") from None
+    body = lines[2:]
+    split_lines = [parts for parts in (line.split() for line in body) if parts]
+    if len(split_lines) == count and all(len(parts) == 5 for parts in split_lines):
+        try:  # the common, well-formed case in one conversion; errors are located below
+            values = np.array(split_lines, dtype=np.float64).reshape(-1, 5)
+        except ValueError:
+            values = None
+        if values is not None and np.isfinite(values).all():
+            return stem, values
     rows: list[list[float]] = []
-    for lineno, line in enumerate(lines[2:], start=3):
+    for lineno, line in enumerate(body, start=3):
         parts = line.split()
         if not parts:
             continue
