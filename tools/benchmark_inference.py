@@ -855,17 +855,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def setup_device(name: str | None, threads: int | None) -> torch.device:
+    """The benchmark device (see ``resolve_device``) with the CPU thread counts and, on CUDA, the
+    current device and cuDNN autotuning set."""
+    device = resolve_device(name)
+    if threads:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
+    device = setup_device(args.device, args.threads)
     cuda = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        cv2.setNumThreads(args.threads)
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:

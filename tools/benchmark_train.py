@@ -66,7 +66,7 @@ from layers.multibox_loss import MultiBoxLoss, box_iou_batched  # noqa: E402
 from layers.prior_box import prior_boxes  # noqa: E402
 from models.retinaface import RetinaFace  # noqa: E402
 from tools.benchmark_inference import (  # noqa: E402
-    MODELS, SHARED, emit, release, report_header, resolve_device, rnd, stats, sync_sites, synchronize,
+    MODELS, SHARED, emit, release, report_header, rnd, setup_device, stats, sync_sites, synchronize,
 )
 from utils.box_utils import VARIANCES, encode, encode_landm, point_form  # noqa: E402
 
@@ -657,13 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
+    device = setup_device(args.device, args.threads)
     cuda = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if cuda:
         from utils.train_utils import configure_backends
-        torch.cuda.set_device(device)
         configure_backends(device, deterministic=False)  # cudnn.benchmark and TF32, as train.py
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for spec in configs:
