@@ -16,7 +16,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import cv2
 import numpy as np
@@ -48,6 +48,16 @@ class Detections:
     def empty(cls) -> "Detections":
         return cls(np.zeros((0, 4), np.float32), np.zeros((0,), np.float32), np.zeros((0, 5, 2), np.float32))
 
+    def rescaled(self, scale_x: float, scale_y: float | None = None) -> "Detections":
+        """These detections, found on an image resized by (scale_x, scale_y), in the pixels of the
+        original image (``scale_y`` defaults to ``scale_x``)."""
+        scale_y = scale_x if scale_y is None else scale_y
+        if (scale_x, scale_y) == (1.0, 1.0) or len(self) == 0:
+            return self
+        factor = np.array([scale_x, scale_y], dtype=np.float32)
+        boxes = (self.boxes.reshape(-1, 2, 2) / factor).reshape(-1, 4)
+        return Detections(boxes.astype(np.float32), self.scores, (self.landmarks / factor).astype(np.float32))
+
     def to_list(self) -> list[dict[str, Any]]:
         """JSON-ready ``[{"box": [x1, y1, x2, y2], "score": s, "landmarks": [[x, y] * 5]}, ...]``."""
         return [{"box": box.tolist(), "score": float(score), "landmarks": points.tolist()}
@@ -70,6 +80,15 @@ def resize_scale(height: int, width: int, target_size: int | None = None, max_si
     if max_size is not None and long_side > max_size:
         return max_size / long_side
     return 1.0
+
+
+def same_size_groups(images: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of the images grouped by (height, width), in first-seen order: the images that can
+    share a forward pass without padding."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(image.shape[:2], []).append(index)
+    return list(groups.values())
 
 
 def resolve_device(device: str | torch.device | None = None, gpu_num: int = 0) -> torch.device:
@@ -170,16 +189,11 @@ class FaceDetector:
         results: list[Detections | None] = [None] * len(inputs)
         for group in self._groups(inputs):
             for index, detections in zip(group, self._detect_same_canvas([inputs[i] for i in group])):
-                results[index] = _rescale(detections, scales[index])
+                results[index] = detections.rescaled(scales[index])
         return results  # type: ignore[return-value]
 
-    def _groups(self, inputs: Sequence[np.ndarray]) -> Iterable[list[int]]:
-        if self.pad_batches:
-            return [list(range(len(inputs)))]
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for index, image in enumerate(inputs):
-            by_size.setdefault(image.shape[:2], []).append(index)
-        return by_size.values()
+    def _groups(self, inputs: Sequence[np.ndarray]) -> list[list[int]]:
+        return [list(range(len(inputs)))] if self.pad_batches else same_size_groups(inputs)
 
     @torch.inference_mode()
     def _detect_same_canvas(self, images: list[np.ndarray]) -> list[Detections]:
@@ -226,9 +240,3 @@ class FaceDetector:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def _rescale(detections: Detections, scale: float) -> Detections:
-    if scale == 1.0:
-        return detections
-    return Detections(detections.boxes / scale, detections.scores, detections.landmarks / scale)

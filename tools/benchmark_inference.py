@@ -81,6 +81,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from layers.prior_box import prior_boxes  # noqa: E402
+from models.detector import resolve_device, same_size_groups  # noqa: E402
 from models.net import fuse_conv_bn  # noqa: E402
 from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace  # noqa: E402
 from tools.fidelity import unmatched  # noqa: E402
@@ -144,9 +145,21 @@ def emit(report: dict[str, Any], out: str | None) -> None:
             handle.write(line + "\n")
 
 
-def resolve_device(text: str | None) -> torch.device:
-    from models.detector import resolve_device as _resolve
-    return _resolve(text)
+def finish_report(report: dict[str, Any], notes: list[str], errors: list[str], started: float,
+                  out: str | None) -> dict[str, Any]:
+    """Add the notes, errors and total time to ``report`` and :func:`emit` it."""
+    report["notes"] = notes
+    report["errors"] = errors
+    report["total_s"] = rnd(time.perf_counter() - started)
+    emit(report, out)
+    return report
+
+
+def record_failure(result: dict[str, Any], errors: list[str], label: str, error: BaseException) -> None:
+    """A failed measurement keeps the others' numbers: its error goes into ``result`` and ``errors``."""
+    result["error"] = f"{type(error).__name__}: {error}"
+    errors.append(f"{label}: {result['error']}")
+    traceback.print_exc()
 
 
 def synchronize(device: torch.device) -> None:
@@ -526,18 +539,10 @@ def pinned(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory() if device.type == "cuda" else tensor
 
 
-def group_by_size(arrays: Sequence[np.ndarray]) -> list[list[int]]:
-    """Indices of same-size images (the batching of ``FaceDetector`` without padding)."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, image in enumerate(arrays):
-        groups.setdefault(image.shape[:2], []).append(index)
-    return list(groups.values())
-
-
 def detect_images(engine: Engine, arrays: Sequence[np.ndarray], confidence_threshold: float) -> list[np.ndarray]:
     """Our pipeline over decoded images of any sizes: one batch per size."""
     results: list[np.ndarray | None] = [None] * len(arrays)
-    for group in group_by_size(arrays):
+    for group in same_size_groups(arrays):
         batch = pinned(np.stack([arrays[i] for i in group]), engine.device)
         for index, rows in zip(group, engine.detect(batch, confidence_threshold)):
             results[index] = rows
@@ -683,9 +688,7 @@ def measure_synthetic(args: argparse.Namespace, device: torch.device, variants: 
                         entry["syncs_per_batch"] = sync_sites(
                             lambda: engine.detect(host[0], args.confidence_threshold))
                 except Exception as error:  # a failed variant must not lose the others' numbers
-                    entry["error"] = f"{type(error).__name__}: {error}"
-                    errors.append(f"{name} bs{batch} {variant.name}: {entry['error']}")
-                    traceback.print_exc()
+                    record_failure(entry, errors, f"{name} bs{batch} {variant.name}", error)
                 finally:
                     del engine
                     release(device)
@@ -750,9 +753,7 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
             ms = stats(wall)["median"] / n
             entry.update(ms_per_img=rnd(ms), images_per_s=rnd(1000.0 / ms), speedup_vs_public=rnd(public_ms / ms))
         except Exception as error:
-            entry["error"] = f"{type(error).__name__}: {error}"
-            errors.append(f"sample {variant.name}: {entry['error']}")
-            traceback.print_exc()
+            record_failure(entry, errors, f"sample {variant.name}", error)
         finally:
             del engine
             release(device)
@@ -933,11 +934,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if report["sample"]:
         fidelity += [v["fidelity"]["passed"] for v in report["sample"]["variants"] if "fidelity" in v]
     report["fidelity_passed"] = all(fidelity)
-    report["notes"] = notes
-    report["errors"] = errors
-    report["total_s"] = rnd(time.perf_counter() - started)
-    emit(report, args.out)
-    return report
+    return finish_report(report, notes, errors, started, args.out)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ from layers.multibox_loss import MultiBoxLoss, box_iou_batched  # noqa: E402
 from layers.prior_box import prior_boxes  # noqa: E402
 from models.retinaface import RetinaFace  # noqa: E402
 from tools.benchmark_inference import (  # noqa: E402
-    MODELS, SHARED, emit, release, report_header, rnd, setup_device, stats, sync_sites, synchronize,
+    MODELS, SHARED, finish_report, record_failure, release, report_header, rnd, setup_device, stats, sync_sites,
+    synchronize,
 )
 from utils.box_utils import VARIANCES, encode, encode_landm, point_form  # noqa: E402
 
@@ -540,9 +541,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                         config, variant, device, Repeat((pinned_images, pinned_targets), 3), 3, batch, size,
                         args.seed, sync_debug_clock(device)), toggle=False)
         except Exception as error:
-            result["error"] = f"{type(error).__name__}: {error}"
-            errors.append(f"{spec} {variant.name}: {result['error']}")
-            traceback.print_exc()
+            record_failure(result, errors, f"{spec} {variant.name}", error)
         release(device)
         entry["variants"].append(result)
         print(f"[train] {spec} {variant.name} fixed: {result.get('img_per_s', '-')} img/s", file=sys.stderr, flush=True)
@@ -578,9 +577,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                     if device.type == "cuda":
                         result["max_memory_allocated_mib"] = rnd(torch.cuda.max_memory_allocated(device) / 2 ** 20)
                 except Exception as error:
-                    result["error"] = f"{type(error).__name__}: {error}"
-                    errors.append(f"{spec} real {variant.name}: {result['error']}")
-                    traceback.print_exc()
+                    record_failure(result, errors, f"{spec} real {variant.name}", error)
                 release(device)
                 entry["variants"].append(result)
                 print(f"[train] {spec} {variant.name} real: {result.get('img_per_s', '-')} img/s "
@@ -699,11 +696,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except KeyboardInterrupt:  # timeout --signal=INT in tools/gpu_check.sh: keep what was measured
         report["interrupted"] = True
         notes.append("interrupted (SIGINT): partial results")
-    report["notes"] = notes
-    report["errors"] = errors
-    report["total_s"] = rnd(time.perf_counter() - started)
-    emit(report, args.out)
-    return report
+    return finish_report(report, notes, errors, started, args.out)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def format_summary(summary: InferenceSummary) -> str:
     for name, note in summary.notes:
         lines.append(f"  note {name}: {note}")
     lines.append("ms/img: " + ", ".join(f"{key} {ms[key]:.1f}" for key in TIMING_KEYS)
-                 + f" (load runs in DataLoader workers, overlapping the network)")
+                 + " (load runs in DataLoader workers, overlapping the network)")
     lines.append(f"throughput: {summary.images_per_s:.2f} images/s ({summary.processed} images in "
                  f"{summary.wall_s:.2f} s on {summary.device}; model load {summary.model_load_s:.2f} s)")
     lines.append(f"results: {summary.output_folder}")
@@ -250,17 +250,6 @@ def _is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def scale_detections(detections: Any, scale: tuple[float, float]) -> Any:
-    """Detections found on an image resized by (sx, sy), in the original image's pixels."""
-    sx, sy = scale
-    if (sx, sy) == (1.0, 1.0) or len(detections) == 0:
-        return detections
-    factor = np.array([sx, sy], dtype=np.float32)
-    boxes = (detections.boxes.reshape(-1, 2, 2) / factor).reshape(-1, 4)
-    return type(detections)(boxes.astype(np.float32), detections.scores,
-                            (detections.landmarks / factor).astype(np.float32))
 
 
 def _progress(total: int, enabled: bool | None):
@@ -309,7 +298,7 @@ class _Runner:
             if found[0] is None:
                 return
         for record, detections in zip(batch, found):
-            self.finish(record, scale_detections(detections, record.net_scale))
+            self.finish(record, detections.rescaled(*record.net_scale))
 
     def _detect_downscaled(self, record: ImageRecord, attempts: int = 3):
         image, scale = record.net_image, record.net_scale

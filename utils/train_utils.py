@@ -115,7 +115,6 @@ def setup_distributed(device: str | None = None, gpu_num: int = 0) -> DistInfo:
             return DistInfo(device=resolve_device(device, gpu_num))
         except ValueError as error:
             raise TrainingSetupError(str(error)) from None
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if use_cuda:
@@ -711,7 +710,9 @@ def _resolve_validation(args: argparse.Namespace) -> tuple[str | None, Path | No
             raise TrainingSetupError(f"--val_dataset {val_root}: no val/label.txt (expected val/images and "
                                      f"val/label.txt, see data/README.md)")
         return None, None, f"no {Path(val_root) / 'val' / 'label.txt'} (set --val_dataset)"
-    gt_dir = Path(args.gt_dir) if args.gt_dir else Path(val_root) / "ground_truth"
+    from utils.evaluation import default_gt_dir
+
+    gt_dir = Path(args.gt_dir) if args.gt_dir else default_gt_dir(val_root)
     if not (gt_dir / "wider_face_val.mat").is_file():
         if args.gt_dir or args.val_dataset:
             raise TrainingSetupError(f"WIDER FACE ground truth not found in {gt_dir} (wider_face_val.mat, "
