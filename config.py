@@ -137,6 +137,11 @@ OPTIONS: tuple[Option, ...] = (
          help="training epochs (default: 250 for mobilenet0.25, 100 for ResNets)"),
     _opt("--im_size", type=positive_int, default=640, scripts={TRAIN},
          help="square training image size after augmentation"),
+    _opt("--augment_on", type=str, choices=("workers", "device"), default="workers", scripts={TRAIN},
+         help="where the pixel work of the augmentation runs: 'workers' (OpenCV in the DataLoader "
+              "workers) or 'device' (workers only decode and crop; photometric distortion, flip and "
+              "resize run batched on the training device; same random draws and targets, pixels within "
+              "2 levels; for GPUs that the CPU cores cannot keep fed)"),
     _opt("--landmark_loss", type=str2bool, default=True, scripts={TRAIN},
          help="train the landmark head (true/false)"),
     _opt("--train_split", type=str, default="train", scripts={TRAIN},

@@ -165,16 +165,18 @@ def test_train_benchmark_cpu_smoke(train_run):
     assert config["config"] == "mobilenet0.25:2:128" and config["fixed_batch"].startswith("real")
     modes = {(v["variant"], v["mode"]): v for v in config["variants"]}
     assert set(modes) == {("public", "fixed"), ("fp32", "fixed"), ("fp32", "real")}
-    for v in modes.values():
+    real = [v for v in config["variants"] if v["mode"] == "real"]
+    assert sorted(v["augment_on"] for v in real) == ["device", "workers"]
+    for v in config["variants"]:
         assert v["img_per_s"] > 0 and v["steps"] == 2 and math.isfinite(v["final_loss"])
         assert v["step_ms"]["n"] == 2
-    assert modes[("fp32", "real")]["ratio_to_fixed"] > 0 and modes[("fp32", "real")]["workers"] == 1
-    assert config["loader_only"]["img_per_s"] > 0
+    assert all(v["ratio_to_fixed"] > 0 and v["workers"] == 1 for v in real)
+    assert config["loader_only"]["workers"]["img_per_s"] > 0 and config["loader_only"]["device"]["img_per_s"] > 0
     # the public-style step computes the same loss as MultiBoxLoss (protocol difference off)
     assert config["loss_check"]["protocol_rel_diff"] < 1e-5
     summary = config["summary"]
     assert summary["best_fixed_variant"] == "fp32" and summary["speedup_vs_public_style"] > 0
-    assert "real_ratio_to_fixed" in summary
+    assert set(summary["real_ratio_to_fixed"]) == {"workers", "device"}
     assert config["profile"]["top_ops"] and config["profile"]["variant"] == "fp32"
 
 
@@ -249,7 +251,7 @@ def test_speed_table_target_verdicts():
     train = {"benchmark": "train", "env": env, "date": "2026-01-01", "command": "python y", "configs": [
         {"config": "mobilenet0.25:32:640", "variants": [],
          "summary": {"best_fixed_img_per_s": 800.0, "best_fixed_variant": "bf16", "speedup_vs_public_style": 3.0,
-                     "real_ratio_to_fixed": 0.8}}]}
+                     "real_ratio_to_fixed": {"workers": 0.8, "device": 0.85}}}]}
     rows = {row[0]: row for row in speed_table.target_rows([inference, train])}
     assert rows["ResNet-50 cascade 640×480 bs32 end to end"][3] == "met"
     assert "fp16+graph" in rows["ResNet-50 cascade 640×480 bs32 end to end"][2]

@@ -160,6 +160,7 @@ def test_same_size_batching_matches_single_images(widerface_sample, mobilenet_we
 # ------------------------------------------------------------------------------------------
 
 def test_masks_on_rgba_portraits(sample_mask_images, mobilenet_weights, tmp_path, capsys):
+    pytest.importorskip("mediapipe", reason="the mask stage needs mediapipe (absent on the GPU machines)")
     out = tmp_path / "masks_out"
     args = argparse.Namespace(weights=str(mobilenet_weights), inference_dir=str(sample_mask_images),
                               inference_save_folder=str(out), mask=True, save_mask=True)

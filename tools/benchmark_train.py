@@ -201,10 +201,14 @@ class RepeatDataset(Dataset):
         return self.dataset[index % len(self.dataset)]
 
 
-def training_dataset(root: Path, split: str, size: int, seed: int):
+def training_dataset(root: Path, split: str, size: int, seed: int, augment_on: str = "workers"):
+    """The training set with ``TrainTransform`` (``augment_on="workers"``) or
+    ``DeferredTrainTransform`` (``"device"``), as ``train_utils.build_train_loader`` builds it."""
     from utils.data_loaders import dataset_from_root
     from utils.data_transformer import TrainTransform
-    return dataset_from_root(root, split, TrainTransform(size, rng=seed))
+    from utils.device_augment import DeferredTrainTransform
+    transform = DeferredTrainTransform if augment_on == "device" else TrainTransform
+    return dataset_from_root(root, split, transform(size, rng=seed))
 
 
 def real_batch(dataset, batch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -521,7 +525,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
             clock = StepClock(args.warmup, args.iters, device)
             steps = args.warmup + args.iters
             if variant.public:
-                host_f32 = images_to_network_input(images)  # the public DataLoader delivers float32
+                host_f32 = images_to_network_input(images).contiguous()  # the public loader: NCHW float32
                 result.update(public_steps(config, device, host_f32, list(targets), size, args.seed, clock, steps))
                 public_ips = result["img_per_s"]
             else:
@@ -546,47 +550,10 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         entry["variants"].append(result)
         print(f"[train] {spec} {variant.name} fixed: {result.get('img_per_s', '-')} img/s", file=sys.stderr, flush=True)
 
-    # the real data pipeline
+    # the real data pipeline, with the augmentation's pixel work in the workers and on the device
     if dataset is not None and args.real_variants:
-        loader = None
-        # the window opens once the prefetch queue (workers x prefetch_factor batches) could have been
-        # drained, so that it measures the steady state, not batches prepared during the warm-up
-        warmup = args.warmup + 4 * args.workers
-        steps = warmup + args.iters
-        try:
-            loader = real_loader(dataset, batch, steps + 1, args.workers, args.seed, device)
-            clock = StepClock(warmup, args.iters, device)
-            clock.source = loader
-            for _ in clock:
-                pass
-            entry["loader_only"] = {**clock.result(batch), "workers": args.workers, "warmup_steps": warmup}
-            for text in args.real_variants:
-                variant = parse_variant(text, device)
-                result = {"variant": variant.name, "mode": "real", "precision": variant.precision,
-                          "channels_last": variant.channels_last, "compile": variant.compile, "workers": args.workers,
-                          "warmup_steps": warmup}
-                if variant.public or (variant.compile and device.type != "cuda"):
-                    continue
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                try:
-                    clock = StepClock(warmup, args.iters, device)
-                    result.update(run_ours(config, variant, device, loader, steps, batch, size, args.seed, clock))
-                    if variant.name in fixed_img_per_s:
-                        result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.name])
-                    if device.type == "cuda":
-                        result["max_memory_allocated_mib"] = rnd(torch.cuda.max_memory_allocated(device) / 2 ** 20)
-                except Exception as error:
-                    record_failure(result, errors, f"{spec} real {variant.name}", error)
-                release(device)
-                entry["variants"].append(result)
-                print(f"[train] {spec} {variant.name} real: {result.get('img_per_s', '-')} img/s "
-                      f"(x{result.get('ratio_to_fixed', '-')} of fixed)", file=sys.stderr, flush=True)
-        except Exception as error:
-            errors.append(f"{spec} real data pipeline: {type(error).__name__}: {error}")
-            traceback.print_exc()
-        finally:
-            del loader
+        for augment_on in args.augment_on:
+            measure_real_pipeline(spec, args, device, config, batch, size, augment_on, fixed_img_per_s, errors, entry)
     elif args.real_variants:
         notes.append(f"{spec}: real data pipeline skipped (no {args.dataset}/{args.split}/label.txt)")
 
@@ -601,10 +568,10 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         if reference:
             summary.update(public_reference_img_per_s=reference,
                            ratio_vs_public_reference=rnd(best["img_per_s"] / reference), target_ratio=TARGET_RATIO)
-        real = [v for v in entry["variants"] if v["mode"] == "real" and v["variant"] == best["variant"]
-                and "ratio_to_fixed" in v]
+        real = {v["augment_on"]: v["ratio_to_fixed"] for v in entry["variants"]
+                if v["mode"] == "real" and v["variant"] == best["variant"] and "ratio_to_fixed" in v}
         if real:
-            summary["real_ratio_to_fixed"] = real[0]["ratio_to_fixed"]
+            summary["real_ratio_to_fixed"] = real
         entry["summary"] = summary
 
     if args.profile and profiled_variant is not None:
@@ -625,6 +592,56 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         release(device)
 
 
+def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.device, config, batch: int, size: int,
+                          augment_on: str, fixed_img_per_s: dict[str, float], errors: list[str],
+                          entry: dict[str, Any]) -> None:
+    """The loader alone and ``args.real_variants`` fed by it, for one ``--augment_on`` mode
+    (appended to ``entry``). With ``device`` the loader alone measures only the workers' share;
+    the pixel work is inside the training steps."""
+    dataset = training_dataset(Path(args.dataset), args.split, size, args.seed, augment_on)
+    loader = None
+    # the window opens once the prefetch queue (workers x prefetch_factor batches) could have been
+    # drained, so that it measures the steady state, not batches prepared during the warm-up
+    warmup = args.warmup + 4 * args.workers
+    steps = warmup + args.iters
+    try:
+        loader = real_loader(dataset, batch, steps + 1, args.workers, args.seed, device)
+        clock = StepClock(warmup, args.iters, device)
+        clock.source = loader
+        for _ in clock:
+            pass
+        entry.setdefault("loader_only", {})[augment_on] = {**clock.result(batch), "workers": args.workers,
+                                                           "warmup_steps": warmup}
+        for text in args.real_variants:
+            variant = parse_variant(text, device)
+            if variant.public or (variant.compile and device.type != "cuda"):
+                continue
+            result = {"variant": variant.name, "mode": "real", "augment_on": augment_on,
+                      "precision": variant.precision, "channels_last": variant.channels_last,
+                      "compile": variant.compile, "workers": args.workers, "warmup_steps": warmup}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                clock = StepClock(warmup, args.iters, device)
+                result.update(run_ours(config, variant, device, loader, steps, batch, size, args.seed, clock))
+                if variant.name in fixed_img_per_s:
+                    result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.name])
+                if device.type == "cuda":
+                    result["max_memory_allocated_mib"] = rnd(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+            except Exception as error:
+                record_failure(result, errors, f"{spec} real ({augment_on}) {variant.name}", error)
+            release(device)
+            entry["variants"].append(result)
+            print(f"[train] {spec} {variant.name} real, augmentation on {augment_on}: "
+                  f"{result.get('img_per_s', '-')} img/s (x{result.get('ratio_to_fixed', '-')} of fixed)",
+                  file=sys.stderr, flush=True)
+    except Exception as error:
+        errors.append(f"{spec} real data pipeline ({augment_on}): {type(error).__name__}: {error}")
+        traceback.print_exc()
+    finally:
+        del loader
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -638,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 1 CPU)")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers of the real pipeline (default CUDA: cores - 2, at most 14; CPU: 0)")
+    parser.add_argument("--augment_on", default="workers,device",
+                        help="real-pipeline modes (train.py --augment_on): workers, device or both, comma-separated")
     parser.add_argument("--dataset", default=str(DEFAULT_DATASET), help="root with <split>/label.txt and images/")
     parser.add_argument("--split", default="val")
     parser.add_argument("--fixed_batch", choices=("real", "synthetic"), default="real",
@@ -670,6 +689,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.real_variants = ours[-1:] if ours else []
     else:
         args.real_variants = [v for v in args.real_variants.split(",") if v]
+    args.augment_on = [m.strip() for m in args.augment_on.split(",") if m.strip()]
+    if not set(args.augment_on) <= {"workers", "device"}:
+        raise SystemExit(f"--augment_on {args.augment_on}: choose from workers, device")
     args.iters = args.iters or (20 if cuda else 2)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     if args.workers is None:
@@ -683,6 +705,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = report_header("train", "tools/benchmark_train.py", argv, device)
     report["settings"] = {"configs": configs, "variants": args.variants, "real_variants": args.real_variants,
                           "iters": args.iters, "warmup": args.warmup, "workers": args.workers,
+                          "augment_on": args.augment_on,
                           "dataset": f"{args.dataset}/{args.split}", "fixed_batch": args.fixed_batch,
                           "optimizer": "SGD lr 1e-3 momentum 0.9 wd 5e-4", "cudnn_benchmark": cuda}
     started = time.perf_counter()

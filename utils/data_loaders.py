@@ -64,6 +64,7 @@ from utils.data_transformer import (
     empty_targets,
     seed_worker,
 )
+from utils.device_augment import DeferredBatch, DeferredImage
 from utils.image_io import read_image
 
 __all__ = [
@@ -423,39 +424,65 @@ def dataset_from_root(
 
 def detection_collate(
     batch: Iterable[tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor]],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor | DeferredBatch, list[torch.Tensor]]:
     """Batch ``(image, targets)`` samples.
 
     Images (uint8 ``(S, S, 3)`` HWC numpy arrays, or ``(3, S, S)`` tensors) are stacked into a
-    uint8 tensor ``(B, 3, S, S)`` (channel order BGR, unchanged values); targets become a list of
-    ``B`` float32 tensors ``(K_i, 15)`` in pixels (``K_i`` may be 0).
+    uint8 tensor ``(B, 3, S, S)`` (channel order BGR, unchanged values); HWC arrays are copied once,
+    as they are, so the result has channels-last strides (the memory format training runs in on
+    CUDA) and, in a DataLoader worker, lives in shared memory already (no second copy on the way
+    to the main process). Targets become a list of ``B`` float32 tensors ``(K_i, 15)`` in pixels
+    (``K_i`` may be 0). Samples of :class:`~utils.device_augment.DeferredTrainTransform` become a
+    :class:`~utils.device_augment.DeferredBatch` instead of the image tensor.
 
     Raises:
         ValueError: the images do not all have the same size (e.g. ``ValTransform`` with
             ``batch_size > 1``).
     """
-    images: list[torch.Tensor] = []
-    targets: list[torch.Tensor] = []
-    for image, target in batch:
-        if isinstance(image, np.ndarray):
-            if image.ndim != 3 or image.shape[2] != 3:
-                raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
-            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        images.append(image)
-        target_t = torch.as_tensor(np.asarray(target, dtype=np.float32) if not torch.is_tensor(target) else target)
-        targets.append(target_t.float().reshape(-1, TARGET_COLUMNS))
-    if not images:
+    batch = list(batch)
+    if not batch:
         raise ValueError("empty batch")
-    shapes = {tuple(t.shape) for t in images}
+    targets = [_targets_tensor(target) for _, target in batch]
+    images = [image for image, _ in batch]
+    if isinstance(images[0], DeferredImage):
+        return DeferredBatch.collate(images), targets
+    for image in images:
+        if isinstance(image, np.ndarray) and (image.ndim != 3 or image.shape[2] != 3):
+            raise ValueError(f"expected an (H, W, 3) image, got shape {image.shape}")
+    shapes = {tuple(im.shape[:2]) if isinstance(im, np.ndarray) else tuple(im.shape[1:]) for im in images}
     if len(shapes) != 1:
         raise ValueError(f"images in a batch must share one size, got {sorted(shapes)}; use batch_size=1 "
                          "or a transform that resizes (TrainTransform)")
-    return torch.stack(images, 0).contiguous(), targets
+    if not all(isinstance(im, np.ndarray) for im in images):
+        return torch.stack([torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
+                            if isinstance(im, np.ndarray) else im for im in images]).contiguous(), targets
+    height, width = shapes.pop()
+    stacked = _batch_buffer((len(images), height, width, 3))
+    np.stack(images, out=stacked.numpy())
+    return stacked.permute(0, 3, 1, 2), targets
 
 
-def images_to_network_input(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised uint8 tensor, in shared memory inside a DataLoader worker (what
+    ``default_collate`` does, so that sending the batch to the main process copies nothing)."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+def _targets_tensor(target: np.ndarray | torch.Tensor) -> torch.Tensor:
+    target_t = torch.as_tensor(np.asarray(target, dtype=np.float32) if not torch.is_tensor(target) else target)
+    return target_t.float().reshape(-1, TARGET_COLUMNS)
+
+
+def images_to_network_input(images: torch.Tensor | DeferredBatch, device: torch.device | str | None = None
+                            ) -> torch.Tensor:
     """uint8 ``(B, 3, H, W)`` BGR -> float32 network input on ``device``: the public preprocessing
-    (``float(image) - (104, 117, 123)``, no scaling) run after the transfer, on the accelerator."""
+    (``float(image) - (104, 117, 123)``, no scaling) run after the transfer, on the accelerator.
+    A :class:`~utils.device_augment.DeferredBatch` is augmented there first."""
+    if isinstance(images, DeferredBatch):
+        return images.network_input(device)
     if device is not None:
         images = images.to(device=device, non_blocking=True)
     return preprocess(images, channels_last_input=False)

@@ -64,7 +64,7 @@ DataLoader gets a seeded ``generator``). No global random state is read or writt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import cv2
 import numpy as np
@@ -80,6 +80,8 @@ __all__ = [
     "TrainTransform",
     "ValTransform",
     "photometric_distort",
+    "photometric_tables",
+    "PhotometricTables",
     "sample_photometric",
     "crop_targets",
     "flip_targets",
@@ -262,13 +264,20 @@ def _compose(first: np.ndarray | None, second: np.ndarray | None) -> np.ndarray 
     return second[first]
 
 
-def photometric_distort(image: np.ndarray, params: PhotometricParams) -> np.ndarray:
-    """Apply ``params`` to a uint8 BGR image; returns a new array (or ``image`` itself when identity).
+class PhotometricTables(NamedTuple):
+    """:class:`PhotometricParams` as uint8 lookup tables (256,): ``before`` (BGR, ahead of the
+    HSV step), ``hue`` and ``saturation`` (HSV H and S channels), ``after`` (BGR, behind it).
+    ``None`` = identity; ``use_hsv`` says whether the BGR->HSV->BGR round trip happens."""
 
-    Per-pixel results equal the public float implementation (``trunc(clip(x*a+b, 0, 255))`` at
-    each step, hue ``(h + d) mod 180``), except that the BGR->HSV->BGR round trip is skipped when
-    neither saturation nor hue is applied.
-    """
+    before: np.ndarray | None
+    hue: np.ndarray | None
+    saturation: np.ndarray | None
+    after: np.ndarray | None
+    use_hsv: bool
+
+
+def photometric_tables(params: PhotometricParams) -> PhotometricTables:
+    """Lookup tables of ``params`` (consecutive brightness/contrast tables composed into one)."""
     brightness = None if params.brightness is None else _affine_lut(beta=params.brightness)
     contrast = None if params.contrast is None else _affine_lut(alpha=params.contrast)
     use_hsv = params.saturation is not None or params.hue is not None
@@ -276,19 +285,31 @@ def photometric_distort(image: np.ndarray, params: PhotometricParams) -> np.ndar
         before, after = brightness, contrast
     else:
         before, after = _compose(brightness, contrast), None
+    hue = None if params.hue is None else ((np.arange(256) + params.hue) % 180).astype(np.uint8)
+    saturation = None if params.saturation is None else _affine_lut(alpha=params.saturation)
+    return PhotometricTables(before, hue, saturation, after, use_hsv)
 
+
+def photometric_distort(image: np.ndarray, params: PhotometricParams) -> np.ndarray:
+    """Apply ``params`` to a uint8 BGR image; returns a new array (or ``image`` itself when identity).
+
+    Per-pixel results equal the public float implementation (``trunc(clip(x*a+b, 0, 255))`` at
+    each step, hue ``(h + d) mod 180``), except that the BGR->HSV->BGR round trip is skipped when
+    neither saturation nor hue is applied.
+    """
+    tables = photometric_tables(params)
     out = image
-    if before is not None:
-        out = cv2.LUT(out, before)
-    if use_hsv:
+    if tables.before is not None:
+        out = cv2.LUT(out, tables.before)
+    if tables.use_hsv:
         hsv = cv2.cvtColor(out, cv2.COLOR_BGR2HSV)
-        hue_lut = _IDENTITY_LUT if params.hue is None else ((np.arange(256) + params.hue) % 180).astype(np.uint8)
-        sat_lut = _IDENTITY_LUT if params.saturation is None else _affine_lut(alpha=params.saturation)
-        table = np.stack([hue_lut, sat_lut, _IDENTITY_LUT], axis=-1).reshape(256, 1, 3)
+        hue = _IDENTITY_LUT if tables.hue is None else tables.hue
+        saturation = _IDENTITY_LUT if tables.saturation is None else tables.saturation
+        table = np.stack([hue, saturation, _IDENTITY_LUT], axis=-1).reshape(256, 1, 3)
         hsv = cv2.LUT(hsv, table)
         out = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
-    if after is not None:
-        out = cv2.LUT(out, after)
+    if tables.after is not None:
+        out = cv2.LUT(out, tables.after)
     return out
 
 
@@ -441,40 +462,29 @@ class TrainTransform:
         return AugmentParams(crop, photometric, flip, interpolation)
 
     # ---- apply -----------------------------------------------------------------------------
-    def apply(
-        self, image: np.ndarray, targets: np.ndarray | None, params: AugmentParams
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Apply explicit ``params`` (deterministic). Shapes/conventions as in :meth:`__call__`."""
-        _check_image(image)
+    def _check_params(self, image_shape: Sequence[int], params: AugmentParams) -> None:
+        if params.crop is not None:
+            left, top, side = params.crop
+            if side <= 0 or left < 0 or top < 0 or left + side > image_shape[1] or top + side > image_shape[0]:
+                raise ValueError(f"crop {params.crop} does not fit in an image of shape {tuple(image_shape)}")
+
+    def transform_targets(self, targets: np.ndarray, image_shape: Sequence[int], params: AugmentParams
+                          ) -> np.ndarray:
+        """The geometric half of :meth:`apply`: ``targets`` (K, 15) in pixels of an image of
+        ``image_shape`` -> float32 (K', 15) in pixels of the ``im_size`` output (crop, flip,
+        resize, clip). Shared by the pixel paths on the CPU and on the device."""
         targets = _check_targets(targets)
+        self._check_params(image_shape, params)
         size = self.im_size
         if params.crop is not None:
             left, top, side = params.crop
-            if side <= 0 or left < 0 or top < 0 or left + side > image.shape[1] or top + side > image.shape[0]:
-                raise ValueError(f"crop {params.crop} does not fit in an image of shape {image.shape}")
             keep = self._kept_in_crop(
                 targets, np.array([left]), np.array([top]), np.array([side])
             )[0] if len(targets) else np.zeros(0, dtype=bool)
             out_targets = crop_targets(targets, left, top, side, keep)
-            out = image[top:top + side, left:left + side]
         else:
             out_targets = targets.copy()
-            out = image
-        out = photometric_distort(out, params.photometric)
-        if params.crop is None:
-            height, width = out.shape[:2]
-            side = max(height, width)
-            if height != width:
-                out = cv2.copyMakeBorder(
-                    out, 0, side - height, 0, side - width, cv2.BORDER_CONSTANT, value=self.rgb_mean
-                )
-        flip_before = params.flip and side <= size
-        if flip_before:
-            out = cv2.flip(out, 1)
-        out = cv2.resize(out, (size, size), interpolation=params.interpolation)
-        if params.flip and not flip_before:
-            out = cv2.flip(out, 1)
-
+            side = max(int(image_shape[0]), int(image_shape[1]))
         out_targets = scale_targets(out_targets, size / side)
         if params.flip:
             out_targets = flip_targets(out_targets, float(size))
@@ -484,7 +494,37 @@ class TrainTransform:
         valid = (out_targets[:, 2] > out_targets[:, 0]) & (out_targets[:, 3] > out_targets[:, 1])
         if not valid.all():
             out_targets = out_targets[valid]
-        return np.ascontiguousarray(out), out_targets.astype(np.float32, copy=False)
+        return out_targets.astype(np.float32, copy=False)
+
+    @staticmethod
+    def crop_pixels(image: np.ndarray, params: AugmentParams) -> np.ndarray:
+        """The square crop of ``params`` (a view), or the whole image when ``params.crop`` is None."""
+        if params.crop is None:
+            return image
+        left, top, side = params.crop
+        return image[top:top + side, left:left + side]
+
+    def apply(
+        self, image: np.ndarray, targets: np.ndarray | None, params: AugmentParams
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Apply explicit ``params`` (deterministic). Shapes/conventions as in :meth:`__call__`."""
+        _check_image(image)
+        out_targets = self.transform_targets(targets, image.shape, params)
+        size = self.im_size
+        out = photometric_distort(self.crop_pixels(image, params), params.photometric)
+        height, width = out.shape[:2]
+        side = max(height, width)
+        if height != width:
+            out = cv2.copyMakeBorder(
+                out, 0, side - height, 0, side - width, cv2.BORDER_CONSTANT, value=self.rgb_mean
+            )
+        flip_before = params.flip and side <= size
+        if flip_before:
+            out = cv2.flip(out, 1)
+        out = cv2.resize(out, (size, size), interpolation=params.interpolation)
+        if params.flip and not flip_before:
+            out = cv2.flip(out, 1)
+        return np.ascontiguousarray(out), out_targets
 
     def __call__(self, image: np.ndarray, targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Augment one image.

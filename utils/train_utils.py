@@ -430,13 +430,16 @@ class ResumableSampler(Sampler):
 
 def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
                        ) -> tuple[DataLoader, ResumableSampler, Dataset]:
-    """DataLoader over ``<dataset>/<train_split>`` with ``TrainTransform(im_size)``: drop-last
-    batches of ``--batch_size`` per process, pinned memory and persistent workers on CUDA."""
+    """DataLoader over ``<dataset>/<train_split>`` with ``TrainTransform(im_size)`` (or its
+    ``DeferredTrainTransform`` with ``--augment_on device``): drop-last batches of
+    ``--batch_size`` per process, pinned memory and persistent workers on CUDA."""
     from utils.data_loaders import dataset_from_root, detection_collate
     from utils.data_transformer import TrainTransform
+    from utils.device_augment import DeferredTrainTransform
 
+    transform_class = DeferredTrainTransform if getattr(args, "augment_on", "workers") == "device" else TrainTransform
     try:
-        dataset = dataset_from_root(args.dataset, args.train_split, TrainTransform(args.im_size, rng=seed))
+        dataset = dataset_from_root(args.dataset, args.train_split, transform_class(args.im_size, rng=seed))
     except (FileNotFoundError, ValueError) as error:
         raise TrainingSetupError(f"training data: {error}") from None
     sampler = ResumableSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=seed)

@@ -1,0 +1,148 @@
+"""The augmentation's pixel work on the device (utils/device_augment.py) against OpenCV and
+against TrainTransform on the sample images."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from utils.data_loaders import dataset_from_root, detection_collate, images_to_network_input
+from utils.data_transformer import INTERPOLATIONS, AugmentParams, PhotometricParams, TrainTransform
+from utils.device_augment import (
+    DeferredBatch, DeferredTrainTransform, augment, bgr_to_hsv, hsv_to_bgr, resize_taps,
+)
+
+INTERPOLATION_NAMES = {cv2.INTER_LINEAR: "linear", cv2.INTER_CUBIC: "cubic", cv2.INTER_AREA: "area",
+                       cv2.INTER_NEAREST: "nearest", cv2.INTER_LANCZOS4: "lanczos4"}
+
+
+@pytest.fixture(scope="module")
+def sample_image(widerface_sample) -> np.ndarray:
+    path = sorted((widerface_sample / "val" / "images").rglob("*.jpg"))[0]
+    return cv2.imread(str(path))
+
+
+def _resize_with_taps(image: np.ndarray, size: int, interpolation: int) -> np.ndarray:
+    index, weight = resize_taps(image.shape[0], size, interpolation)
+    matrix = np.zeros((size, image.shape[0]))
+    np.add.at(matrix, (np.repeat(np.arange(size), index.shape[1]), index.ravel()), weight.ravel())
+    planes = [matrix @ image[..., c].astype(np.float64) @ matrix.T for c in range(3)]
+    return np.clip(np.round(np.stack(planes, axis=-1)), 0, 255)
+
+
+@pytest.mark.parametrize("interpolation", INTERPOLATIONS, ids=lambda i: INTERPOLATION_NAMES[i])
+@pytest.mark.parametrize("src", [37, 96, 150, 192, 500])
+def test_resize_taps_reproduce_cv2_resize(sample_image, interpolation, src):
+    image = np.ascontiguousarray(sample_image[100:100 + src, 200:200 + src])
+    expected = cv2.resize(image, (96, 96), interpolation=interpolation).astype(np.float64)
+    ours = _resize_with_taps(image, 96, interpolation)
+    difference = np.abs(ours - expected)
+    # OpenCV computes in fixed point: a pixel may differ by one level, rarely
+    assert difference.max() <= 1, (difference.max(), difference.mean())
+    assert difference.mean() < 0.2
+
+
+def test_resize_taps_reject_bad_arguments():
+    with pytest.raises(ValueError, match="positive"):
+        resize_taps(0, 10, cv2.INTER_LINEAR)
+    with pytest.raises(ValueError, match="unsupported"):
+        resize_taps(20, 10, 99)
+
+
+def test_hsv_conversions_match_opencv():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (100_000, 1, 3), dtype=np.uint8)
+    special = np.array([[0, 0, 0], [255, 255, 255], [128, 128, 128], [255, 0, 0], [0, 255, 0], [0, 0, 255],
+                        [255, 255, 0], [0, 255, 255], [255, 0, 255], [1, 0, 0], [0, 1, 1]], np.uint8)[:, None]
+    pixels = np.concatenate([pixels, special])
+    np.testing.assert_array_equal(bgr_to_hsv(torch.from_numpy(pixels)).numpy(),
+                                  cv2.cvtColor(pixels, cv2.COLOR_BGR2HSV))
+    hsv = pixels.copy()
+    hsv[..., 0] %= 180
+    expected = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR).astype(int)
+    ours = hsv_to_bgr(torch.from_numpy(hsv)).numpy().astype(int)
+    assert np.abs(ours - expected).max() <= 1
+    assert (ours != expected).any(-1).mean() < 1e-3  # float rounding ties only
+
+
+def _forced_params():
+    """Every branch of the pixel path: crop or pad, flip before/after the resize, every
+    interpolation, with and without the HSV step, both photometric orders."""
+    photometric = [PhotometricParams(),
+                   PhotometricParams(False, brightness=20.5, contrast=1.3),
+                   PhotometricParams(True, brightness=-10.0, contrast=0.7, saturation=1.4, hue=-12),
+                   PhotometricParams(False, saturation=0.6, hue=17)]
+    crops = [(10, 20, 60), (0, 0, 200), None]  # side 60 <= 96 < 200; None: whole image padded
+    for i, interpolation in enumerate(INTERPOLATIONS):
+        for j, crop in enumerate(crops):
+            yield AugmentParams(crop, photometric[(i + j) % len(photometric)], flip=(i + j) % 2 == 0,
+                                interpolation=interpolation)
+            yield AugmentParams(crop, photometric[(i + j + 1) % len(photometric)], flip=(i + j) % 2 == 1,
+                                interpolation=interpolation)
+
+
+def test_deferred_pixels_match_train_transform_for_every_branch(sample_image):
+    image = np.ascontiguousarray(sample_image[:230, :210])  # not square: the pad path pads the width
+    targets = np.array([[20, 30, 60, 80, 25, 40, 50, 40, 40, 55, 30, 65, 50, 65, 1.0],
+                        [100, 120, 150, 190, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1.0]], np.float32)
+    cpu = TrainTransform(96)
+    device = DeferredTrainTransform(96)
+    samples, expected_images = [], []
+    for params in _forced_params():
+        expected_image, expected_targets = cpu.apply(image, targets, params)
+        deferred, deferred_targets = device.defer(image, targets, params)
+        np.testing.assert_array_equal(deferred_targets, expected_targets)
+        samples.append((deferred, deferred_targets))
+        expected_images.append(expected_image)
+    batch, _ = detection_collate(samples)
+    assert isinstance(batch, DeferredBatch) and len(batch) == len(expected_images)
+    ours = images_to_network_input(batch)
+    reference = images_to_network_input(detection_collate([(im, np.zeros((0, 15))) for im in expected_images])[0])
+    assert ours.shape == reference.shape == (len(expected_images), 3, 96, 96)
+    difference = (ours - reference).abs()
+    per_image = difference.flatten(1).amax(1)
+    assert per_image.max() <= 3, per_image.tolist()  # a level from the HSV round trip, one from the resize
+    assert difference.mean() < 0.3
+
+
+def test_deferred_transform_matches_train_transform_on_the_sample(widerface_sample):
+    for seed in range(2):
+        cpu = dataset_from_root(widerface_sample, "val", TrainTransform(96, rng=seed))
+        device = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(96, rng=seed))
+        images, targets = detection_collate([cpu[i] for i in range(len(cpu))])
+        batch, deferred_targets = detection_collate([device[i] for i in range(len(device))])
+        for expected, ours in zip(targets, deferred_targets):  # same random draws, same geometry
+            assert torch.equal(expected, ours)
+        difference = (images_to_network_input(batch) - images_to_network_input(images)).abs()
+        assert difference.max() <= 3 and difference.mean() < 0.5, (difference.max(), difference.mean())
+
+
+def test_float16_resize_stays_within_a_level(widerface_sample):
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=3))
+    batch, _ = detection_collate([dataset[i] for i in range(4)])
+    exact = augment(batch, resize_dtype=torch.float32)
+    half = augment(batch, resize_dtype=torch.float16)
+    assert (exact - half).abs().max() <= 1
+
+
+def test_deferred_batch_moves_all_its_tensors(widerface_sample):
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=0))
+    batch, _ = detection_collate([dataset[i] for i in range(3)])
+    assert batch.image_size == 64 and batch.pixels.dtype == torch.uint8
+    assert batch.pixels.numel() == sum(h * w * 3 for h, w in batch.sizes)
+    moved = batch.to("cpu")
+    assert moved.sizes == batch.sizes and moved.any_hsv == batch.any_hsv
+    assert torch.equal(images_to_network_input(moved, "cpu"), images_to_network_input(batch))
+
+
+def test_training_with_device_augmentation(widerface_sample, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    summary = train.run(["--dataset", str(widerface_sample), "--train_split", "val", "--experiment_name", "dev",
+                         "--network", "mobilenet0.25", "--pretrained", "false", "--im_size", "96",
+                         "--batch_size", "2", "--workers", "1", "--eval_every", "0", "--device", "cpu",
+                         "--augment_on", "device", "--max_iters", "3", "--log_every", "1"])
+    assert summary["step"] == 3
+    assert (tmp_path / "experiments/dev/ckpt/last.pth").is_file()

@@ -1,0 +1,395 @@
+"""The training augmentation split in two: random decisions, crop and box geometry in the
+DataLoader workers, pixel work (photometric distortion, padding, flip, resize) batched on the
+training device.
+
+Why: with :class:`~utils.data_transformer.TrainTransform` a worker spends about 12 ms per WIDER
+image (2-core CPU here: decoding 5 ms, the resize to 640 x 640 4.3 ms of which Lanczos draws cost
+11-15 ms, the photometric lookups and HSV round trip 2.8 ms). A fast GPU trains the small models
+faster than 16 cores can feed them. :class:`DeferredTrainTransform` leaves a worker the decoding
+and an array slice; the rest runs for the whole batch in a few dozen kernels on the device.
+
+Same recipe, same random draws: :class:`DeferredTrainTransform` draws the parameters exactly like
+:class:`TrainTransform` (same generator calls) and computes the targets with the same function,
+so targets are identical. Pixels follow OpenCV's definitions: the photometric step uses the same
+lookup tables and OpenCV's 8-bit BGR<->HSV formulas; the resize is ``W_y @ image @ W_x^T`` with
+the weights OpenCV's ``resize`` uses for each of the five interpolations (half-pixel centres,
+replicated borders, cubic a = -0.75, Lanczos-4, area averaging when shrinking), rounded to uint8
+values like OpenCV's output. OpenCV computes in fixed point (and may call IPP), so a pixel can
+differ by a level or two; the tests bound the difference.
+
+Flow: ``dataset[i]`` -> ``(DeferredImage, targets)``; :func:`utils.data_loaders.detection_collate`
+-> ``(DeferredBatch, targets)``; the DataLoader pins it (``DeferredBatch.pin_memory``);
+:func:`utils.data_loaders.images_to_network_input` -> :meth:`DeferredBatch.network_input`: float32
+``(B, 3, S, S)`` minus the mean, on the device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import NamedTuple, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+from utils.data_transformer import (
+    RGB_MEAN_BGR, AugmentParams, TrainTransform, _check_image, _check_targets, photometric_tables,
+)
+
+_IDENTITY = np.arange(256, dtype=np.uint8)
+#: OpenCV's 8-bit HSV conversion: fixed point with 12 fractional bits.
+_HSV_SHIFT = 12
+
+
+# --------------------------------------------------------------------------------------------
+# Resize weights (OpenCV's cv2.resize, one axis)
+# --------------------------------------------------------------------------------------------
+def _cubic_coefficients(fx: np.ndarray) -> np.ndarray:
+    a = np.float32(-0.75)
+    x = fx.astype(np.float32)
+    c0 = ((a * (x + 1) - 5 * a) * (x + 1) + 8 * a) * (x + 1) - 4 * a
+    c1 = ((a + 2) * x - (a + 3)) * x * x + 1
+    c2 = ((a + 2) * (1 - x) - (a + 3)) * (1 - x) * (1 - x) + 1
+    return np.stack([c0, c1, c2, 1 - c0 - c1 - c2], axis=1)
+
+
+def _lanczos4_coefficients(fx: np.ndarray) -> np.ndarray:
+    taps = np.arange(8)
+    distance = fx[:, None].astype(np.float64) + 3 - taps[None, :]   # from each tap to the sample
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = distance * math.pi / 4
+        coefficients = np.sin(4 * y) * np.sin(y) / (4 * y * y)          # sinc(d) * sinc(d / 4)
+    coefficients = coefficients / coefficients.sum(axis=1, keepdims=True)
+    on_grid = fx < np.finfo(np.float32).eps
+    coefficients[on_grid] = 0.0
+    coefficients[on_grid, 3] = 1.0
+    return coefficients.astype(np.float32)
+
+
+def _scale(src: int, dst: int) -> float:
+    # OpenCV's 1 / (dst / src), not src / dst: the last bit decides cvFloor at exact multiples
+    return 1.0 / (dst / src)
+
+
+def _area_shrink_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
+    """Box filter of the pixel overlaps (OpenCV's INTER_AREA when shrinking)."""
+    scale = _scale(src, dst)
+    rows: list[list[tuple[int, float]]] = []
+    for dx in range(dst):
+        fsx1 = dx * scale
+        fsx2 = fsx1 + scale
+        cell = min(scale, src - fsx1)
+        sx1, sx2 = math.ceil(fsx1), math.floor(fsx2)
+        sx2 = min(sx2, src - 1)
+        sx1 = min(sx1, sx2)
+        row = []
+        if sx1 - fsx1 > 1e-3:
+            row.append((sx1 - 1, (sx1 - fsx1) / cell))
+        row.extend((sx, 1.0 / cell) for sx in range(sx1, sx2))
+        if fsx2 - sx2 > 1e-3:
+            row.append((sx2, min(min(fsx2 - sx2, 1.0), cell) / cell))
+        rows.append(row)
+    width = max(len(r) for r in rows)
+    index = np.zeros((dst, width), dtype=np.int64)
+    weight = np.zeros((dst, width), dtype=np.float32)
+    for dx, row in enumerate(rows):
+        for k, (sx, w) in enumerate(row):
+            index[dx, k], weight[dx, k] = sx, w
+    return index, weight
+
+
+def resize_taps(src: int, dst: int, interpolation: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights of ``cv2.resize`` along one axis of ``src`` -> ``dst`` pixels.
+
+    Returns ``index`` int64 ``(dst, T)`` and ``weight`` float32 ``(dst, T)``: output pixel ``i`` is
+    ``sum_k weight[i, k] * input[index[i, k]]``. ``interpolation`` is one of ``cv2.INTER_LINEAR,
+    INTER_CUBIC, INTER_AREA, INTER_NEAREST, INTER_LANCZOS4``.
+    """
+    if src <= 0 or dst <= 0:
+        raise ValueError(f"sizes must be positive, got {src} -> {dst}")
+    if src == dst:  # cv2.resize copies
+        return np.arange(dst, dtype=np.int64)[:, None], np.ones((dst, 1), dtype=np.float32)
+    scale = _scale(src, dst)
+    dx = np.arange(dst, dtype=np.float64)
+    if interpolation == cv2.INTER_NEAREST:
+        index = np.minimum(np.floor(dx * scale).astype(np.int64), src - 1)
+        return index[:, None], np.ones((dst, 1), dtype=np.float32)
+    if interpolation == cv2.INTER_AREA and scale >= 1:
+        return _area_shrink_taps(src, dst)
+    taps = {cv2.INTER_LINEAR: 2, cv2.INTER_AREA: 2, cv2.INTER_CUBIC: 4, cv2.INTER_LANCZOS4: 8}.get(interpolation)
+    if taps is None:
+        raise ValueError(f"unsupported interpolation {interpolation}")
+    if interpolation == cv2.INTER_AREA:  # enlarging: linear weights measured on pixel areas
+        sx = np.floor(dx * scale).astype(np.int64)
+        fx = ((dx + 1) - (sx + 1) * (dst / src)).astype(np.float32)
+        fx = np.where(fx <= 0, np.float32(0), fx - np.floor(fx)).astype(np.float32)
+    else:
+        position = ((dx + 0.5) * scale - 0.5).astype(np.float32)
+        sx = np.floor(position).astype(np.int64)
+        fx = position - sx.astype(np.float32)
+    if interpolation in (cv2.INTER_LINEAR, cv2.INTER_AREA):
+        low, high = sx < 0, sx >= src - 1
+        fx = np.where(low | high, np.float32(0), fx)
+        sx = np.where(low, 0, np.where(high, src - 1, sx))
+        coefficients = np.stack([1 - fx, fx], axis=1).astype(np.float32)
+    elif interpolation == cv2.INTER_CUBIC:
+        coefficients = _cubic_coefficients(fx)
+    else:
+        coefficients = _lanczos4_coefficients(fx)
+    index = sx[:, None] - taps // 2 + 1 + np.arange(taps)[None, :]
+    return np.clip(index, 0, src - 1), coefficients
+
+
+# --------------------------------------------------------------------------------------------
+# One sample, prepared in a worker
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DeferredImage:
+    """What a worker hands over for one image.
+
+    pixels: uint8 ``(h, w, 3)`` BGR, the crop (or the whole image, padded to a square later).
+    tables: uint8 ``(4, 256)`` lookup tables ``before, hue, saturation, after`` (identity rows
+        where an op is off); use_hsv: whether the HSV round trip happens.
+    rows, cols: ``(index, weight)`` resize taps ``(S, T)`` for the output rows and columns of
+        the padded square; ``cols`` includes the flip.
+    """
+
+    pixels: np.ndarray
+    tables: np.ndarray
+    use_hsv: bool
+    rows: tuple[np.ndarray, np.ndarray]
+    cols: tuple[np.ndarray, np.ndarray]
+
+
+def defer_pixels(image: np.ndarray, params: AugmentParams, size: int) -> DeferredImage:
+    """The pixel half of :meth:`TrainTransform.apply` for ``params``, as data for the device."""
+    pixels = TrainTransform.crop_pixels(image, params)
+    side = max(pixels.shape[0], pixels.shape[1])
+    tables = photometric_tables(params.photometric)
+    stacked = np.stack([_IDENTITY if t is None else t
+                        for t in (tables.before, tables.hue, tables.saturation, tables.after)])
+    rows = resize_taps(side, size, params.interpolation)
+    cols = rows
+    if params.flip:  # TrainTransform flips the square before resizing when it is the smaller image
+        index, weight = rows
+        cols = (side - 1 - index, weight) if side <= size else (index[::-1].copy(), weight[::-1].copy())
+    return DeferredImage(np.ascontiguousarray(pixels), stacked, tables.use_hsv, rows, cols)
+
+
+class DeferredTrainTransform(TrainTransform):
+    """:class:`TrainTransform` whose pixel work is left to the device: returns
+    ``(DeferredImage, targets)``; targets and random draws equal ``TrainTransform``'s for the same
+    generator state. Batch with :func:`utils.data_loaders.detection_collate`."""
+
+    def __call__(self, image: np.ndarray, targets: np.ndarray | None) -> tuple[DeferredImage, np.ndarray]:  # type: ignore[override]
+        _check_image(image)
+        targets = _check_targets(targets)
+        params = self.sample_params(image.shape, targets)
+        return self.defer(image, targets, params)
+
+    def defer(self, image: np.ndarray, targets: np.ndarray | None, params: AugmentParams
+              ) -> tuple[DeferredImage, np.ndarray]:
+        """Explicit ``params`` (deterministic), like :meth:`TrainTransform.apply`."""
+        _check_image(image)
+        out_targets = self.transform_targets(targets, image.shape, params)
+        return defer_pixels(image, params, self.im_size), out_targets
+
+
+# --------------------------------------------------------------------------------------------
+# A batch, pinned and moved as a few tensors
+# --------------------------------------------------------------------------------------------
+def _stack_taps(taps: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(index.shape[1] for index, _ in taps)
+    size = taps[0][0].shape[0]
+    index = np.zeros((len(taps), size, width), dtype=np.int64)
+    weight = np.zeros((len(taps), size, width), dtype=np.float32)
+    for slot, (i, w) in enumerate(taps):
+        index[slot, :, :i.shape[1]] = i
+        weight[slot, :, :w.shape[1]] = w
+    return torch.from_numpy(index), torch.from_numpy(weight)
+
+
+@dataclass
+class DeferredBatch:
+    """A batch of :class:`DeferredImage`: the pixels of all images in one flat uint8 tensor, the
+    rest as small tensors, so pinning and the host-to-device copy are one operation each.
+
+    pixels (sum h*w*3,) uint8; shapes (B, 2) int64 (h, w) and ``sizes`` the same as a list;
+    tables (B, 4, 256) uint8; use_hsv (B,) bool and ``any_hsv`` on the host; row_index/col_index
+    (B, S, T) int64, row_weight/col_weight (B, S, T) float32.
+    """
+
+    pixels: torch.Tensor
+    shapes: torch.Tensor
+    sizes: list[tuple[int, int]]
+    tables: torch.Tensor
+    use_hsv: torch.Tensor
+    row_index: torch.Tensor
+    row_weight: torch.Tensor
+    col_index: torch.Tensor
+    col_weight: torch.Tensor
+    any_hsv: bool
+
+    _TENSORS = ("pixels", "shapes", "tables", "use_hsv", "row_index", "row_weight", "col_index", "col_weight")
+
+    @classmethod
+    def collate(cls, images: Sequence[DeferredImage]) -> "DeferredBatch":
+        if not images:
+            raise ValueError("empty batch")
+        sizes = [(int(d.pixels.shape[0]), int(d.pixels.shape[1])) for d in images]
+        pixels = torch.from_numpy(np.concatenate([d.pixels.reshape(-1) for d in images]))
+        row_index, row_weight = _stack_taps([d.rows for d in images])
+        col_index, col_weight = _stack_taps([d.cols for d in images])
+        return cls(pixels, torch.tensor(sizes, dtype=torch.int64), sizes,
+                   torch.from_numpy(np.stack([d.tables for d in images])),
+                   torch.tensor([d.use_hsv for d in images]), row_index, row_weight, col_index, col_weight,
+                   any(d.use_hsv for d in images))
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.row_index.shape[1])
+
+    def _map(self, fn) -> "DeferredBatch":
+        values = {name: fn(getattr(self, name)) for name in self._TENSORS}
+        return DeferredBatch(sizes=self.sizes, any_hsv=self.any_hsv, **values)
+
+    def pin_memory(self) -> "DeferredBatch":
+        """Called by a ``pin_memory=True`` DataLoader."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "DeferredBatch":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def network_input(self, device: torch.device | str | None = None, mean: Sequence[float] = RGB_MEAN_BGR
+                      ) -> torch.Tensor:
+        """Augmented batch as the network input: float32 ``(B, 3, S, S)``, BGR minus ``mean``, on
+        ``device`` (default: where the batch is)."""
+        batch = self if device is None else self.to(device, non_blocking=True)
+        return augment(batch, mean)
+
+
+# --------------------------------------------------------------------------------------------
+# Pixel work on the device
+# --------------------------------------------------------------------------------------------
+def apply_tables(images: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """``images`` uint8 (B, ..., C) through per-image 256-entry tables: ``tables`` (B, 256) for
+    every channel, or (B, C, 256) one per channel. Returns uint8 of the same shape."""
+    batch, channels = images.shape[0], images.shape[-1]
+    if tables.dim() == 2:
+        tables = tables[:, None, :].expand(batch, channels, 256)
+    base = (torch.arange(batch * channels, device=images.device, dtype=torch.int32) * 256).view(
+        batch, *([1] * (images.dim() - 2)), channels)
+    index = images.to(torch.int32) + base
+    return tables.reshape(-1).index_select(0, index.reshape(-1)).view(images.shape)
+
+
+def bgr_to_hsv(images: torch.Tensor) -> torch.Tensor:
+    """``cv2.cvtColor(image, cv2.COLOR_BGR2HSV)`` for uint8 (..., 3) tensors: H in 0..179,
+    S and V in 0..255, with OpenCV's fixed-point rounding."""
+    b, g, r = images.to(torch.int32).unbind(-1)
+    v = torch.maximum(torch.maximum(b, g), r)
+    vmin = torch.minimum(torch.minimum(b, g), r)
+    diff = v - vmin
+    half = 1 << (_HSV_SHIFT - 1)
+    tables = _device_constants(images.device)
+    s_table, h_table = tables.s_divisor, tables.h_divisor
+    s = (diff * s_table[v] + half) >> _HSV_SHIFT
+    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * h_table[diff] + half) >> _HSV_SHIFT
+    h = torch.where(h < 0, h + 180, h)
+    return torch.stack([h, s, v], dim=-1).to(torch.uint8)
+
+
+def hsv_to_bgr(images: torch.Tensor) -> torch.Tensor:
+    """``cv2.cvtColor(image, cv2.COLOR_HSV2BGR)`` for uint8 (..., 3) tensors (OpenCV's float
+    formula: sector of H * 6 / 180, rounded to the nearest integer)."""
+    h, s, v = images.to(torch.float32).unbind(-1)
+    s = s * (1.0 / 255)
+    v = v * (1.0 / 255)
+    h = torch.remainder(h * (6.0 / 180), 6.0)
+    sector = torch.floor(h)
+    f = h - sector
+    sector = sector.to(torch.int64).clamp_(0, 5)
+    values = torch.stack([v, v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))], dim=-1)  # (..., 4)
+    pick = _device_constants(images.device).hsv_sectors[sector]                              # (..., 3)
+    bgr = torch.gather(values, -1, pick)
+    bgr = torch.where((s == 0)[..., None], v[..., None].expand_as(bgr), bgr)
+    return torch.round(bgr * 255).clamp_(0, 255).to(torch.uint8)
+
+
+def _dense_weights(index: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, S, T) taps -> dense (B, S, width) resize matrices."""
+    dense = torch.zeros(*index.shape[:2], width, dtype=torch.float32, device=index.device)
+    return dense.scatter_add_(2, index, weight)
+
+
+def augment(batch: DeferredBatch, mean: Sequence[float] = RGB_MEAN_BGR,
+            resize_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Photometric distortion, padding to a square, flip and resize of ``batch`` where its
+    tensors are; returns float32 (B, 3, S, S) BGR minus ``mean``. No host synchronisation.
+    The resize matrix products run in ``resize_dtype`` (default float16 on CUDA, else float32)."""
+    device = batch.pixels.device
+    count = len(batch)
+    side = max(max(h, w) for h, w in batch.sizes)
+    identity = _device_constants(device).identity
+    mean_u8, mean_f32 = _mean_tensors(device, tuple(float(m) for m in mean))
+    canvas = torch.empty((count, side, side, 3), dtype=torch.uint8, device=device)
+    offset = 0
+    for slot, (height, width) in enumerate(batch.sizes):
+        length = height * width * 3
+        canvas[slot, :height, :width] = batch.pixels[offset:offset + length].view(height, width, 3)
+        offset += length
+
+    canvas = apply_tables(canvas, batch.tables[:, 0])
+    if batch.any_hsv:
+        hsv = bgr_to_hsv(canvas)
+        hsv = apply_tables(hsv, torch.stack([batch.tables[:, 1], batch.tables[:, 2],
+                                             identity.expand(count, 256)], dim=1))
+        canvas = torch.where(batch.use_hsv.view(-1, 1, 1, 1), hsv_to_bgr(hsv), canvas)
+    canvas = apply_tables(canvas, batch.tables[:, 3])
+
+    # outside each image: the mean colour (TrainTransform pads after the photometric step)
+    steps = torch.arange(side, device=device)
+    inside = ((steps.view(1, -1, 1) < batch.shapes[:, 0].view(-1, 1, 1))
+              & (steps.view(1, 1, -1) < batch.shapes[:, 1].view(-1, 1, 1)))
+    canvas = torch.where(inside[..., None], canvas, mean_u8)
+
+    # uint8 values are exact in float16; its 11-bit weights keep the result within a level
+    dtype = resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    rows = _dense_weights(batch.row_index, batch.row_weight, side).to(dtype)  # (B, S, M)
+    cols = _dense_weights(batch.col_index, batch.col_weight, side).to(dtype)  # (B, S, M)
+    planes = canvas.permute(0, 3, 1, 2).to(dtype)                             # (B, 3, M, M)
+    resized = rows[:, None] @ planes @ cols[:, None].transpose(-1, -2)        # (B, 3, S, S)
+    return resized.float().round_().clamp_(0, 255) - mean_f32
+
+
+class _DeviceConstants(NamedTuple):
+    s_divisor: torch.Tensor    # (256,) int32: OpenCV's round((255 << 12) / v), 0 for v = 0
+    h_divisor: torch.Tensor    # (256,) int32: OpenCV's round((180 << 12) / (6 d)), 0 for d = 0
+    hsv_sectors: torch.Tensor  # (6, 3) int64: per hue sector, which of (v, p, q, t) are B, G, R
+    identity: torch.Tensor     # (256,) uint8
+
+
+@lru_cache(maxsize=None)
+def _device_constants(device: torch.device) -> _DeviceConstants:
+    """Made once per device: a new tensor per batch would be a blocking host-to-device copy."""
+    i = np.arange(256, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        s_divisor = np.where(i > 0, np.round((255 << _HSV_SHIFT) / i), 0)
+        h_divisor = np.where(i > 0, np.round((180 << _HSV_SHIFT) / (6 * i)), 0)
+    sectors = [[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]]
+    return _DeviceConstants(torch.tensor(s_divisor, dtype=torch.int32, device=device),
+                            torch.tensor(h_divisor, dtype=torch.int32, device=device),
+                            torch.tensor(sectors, dtype=torch.int64, device=device),
+                            torch.arange(256, dtype=torch.uint8, device=device))
+
+
+@lru_cache(maxsize=None)
+def _mean_tensors(device: torch.device, mean: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean`` as uint8 (3,) (the padding colour) and float32 (1, 3, 1, 1), once per device."""
+    return (torch.tensor([round(m) for m in mean], dtype=torch.uint8, device=device),
+            torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1))
