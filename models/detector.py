@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
@@ -22,9 +21,8 @@ import cv2
 import numpy as np
 import torch
 
-from layers.prior_box import prior_boxes
-from models.net import fuse_conv_bn
-from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace, preprocess
+from models.dense_path import DensePath
+from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace
 from utils.checkpoint import load_model
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import PUBLIC_PIXEL_OFFSET
@@ -127,10 +125,16 @@ class FaceDetector:
             ``pad_batches=True`` (bottom/right padding with the mean colour, which can change
             scores near the padded border slightly); otherwise each size is its own batch.
         half: fp16 autocast on CUDA; ignored (with a warning) on the CPU.
+        precision: ``fp32``, ``fp16`` or ``bf16`` autocast on CUDA (overrides ``half``). fp16 is
+            the fast choice: bf16's 8-bit mantissa moved some boxes of the published
+            mobilenet0.25 below IoU 0.98 of the fp32 result on the sample images, fp16 did not.
         channels_last: NHWC memory format (default: on for CUDA).
         fuse_bn: run a copy of the model with BatchNorm folded into the convolutions (same
-            outputs up to float rounding, fewer operations); ``self.model`` keeps its weights and
-            train/eval mode. With ``fuse_bn=False`` the model itself is put in eval mode.
+            outputs up to float rounding, fewer operations). ``self.model`` is never modified.
+        cuda_graphs: on CUDA, replay the network and decoding of input shapes seen before from
+            CUDA graphs (default on; see ``models/dense_path.py``).
+        compile: ``torch.compile`` the network and decoding (compiles once per input shape: for
+            inputs of fixed size, e.g. with ``target_size`` and equal aspect ratios).
     """
 
     def __init__(self, weights: str | Path | None = None, *, model: RetinaFace | None = None,
@@ -138,7 +142,8 @@ class FaceDetector:
                  confidence_threshold: float = 0.5, nms_threshold: float = 0.4, top_k: int = 5000,
                  keep_top_k: int = 750, target_size: int | None = None, max_size: int | None = None,
                  batch_size: int = 1, pad_batches: bool = False, half: bool = False,
-                 channels_last: bool | None = None, fuse_bn: bool = True,
+                 precision: str | None = None, channels_last: bool | None = None, fuse_bn: bool = True,
+                 cuda_graphs: bool = True, compile: bool = False,
                  pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> None:
         if (weights is None) == (model is None):
             raise ValueError("give exactly one of weights or model")
@@ -153,16 +158,11 @@ class FaceDetector:
         self.batch_size = batch_size
         self.pad_batches = pad_batches
         self.pixel_offset = pixel_offset
-        cuda = self.device.type == "cuda"
-        if half and not cuda:
-            warnings.warn("half precision is only used on CUDA; running in float32", stacklevel=2)
-        # fp16, not bf16: bf16's 8-bit mantissa moved boxes of the published mobilenet0.25 below
-        # IoU 0.98 of the fp32 result on the sample images, fp16 stayed within it (CPU autocast).
-        self.autocast_dtype = torch.float16 if half and cuda else None
-        self.channels_last = cuda if channels_last is None else channels_last
-        self.network = fuse_conv_bn(self.model) if fuse_bn else self.model.eval()
-        if self.channels_last:
-            self.network = self.network.to(memory_format=torch.channels_last)
+        precision = precision or ("fp16" if half else "fp32")
+        if precision != "fp32" and self.device.type != "cuda":
+            warnings.warn(f"{precision} is only used on CUDA; running in float32", stacklevel=2)
+        self.dense = DensePath(self.model, self.device, precision=precision, channels_last=channels_last,
+                               fuse_bn=fuse_bn, cuda_graphs=cuda_graphs, compile=compile)
         self.timings: dict[str, float] = defaultdict(float)  # seconds: preprocess, forward, postprocess
 
     @property
@@ -208,35 +208,45 @@ class FaceDetector:
             for slot, image in zip(batch, images):
                 slot[:image.shape[0], :image.shape[1]] = image
         tensor = torch.from_numpy(batch)
-        if self.device.type == "cuda":
-            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        inputs = preprocess(tensor)
-        if self.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        self._sync()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            tensor = tensor.pin_memory()
+        stages = _StageClock(cuda)
         self.timings["preprocess"] += time.perf_counter() - started
-
-        started = time.perf_counter()
-        autocast = (torch.autocast("cuda", dtype=self.autocast_dtype) if self.autocast_dtype is not None
-                    else nullcontext())
-        with autocast:
-            outputs = self.network(inputs)
-        self._sync()
-        self.timings["forward"] += time.perf_counter() - started
-
-        started = time.perf_counter()
-        priors = prior_boxes((height, width), self.model.config.num_anchor, self.device)
-        boxes, scores, landmarks = self.model.decode_detections(outputs, priors)
+        stages.mark()
+        boxes, scores, landmarks = self.dense(tensor)
+        stages.mark()
         found = postprocess(boxes, scores, landmarks, self.confidence_threshold, self.nms_threshold,
                             self.top_k, self.keep_top_k, self.pixel_offset)
         rows = torch.cat([found.boxes, found.scores[:, None], found.landmarks], dim=1).cpu().numpy()
+        stages.mark()  # the copy to the host above waited for the device: the marks are complete
+        forward, post = stages.seconds()
+        self.timings["forward"] += forward
+        self.timings["postprocess"] += post
         boxes_np, scores_np, landmarks_np = rows[:, :4], rows[:, 4], rows[:, 5:].reshape(-1, 5, 2)
         offsets = np.concatenate([[0], np.cumsum(found.counts)])
-        results = [Detections(boxes_np[a:b], scores_np[a:b], landmarks_np[a:b])
-                   for a, b in zip(offsets[:-1], offsets[1:])]
-        self.timings["postprocess"] += time.perf_counter() - started
-        return results
+        return [Detections(boxes_np[a:b], scores_np[a:b], landmarks_np[a:b])
+                for a, b in zip(offsets[:-1], offsets[1:])]
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+
+class _StageClock:
+    """Stage durations without host synchronisation: CUDA events on CUDA, the host clock on the
+    CPU. Read :meth:`seconds` only after the device has finished the marked work."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.points: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.points.append(event)
+        else:
+            self.points.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        pairs = zip(self.points[:-1], self.points[1:])
+        if self.cuda:
+            return [a.elapsed_time(b) / 1000.0 for a, b in pairs]
+        return [b - a for a, b in pairs]

@@ -134,16 +134,6 @@ def test_variant_parsing():
     assert bi.default_variants(CPU, compile_=True, graphs=True) == ["ref", "fp32"]
 
 
-def test_capture_safe_input_equals_preprocess():
-    images = torch.randint(0, 256, (2, 24, 32, 3), dtype=torch.uint8)
-    expected = preprocess(images)
-    for channels_last in (False, True):
-        got = bi.network_input(images, bi._mean(CPU), channels_last)
-        assert torch.equal(got, expected)
-        if channels_last:
-            assert got.is_contiguous(memory_format=torch.channels_last)
-
-
 def test_random_model_calibration_gives_a_face_prior():
     model, note = bi.load_benchmark_model("mobilenet0.25", "random", CPU,
                                           torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8))

@@ -92,3 +92,60 @@ def test_needs_exactly_one_source():
         FaceDetector()
     with pytest.raises(ValueError):
         FaceDetector("x.pth", model=RetinaFace(ModelConfig(network="mobilenet0.25")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The dense path (preprocess, forward, decode) shared by FaceDetector and the benchmarks
+# ---------------------------------------------------------------------------------------------
+def _reference_decode(model, images):
+    from layers.prior_box import prior_boxes
+    from models.retinaface import preprocess
+
+    model.eval()
+    with torch.inference_mode():
+        priors = prior_boxes(tuple(images.shape[1:3]), model.config.num_anchor)
+        return model.decode_detections(model(preprocess(images)), priors)
+
+
+@pytest.mark.parametrize("config", [ModelConfig(network="mobilenet0.25", cascade=False),
+                                    ModelConfig(network="mobilenet0.25", cascade=True, model_version="tina")])
+def test_dense_path_equals_model_forward_and_decode(config):
+    from models.dense_path import DensePath
+
+    torch.manual_seed(0)
+    model = RetinaFace(config)
+    for module in model.modules():  # BatchNorm statistics that folding has to get right
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    model.train()
+    images = torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8)
+    expected = _reference_decode(_copy_eval(model), images)
+    for fuse_bn, channels_last in [(False, False), (True, False), (True, True)]:
+        dense = DensePath(model, torch.device("cpu"), fuse_bn=fuse_bn, channels_last=channels_last,
+                          cuda_graphs=True)
+        assert not dense.cuda_graphs  # CPU: no graphs, silently
+        for got, want in zip(dense(images), expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert model.training  # the path runs an eval-mode copy; the model is not touched
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def _copy_eval(model):
+    import copy
+    return copy.deepcopy(model).eval()
+
+
+def test_dense_path_rejects_unknown_precision():
+    from models.dense_path import DensePath
+
+    with pytest.raises(ValueError, match="precision"):
+        DensePath(RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)), torch.device("cpu"),
+                  precision="int8")
+
+
+def test_detector_records_stage_times(detector, widerface_sample):
+    detector.timings.clear()
+    detector.detect(next((widerface_sample / "val" / "images").rglob("*.jpg")))
+    assert set(detector.timings) == {"preprocess", "forward", "postprocess"}
+    assert all(seconds > 0 for seconds in detector.timings.values())

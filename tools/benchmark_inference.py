@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as _dt
 import json
 import math
@@ -80,10 +79,9 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from layers.prior_box import prior_boxes  # noqa: E402
+from models.dense_path import DensePath  # noqa: E402
 from models.detector import resolve_device, same_size_groups  # noqa: E402
-from models.net import fuse_conv_bn  # noqa: E402
-from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace  # noqa: E402
+from models.retinaface import ModelConfig, RetinaFace, preprocess  # noqa: E402
 from tools.fidelity import unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
@@ -367,7 +365,7 @@ def calibrate_random_model(model: RetinaFace, images_u8: torch.Tensor | None) ->
         model.train()
         device = next(model.parameters()).device
         for chunk in images_u8.split(4):
-            model(network_input(chunk.to(device), _mean(device)))
+            model(preprocess(chunk.to(device)))
     model.eval()
     bias = math.log(FACE_PRIOR / (1.0 - FACE_PRIOR))
     heads = list(model.ClassHead) + (list(model.cascade.ClassHead) if model.cascade is not None else [])
@@ -378,113 +376,55 @@ def calibrate_random_model(model: RetinaFace, images_u8: torch.Tensor | None) ->
 # ------------------------------------------------------------------------------------------------
 # The pipeline
 # ------------------------------------------------------------------------------------------------
-_MEANS: dict[torch.device, torch.Tensor] = {}
-
-
-def _mean(device: torch.device) -> torch.Tensor:
-    if device not in _MEANS:
-        _MEANS[device] = torch.tensor(BGR_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return _MEANS[device]
-
-
-def network_input(images_u8: torch.Tensor, mean: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """``models.retinaface.preprocess`` (uint8 (B, H, W, 3) BGR -> float32 (B, 3, H, W) minus the
-    mean) with the mean tensor made once, so the function holds no host-to-device copy and can be
-    captured in a CUDA graph; equal to ``preprocess`` (tested)."""
-    x = images_u8.permute(0, 3, 1, 2).float() - mean
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
 class Engine:
-    """The batched device pipeline of one variant for uint8 (B, H, W, 3) host batches.
-
-    Dense part (preprocess, forward, decode: fixed shapes) in eager mode, compiled, or replayed
-    from a CUDA graph captured per input shape; post-processing (``utils.postprocess``) eager.
-    """
+    """The batched device pipeline of one variant for uint8 (B, H, W, 3) host batches: the
+    product's ``models.dense_path.DensePath`` (preprocess, forward, decode: eager, compiled or
+    replayed from a CUDA graph per input shape, exactly as ``FaceDetector`` runs it) followed by
+    ``utils.postprocess`` (eager)."""
 
     def __init__(self, model: RetinaFace, variant: Variant, device: torch.device, nms_threshold: float = 0.4,
                  top_k: int = 5000, keep_top_k: int = 750, compile_mode: str | None = None) -> None:
-        self.model = model
         self.variant = variant
         self.device = device
         self.nms_threshold = nms_threshold
         self.top_k = top_k
         self.keep_top_k = keep_top_k
-        # both give an eval-mode copy, so .to(channels_last) below never touches ``model``
-        network = fuse_conv_bn(model) if variant.fuse_bn else copy.deepcopy(model).eval()
-        if variant.channels_last:
-            network = network.to(memory_format=torch.channels_last)
-        self.network = network
-        self.mean = _mean(device)
-        self._dense_fn: Callable = self._dense
-        if variant.compile:
-            self._dense_fn = torch.compile(self._dense, dynamic=False, mode=compile_mode)
-        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = {}
-
-    def _autocast(self, cache_enabled: bool = True):
-        dtype = self.variant.autocast_dtype
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype, cache_enabled=cache_enabled)
-
-    def _dense(self, images: torch.Tensor, priors: torch.Tensor, cache_enabled: bool = True):
-        inputs = network_input(images, self.mean, self.variant.channels_last)
-        with self._autocast(cache_enabled):
-            outputs = self.network(inputs)
-        return self.model.decode_detections(outputs, priors)
-
-    def _priors(self, shape: Sequence[int]) -> torch.Tensor:
-        return prior_boxes((shape[1], shape[2]), self.model.config.num_anchor, self.device)
-
-    def _graph(self, example: torch.Tensor):
-        key = tuple(example.shape)
-        if key not in self._graphs:
-            static_in = torch.empty(key, dtype=torch.uint8, device=self.device)
-            static_in.copy_(example)
-            priors = self._priors(key)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):  # cudnn autotuning, compilation, lazy initialisation
-                    self._dense_fn(static_in, priors, False)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                static_out = self._dense_fn(static_in, priors, False)
-            self._graphs[key] = (graph, static_in, static_out)
-        return self._graphs[key]
+        precision = "fp32" if variant.precision == "tf32" else variant.precision
+        self.dense = DensePath(model, device, precision=precision, channels_last=variant.channels_last,
+                               fuse_bn=variant.fuse_bn, cuda_graphs=variant.graph, compile=variant.compile,
+                               compile_mode=compile_mode)
 
     @torch.inference_mode()
     def prepare(self, host_batch: torch.Tensor) -> None:
         """Build what a shape needs (graph capture, compilation) outside the timed region."""
-        if self.variant.graph:
+        if self.variant.graph or self.variant.compile:
             with tf32_mode(self.device, self.variant.precision != "fp32"):
-                self._graph(host_batch.to(self.device))
+                self.dense.prepare(host_batch)
+                if self.variant.graph and not self.dense.cuda_graphs:
+                    raise RuntimeError("CUDA graph capture failed (see the warning above)")
 
     @torch.inference_mode()
     def detect(self, host_batch: torch.Tensor, confidence_threshold: float,
                marks: Marks | None = None) -> list[np.ndarray]:
         """Detections per image as (K, 15) float32 rows [x1, y1, x2, y2, score, 10 landmarks]."""
-        mark = marks.mark if marks is not None else (lambda name: None)
+        mark = marks.mark if marks is not None else None
         with tf32_mode(self.device, self.variant.precision != "fp32"):
-            mark("start")
-            if self.variant.graph:
-                graph, static_in, static_out = self._graph(host_batch)
-                static_in.copy_(host_batch, non_blocking=True)
-                mark("h2d")
-                graph.replay()
-                boxes, scores, landmarks = static_out
-            else:
-                images = host_batch.to(self.device, non_blocking=True)
-                mark("h2d")
-                boxes, scores, landmarks = self._dense_fn(images, self._priors(images.shape))
-            mark("network")
-            found = postprocess(boxes, scores, landmarks, confidence_threshold, self.nms_threshold,
-                                self.top_k, self.keep_top_k)
-            rows = torch.cat([found.boxes, found.scores[:, None], found.landmarks], dim=1).cpu().numpy()
-            mark("postprocess")
-        offsets = np.concatenate([[0], np.cumsum(found.counts)]).astype(int)
+            if mark is not None:
+                mark("start")
+            boxes, scores, landmarks = self.dense(host_batch, mark)
+            if mark is not None:
+                mark("network")
+            rows, counts = self._postprocess(boxes, scores, landmarks, confidence_threshold)
+            if mark is not None:
+                mark("postprocess")
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
         return [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+
+    def _postprocess(self, boxes, scores, landmarks, confidence_threshold: float) -> tuple[np.ndarray, list[int]]:
+        found = postprocess(boxes, scores, landmarks, confidence_threshold, self.nms_threshold,
+                            self.top_k, self.keep_top_k)
+        rows = torch.cat([found.boxes, found.scores[:, None], found.landmarks], dim=1).cpu().numpy()
+        return rows, found.counts
 
     @torch.inference_mode()
     def stream(self, host_batches: Sequence[torch.Tensor], confidence_threshold: float) -> int:
@@ -501,8 +441,6 @@ class Engine:
         consumed = [torch.cuda.Event() for _ in range(2)]
         for event in consumed:
             event.record(main)
-        graph = self._graph(host_batches[0]) if self.variant.graph else None
-        priors = self._priors(shape)
 
         def prefetch(i: int) -> None:
             slot = i % 2
@@ -519,17 +457,10 @@ class Engine:
                     prefetch(i + 1)
                 slot = i % 2
                 main.wait_event(ready[slot])
-                if graph is not None:
-                    graph[1].copy_(staging[slot])  # device-to-device into the graph's input
-                    consumed[slot].record(main)
-                    graph[0].replay()
-                    boxes, scores, landmarks = graph[2]
-                else:
-                    boxes, scores, landmarks = self._dense_fn(staging[slot], priors)
-                    consumed[slot].record(main)
-                found = postprocess(boxes, scores, landmarks, confidence_threshold, self.nms_threshold,
-                                    self.top_k, self.keep_top_k)
-                rows = torch.cat([found.boxes, found.scores[:, None], found.landmarks], dim=1).cpu()
+                # a graph copies the slot into its own input first; eager reads it in place
+                boxes, scores, landmarks = self.dense(staging[slot])
+                consumed[slot].record(main)
+                rows, _ = self._postprocess(boxes, scores, landmarks, confidence_threshold)
                 detections += rows.shape[0]
         return detections
 
@@ -690,7 +621,7 @@ def measure_synthetic(args: argparse.Namespace, device: torch.device, variants: 
                 except Exception as error:  # a failed variant must not lose the others' numbers
                     record_failure(entry, errors, f"{name} bs{batch} {variant.name}", error)
                 finally:
-                    del engine
+                    engine = None  # noqa: F841 (frees the variant's graphs before the next one)
                     release(device)
                 results.append(entry)
                 print(f"[inference] {name} bs{batch} {variant.name}: "
@@ -755,13 +686,13 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
         except Exception as error:
             record_failure(entry, errors, f"sample {variant.name}", error)
         finally:
-            del engine
+            engine = None  # noqa: F841
             release(device)
         section["variants"].append(entry)
         print(f"[inference] sample {variant.name}: {entry.get('ms_per_img', '-')} ms/img "
               f"({entry.get('speedup_vs_public', '-')}x public)", file=sys.stderr, flush=True)
 
-    # FaceDetector itself (the public API: numpy in, Detections out; bf16 autocast on CUDA)
+    # FaceDetector itself (the public API: numpy in, Detections out; fp16 autocast and CUDA graphs on CUDA)
     try:
         cuda = device.type == "cuda"
         detector = FaceDetector(model=model, device=device, confidence_threshold=conf, nms_threshold=0.4,
@@ -773,9 +704,10 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
                            for d in detector.detect(list(arrays))]
         wall, _ = timed(api, args.sample_warmup, args.sample_iters, device)
         ms = stats(wall)["median"] / n
-        api_variant = Variant("api", precision="bf16" if cuda else "fp32")
+        api_variant = Variant("api", precision="fp16" if cuda else "fp32")
         section["face_detector_api"] = {
-            "settings": f"FaceDetector(batch_size={n}, half={cuda}, channels_last={cuda}, fuse_bn=True)",
+            "settings": f"FaceDetector(batch_size={n}, half={cuda}, channels_last={cuda}, fuse_bn=True, "
+                        f"cuda_graphs={cuda})",
             "ms_per_img": rnd(ms), "images_per_s": rnd(1000.0 / ms), "speedup_vs_public": rnd(public_ms / ms),
             "fidelity": compare(reference_rows, api_rows, *tolerances(api_variant, args))}
     except Exception as error:
@@ -786,7 +718,7 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
         best = min(timed_variants, key=lambda v: v["ms_per_img"])
         section["best"] = {"variant": best["variant"], "ms_per_img": best["ms_per_img"],
                            "speedup_vs_public": best["speedup_vs_public"]}
-    del model
+    model = None  # noqa: F841 (frees the GPU memory before the caller releases)
     release(device)
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The one command a session with a GPU lease runs ONCE: both speed benchmarks with their default
-# GPU settings, then the Markdown speed table. About 4-6 minutes on an H100/H200; each benchmark
-# is capped (timeout --signal=INT: an interrupted benchmark still writes what it measured), so the
-# whole run stays under ~8 minutes.
+# The one command a session with a GPU lease runs ONCE: the CUDA tests (tests/test_cuda.py), both
+# speed benchmarks with their default GPU settings, then the Markdown speed table. About 5-7
+# minutes on an H100/H200; each step is capped (timeout --signal=INT: an interrupted benchmark
+# still writes what it measured), so the whole run stays under ~9 minutes.
 #
 #   bash tools/gpu_check.sh            # on the GPU machine
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~30 s)
 #
-# Writes under $OUT (default ./bench_out): gpu_check.log (everything printed), inference.jsonl,
+# Writes under $OUT (default ./bench_out): gpu_check.log (everything printed, the CUDA test report
+# included), inference.jsonl,
 # train.jsonl (one JSON line per run, appended), train_profile.txt (torch.profiler tables),
 # inference_compile.jsonl (ResNet-50 cascade with torch.compile, only when time is left),
 # speed_table.md (tools/speed_table.py of this run). Exit status: 0 when every step succeeded.
@@ -36,12 +37,12 @@ if [ "${1:-}" = "--smoke" ]; then
   TRAIN_ARGS=(--device cpu --threads 1 --configs mobilenet0.25:2:96 --iters 1 --warmup 1 --workers 1 --profile
               --profile_steps 1)
   COMPILE_ARGS=()
-  INFERENCE_LIMIT=120; TRAIN_LIMIT=120; BUDGET=0  # no compile step (torch.compile is measured on CUDA)
+  TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; BUDGET=0  # no compile step (measured on CUDA only)
 else
   INFERENCE_ARGS=(--device cuda)
   TRAIN_ARGS=(--device cuda --profile)
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 1,32 --variants fp16+graph,fp16+compile+graph)
-  INFERENCE_LIMIT=270; TRAIN_LIMIT=180; BUDGET=480
+  TESTS_LIMIT=90; INFERENCE_LIMIT=230; TRAIN_LIMIT=200; BUDGET=520
 fi
 
 status=0
@@ -69,12 +70,14 @@ fi
 [ -d "$SAMPLE" ] && [ -f "$WEIGHTS" ] || log "== WARNING: no $SAMPLE or $WEIGHTS: synthetic inputs only"
 log "== cpu cores: $(nproc); /dev/shm (DataLoader workers): $(df -h /dev/shm 2>/dev/null | awk 'NR==2 {print $4 " free"}')"
 
+# tests/test_cuda.py skips itself without CUDA (the smoke run); a failure here does not stop the benchmarks
+step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
 step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
 step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
 
-# torch.compile of the headline case, only with the time left under the ~8-minute budget
+# torch.compile of the headline case, only with the time left under the ~9-minute budget
 # (compiling the ResNet-50 cascade takes about a minute per input shape)
 left=$((BUDGET - (SECONDS - started) - 30))
 if [ "$BUDGET" -eq 0 ]; then

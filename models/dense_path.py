@@ -1,0 +1,166 @@
+"""The fixed-shape part of detection: uint8 images -> network input -> forward -> decoded boxes.
+
+Everything from the uint8 batch to the decoded boxes, scores and landmarks of every prior has
+shapes that depend only on the input shape, so on CUDA it can be replayed from a CUDA graph: one
+launch instead of a few hundred kernel launches, which is what bounds small batches (a ResNet-50
+cascade forward pass is ~300 kernels). Post-processing (threshold, NMS) has data-dependent shapes
+and stays eager (``utils/postprocess.py``).
+
+Graph policy: a shape is captured the second time it is seen (the first, eager run has done
+cuDNN's autotuning and lazy initialisation), so a folder of photos of all different sizes never
+pays for a capture, while repeated sizes (video frames, a resized dataset, benchmark batches)
+run from the graph. At most ``max_graphs`` graphs are kept (least recently used dropped: each
+holds the activation memory of its shape). A capture that fails switches graphs off with a warning.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Callable, NamedTuple
+
+import torch
+
+from layers.prior_box import prior_boxes
+from models.net import fuse_conv_bn
+from models.retinaface import RetinaFace, preprocess
+
+#: autocast precisions by name; ``fp32`` runs without autocast.
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+Decoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class _Graph(NamedTuple):
+    graph: "torch.cuda.CUDAGraph"
+    static_input: torch.Tensor
+    static_output: Decoded
+
+
+class DensePath:
+    """uint8 BGR images ``(B, H, W, 3)`` (host, ideally pinned, or device) -> decoded ``boxes``
+    ``(B, N, 4)`` x1y1x2y2 pixels, ``scores`` ``(B, N)``, ``landmarks`` ``(B, N, 10)`` (float32,
+    on the device; N = priors of an ``H x W`` input).
+
+    Args:
+        model: the detector; it is not modified (``fuse_bn`` runs a folded copy).
+        device: where to run.
+        precision: ``fp32``, ``fp16`` or ``bf16`` (autocast; 16-bit only on CUDA).
+        channels_last: NHWC memory format (default: on for CUDA).
+        fuse_bn: fold BatchNorm into the convolutions (either way the path runs an eval-mode copy).
+        cuda_graphs: replay repeated shapes from CUDA graphs (CUDA only; see the module doc).
+        compile: ``torch.compile`` the dense function (recompiles per input shape: for fixed sizes).
+        capture_after: eager runs of a shape before its graph is captured.
+        max_graphs: graphs kept at once.
+
+    Outputs of a graph replay live in the graph's static buffers: they are valid until the next
+    call with the same shape (consume them, e.g. post-process, before calling again).
+    """
+
+    def __init__(self, model: RetinaFace, device: torch.device, *, precision: str = "fp32",
+                 channels_last: bool | None = None, fuse_bn: bool = True, cuda_graphs: bool = False,
+                 compile: bool = False, compile_mode: str | None = None, capture_after: int = 1,
+                 max_graphs: int = 4) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.model = model
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        self.autocast_dtype = PRECISIONS[precision] if cuda else None
+        self.channels_last = cuda if channels_last is None else channels_last
+        network = fuse_conv_bn(model) if fuse_bn else copy.deepcopy(model).eval()
+        self.network = network.to(memory_format=torch.channels_last) if self.channels_last else network
+        self.cuda_graphs = cuda_graphs and cuda
+        self.capture_after = max(0, int(capture_after))
+        self.max_graphs = max(1, int(max_graphs))
+        self._dense: Callable[..., Decoded] = self._dense_eager
+        if compile:
+            self._dense = torch.compile(self._dense_eager, dynamic=False, mode=compile_mode)
+        self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
+        self._seen: dict[tuple[int, ...], int] = {}
+
+    def _autocast(self, cache_enabled: bool = True):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
+
+    def _dense_eager(self, images: torch.Tensor, priors: torch.Tensor, cache_enabled: bool = True) -> Decoded:
+        inputs = preprocess(images)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with self._autocast(cache_enabled):
+            outputs = self.network(inputs)
+        return self.model.decode_detections(outputs, priors)
+
+    def priors(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """The pixel priors of a ``(B, H, W, 3)`` batch shape (cached, on the device)."""
+        return prior_boxes((shape[1], shape[2]), self.model.config.num_anchor, self.device)
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor, mark: Callable[[str], None] | None = None) -> Decoded:
+        """Decoded detections of every prior; ``mark("h2d")`` is called once the input copy is queued."""
+        key = tuple(images.shape)
+        graph = self._graph(key, images) if self.cuda_graphs else None
+        if graph is not None:
+            graph.static_input.copy_(images, non_blocking=True)
+            if mark is not None:
+                mark("h2d")
+            graph.graph.replay()
+            return graph.static_output
+        images = images.to(self.device, non_blocking=True)
+        if mark is not None:
+            mark("h2d")
+        return self._dense(images, self.priors(key))
+
+    @torch.inference_mode()
+    def prepare(self, images: torch.Tensor) -> None:
+        """Capture (and compile) for the shape of ``images`` now, e.g. before a timed loop."""
+        if self.cuda_graphs:
+            self._seen[tuple(images.shape)] = self.capture_after
+            self._graph(tuple(images.shape), images)
+        else:
+            self(images)
+
+    def _graph(self, key: tuple[int, ...], example: torch.Tensor) -> _Graph | None:
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        seen = self._seen.get(key, 0)
+        self._seen[key] = seen + 1
+        if seen < self.capture_after:
+            return None
+        try:
+            graph = self._capture(key, example)
+        except Exception as error:  # a model or build that cannot be captured: run eagerly
+            warnings.warn(f"CUDA graph capture failed ({type(error).__name__}: {error}); running without "
+                          "CUDA graphs", RuntimeWarning, stacklevel=3)
+            self.cuda_graphs = False
+            self._graphs.clear()
+            return None
+        self._graphs[key] = graph
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.popitem(last=False)
+        return graph
+
+    def _capture(self, key: tuple[int, ...], example: torch.Tensor) -> _Graph:
+        static_input = torch.empty(key, dtype=torch.uint8, device=self.device)
+        static_input.copy_(example)
+        priors = self.priors(key)
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):  # warm-up off the capture stream (autotuning, lazy init, compile)
+            for _ in range(2):
+                self._dense(static_input, priors, False)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            # autocast's weight cache would keep casts made during capture: off inside graphs
+            static_output = self._dense(static_input, priors, False)
+        return _Graph(graph, static_input, static_output)
+
+    @property
+    def graph_shapes(self) -> list[tuple[int, ...]]:
+        """Input shapes that currently replay from a graph (least recently used first)."""
+        return list(self._graphs)

@@ -1,0 +1,111 @@
+"""The CUDA code paths: CUDA graphs, 16-bit autocast, pinned copies, device augmentation and a
+training run on the GPU. Skipped without CUDA (CI and the development machines have none);
+``tools/gpu_check.sh`` runs this file first on a lent GPU."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by tools/gpu_check.sh)")
+
+CUDA = torch.device("cuda")
+
+
+def _sample_images(widerface_sample: Path) -> list[np.ndarray]:
+    return [cv2.imread(str(p)) for p in sorted((widerface_sample / "val" / "images").rglob("*.jpg"))]
+
+
+def test_cuda_graph_replay_equals_eager_and_follows_the_capture_policy(mobilenet_weights):
+    from models.dense_path import DensePath
+    from utils.checkpoint import load_model
+
+    model = load_model(mobilenet_weights).to(CUDA)
+    images = torch.randint(0, 256, (4, 480, 640, 3), dtype=torch.uint8).pin_memory()
+    eager = DensePath(model, CUDA, precision="fp16", cuda_graphs=False)
+    graphs = DensePath(model, CUDA, precision="fp16", cuda_graphs=True, max_graphs=1)
+    expected = [t.clone() for t in eager(images)]
+    first = [t.clone() for t in graphs(images)]
+    assert graphs.graph_shapes == []                     # first sighting: eager
+    second = [t.clone() for t in graphs(images)]
+    assert graphs.graph_shapes == [tuple(images.shape)]  # second: captured and replayed
+    third = graphs(images)
+    for outputs in (first, second, third):
+        for got, want in zip(outputs, expected):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-2)
+    other = images[:2].clone().pin_memory()
+    graphs(other)
+    graphs(other)
+    assert graphs.graph_shapes == [tuple(other.shape)]   # max_graphs=1: the older graph was dropped
+
+
+def test_graph_replay_makes_no_host_synchronisation(mobilenet_weights):
+    from models.dense_path import DensePath
+    from utils.checkpoint import load_model
+
+    dense = DensePath(load_model(mobilenet_weights).to(CUDA), CUDA, precision="fp16", cuda_graphs=True)
+    images = torch.randint(0, 256, (8, 480, 640, 3), dtype=torch.uint8).pin_memory()
+    dense.prepare(images)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        dense(images)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+def test_face_detector_fp16_graphs_match_cpu_fp32(mobilenet_weights, widerface_sample):
+    from models.detector import FaceDetector
+    from tools.fidelity import as_rows, unmatched
+
+    images = _sample_images(widerface_sample)
+    cpu = FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.3)
+    gpu = FaceDetector(mobilenet_weights, device="cuda", confidence_threshold=0.3, half=True)
+    for _ in range(3):  # eager, capture, replay
+        found = gpu.detect(images)
+    for image, ours in zip(images, found):
+        reference = cpu.detect(image)
+        expected = as_rows(reference.boxes, reference.scores, reference.landmarks)
+        actual = as_rows(ours.boxes, ours.scores, ours.landmarks)
+        assert unmatched(expected, actual, max_score_diff=0.01) == []
+        assert unmatched(actual, expected, max_score_diff=0.01) == []
+    assert gpu.dense.cuda_graphs and gpu.dense.graph_shapes
+
+
+def test_device_augmentation_on_cuda_matches_the_cpu(widerface_sample):
+    from utils.data_loaders import dataset_from_root, detection_collate, images_to_network_input
+    from utils.device_augment import DeferredTrainTransform, augment
+
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(640, rng=0))
+    batch, _ = detection_collate([dataset[i] for i in range(len(dataset))])
+    expected = augment(batch, resize_dtype=torch.float32)
+    pinned = batch.pin_memory()
+    images_to_network_input(pinned, CUDA)  # per-device constants are made once, on the first batch
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ours = images_to_network_input(pinned, CUDA)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert ours.device.type == "cuda"
+    difference = (ours.cpu() - expected).abs()
+    assert difference.max() <= 1 and difference.mean() < 0.05
+
+
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_on):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12: fork() of a threaded process
+        summary = train.run(["--dataset", str(widerface_sample), "--train_split", "val", "--experiment_name", "gpu",
+                             "--network", "mobilenet0.25", "--pretrained", "false", "--batch_size", "4",
+                             "--workers", "2", "--eval_every", "0", "--device", "cuda", "--max_iters", "6",
+                             "--log_every", "2", "--augment_on", augment_on])
+    assert summary["step"] == 6
+    assert all(np.isfinite(loss) for _, loss in summary["loss_history"])
+    assert (tmp_path / "experiments/gpu/ckpt/last.pth").is_file()
