@@ -96,6 +96,9 @@ OPTIONS: tuple[Option, ...] = (
          help="DataLoader worker processes for image decoding and augmentation"),
     _opt("--half", type=str2bool, default=False, scripts={TEST, INFERENCE},
          help="run the network in fp16 autocast on CUDA (ignored on the CPU)"),
+    _opt("--cuda_graphs", type=str2bool, default=True, scripts={TEST, INFERENCE},
+         help="on CUDA, replay the network of image sizes seen before from CUDA graphs (the first 4 "
+              "repeated sizes; false: always launch kernel by kernel)"),
     # --- weights ---------------------------------------------------------------------------
     _opt("--model_weight", type=str, default=None, scripts={TEST, INFERENCE},
          help="checkpoint file name inside experiments/<experiment_name>/ckpt/ (e.g. best.pth)"),

@@ -9,14 +9,15 @@ and stays eager (``utils/postprocess.py``).
 Graph policy: a shape is captured the second time it is seen (the first, eager run has done
 cuDNN's autotuning and lazy initialisation), so a folder of photos of all different sizes never
 pays for a capture, while repeated sizes (video frames, a resized dataset, benchmark batches)
-run from the graph. At most ``max_graphs`` graphs are kept (least recently used dropped: each
-holds the activation memory of its shape). A capture that fails switches graphs off with a warning.
+run from the graph. Graphs are made for the first ``max_graphs`` repeated shapes only and kept
+(each holds the activation memory of its shape; replacing them could capture again and again on
+a stream of alternating sizes, like WIDER FACE's). A capture that fails switches graphs off with
+a warning.
 """
 from __future__ import annotations
 
 import copy
 import warnings
-from collections import OrderedDict
 from contextlib import nullcontext
 from typing import Callable, NamedTuple
 
@@ -52,7 +53,7 @@ class DensePath:
         cuda_graphs: replay repeated shapes from CUDA graphs (CUDA only; see the module doc).
         compile: ``torch.compile`` the dense function (recompiles per input shape: for fixed sizes).
         capture_after: eager runs of a shape before its graph is captured.
-        max_graphs: graphs kept at once.
+        max_graphs: at most this many shapes get a graph; later shapes run eagerly.
 
     Outputs of a graph replay live in the graph's static buffers: they are valid until the next
     call with the same shape (consume them, e.g. post-process, before calling again).
@@ -77,7 +78,7 @@ class DensePath:
         self._dense: Callable[..., Decoded] = self._dense_eager
         if compile:
             self._dense = torch.compile(self._dense_eager, dynamic=False, mode=compile_mode)
-        self._graphs: OrderedDict[tuple[int, ...], _Graph] = OrderedDict()
+        self._graphs: dict[tuple[int, ...], _Graph] = {}
         self._seen: dict[tuple[int, ...], int] = {}
 
     def _autocast(self, cache_enabled: bool = True):
@@ -124,8 +125,9 @@ class DensePath:
 
     def _graph(self, key: tuple[int, ...], example: torch.Tensor) -> _Graph | None:
         if key in self._graphs:
-            self._graphs.move_to_end(key)
             return self._graphs[key]
+        if len(self._graphs) >= self.max_graphs:
+            return None
         seen = self._seen.get(key, 0)
         self._seen[key] = seen + 1
         if seen < self.capture_after:
@@ -139,8 +141,6 @@ class DensePath:
             self._graphs.clear()
             return None
         self._graphs[key] = graph
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
         return graph
 
     def _capture(self, key: tuple[int, ...], example: torch.Tensor) -> _Graph:
@@ -162,5 +162,5 @@ class DensePath:
 
     @property
     def graph_shapes(self) -> list[tuple[int, ...]]:
-        """Input shapes that currently replay from a graph (least recently used first)."""
+        """Input shapes that replay from a graph, in capture order."""
         return list(self._graphs)

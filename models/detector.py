@@ -160,7 +160,7 @@ class FaceDetector:
         self.pixel_offset = pixel_offset
         precision = precision or ("fp16" if half else "fp32")
         if precision != "fp32" and self.device.type != "cuda":
-            warnings.warn(f"{precision} is only used on CUDA; running in float32", stacklevel=2)
+            warnings.warn(f"half precision is only used on CUDA; running in float32, not {precision}", stacklevel=2)
         self.dense = DensePath(self.model, self.device, precision=precision, channels_last=channels_last,
                                fuse_bn=fuse_bn, cuda_graphs=cuda_graphs, compile=compile)
         self.timings: dict[str, float] = defaultdict(float)  # seconds: preprocess, forward, postprocess

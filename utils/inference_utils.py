@@ -423,7 +423,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
             weights, device=device, overrides=architecture_overrides(args),
             confidence_threshold=args.confidence_threshold, nms_threshold=args.nms_threshold,
             top_k=args.top_k, keep_top_k=args.keep_top_k, max_size=args.max_size,
-            batch_size=args.batch_size, half=args.half)
+            batch_size=args.batch_size, half=args.half, cuda_graphs=getattr(args, "cuda_graphs", True))
     summary = InferenceSummary(output_folder=str(output), total_files=len(files), device=str(device))
     summary.model_load_s = time.perf_counter() - started
     output.mkdir(parents=True, exist_ok=True)
