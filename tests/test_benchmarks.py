@@ -272,3 +272,13 @@ def test_benchmarks_do_not_import_mediapipe():
             "models.detector; bad = [m for m in sys.modules if m.startswith('mediapipe')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)
+
+
+def test_augmentation_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):
+    from tools import benchmark_augmentation
+
+    result = benchmark_augmentation.main(["--dataset", str(widerface_sample), "--rounds", "4", "--im_size", "128"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert result["ours_ms_per_img"] > 0 and result["public_reconstruction_ms_per_img"] > 0
+    assert set(result["worker_ms_per_img"]) == {"workers", "device"}
+    assert all(v > 0 for v in result["worker_images_per_s"].values())

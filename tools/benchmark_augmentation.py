@@ -17,6 +17,13 @@ images (decoding is not timed), with ``torch.set_num_threads(1)`` and ``cv2.setN
   random interpolation, float32 conversion, mean subtraction, CHW transpose and coordinate
   normalisation by the square side.
 
+A second measurement, also interleaved, times what one DataLoader worker does per image in
+the two modes of ``train.py --augment_on`` (same one core): decoding (``read_image``), the
+transform and :func:`utils.data_loaders.detection_collate` of batches of 32 —
+``TrainTransform`` (``workers``: the whole augmentation) against ``DeferredTrainTransform``
+(``device``: crop and geometry only; the pixel work then runs batched on the training device).
+The workers' share bounds the images/s a loader delivers: about ``1000 / ms`` per worker process.
+
 Prints one JSON line: ms/img of both (median over rounds), their ratio and the environment.
 """
 from __future__ import annotations
@@ -39,9 +46,10 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils.data_loaders import dataset_from_root  # noqa: E402
+from utils.data_loaders import dataset_from_root, detection_collate  # noqa: E402
 from utils.image_io import read_image  # noqa: E402
 from utils.data_transformer import RGB_MEAN_BGR, TrainTransform  # noqa: E402
+from utils.device_augment import DeferredTrainTransform  # noqa: E402
 
 DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "data" / "widerface_sample"
 
@@ -174,6 +182,20 @@ class PublicPreprocReconstruction:
         return image, np.hstack((boxes, landmarks, labels[:, None]))
 
 
+def _time_worker(transform, paths_and_targets, batch: int = 32) -> float:
+    """ms/img of decode + transform + collate, as one DataLoader worker runs them."""
+    start = time.perf_counter()
+    items = []
+    for path, targets in paths_and_targets:
+        items.append(transform(read_image(path), targets))
+        if len(items) == batch:
+            detection_collate(items)
+            items = []
+    if items:
+        detection_collate(items)
+    return (time.perf_counter() - start) * 1000.0 / len(paths_and_targets)
+
+
 def _time_one(fn, samples) -> float:
     start = time.perf_counter()
     for image, targets in samples:
@@ -210,6 +232,17 @@ def main(argv: list[str] | None = None) -> dict:
         public_ms.append(_time_one(public, samples))
     ours_med, public_med = statistics.median(ours_ms), statistics.median(public_ms)
 
+    # one worker's share per image: 64 images (the sample repeated) per round, batches of 32
+    files = [(dataset.image_path(i), dataset.targets(i)) for i in range(len(dataset))]
+    files = [files[i % len(files)] for i in range(64)]
+    worker_modes = {"workers": TrainTransform(args.im_size, rng=args.seed),
+                    "device": DeferredTrainTransform(args.im_size, rng=args.seed)}
+    worker_ms: dict[str, list[float]] = {mode: [] for mode in worker_modes}
+    for _ in range(max(1, args.rounds // 4)):
+        for mode, transform in worker_modes.items():
+            worker_ms[mode].append(_time_worker(transform, files))
+    worker_med = {mode: statistics.median(values) for mode, values in worker_ms.items()}
+
     result = {
         "benchmark": "augmentation_ms_per_img_one_core",
         "images": len(samples),
@@ -220,6 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
         "speedup": round(public_med / ours_med, 2),
         "ours_ms_min_round": round(min(ours_ms), 3),
         "public_ms_min_round": round(min(public_ms), 3),
+        "worker_ms_per_img": {mode: round(value, 3) for mode, value in worker_med.items()},
+        "worker_images_per_s": {mode: round(1000.0 / value, 1) for mode, value in worker_med.items()},
+        "worker_speedup_device_vs_workers": round(worker_med["workers"] / worker_med["device"], 2),
         "env": {
             "python": platform.python_version(),
             "torch": torch.__version__,
