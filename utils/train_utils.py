@@ -616,6 +616,7 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
     from tqdm import tqdm
 
     from utils.data_loaders import images_to_network_input
+    from utils.image_loader import start_loader
 
     args, info = ctx.args, ctx.info
     ctx.model.train()
@@ -629,7 +630,10 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
     stop = False
     started = time.perf_counter()
     try:
-        for batch_index, (images, targets) in enumerate(ctx.loader, start=skip_batches):
+        # start_loader: workers forked without OpenCV's thread pool, so each decodes and augments
+        # on one thread (no cores x workers threads) and cannot inherit a locked pool mutex
+        batches = start_loader(ctx.loader) if isinstance(ctx.loader, DataLoader) else ctx.loader
+        for batch_index, (images, targets) in enumerate(batches, start=skip_batches):
             inputs = images_to_network_input(images, device=info.device)
             if ctx.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
