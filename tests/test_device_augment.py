@@ -91,7 +91,7 @@ def test_deferred_pixels_match_train_transform_for_every_branch(sample_image):
     samples, expected_images = [], []
     for params in _forced_params():
         expected_image, expected_targets = cpu.apply(image, targets, params)
-        deferred, deferred_targets = device.defer(image, targets, params)
+        deferred, deferred_targets = device.apply(image, targets, params)
         np.testing.assert_array_equal(deferred_targets, expected_targets)
         samples.append((deferred, deferred_targets))
         expected_images.append(expected_image)

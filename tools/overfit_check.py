@@ -8,6 +8,7 @@ one of a single uninterrupted run.
 
     python tools/overfit_check.py                        # 300 iterations, AP every 50
     python tools/overfit_check.py --iters 400 --lr 5e-3 --im_size 640 --batch_size 8
+    python tools/overfit_check.py --augment_on device   # the augmentation's pixel work in torch
 
 Prints one JSON object: the AP curve ``[{"iteration", "easy", "medium", "hard", "loss"...}]``, the
 settings and whether the final hard AP reached ``--min_hard_ap``; exits 1 otherwise.
@@ -45,6 +46,8 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--im_size", type=int, default=640)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--augment_on", choices=("workers", "device"), default="workers",
+                        help="train.py --augment_on: where the augmentation's pixel work runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min_hard_ap", type=float, default=0.5,
                         help="final hard AP required to pass")
@@ -73,6 +76,7 @@ def main(argv=None) -> int:
             "--train_split", "val", "--lr", str(opts.lr), "--lr_schedule", "cosine",
             "--warmup_epochs", str(opts.warmup_iters / iters_per_epoch), "--epochs", str(epochs),
             "--batch_size", str(opts.batch_size), "--im_size", str(opts.im_size), "--workers", str(opts.workers),
+            "--augment_on", opts.augment_on,
             "--eval_every", "0", "--device", opts.device, "--seed", str(opts.seed), "--log_every", "10"]
     curve = []
     with contextlib.ExitStack() as stack:
