@@ -200,17 +200,17 @@ class FaceDetector:
         started = time.perf_counter()
         height = max(im.shape[0] for im in images)
         width = max(im.shape[1] for im in images)
-        if len(images) == 1:
-            batch = np.ascontiguousarray(images[0])[None]
-        else:
-            batch = np.empty((len(images), height, width, 3), dtype=np.uint8)
-            batch[:] = np.asarray(BGR_MEAN, dtype=np.uint8)  # padding: zero after mean subtraction
+        cuda = self.device.type == "cuda"
+        shape = (len(images), height, width, 3)
+        if len(images) == 1 and not cuda:
+            tensor = torch.from_numpy(np.ascontiguousarray(images[0])[None])
+        else:  # on CUDA assembled straight in page-locked memory: the copy to the GPU is asynchronous
+            tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=cuda)
+            batch = tensor.numpy()
+            if any(im.shape[:2] != (height, width) for im in images):
+                batch[:] = np.asarray(BGR_MEAN, dtype=np.uint8)  # padding: zero after mean subtraction
             for slot, image in zip(batch, images):
                 slot[:image.shape[0], :image.shape[1]] = image
-        tensor = torch.from_numpy(batch)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            tensor = tensor.pin_memory()
         stages = _StageClock(cuda)
         self.timings["preprocess"] += time.perf_counter() - started
         stages.mark()
