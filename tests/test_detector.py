@@ -149,3 +149,25 @@ def test_detector_records_stage_times(detector, widerface_sample):
     detector.detect(next((widerface_sample / "val" / "images").rglob("*.jpg")))
     assert set(detector.timings) == {"preprocess", "forward", "postprocess"}
     assert all(seconds > 0 for seconds in detector.timings.values())
+
+
+def test_padded_batch_of_mixed_sizes_matches_single_images(detector, widerface_sample):
+    import cv2
+
+    from tools.fidelity import as_rows, unmatched
+
+    path = sorted((widerface_sample / "val" / "images").rglob("*.jpg"))[1]
+    image = cv2.imread(str(path))
+    crop = np.ascontiguousarray(image[: image.shape[0] // 2 + 37, : image.shape[1] // 2 + 51])
+    padded = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.3, batch_size=2,
+                          pad_batches=True)
+    single = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.3)
+    results = zip(padded.detect([image, crop]), single.detect([image, crop]), [image, crop])
+    for index, (together, alone, source) in enumerate(results):
+        a = as_rows(alone.boxes, alone.scores, alone.landmarks)
+        b = as_rows(together.boxes, together.scores, together.landmarks)
+        if index == 1:  # faces next to the padding see padded context: compare those 64 px away from it
+            height, width = source.shape[:2]
+            a, b = (rows[(rows[:, 2] < width - 64) & (rows[:, 3] < height - 64)] for rows in (a, b))
+        assert (a[:, 4] >= 0.5).sum() >= 3
+        assert unmatched(a, b, max_score_diff=0.01) == [] and unmatched(b, a, max_score_diff=0.01) == []
