@@ -132,7 +132,7 @@ def test_deferred_batch_moves_all_its_tensors(widerface_sample):
     assert batch.image_size == 64 and batch.pixels.dtype == torch.uint8
     assert batch.pixels.numel() == sum(h * w * 3 for h, w in batch.sizes)
     moved = batch.to("cpu")
-    assert moved.sizes == batch.sizes and moved.any_hsv == batch.any_hsv
+    assert moved.sizes == batch.sizes and moved.use_hsv_list == batch.use_hsv_list
     assert torch.equal(images_to_network_input(moved, "cpu"), images_to_network_input(batch))
 
 
@@ -146,3 +146,14 @@ def test_training_with_device_augmentation(widerface_sample, tmp_path, monkeypat
                          "--augment_on", "device", "--max_iters", "3", "--log_every", "1"])
     assert summary["step"] == 3
     assert (tmp_path / "experiments/dev/ckpt/last.pth").is_file()
+
+
+def test_large_batches_are_augmented_in_chunks_with_the_same_result(widerface_sample, monkeypatch):
+    import utils.device_augment as device_augment
+
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=5))
+    batch, _ = detection_collate([dataset[i] for i in range(6)])
+    whole = augment(batch)
+    largest = max(max(size) for size in batch.sizes)
+    monkeypatch.setattr(device_augment, "MAX_CANVAS_PIXELS", 2 * largest ** 2)  # two images per chunk at most
+    assert (augment(batch) - whole).abs().max() <= 1  # the canvas size only changes float summation order

@@ -209,8 +209,8 @@ class DeferredBatch:
     rest as small tensors, so pinning and the host-to-device copy are one operation each.
 
     pixels (sum h*w*3,) uint8; shapes (B, 2) int64 (h, w) and ``sizes`` the same as a list;
-    tables (B, 4, 256) uint8; use_hsv (B,) bool and ``any_hsv`` on the host; row_index/col_index
-    (B, S, T) int64, row_weight/col_weight (B, S, T) float32.
+    tables (B, 4, 256) uint8; use_hsv (B,) bool and ``use_hsv_list`` the same on the host;
+    row_index/col_index (B, S, T) int64, row_weight/col_weight (B, S, T) float32.
     """
 
     pixels: torch.Tensor
@@ -222,7 +222,7 @@ class DeferredBatch:
     row_weight: torch.Tensor
     col_index: torch.Tensor
     col_weight: torch.Tensor
-    any_hsv: bool
+    use_hsv_list: list[bool]
 
     _TENSORS = ("pixels", "shapes", "tables", "use_hsv", "row_index", "row_weight", "col_index", "col_weight")
 
@@ -237,7 +237,7 @@ class DeferredBatch:
         return cls(pixels, torch.tensor(sizes, dtype=torch.int64), sizes,
                    torch.from_numpy(np.stack([d.tables for d in images])),
                    torch.tensor([d.use_hsv for d in images]), row_index, row_weight, col_index, col_weight,
-                   any(d.use_hsv for d in images))
+                   [d.use_hsv for d in images])
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -248,7 +248,7 @@ class DeferredBatch:
 
     def _map(self, fn) -> "DeferredBatch":
         values = {name: fn(getattr(self, name)) for name in self._TENSORS}
-        return DeferredBatch(sizes=self.sizes, any_hsv=self.any_hsv, **values)
+        return DeferredBatch(sizes=self.sizes, use_hsv_list=self.use_hsv_list, **values)
 
     def pin_memory(self) -> "DeferredBatch":
         """Called by a ``pin_memory=True`` DataLoader."""
@@ -320,44 +320,67 @@ def _dense_weights(index: torch.Tensor, weight: torch.Tensor, width: int) -> tor
     return dense.scatter_add_(2, index, weight)
 
 
+#: Canvas pixels (images x side^2) augmented at once. The integer and float temporaries of the
+#: photometric step take about 60 bytes per pixel, so this bounds them to ~3 GB for batches of
+#: large photos; a batch of 32 WIDER images (sides <= 1024) is one chunk.
+MAX_CANVAS_PIXELS = 48 << 20
+
+
 def augment(batch: DeferredBatch, mean: Sequence[float] = RGB_MEAN_BGR,
             resize_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Photometric distortion, padding to a square, flip and resize of ``batch`` where its
     tensors are; returns float32 (B, 3, S, S) BGR minus ``mean``. No host synchronisation.
     The resize matrix products run in ``resize_dtype`` (default float16 on CUDA, else float32)."""
     device = batch.pixels.device
-    count = len(batch)
-    side = max(max(h, w) for h, w in batch.sizes)
-    identity = _device_constants(device).identity
+    dtype = resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     mean_u8, mean_f32 = _mean_tensors(device, tuple(float(m) for m in mean))
+    outputs = []
+    start, offset = 0, 0
+    while start < len(batch):
+        stop, side = start + 1, max(batch.sizes[start])
+        while stop < len(batch) and (stop + 1 - start) * max(side, *batch.sizes[stop]) ** 2 <= MAX_CANVAS_PIXELS:
+            side = max(side, *batch.sizes[stop])
+            stop += 1
+        outputs.append(_augment_images(batch, start, stop, offset, side, mean_u8, dtype) - mean_f32)
+        offset += sum(h * w * 3 for h, w in batch.sizes[start:stop])
+        start = stop
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _augment_images(batch: DeferredBatch, start: int, stop: int, offset: int, side: int, mean_u8: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Images ``start:stop`` of ``batch`` (their pixels from ``offset`` in the flat buffer) on a
+    ``side`` x ``side`` canvas -> float32 (n, 3, S, S) values 0..255."""
+    device = batch.pixels.device
+    count = stop - start
     canvas = torch.empty((count, side, side, 3), dtype=torch.uint8, device=device)
-    offset = 0
-    for slot, (height, width) in enumerate(batch.sizes):
+    for slot, (height, width) in enumerate(batch.sizes[start:stop]):
         length = height * width * 3
         canvas[slot, :height, :width] = batch.pixels[offset:offset + length].view(height, width, 3)
         offset += length
 
-    canvas = apply_tables(canvas, batch.tables[:, 0])
-    if batch.any_hsv:
-        hsv = bgr_to_hsv(canvas)
-        hsv = apply_tables(hsv, torch.stack([batch.tables[:, 1], batch.tables[:, 2],
-                                             identity.expand(count, 256)], dim=1))
-        canvas = torch.where(batch.use_hsv.view(-1, 1, 1, 1), hsv_to_bgr(hsv), canvas)
-    canvas = apply_tables(canvas, batch.tables[:, 3])
+    tables = batch.tables[start:stop]
+    use_hsv = batch.use_hsv[start:stop]
+    canvas = apply_tables(canvas, tables[:, 0])
+    if any(batch.use_hsv_list[start:stop]):
+        identity = _device_constants(device).identity.expand(count, 256)
+        hsv = apply_tables(bgr_to_hsv(canvas), torch.stack([tables[:, 1], tables[:, 2], identity], dim=1))
+        canvas = torch.where(use_hsv.view(-1, 1, 1, 1), hsv_to_bgr(hsv), canvas)
+    canvas = apply_tables(canvas, tables[:, 3])
 
     # outside each image: the mean colour (TrainTransform pads after the photometric step)
+    shapes = batch.shapes[start:stop]
     steps = torch.arange(side, device=device)
-    inside = ((steps.view(1, -1, 1) < batch.shapes[:, 0].view(-1, 1, 1))
-              & (steps.view(1, 1, -1) < batch.shapes[:, 1].view(-1, 1, 1)))
+    inside = ((steps.view(1, -1, 1) < shapes[:, 0].view(-1, 1, 1))
+              & (steps.view(1, 1, -1) < shapes[:, 1].view(-1, 1, 1)))
     canvas = torch.where(inside[..., None], canvas, mean_u8)
 
     # uint8 values are exact in float16; its 11-bit weights keep the result within a level
-    dtype = resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    rows = _dense_weights(batch.row_index, batch.row_weight, side).to(dtype)  # (B, S, M)
-    cols = _dense_weights(batch.col_index, batch.col_weight, side).to(dtype)  # (B, S, M)
-    planes = canvas.permute(0, 3, 1, 2).to(dtype)                             # (B, 3, M, M)
-    resized = rows[:, None] @ planes @ cols[:, None].transpose(-1, -2)        # (B, 3, S, S)
-    return resized.float().round_().clamp_(0, 255) - mean_f32
+    rows = _dense_weights(batch.row_index[start:stop], batch.row_weight[start:stop], side).to(dtype)  # (n, S, M)
+    cols = _dense_weights(batch.col_index[start:stop], batch.col_weight[start:stop], side).to(dtype)  # (n, S, M)
+    planes = canvas.permute(0, 3, 1, 2).to(dtype)                                                     # (n, 3, M, M)
+    resized = rows[:, None] @ planes @ cols[:, None].transpose(-1, -2)                                # (n, 3, S, S)
+    return resized.float().round_().clamp_(0, 255)
 
 
 class _DeviceConstants(NamedTuple):
