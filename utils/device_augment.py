@@ -3,7 +3,7 @@ DataLoader workers, pixel work (photometric distortion, padding, flip, resize) b
 training device.
 
 Why: a fast GPU trains the small models faster than a machine's cores can feed them. Per image a
-worker spends 7.96 ms on decoding, ``TrainTransform`` and batching, against 3.62 ms with
+worker spends 7.90 ms on decoding, ``TrainTransform`` and batching, against 3.47 ms with
 :class:`DeferredTrainTransform`, which leaves it the decoding and an array slice (one core of the
 2-core CPU machine, sample WIDER images, 640 px, ``python tools/benchmark_augmentation.py``,
 2026-11-26). Inside ``TrainTransform`` the resize dominates (Lanczos draws alone cost 11-15 ms);
@@ -98,13 +98,22 @@ def _area_shrink_taps(src: int, dst: int) -> tuple[np.ndarray, np.ndarray]:
     return index, weight
 
 
+@lru_cache(maxsize=4096)
 def resize_taps(src: int, dst: int, interpolation: int) -> tuple[np.ndarray, np.ndarray]:
     """Source indices and weights of ``cv2.resize`` along one axis of ``src`` -> ``dst`` pixels.
 
     Returns ``index`` int64 ``(dst, T)`` and ``weight`` float32 ``(dst, T)``: output pixel ``i`` is
     ``sum_k weight[i, k] * input[index[i, k]]``. ``interpolation`` is one of ``cv2.INTER_LINEAR,
-    INTER_CUBIC, INTER_AREA, INTER_NEAREST, INTER_LANCZOS4``.
+    INTER_CUBIC, INTER_AREA, INTER_NEAREST, INTER_LANCZOS4``. Cached (crop sides repeat); the
+    arrays are read-only.
     """
+    index, weight = _resize_taps(src, dst, interpolation)
+    index.setflags(write=False)
+    weight.setflags(write=False)
+    return index, weight
+
+
+def _resize_taps(src: int, dst: int, interpolation: int) -> tuple[np.ndarray, np.ndarray]:
     if src <= 0 or dst <= 0:
         raise ValueError(f"sizes must be positive, got {src} -> {dst}")
     if src == dst:  # cv2.resize copies
