@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -303,6 +304,8 @@ def test_resume_reproduces_an_uninterrupted_run(widerface_sample, tmp_path, monk
     assert full["scheduler"]["last_epoch"] == resumed["scheduler"]["last_epoch"] == 7
     log = (tmp_path / "experiments/part/log/logs.txt").read_text()
     assert "resumed from" in log
+    shares = [int(m) for m in re.findall(r"data wait (\d+)%", log)]  # one per logged iteration
+    assert len(shares) == 7 and all(0 <= share <= 100 for share in shares)
     assert list((tmp_path / "experiments/part/log").glob("events.out.tfevents.*"))
 
 
@@ -361,3 +364,11 @@ def test_two_process_gloo_ddp(widerface_sample, tmp_path):
     assert not any(k.startswith("module.") for k in saved["model"])
     log = (tmp_path / "experiments/ddp/log/logs.txt").read_text()
     assert log.count("saved checkpoint") == 1 and "x2 process(es)" in log
+
+
+def test_loader_hint_names_the_remedies():
+    assert tu.loader_hint(0.1, 2, "workers", 16) is None
+    hint = tu.loader_hint(0.45, 2, "workers", 16)
+    assert "45%" in hint and "--workers (now 2; 16 CPU cores)" in hint and "--augment_on device" in hint
+    hint = tu.loader_hint(0.45, 15, "device", 16)
+    assert "--workers" not in hint and "--augment_on" not in hint and "storage" in hint

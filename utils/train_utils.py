@@ -555,6 +555,7 @@ class TrainContext:
     writer: Any = None
     last_saved_step: int | None = None
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, mean total loss) per read-back
+    loader_hint_given: bool = False
 
     @property
     def ckpt_dir(self) -> Path:
@@ -614,6 +615,43 @@ class _LossMeter:
         return dict(zip(self.KEYS, host[:-1])), host[-1] > 0
 
 
+#: share of the wall time spent waiting for batches above which a CUDA run says that the data
+#: pipeline, not the GPU, sets the speed
+LOADER_BOUND_SHARE = 0.2
+
+
+def loader_hint(data_share: float, workers: int, augment_on: str, cpu_count: int | None) -> str | None:
+    """Advice when ``data_share`` (waiting for the DataLoader / wall time) shows a data-bound run."""
+    if data_share <= LOADER_BOUND_SHARE:
+        return None
+    advice = []
+    if cpu_count and workers < cpu_count - 1:
+        advice.append(f"raise --workers (now {workers}; {cpu_count} CPU cores)")
+    if augment_on != "device":
+        advice.append("try --augment_on device (workers then only decode and crop)")
+    remedy = " or ".join(advice) or "use faster storage or fewer, larger images"
+    return (f"the data pipeline limits the training speed: {data_share:.0%} of the time went to waiting "
+            f"for batches; {remedy}")
+
+
+class _WaitClock:
+    """Host time spent in ``next()`` of an iterable (waiting for the DataLoader)."""
+
+    def __init__(self, iterable) -> None:
+        self.iterator = iter(iterable)
+        self.seconds = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        try:
+            return next(self.iterator)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
 def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> bool:
     """Train ``epoch`` (0-based) from its batch ``skip_batches``; returns True when
     ``--max_iters`` was reached. Raises :class:`TrainingDivergedError` on a NaN/inf loss."""
@@ -636,7 +674,8 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
     try:
         # start_loader: workers forked without OpenCV's thread pool, so each decodes and augments
         # on one thread (no cores x workers threads) and cannot inherit a locked pool mutex
-        batches = start_loader(ctx.loader) if isinstance(ctx.loader, DataLoader) else ctx.loader
+        batches = _WaitClock(start_loader(ctx.loader) if isinstance(ctx.loader, DataLoader) else ctx.loader)
+        window_wall, window_wait = time.perf_counter(), 0.0
         for batch_index, (images, targets) in enumerate(batches, start=skip_batches):
             inputs = images_to_network_input(images, device=info.device)
             if ctx.channels_last:
@@ -667,17 +706,29 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
                         f"Try a lower --lr, a longer --warmup_epochs, or --amp false.")
                 window_start = ctx.global_step
                 ctx.loss_history.append((ctx.global_step, means["total"]))
+                now = time.perf_counter()  # the read-back above waited for the device: a true wall time
+                data_share = (batches.seconds - window_wait) / max(now - window_wall, 1e-9)
+                window_wall, window_wait = now, batches.seconds
                 if info.is_main:
                     progress.set_postfix(loss=f"{means['total']:.4f}", lr=f"{lr:.2e}")
-                    speed = (time.perf_counter() - started) / max(batch_index + 1 - skip_batches, 1)
+                    speed = (now - started) / max(batch_index + 1 - skip_batches, 1)
                     ctx.log(f"epoch {epoch + 1}/{ctx.epochs} iter {batch_index + 1}/{ctx.iters_per_epoch} "
                             f"step {ctx.global_step} lr {lr:.3e} "
                             + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                            + f" ({speed:.3f} s/iter)")
+                            + f" ({speed:.3f} s/iter, data wait {data_share:.0%})")
                     if ctx.writer is not None:
                         for key, value in means.items():
                             ctx.writer.add_scalar(f"train/{key}", value, ctx.global_step)
                         ctx.writer.add_scalar("train/lr", lr, ctx.global_step)
+                        ctx.writer.add_scalar("train/data_wait_share", data_share, ctx.global_step)
+                    # judged after the first epoch's first windows (worker start-up is not the steady state)
+                    if (info.device.type == "cuda" and not ctx.loader_hint_given
+                            and ctx.global_step >= 3 * args.log_every):
+                        hint = loader_hint(data_share, getattr(args, "workers", 0),
+                                           getattr(args, "augment_on", "workers"), os.cpu_count())
+                        if hint:
+                            ctx.log("note: " + hint)
+                            ctx.loader_hint_given = True
                 if save_now:
                     ctx.save_last()
             if reached_max:
