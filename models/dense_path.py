@@ -25,7 +25,7 @@ import torch
 
 from layers.prior_box import prior_boxes
 from models.net import fuse_conv_bn
-from models.retinaface import RetinaFace, preprocess
+from models.retinaface import RetinaFace, bgr_mean, preprocess
 
 #: autocast precisions by name; ``fp32`` runs without autocast.
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -80,6 +80,7 @@ class DensePath:
             self._dense = torch.compile(self._dense_eager, dynamic=False, mode=compile_mode)
         self._graphs: dict[tuple[int, ...], _Graph] = {}
         self._seen: dict[tuple[int, ...], int] = {}
+        self._mean = bgr_mean(self.device)  # made here: no tensor creation inside graphs or compiled code
 
     def _autocast(self, cache_enabled: bool = True):
         if self.autocast_dtype is None:
@@ -87,7 +88,7 @@ class DensePath:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache_enabled)
 
     def _dense_eager(self, images: torch.Tensor, priors: torch.Tensor, cache_enabled: bool = True) -> Decoded:
-        inputs = preprocess(images)
+        inputs = preprocess(images, mean=self._mean)
         if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with self._autocast(cache_enabled):

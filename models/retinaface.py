@@ -226,18 +226,20 @@ class RetinaFace(nn.Module):
         return boxes, scores, landmarks
 
 
-def preprocess(images: torch.Tensor, channels_last_input: bool = True) -> torch.Tensor:
+def preprocess(images: torch.Tensor, channels_last_input: bool = True, mean: torch.Tensor | None = None
+               ) -> torch.Tensor:
     """uint8 BGR images -> float32 network input (B, 3, H, W) minus the BGR mean.
 
     ``images`` is (B, H, W, 3) when ``channels_last_input`` else (B, 3, H, W); works on any device.
+    ``mean``: :func:`bgr_mean` of the device, for callers that hold it (compiled or captured code).
     """
     if channels_last_input:
         images = images.permute(0, 3, 1, 2)
-    return images.float() - _bgr_mean(images.device)
+    return images.float() - (bgr_mean(images.device) if mean is None else mean)
 
 
 @lru_cache(maxsize=None)
-def _bgr_mean(device: torch.device) -> torch.Tensor:
+def bgr_mean(device: torch.device) -> torch.Tensor:
     """The mean as a (1, 3, 1, 1) tensor, made once per device (a new one per batch would be a
     blocking host-to-device copy on CUDA)."""
     return torch.tensor(BGR_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)

@@ -171,3 +171,15 @@ def test_padded_batch_of_mixed_sizes_matches_single_images(detector, widerface_s
             a, b = (rows[(rows[:, 2] < width - 64) & (rows[:, 3] < height - 64)] for rows in (a, b))
         assert (a[:, 4] >= 0.5).sum() >= 3
         assert unmatched(a, b, max_score_diff=0.01) == [] and unmatched(b, a, max_score_diff=0.01) == []
+
+
+def test_compiled_dense_path_equals_eager(mobilenet_weights):
+    """torch.compile of preprocess + network + decode (CPU inductor here; CUDA in tools/gpu_check.sh)."""
+    from models.dense_path import DensePath
+    from utils.checkpoint import load_model
+
+    model = load_model(mobilenet_weights)
+    images = torch.randint(0, 256, (2, 64, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    compiled = DensePath(model, torch.device("cpu"), compile=True)
+    for got, want in zip(compiled(images), DensePath(model, torch.device("cpu"))(images)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
