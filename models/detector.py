@@ -212,7 +212,7 @@ class FaceDetector:
                 batch[:] = np.asarray(BGR_MEAN, dtype=np.uint8)  # padding: zero after mean subtraction
             for slot, image in zip(batch, images):
                 slot[:image.shape[0], :image.shape[1]] = image
-        stages = _StageClock(cuda)
+        stages = StageClock(cuda)
         self.timings["preprocess"] += time.perf_counter() - started
         stages.mark()
         boxes, scores, landmarks = self.dense(tensor)
@@ -230,24 +230,31 @@ class FaceDetector:
                 for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-class _StageClock:
-    """Stage durations without host synchronisation: CUDA events on CUDA, the host clock on the
-    CPU. Read :meth:`seconds` only after the device has finished the marked work."""
+class StageClock:
+    """Stage boundaries without host synchronisation: CUDA events on CUDA, the host clock on the
+    CPU. ``mark(name)`` records a boundary; once the device has finished the marked work,
+    :meth:`seconds` gives the time between consecutive marks and :meth:`durations` the same keyed
+    by the name of the mark that ends each stage."""
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
+        self.names: list[str] = []
         self.points: list = []
 
-    def mark(self) -> None:
+    def mark(self, name: str = "") -> None:
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             self.points.append(event)
         else:
             self.points.append(time.perf_counter())
+        self.names.append(name)
 
     def seconds(self) -> list[float]:
         pairs = zip(self.points[:-1], self.points[1:])
         if self.cuda:
             return [a.elapsed_time(b) / 1000.0 for a, b in pairs]
         return [b - a for a, b in pairs]
+
+    def durations(self) -> dict[str, float]:
+        return dict(zip(self.names[1:], self.seconds()))

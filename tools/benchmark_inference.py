@@ -80,7 +80,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models.dense_path import DensePath  # noqa: E402
-from models.detector import resolve_device, same_size_groups  # noqa: E402
+from models.detector import StageClock, resolve_device, same_size_groups  # noqa: E402
 from models.retinaface import ModelConfig, RetinaFace, preprocess  # noqa: E402
 from tools.fidelity import unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
@@ -183,33 +183,6 @@ def rnd(value: float | None, digits: int = 4) -> float | None:
     if value is None or not math.isfinite(value) or value == 0:
         return value
     return round(value, max(0, digits - 1 - int(math.floor(math.log10(abs(value))))))
-
-
-class Marks:
-    """Stage boundaries inside a timed region: CUDA events on CUDA (no host sync), host clock on
-    the CPU. ``mark(name)`` records; after the region is synchronised, :meth:`durations` returns
-    seconds between consecutive marks."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.names: list[str] = []
-        self.points: list[Any] = []
-
-    def mark(self, name: str) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.points.append(event)
-        else:
-            self.points.append(time.perf_counter())
-        self.names.append(name)
-
-    def durations(self) -> dict[str, float]:
-        out = {}
-        for i in range(1, len(self.points)):
-            a, b = self.points[i - 1], self.points[i]
-            out[self.names[i]] = a.elapsed_time(b) / 1000.0 if self.cuda else b - a
-        return out
 
 
 @contextlib.contextmanager
@@ -405,7 +378,7 @@ class Engine:
 
     @torch.inference_mode()
     def detect(self, host_batch: torch.Tensor, confidence_threshold: float,
-               marks: Marks | None = None) -> list[np.ndarray]:
+               marks: StageClock | None = None) -> list[np.ndarray]:
         """Detections per image as (K, 15) float32 rows [x1, y1, x2, y2, score, 10 landmarks]."""
         mark = marks.mark if marks is not None else None
         with tf32_mode(self.device, self.variant.precision != "fp32"):
@@ -519,7 +492,7 @@ def timed(fn: Callable[[], Any], warmup: int, iters: int, device: torch.device,
     wall: list[float] = []
     stages: dict[str, list[float]] = {}
     for _ in range(iters):
-        marks = Marks(device) if with_marks else None
+        marks = StageClock(device.type == "cuda") if with_marks else None
         started = time.perf_counter()
         fn(marks) if with_marks else fn()
         synchronize(device)
