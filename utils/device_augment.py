@@ -7,7 +7,10 @@ worker spends 7.90 ms on decoding, ``TrainTransform`` and batching, against 3.47
 :class:`DeferredTrainTransform`, which leaves it the decoding and an array slice (one core of the
 2-core CPU machine, sample WIDER images, 640 px, ``python tools/benchmark_augmentation.py``,
 2026-11-26). Inside ``TrainTransform`` the resize dominates (Lanczos draws alone cost 11-15 ms);
-here it runs for the whole batch as two matrix products on the device.
+here it runs for the whole batch as two matrix products on the device. The photometric step
+works on the real pixels only (the flat buffer, not the padded canvas) with table lookups:
+per-image 256-entry tables and two whole-colour tables for BGR<->HSV (made once per device from
+the exact formulas below), a few passes over the pixels instead of some fifty.
 
 Same recipe, same random draws: :class:`DeferredTrainTransform` draws the parameters exactly like
 :class:`TrainTransform` (same generator calls) and computes the targets with the same function,
@@ -277,16 +280,16 @@ class DeferredBatch:
 # --------------------------------------------------------------------------------------------
 # Pixel work on the device
 # --------------------------------------------------------------------------------------------
-def apply_tables(images: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """``images`` uint8 (B, ..., C) through per-image 256-entry tables: ``tables`` (B, 256) for
-    every channel, or (B, C, 256) one per channel. Returns uint8 of the same shape."""
-    batch, channels = images.shape[0], images.shape[-1]
+def apply_tables(pixels: torch.Tensor, tables: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+    """``pixels`` uint8 (P, C) of several images through each image's 256-entry tables:
+    ``tables`` (n, 256) for every channel or (n, C, 256) one per channel, ``image_ids`` (P,) the
+    image (row of ``tables``) of every pixel. Returns uint8 (P, C)."""
+    channels = pixels.shape[-1]
     if tables.dim() == 2:
-        tables = tables[:, None, :].expand(batch, channels, 256)
-    base = (torch.arange(batch * channels, device=images.device, dtype=torch.int32) * 256).view(
-        batch, *([1] * (images.dim() - 2)), channels)
-    index = images.to(torch.int32) + base
-    return tables.reshape(-1).index_select(0, index.reshape(-1)).view(images.shape)
+        tables = tables[:, None, :].expand(tables.shape[0], channels, 256)
+    offsets = torch.arange(channels, device=pixels.device, dtype=torch.int32) * 256
+    index = pixels.to(torch.int32) + (image_ids[:, None] * (channels * 256) + offsets)
+    return tables.reshape(-1).index_select(0, index.reshape(-1)).view(pixels.shape)
 
 
 def bgr_to_hsv(images: torch.Tensor) -> torch.Tensor:
@@ -329,9 +332,9 @@ def _dense_weights(index: torch.Tensor, weight: torch.Tensor, width: int) -> tor
     return dense.scatter_add_(2, index, weight)
 
 
-#: Canvas pixels (images x side^2) augmented at once. The integer and float temporaries of the
-#: photometric step take about 60 bytes per pixel, so this bounds them to ~3 GB for batches of
-#: large photos; a batch of 32 WIDER images (sides <= 1024) is one chunk.
+#: Canvas pixels (images x side^2) augmented at once: bounds the canvas, its float copy and the
+#: integer and float temporaries of the photometric step (about 60 bytes per real pixel) for
+#: batches of large photos; a batch of 32 WIDER images (sides <= 1024) is one chunk.
 MAX_CANVAS_PIXELS = 48 << 20
 
 
@@ -362,27 +365,30 @@ def _augment_images(batch: DeferredBatch, start: int, stop: int, offset: int, si
     ``side`` x ``side`` canvas -> float32 (n, 3, S, S) values 0..255."""
     device = batch.pixels.device
     count = stop - start
-    canvas = torch.empty((count, side, side, 3), dtype=torch.uint8, device=device)
-    for slot, (height, width) in enumerate(batch.sizes[start:stop]):
-        length = height * width * 3
-        canvas[slot, :height, :width] = batch.pixels[offset:offset + length].view(height, width, 3)
-        offset += length
-
-    tables = batch.tables[start:stop]
-    use_hsv = batch.use_hsv[start:stop]
-    canvas = apply_tables(canvas, tables[:, 0])
-    if any(batch.use_hsv_list[start:stop]):
-        identity = _device_constants(device).identity.expand(count, 256)
-        hsv = apply_tables(bgr_to_hsv(canvas), torch.stack([tables[:, 1], tables[:, 2], identity], dim=1))
-        canvas = torch.where(use_hsv.view(-1, 1, 1, 1), hsv_to_bgr(hsv), canvas)
-    canvas = apply_tables(canvas, tables[:, 3])
-
-    # outside each image: the mean colour (TrainTransform pads after the photometric step)
+    sizes = batch.sizes[start:stop]
+    total = sum(h * w for h, w in sizes)
+    # the photometric step on the real pixels only (the flat buffer), each with its image's tables
+    pixels = batch.pixels[offset:offset + total * 3].view(total, 3)
     shapes = batch.shapes[start:stop]
-    steps = torch.arange(side, device=device)
-    inside = ((steps.view(1, -1, 1) < shapes[:, 0].view(-1, 1, 1))
-              & (steps.view(1, 1, -1) < shapes[:, 1].view(-1, 1, 1)))
-    canvas = torch.where(inside[..., None], canvas, mean_u8)
+    image_ids = torch.repeat_interleave(torch.arange(count, device=device, dtype=torch.int32),
+                                        shapes[:, 0] * shapes[:, 1], output_size=total)
+    tables = batch.tables[start:stop]
+    pixels = apply_tables(pixels, tables[:, 0], image_ids)
+    if any(batch.use_hsv_list[start:stop]):
+        to_hsv, to_bgr = _hsv_conversion_tables(device)
+        identity = _device_constants(device).identity.expand(count, 256)
+        hsv = apply_tables(to_hsv.index_select(0, _colour_codes(pixels)),
+                           torch.stack([tables[:, 1], tables[:, 2], identity], dim=1), image_ids)
+        pixels = torch.where(batch.use_hsv[start:stop][image_ids.long()][:, None],
+                             to_bgr.index_select(0, _colour_codes(hsv)), pixels)
+    pixels = apply_tables(pixels, tables[:, 3], image_ids)
+
+    # each image top-left on a canvas of the mean colour (TrainTransform pads after the photometric step)
+    canvas = mean_u8.expand(count, side, side, 3).clone()
+    first = 0
+    for slot, (height, width) in enumerate(sizes):
+        canvas[slot, :height, :width] = pixels[first:first + height * width].view(height, width, 3)
+        first += height * width
 
     # uint8 values are exact in float16; its 11-bit weights keep the result within a level
     rows = _dense_weights(batch.row_index[start:stop], batch.row_weight[start:stop], side).to(dtype)  # (n, S, M)
@@ -390,6 +396,28 @@ def _augment_images(batch: DeferredBatch, start: int, stop: int, offset: int, si
     planes = canvas.permute(0, 3, 1, 2).to(dtype)                                                     # (n, 3, M, M)
     resized = rows[:, None] @ planes @ cols[:, None].transpose(-1, -2)                                # (n, 3, S, S)
     return resized.float().round_().clamp_(0, 255)
+
+
+def _colour_codes(pixels: torch.Tensor) -> torch.Tensor:
+    """(P, 3) uint8 -> (P,) int32 ``c0 << 16 | c1 << 8 | c2``: the row of a whole-colour table."""
+    values = pixels.to(torch.int32)
+    return (values[:, 0] << 16) | (values[:, 1] << 8) | values[:, 2]
+
+
+@lru_cache(maxsize=None)
+def _hsv_conversion_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bgr_to_hsv` of every BGR colour ((2^24, 3) uint8, 48 MB) and :func:`hsv_to_bgr` of
+    every HSV colour with H < 180 ((180 * 2^16, 3) uint8, 35 MB), made once per device in chunks.
+    Two lookups per pixel replace some fifty elementwise passes over the batch."""
+    def table(count: int, convert) -> torch.Tensor:
+        out = torch.empty((count, 3), dtype=torch.uint8, device=device)
+        for first in range(0, count, 1 << 20):
+            codes = torch.arange(first, min(first + (1 << 20), count), device=device, dtype=torch.int32)
+            colours = torch.stack([codes >> 16, (codes >> 8) & 255, codes & 255], dim=-1).to(torch.uint8)
+            out[first:first + len(codes)] = convert(colours)
+        return out
+
+    return table(1 << 24, bgr_to_hsv), table(180 << 16, hsv_to_bgr)
 
 
 class _DeviceConstants(NamedTuple):
