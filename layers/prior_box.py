@@ -39,6 +39,14 @@ def num_priors(image_size: tuple[int, int], num_anchor: int = 2) -> int:
 @lru_cache(maxsize=64)
 def _priors_cached(height: int, width: int, min_sizes: tuple[tuple[int, ...], ...], steps: tuple[int, ...],
                    normalized: bool, device: torch.device) -> torch.Tensor:
+    # a normal tensor even when first asked for under torch.inference_mode (detection): the same
+    # cached priors may later enter a loss that autograd records (training)
+    with torch.inference_mode(False):
+        return _make_priors(height, width, min_sizes, steps, normalized, device)
+
+
+def _make_priors(height: int, width: int, min_sizes: tuple[tuple[int, ...], ...], steps: tuple[int, ...],
+                 normalized: bool, device: torch.device) -> torch.Tensor:
     levels = []
     for (rows, cols), sizes, step in zip(feature_map_sizes((height, width), steps), min_sizes, steps):
         cy = (torch.arange(rows, dtype=torch.float64) + 0.5) * step

@@ -241,5 +241,7 @@ def preprocess(images: torch.Tensor, channels_last_input: bool = True, mean: tor
 @lru_cache(maxsize=None)
 def bgr_mean(device: torch.device) -> torch.Tensor:
     """The mean as a (1, 3, 1, 1) tensor, made once per device (a new one per batch would be a
-    blocking host-to-device copy on CUDA)."""
-    return torch.tensor(BGR_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    blocking host-to-device copy on CUDA); a normal tensor even when first made under
+    ``torch.inference_mode``, so training can use it too."""
+    with torch.inference_mode(False):
+        return torch.tensor(BGR_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)

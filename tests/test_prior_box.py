@@ -44,3 +44,13 @@ def test_network_outputs_one_prediction_per_prior(network, size):
 def test_invalid_anchor_count():
     with pytest.raises(ValueError, match="num_anchor"):
         prior_boxes((64, 64), 4)
+
+
+def test_priors_first_made_under_inference_mode_serve_autograd():
+    """Detection (inference mode) and training share the cached priors."""
+    with torch.inference_mode():
+        cached = prior_boxes((40, 72), 2)
+    assert not cached.is_inference()
+    offsets = torch.zeros(1, cached.shape[0], 4, requires_grad=True)
+    (offsets * cached).sum().backward()  # autograd saves the priors: fails for inference tensors
+    assert torch.equal(offsets.grad[0], cached)
