@@ -42,7 +42,7 @@ else
   INFERENCE_ARGS=(--device cuda)
   TRAIN_ARGS=(--device cuda --profile)
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 1,32 --variants fp16+graph,fp16+compile+graph)
-  TESTS_LIMIT=90; INFERENCE_LIMIT=230; TRAIN_LIMIT=200; BUDGET=520
+  TESTS_LIMIT=120; INFERENCE_LIMIT=220; TRAIN_LIMIT=200; BUDGET=540
 fi
 
 status=0
