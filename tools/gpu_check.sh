@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The one command a session with a GPU lease runs ONCE: the CUDA tests (tests/test_cuda.py), both
-# speed benchmarks with their default GPU settings, then the Markdown speed table. About 5-7
-# minutes on an H100/H200; each step is capped (timeout --signal=INT: an interrupted benchmark
-# still writes what it measured), so the whole run stays under ~9 minutes.
+# The one command a session with a GPU lease runs: the CUDA tests (tests/test_cuda.py), both
+# speed benchmarks with settings that cover every target of the GPU issues, then the Markdown
+# speed table. About 4-5 minutes on an H100/H200; each step is capped (timeout --signal=INT: an
+# interrupted benchmark still writes what it measured), at most ~7 minutes in all, so a session's
+# 15 device minutes leave room for a second, partial run.
 #
 #   bash tools/gpu_check.sh            # on the GPU machine
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~30 s)
+#   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
+#
+# Steps (GPU_CHECK_STEPS, default "cuda_tests inference train table"; add "compile" for
+# torch.compile of the ResNet-50 cascade, about a minute of compilation per input shape).
 #
 # Writes under $OUT (default ./bench_out): gpu_check.log (everything printed, the CUDA test report
-# included), inference.jsonl,
-# train.jsonl (one JSON line per run, appended), train_profile.txt (torch.profiler tables),
-# inference_compile.jsonl (ResNet-50 cascade with torch.compile, only when time is left),
-# speed_table.md (tools/speed_table.py of this run). Exit status: 0 when every step succeeded.
+# included), inference.jsonl, train.jsonl (one JSON line per run, appended), train_profile.txt
+# (torch.profiler tables), inference_compile.jsonl (with "compile"), speed_table.md
+# (tools/speed_table.py of the JSON files present). Exit status: 0 when every step succeeded.
 #
 # Data: $RETINAFACE_SHARED with data/widerface_sample/ and weights/mobilenet0.25_Final.pth
 # (default ./.gpu_shared when it exists, else ../shared). The GPU machine only receives the
@@ -31,18 +35,23 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
+STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference train table} "
 if [ "${1:-}" = "--smoke" ]; then
   INFERENCE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0
                   --sample_limit 1 --sample_iters 1 --sample_warmup 0)
   TRAIN_ARGS=(--device cpu --threads 1 --configs mobilenet0.25:2:96 --iters 1 --warmup 1 --workers 1 --profile
               --profile_steps 1)
-  COMPILE_ARGS=()
-  TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; BUDGET=0  # no compile step (measured on CUDA only)
+  COMPILE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0)
+  TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; COMPILE_LIMIT=120
 else
-  INFERENCE_ARGS=(--device cuda)
-  TRAIN_ARGS=(--device cuda --profile)
+  # the targets: ResNet-50 cascade bs32 and bs1, mobilenet0.25 bs32 at 640x480, the sample images;
+  # training mobilenet0.25 bs32@640 and ResNet-50 bs24@840, fixed batches and the real pipeline
+  INFERENCE_ARGS=(--device cuda --batch_sizes 1,32 --variants ref,fp16,bf16,fp16+graph,bf16+graph --iters 20
+                  --sample_variants ref,fp16,fp16+graph --sample_iters 5)
+  TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840 --variants public,bf16 --iters 15
+              --warmup 3 --profile)
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 1,32 --variants fp16+graph,fp16+compile+graph)
-  TESTS_LIMIT=120; INFERENCE_LIMIT=220; TRAIN_LIMIT=200; BUDGET=540
+  TESTS_LIMIT=90; INFERENCE_LIMIT=150; TRAIN_LIMIT=150; COMPILE_LIMIT=240
 fi
 
 status=0
@@ -70,30 +79,26 @@ fi
 [ -d "$SAMPLE" ] && [ -f "$WEIGHTS" ] || log "== WARNING: no $SAMPLE or $WEIGHTS: synthetic inputs only"
 log "== cpu cores: $(nproc); /dev/shm (DataLoader workers): $(df -h /dev/shm 2>/dev/null | awk 'NR==2 {print $4 " free"}')"
 
-# tests/test_cuda.py skips itself without CUDA (the smoke run); a failure here does not stop the benchmarks
-step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
-step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
-  --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
-step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
-  --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+log "== steps:$STEPS"
 
-# torch.compile of the headline case, only with the time left under the ~9-minute budget
-# (compiling the ResNet-50 cascade takes about a minute per input shape)
-left=$((BUDGET - (SECONDS - started) - 30))
-if [ "$BUDGET" -eq 0 ]; then
-  log "== compile step skipped (smoke run)"
-elif [ "$left" -ge 120 ]; then
-  step compile "$left" "$PY" tools/benchmark_inference.py "${COMPILE_ARGS[@]}" \
-    --sample_images "$SAMPLE/val/images" --sample_weights "" --out "$OUT/inference_compile.jsonl"
-else
-  log "== compile step skipped: ${left} s left of the ${BUDGET} s budget"
-fi
+# tests/test_cuda.py skips itself without CUDA (the smoke run); a failure here does not stop the benchmarks
+wanted cuda_tests && step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
+wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
+  --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
+wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
+  --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
+# torch.compile of the headline case (only when asked: compiling takes about a minute per input shape)
+wanted compile && step compile "$COMPILE_LIMIT" "$PY" tools/benchmark_inference.py "${COMPILE_ARGS[@]}" \
+  --sample_images "$SAMPLE/val/images" --sample_weights "" --out "$OUT/inference_compile.jsonl"
 
 files=()
 for f in "$OUT/inference.jsonl" "$OUT/inference_compile.jsonl" "$OUT/train.jsonl"; do
   [ -s "$f" ] && files+=("$f")
 done
-if [ ${#files[@]} -gt 0 ]; then
+if ! wanted table; then
+  :
+elif [ ${#files[@]} -gt 0 ]; then
   step table 60 "$PY" tools/speed_table.py "${files[@]}" --out "$OUT/speed_table.md"
 else
   log "== no benchmark output to tabulate"; status=1
