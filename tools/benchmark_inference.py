@@ -380,16 +380,13 @@ class Engine:
     def detect(self, host_batch: torch.Tensor, confidence_threshold: float,
                marks: StageClock | None = None) -> list[np.ndarray]:
         """Detections per image as (K, 15) float32 rows [x1, y1, x2, y2, score, 10 landmarks]."""
-        mark = marks.mark if marks is not None else None
+        mark = marks.mark if marks is not None else (lambda name: None)
         with tf32_mode(self.device, self.variant.precision != "fp32"):
-            if mark is not None:
-                mark("start")
+            mark("start")
             boxes, scores, landmarks = self.dense(host_batch, mark)
-            if mark is not None:
-                mark("network")
+            mark("network")
             rows, counts = self._postprocess(boxes, scores, landmarks, confidence_threshold)
-            if mark is not None:
-                mark("postprocess")
+            mark("postprocess")
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
         return [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 

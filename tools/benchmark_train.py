@@ -205,10 +205,8 @@ def training_dataset(root: Path, split: str, size: int, seed: int, augment_on: s
     """The training set with ``TrainTransform`` (``augment_on="workers"``) or
     ``DeferredTrainTransform`` (``"device"``), as ``train_utils.build_train_loader`` builds it."""
     from utils.data_loaders import dataset_from_root
-    from utils.data_transformer import TrainTransform
-    from utils.device_augment import DeferredTrainTransform
-    transform = DeferredTrainTransform if augment_on == "device" else TrainTransform
-    return dataset_from_root(root, split, transform(size, rng=seed))
+    from utils.train_utils import train_transform
+    return dataset_from_root(root, split, train_transform(size, seed, augment_on))
 
 
 def real_batch(dataset, batch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

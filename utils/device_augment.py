@@ -280,15 +280,20 @@ class DeferredBatch:
 # --------------------------------------------------------------------------------------------
 # Pixel work on the device
 # --------------------------------------------------------------------------------------------
-def apply_tables(pixels: torch.Tensor, tables: torch.Tensor, image_ids: torch.Tensor) -> torch.Tensor:
+def table_rows(image_ids: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """(P,) image of every pixel -> (P, C) int32 start of each pixel channel's table in the
+    flattened (n, C, 256) tables of :func:`apply_tables` (made once, used for every lookup)."""
+    offsets = torch.arange(channels, device=image_ids.device, dtype=torch.int32) * 256
+    return image_ids.to(torch.int32)[:, None] * (channels * 256) + offsets
+
+
+def apply_tables(pixels: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``pixels`` uint8 (P, C) of several images through each image's 256-entry tables:
-    ``tables`` (n, 256) for every channel or (n, C, 256) one per channel, ``image_ids`` (P,) the
-    image (row of ``tables``) of every pixel. Returns uint8 (P, C)."""
-    channels = pixels.shape[-1]
+    ``tables`` (n, 256) for every channel or (n, C, 256) one per channel; ``rows`` from
+    :func:`table_rows`. Returns uint8 (P, C)."""
     if tables.dim() == 2:
-        tables = tables[:, None, :].expand(tables.shape[0], channels, 256)
-    offsets = torch.arange(channels, device=pixels.device, dtype=torch.int32) * 256
-    index = pixels.to(torch.int32) + (image_ids[:, None] * (channels * 256) + offsets)
+        tables = tables[:, None, :].expand(tables.shape[0], pixels.shape[-1], 256)
+    index = pixels.to(torch.int32) + rows
     return tables.reshape(-1).index_select(0, index.reshape(-1)).view(pixels.shape)
 
 
@@ -373,15 +378,16 @@ def _augment_images(batch: DeferredBatch, start: int, stop: int, offset: int, si
     image_ids = torch.repeat_interleave(torch.arange(count, device=device, dtype=torch.int32),
                                         shapes[:, 0] * shapes[:, 1], output_size=total)
     tables = batch.tables[start:stop]
-    pixels = apply_tables(pixels, tables[:, 0], image_ids)
+    rows = table_rows(image_ids)
+    pixels = apply_tables(pixels, tables[:, 0], rows)
     if any(batch.use_hsv_list[start:stop]):
         to_hsv, to_bgr = _hsv_conversion_tables(device)
         identity = _device_constants(device).identity.expand(count, 256)
         hsv = apply_tables(to_hsv.index_select(0, _colour_codes(pixels)),
-                           torch.stack([tables[:, 1], tables[:, 2], identity], dim=1), image_ids)
+                           torch.stack([tables[:, 1], tables[:, 2], identity], dim=1), rows)
         pixels = torch.where(batch.use_hsv[start:stop][image_ids.long()][:, None],
                              to_bgr.index_select(0, _colour_codes(hsv)), pixels)
-    pixels = apply_tables(pixels, tables[:, 3], image_ids)
+    pixels = apply_tables(pixels, tables[:, 3], rows)
 
     # each image top-left on a canvas of the mean colour (TrainTransform pads after the photometric step)
     canvas = mean_u8.expand(count, side, side, 3).clone()
@@ -391,10 +397,11 @@ def _augment_images(batch: DeferredBatch, start: int, stop: int, offset: int, si
         first += height * width
 
     # uint8 values are exact in float16; its 11-bit weights keep the result within a level
-    rows = _dense_weights(batch.row_index[start:stop], batch.row_weight[start:stop], side).to(dtype)  # (n, S, M)
-    cols = _dense_weights(batch.col_index[start:stop], batch.col_weight[start:stop], side).to(dtype)  # (n, S, M)
-    planes = canvas.permute(0, 3, 1, 2).to(dtype)                                                     # (n, 3, M, M)
-    resized = rows[:, None] @ planes @ cols[:, None].transpose(-1, -2)                                # (n, 3, S, S)
+    # (n, S, M) weights of the output rows and columns, (n, 3, M, M) planes -> (n, 3, S, S)
+    weights_y = _dense_weights(batch.row_index[start:stop], batch.row_weight[start:stop], side).to(dtype)
+    weights_x = _dense_weights(batch.col_index[start:stop], batch.col_weight[start:stop], side).to(dtype)
+    planes = canvas.permute(0, 3, 1, 2).to(dtype)
+    resized = weights_y[:, None] @ planes @ weights_x[:, None].transpose(-1, -2)
     return resized.float().round_().clamp_(0, 255)
 
 

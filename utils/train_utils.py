@@ -66,7 +66,7 @@ __all__ = [
     "TrainingSetupError", "TrainingDivergedError", "DistInfo", "setup_distributed", "cleanup_distributed",
     "seed_everything", "configure_backends", "model_config_from_args", "build_model", "wrap_model",
     "build_optimizer", "reference_schedule", "LRSchedule", "build_scheduler", "EpochSeededDataset",
-    "ResumableSampler", "build_train_loader", "autocast_settings", "TrainContext", "train_one_epoch",
+    "ResumableSampler", "train_transform", "build_train_loader", "autocast_settings", "TrainContext", "train_one_epoch",
     "evaluate_widerface", "capture_rng_state", "restore_rng_state", "save_training_state",
     "load_training_state", "train",
 ]
@@ -432,18 +432,27 @@ class ResumableSampler(Sampler):
         return max(self.num_samples - self.skip, 0)
 
 
+def train_transform(im_size: int, seed: int, augment_on: str = "workers"):
+    """The training augmentation of ``--augment_on``: ``TrainTransform`` (``workers``: all of it in
+    the DataLoader workers) or ``DeferredTrainTransform`` (``device``: pixel work on the device)."""
+    from utils.data_transformer import TrainTransform
+    from utils.device_augment import DeferredTrainTransform
+
+    if augment_on not in ("workers", "device"):
+        raise ValueError(f"augment_on must be 'workers' or 'device', got {augment_on!r}")
+    return (DeferredTrainTransform if augment_on == "device" else TrainTransform)(im_size, rng=seed)
+
+
 def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
                        ) -> tuple[DataLoader, ResumableSampler, Dataset]:
     """DataLoader over ``<dataset>/<train_split>`` with ``TrainTransform(im_size)`` (or its
     ``DeferredTrainTransform`` with ``--augment_on device``): drop-last batches of
     ``--batch_size`` per process, pinned memory and persistent workers on CUDA."""
     from utils.data_loaders import dataset_from_root, detection_collate
-    from utils.data_transformer import TrainTransform
-    from utils.device_augment import DeferredTrainTransform
 
-    transform_class = DeferredTrainTransform if getattr(args, "augment_on", "workers") == "device" else TrainTransform
     try:
-        dataset = dataset_from_root(args.dataset, args.train_split, transform_class(args.im_size, rng=seed))
+        dataset = dataset_from_root(args.dataset, args.train_split,
+                                    train_transform(args.im_size, seed, getattr(args, "augment_on", "workers")))
     except (FileNotFoundError, ValueError) as error:
         raise TrainingSetupError(f"training data: {error}") from None
     sampler = ResumableSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=seed)
