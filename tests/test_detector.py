@@ -131,6 +131,23 @@ def test_dense_path_equals_model_forward_and_decode(config):
     assert all(p.is_contiguous() for p in model.parameters())
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dense_path_runs_the_layout_it_is_given(channels_last):
+    # the uint8 batch arrives (B, H, W, 3): without an explicit layout its permuted view reached
+    # NCHW weights with NHWC strides, and the convolutions ran in NHWC even with channels_last=False
+    from models.dense_path import DensePath
+
+    dense = DensePath(RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)), torch.device("cpu"),
+                      channels_last=channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    seen = []
+    first_conv = next(m for m in dense.network.modules() if isinstance(m, torch.nn.Conv2d))
+    first_conv.register_forward_hook(lambda module, args, out: seen.append(
+        (args[0].is_contiguous(memory_format=layout), module.weight.is_contiguous(memory_format=layout))))
+    dense(torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8))
+    assert seen == [(True, True)]
+
+
 def _copy_eval(model):
     import copy
     return copy.deepcopy(model).eval()

@@ -309,6 +309,34 @@ def test_resume_reproduces_an_uninterrupted_run(widerface_sample, tmp_path, monk
     assert list((tmp_path / "experiments/part/log").glob("events.out.tfevents.*"))
 
 
+def test_resume_keeps_the_optimizer_kernel_of_this_run():
+    # a checkpoint of an unfused run (e.g. on the CPU) resumed where the step is fused (CUDA):
+    # load_state_dict would bring back fused=None, and a GradScaler then passes fused-only
+    # arguments to the plain step ("Expected grad_scale and found_inf to be None")
+    from types import SimpleNamespace
+
+    def context(fused):
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9, fused=fused)
+        return SimpleNamespace(param=param, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu"),
+                               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+
+    saved = context(fused=None)
+    saved.param.sum().backward()
+    saved.optimizer.step()
+    checkpoint = {"optimizer": saved.optimizer.state_dict(), "scheduler": saved.scheduler.state_dict(),
+                  "scaler": saved.scaler.state_dict(), "step": 1}
+    resumed = context(fused=True)
+    tu.load_training_state(resumed, checkpoint)
+    assert resumed.optimizer.param_groups[0]["fused"] is True
+    assert resumed.global_step == 1
+    torch.testing.assert_close(resumed.optimizer.state[resumed.param]["momentum_buffer"],
+                               saved.optimizer.state[saved.param]["momentum_buffer"])
+    resumed.scaler.scale((resumed.param * 2).sum()).backward()
+    resumed.scaler.step(resumed.optimizer)  # fp16-style scaled step on the fused kernel
+    resumed.scaler.update()
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(widerface_sample, tmp_path, monkeypatch, capsys):
     import train
 

@@ -356,13 +356,16 @@ def autocast_dtype(variant, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if variant.precision == "bf16" else torch.float16
 
 
-def build_training(config, variant, device: torch.device, seed: int):
-    """Fresh model (same init for every variant), wrapped like train.py; optimizer; scaler."""
+def build_training(config, variant, device: torch.device, seed: int, public: bool = False):
+    """Fresh model (same init for every variant), wrapped like train.py; optimizer (``public``:
+    plain ``torch.optim.SGD`` as the public code builds it, not our fused one); scaler."""
     from utils.train_utils import DistInfo, build_optimizer, wrap_model
     torch.manual_seed(seed)
     model = RetinaFace(config)
     wrapped = wrap_model(model, DistInfo(device=device), channels_last=variant.channels_last)
-    optimizer = build_optimizer(model, SimpleNamespace(lr=1e-3, momentum=0.9, weight_decay=5e-4))
+    hyper = SimpleNamespace(lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    optimizer = (torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
+                                 weight_decay=hyper.weight_decay) if public else build_optimizer(model, hyper))
     dtype = autocast_dtype(variant, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     runner = torch.compile(wrapped) if variant.compile else wrapped
@@ -396,7 +399,7 @@ def public_steps(config, device: torch.device, images_f32: torch.Tensor, targets
                  size: int, seed: int, clock: StepClock, steps: int) -> dict:
     """``steps`` iterations of the public training loop body over one host batch (module doc)."""
     variant = SimpleNamespace(channels_last=False, precision="fp32", compile=False)
-    raw, net, optimizer, _, _ = build_training(config, variant, device, seed)
+    raw, net, optimizer, _, _ = build_training(config, variant, device, seed, public=True)
     net.train()
     criterion = PublicStyleLoss()
     priors = prior_boxes((size, size), config.num_anchor, device)
@@ -564,7 +567,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                                    "speedup_vs_public_style": rnd(best["img_per_s"] / public_ips) if public_ips else None}
         reference = PUBLIC_REFERENCE_IMG_PER_S.get(spec)
         if reference:
-            summary.update(public_reference_img_per_s=reference,
+            summary.update(public_reference_img_per_s=reference, public_reference_device="NVIDIA H200, torch 2.11",
                            ratio_vs_public_reference=rnd(best["img_per_s"] / reference), target_ratio=TARGET_RATIO)
         real = {v["augment_on"]: v["ratio_to_fixed"] for v in entry["variants"]
                 if v["mode"] == "real" and v["variant"] == best["variant"] and "ratio_to_fixed" in v}

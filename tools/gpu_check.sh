@@ -51,7 +51,7 @@ else
   TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840 --variants public,bf16 --iters 15
               --warmup 3 --profile)
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 1,32 --variants fp16+graph,fp16+compile+graph)
-  TESTS_LIMIT=90; INFERENCE_LIMIT=150; TRAIN_LIMIT=150; COMPILE_LIMIT=240
+  TESTS_LIMIT=90; INFERENCE_LIMIT=150; TRAIN_LIMIT=180; COMPILE_LIMIT=240
 fi
 
 status=0

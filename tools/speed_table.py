@@ -241,7 +241,7 @@ def target_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:
                 continue
             value = summary["best_fixed_img_per_s"] if summary else None
             goal = TARGETS["train_ratio_vs_public_reference"] * reference
-            rows.append([label, f"≥ {goal:.0f} img/s (2.5 × {reference:.0f})",
+            rows.append([label, f"≥ {goal:.0f} img/s (2.5 × {reference:.0f}, the public code on an H200)",
                          f"{fmt(value)} ({summary['best_fixed_variant']}; {fmt(summary.get('speedup_vs_public_style'))}× "
                          f"public-style here)" if summary else "–", status(value, goal), device])
         for spec, config in configs.items():

@@ -304,6 +304,9 @@ class _Runner:
         image, scale = record.net_image, record.net_scale
         for _ in range(attempts):
             if _is_cuda(self.detector):
+                dense = getattr(self.detector, "dense", None)
+                if dense is not None:  # graph memory pools are not returned by empty_cache
+                    dense.drop_graphs()
                 torch.cuda.empty_cache()
             h, w = image.shape[:2]
             if min(h, w) < 32:

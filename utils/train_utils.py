@@ -519,7 +519,13 @@ def save_training_state(path: Path, ctx: "TrainContext") -> Path:
 def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> None:
     """Restore optimizer, scheduler, scaler, step, best metric and RNG states from ``checkpoint``
     (the model weights are loaded by :func:`build_model`)."""
+    # load_state_dict replaces whole param groups, kernel choice included: keep this run's
+    # (a CPU checkpoint would otherwise turn the fused CUDA step off, and the AMP scaler would
+    # then hand its fused-only arguments to the plain step)
+    kernels = [{key: group.get(key) for key in ("fused", "foreach")} for group in ctx.optimizer.param_groups]
     ctx.optimizer.load_state_dict(checkpoint["optimizer"])
+    for group, kernel in zip(ctx.optimizer.param_groups, kernels):
+        group.update(kernel)
     ctx.scheduler.load_state_dict(checkpoint["scheduler"])
     if checkpoint.get("scaler"):
         ctx.scaler.load_state_dict(checkpoint["scaler"])
