@@ -87,7 +87,7 @@ def evaluate_folder(args: argparse.Namespace) -> int:
 
 def test(args: argparse.Namespace) -> int:
     """Run the checkpoint over the val images, write the prediction files, evaluate."""
-    from models.detector import FaceDetector, resolve_device  # noqa: PLC0415
+    from models.detector import FaceDetector, resolve_device, use_device  # noqa: PLC0415
     from utils.checkpoint import checkpoint_for_run  # noqa: PLC0415
     from utils.evaluation import (PREDICTION_FOLDER, check_images_in_gt, default_gt_dir,  # noqa: PLC0415
                                   evaluate_predictions, list_val_images, load_gt, predict_widerface)
@@ -98,6 +98,7 @@ def test(args: argparse.Namespace) -> int:
     check_images_in_gt(images, gt)
     weights = checkpoint_for_run(args.weights, args.model_weight, args.experiment_name)
     device = resolve_device(args.device, args.gpu_num)
+    use_device(device)
     tta_scales = parse_scales(args.tta_scales) if args.tta else ()
     if args.tta and args.target_size:
         print("warning: --target_size is ignored with --tta (see --tta_scales)", file=sys.stderr)

@@ -217,6 +217,17 @@ def hard_negative_mask(cls_loss: torch.Tensor, positive: torch.Tensor, neg_pos_r
     return (rank < num_neg) & ~positive
 
 
+def _batch_counts(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` of this process, or their mean over the processes of a distributed run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            counts = counts.detach().clone()
+            torch.distributed.all_reduce(counts)
+            return counts / world
+    return counts
+
+
 class MultiBoxLoss(nn.Module):
     """RetinaFace loss for every stage of a :class:`~models.retinaface.RetinaFace` (see module doc).
 
@@ -231,6 +242,10 @@ class MultiBoxLoss(nn.Module):
     cascade semantics; a ``DistributedDataParallel`` wrapper is looked through); ``outputs`` its
     forward result; ``priors`` (N, 4) pixel anchors of the input size; ``targets`` a list of
     ``(K_i, 15)`` tensors or an already padded ``(targets, valid)`` pair from :func:`pad_targets`.
+
+    Under ``torch.distributed`` the terms are divided by the mean count of positives per process
+    (one all-reduce per stage): with DDP's gradient averaging this equals the public recipe's
+    division by the positives of the whole batch, however the faces fall across processes.
     """
 
     def __init__(self, model_config, threshold: float = 0.35, force_min_iou: float = 0.2,
@@ -287,8 +302,10 @@ class MultiBoxLoss(nn.Module):
         positive = match.positive
         pos_f = positive.float()
         num_pos = pos_f.sum()
-        denom = num_pos.clamp(min=1.0)
         matched = _gather_faces(padded, match.face_index)  # (B, N, 15)
+        has_landm = positive & (matched[..., 14] > 0)
+        landm_f = has_landm.float()
+        denom, landm_denom = _batch_counts(torch.stack([num_pos, landm_f.sum()])).clamp(min=1.0)
         matched_boxes = matched[..., :4]
         # Encode only where positive; elsewhere use the anchor itself (finite, masked out anyway).
         safe_boxes = torch.where(positive.unsqueeze(-1), matched_boxes, point_form(anchors).expand_as(matched_boxes))
@@ -301,12 +318,10 @@ class MultiBoxLoss(nn.Module):
         cls = (ce * (positive | negative).float()).sum() / denom
 
         if self.landmark_loss:
-            has_landm = positive & (matched[..., 14] > 0)
-            landm_f = has_landm.float()
             landm_t = encode_landm(torch.where(has_landm.unsqueeze(-1), matched[..., 4:14],
                                                torch.zeros_like(matched[..., 4:14])), anchors, self.variances)
             landm_loss = (F.smooth_l1_loss(landm, landm_t, reduction="none").sum(-1) * landm_f).sum()
-            landm_loss = landm_loss / landm_f.sum().clamp(min=1.0)
+            landm_loss = landm_loss / landm_denom
         else:
             landm_loss = landm.sum() * 0.0  # keeps the head in the graph (DDP), value exactly 0
 

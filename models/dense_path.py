@@ -105,9 +105,18 @@ class DensePath:
         """The pixel priors of a ``(B, H, W, 3)`` batch shape (cached, on the device)."""
         return prior_boxes((shape[1], shape[2]), self.model.config.num_anchor, self.device)
 
-    @torch.inference_mode()
+    def device_scope(self):
+        """Makes this path's GPU the current one (streams, graph capture and events use the
+        current device: without it, cuda:1 would be captured on cuda:0's stream)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+
     def __call__(self, images: torch.Tensor, mark: Callable[[str], None] | None = None) -> Decoded:
         """Decoded detections of every prior; ``mark("h2d")`` is called once the input copy is queued."""
+        with self.device_scope():
+            return self._run(images, mark)
+
+    @torch.inference_mode()
+    def _run(self, images: torch.Tensor, mark: Callable[[str], None] | None) -> Decoded:
         key = tuple(images.shape)
         graph = self._graph(key, images) if self.cuda_graphs else None
         if graph is not None:
@@ -124,6 +133,10 @@ class DensePath:
     @torch.inference_mode()
     def prepare(self, images: torch.Tensor) -> None:
         """Capture (and compile) for the shape of ``images`` now, e.g. before a timed loop."""
+        with self.device_scope():
+            self._prepare(images)
+
+    def _prepare(self, images: torch.Tensor) -> None:
         if self.cuda_graphs:
             self._seen[tuple(images.shape)] = self.capture_after
             self._graph(tuple(images.shape), images)

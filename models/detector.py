@@ -110,6 +110,13 @@ def resolve_device(device: str | torch.device | None = None, gpu_num: int = 0) -
     return device
 
 
+def use_device(device: torch.device) -> None:
+    """Make ``device`` the current GPU of a process that works on one (the command-line
+    scripts), so that nothing opens a context, stream or event on ``cuda:0`` behind it."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class FaceDetector:
     """Face detector built once from a checkpoint (see ``utils/checkpoint.py`` for formats).
 
@@ -170,6 +177,13 @@ class FaceDetector:
     def config(self) -> ModelConfig:
         return self.model.config
 
+    def release_memory(self) -> None:
+        """After running out of device memory: free the CUDA graphs (their memory pools are
+        not returned by ``empty_cache``; later batches run without graphs) and the cached blocks."""
+        self.dense.drop_graphs()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def detect(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
         """Detect faces in one image (returns :class:`Detections`) or a list (returns a list)."""
         if isinstance(images, (np.ndarray, str, Path)):
@@ -196,8 +210,12 @@ class FaceDetector:
     def _groups(self, inputs: Sequence[np.ndarray]) -> list[list[int]]:
         return [list(range(len(inputs)))] if self.pad_batches else same_size_groups(inputs)
 
-    @torch.inference_mode()
     def _detect_same_canvas(self, images: list[np.ndarray]) -> list[Detections]:
+        with self.dense.device_scope():  # pinned buffers, events and NMS on this detector's GPU
+            return self._detect_on_device(images)
+
+    @torch.inference_mode()
+    def _detect_on_device(self, images: list[np.ndarray]) -> list[Detections]:
         started = time.perf_counter()
         height = max(im.shape[0] for im in images)
         width = max(im.shape[1] for im in images)

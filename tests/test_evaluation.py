@@ -459,3 +459,33 @@ def test_tta_raises_sample_hard_ap(sample_run, test_script, widerface_sample, wi
     assert tta["hard"] > single["hard"] + 0.02, (tta, single)
     assert tta["easy"] > 0.95 and tta["medium"] > 0.9
     assert len(list((tmp_path / "tta" / "widerface_txt").glob("*/*.txt"))) == SAMPLE_IMAGES
+
+
+class _MemoryHungryDetector:
+    """Runs out of memory on its first ``failures`` calls; counts ``release_memory`` calls."""
+
+    batch_size = 4
+    timings: dict = {}
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls, self.releases = failures, 0, 0
+
+    def detect_batch(self, images):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return [Detections.empty() for _ in images]
+
+    def release_memory(self):
+        self.releases += 1
+
+
+def test_prediction_retries_after_out_of_memory_and_fails_clearly_when_an_image_cannot_fit(widerface_sample):
+    images = list_val_images(widerface_sample)[:3]
+    flaky = _MemoryHungryDetector(failures=1)
+    run = predict_widerface(flaky, images=images, workers=0, progress=False)
+    assert sum(len(stems) for stems in run.predictions.values()) == 3 and flaky.releases >= 1
+    hopeless = _MemoryHungryDetector(failures=10 ** 6)
+    with pytest.raises(EvaluationError, match=r"out of memory on .*\.jpg \(\d+x\d+\) even alone"):
+        predict_widerface(hopeless, images=images, workers=0, progress=False)
+    assert hopeless.releases == 2  # once for the batch, once more for the image that still failed

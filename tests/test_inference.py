@@ -370,6 +370,70 @@ def test_out_of_memory_retries_downscaled(tmp_path):
     assert np.allclose(result.detections.boxes, [[40, 40, 80, 80]])  # found at 1/4 scale, mapped back
 
 
+def test_out_of_memory_once_retries_at_full_size_after_freeing(tmp_path):
+    # a pass that failed for lack of memory (e.g. held by cached graphs) is retried at the same
+    # size once memory is freed, outside the except block that kept the failed pass alive
+    from models.detector import Detections
+
+    class FlakyDetector:
+        device = None
+        calls = []
+
+        def detect_batch(self, images):
+            self.calls.append(len(images))
+            if len(self.calls) <= 2:  # the batch of 2, then the first single image
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return [Detections(np.array([[10, 10, 20, 20]], np.float32), np.array([0.9], np.float32),
+                               np.full((1, 5, 2), 15, np.float32)) for _ in images]
+
+    class Bar:
+        def update(self, n):
+            pass
+
+        def write(self, *a, **k):
+            pass
+
+    args = argparse.Namespace(mask=False, save_mask=False, save_img=False)
+    summary = iu.InferenceSummary(output_folder=str(tmp_path))
+    detector = FlakyDetector()
+    runner = iu._Runner(args, detector, tmp_path, ["a.png", "b.png"], True, summary, Bar())
+    image = np.zeros((300, 300, 3), np.uint8)
+    records = [image_loader.ImageRecord(index=i, name=n, path=n, image=image, net_image=image)
+               for i, n in enumerate(["a.png", "b.png"])]
+    runner.detect(records)
+    assert detector.calls == [2, 1, 1, 1]
+    assert summary.processed == 2 and not summary.skipped and not summary.notes
+    for index in (0, 1):
+        assert np.allclose(runner.results[index].detections.boxes, [[10, 10, 20, 20]])  # full size
+
+
+def test_unexpected_error_mid_run_keeps_outputs_and_reports_it(widerface_sample, mobilenet_weights, tmp_path,
+                                                             monkeypatch):
+    # e.g. a CUDA error or a killed decoding worker: the error propagates (exit status 1), and
+    # summary.json says so instead of claiming a clean run
+    from models.detector import FaceDetector
+
+    original, calls = FaceDetector.detect_batch, []
+
+    def failing(self, images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return original(self, images)
+
+    monkeypatch.setattr(FaceDetector, "detect_batch", failing)
+    folder = link_images(tmp_path / "in", {f"{i}.jpg": p for i, p in enumerate(
+        sorted((widerface_sample / "val/images").rglob("*.jpg"))[:3])})
+    out = tmp_path / "out"
+    args = inference.complete_args(weights=str(mobilenet_weights), inference_dir=str(folder),
+                                   inference_save_folder=str(out), workers=0, device="cpu")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        iu.run_inference(args, collect=False, progress=False)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_code"] == 1 and "illegal memory access" in summary["error"]
+    assert summary["processed"] == 1 and list(json.loads((out / "detections.json").read_text())) == ["0.jpg"]
+
+
 # ------------------------------------------------------------------------------------------
 # Command-line errors: one clear line, non-zero exit, no traceback
 # ------------------------------------------------------------------------------------------

@@ -337,6 +337,18 @@ def test_resume_keeps_the_optimizer_kernel_of_this_run():
     resumed.scaler.update()
 
 
+def test_starting_a_run_again_does_not_overwrite_it(widerface_sample, tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    train.run(_run_args(widerface_sample, "once", "--max_iters", "1"))
+    before = (tmp_path / "experiments/once/ckpt/last.pth").read_bytes()
+    assert train.main(_run_args(widerface_sample, "once", "--max_iters", "2")) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "already holds a run" in message and "--resume experiments/once/ckpt/last.pth" in message, message
+    assert (tmp_path / "experiments/once/ckpt/last.pth").read_bytes() == before
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(widerface_sample, tmp_path, monkeypatch, capsys):
     import train
 
@@ -394,9 +406,100 @@ def test_two_process_gloo_ddp(widerface_sample, tmp_path):
     assert log.count("saved checkpoint") == 1 and "x2 process(es)" in log
 
 
+def test_cores_per_process_shares_the_node(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert tu.cores_per_process() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun --nproc_per_node=8
+    assert tu.cores_per_process() == 2
+
+
+_DDP_LOSS_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+from layers.multibox_loss import MultiBoxLoss
+from layers.prior_box import prior_boxes
+from models.retinaface import ModelConfig, RetinaFace
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+data = torch.load(sys.argv[1])
+model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=True))
+model.load_state_dict(data["state"])
+model.eval()  # BatchNorm from running statistics: the same per image whatever the split
+loss = MultiBoxLoss(model.config)(model, model(data["images"][rank:rank + 1]), prior_boxes((96, 96), 2),
+                                  [data["targets"][rank]])["total"]
+loss.backward()
+grads = []
+for param in model.parameters():
+    dist.all_reduce(param.grad)  # what DDP does: the mean gradient over the processes
+    grads.append(param.grad / dist.get_world_size())
+if rank == 0:
+    torch.save(grads, sys.argv[2])
+dist.destroy_process_group()
+"""
+
+
+def test_distributed_loss_is_normalised_by_the_whole_batch(tmp_path):
+    # the public recipe divides by the positives of the whole batch; with one image per process
+    # and 3 faces against 1, a per-process division would weight the single face 3x
+    torch.manual_seed(0)
+    config = ModelConfig(network="mobilenet0.25", cascade=True)
+    model = RetinaFace(config).eval()
+    images = torch.randn(2, 3, 96, 96) * 50
+    lone_face = torch.full((1, 15), -1.0)
+    lone_face[0, :4] = torch.tensor([30.0, 28.0, 62.0, 66.0])
+    targets = [_targets(with_landmarks=True)[0], lone_face]
+    torch.save({"state": model.state_dict(), "images": images, "targets": targets}, tmp_path / "data.pt")
+    (tmp_path / "ranks.py").write_text(_DDP_LOSS_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "ranks.py", "data.pt", "grads.pt"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    distributed = torch.load(tmp_path / "grads.pt")
+
+    def gradients(batches):
+        model.zero_grad()
+        total = sum(MultiBoxLoss(config)(model, model(images[i]), prior_boxes((96, 96), 2),
+                                         [targets[j] for j in range(i.start, i.stop)])["total"]
+                    for i in batches) / len(batches)
+        total.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    whole_batch = gradients([slice(0, 2)])
+    per_image_mean = gradients([slice(0, 1), slice(1, 2)])  # each image normalised by its own positives
+    def relative_error(a, b):
+        return max(float((x - y).norm() / y.norm().clamp(min=1e-12)) for x, y in zip(a, b))
+
+    assert relative_error(distributed, whole_batch) < 1e-2  # float noise; a per-process division: 0.8
+    assert relative_error(per_image_mean, whole_batch) > 0.05
+
+
+def test_two_process_evaluation_shares_the_images_and_equals_one_process(widerface_sample, tmp_path):
+    from utils.checkpoint import load_model
+    from utils.metric import load_ground_truth
+
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    args = _run_args(widerface_sample, "ddp_eval", "--max_iters", "2")
+    args[args.index("--eval_every") + 1] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO_ROOT / "train.py"), *args]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    saved = torch.load(tmp_path / "experiments/ddp_eval/ckpt/last.pth", weights_only=True)
+    assert saved["step"] == 2 and set(saved["metrics"]) == {"easy", "medium", "hard"}
+    assert (tmp_path / "experiments/ddp_eval/ckpt/best.pth").is_file()
+    gt = load_ground_truth(widerface_sample / "ground_truth")
+    alone = tu.evaluate_widerface(load_model(tmp_path / "experiments/ddp_eval/ckpt/last.pth"), widerface_sample,
+                                  gt, torch.device("cpu"))
+    assert alone == pytest.approx(saved["metrics"], abs=1e-9)
+
+
 def test_loader_hint_names_the_remedies():
     assert tu.loader_hint(0.1, 2, "workers", 16) is None
     hint = tu.loader_hint(0.45, 2, "workers", 16)
-    assert "45%" in hint and "--workers (now 2; 16 CPU cores)" in hint and "--augment_on device" in hint
+    assert "45%" in hint and "--workers (now 2; 16 CPU cores per process)" in hint and "--augment_on device" in hint
     hint = tu.loader_hint(0.45, 15, "device", 16)
     assert "--workers" not in hint and "--augment_on" not in hint and "storage" in hint

@@ -96,6 +96,7 @@ def main(argv=None) -> int:
                       "--im_size", str(opts.im_size), "--workers", str(opts.workers), "--eval_every", "0",
                       "--device", opts.device, "--seed", str(opts.seed), "--log_every", "10"]
         with working_directory(workdir):
+            Path("experiments/finetune_check/ckpt/last.pth").unlink(missing_ok=True)  # a fresh run each time
             summary = train.run(argv_train)
             tuned = load_model(Path(summary["last"]).resolve())
         after = evaluate_widerface(tuned, dataset, gt, device)

@@ -13,7 +13,9 @@ Output folder layout (``--inference_save_folder OUT``)::
     OUT/head_masks/<rel dir>/<stem>_<i>.png  --save_mask: head masks (0/255)
 
 Exit codes of the command line: :data:`EXIT_OK` (0) every image processed, :data:`EXIT_ERROR`
-(1) nothing was run (no images, missing weights, unknown device, output folder in use ...),
+(1) nothing was run (no images, missing weights, unknown device, output folder in use ...) or
+the run stopped on an unexpected error (its outputs so far are written, with the error in
+``summary.json``),
 :data:`EXIT_USAGE` (2) bad command-line option, :data:`EXIT_SKIPPED` (3) finished but some
 files were skipped (unreadable, truncated, empty, not images, out of memory), 130 interrupted.
 """
@@ -33,8 +35,9 @@ import cv2
 import numpy as np
 import torch
 
-from config import EXIT_INTERRUPTED, EXIT_OK
+from config import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from utils.checkpoint import checkpoint_for_run
+from utils.errors import is_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
 from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, find_images,
                                 make_loader, start_loader)
@@ -171,9 +174,12 @@ class InferenceSummary:
     wall_s: float = 0.0
     device: str = ""
     interrupted: bool = False
+    error: str | None = None  # what stopped the run part-way (it then raises)
 
     @property
     def exit_code(self) -> int:
+        if self.error is not None:
+            return EXIT_ERROR
         if self.interrupted:
             return EXIT_INTERRUPTED
         return EXIT_SKIPPED if self.skipped else EXIT_OK
@@ -193,7 +199,7 @@ class InferenceSummary:
                 "ms_per_image": {k: round(v, 3) for k, v in self.ms_per_image().items()},
                 "images_per_s": round(self.images_per_s, 3), "wall_s": round(self.wall_s, 3),
                 "model_load_s": round(self.model_load_s, 3), "device": self.device,
-                "interrupted": self.interrupted, "exit_code": self.exit_code}
+                "interrupted": self.interrupted, "error": self.error, "exit_code": self.exit_code}
 
 
 def format_summary(summary: InferenceSummary) -> str:
@@ -245,13 +251,6 @@ class InferenceRun:
     summary: InferenceSummary
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
-        return True
-    text = str(error).lower()
-    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
 def _progress(total: int, enabled: bool | None):
     from tqdm import tqdm  # noqa: PLC0415
     return tqdm(total=total, unit="img", desc="inference", file=sys.stderr, dynamic_ncols=True,
@@ -285,11 +284,9 @@ class _Runner:
 
     def detect(self, batch: list[ImageRecord]) -> None:
         """Detect faces in a batch (same-size images go in one forward pass), then finish each."""
-        try:
-            found = self.detector.detect_batch([r.net_image for r in batch])
-        except Exception as error:  # noqa: BLE001 - only out-of-memory is handled here
-            if not _is_out_of_memory(error):
-                raise
+        found = self._try_detect([r.net_image for r in batch])
+        if found is None:  # out of memory: one image at a time, then smaller
+            self._free_device_memory()
             if len(batch) > 1:
                 for record in batch:
                     self.detect([record])
@@ -300,25 +297,39 @@ class _Runner:
         for record, detections in zip(batch, found):
             self.finish(record, detections.rescaled(*record.net_scale))
 
+    def _try_detect(self, images: list[np.ndarray]) -> list | None:
+        """``detect_batch(images)``, or None when the device ran out of memory. Recovery happens
+        in the caller, after this frame: a live exception holds the failed pass's tensors."""
+        try:
+            return self.detector.detect_batch(images)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is handled here
+            if not is_out_of_memory(error):
+                raise
+        return None
+
+    def _free_device_memory(self) -> None:
+        release = getattr(self.detector, "release_memory", None)
+        if release is not None:
+            release()
+
     def _detect_downscaled(self, record: ImageRecord, attempts: int = 3):
+        """One image that ran out of memory: again at its size (the memory freed above may be
+        enough), then at half size up to ``attempts`` times."""
+        found = self._try_detect([record.net_image])
+        if found is not None:
+            return found[0]
         image, scale = record.net_image, record.net_scale
         for _ in range(attempts):
-            if _is_cuda(self.detector):
-                dense = getattr(self.detector, "dense", None)
-                if dense is not None:  # graph memory pools are not returned by empty_cache
-                    dense.drop_graphs()
-                torch.cuda.empty_cache()
+            self._free_device_memory()
             h, w = image.shape[:2]
             if min(h, w) < 32:
                 break
             image = cv2.resize(image, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
             scale = (scale[0] * (w // 2) / w, scale[1] * (h // 2) / h)
-            try:
-                detections = self.detector.detect_batch([image])[0]
-            except Exception as error:  # noqa: BLE001
-                if not _is_out_of_memory(error):
-                    raise
+            found = self._try_detect([image])
+            if found is None:
                 continue
+            detections = found[0]
             record.net_scale = scale
             note = f"out of memory at {w}x{h}: detected at {w // 2}x{h // 2} (boxes mapped back)"
             record.notes.append(note)
@@ -379,10 +390,6 @@ class _Runner:
             self.segmenter = None
 
 
-def _is_cuda(detector: Any) -> bool:
-    return getattr(getattr(detector, "device", None), "type", "") == "cuda"
-
-
 def run_inference(args: Any, collect: bool = True, progress: bool | None = None) -> InferenceRun:
     """Run the detector (and the mask stage) over ``args.inference_dir`` and write the outputs.
 
@@ -391,7 +398,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     Raises :class:`InferenceError` / ``CheckpointError`` (one-line messages) when the run cannot
     start; bad image files are skipped and listed in the summary instead.
     """
-    from models.detector import FaceDetector, resolve_device  # noqa: PLC0415 (keeps imports light)
+    from models.detector import FaceDetector, resolve_device, use_device  # noqa: PLC0415 (keeps imports light)
     from config import architecture_overrides  # noqa: PLC0415
 
     if not args.inference_dir:
@@ -405,6 +412,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         raise InferenceError(f"no images ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}) found in {root}")
     try:
         device = resolve_device(args.device, args.gpu_num)
+        use_device(device)
     except (ValueError, RuntimeError) as error:
         raise InferenceError(f"unusable device: {error}") from None
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -462,6 +470,9 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
                 runner.detect(batch)
     except KeyboardInterrupt:
         summary.interrupted = True
+    except BaseException as error:  # e.g. a CUDA error or a killed decoding worker: outputs so far are kept
+        summary.error = f"{type(error).__name__}: {error}"
+        raise
     finally:
         runner.close()
         bar.close()

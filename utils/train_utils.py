@@ -136,6 +136,20 @@ def setup_distributed(device: str | None = None, gpu_num: int = 0) -> DistInfo:
                     device=run_device, distributed=True)
 
 
+def check_ranks_agree(info: DistInfo, evaluates: bool, dataset_size: int) -> None:
+    """Every rank must evaluate (or not) and see the same training set: otherwise their
+    collectives mismatch and the job hangs (e.g. a node without the val set)."""
+    values = torch.tensor([int(evaluates), 1 - int(evaluates), dataset_size, -dataset_size], device=info.device)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    every, none, smallest, largest = values[0].item(), values[1].item(), values[2].item(), -values[3].item()
+    if not (every or none):
+        raise TrainingSetupError("the val set or its ground truth is visible to some processes only: every node "
+                                 "needs --val_dataset and --gt_dir at the same paths (or use --eval_every 0)")
+    if smallest != largest:
+        raise TrainingSetupError(f"the processes see different training sets ({smallest} to {largest} images): "
+                                 "every node needs the same --dataset")
+
+
 def cleanup_distributed(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
@@ -635,13 +649,24 @@ class _LossMeter:
 LOADER_BOUND_SHARE = 0.2
 
 
+def cores_per_process() -> int:
+    """CPU cores this process may use, shared with the other training processes of its node
+    (``LOCAL_WORLD_SIZE`` under torchrun)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def loader_hint(data_share: float, workers: int, augment_on: str, cpu_count: int | None) -> str | None:
-    """Advice when ``data_share`` (waiting for the DataLoader / wall time) shows a data-bound run."""
+    """Advice when ``data_share`` (waiting for the DataLoader / wall time) shows a data-bound run;
+    ``cpu_count``: the cores of this process (:func:`cores_per_process`)."""
     if data_share <= LOADER_BOUND_SHARE:
         return None
     advice = []
     if cpu_count and workers < cpu_count - 1:
-        advice.append(f"raise --workers (now {workers}; {cpu_count} CPU cores)")
+        advice.append(f"raise --workers (now {workers}; {cpu_count} CPU cores per process)")
     if augment_on != "device":
         advice.append("try --augment_on device (workers then only decode and crop)")
     remedy = " or ".join(advice) or "use faster storage or fewer, larger images"
@@ -740,7 +765,7 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
                     if (info.device.type == "cuda" and not ctx.loader_hint_given
                             and ctx.global_step >= 3 * args.log_every):
                         hint = loader_hint(data_share, getattr(args, "workers", 0),
-                                           getattr(args, "augment_on", "workers"), os.cpu_count())
+                                           getattr(args, "augment_on", "workers"), cores_per_process())
                         if hint:
                             ctx.log("note: " + hint)
                             ctx.loader_hint_given = True
@@ -758,23 +783,45 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
 # Evaluation
 # --------------------------------------------------------------------------------------------
 def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: torch.device | str,
-                       confidence_threshold: float = 0.02, nms_threshold: float = 0.4) -> dict[str, float]:
+                       confidence_threshold: float = 0.02, nms_threshold: float = 0.4,
+                       info: DistInfo | None = None) -> dict[str, float] | None:
     """Official WIDER FACE easy/medium/hard AP of ``model`` on the images of ``<val_root>/val``.
 
-    :func:`utils.evaluation.evaluate_model` at original scale (confidence 0.02, NMS 0.4, the
-    public prediction-file convention), counting only the images present. ``gt``:
-    ``utils.metric.load_ground_truth(gt_dir)``. The model keeps its weights and train mode.
+    Detection at original scale (confidence 0.02, NMS 0.4, the public prediction-file
+    convention, as :func:`utils.evaluation.evaluate_model`), counting only the images present.
+    ``gt``: ``utils.metric.load_ground_truth(gt_dir)``. The model keeps its weights and train mode.
+    Distributed (``info``): every rank detects its share of the images, rank 0 gathers them and
+    returns the APs; the other ranks return None (no rank waits for one to do all the work).
     """
-    from utils.evaluation import evaluate_model
+    from models.detector import FaceDetector
+    from utils.evaluation import evaluate_predictions, list_val_images, predict_widerface
 
+    rank, world = (info.rank, info.world_size) if info is not None and info.distributed else (0, 1)
+    if world > 1:
+        # each rank's BatchNorm running statistics last saw its own batch (DDP broadcasts
+        # buffers before a forward pass, not after): evaluate rank 0's model, the one saved
+        with torch.no_grad():
+            for buffer in unwrap(model).buffers():
+                dist.broadcast(buffer, src=0)
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False  # every image has its own size: no per-shape autotuning
     try:
-        result = evaluate_model(unwrap(model), val_root, gt, device, confidence_threshold=confidence_threshold,
+        detector = FaceDetector(model=unwrap(model), device=device, confidence_threshold=confidence_threshold,
                                 nms_threshold=nms_threshold)
+        images = list_val_images(val_root)[rank::world]
+        predictions = predict_widerface(detector, images=images, workers=0, progress=False).predictions
     finally:
         torch.backends.cudnn.benchmark = benchmark
-    return {k: float(v) for k, v in result.aps.items()}
+    if world > 1:
+        shares = [None] * world if rank == 0 else None
+        dist.gather_object(dict(predictions), shares, dst=0)
+        if rank != 0:
+            return None
+        predictions = {}
+        for share in shares:
+            for event, stems in share.items():
+                predictions.setdefault(event, {}).update(stems)
+    return {k: float(v) for k, v in evaluate_predictions(predictions, gt).aps.items()}
 
 
 def _resolve_validation(args: argparse.Namespace) -> tuple[str | None, Path | None, str]:
@@ -846,9 +893,9 @@ def _maybe_evaluate(ctx: TrainContext, epoch: int, val_root: str | None, gt: Any
     if not due:
         return False
     improved = False
+    started = time.perf_counter()
+    aps = evaluate_widerface(ctx.model, val_root, gt, ctx.info.device, info=ctx.info)
     if ctx.info.is_main:
-        started = time.perf_counter()
-        aps = evaluate_widerface(ctx.model, val_root, gt, ctx.info.device)
         ctx.last_metrics = aps
         improved = ctx.best_metric is None or aps["hard"] > ctx.best_metric
         if improved:
@@ -936,12 +983,22 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                 check_images_in_gt(list_val_images(val_root), gt)
             except EvaluationError as error:
                 raise TrainingSetupError(f"{val_root}/val: {error}") from None
+        if info.distributed:
+            check_ranks_agree(info, val_root is not None, len(dataset))
         exp_dir = Path("experiments") / args.experiment_name
+        previous = exp_dir / "ckpt" / "last.pth"
+        if resume_ckpt is None and previous.is_file():  # never overwrite a run by starting it again
+            raise TrainingSetupError(f"{exp_dir} already holds a run ({previous}): continue it with --resume "
+                                     f"{previous}, or choose another --experiment_name (or delete {exp_dir})")
         logger = _make_logger(exp_dir, info.is_main)
         configure_backends(info.device, args.deterministic)
         seed_everything(seed, info.rank)
 
+        if info.distributed and info.local_rank != 0:
+            dist.barrier()  # local rank 0 of each node fills the torch hub cache first: one download per node
         model, notes = build_model(args, resume_ckpt)
+        if info.distributed and info.local_rank == 0:
+            dist.barrier()
         config = model.config
         cuda = info.device.type == "cuda"
         autocast_dtype, scaler = autocast_settings(info.device, args.amp)
@@ -991,8 +1048,11 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             skip = 0
             epoch_done = ctx.global_step % iters_per_epoch == 0
             if epoch_done:
+                ctx.save_last()  # first: a run that dies while evaluating keeps this epoch
+                metrics = dict(ctx.last_metrics)
                 improved = _maybe_evaluate(ctx, epoch, val_root, gt, final=epoch + 1 == epochs)
-                ctx.save_last()
+                if ctx.last_metrics != metrics:
+                    ctx.save_last()  # with the new metrics and best
                 if improved and info.is_main:
                     save_training_state(ctx.ckpt_dir / "best.pth", ctx)
                     ctx.log(f"saved {ctx.ckpt_dir / 'best.pth'} (hard AP {ctx.best_metric:.4f})")

@@ -197,6 +197,9 @@ class TTADetector:
     def batch_size(self) -> int:
         return self.detector.batch_size
 
+    def release_memory(self) -> None:
+        self.detector.release_memory()  # the passes share the detector's network and graphs
+
     def detect(self, images):
         if isinstance(images, (np.ndarray, str, Path)):
             return self.detect_batch([images])[0]
