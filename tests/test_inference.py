@@ -489,3 +489,19 @@ def test_detector_runs_without_mediapipe(sample_mask_images, mobilenet_weights, 
     assert f"codes {config.EXIT_ERROR} {config.EXIT_OK}" in completed.stdout, completed.stderr
     assert "Traceback" not in completed.stderr and "needs mediapipe" in completed.stderr
     assert len(json.loads((tmp_path / "b" / "detections.json").read_text())["sideface_0003.png"]) == 1
+
+
+def test_background_writer_writes_everything_and_reports_a_failed_write(tmp_path):
+    timings = {"write": 0.0}
+    writer = iu.BackgroundWriter(timings, threads=2, max_pending=2)
+    image = np.full((40, 60, 3), 77, np.uint8)
+    for i in range(5):
+        writer.write(tmp_path / "out" / f"{i}.png", lambda: image)
+    writer.close()
+    assert all((cv2.imread(str(tmp_path / "out" / f"{i}.png")) == 77).all() for i in range(5))
+    assert timings["write"] > 0
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    writer = iu.BackgroundWriter(timings)
+    writer.write(tmp_path / "blocker" / "x.png", lambda: image)
+    with pytest.raises(OSError):
+        writer.close()

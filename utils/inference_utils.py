@@ -26,10 +26,10 @@ import os
 import sys
 import time
 import warnings
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -93,6 +93,44 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
     if not ok:
         raise OSError(f"could not encode {path}")
     encoded.tofile(str(path))
+
+
+class BackgroundWriter:
+    """Image outputs drawn, encoded and written on threads (OpenCV and file I/O release the
+    GIL), so the main loop goes on with the next batch while they are written. At most
+    ``max_pending`` images wait (bounded memory); a failed write raises in the main thread at the
+    next :meth:`write` or at :meth:`close`. ``timings["write"]`` gets the threads' seconds."""
+
+    def __init__(self, timings: dict[str, float], threads: int = 2, max_pending: int = 16) -> None:
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+        self.timings = timings
+        self.max_pending = max_pending
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="inference-writer")
+        self.pending: deque = deque()
+
+    def write(self, path: Path, make_image: Callable[[], np.ndarray]) -> None:
+        """Write ``make_image()`` (called on a thread) to ``path``."""
+        while len(self.pending) >= self.max_pending:
+            self._collect(self.pending.popleft())
+        self.pending.append(self.pool.submit(self._write, path, make_image))
+
+    @staticmethod
+    def _write(path: Path, make_image: Callable[[], np.ndarray]) -> float:
+        started = time.perf_counter()
+        write_image(path, make_image())
+        return time.perf_counter() - started
+
+    def _collect(self, future) -> None:
+        self.timings["write"] += future.result()  # re-raises the thread's error here
+
+    def close(self) -> None:
+        """Wait for every pending write (raising the first error)."""
+        try:
+            while self.pending:
+                self._collect(self.pending.popleft())
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -213,7 +251,8 @@ def format_summary(summary: InferenceSummary) -> str:
     for name, note in summary.notes:
         lines.append(f"  note {name}: {note}")
     lines.append("ms/img: " + ", ".join(f"{key} {ms[key]:.1f}" for key in TIMING_KEYS)
-                 + " (load runs in DataLoader workers, overlapping the network)")
+                 + " (load runs in DataLoader workers and write on background threads, both overlapping "
+                   "the network)")
     lines.append(f"throughput: {summary.images_per_s:.2f} images/s ({summary.processed} images in "
                  f"{summary.wall_s:.2f} s on {summary.device}; model load {summary.model_load_s:.2f} s)")
     lines.append(f"results: {summary.output_folder}")
@@ -276,6 +315,7 @@ class _Runner:
         self.stems = crop_stems(names)
         self.results: dict[int, ImageResult] = {}
         self.segmenter = None
+        self.writer = BackgroundWriter(summary.timings)
 
     def skip(self, record: ImageRecord, reason: str) -> None:
         self.summary.skipped.append((record.name, reason))
@@ -347,9 +387,8 @@ class _Runner:
             result.masks = self.masks(record, detections)
             self.summary.timings["masks"] += time.perf_counter() - started
         if args.save_img:
-            started = time.perf_counter()
-            write_image(self.output / "result_images" / record.name, draw_detections(image, detections))
-            self.summary.timings["write"] += time.perf_counter() - started
+            self.writer.write(self.output / "result_images" / record.name,
+                              lambda: draw_detections(image, detections))
         if not self.collect:
             result.masks = None
         self.results[record.index] = result
@@ -373,21 +412,21 @@ class _Runner:
             parts = face_and_head_masks(image, box, self.segmenter)
             out.append(FaceMaskResult(parts["face_box"], parts["head_box"], parts["face_mask"], parts["head_mask"]))
             if self.args.save_mask:
-                started = time.perf_counter()
                 base = f"{stem}_{index}"
-                write_image(self.output / "masks" / f"{base}.png", parts["face_mask"])
-                write_image(self.output / "head_masks" / f"{base}.png", parts["head_mask"])
-                write_image(self.output / "faces" / f"{base}{extension}", parts["face"])
-                write_image(self.output / "heads" / f"{base}{extension}", parts["head"])
-                elapsed = time.perf_counter() - started
-                self.summary.timings["write"] += elapsed
-                self.summary.timings["masks"] -= elapsed  # finish() times the whole stage; writing is "write"
+                for folder, name, key in (("masks", f"{base}.png", "face_mask"),
+                                          ("head_masks", f"{base}.png", "head_mask"),
+                                          ("faces", f"{base}{extension}", "face"),
+                                          ("heads", f"{base}{extension}", "head")):
+                    self.writer.write(self.output / folder / name, lambda array=parts[key]: array)
         return out
 
     def close(self) -> None:
-        if self.segmenter is not None:
-            self.segmenter.close()
-            self.segmenter = None
+        try:
+            self.writer.close()
+        finally:
+            if self.segmenter is not None:
+                self.segmenter.close()
+                self.segmenter = None
 
 
 def run_inference(args: Any, collect: bool = True, progress: bool | None = None) -> InferenceRun:
