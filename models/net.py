@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import models as tv_models
 from torchvision.models._utils import IntermediateLayerGetter
@@ -191,7 +192,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
 
 
 def fuse_conv_bn(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` with every BatchNorm folded into the convolution before it.
+    """An eval-mode copy of ``model`` with every BatchNorm (also SyncBatchNorm) folded into the
+    convolution before it.
 
     Covers conv+BN pairs inside ``nn.Sequential`` (all RetinaFace blocks, ResNet downsampling) and
     the ``conv{i}``/``bn{i}`` attribute pairs of torchvision ResNets. The copy computes the same
@@ -203,12 +205,12 @@ def fuse_conv_bn(model: nn.Module) -> nn.Module:
             children = list(module._modules)
             for first, second in zip(children, children[1:]):
                 conv, bn = module._modules[first], module._modules[second]
-                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
                     module._modules[first] = fuse_conv_bn_eval(conv, bn)
                     module._modules[second] = nn.Identity()
         for index in (1, 2, 3):
             conv, bn = getattr(module, f"conv{index}", None), getattr(module, f"bn{index}", None)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm):
                 setattr(module, f"conv{index}", fuse_conv_bn_eval(conv, bn))
                 setattr(module, f"bn{index}", nn.Identity())
     return fused

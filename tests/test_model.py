@@ -143,3 +143,11 @@ def test_batchnorm_folding_keeps_outputs(network):
         for expected, got in zip(model.eval()(x), fused(x)):
             for a, b in zip(expected, got):
                 torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_sync_batchnorm_of_multi_gpu_training_is_folded_too():
+    from models.net import fuse_conv_bn
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(RetinaFace(ModelConfig(network="mobilenet0.25")))
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    fused = fuse_conv_bn(model)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
