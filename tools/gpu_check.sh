@@ -2,7 +2,7 @@
 # The one command a session with a GPU lease runs: the CUDA tests (tests/test_cuda.py), both
 # speed benchmarks with settings that cover every target of the GPU issues, then the Markdown
 # speed table. About 4-5 minutes on an H100/H200; each step is capped (timeout --signal=INT: an
-# interrupted benchmark still writes what it measured), at most ~7 minutes in all, so a session's
+# interrupted benchmark still writes what it measured), at most ~8 minutes in all, so a session's
 # 15 device minutes leave room for a second, partial run.
 #
 #   bash tools/gpu_check.sh            # on the GPU machine
