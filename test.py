@@ -1,7 +1,8 @@
 """WIDER FACE validation: run a checkpoint over the val images and compute easy/medium/hard AP.
 
-    # a checkpoint of an experiment (experiments/<name>/ckpt/<file>), original image scale
-    python test.py --experiment_name my_run --model_weight best.pth --dataset data/widerface
+    # an experiment's checkpoint (experiments/<name>/ckpt/last.pth; --model_weight FILE for
+    # another one), original image scale
+    python test.py --experiment_name my_run --dataset data/widerface
     # any checkpoint file; the published "1600/2150" scale; multi-scale + flip TTA
     python test.py --weights mobilenet0.25_Final.pth --target_size 1600 --max_size 2150
     python test.py --weights mobilenet0.25_Final.pth --tta true
@@ -96,7 +97,10 @@ def test(args: argparse.Namespace) -> int:
     images = list_val_images(args.dataset)
     gt = load_gt(args.gt_dir or default_gt_dir(args.dataset))
     check_images_in_gt(images, gt)
-    weights = checkpoint_for_run(args.weights, args.model_weight, args.experiment_name)
+    # the end-of-schedule model by default, as the public code reports: best.pth was chosen by
+    # hard AP on this same val set, so its AP is optimistic
+    weights = checkpoint_for_run(args.weights, args.model_weight, args.experiment_name,
+                                 candidates=("last.pth", "best.pth"))
     device = resolve_device(args.device, args.gpu_num)
     use_device(device)
     tta_scales = parse_scales(args.tta_scales) if args.tta else ()

@@ -406,6 +406,17 @@ def test_two_process_gloo_ddp(widerface_sample, tmp_path):
     assert log.count("saved checkpoint") == 1 and "x2 process(es)" in log
 
 
+def test_recipe_differences_name_the_public_settings():
+    from types import SimpleNamespace
+
+    default = tu.recipe_differences(SimpleNamespace(batch_size=16, im_size=640), ModelConfig())
+    assert "--batch_size 24" in default and "--im_size 840" in default and "--cascade false" in default
+    public_mnet = SimpleNamespace(batch_size=32, im_size=640)
+    assert tu.recipe_differences(public_mnet, ModelConfig(network="mobilenet0.25", cascade=False)) is None
+    four_gpus = SimpleNamespace(batch_size=6, im_size=840)  # 4 x 6 = the public global batch of 24
+    assert tu.recipe_differences(four_gpus, ModelConfig(cascade=False), world_size=4) is None
+
+
 def test_cores_per_process_shares_the_node(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

@@ -193,11 +193,13 @@ CHECKPOINT_CANDIDATES = ("best.pth", "last.pth")
 
 
 def checkpoint_for_run(weights: str | None, model_weight: str | None, experiment_name: str,
-                       experiments_dir: str | Path = "experiments") -> str:
+                       experiments_dir: str | Path = "experiments",
+                       candidates: tuple[str, ...] = CHECKPOINT_CANDIDATES) -> str:
     """The checkpoint the command-line options name.
 
     ``--weights`` (published name or path) wins; else ``--model_weight``, a file name inside
-    ``experiments/<experiment_name>/ckpt/``; else that folder's best.pth, last.pth or only .pth.
+    ``experiments/<experiment_name>/ckpt/``; else the first of ``candidates`` in that folder
+    (default best.pth, then last.pth), or its only .pth.
     """
     if weights and model_weight:
         raise CheckpointError("give either --weights or --model_weight, not both")
@@ -210,14 +212,14 @@ def checkpoint_for_run(weights: str | None, model_weight: str | None, experiment
             raise CheckpointError(f"weights file not found: {path} (--model_weight is a file name inside "
                                   f"experiments/<experiment_name>/ckpt/; or use --weights NAME|PATH)")
         return str(path)
-    for name in CHECKPOINT_CANDIDATES:
+    for name in candidates:
         if (ckpt_dir / name).is_file():
             return str(ckpt_dir / name)
     available = sorted(p.name for p in ckpt_dir.glob("*.pth")) if ckpt_dir.is_dir() else []
     if len(available) == 1:
         return str(ckpt_dir / available[0])
     found = f" (found {', '.join(available)})" if available else ""
-    raise CheckpointError(f"no weights given and no {'/'.join(CHECKPOINT_CANDIDATES)} in {ckpt_dir}{found}: "
+    raise CheckpointError(f"no weights given and no {'/'.join(candidates)} in {ckpt_dir}{found}: "
                           f"pass --weights mobilenet0.25|resnet50|PATH or --model_weight FILE")
 
 

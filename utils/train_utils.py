@@ -61,6 +61,8 @@ DEFAULT_MOBILENET_BACKBONE = REPO_ROOT / "weights" / "mobilenetV1X0.25_pretrain.
 
 #: Reference schedules of the public recipe: (epochs, epochs of the x0.1 decays).
 REFERENCE_SCHEDULES = {"mobilenet0.25": (250, (190, 220)), "resnet": (100, (70, 90))}
+#: (batch size over all GPUs, training image size) of the public recipes (data/config.py there)
+REFERENCE_BATCH_AND_SIZE = {"mobilenet0.25": (32, 640), "resnet": (24, 840)}
 
 __all__ = [
     "TrainingSetupError", "TrainingDivergedError", "DistInfo", "setup_distributed", "cleanup_distributed",
@@ -313,6 +315,25 @@ def reference_schedule(network: str) -> tuple[int, tuple[int, ...]]:
     """(epochs, decay epochs) of the public recipe: mobilenet0.25 250 epochs, x0.1 at 190 and
     220; ResNets (the ResNet-50 recipe) 100 epochs, x0.1 at 70 and 90."""
     return REFERENCE_SCHEDULES["mobilenet0.25" if network == "mobilenet0.25" else "resnet"]
+
+
+def recipe_differences(args: argparse.Namespace, config: Any, world_size: int = 1) -> str | None:
+    """A log line naming where this run leaves the public recipe of its backbone (batch size,
+    image size, cascade), or None."""
+    family = "mobilenet0.25" if config.network == "mobilenet0.25" else "resnet"
+    batch, size = REFERENCE_BATCH_AND_SIZE[family]
+    differences = []
+    if args.batch_size * world_size != batch:
+        differences.append(f"batch {args.batch_size * world_size} (public {batch}: --batch_size {batch // world_size}"
+                           + (f" with {world_size} processes" if world_size > 1 else "") + ")")
+    if args.im_size != size:
+        differences.append(f"image size {args.im_size} (public {size}: --im_size {size})")
+    if config.cascade:
+        differences.append("cascade stage on (the published models are single-stage: --cascade false)")
+    if not differences:
+        return None
+    name = "mobilenet0.25" if family == "mobilenet0.25" else "ResNet"
+    return f"note: differs from the public {name} recipe in " + "; ".join(differences)
 
 
 def resolve_epochs_and_steps(args: argparse.Namespace, network: str) -> tuple[int, list[int]]:
@@ -1031,7 +1052,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                     + (f" (x0.1 at epochs {steps})" if args.lr_schedule == "step" else "")
                     + f", lr {args.lr}, warm-up {args.warmup_epochs} epochs, "
                     f"amp {autocast_dtype}, seed {seed}")
-            for note in notes:
+            recipe = recipe_differences(args, config, info.world_size)
+            for note in notes + ([recipe] if recipe else []):
                 ctx.log(note)
             ctx.log("options: " + json.dumps({k: _plain(v) for k, v in vars(args).items()}, sort_keys=True))
             if resume_ckpt is not None:
