@@ -125,10 +125,12 @@ OPTIONS: tuple[Option, ...] = (
     _opt("--nms_threshold", type=probability, default=0.3, scripts={TEST, INFERENCE},
          defaults={TEST: 0.4},
          help="NMS IoU threshold (test default 0.4, inference default 0.3)"),
-    _opt("--top_k", type=positive_int, default=5000, scripts={TEST, INFERENCE},
-         help="highest-scoring candidates per image entering NMS"),
-    _opt("--keep_top_k", type=positive_int, default=750, scripts={TEST, INFERENCE},
-         help="detections kept per image after NMS"),
+    _opt("--top_k", type=positive_int, default=5000, scripts={TEST, INFERENCE}, defaults={TEST: None},
+         help="highest-scoring candidates per image entering NMS (inference default 5000; test default: "
+              "all, as the public test_widerface.py)"),
+    _opt("--keep_top_k", type=positive_int, default=750, scripts={TEST, INFERENCE}, defaults={TEST: None},
+         help="detections kept per image after NMS (inference default 750; test default: all, as the "
+              "public test_widerface.py)"),
     _opt("--max_size", type=positive_int, default=None, scripts={TEST, INFERENCE},
          help="cap the longer image side at this many pixels (boxes are mapped back); "
               "default: original scale"),

@@ -125,6 +125,7 @@ def test(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{k} {v:.3f} s" for k, v in run.timings.items())
     details = [f"weights: {weights}", f"device: {device}", f"scale: {setting}",
                f"confidence threshold: {args.confidence_threshold}", f"NMS threshold: {args.nms_threshold}",
+               f"top-k before / after NMS: {args.top_k or 'all'} / {args.keep_top_k or 'all'}",
                f"predictions: {run.out_dir}"] + ([f"detector time: {stages}"] if stages else [])
     _report(result, results_dir, args, seconds=run.seconds, num_images=run.num_images, details=details)
     return 0

@@ -41,7 +41,7 @@ class _Graph(NamedTuple):
 
 
 class DensePath:
-    """uint8 BGR images ``(B, H, W, 3)`` (host, ideally pinned, or device) -> decoded ``boxes``
+    """uint8 (or float32) BGR images ``(B, H, W, 3)`` (host, ideally pinned, or device) -> decoded ``boxes``
     ``(B, N, 4)`` x1y1x2y2 pixels, ``scores`` ``(B, N)``, ``landmarks`` ``(B, N, 10)`` (float32,
     on the device; N = priors of an ``H x W`` input).
 
@@ -118,7 +118,8 @@ class DensePath:
     @torch.inference_mode()
     def _run(self, images: torch.Tensor, mark: Callable[[str], None] | None) -> Decoded:
         key = tuple(images.shape)
-        graph = self._graph(key, images) if self.cuda_graphs else None
+        # float32 input (images resized in float, test-time scales) runs eagerly
+        graph = self._graph(key, images) if self.cuda_graphs and images.dtype == torch.uint8 else None
         if graph is not None:
             graph.static_input.copy_(images, non_blocking=True)
             if mark is not None:

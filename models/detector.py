@@ -126,7 +126,8 @@ class FaceDetector:
         device: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
         overrides: architecture options for checkpoints that do not record them.
         confidence_threshold, nms_threshold, top_k, keep_top_k: post-processing (see
-            ``utils/postprocess.py``); the defaults are the public demo's except the threshold.
+            ``utils/postprocess.py``; ``None``: no limit); the defaults are the public demo's
+            except the threshold. NMS runs in original-image pixels.
         target_size, max_size: test-time resize (see :func:`resize_scale`); default original size.
         batch_size: images per forward pass. Images of different sizes are batched only with
             ``pad_batches=True`` (bottom/right padding with the mean colour: faces within about
@@ -147,8 +148,8 @@ class FaceDetector:
 
     def __init__(self, weights: str | Path | None = None, *, model: RetinaFace | None = None,
                  device: str | torch.device | None = None, overrides: Mapping[str, Any] | None = None,
-                 confidence_threshold: float = 0.5, nms_threshold: float = 0.4, top_k: int = 5000,
-                 keep_top_k: int = 750, target_size: int | None = None, max_size: int | None = None,
+                 confidence_threshold: float = 0.5, nms_threshold: float = 0.4, top_k: int | None = 5000,
+                 keep_top_k: int | None = 750, target_size: int | None = None, max_size: int | None = None,
                  batch_size: int = 1, pad_batches: bool = False, half: bool = False,
                  precision: str | None = None, channels_last: bool | None = None, fuse_bn: bool = True,
                  cuda_graphs: bool = True, compile: bool = False,
@@ -198,42 +199,51 @@ class FaceDetector:
         started = time.perf_counter()
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
         scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
-        inputs = [a if s == 1.0 else cv2.resize(a, None, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
+        # resized in float32, as the public test_widerface.py does (no rounding to uint8 levels)
+        inputs = [a if s == 1.0 else cv2.resize(np.float32(a), None, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
                   for a, s in zip(arrays, scales)]
         self.timings["preprocess"] += time.perf_counter() - started
         results: list[Detections | None] = [None] * len(inputs)
         for group in self._groups(inputs):
-            for index, detections in zip(group, self._detect_same_canvas([inputs[i] for i in group])):
-                results[index] = detections.rescaled(scales[index])
+            found = self._detect_same_canvas([inputs[i] for i in group], [scales[i] for i in group])
+            for index, detections in zip(group, found):
+                results[index] = detections
         return results  # type: ignore[return-value]
 
     def _groups(self, inputs: Sequence[np.ndarray]) -> list[list[int]]:
         return [list(range(len(inputs)))] if self.pad_batches else same_size_groups(inputs)
 
-    def _detect_same_canvas(self, images: list[np.ndarray]) -> list[Detections]:
+    def _detect_same_canvas(self, images: list[np.ndarray], scales: list[float]) -> list[Detections]:
+        """Detections of ``images`` (resized by ``scales`` from the originals) in original pixels."""
         with self.dense.device_scope():  # pinned buffers, events and NMS on this detector's GPU
-            return self._detect_on_device(images)
+            return self._detect_on_device(images, scales)
 
     @torch.inference_mode()
-    def _detect_on_device(self, images: list[np.ndarray]) -> list[Detections]:
+    def _detect_on_device(self, images: list[np.ndarray], scales: list[float]) -> list[Detections]:
         started = time.perf_counter()
         height = max(im.shape[0] for im in images)
         width = max(im.shape[1] for im in images)
         cuda = self.device.type == "cuda"
         shape = (len(images), height, width, 3)
+        dtype = np.result_type(*images)  # uint8, or float32 for resized images
         if len(images) == 1 and not cuda:
             tensor = torch.from_numpy(np.ascontiguousarray(images[0])[None])
         else:  # on CUDA assembled straight in page-locked memory: the copy to the GPU is asynchronous
-            tensor = torch.empty(shape, dtype=torch.uint8, pin_memory=cuda)
+            tensor = torch.empty(shape, dtype=torch.float32 if dtype == np.float32 else torch.uint8, pin_memory=cuda)
             batch = tensor.numpy()
             if any(im.shape[:2] != (height, width) for im in images):
-                batch[:] = np.asarray(BGR_MEAN, dtype=np.uint8)  # padding: zero after mean subtraction
+                batch[:] = np.asarray(BGR_MEAN, dtype=dtype)  # padding: zero after mean subtraction
             for slot, image in zip(batch, images):
                 slot[:image.shape[0], :image.shape[1]] = image
         stages = StageClock(cuda)
         self.timings["preprocess"] += time.perf_counter() - started
         stages.mark()
         boxes, scores, landmarks = self.dense(tensor)
+        if any(scale != 1.0 for scale in scales):
+            # back to original pixels before NMS, whose +1 is one pixel of the original image (as
+            # the public test_widerface.py does at 1600/2150)
+            inverse = torch.tensor([1.0 / scale for scale in scales], device=boxes.device)[:, None, None]
+            boxes, landmarks = boxes * inverse, landmarks * inverse
         stages.mark()
         found = postprocess(boxes, scores, landmarks, self.confidence_threshold, self.nms_threshold,
                             self.top_k, self.keep_top_k, self.pixel_offset)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import cv2
 import numpy as np
 import torch
 
@@ -28,16 +29,18 @@ def python_loop_priors(height: int, width: int, min_sizes, steps=(8, 16, 32)) ->
 
 
 def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidence_threshold: float = 0.02,
-                        nms_threshold: float = 0.4, top_k: int = 5000, keep_top_k: int = 750,
+                        nms_threshold: float = 0.4, top_k: int | None = 5000, keep_top_k: int | None = 750,
                         timings: dict[str, float] | None = None,
-                        device: torch.device | str | None = None) -> np.ndarray:
+                        device: torch.device | str | None = None, resize: float = 1.0) -> np.ndarray:
     """Detections (K, 15): x1, y1, x2, y2, score, 10 landmark values, original-image pixels.
 
     ``model`` is a single-stage :class:`models.retinaface.RetinaFace` in eval mode, on ``device``
     (default: the CPU). As in the public ``detect.py``, the input is prepared on the host and
     copied, the priors are built on the host and copied, decoding runs on the device and
     everything after it in NumPy. ``timings``, when given, accumulates seconds per step
-    (forward, priors, decode, nms).
+    (forward, priors, decode, nms). ``top_k`` / ``keep_top_k`` ``None``: no cut (the public
+    ``test_widerface.py``). ``resize`` != 1: as ``test_widerface.py`` at 1600/2150, the float32
+    image is resized (bilinear) and the boxes are divided by ``resize`` before NMS.
     """
     import time
 
@@ -50,6 +53,8 @@ def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidenc
     clock = time.perf_counter
     started = clock()
     image = np.float32(image_bgr)
+    if resize != 1.0:
+        image = cv2.resize(image, None, None, fx=resize, fy=resize, interpolation=cv2.INTER_LINEAR)
     height, width, _ = image.shape
     image -= (104, 117, 123)
     tensor = torch.from_numpy(image.transpose(2, 0, 1)).unsqueeze(0).to(device)
@@ -61,10 +66,10 @@ def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidenc
         priors = python_loop_priors(height, width, model.config.min_sizes).to(device)
         after_priors = clock()
         scale = torch.tensor([width, height] * 2, dtype=torch.float32, device=device)
-        boxes = (decode(loc.squeeze(0), priors) * scale).cpu().numpy()
+        boxes = (decode(loc.squeeze(0), priors) * scale / resize).cpu().numpy()
         scores = conf.squeeze(0).cpu().numpy()[:, 1]
         scale_landmarks = torch.tensor([width, height] * 5, dtype=torch.float32, device=device)
-        points = (decode_landm(landmarks.squeeze(0), priors) * scale_landmarks).cpu().numpy()
+        points = (decode_landm(landmarks.squeeze(0), priors) * scale_landmarks / resize).cpu().numpy()
     after_decode = clock()
     inds = np.where(scores > confidence_threshold)[0]
     boxes, points, scores = boxes[inds], points[inds], scores[inds]

@@ -49,7 +49,7 @@ def variants(all_scales: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], bo
     return {name: v for name, v in table.items() if set(v[0]) <= set(all_scales)}
 
 
-def nms_merge(parts: list[Detections], threshold: float, keep_top_k: int) -> Detections:
+def nms_merge(parts: list[Detections], threshold: float, keep_top_k: int | None) -> Detections:
     boxes = np.concatenate([p.boxes for p in parts])
     scores = np.concatenate([p.scores for p in parts])
     landmarks = np.concatenate([p.landmarks for p in parts])
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     images = list_val_images(args.dataset)
     gt = load_gt(args.gt_dir or default_gt_dir(args.dataset))
     check_images_in_gt(images, gt)
-    detector = FaceDetector(args.weights, device=args.device, confidence_threshold=0.02, nms_threshold=0.4)
+    detector = FaceDetector(args.weights, device=args.device, confidence_threshold=0.02, nms_threshold=0.4,
+                            top_k=None, keep_top_k=None)  # test.py's protocol: no top-k cuts
     scales = parse_scales(args.scales)
     # passes[(scale, flipped)][image index] -> Detections; seconds[scale] for both flips
     passes: dict[tuple[int, bool], list[Detections]] = defaultdict(list)

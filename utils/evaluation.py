@@ -366,8 +366,9 @@ def evaluate_model(model: Any, dataset_root: str | os.PathLike[str],
     ``model``: a :class:`models.retinaface.RetinaFace` (a BN-folded copy is run; the model's own
     train/eval mode and weights are left untouched; unwrap DDP first) or a FaceDetector /
     TTADetector. ``gt``: a loaded ground truth (load it once per run) or its folder. Detection at
-    original scale with the given thresholds; predictions in the public file convention (written
-    to ``out_dir`` when given); partial val sets are evaluated as a subset.
+    original scale with the given thresholds and no top-k cuts (the public test_widerface.py);
+    predictions in the public file convention (written to ``out_dir`` when given); partial val
+    sets are evaluated as a subset.
     """
     gt = load_gt(gt)
     images = list_val_images(dataset_root)
@@ -377,7 +378,8 @@ def evaluate_model(model: Any, dataset_root: str | os.PathLike[str],
     else:
         from models.detector import FaceDetector  # noqa: PLC0415
         detector = FaceDetector(model=model, device=device, confidence_threshold=confidence_threshold,
-                                nms_threshold=nms_threshold, batch_size=batch_size, half=half)
+                                nms_threshold=nms_threshold, top_k=None, keep_top_k=None,
+                                batch_size=batch_size, half=half)
     run = predict_widerface(detector, images=images, out_dir=out_dir, batch_size=batch_size,
                             workers=workers, progress=progress)
     return evaluate_predictions(run.predictions, gt)

@@ -3,7 +3,7 @@
 Runs on the tensors' device for the whole batch at once; only the final detections leave it.
 Semantics follow the public RetinaFace pipeline: keep scores ``> confidence_threshold``, the
 ``top_k`` best of those enter NMS (IoU ``> nms_threshold`` suppresses, +1 pixel areas), and the
-``keep_top_k`` best survivors are returned.
+``keep_top_k`` best survivors are returned (``None``: no limit, as the public WIDER FACE test).
 """
 from __future__ import annotations
 
@@ -29,15 +29,15 @@ class BatchDetections(NamedTuple):
 
 
 def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor,
-                confidence_threshold: float, nms_threshold: float, top_k: int = 5000,
-                keep_top_k: int = 750, pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> BatchDetections:
+                confidence_threshold: float, nms_threshold: float, top_k: int | None = 5000,
+                keep_top_k: int | None = 750, pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> BatchDetections:
     """Select the final detections of each image.
 
-    ``boxes`` (B, N, 4) x1y1x2y2, ``scores`` (B, N), ``landmarks`` (B, N, 10), in pixels of the
-    network input (the NMS pixel convention assumes pixels).
+    ``boxes`` (B, N, 4) x1y1x2y2, ``scores`` (B, N), ``landmarks`` (B, N, 10), in pixels (of
+    the original images, for the public NMS convention: its +1 is one pixel of the original).
     """
     batch, num_priors = scores.shape
-    k = min(top_k, num_priors)
+    k = num_priors if top_k is None else min(top_k, num_priors)
     top_scores, top_index = scores.topk(k, dim=1, sorted=True)              # (B, k)
     image_index, rank = torch.nonzero(top_scores > confidence_threshold, as_tuple=True)
     prior_index = top_index[image_index, rank]
@@ -51,7 +51,7 @@ def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tens
     kept_image = image_index[keep]
     counts = torch.bincount(kept_image, minlength=batch)
     count_list = counts.tolist()
-    if max(count_list, default=0) > keep_top_k:
+    if keep_top_k is not None and max(count_list, default=0) > keep_top_k:
         first_of_image = torch.cumsum(counts, 0) - counts
         rank_in_image = torch.arange(keep.numel(), device=keep.device) - first_of_image[kept_image]
         keep = keep[rank_in_image < keep_top_k]

@@ -808,8 +808,9 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
                        info: DistInfo | None = None) -> dict[str, float] | None:
     """Official WIDER FACE easy/medium/hard AP of ``model`` on the images of ``<val_root>/val``.
 
-    Detection at original scale (confidence 0.02, NMS 0.4, the public prediction-file
-    convention, as :func:`utils.evaluation.evaluate_model`), counting only the images present.
+    Detection at original scale (confidence 0.02, NMS 0.4, no top-k cuts, the public
+    prediction-file convention, as :func:`utils.evaluation.evaluate_model`), counting only the
+    images present.
     ``gt``: ``utils.metric.load_ground_truth(gt_dir)``. The model keeps its weights and train mode.
     Distributed (``info``): every rank detects its share of the images, rank 0 gathers them and
     returns the APs; the other ranks return None (no rank waits for one to do all the work).
@@ -828,7 +829,7 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
     torch.backends.cudnn.benchmark = False  # every image has its own size: no per-shape autotuning
     try:
         detector = FaceDetector(model=unwrap(model), device=device, confidence_threshold=confidence_threshold,
-                                nms_threshold=nms_threshold)
+                                nms_threshold=nms_threshold, top_k=None, keep_top_k=None)
         images = list_val_images(val_root)[rank::world]
         predictions = predict_widerface(detector, images=images, workers=0, progress=False).predictions
     finally:
