@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from config import one_line
-from utils.errors import is_out_of_memory
+from utils.errors import unless_out_of_memory
 
 from utils.metric import (NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTruth, WiderFaceResult, evaluate,
                           load_ground_truth, plot_pr_curves, read_prediction_dir)
@@ -203,32 +203,21 @@ class PredictionRun:
         return int(sum(len(a) for per in self.predictions.values() for a in per.values()))
 
 
-def _try_detect(detector: Any, images: list[np.ndarray]) -> list | None:
-    """``detect_batch``, or None when the device ran out of memory (recovery happens in the
-    caller, once the exception no longer holds the failed pass's tensors)."""
-    try:
-        return detector.detect_batch(images)
-    except Exception as error:  # noqa: BLE001 - only out-of-memory is handled here
-        if not is_out_of_memory(error):
-            raise
-    return None
-
-
 def _detect_or_retry(detector: Any, images: list[np.ndarray], paths: list) -> list:
     """Detections of a batch; out of memory -> free what the detector holds and run the images
     one at a time. An image that does not fit alone stops the run with an
     :class:`EvaluationError` (every val image counts in the AP, none may be skipped)."""
-    found = _try_detect(detector, images)
+    found = unless_out_of_memory(detector.detect_batch, images)
     if found is not None:
         return found
     release = getattr(detector, "release_memory", lambda: None)
     release()
     found = []
     for image, path in zip(images, paths):
-        single = _try_detect(detector, [image])
+        single = unless_out_of_memory(detector.detect_batch, [image])
         if single is None:
             release()
-            single = _try_detect(detector, [image])
+            single = unless_out_of_memory(detector.detect_batch, [image])
         if single is None:
             height, width = image.shape[:2]
             raise EvaluationError(f"out of memory on {path} ({width}x{height}) even alone; use a smaller "

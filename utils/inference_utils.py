@@ -37,7 +37,7 @@ import torch
 
 from config import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
 from utils.checkpoint import checkpoint_for_run
-from utils.errors import is_out_of_memory
+from utils.errors import unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
 from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, find_images,
                                 make_loader, start_loader)
@@ -324,7 +324,7 @@ class _Runner:
 
     def detect(self, batch: list[ImageRecord]) -> None:
         """Detect faces in a batch (same-size images go in one forward pass), then finish each."""
-        found = self._try_detect([r.net_image for r in batch])
+        found = unless_out_of_memory(self.detector.detect_batch, [r.net_image for r in batch])
         if found is None:  # out of memory: one image at a time, then smaller
             self._free_device_memory()
             if len(batch) > 1:
@@ -337,16 +337,6 @@ class _Runner:
         for record, detections in zip(batch, found):
             self.finish(record, detections.rescaled(*record.net_scale))
 
-    def _try_detect(self, images: list[np.ndarray]) -> list | None:
-        """``detect_batch(images)``, or None when the device ran out of memory. Recovery happens
-        in the caller, after this frame: a live exception holds the failed pass's tensors."""
-        try:
-            return self.detector.detect_batch(images)
-        except Exception as error:  # noqa: BLE001 - only out-of-memory is handled here
-            if not is_out_of_memory(error):
-                raise
-        return None
-
     def _free_device_memory(self) -> None:
         release = getattr(self.detector, "release_memory", None)
         if release is not None:
@@ -355,7 +345,7 @@ class _Runner:
     def _detect_downscaled(self, record: ImageRecord, attempts: int = 3):
         """One image that ran out of memory: again at its size (the memory freed above may be
         enough), then at half size up to ``attempts`` times."""
-        found = self._try_detect([record.net_image])
+        found = unless_out_of_memory(self.detector.detect_batch, [record.net_image])
         if found is not None:
             return found[0]
         image, scale = record.net_image, record.net_scale
@@ -366,7 +356,7 @@ class _Runner:
                 break
             image = cv2.resize(image, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
             scale = (scale[0] * (w // 2) / w, scale[1] * (h // 2) / h)
-            found = self._try_detect([image])
+            found = unless_out_of_memory(self.detector.detect_batch, [image])
             if found is None:
                 continue
             detections = found[0]
