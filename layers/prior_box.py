@@ -47,17 +47,19 @@ def _priors_cached(height: int, width: int, min_sizes: tuple[tuple[int, ...], ..
 
 def _make_priors(height: int, width: int, min_sizes: tuple[tuple[int, ...], ...], steps: tuple[int, ...],
                  normalized: bool, device: torch.device) -> torch.Tensor:
+    # built on the device itself (no host computation and copy of the grid per new input size);
+    # float64 arithmetic is exactly rounded everywhere, so every device gets the same values
     levels = []
     for (rows, cols), sizes, step in zip(feature_map_sizes((height, width), steps), min_sizes, steps):
-        cy = (torch.arange(rows, dtype=torch.float64) + 0.5) * step
-        cx = (torch.arange(cols, dtype=torch.float64) + 0.5) * step
-        side = torch.tensor(sizes, dtype=torch.float64)
+        cy = (torch.arange(rows, dtype=torch.float64, device=device) + 0.5) * step
+        cx = (torch.arange(cols, dtype=torch.float64, device=device) + 0.5) * step
+        side = torch.stack([torch.full((), float(size), dtype=torch.float64, device=device) for size in sizes])
         grid_cy, grid_cx, grid_side = torch.meshgrid(cy, cx, side, indexing="ij")  # (rows, cols, sizes)
         levels.append(torch.stack([grid_cx, grid_cy, grid_side, grid_side], dim=-1).reshape(-1, 4))
     priors = torch.cat(levels)
     if normalized:
-        priors = priors / torch.tensor([width, height, width, height], dtype=torch.float64)
-    priors = priors.to(torch.float32).to(device)
+        priors = priors / priors.new_tensor([width, height, width, height])
+    priors = priors.to(torch.float32)
     priors.requires_grad_(False)
     return priors
 

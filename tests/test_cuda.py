@@ -118,3 +118,12 @@ def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_
     assert summary["step"] == 6
     assert all(np.isfinite(loss) for _, loss in summary["loss_history"])
     assert (tmp_path / "experiments/gpu/ckpt/last.pth").is_file()
+
+
+def test_priors_built_on_the_gpu_equal_the_cpu_ones():
+    from layers.prior_box import prior_boxes
+
+    for size, anchors in (((480, 640), 2), ((757, 1023), 3)):
+        torch.testing.assert_close(prior_boxes(size, anchors, CUDA).cpu(), prior_boxes(size, anchors), rtol=0, atol=0)
+        torch.testing.assert_close(prior_boxes(size, anchors, CUDA, normalized=True).cpu(),
+                                   prior_boxes(size, anchors, normalized=True), rtol=0, atol=0)
