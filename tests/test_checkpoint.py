@@ -25,11 +25,14 @@ def test_published_mobilenet_loads_strictly_with_inferred_architecture(mobilenet
     assert not model.training
 
 
-@pytest.mark.parametrize("wrap", ["module_prefix", "state_dict_key"])
+@pytest.mark.parametrize("wrap", ["module_prefix", "state_dict_key", "no_batch_counters"])
 def test_published_file_wrappers(tmp_path, mobilenet_weights, wrap):
     state = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
     if wrap == "module_prefix":
         payload = OrderedDict(("module." + k, v) for k, v in state.items())
+    elif wrap == "no_batch_counters":  # files of PyTorch < 0.4.1 have no num_batches_tracked
+        payload = OrderedDict((k, v) for k, v in state.items() if not k.endswith("num_batches_tracked"))
+        assert len(payload) < len(state)
     else:
         payload = {"state_dict": state, "epoch": 3}
     torch.save(payload, tmp_path / "wrapped.pth")

@@ -249,8 +249,16 @@ def load_model(weights: str | Path, overrides: Mapping[str, Any] | None = None,
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mis-shaped keys."""
+    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mis-shaped keys.
+
+    BatchNorm ``num_batches_tracked`` counters absent from files of PyTorch < 0.4.1 are added as 0
+    (what ``torch.load_state_dict`` does for such files; they play no part in evaluation).
+    """
     expected = model.state_dict()
+    counters = {k: torch.zeros((), dtype=torch.long) for k in expected
+                if k.endswith(".num_batches_tracked") and k not in state_dict}
+    if counters:
+        state_dict = {**state_dict, **counters}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mis_shaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
