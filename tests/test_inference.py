@@ -340,31 +340,43 @@ def test_find_images_recursive_any_case(tmp_path):
     assert found == ["a.JPG", "b.jpeg", "c.Png", "d.bmp", "e.WEBP", "sub/g.jpg"]
 
 
-def test_out_of_memory_retries_downscaled(tmp_path):
+class _SilentBar:
+    def update(self, n):
+        pass
+
+    def write(self, *a, **k):
+        pass
+
+
+def _one_face_each(images):
     from models.detector import Detections
 
+    return [Detections(np.array([[10, 10, 20, 20]], np.float32), np.array([0.9], np.float32),
+                       np.full((1, 5, 2), 15, np.float32)) for _ in images]
+
+
+def _runner_on_blank_images(detector, tmp_path, names):
+    """An inference main loop around ``detector`` and 300x300 records named ``names``."""
+    args = argparse.Namespace(mask=False, save_mask=False, save_img=False)
+    summary = iu.InferenceSummary(output_folder=str(tmp_path))
+    runner = iu._Runner(args, detector, tmp_path, names, True, summary, _SilentBar())
+    image = np.zeros((300, 300, 3), np.uint8)
+    records = [image_loader.ImageRecord(index=i, name=n, path=n, image=image, net_image=image)
+               for i, n in enumerate(names)]
+    return runner, summary, records
+
+
+def test_out_of_memory_retries_downscaled(tmp_path):
     class FakeDetector:
         device = None
 
         def detect_batch(self, images):
             if any(im.shape[0] * im.shape[1] > 100 * 100 for im in images):
                 raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
-            return [Detections(np.array([[10, 10, 20, 20]], np.float32), np.array([0.9], np.float32),
-                               np.full((1, 5, 2), 15, np.float32)) for _ in images]
+            return _one_face_each(images)
 
-    class Bar:
-        def update(self, n):
-            pass
-
-        def write(self, *a, **k):
-            pass
-
-    args = argparse.Namespace(mask=False, save_mask=False, save_img=False)
-    summary = iu.InferenceSummary(output_folder=str(tmp_path))
-    runner = iu._Runner(args, FakeDetector(), tmp_path, ["big.png"], True, summary, Bar())
-    image = np.zeros((300, 300, 3), np.uint8)
-    record = image_loader.ImageRecord(index=0, name="big.png", path="big.png", image=image, net_image=image)
-    runner.detect([record])
+    runner, summary, records = _runner_on_blank_images(FakeDetector(), tmp_path, ["big.png"])
+    runner.detect(records)
     result = runner.results[0]
     assert summary.processed == 1 and not summary.skipped and summary.notes
     assert np.allclose(result.detections.boxes, [[40, 40, 80, 80]])  # found at 1/4 scale, mapped back
@@ -373,8 +385,6 @@ def test_out_of_memory_retries_downscaled(tmp_path):
 def test_out_of_memory_once_retries_at_full_size_after_freeing(tmp_path):
     # a pass that failed for lack of memory (e.g. held by cached graphs) is retried at the same
     # size once memory is freed, outside the except block that kept the failed pass alive
-    from models.detector import Detections
-
     class FlakyDetector:
         device = None
         calls = []
@@ -383,23 +393,10 @@ def test_out_of_memory_once_retries_at_full_size_after_freeing(tmp_path):
             self.calls.append(len(images))
             if len(self.calls) <= 2:  # the batch of 2, then the first single image
                 raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-            return [Detections(np.array([[10, 10, 20, 20]], np.float32), np.array([0.9], np.float32),
-                               np.full((1, 5, 2), 15, np.float32)) for _ in images]
+            return _one_face_each(images)
 
-    class Bar:
-        def update(self, n):
-            pass
-
-        def write(self, *a, **k):
-            pass
-
-    args = argparse.Namespace(mask=False, save_mask=False, save_img=False)
-    summary = iu.InferenceSummary(output_folder=str(tmp_path))
     detector = FlakyDetector()
-    runner = iu._Runner(args, detector, tmp_path, ["a.png", "b.png"], True, summary, Bar())
-    image = np.zeros((300, 300, 3), np.uint8)
-    records = [image_loader.ImageRecord(index=i, name=n, path=n, image=image, net_image=image)
-               for i, n in enumerate(["a.png", "b.png"])]
+    runner, summary, records = _runner_on_blank_images(detector, tmp_path, ["a.png", "b.png"])
     runner.detect(records)
     assert detector.calls == [2, 1, 1, 1]
     assert summary.processed == 2 and not summary.skipped and not summary.notes
