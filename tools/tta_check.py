@@ -25,9 +25,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision import ops  # noqa: E402
 
-from models.detector import Detections, FaceDetector  # noqa: E402
+from models.detector import Detections  # noqa: E402
 from utils.evaluation import (check_images_in_gt, default_gt_dir, evaluate_predictions,  # noqa: E402
-                              list_val_images, load_gt, prediction_rows)
+                              list_val_images, load_gt, prediction_rows, protocol_detector)
 from utils.image_io import read_image  # noqa: E402
 from utils.tta import DEFAULT_MAX_SIZE, DEFAULT_SCALES, TTAConfig, TTADetector, parse_scales  # noqa: E402
 
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     images = list_val_images(args.dataset)
     gt = load_gt(args.gt_dir or default_gt_dir(args.dataset))
     check_images_in_gt(images, gt)
-    detector = FaceDetector(args.weights, device=args.device, confidence_threshold=0.02, nms_threshold=0.4,
-                            top_k=None, keep_top_k=None)  # test.py's protocol: no top-k cuts
+    detector = protocol_detector(args.weights, args.device)  # test.py's protocol
     scales = parse_scales(args.scales)
     # passes[(scale, flipped)][image index] -> Detections; seconds[scale] for both flips
     passes: dict[tuple[int, bool], list[Detections]] = defaultdict(list)

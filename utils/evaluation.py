@@ -343,6 +343,18 @@ def evaluate_prediction_dir(pred_dir: str | os.PathLike[str],
     return evaluate_predictions(predictions, gt, iou_threshold)
 
 
+def protocol_detector(model_or_weights: Any, device: Any = None, *, confidence_threshold: float = 0.02,
+                      nms_threshold: float = 0.4, batch_size: int = 1, half: bool = False) -> Any:
+    """A :class:`models.detector.FaceDetector` (of a model, or of a checkpoint path/name) set up
+    like the public test_widerface.py: original scale, the given thresholds, no top-k cuts."""
+    from models.detector import FaceDetector  # noqa: PLC0415 (the --pred_dir mode needs no torch)
+
+    source = ({"weights": model_or_weights} if isinstance(model_or_weights, (str, os.PathLike))
+              else {"model": model_or_weights})
+    return FaceDetector(**source, device=device, confidence_threshold=confidence_threshold,
+                        nms_threshold=nms_threshold, top_k=None, keep_top_k=None, batch_size=batch_size, half=half)
+
+
 def evaluate_model(model: Any, dataset_root: str | os.PathLike[str],
                    gt: WiderFaceGroundTruth | str | os.PathLike[str], device: Any = None, *,
                    confidence_threshold: float = 0.02, nms_threshold: float = 0.4,
@@ -362,13 +374,9 @@ def evaluate_model(model: Any, dataset_root: str | os.PathLike[str],
     gt = load_gt(gt)
     images = list_val_images(dataset_root)
     check_images_in_gt(images, gt)
-    if hasattr(model, "detect_batch"):
-        detector = model
-    else:
-        from models.detector import FaceDetector  # noqa: PLC0415
-        detector = FaceDetector(model=model, device=device, confidence_threshold=confidence_threshold,
-                                nms_threshold=nms_threshold, top_k=None, keep_top_k=None,
-                                batch_size=batch_size, half=half)
+    detector = model if hasattr(model, "detect_batch") else protocol_detector(
+        model, device, confidence_threshold=confidence_threshold, nms_threshold=nms_threshold,
+        batch_size=batch_size, half=half)
     run = predict_widerface(detector, images=images, out_dir=out_dir, batch_size=batch_size,
                             workers=workers, progress=progress)
     return evaluate_predictions(run.predictions, gt)

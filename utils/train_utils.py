@@ -815,8 +815,7 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
     Distributed (``info``): every rank detects its share of the images, rank 0 gathers them and
     returns the APs; the other ranks return None (no rank waits for one to do all the work).
     """
-    from models.detector import FaceDetector
-    from utils.evaluation import evaluate_predictions, list_val_images, predict_widerface
+    from utils.evaluation import evaluate_predictions, list_val_images, predict_widerface, protocol_detector
 
     rank, world = (info.rank, info.world_size) if info is not None and info.distributed else (0, 1)
     if world > 1:
@@ -828,8 +827,8 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False  # every image has its own size: no per-shape autotuning
     try:
-        detector = FaceDetector(model=unwrap(model), device=device, confidence_threshold=confidence_threshold,
-                                nms_threshold=nms_threshold, top_k=None, keep_top_k=None)
+        detector = protocol_detector(unwrap(model), device, confidence_threshold=confidence_threshold,
+                                     nms_threshold=nms_threshold)
         images = list_val_images(val_root)[rank::world]
         predictions = predict_widerface(detector, images=images, workers=0, progress=False).predictions
     finally:
@@ -908,12 +907,13 @@ def _close_logger(logger: logging.Logger) -> None:
         handler.close()
 
 
-def _maybe_evaluate(ctx: TrainContext, epoch: int, val_root: str | None, gt: Any, final: bool) -> bool:
-    """Evaluate after epoch ``epoch`` (0-based) when due; returns True when the best improved."""
-    args = ctx.args
-    due = val_root is not None and ((epoch + 1) % args.eval_every == 0 or final)
-    if not due:
-        return False
+def _evaluation_due(args: argparse.Namespace, epoch: int, val_root: str | None, final: bool) -> bool:
+    """Whether the validation runs after epoch ``epoch`` (0-based)."""
+    return val_root is not None and ((epoch + 1) % args.eval_every == 0 or final)
+
+
+def _evaluate(ctx: TrainContext, epoch: int, val_root: str, gt: Any) -> bool:
+    """Validation AP after epoch ``epoch`` (0-based); returns True when the best improved."""
     improved = False
     started = time.perf_counter()
     aps = evaluate_widerface(ctx.model, val_root, gt, ctx.info.device, info=ctx.info)
@@ -1072,13 +1072,12 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             epoch_done = ctx.global_step % iters_per_epoch == 0
             if epoch_done:
                 ctx.save_last()  # first: a run that dies while evaluating keeps this epoch
-                metrics = dict(ctx.last_metrics)
-                improved = _maybe_evaluate(ctx, epoch, val_root, gt, final=epoch + 1 == epochs)
-                if ctx.last_metrics != metrics:
+                if _evaluation_due(args, epoch, val_root, final=epoch + 1 == epochs):
+                    improved = _evaluate(ctx, epoch, val_root, gt)
                     ctx.save_last()  # with the new metrics and best
-                if improved and info.is_main:
-                    save_training_state(ctx.ckpt_dir / "best.pth", ctx)
-                    ctx.log(f"saved {ctx.ckpt_dir / 'best.pth'} (hard AP {ctx.best_metric:.4f})")
+                    if improved and info.is_main:
+                        save_training_state(ctx.ckpt_dir / "best.pth", ctx)
+                        ctx.log(f"saved {ctx.ckpt_dir / 'best.pth'} (hard AP {ctx.best_metric:.4f})")
             epoch += 1
         if ctx.last_saved_step != ctx.global_step:
             ctx.save_last()
