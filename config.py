@@ -285,6 +285,14 @@ def parse_args(script: str, argv: Sequence[str] | None = None) -> argparse.Names
 ARCHITECTURE_FLAGS = ("network", "num_anchor", "cascade", "cascade_mode", "model_version")
 
 
+def add_architecture_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``--network`` ... ``--model_version`` as the scripts declare them, for tools that load
+    checkpoints (``tools/export_onnx.py``)."""
+    for option in OPTIONS:
+        if option.flags[0].removeprefix("--") in ARCHITECTURE_FLAGS:
+            parser.add_argument(*option.flags, **option.kwargs)
+
+
 def architecture_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The architecture options given on the command line (those not left at ``None``)."""
     return {name: getattr(args, name) for name in ARCHITECTURE_FLAGS

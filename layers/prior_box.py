@@ -8,7 +8,6 @@ is what the stride-2 convolutions of both backbones produce.
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
@@ -28,8 +27,10 @@ def anchor_sizes(num_anchor: int) -> tuple[tuple[int, ...], ...]:
 
 
 def feature_map_sizes(image_size: tuple[int, int], steps: tuple[int, ...] = STEPS) -> list[tuple[int, int]]:
+    """``ceil(H / step) x ceil(W / step)`` per level, in integer arithmetic (exact, and valid for
+    the symbolic sizes of ``torch.export``)."""
     height, width = image_size
-    return [(math.ceil(height / step), math.ceil(width / step)) for step in steps]
+    return [((height + step - 1) // step, (width + step - 1) // step) for step in steps]
 
 
 def num_priors(image_size: tuple[int, int], num_anchor: int = 2) -> int:
@@ -42,11 +43,13 @@ def _priors_cached(height: int, width: int, min_sizes: tuple[tuple[int, ...], ..
     # a normal tensor even when first asked for under torch.inference_mode (detection): the same
     # cached priors may later enter a loss that autograd records (training)
     with torch.inference_mode(False):
-        return _make_priors(height, width, min_sizes, steps, normalized, device)
+        return make_priors(height, width, min_sizes, steps, normalized, device)
 
 
-def _make_priors(height: int, width: int, min_sizes: tuple[tuple[int, ...], ...], steps: tuple[int, ...],
-                 normalized: bool, device: torch.device) -> torch.Tensor:
+def make_priors(height: int, width: int, min_sizes: tuple[tuple[int, ...], ...], steps: tuple[int, ...] = STEPS,
+                normalized: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uncached :func:`prior_boxes` for explicit anchor sizes; ``height`` and ``width`` may be the
+    symbolic sizes of a model being exported (``tools/export_onnx.py`` builds its priors in the graph)."""
     # built on the device itself (no host computation and copy of the grid per new input size);
     # float64 arithmetic is exactly rounded everywhere, so every device gets the same values
     levels = []

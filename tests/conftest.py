@@ -2,10 +2,12 @@
 
 The read-only sample data and published weights live in ``$RETINAFACE_SHARED`` (default
 ``../shared`` beside the checkout). Tests that need them skip with a reason when the folder is
-absent, except when ``REQUIRE_SHARED=1`` (set by ``.ci/run``), where they fail instead.
+absent, except when ``REQUIRE_SHARED=1`` (set by ``.ci/run``), where they fail instead; the same
+holds for optional packages (mediapipe, the ONNX exporter), which CI installs.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -30,6 +32,18 @@ def require_shared(relative: str) -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return path
+
+
+def require_installed(module: str, reason: str):
+    """Import ``module``, or skip (fail under REQUIRE_SHARED=1: CI installs every requirement, so
+    a missing package there is a broken install, not an optional feature)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        message = f"{reason} ({error})"
+        if os.environ.get("REQUIRE_SHARED") == "1":
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)
 
 
 @pytest.fixture(scope="session")

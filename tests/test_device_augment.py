@@ -2,6 +2,7 @@
 against TrainTransform on the sample images."""
 from __future__ import annotations
 
+import dataclasses
 import cv2
 import numpy as np
 import pytest
@@ -131,9 +132,16 @@ def test_deferred_batch_moves_all_its_tensors(widerface_sample):
     batch, _ = detection_collate([dataset[i] for i in range(3)])
     assert batch.image_size == 64 and batch.pixels.dtype == torch.uint8
     assert batch.pixels.numel() == sum(h * w * 3 for h, w in batch.sizes)
-    moved = batch.to("cpu")
+    # the meta device shows a tensor left behind (moving to the CPU would not)
+    moved = batch.to("meta")
+    tensors = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
+               if isinstance(getattr(batch, f.name), torch.Tensor)}
+    assert len(tensors) >= 8
+    for name, tensor in tensors.items():
+        copy = getattr(moved, name)
+        assert copy.device.type == "meta" and copy.shape == tensor.shape and copy.dtype == tensor.dtype, name
     assert moved.sizes == batch.sizes and moved.use_hsv_list == batch.use_hsv_list
-    assert torch.equal(images_to_network_input(moved, "cpu"), images_to_network_input(batch))
+    assert torch.equal(images_to_network_input(batch.to("cpu"), "cpu"), images_to_network_input(batch))
 
 
 def test_training_with_device_augmentation(widerface_sample, tmp_path, monkeypatch):

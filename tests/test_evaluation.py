@@ -184,12 +184,10 @@ def test_pred_dir_mode_needs_no_model(test_script, widerface_gt_dir, tmp_path, c
     gt = load_gt(widerface_gt_dir)
     keys = gt.image_keys()[::400][:8]
     write_synthetic_predictions(tmp_path / "pred", gt, keys)
-    started = time.perf_counter()
     code, out, err = run_cli(test_script, ["--pred_dir", tmp_path / "pred", "--gt_dir", widerface_gt_dir,
                                            "--results_json", tmp_path / "ap.json", "--results_dir",
                                            tmp_path / "res"], tmp_path, capsys)
     assert code == 0, err
-    assert time.perf_counter() - started < 10
     assert f"subset: {len(keys)} of 3226 images, not comparable with full-val numbers" in out
     aps = parse_ap_line(out)
     data = json.loads((tmp_path / "ap.json").read_text())
@@ -202,8 +200,24 @@ def test_pred_dir_mode_needs_no_model(test_script, widerface_gt_dir, tmp_path, c
                                    images=keys)
     for setting, value in aps.items():
         ref = reference[setting]["ap"]
-        assert (np.isnan(ref) and np.isnan(data[setting] or np.nan)) or data[setting] == pytest.approx(ref, abs=1e-12)
+        stored = np.nan if data[setting] is None else data[setting]  # JSON has no NaN: null
+        assert (np.isnan(ref) and np.isnan(stored)) or stored == pytest.approx(ref, abs=1e-12)
         assert value == pytest.approx(ref, abs=1e-6) or (np.isnan(ref) and np.isnan(value))
+
+
+def test_pred_dir_mode_does_not_import_torch(widerface_gt_dir, tmp_path):
+    """Scoring prediction files needs NumPy and SciPy only (fast start, no GPU stack)."""
+    import subprocess
+    import sys
+
+    write_synthetic_predictions(tmp_path / "pred", load_gt(widerface_gt_dir), load_gt(widerface_gt_dir).image_keys()[:3])
+    program = ("import sys, test; status = test.main(sys.argv[1:]); "
+               "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(status)")
+    done = subprocess.run([sys.executable, "-c", program, "--pred_dir", str(tmp_path / "pred"), "--gt_dir",
+                           str(widerface_gt_dir), "--results_dir", str(tmp_path / "results")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "no torch", done.stdout
 
 
 def test_nan_ap_of_an_empty_setting_is_printed_not_fatal(test_script, widerface_gt_dir, tmp_path, capsys):

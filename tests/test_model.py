@@ -42,10 +42,11 @@ def test_default_config_is_the_original_best_model():
     assert config.fpn_channels == 256
 
 
-def test_building_a_model_downloads_nothing(monkeypatch):
+def test_building_a_model_downloads_nothing(monkeypatch, tmp_path):
     def refuse(*args, **kwargs):
         raise AssertionError("a download was attempted")
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    # an empty hub cache: ImageNet weights, if they were asked for, would have to be downloaded
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
     RetinaFace(ModelConfig(network="resnet50"))
 

@@ -217,7 +217,9 @@ def test_build_model_backbone_errors(monkeypatch, tmp_path, mobilenet_backbone_w
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # torch.hub's downloader is looked up at call time (torchvision holds its own name for
+    # load_state_dict_from_url); an empty hub cache makes the download necessary
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
     args = parse_args("train", ["--network", "resnet18"])
     with pytest.raises(tu.TrainingSetupError, match="--pretrained false"):

@@ -1,11 +1,13 @@
 """CPU benchmark: our full detection pipeline vs a public-style per-image pipeline, one run.
 
-    python tools/benchmark_cpu.py [--weights W] [--images DIR] [--threads 2] [--repeats 3]
+    python tools/benchmark_cpu.py [--weights W] [--images DIR] [--threads 2] [--repeats 3] [--onnx FILE]
 
 Both pipelines read every image from disk and run the published mobilenet0.25 detector at
 original scale (confidence 0.02, NMS 0.4); the public-style one is tools/public_pipeline.py. The
 rounds alternate between the two and the best round of each is reported, so the ratio comes
 from the same machine state. The detections of both are compared (score >= 0.5, both ways).
+``--onnx FILE`` (the same weights exported by ``tools/export_onnx.py``) adds a third pipeline in
+the same rounds: onnxruntime on the CPU with the same threads and post-processing.
 Prints one JSON line.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", default=str(SHARED / "data/widerface_sample/val/images"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--onnx", default=None, help="the same weights exported by tools/export_onnx.py")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
@@ -55,29 +58,39 @@ def main(argv: list[str] | None = None) -> dict:
     def public(timings: dict | None = None) -> list[np.ndarray]:
         return [public_style_detect(model, cv2.imread(str(p), cv2.IMREAD_COLOR), timings=timings) for p in paths]
 
-    ours()  # warm-up (allocations, caches)
-    public()
-    best = {"ours": float("inf"), "public": float("inf")}
+    pipelines = {"ours": lambda steps: ours(), "public": public}
+    if args.onnx:
+        from tools.export_onnx import onnx_detections, onnx_session
+
+        session = onnx_session(args.onnx, threads=args.threads)
+        pipelines["onnx"] = lambda steps: [onnx_detections(session, read_image(p), 0.02, 0.4) for p in paths]
+    for run in pipelines.values():  # warm-up (allocations, caches)
+        run({})
+    best = dict.fromkeys(pipelines, float("inf"))
+    results_of: dict[str, list[np.ndarray]] = {}
     public_steps: dict[str, float] = {}
     for _ in range(args.repeats):
-        for name, run in (("ours", ours), ("public", public)):
+        for name, run in pipelines.items():
             detector.timings.clear()
             steps: dict[str, float] = {}
             started = time.perf_counter()
-            results = run() if name == "ours" else run(steps)
+            results = run(steps)
             elapsed = time.perf_counter() - started
             if elapsed < best[name]:
                 best[name] = elapsed
+                results_of[name] = results
                 if name == "ours":
-                    our_results, our_steps = results, dict(detector.timings)
-                else:
-                    public_results, public_steps = results, steps
+                    our_steps = dict(detector.timings)
+                elif name == "public":
+                    public_steps = steps
     started = time.perf_counter()
     for p in paths:
         read_image(p)
     read_seconds = time.perf_counter() - started
 
-    mismatches = sum(len(unmatched(a, b)) + len(unmatched(b, a)) for a, b in zip(our_results, public_results))
+    def mismatches(first: str, second: str) -> int:
+        return sum(len(unmatched(a, b)) + len(unmatched(b, a)) for a, b in zip(results_of[first], results_of[second]))
+
     n = len(paths)
     report = {
         "benchmark": "cpu_pipeline_mobilenet0.25_original_scale",
@@ -88,11 +101,18 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in our_steps.items()},
         "public_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in public_steps.items()},
         "read_image_ms_per_img": round(read_seconds / n * 1000, 2),
-        "detections_score_ge_0.5_unmatched_between_pipelines": mismatches,
+        "detections_score_ge_0.5_unmatched_between_pipelines": mismatches("ours", "public"),
         "env": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                 "cv2": cv2.__version__, "cpu": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count()},
     }
+    if args.onnx:
+        report.update({"onnx": args.onnx, "onnx_ms_per_img": round(best["onnx"] / n * 1000, 2),
+                       "ratio_onnx_over_ours": round(best["onnx"] / best["ours"], 3),
+                       "onnx_detections_score_ge_0.5_unmatched_vs_ours": mismatches("onnx", "ours")})
+        import onnxruntime
+
+        report["env"]["onnxruntime"] = onnxruntime.__version__
     print(json.dumps(report))
     return report
 

@@ -4,6 +4,9 @@ Used as the baseline of the speed benchmarks (the ratio comes from one run on on
 as an independent reference in tests. Steps, as in the public code: float32 mean subtraction
 on the CPU, forward with a softmax, priors from a Python loop (normalised cx, cy, w, h), decode
 on the CPU, NumPy threshold/argsort/NMS with +1 pixel areas (a loop over kept boxes), keep-top-k.
+
+Apart from the network it shares no code with the toolkit (priors, decoding and NMS are written
+here again, the public way), so tests that compare the two can catch a decoding or NMS bug.
 """
 from __future__ import annotations
 
@@ -14,8 +17,7 @@ import cv2
 import numpy as np
 import torch
 
-from utils.box_utils import decode, decode_landm
-from utils.nms import nms_numpy
+VARIANCES = (0.1, 0.2)
 
 
 def python_loop_priors(height: int, width: int, min_sizes, steps=(8, 16, 32)) -> torch.Tensor:
@@ -26,6 +28,40 @@ def python_loop_priors(height: int, width: int, min_sizes, steps=(8, 16, 32)) ->
             for size in sizes:
                 anchors += [(col + 0.5) * step / width, (row + 0.5) * step / height, size / width, size / height]
     return torch.tensor(anchors, dtype=torch.float32).view(-1, 4)
+
+
+def public_decode(loc: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
+    """Offsets (N, 4) -> x1y1x2y2 in the units of ``priors`` (N, 4) (cx, cy, w, h): centre and
+    size first, then the corner, with the far corner as corner + size (the public order of operations)."""
+    boxes = torch.cat((priors[:, :2] + loc[:, :2] * VARIANCES[0] * priors[:, 2:],
+                       priors[:, 2:] * torch.exp(loc[:, 2:] * VARIANCES[1])), 1)
+    boxes[:, :2] -= boxes[:, 2:] / 2
+    boxes[:, 2:] += boxes[:, :2]
+    return boxes
+
+
+def public_decode_landm(offsets: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
+    """Landmark offsets (N, 10) -> five (x, y) points (N, 10) in the units of ``priors``."""
+    return torch.cat([priors[:, :2] + offsets[:, 2 * i:2 * i + 2] * VARIANCES[0] * priors[:, 2:]
+                      for i in range(5)], dim=1)
+
+
+def py_cpu_nms(dets: np.ndarray, threshold: float) -> list[int]:
+    """Greedy NMS of float32 ``dets`` (N, 5) x1, y1, x2, y2, score, +1 pixel areas; a box is
+    dropped when its IoU with a kept one exceeds ``threshold``. Kept row indices, best first."""
+    x1, y1, x2, y2, scores = (dets[:, i] for i in range(5))
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = scores.argsort()[::-1]
+    keep = []
+    while order.size > 0:
+        best = order[0]
+        keep.append(int(best))
+        width = np.maximum(0.0, np.minimum(x2[best], x2[order[1:]]) - np.maximum(x1[best], x1[order[1:]]) + 1)
+        height = np.maximum(0.0, np.minimum(y2[best], y2[order[1:]]) - np.maximum(y1[best], y1[order[1:]]) + 1)
+        overlap = width * height
+        iou = overlap / (areas[best] + areas[order[1:]] - overlap)
+        order = order[np.where(iou <= threshold)[0] + 1]
+    return keep
 
 
 def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidence_threshold: float = 0.02,
@@ -66,17 +102,17 @@ def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidenc
         priors = python_loop_priors(height, width, model.config.min_sizes).to(device)
         after_priors = clock()
         scale = torch.tensor([width, height] * 2, dtype=torch.float32, device=device)
-        boxes = (decode(loc.squeeze(0), priors) * scale / resize).cpu().numpy()
+        boxes = (public_decode(loc.squeeze(0), priors) * scale / resize).cpu().numpy()
         scores = conf.squeeze(0).cpu().numpy()[:, 1]
         scale_landmarks = torch.tensor([width, height] * 5, dtype=torch.float32, device=device)
-        points = (decode_landm(landmarks.squeeze(0), priors) * scale_landmarks / resize).cpu().numpy()
+        points = (public_decode_landm(landmarks.squeeze(0), priors) * scale_landmarks / resize).cpu().numpy()
     after_decode = clock()
     inds = np.where(scores > confidence_threshold)[0]
     boxes, points, scores = boxes[inds], points[inds], scores[inds]
     order = scores.argsort()[::-1][:top_k]
     boxes, points, scores = boxes[order], points[order], scores[order]
     dets = np.hstack((boxes, scores[:, np.newaxis])).astype(np.float32, copy=False)
-    keep = nms_numpy(dets[:, :4], dets[:, 4], nms_threshold)
+    keep = py_cpu_nms(dets, nms_threshold)
     result = np.concatenate((dets[keep], points[keep]), axis=1)[:keep_top_k]
     if timings is not None:
         for name, seconds in (("forward", after_forward - started), ("priors", after_priors - after_forward),

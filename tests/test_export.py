@@ -1,0 +1,113 @@
+"""ONNX export (tools/export_onnx.py): the exported graph, run by onnxruntime, detects what the
+public Pytorch_Retinaface pipeline and our PyTorch path detect, at any batch size and image size."""
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import require_installed
+
+for _package in ("onnx", "onnxscript", "onnxruntime"):
+    require_installed(_package, "ONNX export needs onnx, onnxscript and onnxruntime (requirements-export.txt)")
+
+from layers.prior_box import num_priors, prior_boxes  # noqa: E402
+from models.retinaface import ModelConfig, RetinaFace, preprocess  # noqa: E402
+from tools.export_onnx import export_onnx, main, onnx_detections, onnx_session, run_onnx  # noqa: E402
+from tools.fidelity import load_reference, unmatched  # noqa: E402
+
+GREETING = "49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
+
+
+@pytest.fixture(scope="module")
+def published_onnx_file(tmp_path_factory, mobilenet_weights, widerface_sample):
+    """The published mobilenet0.25 exported by the command line, with its check on the sample images."""
+    path = tmp_path_factory.mktemp("onnx") / "mobilenet0.25.onnx"
+    status = main(["--weights", str(mobilenet_weights), "--output", str(path),
+                   "--check_images", str(widerface_sample / "val" / "images")])
+    assert status == 0 and path.is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def published_onnx(published_onnx_file):
+    return onnx_session(published_onnx_file, threads=2)
+
+
+def test_exported_model_matches_the_public_pipeline(published_onnx, widerface_sample):
+    reference = load_reference(widerface_sample / "reference_detections_mobilenet0.25.json")
+    assert len(reference) == 2
+    for name, expected in reference.items():
+        image = cv2.imread(str(widerface_sample / "val" / "images" / name))
+        exported = onnx_detections(published_onnx, image, confidence_threshold=0.02, nms_threshold=0.4)
+        # the reference holds every public detection with score >= 0.1
+        assert (expected[:, 4] >= 0.1).sum() >= 8
+        assert unmatched(expected, exported, min_score=0.1) == [], name
+        assert unmatched(exported, expected, min_score=0.11) == [], name
+
+
+def test_exported_model_takes_any_batch_and_size(published_onnx, widerface_sample):
+    image = cv2.imread(str(widerface_sample / "val" / "images" / GREETING))
+    odd = np.ascontiguousarray(image[:301, :479])
+    boxes, scores, landmarks = run_onnx(published_onnx, odd[None])
+    assert boxes.shape == (1, num_priors((301, 479)), 4) and scores.shape == boxes.shape[:2]
+    assert landmarks.shape == boxes.shape[:2] + (10,)
+
+    pair = np.stack([image, np.ascontiguousarray(image[:, ::-1])])
+    together = run_onnx(published_onnx, pair)
+    for index in range(2):
+        alone = run_onnx(published_onnx, pair[index:index + 1])
+        for joint, single in zip(together, alone):
+            np.testing.assert_allclose(joint[index], single[0], atol=1e-3)
+    assert (together[1][0] > 0.5).sum() >= 5  # real faces, not an empty comparison
+
+
+def test_cascade_and_iou_head_export_equal_the_pytorch_model(tmp_path):
+    """Stage-2 residual offsets, the IoU head, 3 anchors and folded BatchNorm, against the plain
+    (unfolded) model decoded with the cached priors."""
+    torch.manual_seed(0)
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", num_anchor=3, cascade=True, cascade_mode="residual",
+                                   model_version="tina"))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    path = export_onnx(model, tmp_path / "tina.onnx")
+    generator = np.random.default_rng(1)
+    images = cv2.resize(generator.integers(0, 256, (12, 20, 3), dtype=np.uint8), (203, 117))
+    batch = np.stack([images, images[::-1]])
+    with torch.inference_mode():
+        inputs = torch.from_numpy(batch)
+        expected = model.decode_detections(model(preprocess(inputs)), prior_boxes((117, 203), num_anchor=3))
+    got = run_onnx(onnx_session(path), batch)
+    assert got[0].shape == (2, num_priors((117, 203), num_anchor=3), 4)
+    for name, g, e, atol in zip(("boxes", "scores", "landmarks"), got, expected, (0.01, 1e-4, 0.01)):
+        np.testing.assert_allclose(g, e.numpy(), atol=atol, rtol=1e-4, err_msg=name)
+    assert expected[1].std() > 1e-3  # scores vary over the priors: the comparison is not of constants
+
+
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    assert main(["--weights", str(tmp_path / "missing.pth")]) == 1
+    assert main(["--weights", "mobilenet0.25", "--check_images", str(tmp_path / "none")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith("export_onnx.py: error:") for line in lines), lines
+    assert "weights file not found" in lines[0] and "no images found" in lines[1]
+
+
+def test_cpu_benchmark_times_the_exported_model_in_the_same_rounds(published_onnx_file, mobilenet_weights,
+                                                                  widerface_sample, tmp_path, capsys):
+    from tools import benchmark_cpu
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg", GREETING):
+        (images / Path(name).name).symlink_to(widerface_sample / "val" / "images" / name)
+    report = benchmark_cpu.main(["--weights", str(mobilenet_weights), "--images", str(images), "--repeats", "1",
+                                 "--onnx", str(published_onnx_file)])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert report["images"] == 2 and report["onnx_ms_per_img"] > 0 and report["ours_ms_per_img"] > 0
+    assert report["onnx_detections_score_ge_0.5_unmatched_vs_ours"] == 0
+    assert report["detections_score_ge_0.5_unmatched_between_pipelines"] == 0
