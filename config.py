@@ -12,6 +12,7 @@ otherwise the defaults of :class:`models.retinaface.ModelConfig` apply.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn, Sequence
@@ -47,6 +48,62 @@ def non_negative_int(value: str) -> int:
     if number < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
     return number
+
+
+def non_negative_float(value: str) -> float:
+    """argparse type for a finite number >= 0 (learning rate, weight decay, warm-up epochs)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return number
+
+
+def momentum_factor(value: str) -> float:
+    """argparse type for an SGD momentum: a number in [0, 1)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= number < 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
+    return number
+
+
+def epoch_list(value: str) -> str:
+    """argparse type for ``--lr_steps``: comma-separated positive epochs, e.g. ``190,220``.
+    Returns them sorted and comma-joined (a plain string, as checkpoints record the options)."""
+    parts = [part.strip() for part in str(value).split(",")]
+    if not all(part.isascii() and part.isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive epochs such as 190,220, got {value!r}")
+    return ",".join(str(epoch) for epoch in sorted(int(part) for part in parts))
+
+
+def parse_scales(text: str | Sequence[int]) -> tuple[int, ...]:
+    """``"500,800,1100"`` (or a sequence) -> ``(500, 800, 1100)``; ``0`` stands for the original
+    image size. Raises ValueError when empty or not integers >= 0."""
+    if isinstance(text, str):
+        parts = [p for p in text.replace(" ", ",").split(",") if p]
+        try:
+            values = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"expected comma-separated integers >= 0, got {text!r}") from None
+    else:
+        values = tuple(int(v) for v in text)
+    if not values or any(v < 0 for v in values):
+        raise ValueError(f"expected comma-separated integers >= 0, got {text!r}")
+    return values
+
+
+def scale_list(value: str) -> str:
+    """argparse type for ``--tta_scales``: checked with :func:`parse_scales`, kept as written."""
+    try:
+        parse_scales(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return value
 
 
 def probability(value: str) -> float:
@@ -146,21 +203,21 @@ OPTIONS: tuple[Option, ...] = (
          help="where the pixel work of the augmentation runs: 'workers' (OpenCV in the DataLoader "
               "workers) or 'device' (workers only decode and crop; photometric distortion, flip and "
               "resize run batched on the training device; same random draws and targets, pixels within "
-              "2 levels; for GPUs that the CPU cores cannot keep fed)"),
+              "3 levels; for GPUs that the CPU cores cannot keep fed)"),
     _opt("--landmark_loss", type=str2bool, default=True, scripts={TRAIN},
          help="train the landmark head (true/false)"),
     _opt("--train_split", type=str, default="train", scripts={TRAIN},
          help="split folder of --dataset to train on (<dataset>/<split>/label.txt and images/)"),
-    _opt("--lr", type=float, default=1e-3, scripts={TRAIN},
+    _opt("--lr", type=non_negative_float, default=1e-3, scripts={TRAIN},
          help="base learning rate of SGD (per process batch; not scaled with the GPU count)"),
-    _opt("--momentum", type=float, default=0.9, scripts={TRAIN}, help="SGD momentum"),
-    _opt("--weight_decay", type=float, default=5e-4, scripts={TRAIN}, help="SGD weight decay"),
+    _opt("--momentum", type=momentum_factor, default=0.9, scripts={TRAIN}, help="SGD momentum, in [0, 1)"),
+    _opt("--weight_decay", type=non_negative_float, default=5e-4, scripts={TRAIN}, help="SGD weight decay"),
     _opt("--lr_schedule", type=str, choices=("step", "cosine"), default="step", scripts={TRAIN},
          help="step: x0.1 at --lr_steps; cosine: cosine decay to 0 over all epochs (after warm-up)"),
-    _opt("--lr_steps", type=str, default=None, scripts={TRAIN},
+    _opt("--lr_steps", type=epoch_list, default=None, scripts={TRAIN},
          help="comma-separated epochs of the x0.1 step decays (default: the reference points "
               "190,220 of 250 epochs for mobilenet0.25, 70,90 of 100 for ResNets, scaled to --epochs)"),
-    _opt("--warmup_epochs", type=float, default=1.0, scripts={TRAIN},
+    _opt("--warmup_epochs", type=non_negative_float, default=1.0, scripts={TRAIN},
          help="linear learning-rate warm-up length in epochs (0 = none)"),
     _opt("--resume", type=str, default=None, scripts={TRAIN},
          help="continue a run from its checkpoint (e.g. experiments/<name>/ckpt/last.pth): weights, "
@@ -208,7 +265,7 @@ OPTIONS: tuple[Option, ...] = (
          help="multi-scale + horizontal-flip test-time augmentation: every --tta_scales shorter side "
               "(longer side capped at --max_size, default 2150), each also mirrored, detections "
               "merged by score-weighted box voting at the --nms_threshold IoU"),
-    _opt("--tta_scales", type=str, default="500,800,1100,1400,1700", scripts={TEST},
+    _opt("--tta_scales", type=scale_list, default="500,800,1100,1400,1700", scripts={TEST},
          help="comma-separated shorter-side sizes of the --tta passes (the RetinaFace paper's "
               "test scales; 0 = original size)"),
     _opt("--results_dir", type=str, default=None, scripts={TEST},
@@ -240,6 +297,9 @@ OPTIONS: tuple[Option, ...] = (
 
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: the run finished, but some input was skipped (inference: files; training: unreadable training
+#: images, or a periodic validation that failed)
+EXIT_SKIPPED = 3
 
 
 class UsageError(Exception):
@@ -249,6 +309,18 @@ class UsageError(Exception):
 def one_line(error: BaseException) -> str:
     """An exception's message folded onto one line (its type name when it has none)."""
     return " ".join(str(error).split()) or type(error).__name__
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` only where the help text does not already say the default and there
+    is one; booleans are shown as written on the command line (``true``/``false``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        shown = str(action.default).lower() if isinstance(action.default, bool) else "%(default)s"
+        return f"{text} (default: {shown})"
 
 
 def build_parser(script: str, description: str | None = None, epilog: str | None = None,
@@ -261,8 +333,7 @@ def build_parser(script: str, description: str | None = None, epilog: str | None
     if script not in SCRIPTS:
         raise ValueError(f"unknown script {script!r}; expected one of {SCRIPTS}")
     parser = argparse.ArgumentParser(
-        prog=f"{script}.py", description=description, epilog=epilog,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog=f"{script}.py", description=description, epilog=epilog, formatter_class=_HelpFormatter)
     if raise_usage_errors:
         def error(message: str) -> NoReturn:
             raise UsageError(message)

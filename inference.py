@@ -5,9 +5,9 @@
 
 Options are declared in ``config.py`` (``python inference.py --help``); the work is done by
 :func:`utils.inference_utils.run_inference` and :mod:`utils.face_mask`. Exit codes: 0 all images
-processed, 3 finished but some files were skipped (listed in the summary and in
-``OUT/summary.json``), 1 nothing run (no images, missing weights, unknown device, output folder
-already holds results ...), 2 bad option, 130 interrupted.
+processed, 3 finished but some files (or unreadable folders) were skipped (listed in the summary
+and in ``OUT/summary.json``), 1 nothing run (no images, missing weights, unavailable device, output
+folder already holds results or cannot be written ...), 2 bad option, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from config import build_parser, run_command_line
+from config import run_command_line
 from utils.inference_utils import InferenceError, format_summary, legacy_outputs, run_inference
 
 DESCRIPTION = ("Detect faces in every image under --inference_dir (recursively) and write "
@@ -23,18 +23,10 @@ DESCRIPTION = ("Detect faces in every image under --inference_dir (recursively) 
                "--inference_save_folder; --save_img draws them, --mask/--save_mask add MediaPipe "
                "face and head masks.")
 EPILOG = ("exit status: 0 all images processed; 3 finished, but some files were skipped "
-          "(unreadable, truncated, empty, not an image; listed in the summary and summary.json); "
-          "1 nothing was run (no images, missing weights, unknown device, output folder already "
-          "holds results without --exist_ok); 2 invalid option; 130 interrupted.")
-
-
-def complete_args(args: argparse.Namespace | None = None, **overrides) -> argparse.Namespace:
-    """``args`` with every inference option present (missing ones get their defaults), so a
-    notebook can pass a hand-made ``Namespace(inference_dir=..., weights=...)``."""
-    full = build_parser("inference").parse_args([])
-    for key, value in {**vars(args or argparse.Namespace()), **overrides}.items():
-        setattr(full, key, value)
-    return full
+          "(unreadable, truncated, empty, not an image, or in a folder that cannot be read; listed in "
+          "the summary and summary.json); 1 nothing was run (no images, input not found or not "
+          "readable, missing weights, unavailable device, output folder already holds results without "
+          "--exist_ok or cannot be created or written); 2 invalid option; 130 interrupted.")
 
 
 def inference(args: argparse.Namespace):
@@ -60,7 +52,7 @@ def inference(args: argparse.Namespace):
     Raises :class:`utils.inference_utils.InferenceError` or
     :class:`utils.checkpoint.CheckpointError` when the run cannot start.
     """
-    run = run_inference(complete_args(args), collect=True)
+    run = run_inference(args, collect=True)
     print(format_summary(run.summary))
     return legacy_outputs(run)
 

@@ -33,9 +33,14 @@ EPILOG = ("exit status: 0 done; 1 error (missing dataset, ground truth or weight
 
 
 def results_folder(args: argparse.Namespace) -> Path:
-    """``--results_dir``, else ``experiments/<experiment_name>/results``."""
+    """``--results_dir``; else, with ``--pred_dir``, ``<pred_dir>_eval`` beside the predictions (the
+    results of the model run that wrote them are never replaced); else
+    ``experiments/<experiment_name>/results``."""
     if args.results_dir:
         return Path(args.results_dir)
+    if args.pred_dir:
+        predictions = Path(args.pred_dir).resolve()
+        return predictions.with_name(predictions.name + "_eval")
     return Path("experiments") / args.experiment_name / "results"
 
 

@@ -6,7 +6,9 @@
     torchrun --nproc_per_node=4 train.py ...        # one process per GPU (DDP)
 
 All logic lives in ``utils/train_utils.py``; this file only parses the options. Exit status:
-0 done, 1 the run could not start or the loss diverged (one line on stderr), 2 bad option.
+0 done; 3 finished, but some training images were unreadable (each skipped and named in the log)
+or a periodic validation failed (logged; training went on); 1 the run could not start or the
+loss diverged (one line on stderr); 2 bad option.
 """
 from __future__ import annotations
 
@@ -14,7 +16,15 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from config import parse_args, run_command_line
+from config import EXIT_OK, EXIT_SKIPPED, parse_args, run_command_line
+
+DESCRIPTION = ("Train a RetinaFace detector on a WIDER FACE-style dataset (--dataset with train/ and val/ "
+               "folders): checkpoints, logs.txt and TensorBoard events go to experiments/<experiment_name>/, "
+               "the official WIDER FACE AP is computed every --eval_every epochs; --resume continues a run "
+               "exactly. Several GPUs: torchrun --nproc_per_node=N train.py ...")
+EPILOG = ("exit status: 0 done; 3 finished, but some training images were unreadable (skipped, named in "
+          "logs.txt) or a periodic validation failed (logged, training went on); 1 the run could not start "
+          "or the loss diverged (one line on stderr); 2 invalid option; 130 interrupted")
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -36,11 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from utils.train_utils import TrainingDivergedError, TrainingSetupError  # noqa: PLC0415
 
     def run_and_report(args: argparse.Namespace) -> int:
-        _train(args, argv)
-        return 0
+        summary = _train(args, argv)
+        # under torchrun only rank 0 says so: a rank that exits non-zero makes torchrun stop the
+        # others, and rank 0 may still be closing its logs (every rank knows the same problems)
+        problems = summary.get("unreadable_images") or summary.get("failed_validations")
+        return EXIT_SKIPPED if problems and summary.get("rank", 0) == 0 else EXIT_OK
 
     return run_command_line("train", argv, run_and_report,
-                            (TrainingSetupError, TrainingDivergedError, CheckpointError, OSError))
+                            (TrainingSetupError, TrainingDivergedError, CheckpointError, OSError),
+                            description=DESCRIPTION, epilog=EPILOG)
 
 
 if __name__ == "__main__":

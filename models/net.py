@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -180,9 +181,19 @@ def build_backbone(network: str, pretrained: bool = False,
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load ImageNet weights from a local file into ``backbone`` (strictly, ``module.`` stripped)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+    """Load ImageNet weights from a local file into ``backbone`` (strictly, ``module.`` stripped).
+
+    Raises :class:`~utils.errors.CheckpointError` (a ``RuntimeError``) naming ``path`` when the
+    file is not a readable PyTorch state dict, ``RuntimeError`` when its tensors do not fit.
+    """
+    from utils.checkpoint import read_checkpoint  # noqa: PLC0415 - utils.checkpoint imports models
+    from utils.errors import CheckpointError  # noqa: PLC0415
+
+    checkpoint = read_checkpoint(path)  # one clear CheckpointError for text, truncated or foreign files
+    state_dict = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state_dict, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
     state_dict = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v)
                              for k, v in state_dict.items())
     result = backbone.load_state_dict(state_dict, strict=False)

@@ -116,10 +116,10 @@ def test_unreadable_files(tmp_path):
         load_model(tmp_path / "nope.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
     (tmp_path / "short.pth").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
-        load_model(tmp_path / "short.pth")
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
-        load_model(tmp_path / "garbage.pth")
+    # other files say what they are not, with torch.load's reason kept short at the end
+    for name in ("short.pth", "garbage.pth"):
+        with pytest.raises(CheckpointError, match=rf"{name} is not a PyTorch checkpoint file \(torch.load: [^\n]+\)$"):
+            load_model(tmp_path / name)
     torch.save({"weights": {"a": torch.zeros(1)}, "object": ModelConfig()}, tmp_path / "pickled.pth")
     with pytest.raises(CheckpointError, match="weights_only"):
         load_model(tmp_path / "pickled.pth")
@@ -156,3 +156,26 @@ def test_split_checkpoint_of_our_format_returns_recorded_config():
                   "model": model.state_dict()}
     state, config = split_checkpoint(checkpoint)
     assert config == model.config and list(state) == list(model.state_dict())
+
+
+def test_damaged_torch_files_and_foreign_files_are_told_apart(tmp_path, mobilenet_weights):
+    """A cut-short checkpoint (legacy or zip format) is called damaged; a text file or another
+    pickle is "not a PyTorch checkpoint file"; neither message is a bare number like ': 101'."""
+    legacy = mobilenet_weights.read_bytes()
+    (tmp_path / "legacy_cut.pth").write_bytes(legacy[: len(legacy) // 20])
+    torch.save({"a": torch.zeros(1000)}, tmp_path / "zip.pth")
+    archive = (tmp_path / "zip.pth").read_bytes()
+    (tmp_path / "zip_cut.pth").write_bytes(archive[: len(archive) // 2])
+    for name in ("legacy_cut.pth", "zip_cut.pth"):
+        with pytest.raises(CheckpointError, match=rf"{name} is a damaged or truncated PyTorch checkpoint \(torch.load: "):
+            ckpt.read_checkpoint(tmp_path / name)
+    (tmp_path / "notes.pth").write_text("hello world\n")
+    import pickle
+    (tmp_path / "plain_pickle.pth").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    for name in ("notes.pth", "plain_pickle.pth"):
+        with pytest.raises(CheckpointError) as raised:
+            ckpt.read_checkpoint(tmp_path / name)
+        message = str(raised.value)
+        assert f"{name} is not a PyTorch checkpoint file (torch.load: " in message and "\n" not in message
+        assert re.search(r"\(torch.load: [A-Za-z]", message), message  # a word, not a bare key number
+        assert len(message) < len(str(tmp_path / name)) + 160

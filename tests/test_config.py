@@ -42,6 +42,8 @@ def test_booleans_and_architecture_overrides():
     ("inference", ["--device", "gpu"], "expected cpu, cuda or cuda:N"),
     ("inference", ["--batch_size", "0"], "expected a positive integer"),
     ("inference", ["--epochs", "3"], "unrecognized arguments"),
+    ("test", ["--tta_scales", "abc"], "expected comma-separated integers >= 0"),
+    ("test", ["--tta_scales=-5,0"], "expected comma-separated integers >= 0"),
 ])
 def test_bad_values_are_rejected_with_a_clear_message(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -54,3 +56,45 @@ def test_str2bool():
     assert config.str2bool("TRUE") is True and config.str2bool("no") is False
     with pytest.raises(argparse.ArgumentTypeError):
         config.str2bool("2")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "-1"], "argument --lr: expected a finite number >= 0, got '-1'"),
+    (["--lr", "nan"], "argument --lr: expected a finite number >= 0, got 'nan'"),
+    (["--lr", "inf"], "argument --lr: expected a finite number >= 0, got 'inf'"),
+    (["--lr", "fast"], "argument --lr: expected a number >= 0, got 'fast'"),
+    (["--momentum", "-3"], "argument --momentum: expected a number in [0, 1), got '-3'"),
+    (["--momentum", "1"], "argument --momentum: expected a number in [0, 1), got '1'"),
+    (["--weight_decay", "-1"], "argument --weight_decay: expected a finite number >= 0, got '-1'"),
+    (["--warmup_epochs", "nan"], "argument --warmup_epochs: expected a finite number >= 0, got 'nan'"),
+    (["--lr_steps", "abc"], "argument --lr_steps: expected comma-separated positive epochs"),
+    (["--lr_steps", "5,-1"], "argument --lr_steps: expected comma-separated positive epochs"),
+    (["--lr_steps", "0,10"], "argument --lr_steps: expected comma-separated positive epochs"),
+])
+def test_bad_training_numbers_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)  # nothing may be created: the options are refused before any work
+    assert train.main(["--dataset", str(tmp_path / "absent"), *argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: ") and message in lines[0], lines
+    assert not (tmp_path / "experiments").exists()
+
+
+def test_training_numbers_that_are_accepted():
+    args = config.parse_args("train", ["--lr", "0", "--momentum", "0", "--weight_decay", "0", "--warmup_epochs",
+                                       "0.5", "--lr_steps", " 20, 10"])
+    assert (args.lr, args.momentum, args.weight_decay, args.warmup_epochs) == (0.0, 0.0, 0.0, 0.5)
+    assert args.lr_steps == "10,20"  # sorted, as a plain string (what checkpoints record)
+    assert config.parse_args("train", []).lr_steps is None
+
+
+def test_help_states_each_default_once_as_written():
+    for script in config.SCRIPTS:
+        text = " ".join(config.build_parser(script).format_help().split())
+        assert "(default: None)" not in text and "(default: True)" not in text and "(default: False)" not in text
+        assert text.count("(default: 0) (default: 0)") == 0
+    text = " ".join(config.build_parser("inference").format_help().split())
+    assert "--save_img SAVE_IMG write images with boxes, scores and landmarks drawn to result_images/ (default: false)" in text
+    assert "--gpu_num GPU_NUM CUDA device index used when CUDA is available (default: 0)" in text
+    assert config.parse_args("test", ["--tta_scales", "0,500"]).tta_scales == "0,500"

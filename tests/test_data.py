@@ -1,6 +1,7 @@
 """Training data: label parsing, dataset, augmentation, collate and DataLoader (CPU only)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from utils.image_io import ImageReadError, read_image
 from utils.data_loaders import (
     LabelFormatError,
     WiderFaceDataset,
@@ -409,3 +411,47 @@ def test_dataloader_two_workers(widerface_sample: Path) -> None:
     for (a_img, a_t), (b_img, b_t) in zip(first, again):  # seeded workers are reproducible
         assert torch.equal(a_img, b_img)
         assert all(torch.equal(x, y) for x, y in zip(a_t, b_t))
+
+
+# --------------------------------------------------------------------------------------------
+# bad files
+# --------------------------------------------------------------------------------------------
+def test_label_file_that_is_not_utf8_names_file_and_line(tmp_path: Path) -> None:
+    label = tmp_path / "label.txt"
+    label.write_bytes("# a/é.jpg\n1 2 3 4\n# a/b.jpg\n".encode("utf-8") + b"5 6 7 8 \xff\n")
+    for fmt in ("auto", "retinaface"):
+        with pytest.raises(LabelFormatError, match=rf"^{re.escape(str(label))}:4: not UTF-8 text \(byte 0xff at column 9\)"):
+            parse_label_file(label, fmt)
+    label.write_bytes("\ufeff# a/b.jpg\n1 2 3 4\n".encode("utf-8"))  # a byte-order mark is not a problem
+    assert [a.path for a in parse_label_file(label).images] == ["a/b.jpg"]
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png"])
+def test_truncated_images_are_unreadable_for_training(tmp_path: Path, ext: str) -> None:
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    _write_images(tmp_path / "images", [f"a/whole{ext}", f"a/cut{ext}"])
+    for name in (f"whole{ext}", f"cut{ext}"):
+        assert cv2.imwrite(str(tmp_path / "images/a" / name), image)
+    cut = tmp_path / "images/a" / f"cut{ext}"
+    data = cut.read_bytes()
+    cut.write_bytes(data[:len(data) * 2 // 3])
+    assert cv2.imread(str(cut)) is not None or ext == ".png"  # OpenCV would train on grey fill (JPEG)
+    (tmp_path / "label.txt").write_text(f"# a/whole{ext}\n1 2 10 10\n# a/cut{ext}\n1 2 10 10\n")
+    dataset = WiderFaceDataset(tmp_path / "label.txt")
+    whole, _ = dataset[0]
+    np.testing.assert_array_equal(whole, read_image(tmp_path / "images/a" / f"whole{ext}"))
+    kind = "JPEG" if ext == ".jpg" else "PNG"
+    with pytest.raises(ImageReadError, match=rf"cut{re.escape(ext)}: truncated {kind}"):
+        dataset[1]
+
+
+@pytest.mark.parametrize("content,reason", [(b"", "empty file"), (b"GIF? no, text\n", "not a readable image")])
+def test_unreadable_training_files_raise_one_error(tmp_path: Path, content: bytes, reason: str) -> None:
+    from utils.data_loaders import read_training_image
+
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError, match=f"^{re.escape(str(path))}: {reason}$"):
+        read_training_image(path)
+    with pytest.raises(ImageReadError, match="file not found"):
+        read_training_image(tmp_path / "absent.jpg")

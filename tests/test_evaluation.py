@@ -233,7 +233,8 @@ def test_nan_ap_of_an_empty_setting_is_printed_not_fatal(test_script, widerface_
     assert json.loads((tmp_path / "res" / "results.json").read_text())["easy"] is None
 
 
-@pytest.mark.parametrize("case", ["bad_file", "unknown_image", "missing_pred_dir", "missing_gt",
+@pytest.mark.parametrize("case", ["bad_file", "not_utf8", "unknown_image", "missing_pred_dir", "missing_gt",
+                                  "truncated_gt", "truncated_gt_with_model", "gt_without_variable",
                                   "missing_dataset", "missing_weights", "missing_model_weight", "bad_option"])
 def test_errors_are_one_line_without_traceback(case, test_script, widerface_gt_dir, widerface_sample,
                                                tmp_path, capsys):
@@ -245,6 +246,30 @@ def test_errors_are_one_line_without_traceback(case, test_script, widerface_gt_d
         (pred / "0--Parade" / "0_Parade_marchingband_1_465.txt").write_text(
             "0_Parade_marchingband_1_465\n2\n1 2 3 4 0.5\n1 2 3\n")
         message = "0_Parade_marchingband_1_465.txt:4"
+    elif case == "not_utf8":
+        (pred / "0--Parade").mkdir(parents=True)
+        (pred / "0--Parade" / "0_Parade_marchingband_1_465.txt").write_bytes(
+            b"0_Parade_marchingband_1_465\n1\n1 2 3 4 \xff0.5\n")
+        message = "0_Parade_marchingband_1_465.txt:3: not UTF-8"
+    elif case in ("truncated_gt", "truncated_gt_with_model", "gt_without_variable"):
+        # scipy raises MatReadError("Mat file appears to be truncated") for the first cut
+        import shutil
+
+        from scipy.io import savemat
+        gt = tmp_path / "gt"
+        shutil.copytree(widerface_gt_dir, gt)
+        damaged = gt / "wider_medium_val.mat"
+        damaged.chmod(0o644)
+        if case == "gt_without_variable":
+            savemat(str(damaged), {"other": np.zeros(2)})
+        else:
+            damaged.write_bytes(damaged.read_bytes()[:10])
+        argv[argv.index("--gt_dir") + 1] = gt
+        if case == "truncated_gt_with_model":
+            argv = ["--weights", tmp_path / "w.pth", "--dataset", widerface_sample, "--gt_dir", gt,
+                    "--results_dir", tmp_path / "res"]
+        message = f"{damaged}: " + ("missing variable 'gt_list'" if case == "gt_without_variable"
+                                    else "not a readable MATLAB .mat file")
     elif case == "unknown_image":
         (pred / "0--Parade").mkdir(parents=True)
         (pred / "0--Parade" / "nope.txt").write_text("nope\n0\n")
@@ -278,6 +303,9 @@ def test_evaluate_predictions_rejects_empty_and_list_val_images_errors(widerface
     (tmp_path / "val" / "images").mkdir(parents=True)
     (tmp_path / "val" / "label.txt").write_text("# 0--Parade/missing.jpg\n")
     with pytest.raises(EvaluationError, match="missing"):
+        list_val_images(tmp_path)
+    (tmp_path / "val" / "label.txt").write_bytes(b"# 0--Parade/a.jpg\n1 2 3 4\n# 0--Parade/\xe9.jpg\n")
+    with pytest.raises(EvaluationError, match=r"label\.txt:3: not UTF-8 text \(byte 0xe9 at column 13\)"):
         list_val_images(tmp_path)
 
 
@@ -338,6 +366,24 @@ def test_pred_dir_of_the_written_folder_gives_identical_aps(sample_run, test_scr
     first = json.loads((sample_run["results"] / "results.json").read_text())
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert [again[k] for k in ("easy", "medium", "hard")] == [first[k] for k in ("easy", "medium", "hard")]
+
+
+def test_pred_dir_results_default_to_beside_the_predictions(sample_run, test_script, widerface_gt_dir,
+                                                             tmp_path, capsys):
+    """Evaluating a run's prediction folder again must not replace that run's results."""
+    import shutil
+
+    run_results = tmp_path / "experiments" / "retinaface" / "results"
+    shutil.copytree(sample_run["results"] / "widerface_txt", run_results / "widerface_txt")
+    (run_results / "results.txt").write_text("weights: the model run\n")
+    code, out, err = run_cli(test_script, ["--pred_dir", run_results / "widerface_txt", "--gt_dir",
+                                           widerface_gt_dir], tmp_path, capsys)
+    assert code == 0, err
+    assert (run_results / "results.txt").read_text() == "weights: the model run\n"
+    assert not (run_results / "results.json").exists()
+    evaluated = json.loads((run_results / "widerface_txt_eval" / "results.json").read_text())
+    printed = parse_ap_line(sample_run["out"])
+    assert all(evaluated[k] == pytest.approx(printed[k], abs=1e-6) for k in ("easy", "medium", "hard"))
 
 
 def test_sample_aps_equal_the_loop_reference_evaluation(sample_run, widerface_gt_dir):
@@ -529,3 +575,35 @@ def test_prediction_retries_after_out_of_memory_and_fails_clearly_when_an_image_
     with pytest.raises(EvaluationError, match=r"out of memory on .*\.jpg \(\d+x\d+\) even alone"):
         predict_widerface(hopeless, images=images, workers=0, progress=False)
     assert hopeless.releases == 2  # once for the batch, once more for the image that still failed
+
+
+def test_host_out_of_memory_in_opencv_stops_with_one_line_naming_the_image(test_script, widerface_sample,
+                                                                          widerface_gt_dir, mobilenet_weights,
+                                                                          tmp_path, capsys):
+    """--target_size 1000000 makes cv2.resize ask for terabytes: cv2.error (-4:Insufficient memory)
+    is an out-of-memory error like torch's (retried alone, then one line naming the image)."""
+    key = "0--Parade/0_Parade_marchingband_1_311.jpg"
+    dataset = small_dataset(tmp_path, widerface_sample, [key])
+    code, _, err = run_cli(test_script, ["--weights", mobilenet_weights, "--dataset", dataset, "--gt_dir",
+                                         widerface_gt_dir, "--results_dir", tmp_path / "res", "--workers", "0",
+                                         "--target_size", "1000000"], tmp_path, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("test.py")]
+    assert code == 1 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("test.py: error: out of memory on ")
+    assert key.split("/")[1] in lines[0] and "even alone" in lines[0]
+
+
+def test_opencv_allocation_failure_counts_as_out_of_memory():
+    import cv2
+
+    from utils.errors import is_out_of_memory, unless_out_of_memory
+
+    with pytest.raises(cv2.error) as raised:  # a real OpenCV allocation failure (17 TB)
+        cv2.resize(np.zeros((4, 4, 3), np.float32), None, fx=300000, fy=300000)
+    assert is_out_of_memory(raised.value)
+    assert unless_out_of_memory(cv2.resize, np.zeros((4, 4, 3), np.float32), None, None, 300000, 300000) is None
+    with pytest.raises(cv2.error) as other:  # other OpenCV errors are not memory errors
+        cv2.cvtColor(np.zeros((4, 4, 2), np.uint8), cv2.COLOR_BGR2GRAY)
+    assert not is_out_of_memory(other.value)
+    with pytest.raises(cv2.error):
+        unless_out_of_memory(cv2.cvtColor, np.zeros((4, 4, 2), np.uint8), cv2.COLOR_BGR2GRAY)

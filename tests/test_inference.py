@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,26 @@ def test_end_to_end_outputs_agree(widerface_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processed"] == len(names) and summary["faces"] == total and summary["skipped"] == []
     assert summary["exit_code"] == 0 and set(summary["ms_per_image"]) >= {"load", "forward", "postprocess", "masks"}
+
+
+def test_experiment_checkpoint_choice_is_reported(mobilenet_weights, photos_dir, tmp_path, monkeypatch, capsys):
+    """Without --weights, experiments/<name>/ckpt/best.pth is run (else last.pth); the run says which."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "experiments" / "mine" / "ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "last.pth").symlink_to(mobilenet_weights)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "one.jpg").symlink_to(sorted(photos_dir.glob("*.jpg"))[0])
+    for expected in ("last.pth", "best.pth"):
+        if expected == "best.pth":
+            (ckpt / "best.pth").symlink_to(mobilenet_weights)
+        out = tmp_path / f"out_{expected}"
+        code, _, err = run_main(["--experiment_name", "mine", "--inference_dir", images,
+                                 "--inference_save_folder", out], capsys)
+        assert code == config.EXIT_OK, err
+        used = json.loads((out / "summary.json").read_text())["weights"]
+        assert Path(used).name == expected and f"weights: {used}" in err
 
 
 def test_refuses_to_overwrite_results(widerface_run, capsys):
@@ -327,9 +348,10 @@ def test_truncation_checks(widerface_sample, tmp_path):
     assert not image_loader.jpeg_is_complete(data[: len(data) // 3])
     png = tmp_path / "a.png"
     cv2.imwrite(str(png), np.zeros((8, 8, 3), np.uint8))
-    assert image_loader.png_is_complete(png)
+    assert image_loader.png_is_complete(png.read_bytes()) and image_loader.truncation_problem(png) is None
     png.write_bytes(png.read_bytes()[:-12])
-    assert not image_loader.png_is_complete(png)
+    assert not image_loader.png_is_complete(png.read_bytes())
+    assert image_loader.truncation_problem(png) == "truncated PNG (no IEND chunk)"
 
 
 def test_find_images_recursive_any_case(tmp_path):
@@ -422,8 +444,9 @@ def test_unexpected_error_mid_run_keeps_outputs_and_reports_it(widerface_sample,
     folder = link_images(tmp_path / "in", {f"{i}.jpg": p for i, p in enumerate(
         sorted((widerface_sample / "val/images").rglob("*.jpg"))[:3])})
     out = tmp_path / "out"
-    args = inference.complete_args(weights=str(mobilenet_weights), inference_dir=str(folder),
-                                   inference_save_folder=str(out), workers=0, device="cpu")
+    # a hand-made namespace with a few options: run_inference gives the others their defaults
+    args = argparse.Namespace(weights=str(mobilenet_weights), inference_dir=str(folder),
+                              inference_save_folder=str(out), workers=0, device="cpu")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         iu.run_inference(args, collect=False, progress=False)
     summary = json.loads((out / "summary.json").read_text())
@@ -502,3 +525,260 @@ def test_background_writer_writes_everything_and_reports_a_failed_write(tmp_path
     writer.write(tmp_path / "blocker" / "x.png", lambda: image)
     with pytest.raises(OSError):
         writer.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Output folder that cannot take files, unreadable folders, links, huge images, odd names
+# ------------------------------------------------------------------------------------------
+
+def permissions_enforced() -> bool:
+    """Whether this process is refused a folder without permissions (not as root with
+    CAP_DAC_OVERRIDE, e.g. in a container; ``setpriv --inh-caps=-dac_override,-dac_read_search
+    --bounding-set=-dac_override,-dac_read_search`` runs the tests without it)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        locked = Path(scratch) / "locked"
+        locked.mkdir(mode=0)
+        try:
+            os.listdir(locked)
+            return False
+        except PermissionError:
+            return True
+        finally:
+            locked.chmod(0o700)
+
+
+def _count_model_use(monkeypatch):
+    """Counts of FaceDetector constructions and detect_batch calls (the real ones still run)."""
+    from models.detector import FaceDetector
+
+    counts = {"models": 0, "batches": 0}
+    init, detect = FaceDetector.__init__, FaceDetector.detect_batch
+
+    def counting_init(self, *args, **kwargs):
+        counts["models"] += 1
+        init(self, *args, **kwargs)
+
+    def counting_detect(self, images):
+        counts["batches"] += 1
+        return detect(self, images)
+
+    monkeypatch.setattr(FaceDetector, "__init__", counting_init)
+    monkeypatch.setattr(FaceDetector, "detect_batch", counting_detect)
+    return counts
+
+
+def _small_face_image(widerface_sample, path: Path) -> Path:
+    image = cv2.imread(str(widerface_sample / "val/images" / GREETING))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), cv2.resize(image, None, fx=0.3, fy=0.3, interpolation=cv2.INTER_AREA))
+    return path
+
+
+@pytest.mark.parametrize("case", ["read_only_folder", "read_only_result_images", "cannot_create"])
+def test_output_folder_that_cannot_take_files_stops_before_any_image(case, widerface_sample, mobilenet_weights,
+                                                                    tmp_path, monkeypatch, capsys):
+    """Results are written at the end of a run: a folder that cannot take files must stop it at the
+    start (one line, exit 1), not after every image was processed. Writing is refused by failing
+    the temporary-file creation in that folder, as a read-only mount or permissions do (as root,
+    permissions cannot be tested for real)."""
+    import errno
+    import tempfile
+
+    folder = tmp_path / "in"
+    for i in range(2):
+        _small_face_image(widerface_sample, folder / f"{i}.jpg")
+    out = tmp_path / "out"
+    argv = ["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", out,
+            "--workers", "0", "--save_img", "true"]
+    if case == "cannot_create":
+        (tmp_path / "a_file").write_text("a file where a folder is needed")
+        out = tmp_path / "a_file" / "out"
+        argv[argv.index("--inference_save_folder") + 1] = out
+        expected = f"cannot create output folder {out}: not a directory"
+    else:
+        refused = out if case == "read_only_folder" else out / "result_images"
+        refused.mkdir(parents=True)
+        if case == "read_only_result_images":  # an earlier run's images, written into again
+            (refused / "old.jpg").write_bytes(b"earlier result")
+            argv += ["--exist_ok", "true"]
+        real_mkstemp = tempfile.mkstemp
+
+        def read_only(*args, **kwargs):
+            if Path(kwargs.get("dir") or ".") == refused:
+                raise OSError(errno.EROFS, "Read-only file system", str(refused))
+            return real_mkstemp(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", read_only)
+        expected = f"output folder {refused} is not writable: read-only file system"
+    counts = _count_model_use(monkeypatch)
+    code, stdout, err = run_main(argv, capsys)
+    assert code == config.EXIT_ERROR and err.strip() == f"inference.py: error: {expected}", err
+    assert counts == {"models": 0, "batches": 0}  # failed before the model was even loaded
+    assert not (out / "summary.json").exists() and "Traceback" not in err
+
+
+@pytest.mark.skipif(not permissions_enforced(), reason="folder permissions are not enforced (root)")
+def test_output_folder_without_write_permission(widerface_sample, mobilenet_weights, tmp_path, capsys):
+    folder = tmp_path / "in"
+    _small_face_image(widerface_sample, folder / "a.jpg")
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder,
+                                 "--inference_save_folder", out, "--workers", "0"], capsys)
+    finally:
+        out.chmod(0o755)
+    assert code == config.EXIT_ERROR and "is not writable: permission denied" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_refused_output_folder_leaves_no_empty_folder_when_the_model_cannot_load(widerface_sample, tmp_path, capsys):
+    folder = tmp_path / "in"
+    _small_face_image(widerface_sample, folder / "a.jpg")
+    (tmp_path / "notes.pth").write_text("not a checkpoint\n")
+    code, _, err = run_main(["--weights", tmp_path / "notes.pth", "--inference_dir", folder,
+                             "--inference_save_folder", tmp_path / "new" / "out", "--workers", "0"], capsys)
+    assert code == config.EXIT_ERROR and "is not a PyTorch checkpoint file" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "new").exists()
+
+
+def _refuse_listing(monkeypatch, refused: Path):
+    """``os.scandir`` (what os.walk lists folders with) fails with EACCES for ``refused``, as for
+    a folder without read permission (root can read every folder, so it is simulated)."""
+    import errno
+
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)) == refused:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_subfolder_is_reported_as_skipped(widerface_sample, mobilenet_weights, tmp_path, monkeypatch,
+                                                     capsys):
+    folder = tmp_path / "in"
+    _small_face_image(widerface_sample, folder / "ok" / "a.jpg")
+    _small_face_image(widerface_sample, folder / "locked" / "b.jpg")
+    _refuse_listing(monkeypatch, folder / "locked")
+    out = tmp_path / "out"
+    code, stdout, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder,
+                                  "--inference_save_folder", out, "--workers", "0"], capsys)
+    assert code == iu.EXIT_SKIPPED
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == [{"file": "locked/", "reason": "folder not readable: permission denied"}]
+    assert summary["processed"] == 1 and summary["files"] == 2 and summary["exit_code"] == 3
+    assert "skipped locked/: folder not readable: permission denied" in stdout
+    assert "skipped locked/" in err and list(json.loads((out / "detections.json").read_text())) == ["ok/a.jpg"]
+
+
+def test_unreadable_input_folder_is_permission_denied_not_no_images(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _refuse_listing(monkeypatch, folder)
+    code, _, err = run_main(["--weights", "mobilenet0.25", "--inference_dir", folder,
+                             "--inference_save_folder", tmp_path / "out"], capsys)
+    assert code == config.EXIT_ERROR
+    assert err.strip() == f"inference.py: error: cannot read input folder {folder}: permission denied"
+
+
+@pytest.mark.skipif(not permissions_enforced(), reason="folder permissions are not enforced (root)")
+def test_folder_without_read_permission_is_listed(tmp_path):
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    (tmp_path / "locked").chmod(0)
+    try:
+        unreadable = []
+        found = image_loader.find_images(tmp_path, unreadable=unreadable)
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert found == [tmp_path / "b.jpg"]
+    assert unreadable == [("locked/", "folder not readable: permission denied")]
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A complete PNG whose header announces width x height (OpenCV checks the size first)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1))) + chunk(b"IEND", b""))
+
+
+def test_links_and_huge_images_get_readable_reasons(tmp_path):
+    (tmp_path / "loop_a.jpg").symlink_to("loop_b.jpg")
+    (tmp_path / "loop_b.jpg").symlink_to("loop_a.jpg")
+    (tmp_path / "dangling.jpg").symlink_to("gone.jpg")
+    (tmp_path / "huge.png").write_bytes(_png_claiming(40000, 40000))  # 1.6e9 pixels > 2^30
+    reasons = {}
+    for index, path in enumerate(image_loader.find_images(tmp_path)):
+        record = image_loader.load_record(index, path, path.name)
+        assert not record.ok and record.image is None
+        reasons[path.name] = record.error
+    assert reasons["loop_a.jpg"] == reasons["loop_b.jpg"] == "symbolic link loop"
+    assert reasons["dangling.jpg"] == "broken symbolic link (its target gone.jpg does not exist)"
+    assert reasons["huge.png"].startswith("image too large to decode: over OpenCV's limit of ")
+    assert "\n" not in reasons["huge.png"] and "Assertion failed" not in reasons["huge.png"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "dangling", "loop"])
+def test_input_that_does_not_exist_says_input_not_found(kind, tmp_path, capsys):
+    path = tmp_path / "photo.jpg"
+    if kind == "dangling":
+        path.symlink_to(tmp_path / "gone.jpg")
+    elif kind == "loop":
+        path.symlink_to(path)
+    code, _, err = run_main(["--weights", "mobilenet0.25", "--inference_dir", path,
+                             "--inference_save_folder", tmp_path / "out"], capsys)
+    expected = {"missing": f"input not found: {path}",
+                "dangling": f"input not found: {path} (broken symbolic link to {tmp_path / 'gone.jpg'})",
+                "loop": f"cannot read input {path}: symbolic link loop"}[kind]
+    assert code == config.EXIT_ERROR and err.strip() == f"inference.py: error: {expected}"
+
+
+def test_opencv_out_of_memory_in_the_detector_is_retried_downscaled(tmp_path):
+    class OpenCVHungryDetector:
+        device = None
+
+        def detect_batch(self, images):
+            if any(im.shape[0] * im.shape[1] > 100 * 100 for im in images):  # a real cv2.error (-4)
+                cv2.resize(np.zeros((4, 4, 3), np.float32), None, fx=300000, fy=300000)
+            return _one_face_each(images)
+
+    runner, summary, records = _runner_on_blank_images(OpenCVHungryDetector(), tmp_path, ["big.png"])
+    runner.detect(records)
+    assert summary.processed == 1 and not summary.skipped and summary.notes
+    assert np.allclose(runner.results[0].detections.boxes, [[40, 40, 80, 80]])
+
+
+def test_names_with_line_breaks_stay_one_line_in_the_text_results(widerface_sample, mobilenet_weights, tmp_path,
+                                                                  capsys):
+    folder = tmp_path / "in"
+    odd = ["new\nline.jpg", "\\leading backslash.jpg", "plain\\inside.jpg"]
+    for name in odd:
+        _small_face_image(widerface_sample, folder / name)
+    (folder / "bad\nempty.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    code, stdout, err = run_main(["--weights", mobilenet_weights, "--experiment_name", "x", "--inference_dir",
+                                  folder, "--inference_save_folder", out, "--workers", "0"], capsys)
+    assert code == iu.EXIT_SKIPPED
+    detections = json.loads((out / "detections.json").read_text())
+    assert sorted(detections) == sorted(odd)  # JSON keeps the real names
+    lines = (out / "x_inference_results.txt").read_text().split("\n")[:-1]
+    names = [line for line in lines if not line[:1].isdigit()]
+    assert names == [iu.escape_name(name) for name in sorted(odd)]
+    assert names == ["\\\\\\leading backslash.jpg", "\\new\\nline.jpg", "plain\\inside.jpg"]
+    assert [iu.unescape_name(name) for name in names] == sorted(odd)
+    assert len(lines) == len(odd) + sum(len(faces) for faces in detections.values())
+    assert "  skipped \\bad\\nempty.jpg: empty file" in stdout.splitlines()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped"] == [{"file": "bad\nempty.jpg", "reason": "empty file"}]

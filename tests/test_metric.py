@@ -467,3 +467,58 @@ def test_full_val_set_runs_and_subset_of_everything_is_identical(real_gt):
     assert every.aps == full.aps and every.subset
     for s in SETTINGS:
         assert 0.3 < full.aps[s] < 0.9
+
+
+def test_prediction_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    bad = tmp_path / "0--Parade" / "0_Parade_marchingband_1_465.txt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"0_Parade_marchingband_1_465\n2\n1 2 3 4 0.5\n1 2 3 4 \xff0.5\n")
+    with pytest.raises(ValueError, match=r"0_Parade_marchingband_1_465\.txt:4: not UTF-8 text \(byte 0xff"):
+        read_prediction_file(bad)
+    with pytest.raises(ValueError, match=r"0_Parade_marchingband_1_465\.txt:4"):
+        read_prediction_dir(tmp_path)
+    bad.write_bytes("0_Parade_marchingband_1_465\n1\n1 2 3 4 0.5\n".encode("utf-8"))
+    assert read_prediction_file(bad)[1].shape == (1, 5)  # the same content in UTF-8 reads
+
+
+@pytest.fixture()
+def gt_copy(tmp_path):
+    """A writable copy of the sample's four ground-truth .mat files."""
+    import shutil
+
+    from tests.conftest import require_shared
+
+    source = require_shared("data/widerface_sample/ground_truth")
+    target = tmp_path / "gt"
+    target.mkdir()
+    for mat in source.glob("*.mat"):
+        shutil.copyfile(mat, target / mat.name)
+    return target
+
+
+@pytest.mark.parametrize("damage", ["cut_10", "cut_100", "cut_127", "cut_200", "cut_half", "garbage",
+                                    "no_variable", "wrong_shape"])
+@pytest.mark.parametrize("name", ["wider_face_val.mat", "wider_hard_val.mat"])
+def test_damaged_ground_truth_file_is_a_value_error_naming_it(gt_copy, damage, name):
+    """Truncated/corrupt .mat files make scipy raise MatReadError, OSError, IndexError, TypeError
+    ... depending on where they are cut; the loader turns each into one ValueError naming the file."""
+    from scipy.io import savemat
+
+    path = gt_copy / name
+    data = path.read_bytes()
+    if damage.startswith("cut_"):
+        size = len(data) // 2 if damage == "cut_half" else int(damage[4:])
+        path.write_bytes(data[:size])
+    elif damage == "garbage":
+        path.write_bytes(b"this is not a MATLAB file at all" * 10)
+    elif damage == "no_variable":
+        savemat(str(path), {"something_else": np.zeros(3)})
+    else:  # the right variable names holding plain numbers instead of cell arrays
+        savemat(str(path), {"gt_list": np.zeros(3), "event_list": np.zeros(3), "file_list": np.zeros(3),
+                            "face_bbx_list": np.zeros(3)})
+    with pytest.raises(ValueError) as raised:
+        load_ground_truth(gt_copy)
+    message = str(raised.value)
+    assert str(path) in message and "\n" not in message, message
+    if damage == "no_variable":
+        assert "missing variable" in message

@@ -65,22 +65,64 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, **extra: Any) -> P
     return path
 
 
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # torch.save < 1.6
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save >= 1.6 writes a zip archive holding <name>/data.pkl
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    """Whether ``path`` starts like a file written by ``torch.save`` (legacy pickle magic number, or
+    a zip archive that holds a ``data.pkl`` or cannot be listed, e.g. cut short)."""
+    import zipfile  # noqa: PLC0415
+
+    with path.open("rb") as handle:
+        head = handle.read(len(_LEGACY_TORCH_MAGIC))
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return True
+    if not head.startswith(_ZIP_MAGIC):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return True  # a torch zip archive without its central directory (truncated)
+
+
+def _short_reason(error: BaseException, limit: int = 120) -> str:
+    """The gist of a ``torch.load`` error on one line: PyTorch's advice about ``weights_only`` and
+    corrupted files dropped, bare values (``KeyError: 101``) prefixed with the error type."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError):
+        text = text.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+    text = " ".join(text.split())
+    for cut in (" This is an internal miniz error", " The file might be corrupted"):
+        text = text.split(cut)[0]
+    text = text.rstrip(". ")
+    if not text or not any(c.isalpha() for c in text):
+        text = f"{type(error).__name__} {text}".strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load`` a file with ``weights_only=True`` onto the CPU, with clear errors."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = " ".join(str(error).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].split())
-        if "Unsupported global" in reason:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as error:  # torch.load raises many types for corrupt files (struct.error, KeyError ...)
+        reason = _short_reason(error)
+        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in reason:
             raise CheckpointError(f"{path} holds Python objects that are not loaded for safety "
                                   f"(torch.load weights_only=True); re-save its state_dict: {reason}") from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
-    except Exception as error:  # torch.load raises many types for corrupt files (struct.error, ...)
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {reason}") from None
+        if isinstance(error, OSError) and error.filename is not None:
+            raise CheckpointError(f"cannot read checkpoint {path}: {error.strerror or reason}") from None
+        if _looks_like_torch_file(path):
+            raise CheckpointError(f"{path} is a damaged or truncated PyTorch checkpoint (torch.load: {reason})") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file (torch.load: {reason})") from None
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f"{path} does not hold a state dict (found {type(checkpoint).__name__})")
     return dict(checkpoint)

@@ -28,8 +28,8 @@ illumination invalid occlusion pose`` (lines with just ``x y w h`` are accepted 
 first non-blank line starts with ``#``.
 
 In both formats boxes with ``w <= 0`` or ``h <= 0`` are dropped and counted
-(``num_degenerate``). A line that cannot be parsed raises :class:`LabelFormatError` (a
-``ValueError``) whose message starts with ``<file>:<line>:``.
+(``num_degenerate``). A line that cannot be parsed, or a byte that is not UTF-8, raises
+:class:`LabelFormatError` (a ``ValueError``) whose message starts with ``<file>:<line>:``.
 
 Sample conventions
 ------------------
@@ -65,10 +65,13 @@ from utils.data_transformer import (
     seed_worker,
 )
 from utils.device_augment import DeferredBatch, DeferredImage
-from utils.image_io import read_image
+from utils.image_io import ImageReadError, decode_image
+from utils.image_loader import truncation_reason
+from utils.text_file import NotUtf8Error, read_utf8
 
 __all__ = [
     "LabelFormatError",
+    "read_training_image",
     "ImageAnnotation",
     "LabelFile",
     "parse_label_file",
@@ -152,9 +155,17 @@ def _stack(rows: list[np.ndarray]) -> np.ndarray:
     return np.stack(rows).astype(np.float32) if rows else empty_targets()
 
 
+def _read_text(file: Path) -> str:
+    """The label file as text; a byte that is not UTF-8 raises :class:`LabelFormatError` naming the
+    file and the line."""
+    try:
+        return read_utf8(file)
+    except NotUtf8Error as error:
+        raise LabelFormatError(file, error.line, f"{error.reason}; save the label file as UTF-8") from None
+
+
 def _read_lines(file: Path) -> list[str]:
-    with open(file, "r", encoding="utf-8") as handle:
-        return handle.read().splitlines()
+    return _read_text(file).splitlines()
 
 
 def parse_retinaface_labels(file: str | os.PathLike[str]) -> LabelFile:
@@ -266,11 +277,10 @@ def parse_wider_labels(file: str | os.PathLike[str]) -> LabelFile:
 
 
 def _detect_format(file: Path) -> str:
-    with open(file, "r", encoding="utf-8") as handle:
-        for raw in handle:
-            line = raw.strip()
-            if line:
-                return "retinaface" if line.startswith("#") else "wider"
+    for raw in _read_lines(file):
+        line = raw.strip()
+        if line:
+            return "retinaface" if line.startswith("#") else "wider"
     return "retinaface"
 
 
@@ -293,6 +303,29 @@ def parse_label_file(file: str | os.PathLike[str], fmt: LabelFormat = "auto") ->
     raise ValueError(f"unknown label format {fmt!r} (expected 'auto', 'retinaface' or 'wider')")
 
 
+def read_training_image(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a training image as BGR uint8 ``(H, W, 3)`` (decoded like
+    :func:`utils.image_io.read_image`), the file's bytes read once.
+
+    Raises :class:`~utils.image_io.ImageReadError` (message ``<path>: reason``) for a missing,
+    unreadable, empty or undecodable file and for a JPEG/PNG that is cut short, which OpenCV would
+    otherwise decode with grey fill.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: file not found") from None
+    except OSError as error:
+        raise ImageReadError(f"{path}: cannot read the file ({error.strerror or error})") from None
+    if not data:
+        raise ImageReadError(f"{path}: empty file")
+    problem = truncation_reason(data)
+    if problem is not None:
+        raise ImageReadError(f"{path}: {problem}")
+    return decode_image(data, path)
+
+
 class WiderFaceDataset(Dataset):
     """Face-detection dataset over a label file and an image folder.
 
@@ -308,7 +341,10 @@ class WiderFaceDataset(Dataset):
             ``"skip"`` (drop them and emit a warning).
 
     Items are ``(image, targets)`` with the conventions of the module docstring. Annotations are
-    held in one contiguous array (plus offsets) so forked DataLoader workers share them.
+    held in one contiguous array (plus offsets) so forked DataLoader workers share them. Images
+    are read with :func:`read_training_image`: an unreadable, empty or truncated file raises
+    :class:`~utils.image_io.ImageReadError` when its item is loaded (training replaces such
+    samples, see :class:`utils.train_utils.EpochSeededDataset`); nothing is decoded up front.
 
     Attributes:
         num_degenerate: boxes dropped because ``w <= 0`` or ``h <= 0``.
@@ -381,7 +417,7 @@ class WiderFaceDataset(Dataset):
             index += len(self)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
-        image = read_image(self.image_path(index))
+        image = read_training_image(self.image_path(index))  # ImageReadError for bad/truncated files
         targets = self.targets(index)
         if self.transform is not None:
             image, targets = self.transform(image, targets)

@@ -8,11 +8,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be found, read or matched to a model; the message says why."""
 
 
+CV_NO_MEMORY = -4  # cv::Error::StsNoMem: "(-4:Insufficient memory) Failed to allocate N bytes"
+
+
+def is_opencv_error(error: BaseException) -> bool:
+    """Whether ``error`` is a ``cv2.error`` (recognised without importing OpenCV)."""
+    return type(error).__name__ == "error" and type(error).__module__.split(".")[0] == "cv2"
+
+
 def is_out_of_memory(error: BaseException) -> bool:
-    """True for an allocation failure of the device or the host (CUDA, cuBLAS, cuDNN, CPU)."""
+    """True for an allocation failure of the device or the host (CUDA, cuBLAS, cuDNN, CPU, OpenCV)."""
     if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
         return True
     text = str(error).lower()
+    if is_opencv_error(error):
+        return getattr(error, "code", None) == CV_NO_MEMORY or "insufficient memory" in text
     return isinstance(error, RuntimeError) and any(
         sign in text for sign in ("out of memory", "can't allocate memory", "alloc_failed"))
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from config import one_line
 from utils.errors import unless_out_of_memory
+from utils.text_file import NotUtf8Error, read_utf8
 
 from utils.metric import (NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTruth, WiderFaceResult, evaluate,
                           load_ground_truth, plot_pr_curves, read_prediction_dir)
@@ -95,7 +96,10 @@ def list_val_images(dataset_root: str | os.PathLike[str]) -> list[ValImage]:
         raise EvaluationError(f"no val/images/ folder in {root} (expected <dataset>/val/images/<event>/*.jpg)")
     label_file = root / "val" / "label.txt"
     if label_file.is_file():
-        lines = [line.strip() for line in label_file.read_text().splitlines()]
+        try:
+            lines = [line.strip() for line in read_utf8(label_file).splitlines()]
+        except NotUtf8Error as error:
+            raise EvaluationError(str(error)) from None
         names = [line[1:].strip().split()[0] for line in lines if line.startswith("#") and line[1:].strip()]
         if not names:  # official WIDER FACE format: path lines ending in an image extension
             names = [line.split()[0] for line in lines if line and line.split()[0].lower().endswith(
@@ -221,7 +225,7 @@ def _detect_or_retry(detector: Any, images: list[np.ndarray], paths: list) -> li
         if single is None:
             height, width = image.shape[:2]
             raise EvaluationError(f"out of memory on {path} ({width}x{height}) even alone; use a smaller "
-                                  "--max_size / --target_size (or fewer --tta_scales) or a larger GPU")
+                                  "--max_size / --target_size (or fewer --tta_scales) or a device with more memory")
         found += single
     return found
 

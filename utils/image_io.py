@@ -33,6 +33,20 @@ def read_image(path: str | Path) -> np.ndarray:
     return image
 
 
+def decode_image(data: bytes, path: str | Path = "<memory>") -> np.ndarray:
+    """Decode the bytes of an image file like :func:`read_image` (``cv2.IMREAD_COLOR``, EXIF
+    orientation applied); ``path`` only names the file in the :class:`ImageReadError`."""
+    if not data:
+        raise ImageReadError(f"{path}: empty file")
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        image = None
+    if image is None or image.size == 0:
+        raise ImageReadError(f"{path}: not a readable image")
+    return image
+
+
 def as_bgr_uint8(image: np.ndarray) -> np.ndarray:
     """Validate/convert an in-memory image to BGR uint8 (H, W, 3).
 

@@ -7,9 +7,11 @@ OpenCV's thread pool out of forked workers, and grouping of same-size images int
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
+import stat
 import struct
 import time
 from collections import OrderedDict
@@ -21,6 +23,7 @@ import cv2
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from utils.errors import is_opencv_error, is_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
 
 DEFAULT_MAX_PIXELS = 36_000_000  # larger images are downscaled for the network (with a warning)
@@ -34,18 +37,47 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def find_images(root: str | Path, exclude: Iterable[str | Path] = ()) -> list[Path]:
+class UnreadableInputError(OSError):
+    """The input folder itself cannot be listed (permission denied, ...); ``str()`` says why."""
+
+
+def os_error_reason(error: OSError) -> str:
+    """``permission denied``-style text of an OSError, without the path it names."""
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    text = error.strerror or str(error) or type(error).__name__
+    return text[:1].lower() + text[1:]
+
+
+def find_images(root: str | Path, exclude: Iterable[str | Path] = (),
+                unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
     """Image files under ``root`` (recursively; jpg, jpeg, png, bmp, webp in any letter case),
     sorted by relative path. ``root`` may also be a single image file. Folders in ``exclude``
-    (e.g. the output folder inside the input folder) are not searched."""
+    (e.g. the output folder inside the input folder) are not searched.
+
+    With a list ``unreadable``, a sub-folder that cannot be listed (permission denied ...) is
+    appended to it as ``("<relative path>/", reason)`` and the search goes on, and ``root`` itself
+    unreadable raises :class:`UnreadableInputError`; without one, such folders are passed over
+    silently (``os.walk``'s default).
+    """
     root = Path(root)
     if root.is_file():
         return [root] if is_image_file(root) else []
     excluded = {os.path.realpath(p) for p in exclude}
+    problems: list[tuple[str, str]] = []
+
+    def on_error(error: OSError) -> None:
+        where = Path(error.filename) if error.filename is not None else root
+        if where == root:
+            raise UnreadableInputError(error.errno, f"cannot read input folder {root}: {os_error_reason(error)}")
+        problems.append((relative_name(where, root) + "/", f"folder not readable: {os_error_reason(error)}"))
+
     found = []
-    for folder, subfolders, files in os.walk(root):
+    for folder, subfolders, files in os.walk(root, onerror=on_error if unreadable is not None else None):
         subfolders[:] = sorted(d for d in subfolders if os.path.realpath(os.path.join(folder, d)) not in excluded)
         found.extend(Path(folder) / name for name in files if is_image_file(name))
+    if unreadable is not None:
+        unreadable.extend(sorted(problems))
     return sorted(found, key=lambda p: relative_name(p, root))
 
 
@@ -102,39 +134,33 @@ def jpeg_is_complete(data: bytes) -> bool:
     return False
 
 
-def png_is_complete(path: str | Path) -> bool:
-    """Whether a PNG file's chunks run up to its IEND chunk."""
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        if handle.read(8) != _PNG_SIGNATURE:
-            return True  # not a PNG: the decoder decides
-        while True:
-            header = handle.read(8)
-            if len(header) < 8:
-                return False
-            length, kind = struct.unpack(">I4s", header)
-            if kind == b"IEND":
-                return True
-            position = handle.tell() + length + 4  # data + CRC
-            if position > size:
-                return False
-            handle.seek(position)
+def png_is_complete(data: bytes) -> bool:
+    """Whether the chunks of a PNG byte string run up to its IEND chunk (not a PNG: ``True``, the
+    decoder decides)."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return True
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IEND":
+            return True
+        pos += 12 + length  # length, type, data, CRC
+    return False
+
+
+def truncation_reason(data: bytes) -> str | None:
+    """A reason when the bytes of a JPEG/PNG file are cut short, else ``None`` (other formats:
+    the decoder reports truncation itself)."""
+    if data.startswith(b"\xff\xd8") and not jpeg_is_complete(data):
+        return "truncated JPEG (no end-of-image marker)"
+    if data.startswith(_PNG_SIGNATURE) and not png_is_complete(data):
+        return "truncated PNG (no IEND chunk)"
+    return None
 
 
 def truncation_problem(path: str | Path) -> str | None:
-    """A reason when a JPEG/PNG file is cut short, else ``None`` (other formats: the decoder
-    reports truncation itself)."""
-    path = Path(path)
-    with path.open("rb") as handle:
-        head = handle.read(8)
-    if head.startswith(b"\xff\xd8"):
-        if not jpeg_is_complete(path.read_bytes()):
-            return "truncated JPEG (no end-of-image marker)"
-    elif head.startswith(_PNG_SIGNATURE):
-        if not png_is_complete(path):
-            return "truncated PNG (no IEND chunk)"
-    return None
+    """:func:`truncation_reason` of a file."""
+    return truncation_reason(Path(path).read_bytes())
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,12 +191,45 @@ class ImageRecord:
         return self.error is None
 
 
+def _opencv_reason(error: BaseException) -> str:
+    """A readable one-line reason for a ``cv2.error`` raised while decoding."""
+    detail = " ".join(str(getattr(error, "err", "") or error).split())
+    if "CV_IO_MAX_IMAGE_" in detail:
+        limit = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS") or str(1 << 30)
+        return (f"image too large to decode: over OpenCV's limit of {limit} pixels (environment variable "
+                f"OPENCV_IO_MAX_IMAGE_PIXELS) or {1 << 20} pixels a side")
+    return f"OpenCV could not decode it: {detail}"
+
+
 def _reason(error: BaseException, path: str) -> str:
-    message = str(error) or type(error).__name__
+    if is_opencv_error(error):
+        return _opencv_reason(error)
+    if isinstance(error, OSError) and error.filename is not None:
+        return os_error_reason(error)
+    message = str(error)
     for prefix in (f"{path}: ", f"{Path(path)}: "):
         if message.startswith(prefix):
-            return message[len(prefix):]
-    return message
+            message = message[len(prefix):]
+            break
+    return " ".join(message.split()) or type(error).__name__  # one line
+
+
+def _file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be opened as a file (missing, dangling or looping link, not a regular
+    file, permission denied), else ``None``."""
+    try:
+        info = os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ENOENT and os.path.islink(path):
+            return f"broken symbolic link (its target {os.readlink(path)} does not exist)"
+        if error.errno == errno.ENOENT:
+            return "file not found"
+        return os_error_reason(error)
+    if stat.S_ISDIR(info.st_mode):
+        return "a folder, not an image file"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"  # a FIFO or device: opening it could block
+    return None
 
 
 def downscale_for_memory(image: np.ndarray, max_pixels: int | None) -> tuple[np.ndarray, tuple[float, float]]:
@@ -189,7 +248,9 @@ def load_record(index: int, path: str | Path, name: str, max_pixels: int | None 
     started = time.perf_counter()
     record = ImageRecord(index=index, name=name, path=str(path))
     try:
-        problem = truncation_problem(path) if Path(path).is_file() and Path(path).stat().st_size else None
+        problem = _file_problem(path)
+        if problem is None and Path(path).stat().st_size:
+            problem = truncation_problem(path)
         if problem is not None:
             raise ImageReadError(problem)
         image = read_image(path)
@@ -200,12 +261,9 @@ def load_record(index: int, path: str | Path, name: str, max_pixels: int | None 
             nh, nw = record.net_image.shape[:2]
             record.notes.append(f"{w}x{h} has more than {max_pixels} pixels: detected at {nw}x{nh} "
                                 f"(boxes mapped back; use --max_size to choose the scale)")
-    except MemoryError:
+    except (ImageReadError, OSError, ValueError, MemoryError, cv2.error) as error:
         record.image = record.net_image = None
-        record.error = "out of memory while decoding"
-    except (ImageReadError, OSError, ValueError, cv2.error) as error:
-        record.image = record.net_image = None
-        record.error = _reason(error, str(path))
+        record.error = "out of memory while decoding" if is_out_of_memory(error) else _reason(error, str(path))
     record.load_s = time.perf_counter() - started
     return record
 

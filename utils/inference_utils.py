@@ -13,17 +13,24 @@ Output folder layout (``--inference_save_folder OUT``)::
     OUT/head_masks/<rel dir>/<stem>_<i>.png  --save_mask: head masks (0/255)
 
 Exit codes of the command line: :data:`EXIT_OK` (0) every image processed, :data:`EXIT_ERROR`
-(1) nothing was run (no images, missing weights, unknown device, output folder in use ...) or
+(1) nothing was run (no images, missing weights, unavailable device, output folder in use or not
+writable ...) or
 the run stopped on an unexpected error (its outputs so far are written, with the error in
 ``summary.json``),
 :data:`EXIT_USAGE` (2) bad command-line option, :data:`EXIT_SKIPPED` (3) finished but some
-files were skipped (unreadable, truncated, empty, not images, out of memory), 130 interrupted.
+files were skipped (unreadable, truncated, empty, not images, out of memory, in folders that cannot
+be listed), 130 interrupted. Names that hold line breaks are escaped in the text outputs
+(:func:`escape_name`).
 """
 from __future__ import annotations
 
+import argparse
+import errno
 import json
 import os
+import re
 import sys
+import tempfile
 import time
 import warnings
 from collections import defaultdict, deque
@@ -35,14 +42,12 @@ import cv2
 import numpy as np
 import torch
 
-from config import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK
-from utils.checkpoint import checkpoint_for_run
+from config import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, build_parser
+from utils.checkpoint import checkpoint_for_run, resolve_weights
 from utils.errors import unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
-from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, find_images,
-                                make_loader, start_loader)
-
-EXIT_SKIPPED = 3  # the run finished but some files were skipped (the others: config.EXIT_*)
+from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, UnreadableInputError,
+                                find_images, make_loader, os_error_reason, start_loader)
 
 RESULT_SUBFOLDERS = ("result_images", "masks", "faces", "heads", "head_masks")
 RESULTS_TXT_SUFFIX = "_inference_results.txt"
@@ -83,6 +88,58 @@ def check_output_folder(folder: str | Path, exist_ok: bool) -> Path:
                              f"{' ...' if len(found) > 3 else ''}); choose another --inference_save_folder "
                              f"or pass --exist_ok true to write into it")
     return folder
+
+
+def _check_writable(folder: Path) -> None:
+    """Write and remove a probe file in ``folder``; InferenceError when that fails."""
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(handle)
+        os.unlink(name)
+    except OSError as error:
+        raise InferenceError(f"output folder {folder} is not writable: {os_error_reason(error)}") from None
+
+
+def prepare_output_folder(folder: str | Path, subfolders: Iterable[str] = ()) -> list[Path]:
+    """Create ``folder`` (with its parents) and check that files can be written in it and in those of
+    ``subfolders`` that already exist (e.g. ``result_images`` of an earlier run with ``--exist_ok``),
+    so that a read-only or uncreatable output folder stops the run before any image is processed.
+
+    Returns the folders created here, deepest first (:func:`remove_created_folders` undoes them
+    when the run cannot start after all). Raises :class:`InferenceError` with a one-line reason.
+    """
+    folder = Path(folder)
+    created = []
+    try:
+        missing = folder
+        while not missing.exists() and missing != missing.parent:
+            created.append(missing)
+            missing = missing.parent
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        remove_created_folders(created)
+        raise InferenceError(f"cannot create output folder {folder}: {os_error_reason(error)}") from None
+    try:
+        _check_writable(folder)
+        for name in subfolders:
+            sub = folder / name
+            if sub.exists() or sub.is_symlink():
+                if not sub.is_dir():
+                    raise InferenceError(f"output folder {folder}: {name} exists and is not a folder")
+                _check_writable(sub)
+    except InferenceError:
+        remove_created_folders(created)
+        raise
+    return created
+
+
+def remove_created_folders(created: Iterable[Path]) -> None:
+    """Remove the (still empty) folders :func:`prepare_output_folder` created, deepest first."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
@@ -139,12 +196,39 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+_LINE_BREAKS = re.compile(r"[\\\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def escape_name(name: str) -> str:
+    """``name`` as one line of text: unchanged unless it holds a line break (any character
+    ``str.splitlines`` splits at) or starts with a backslash; then the line starts with ``\\``,
+    backslashes are doubled and the breaks are written ``\\n``, ``\\r`` or ``\\xHH`` / ``\\uHHHH``
+    (like ``sha256sum`` writes such names). :func:`unescape_name` reverses it."""
+    if not name.startswith("\\") and not any(ch != "\\" for ch in _LINE_BREAKS.findall(name)):
+        return name
+    named = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+    return "\\" + _LINE_BREAKS.sub(
+        lambda m: named.get(m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}"),
+        name)
+
+
+def unescape_name(line: str) -> str:
+    """The image name written as ``line`` by :func:`escape_name`."""
+    if not line.startswith("\\"):
+        return line
+    return re.sub(r"\\(\\|n|r|x[0-9a-f]{2}|u[0-9a-f]{4})",
+                  lambda m: {"\\": "\\", "n": "\n", "r": "\r"}.get(m.group(1)) or chr(int(m.group(1)[1:], 16)),
+                  line[1:])
+
+
 def format_results_txt(results: Iterable[tuple[str, Any]]) -> str:
     """The original project's text format: the image name, then ``x1 y1 x2 y2 score`` per face
-    (coordinates truncated to integers, score with 6 decimals)."""
+    (coordinates truncated to integers, score with 6 decimals). A name that holds a line break
+    (or starts with a backslash) is escaped (:func:`escape_name`) so that every image stays one
+    name line; ``detections.json`` has the names as they are."""
     lines = []
     for name, detections in results:
-        lines.append(name)
+        lines.append(escape_name(name))
         for box, score in zip(detections.boxes, detections.scores):
             x1, y1, x2, y2 = (int(v) for v in box)
             lines.append("%d %d %d %d %f" % (x1, y1, x2, y2, float(score)))
@@ -211,6 +295,7 @@ class InferenceSummary:
     model_load_s: float = 0.0
     wall_s: float = 0.0
     device: str = ""
+    weights: str = ""  # the checkpoint that was run
     interrupted: bool = False
     error: str | None = None  # what stopped the run part-way (it then raises)
 
@@ -236,7 +321,7 @@ class InferenceSummary:
                 "notes": [{"file": f, "note": n} for f, n in self.notes],
                 "ms_per_image": {k: round(v, 3) for k, v in self.ms_per_image().items()},
                 "images_per_s": round(self.images_per_s, 3), "wall_s": round(self.wall_s, 3),
-                "model_load_s": round(self.model_load_s, 3), "device": self.device,
+                "model_load_s": round(self.model_load_s, 3), "device": self.device, "weights": self.weights,
                 "interrupted": self.interrupted, "error": self.error, "exit_code": self.exit_code}
 
 
@@ -247,14 +332,15 @@ def format_summary(summary: InferenceSummary) -> str:
              f"faces found: {summary.faces}"
              + ("  [interrupted]" if summary.interrupted else "")]
     for name, reason in summary.skipped:
-        lines.append(f"  skipped {name}: {reason}")
+        lines.append(f"  skipped {escape_name(name)}: {reason}")
     for name, note in summary.notes:
-        lines.append(f"  note {name}: {note}")
+        lines.append(f"  note {escape_name(name)}: {note}")
     lines.append("ms/img: " + ", ".join(f"{key} {ms[key]:.1f}" for key in TIMING_KEYS)
                  + " (load runs in DataLoader workers and write on background threads, both overlapping "
                    "the network)")
     lines.append(f"throughput: {summary.images_per_s:.2f} images/s ({summary.processed} images in "
                  f"{summary.wall_s:.2f} s on {summary.device}; model load {summary.model_load_s:.2f} s)")
+    lines.append(f"weights: {summary.weights}")
     lines.append(f"results: {summary.output_folder}")
     return "\n".join(lines)
 
@@ -319,7 +405,7 @@ class _Runner:
 
     def skip(self, record: ImageRecord, reason: str) -> None:
         self.summary.skipped.append((record.name, reason))
-        _warn(self.bar, f"skipped {record.name}: {reason}")
+        _warn(self.bar, f"skipped {escape_name(record.name)}: {reason}")
         self.bar.update(1)
 
     def detect(self, batch: list[ImageRecord]) -> None:
@@ -354,7 +440,9 @@ class _Runner:
             h, w = image.shape[:2]
             if min(h, w) < 32:
                 break
-            image = cv2.resize(image, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+            image = unless_out_of_memory(lambda: cv2.resize(image, (w // 2, h // 2), interpolation=cv2.INTER_AREA))
+            if image is None:
+                break
             scale = (scale[0] * (w // 2) / w, scale[1] * (h // 2) / h)
             found = unless_out_of_memory(self.detector.detect_batch, [image])
             if found is None:
@@ -363,7 +451,7 @@ class _Runner:
             record.net_scale = scale
             note = f"out of memory at {w}x{h}: detected at {w // 2}x{h // 2} (boxes mapped back)"
             record.notes.append(note)
-            _warn(self.bar, f"{record.name}: {note}")
+            _warn(self.bar, f"{escape_name(record.name)}: {note}")
             return detections
         self.skip(record, "out of memory even after downscaling (try --max_size)")
         return None
@@ -419,10 +507,32 @@ class _Runner:
                 self.segmenter = None
 
 
+def check_input(root: Path) -> None:
+    """InferenceError with a one-line reason when ``--inference_dir`` cannot be opened at all."""
+    try:
+        os.stat(root)
+    except OSError as error:
+        if os.path.islink(root) and error.errno == errno.ENOENT:
+            raise InferenceError(f"input not found: {root} (broken symbolic link to {os.readlink(root)})") from None
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise InferenceError(f"input not found: {root}") from None
+        raise InferenceError(f"cannot read input {root}: {os_error_reason(error)}") from None
+
+
+def complete_args(args: Any = None, **overrides: Any) -> argparse.Namespace:
+    """``args`` with every inference option present (missing ones get their defaults), so a
+    notebook can pass a hand-made ``Namespace(inference_dir=..., weights=...)``."""
+    full = build_parser("inference").parse_args([])
+    for key, value in {**vars(args or argparse.Namespace()), **overrides}.items():
+        setattr(full, key, value)
+    return full
+
+
 def run_inference(args: Any, collect: bool = True, progress: bool | None = None) -> InferenceRun:
     """Run the detector (and the mask stage) over ``args.inference_dir`` and write the outputs.
 
-    ``args`` is the namespace of ``config.parse_args('inference', ...)``. ``collect=False`` drops
+    ``args`` is the namespace of ``config.parse_args('inference', ...)``, or any namespace holding some
+    of its options (the others take their defaults, see :func:`complete_args`). ``collect=False`` drops
     the masks from the returned results as soon as they are written (constant memory).
     Raises :class:`InferenceError` / ``CheckpointError`` (one-line messages) when the run cannot
     start; bad image files are skipped and listed in the summary instead.
@@ -430,15 +540,21 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     from models.detector import FaceDetector, resolve_device, use_device  # noqa: PLC0415 (keeps imports light)
     from config import architecture_overrides  # noqa: PLC0415
 
+    args = complete_args(args)
     if not args.inference_dir:
         raise InferenceError("no input: pass --inference_dir DIR (a folder of images, searched recursively)")
     root = Path(args.inference_dir)
-    if not root.exists():
-        raise InferenceError(f"input folder not found: {root}")
+    check_input(root)
     output = Path(args.inference_save_folder)
-    files = find_images(root, exclude=[output])
+    unreadable: list[tuple[str, str]] = []
+    try:
+        files = find_images(root, exclude=[output], unreadable=unreadable)
+    except UnreadableInputError as error:
+        raise InferenceError(error.strerror) from None
     if not files:
-        raise InferenceError(f"no images ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}) found in {root}")
+        also = (f" ({len(unreadable)} folder(s) could not be read, e.g. {unreadable[0][0]}: "
+                f"{unreadable[0][1]})" if unreadable else "")
+        raise InferenceError(f"no images ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}) found in {root}{also}")
     try:
         device = resolve_device(args.device, args.gpu_num)
         use_device(device)
@@ -456,21 +572,32 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         except RuntimeError as error:
             raise InferenceError(f"--mask: {error}") from None
 
+    # the output folder must take files before any image is processed (results are written at the end)
+    created = prepare_output_folder(output, (["result_images"] if args.save_img else [])
+                                    + (list(RESULT_SUBFOLDERS[1:]) if args.save_mask else []))
+
     started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="half precision is only used on CUDA")
-        detector = FaceDetector(
-            weights, device=device, overrides=architecture_overrides(args),
-            confidence_threshold=args.confidence_threshold, nms_threshold=args.nms_threshold,
-            top_k=args.top_k, keep_top_k=args.keep_top_k, max_size=args.max_size,
-            batch_size=args.batch_size, half=args.half, cuda_graphs=getattr(args, "cuda_graphs", True))
-    summary = InferenceSummary(output_folder=str(output), total_files=len(files), device=str(device))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="half precision is only used on CUDA")
+            detector = FaceDetector(
+                weights, device=device, overrides=architecture_overrides(args),
+                confidence_threshold=args.confidence_threshold, nms_threshold=args.nms_threshold,
+                top_k=args.top_k, keep_top_k=args.keep_top_k, max_size=args.max_size,
+                batch_size=args.batch_size, half=args.half, cuda_graphs=getattr(args, "cuda_graphs", True))
+    except BaseException:
+        remove_created_folders(created)  # nothing was run: leave no empty output folder behind
+        raise
+    summary = InferenceSummary(output_folder=str(output), total_files=len(files) + len(unreadable),
+                               device=str(device), weights=str(resolve_weights(weights)), skipped=list(unreadable))
     summary.model_load_s = time.perf_counter() - started
-    output.mkdir(parents=True, exist_ok=True)
 
     dataset = ImageFolderDataset(files, root, getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
     loader = make_loader(dataset, batch_size=args.batch_size, workers=args.workers)
     bar = _progress(len(files), progress)
+    bar.write(f"weights: {summary.weights} ({detector.config}) on {device}", file=sys.stderr)
+    for name, reason in unreadable:
+        _warn(bar, f"skipped {escape_name(name)}: {reason}")
     runner = _Runner(args, detector, output, dataset.names, collect, summary, bar)
     batcher = SameSizeBatcher(args.batch_size) if args.infer_imsize_same else None
     if args.half and device.type != "cuda":
@@ -486,7 +613,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
                     summary.timings["load"] += record.load_s
                     runner.skip(record, record.error)
                 for note in record.notes:
-                    _warn(bar, f"{record.name}: {note}")
+                    _warn(bar, f"{escape_name(record.name)}: {note}")
             if batcher is None:
                 if good:
                     runner.detect(good)

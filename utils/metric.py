@@ -49,6 +49,8 @@ from typing import Union
 
 import numpy as np
 
+from utils.text_file import read_utf8
+
 __all__ = [
     "SETTINGS",
     "NUM_VAL_IMAGES",
@@ -224,15 +226,45 @@ def _mat_str(cell: np.ndarray) -> str:
     return str(cell)
 
 
+def _load_mat(path: Path, variables: Iterable[str]) -> dict:
+    """``scipy.io.loadmat(path)`` holding ``variables``; ValueError naming the file when it is not
+    a readable MATLAB file (truncated, corrupt, another format) or lacks one of them. OSError
+    naming the file (permission denied ...) and MemoryError pass through."""
+    from scipy.io import loadmat  # local import: scipy is only needed for loading
+
+    try:
+        mat = loadmat(str(path))
+    except MemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - scipy raises MatReadError, ValueError, TypeError,
+        # IndexError, OSError("could not read bytes") ... for a damaged file, depending on where it is cut
+        if isinstance(error, OSError) and error.filename is not None:
+            raise  # e.g. permission denied: the message names the file
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"{path}: not a readable MATLAB .mat file ({reason})") from None
+    for name in variables:
+        if name not in mat:
+            raise ValueError(f"{path}: missing variable {name!r}")
+    return mat
+
+
+def _cell_column(path: Path, value: object, name: str) -> list:
+    """The entries ``value[i][0]`` of a MATLAB cell column, ValueError naming the file if it is not one."""
+    try:
+        return [value[i][0] for i in range(len(value))]  # type: ignore[index, arg-type]
+    except (IndexError, TypeError, KeyError) as error:
+        raise ValueError(f"{path}: variable {name!r} is not a cell array as in the WIDER FACE kit "
+                         f"({type(error).__name__}: {error})") from None
+
+
 def load_ground_truth(gt_dir: PathLike) -> WiderFaceGroundTruth:
     """Load the official WIDER FACE validation ground truth from ``gt_dir``.
 
     ``gt_dir`` must contain ``wider_face_val.mat`` and ``wider_{easy,medium,hard}_val.mat``
     (the files shipped with the official evaluation kit). Raises FileNotFoundError naming the
-    first missing file, ValueError when the files do not fit together.
+    first missing file, ValueError naming the file when one is not a readable ``.mat`` file
+    (e.g. truncated), lacks a variable or does not fit the others.
     """
-    from scipy.io import loadmat  # local import: scipy is only needed for loading
-
     gt_dir = Path(gt_dir)
     names = [_GT_FILE, *_SETTING_FILES.values()]
     for name in names:
@@ -241,32 +273,44 @@ def load_ground_truth(gt_dir: PathLike) -> WiderFaceGroundTruth:
                 f"WIDER FACE ground-truth file not found: {gt_dir / name} "
                 f"(the folder must contain {', '.join(names)})"
             )
-    main = loadmat(str(gt_dir / _GT_FILE))
+    main_path = gt_dir / _GT_FILE
+    main = _load_mat(main_path, ("face_bbx_list", "event_list", "file_list"))
+    event_cells = _cell_column(main_path, main["event_list"], "event_list")
+    file_cells = _cell_column(main_path, main["file_list"], "file_list")
+    bbx_cells = _cell_column(main_path, main["face_bbx_list"], "face_bbx_list")
+    if not len(event_cells) == len(file_cells) == len(bbx_cells):
+        raise ValueError(f"{main_path}: event_list, file_list and face_bbx_list differ in length")
+    events: list[tuple[str, list[str], list[np.ndarray]]] = []  # (event, file stems, boxes)
     try:
-        face_bbx_list, event_list, file_list = main["face_bbx_list"], main["event_list"], main["file_list"]
-    except KeyError as exc:
-        raise ValueError(f"{gt_dir / _GT_FILE}: missing variable {exc}") from None
-    setting_lists = {}
-    for s, name in _SETTING_FILES.items():
-        mat = loadmat(str(gt_dir / name))
-        if "gt_list" not in mat:
-            raise ValueError(f"{gt_dir / name}: missing variable 'gt_list'")
-        setting_lists[s] = mat["gt_list"]
+        for e in range(len(event_cells)):
+            event = _mat_str(event_cells[e])
+            files = [_mat_str(f) for f in _cell_column(main_path, file_cells[e], f"file_list{{{e + 1}}}")]
+            bbx = [np.asarray(b) for b in _cell_column(main_path, bbx_cells[e], f"face_bbx_list{{{e + 1}}}")]
+            if len(bbx) != len(files):
+                raise ValueError(f"{main_path}: event {event} has {len(files)} files but {len(bbx)} box lists")
+            events.append((event, files, bbx))
+    except (IndexError, TypeError, AttributeError) as error:
+        raise ValueError(f"{main_path}: unexpected content ({type(error).__name__}: {error})") from None
 
-    records: list[tuple[str, str, np.ndarray, dict[str, np.ndarray]]] = []
-    for e in range(len(event_list)):
-        event = _mat_str(event_list[e][0])
-        files = file_list[e][0]
-        bbx = face_bbx_list[e][0]
-        if len(bbx) != len(files):
-            raise ValueError(f"{_GT_FILE}: event {event} has {len(files)} files but {len(bbx)} box lists")
-        for s in SETTINGS:
-            if len(setting_lists[s][e][0]) != len(files):
-                raise ValueError(f"{_SETTING_FILES[s]}: event {event} does not match {_GT_FILE}")
-        for j in range(len(files)):
-            keep = {s: np.asarray(setting_lists[s][e][0][j][0]) for s in SETTINGS}
-            records.append((event, _mat_str(files[j][0]), np.asarray(bbx[j][0]), keep))
-    return WiderFaceGroundTruth.from_records(records)
+    keeps: dict[str, list[list[np.ndarray]]] = {}
+    for s, name in _SETTING_FILES.items():
+        path = gt_dir / name
+        cells = _cell_column(path, _load_mat(path, ("gt_list",))["gt_list"], "gt_list")
+        if len(cells) != len(events):
+            raise ValueError(f"{path}: {len(cells)} events but {_GT_FILE} has {len(events)}")
+        keeps[s] = []
+        for e, (event, files, _) in enumerate(events):
+            keep = [np.asarray(k) for k in _cell_column(path, cells[e], f"gt_list{{{e + 1}}}")]
+            if len(keep) != len(files):
+                raise ValueError(f"{path}: event {event} does not match {_GT_FILE}")
+            keeps[s].append(keep)
+
+    records = [(event, files[j], bbx[j], {s: keeps[s][e][j] for s in SETTINGS})
+               for e, (event, files, bbx) in enumerate(events) for j in range(len(files))]
+    try:
+        return WiderFaceGroundTruth.from_records(records)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{gt_dir}: unexpected ground-truth content ({' '.join(str(error).split())})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,11 +353,11 @@ def read_prediction_file(path: PathLike) -> tuple[str, np.ndarray]:
 
     The stem is taken from the first line (folders and a ``.jpg`` suffix removed, as the public
     tool does). Blank lines after the count are ignored; values beyond the fifth on a line are
-    ignored. Raises ValueError naming ``file:line`` on a malformed line or a count that does not
-    match the number of boxes.
+    ignored. Raises ValueError naming ``file:line`` on a malformed line, a byte sequence that is not
+    UTF-8 or a count that does not match the number of boxes.
     """
     path = Path(path)
-    lines = path.read_text().splitlines()
+    lines = read_utf8(path).splitlines()  # NotUtf8Error (a ValueError) names file:line
     if len(lines) < 2:
         raise ValueError(f"{path}:{len(lines) + 1}: expected the image name and the box count")
     stem = lines[0].strip().split("/")[-1]

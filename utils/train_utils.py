@@ -34,7 +34,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from config import architecture_overrides
+from config import architecture_overrides, one_line
 from layers.multibox_loss import LOSS_TERMS, MultiBoxLoss, pad_targets
 from layers.prior_box import prior_boxes
 from models.retinaface import ModelConfig, RetinaFace
@@ -55,6 +55,8 @@ from utils.checkpoint import (
     save_checkpoint,
     split_checkpoint,
 )
+from utils.evaluation import EvaluationError
+from utils.image_io import ImageReadError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MOBILENET_BACKBONE = REPO_ROOT / "weights" / "mobilenetV1X0.25_pretrain.tar"
@@ -268,6 +270,8 @@ def build_model(args: argparse.Namespace, resume_checkpoint: Mapping[str, Any] |
     pretrained, backbone_weights = _backbone_weights(args, config.network)
     try:
         model = RetinaFace(config, pretrained=pretrained, backbone_weights=backbone_weights)
+    except CheckpointError as error:  # a file that is not a state dict of tensors (names the file)
+        raise TrainingSetupError(f"backbone weights: {error}") from None
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         if backbone_weights is None and pretrained:
             raise TrainingSetupError(
@@ -402,25 +406,103 @@ def autocast_settings(device: torch.device, amp: bool) -> tuple[torch.dtype | No
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+class LoadReport(NamedTuple):
+    """What loading a sample (or a batch) ran into: ``skipped`` ``(path, reason)`` of every
+    unreadable image met (the replaced one and any unreadable candidates tried after it),
+    ``replaced`` how many samples were replaced, ``fatal`` when no image of the dataset could be
+    read (the sample is then a blank placeholder)."""
+
+    skipped: tuple[tuple[str, str], ...] = ()
+    replaced: int = 0
+    fatal: bool = False
+
+
 class EpochSeededDataset(Dataset):
     """Wraps a dataset whose ``transform`` has ``reseed`` (``TrainTransform``): item
     ``(index, epoch)`` reseeds the transform with ``[seed, epoch, index]`` before loading, so
     each sample's augmentation depends only on these three numbers (not on worker count,
-    worker scheduling or where a run was resumed)."""
+    worker scheduling or where a run was resumed).
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    An image that cannot be read (:class:`~utils.image_io.ImageReadError`: missing, empty, not an
+    image, truncated) is replaced by the first readable image in a scan of the dataset that starts
+    at an offset drawn from ``[seed, epoch, index]``, augmented with the slot's own seed: the
+    replacement too depends only on these numbers (and on which files are unreadable), so
+    ``--resume`` stays exact. Known unreadable indices are remembered per process, so each file
+    is read once. With ``report=True`` items are ``(image, targets, LoadReport)`` (batch them
+    with :func:`collate_with_report`); otherwise ``(image, targets)``.
+    """
+
+    _MAX_FATAL_EXAMPLES = 3
+
+    def __init__(self, dataset: Dataset, seed: int, report: bool = False) -> None:
         self.dataset = dataset
         self.seed = int(seed)
+        self.report = report
+        self._unreadable: dict[int, str] = {}  # index -> reason, known in this process
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, epoch = key
+    def _load(self, index: int, epoch: int, slot: int):
         transform = getattr(self.dataset, "transform", None)
         if transform is not None and hasattr(transform, "reseed"):
-            transform.reseed([self.seed, int(epoch), int(index)])
+            transform.reseed([self.seed, int(epoch), int(slot)])
         return self.dataset[index]
+
+    def _path(self, index: int) -> str:
+        path = getattr(self.dataset, "image_path", None)
+        return str(path(index)) if path is not None else f"image {index}"
+
+    def _candidates(self, index: int, epoch: int) -> Iterator[int]:
+        """``index``, then every other index once, from an offset drawn from ``[seed, epoch, index]``."""
+        yield index
+        size = len(self.dataset)
+        if size > 1:
+            offset = int(np.random.default_rng([self.seed, epoch, index, 1]).integers(size - 1))
+            for j in range(size - 1):
+                yield (index + 1 + (offset + j) % (size - 1)) % size
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = int(key[0]), int(key[1])
+        skipped: list[tuple[str, str]] = []
+        for attempt, candidate in enumerate(self._candidates(index, epoch)):
+            problem = self._unreadable.get(candidate)
+            if problem is None:
+                try:
+                    sample = self._load(candidate, epoch, index)
+                except ImageReadError as error:
+                    path, message = self._path(candidate), str(error)
+                    problem = message.removeprefix(f"{path}: ")
+                    self._unreadable[candidate] = problem
+                else:
+                    return (*sample, LoadReport(tuple(skipped), int(attempt > 0))) if self.report else sample
+            skipped.append((self._path(candidate), problem))
+        return self._placeholder(skipped)
+
+    def _placeholder(self, skipped: list[tuple[str, str]]):
+        """No image of the dataset can be read: a blank sample flagged ``fatal`` (the training
+        loop stops with one line), or, without ``report``, the error."""
+        from utils.data_transformer import empty_targets
+
+        if not self.report:
+            raise ImageReadError(f"none of the {len(self.dataset)} images can be read, e.g. "
+                                 f"{skipped[0][0]}: {skipped[0][1]}")
+        blank = np.zeros((8, 8, 3), dtype=np.uint8)
+        transform = getattr(self.dataset, "transform", None)
+        sample = transform(blank, empty_targets()) if transform is not None else (blank, empty_targets())
+        return (*sample, LoadReport(tuple(skipped[:self._MAX_FATAL_EXAMPLES]), 1, fatal=True))
+
+
+def collate_with_report(batch: list) -> tuple[Any, list[torch.Tensor], LoadReport]:
+    """:func:`~utils.data_loaders.detection_collate` of ``(image, targets, LoadReport)`` samples;
+    the batch is ``(images, targets, LoadReport)`` with the reports of its samples merged."""
+    from utils.data_loaders import detection_collate
+
+    images, targets = detection_collate([(image, target) for image, target, _ in batch])
+    reports = [report for _, _, report in batch]
+    merged = LoadReport(tuple(item for report in reports for item in report.skipped),
+                        sum(report.replaced for report in reports), any(report.fatal for report in reports))
+    return images, targets, merged
 
 
 class ResumableSampler(Sampler):
@@ -482,25 +564,42 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
                        ) -> tuple[DataLoader, ResumableSampler, Dataset]:
     """DataLoader over ``<dataset>/<train_split>`` with ``TrainTransform(im_size)`` (or its
     ``DeferredTrainTransform`` with ``--augment_on device``): drop-last batches of
-    ``--batch_size`` per process, pinned memory and persistent workers on CUDA."""
-    from utils.data_loaders import dataset_from_root, detection_collate
+    ``--batch_size`` per process, pinned memory and persistent workers on CUDA. Batches are
+    ``(images, targets, LoadReport)``: unreadable images are replaced (see
+    :class:`EpochSeededDataset`) and reported to the training loop."""
+    from utils.data_loaders import dataset_from_root
 
     try:
         dataset = dataset_from_root(args.dataset, args.train_split,
                                     train_transform(args.im_size, seed, getattr(args, "augment_on", "workers")))
     except (FileNotFoundError, ValueError) as error:
         raise TrainingSetupError(f"training data: {error}") from None
+    if len(dataset) == 0:
+        raise TrainingSetupError(f"training data: {dataset.label_file} lists no images (expected '# <event>/<name>.jpg' "
+                                 "headers, each followed by its face lines; see data/README.md)")
     sampler = ResumableSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=seed)
     if sampler.num_samples < args.batch_size:
         raise TrainingSetupError(
             f"{len(dataset)} training images give {sampler.num_samples} per process, fewer than "
             f"--batch_size {args.batch_size}: lower --batch_size")
     cuda = info.device.type == "cuda"
-    loader = DataLoader(EpochSeededDataset(dataset, seed), batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, collate_fn=detection_collate, pin_memory=cuda,
+    loader = DataLoader(EpochSeededDataset(dataset, seed, report=True), batch_size=args.batch_size, sampler=sampler,
+                        num_workers=args.workers, collate_fn=collate_with_report, pin_memory=cuda,
                         drop_last=True, persistent_workers=args.workers > 0,
                         prefetch_factor=4 if args.workers > 0 else None)
     return loader, sampler, dataset
+
+
+def dataset_notes(dataset: Dataset) -> list[str]:
+    """Log lines about what parsing the training label file dropped (degenerate boxes, faces
+    flagged invalid in the official format)."""
+    label = getattr(dataset, "label_file", "the label file")
+    notes = []
+    if getattr(dataset, "num_degenerate", 0):
+        notes.append(f"dropped {dataset.num_degenerate} degenerate face box(es) (w or h <= 0) in {label}")
+    if getattr(dataset, "num_invalid", 0):
+        notes.append(f"dropped {dataset.num_invalid} face(s) flagged invalid in {label}")
+    return notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -606,6 +705,10 @@ class TrainContext:
     last_saved_step: int | None = None
     loss_history: list[tuple[int, float]] = field(default_factory=list)  # (step, mean total loss) per read-back
     loader_hint_given: bool = False
+    unreadable: dict[str, str] = field(default_factory=dict)  # training images skipped: path -> reason
+    pending_unreadable: dict[str, str] = field(default_factory=dict)  # not yet shared with the other ranks
+    replaced_samples: int = 0  # samples of this process that an unreadable image handed to another image
+    failed_validations: list[str] = field(default_factory=list)  # one line per periodic validation that failed
 
     @property
     def ckpt_dir(self) -> Path:
@@ -614,6 +717,42 @@ class TrainContext:
     def log(self, message: str) -> None:
         if self.logger is not None:
             self.logger.info(message)
+
+    def note_load_report(self, report: "LoadReport") -> None:
+        """Record the unreadable training images of a batch: each new file is logged once (in a
+        distributed run once the ranks have shared them, see :meth:`share_unreadable`); a batch
+        that found no readable image at all stops the run."""
+        if report.fatal:
+            dataset = getattr(getattr(self.loader, "dataset", None), "dataset", None)
+            listed = (f"{len(dataset)} training images listed in {dataset.label_file}"
+                      if hasattr(dataset, "label_file") else "training images")
+            path, reason = report.skipped[0]
+            raise TrainingSetupError(f"none of the {listed} can be read (e.g. {path}: {reason})")
+        self.replaced_samples += report.replaced
+        for path, reason in report.skipped:
+            if path in self.unreadable or path in self.pending_unreadable:
+                continue
+            if self.info.distributed:
+                self.pending_unreadable[path] = reason
+            else:
+                self._add_unreadable(path, reason)
+
+    def _add_unreadable(self, path: str, reason: str) -> None:
+        self.unreadable[path] = reason
+        self.log(f"skipped unreadable training image {path}: {reason} (its samples are replaced by other "
+                 f"images; {len(self.unreadable)} unreadable so far)")
+
+    def share_unreadable(self, pending_total: int) -> None:
+        """Distributed: gather the unreadable images found by every rank (``pending_total``, the
+        sum of their pending counts, was all-reduced with the losses) so that rank 0 logs them all."""
+        if self.info.distributed and pending_total > 0:
+            shares: list[Any] = [None] * self.info.world_size
+            dist.all_gather_object(shares, dict(self.pending_unreadable))
+            for share in shares:
+                for path, reason in share.items():
+                    if path not in self.unreadable:
+                        self._add_unreadable(path, reason)
+        self.pending_unreadable.clear()
 
     def save_last(self) -> None:
         if self.info.is_main:
@@ -654,15 +793,18 @@ class _LossMeter:
         self.sums += torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
         self.count += 1
 
-    def flush(self, info: DistInfo) -> tuple[dict[str, float], bool]:
-        """Mean losses since the last flush (averaged over processes) and whether any was non-finite."""
-        packed = torch.cat([self.sums / max(self.count, 1), self.bad.view(1)])
+    def flush(self, info: DistInfo, pending: int = 0) -> tuple[dict[str, float], bool, int]:
+        """Mean losses since the last flush (averaged over processes), whether any was non-finite,
+        and ``pending`` summed over the processes (their count of unreported unreadable images,
+        carried by the same all-reduce)."""
+        extra = torch.tensor([float(pending)], device=self.device, dtype=torch.float64)
+        packed = torch.cat([self.sums / max(self.count, 1), self.bad.view(1), extra])
         if info.distributed:
             dist.all_reduce(packed)
-            packed[:-1] /= info.world_size
+            packed[:-2] /= info.world_size
         host = packed.cpu().tolist()
         self.reset()
-        return dict(zip(self.KEYS, host[:-1])), host[-1] > 0
+        return dict(zip(self.KEYS, host[:-2])), host[-2] > 0, int(round(host[-1]))
 
 
 #: share of the wall time spent waiting for batches above which a CUDA run says that the data
@@ -737,7 +879,10 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
         # on one thread (no cores x workers threads) and cannot inherit a locked pool mutex
         batches = _WaitClock(start_loader(ctx.loader) if isinstance(ctx.loader, DataLoader) else ctx.loader)
         window_wall, window_wait = time.perf_counter(), 0.0
-        for batch_index, (images, targets) in enumerate(batches, start=skip_batches):
+        for batch_index, batch in enumerate(batches, start=skip_batches):
+            images, targets = batch[0], batch[1]
+            if len(batch) > 2:  # the LoadReport of build_train_loader's batches
+                ctx.note_load_report(batch[2])
             inputs = images_to_network_input(images, device=info.device)
             if ctx.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
@@ -759,7 +904,8 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
             reached_max = bool(args.max_iters) and ctx.global_step >= args.max_iters
             save_now = bool(args.save_every) and ctx.global_step % args.save_every == 0
             if ctx.global_step % args.log_every == 0 or last_of_epoch or reached_max or save_now:
-                means, bad = meter.flush(info)
+                means, bad, pending = meter.flush(info, len(ctx.pending_unreadable))
+                ctx.share_unreadable(pending)
                 if bad:
                     raise TrainingDivergedError(
                         f"loss became NaN/inf between step {window_start + 1} and step {ctx.global_step} "
@@ -826,23 +972,54 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
                 dist.broadcast(buffer, src=0)
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False  # every image has its own size: no per-shape autotuning
+    failure = None
     try:
         detector = protocol_detector(unwrap(model), device, confidence_threshold=confidence_threshold,
                                      nms_threshold=nms_threshold)
         images = list_val_images(val_root)[rank::world]
         predictions = predict_widerface(detector, images=images, workers=0, progress=False).predictions
+    except VALIDATION_ERRORS as error:
+        if world == 1:
+            raise
+        failure, predictions = one_line(error), {}  # still join the gather: the other ranks wait in it
     finally:
         torch.backends.cudnn.benchmark = benchmark
     if world > 1:
         shares = [None] * world if rank == 0 else None
-        dist.gather_object(dict(predictions), shares, dst=0)
+        dist.gather_object((failure, dict(predictions)), shares, dst=0)
         if rank != 0:
             return None
+        failures = [failed for failed, _ in shares if failed]
+        if failures:
+            raise EvaluationError(failures[0])
         predictions = {}
-        for share in shares:
+        for _, share in shares:
             for event, stems in share.items():
                 predictions.setdefault(event, {}).update(stems)
     return {k: float(v) for k, v in evaluate_predictions(predictions, gt).aps.items()}
+
+
+def load_validation_ground_truth(val_root: str | Path, gt_dir: str | Path) -> Any:
+    """The WIDER FACE ground truth of ``gt_dir``, checked against the images of
+    ``<val_root>/val``, for the periodic validation. Raises :class:`TrainingSetupError` (one line
+    naming the folder) when a ``.mat`` file cannot be read or does not hold the ground truth
+    (corrupt, wrong file, missing variable) or the images are not in it: at start-up, not at the
+    first validation epochs later."""
+    from scipy.io.matlab import MatReadError
+
+    from utils.evaluation import check_images_in_gt, list_val_images
+    from utils.metric import load_ground_truth
+
+    try:
+        gt = load_ground_truth(gt_dir)
+    except (EvaluationError, MatReadError, OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise TrainingSetupError(f"cannot use the WIDER FACE ground truth in {gt_dir} for the validation: "
+                                 f"{one_line(error)} (fix --gt_dir, or --eval_every 0)") from None
+    try:
+        check_images_in_gt(list_val_images(val_root), gt)
+    except (EvaluationError, OSError, ValueError) as error:
+        raise TrainingSetupError(f"{Path(val_root) / 'val'}: {one_line(error)}") from None
+    return gt
 
 
 def _resolve_validation(args: argparse.Namespace) -> tuple[str | None, Path | None, str]:
@@ -913,10 +1090,31 @@ def _evaluation_due(args: argparse.Namespace, epoch: int, val_root: str | None, 
 
 
 def _evaluate(ctx: TrainContext, epoch: int, val_root: str, gt: Any) -> bool:
-    """Validation AP after epoch ``epoch`` (0-based); returns True when the best improved."""
+    """Validation AP after epoch ``epoch`` (0-based); returns True when the best improved.
+
+    A validation that fails (an unreadable val image, out of memory, ...; see
+    :data:`VALIDATION_ERRORS`) is logged as one line and recorded in ``ctx.failed_validations``
+    on every rank; training continues (this epoch has no AP and cannot become ``best.pth``)."""
     improved = False
     started = time.perf_counter()
-    aps = evaluate_widerface(ctx.model, val_root, gt, ctx.info.device, info=ctx.info)
+    try:
+        aps = evaluate_widerface(ctx.model, val_root, gt, ctx.info.device, info=ctx.info)
+        failure = None
+    except VALIDATION_ERRORS as error:
+        aps, failure = None, one_line(error)
+    if ctx.info.distributed:  # rank 0 holds the outcome (the others only detected their share)
+        flag = torch.tensor([int(failure is not None)], device=ctx.info.device)
+        dist.broadcast(flag, src=0)
+        failure = (failure or "see the log of rank 0") if flag.item() else None
+    if failure is not None:
+        ctx.model.train()
+        message = (f"validation after epoch {epoch + 1} (step {ctx.global_step}) failed: {failure}; training "
+                   "continues without an AP for this epoch")
+        ctx.failed_validations.append(message)
+        ctx.log(message)
+        if ctx.info.distributed:
+            dist.barrier()
+        return False
     if ctx.info.is_main:
         ctx.last_metrics = aps
         improved = ctx.best_metric is None or aps["hard"] > ctx.best_metric
@@ -931,6 +1129,11 @@ def _evaluate(ctx: TrainContext, epoch: int, val_root: str, gt: Any) -> bool:
     if ctx.info.distributed:
         dist.barrier()
     return improved
+
+
+#: What a periodic validation may fail with without stopping the training (an unreadable or
+#: truncated val image, out of memory on one, an image the ground truth lacks ...)
+VALIDATION_ERRORS: tuple[type[BaseException], ...] = (EvaluationError, ImageReadError, OSError, ValueError)
 
 
 #: Options a resumed run never takes from its checkpoint (machine- or invocation-specific).
@@ -968,9 +1171,12 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
     :func:`explicit_options`), options not given are taken from the interrupted run, so
     ``train.py --resume experiments/x/ckpt/last.pth`` alone continues that run.
 
-    Returns a summary ``{"step", "epoch", "best_metric", "metrics", "last", "best", "loss_history"}``
-    (``loss_history``: ``(step, mean total loss since the previous read-back)`` pairs of this
-    invocation, one per ``--log_every`` window). Raises
+    Returns a summary ``{"step", "epoch", "best_metric", "metrics", "last", "best", "loss_history",
+    "rank", "unreadable_images", "replaced_samples", "failed_validations"}`` (``loss_history``:
+    ``(step, mean total loss since the previous read-back)`` pairs of this invocation, one per
+    ``--log_every`` window; ``unreadable_images``: ``{path: reason}`` of the training images
+    skipped by this invocation; ``failed_validations``: one line per periodic validation that
+    failed). Raises
     :class:`TrainingSetupError` for unusable options or data and :class:`TrainingDivergedError`
     when the loss becomes NaN/inf (after closing everything; the last good checkpoint is kept).
     """
@@ -998,13 +1204,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         val_root, gt_dir, no_eval_reason = _resolve_validation(args)
         gt = None
         if val_root is not None:  # checked on every rank so that a bad set-up stops all of them
-            from utils.metric import load_ground_truth
-            gt = load_ground_truth(gt_dir)
-            from utils.evaluation import EvaluationError, check_images_in_gt, list_val_images
-            try:
-                check_images_in_gt(list_val_images(val_root), gt)
-            except EvaluationError as error:
-                raise TrainingSetupError(f"{val_root}/val: {error}") from None
+            gt = load_validation_ground_truth(val_root, gt_dir)
         if info.distributed:
             check_ranks_agree(info, val_root is not None, len(dataset))
         exp_dir = Path("experiments") / args.experiment_name
@@ -1062,6 +1262,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                         + (f"; options of the interrupted run: {', '.join(inherited)}" if inherited else ""))
             if val_root is None:
                 ctx.log(f"no validation AP ({no_eval_reason})")
+            for note in dataset_notes(dataset):
+                ctx.log(note)
 
         start_epoch, skip = divmod(ctx.global_step, iters_per_epoch)
         stopped = bool(args.max_iters) and ctx.global_step >= args.max_iters
@@ -1083,12 +1285,19 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             ctx.save_last()
         if info.distributed:
             dist.barrier()
-        ctx.log(f"finished at step {ctx.global_step}; checkpoints in {ctx.ckpt_dir}")
+        problems = []
+        if ctx.unreadable:
+            problems.append(f"{len(ctx.unreadable)} unreadable training image(s) skipped (listed above)")
+        if ctx.failed_validations:
+            problems.append(f"{len(ctx.failed_validations)} validation(s) failed (listed above)")
+        ctx.log(f"finished at step {ctx.global_step}; checkpoints in {ctx.ckpt_dir}"
+                + (f"; but {' and '.join(problems)}" if problems else ""))
         best_path = ctx.ckpt_dir / "best.pth"
         return {"step": ctx.global_step, "epoch": ctx.global_step // iters_per_epoch,
                 "best_metric": ctx.best_metric, "metrics": dict(ctx.last_metrics),
                 "last": str(ctx.ckpt_dir / "last.pth"), "best": str(best_path) if best_path.is_file() else None,
-                "loss_history": list(ctx.loss_history)}
+                "loss_history": list(ctx.loss_history), "rank": info.rank, "unreadable_images": dict(ctx.unreadable),
+                "replaced_samples": ctx.replaced_samples, "failed_validations": list(ctx.failed_validations)}
     except (TrainingDivergedError, TrainingSetupError) as error:
         if logger is not None:  # into logs.txt only: the console gets train.py's one-line error
             record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, f"error: {error}", None, None)

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torchvision import ops
 
+from config import parse_scales  # noqa: F401 - part of this module's interface (test.py, tools)
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import with_pixel_offset
 
@@ -52,22 +53,6 @@ DEFAULT_MAX_SIZE = 2150
 _FLIP_LANDMARKS = (1, 0, 2, 4, 3)
 #: Upper bound of the (kept x pooled) IoU block computed at once in :func:`box_voting`.
 _IOU_BLOCK = 1 << 22
-
-
-def parse_scales(text: str | Sequence[int]) -> tuple[int, ...]:
-    """``"500,800,1100"`` (or a sequence) -> ``(500, 800, 1100)``; ``0`` stands for the original
-    image size. Raises ValueError when empty or not integers >= 0."""
-    if isinstance(text, str):
-        parts = [p for p in text.replace(" ", ",").split(",") if p]
-        try:
-            values = tuple(int(p) for p in parts)
-        except ValueError:
-            raise ValueError(f"expected comma-separated integers >= 0, got {text!r}") from None
-    else:
-        values = tuple(int(v) for v in text)
-    if not values or any(v < 0 for v in values):
-        raise ValueError(f"expected comma-separated integers >= 0, got {text!r}")
-    return values
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,261 @@
+"""Training on bad input: unreadable and truncated training images are skipped, reported once and
+replaced reproducibly; ground-truth problems stop the run at start-up; a failed periodic
+validation is logged and training goes on; bad weight files and label files give one line.
+
+Tiny CPU runs (64 px, mobilenet0.25 from scratch) on copies of the 10-image sample set in which
+the test breaks some files.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+import utils.train_utils as tu
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+def image_names(split_dir: Path) -> list[str]:
+    return [line[1:].strip() for line in (split_dir / "label.txt").read_text().splitlines() if line.startswith("#")]
+
+
+def make_dataset(root: Path, sample: Path, with_val: bool = False) -> Path:
+    """``root/train`` (and ``root/val`` + ``root/ground_truth``) copied from the sample set."""
+    shutil.copytree(sample / "val", root / "train")
+    if with_val:
+        shutil.copytree(sample / "val", root / "val")
+        shutil.copytree(sample / "ground_truth", root / "ground_truth")
+    return root
+
+
+def break_images(split_dir: Path) -> dict[str, str]:
+    """Three broken files among the images of ``split_dir``: {absolute path: expected reason}."""
+    names = image_names(split_dir)
+    broken = {}
+    empty = split_dir / "images" / names[1]
+    empty.write_bytes(b"")
+    broken[str(empty)] = "empty file"
+    text = split_dir / "images" / names[4]
+    text.write_text("this is not a JPEG\n")
+    broken[str(text)] = "not a readable image"
+    cut = split_dir / "images" / names[7]
+    data = cut.read_bytes()
+    cut.write_bytes(data[:len(data) // 2])  # OpenCV decodes this with grey fill, without complaint
+    broken[str(cut)] = "truncated JPEG"
+    return broken
+
+
+def run_args(root: Path, name: str, *extra: str) -> list[str]:
+    return ["--dataset", str(root), "--experiment_name", name, "--network", "mobilenet0.25", "--pretrained", "false",
+            "--cascade", "false", "--im_size", "64", "--batch_size", "2", "--workers", "0", "--eval_every", "0",
+            "--warmup_epochs", "0", "--device", "cpu", "--log_every", "1", *extra]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Unreadable training images
+# ---------------------------------------------------------------------------------------------
+def test_replacement_depends_only_on_seed_epoch_and_index(widerface_sample, tmp_path):
+    from utils.data_loaders import dataset_from_root
+    from utils.data_transformer import TrainTransform
+
+    root = make_dataset(tmp_path / "ds", widerface_sample)
+    broken = break_images(root / "train")
+    dataset = dataset_from_root(root, "train", TrainTransform(64, rng=0))
+    bad = [i for i in range(len(dataset)) if str(dataset.image_path(i)) in broken]
+    assert len(bad) == 3
+    first, second = tu.EpochSeededDataset(dataset, 7, report=True), tu.EpochSeededDataset(dataset, 7, report=True)
+    for index in bad:
+        second[(bad[0], 1)]  # another history of known-bad files in this process changes nothing
+        image, targets, report = first[(index, 1)]
+        again, again_targets, _ = second[(index, 1)]
+        np.testing.assert_array_equal(image, again)
+        np.testing.assert_array_equal(targets, again_targets)
+        assert image.shape == (64, 64, 3) and report.replaced == 1 and not report.fatal
+        path, reason = report.skipped[0]
+        assert path == str(dataset.image_path(index)) and broken[path] in reason
+        assert {path for path, _ in report.skipped} <= set(broken)  # only broken files were passed over
+    good = next(i for i in range(len(dataset)) if i not in bad)
+    image, _, report = first[(good, 1)]
+    assert report == tu.LoadReport()
+    assert len(tu.EpochSeededDataset(dataset, 7)[(bad[0], 1)]) == 2  # without report: plain samples
+
+
+def test_unreadable_training_images_are_skipped_reported_once_and_resume_stays_exact(
+        widerface_sample, tmp_path, monkeypatch, capsys):
+    root = make_dataset(tmp_path / "ds", widerface_sample)
+    broken = break_images(root / "train")
+    monkeypatch.chdir(tmp_path)
+    common = ("--epochs", "2", "--lr", "0.005", "--deterministic", "true")
+    assert train.main(run_args(root, "full", *common)) == 3  # finished, but files were skipped
+    console = capsys.readouterr().err
+    log = (tmp_path / "experiments/full/log/logs.txt").read_text()
+    for path, reason in broken.items():
+        lines = [line for line in log.splitlines() if f"skipped unreadable training image {path}: " in line]
+        assert len(lines) == 1 and reason in lines[0], (path, lines)  # once, although met in both epochs
+        assert console.count(f"skipped unreadable training image {path}: ") == 1
+    assert "3 unreadable training image(s) skipped" in log
+    full = torch.load(tmp_path / "experiments/full/ckpt/last.pth", weights_only=True)
+    assert full["step"] == 10
+
+    # interrupted after 3 steps, resumed with a worker process: the same replacements, the same weights
+    assert train.main(run_args(root, "part", *common, "--max_iters", "3")) in (0, 3)
+    assert train.main(["--resume", "experiments/part/ckpt/last.pth", "--workers", "1", "--device", "cpu"]) == 3
+    resumed = torch.load(tmp_path / "experiments/part/ckpt/last.pth", weights_only=True)
+    assert resumed["step"] == 10
+    for key, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_every_training_image_unreadable_stops_with_one_line(widerface_sample, tmp_path, monkeypatch, capsys):
+    root = make_dataset(tmp_path / "ds", widerface_sample)
+    for name in image_names(root / "train"):
+        (root / "train/images" / name).write_text("no image here\n")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(run_args(root, "none", "--epochs", "1")) == 1
+    message = error_line(capsys)
+    assert message.startswith("train.py: error: none of the 10 training images listed in "), message
+    assert "not a readable image" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: ground truth at start-up, failures of a periodic validation
+# ---------------------------------------------------------------------------------------------
+def _break_text(gt: Path) -> str:
+    (gt / "wider_face_val.mat").write_text("not a MATLAB file\n")
+    return "wider_face_val.mat"
+
+
+def _break_variable(gt: Path) -> str:
+    from scipy.io import savemat
+    savemat(gt / "wider_hard_val.mat", {"something_else": np.zeros(3)})
+    return "wider_hard_val.mat"
+
+
+def _break_empty(gt: Path) -> str:
+    (gt / "wider_easy_val.mat").write_bytes(b"")
+    return "wider_easy_val.mat"
+
+
+@pytest.mark.parametrize("corrupt", [_break_text, _break_variable, _break_empty], ids=["text", "variable", "empty"])
+def test_bad_ground_truth_stops_at_start_up_with_one_line(widerface_sample, tmp_path, monkeypatch, capsys, corrupt):
+    root = make_dataset(tmp_path / "ds", widerface_sample, with_val=True)
+    name = corrupt(root / "ground_truth")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(run_args(root, "gt", "--epochs", "1", "--eval_every", "1")) == 1
+    message = error_line(capsys)
+    assert message.startswith("train.py: error: ") and name in message and "--gt_dir" in message, message
+    assert not (tmp_path / "experiments/gt/ckpt").exists()  # nothing was trained
+
+
+def test_failed_validation_is_logged_and_training_continues(widerface_sample, tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "ds", widerface_sample, with_val=True)
+    bad = root / "val/images" / image_names(root / "val")[0]
+    bad.write_text("not an image\n")
+    monkeypatch.chdir(tmp_path)
+    argv = run_args(root, "val", "--epochs", "2", "--eval_every", "1")
+    assert train.main(argv) == 3  # finished, but a validation failed
+    log = (tmp_path / "experiments/val/log/logs.txt").read_text()
+    failures = re.findall(r"validation after epoch (\d) \(step (\d+)\) failed: cannot read (\S+): not a readable image",
+                          log)
+    assert failures == [("1", "5", str(bad)), ("2", "10", str(bad))], log
+    assert "2 validation(s) failed" in log
+    saved = torch.load(tmp_path / "experiments/val/ckpt/last.pth", weights_only=True)
+    assert saved["step"] == 10 and saved["best_metric"] is None
+    assert not (tmp_path / "experiments/val/ckpt/best.pth").exists()
+
+
+def test_two_processes_share_skipped_images_and_validation_failures(widerface_sample, tmp_path):
+    root = make_dataset(tmp_path / "ds", widerface_sample, with_val=True)
+    broken = break_images(root / "train")  # images 1, 4 (drawn by rank 0 in epoch 1) and 7
+    names = image_names(root / "train")
+    only_rank1 = root / "train/images" / names[8]  # drawn by rank 1 only (seed 42: ranks 0/1 draw 2,1,4,0 / 6,8,5,9)
+    only_rank1.write_text("not an image\n")
+    drawn = {str(root / "train/images" / names[i]) for i in (1, 4, 8)}
+    # the second val image is detected by rank 1 (images are shared out round-robin): its failure
+    # reaches rank 0 through the gather instead of leaving rank 0 waiting
+    bad_val = root / "val/images" / image_names(root / "val")[1]
+    bad_val.write_bytes(b"")
+    lines = (root / "val/label.txt").read_text().splitlines()
+    third = [i for i, line in enumerate(lines) if line.startswith("#")][2]
+    (root / "val/label.txt").write_text("\n".join(lines[:third]) + "\n")  # two val images: one per rank
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(REPO_ROOT / "train.py"), *run_args(root, "ddp", "--epochs", "1", "--eval_every", "1")]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert "exitcode  : 3" in done.stderr, done.stdout[-3000:] + done.stderr[-3000:]  # rank 0's status
+    log = (tmp_path / "experiments/ddp/log/logs.txt").read_text()
+    logged = re.findall(r"skipped unreadable training image (\S+): ", log)
+    assert len(logged) == len(set(logged)) and drawn <= set(logged) <= set(broken) | {str(only_rank1)}, log
+    assert f"validation after epoch 1 (step 2) failed: cannot read {bad_val}" in log
+    assert "finished at step 2" in log
+    assert torch.load(tmp_path / "experiments/ddp/ckpt/last.pth", weights_only=True)["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: weights and label files
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("content", ["text", "tensor"])
+def test_backbone_weights_that_are_no_state_dict_give_one_line(widerface_sample, tmp_path, monkeypatch, capsys,
+                                                               content):
+    weights = tmp_path / "backbone.tar"
+    if content == "text":
+        weights.write_text("hello, I am a text file\n")
+    else:
+        torch.save(torch.zeros(3), weights)
+    monkeypatch.chdir(tmp_path)
+    argv = [*run_args(widerface_sample, "bw", "--train_split", "val"), "--backbone_weights", str(weights)]
+    assert train.main(argv) == 1
+    message = error_line(capsys)
+    assert message.startswith("train.py: error: backbone weights: ") and str(weights) in message, message
+
+
+def test_degenerate_boxes_are_counted_in_the_log(widerface_sample, tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "ds", widerface_sample)
+    label = root / "train/label.txt"
+    lines = label.read_text().splitlines()
+    lines[1:1] = ["10 10 0 5", "10 10 4 -1"]  # two faces of the first image with w or h <= 0
+    label.write_text("\n".join(lines) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(run_args(root, "degenerate", "--max_iters", "1")) == 0
+    log = (tmp_path / "experiments/degenerate/log/logs.txt").read_text()
+    assert f"dropped 2 degenerate face box(es) (w or h <= 0) in {label}" in log
+
+
+def test_label_file_that_is_not_utf8_gives_one_line_naming_file_and_line(widerface_sample, tmp_path, monkeypatch,
+                                                                          capsys):
+    root = make_dataset(tmp_path / "ds", widerface_sample)
+    label = root / "train/label.txt"
+    data = label.read_bytes()
+    line = data.count(b"\n", 0, 2042) + 1
+    label.write_bytes(data[:2042] + b"\xff" + data[2043:])  # one byte that is not UTF-8
+    monkeypatch.chdir(tmp_path)
+    assert train.main(run_args(root, "labels")) == 1
+    message = error_line(capsys)
+    assert f"{label}:{line}: not UTF-8 text (byte 0xff" in message, message
+
+
+def test_empty_label_file_says_it_lists_no_images(widerface_sample, tmp_path, monkeypatch, capsys):
+    root = make_dataset(tmp_path / "ds", widerface_sample)
+    label = root / "train/label.txt"
+    label.write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(run_args(root, "labels")) == 1
+    message = error_line(capsys)
+    assert f"{label} lists no images" in message and "--batch_size" not in message, message
