@@ -147,8 +147,8 @@ def check_export(path: str | Path, model: RetinaFace, images: Sequence[Path] = (
 
     - ``outputs``: the decoded outputs of every prior for a batch of two synthetic 173x259 images
       (not a multiple of any stride), against :class:`DetectionGraph` in PyTorch: largest absolute
-      differences (pixels for boxes/landmarks); passes within 0.01 px (+ 1e-4 relative, for the
-      huge boxes of untrained weights) and 1e-4 in score.
+      differences (pixels for boxes/landmarks); passes within 0.05 px + 0.1 % of the coordinate
+      (float32 rounding grows with the coordinates in deep untrained networks) and 1e-4 in score.
     - ``images``: final detections on real images against :class:`FaceDetector` (confidence 0.02,
       NMS 0.4), both ways, as :func:`tools.fidelity.unmatched` counts them.
     """
@@ -166,9 +166,9 @@ def check_export(path: str | Path, model: RetinaFace, images: Sequence[Path] = (
     same_shapes = all(g.shape == e.shape for g, e in zip(got, expected))
     differences = {name: float(np.abs(g - e).max()) if same_shapes else float("nan")
                    for name, g, e in zip(OUTPUT_NAMES, got, expected)}
-    # absolute tolerance for coordinates of sane boxes, relative for the huge ones (and equal infinities)
-    # that untrained weights decode to
-    tolerances = {"boxes": (0.01, 1e-4), "scores": (1e-4, 0.0), "landmarks": (0.01, 1e-4)}
+    # float32 rounding differs between the two runtimes; in deep untrained networks (exploding
+    # activations, boxes of 1e35 px) it grows with the coordinates, hence the relative part
+    tolerances = {"boxes": (0.05, 1e-3), "scores": (1e-4, 0.0), "landmarks": (0.05, 1e-3)}
     outputs_ok = same_shapes and all(np.allclose(g, e, atol=tolerances[name][0], rtol=tolerances[name][1])
                                      for name, g, e in zip(OUTPUT_NAMES, got, expected))
     report: dict[str, Any] = {"outputs": {"shape": list(synthetic.shape), "max_abs_difference": differences,
