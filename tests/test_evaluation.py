@@ -417,6 +417,37 @@ def test_sample_predictions_match_the_public_style_pipeline(sample_run, widerfac
         assert ours[setting] == pytest.approx(public.aps[setting], abs=1e-6)
 
 
+def test_default_checkpoint_is_last_and_ctrl_c_keeps_the_files_written(test_script, widerface_sample,
+                                                                       widerface_gt_dir, mobilenet_weights,
+                                                                       tmp_path, capsys, monkeypatch):
+    from models.detector import FaceDetector
+
+    keys = ["49--Greeting/49_Greeting_peoplegreeting_49_56.jpg",
+            "12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg"]
+    dataset = small_dataset(tmp_path, widerface_sample, keys)
+    ckpt = tmp_path / "experiments" / "exp" / "ckpt"
+    ckpt.mkdir(parents=True)
+    for name in ("best.pth", "last.pth"):
+        (ckpt / name).symlink_to(mobilenet_weights)
+    original, calls = FaceDetector.detect_batch, []
+
+    def interrupted(self, images):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, images)
+
+    monkeypatch.setattr(FaceDetector, "detect_batch", interrupted)
+    code, out, err = run_cli(test_script, ["--experiment_name", "exp", "--dataset", dataset, "--gt_dir",
+                                           widerface_gt_dir, "--workers", 0], tmp_path, capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == "test.py: interrupted" and "Traceback" not in err
+    assert f"weights: {Path('experiments/exp/ckpt/last.pth')}" in out  # the end-of-schedule model, not best.pth
+    written = sorted(p.relative_to(tmp_path / "experiments/exp/results/widerface_txt").as_posix()
+                     for p in (tmp_path / "experiments/exp/results/widerface_txt").rglob("*.txt"))
+    assert written == [keys[0].replace(".jpg", ".txt")]  # the image done before the interrupt
+    assert not (tmp_path / "experiments/exp/results/results.json").exists()
+
+
 def test_target_size_1600_maps_boxes_back_and_model_weight_path(sample_run, test_script, widerface_sample,
                                                                 widerface_gt_dir, mobilenet_weights, tmp_path,
                                                                 capsys):

@@ -426,6 +426,40 @@ def test_out_of_memory_once_retries_at_full_size_after_freeing(tmp_path):
         assert np.allclose(runner.results[index].detections.boxes, [[10, 10, 20, 20]])  # full size
 
 
+def test_ctrl_c_mid_run_writes_partial_results_and_exits_130(widerface_sample, mobilenet_weights, tmp_path,
+                                                              monkeypatch, capsys):
+    from models.detector import FaceDetector
+
+    original, calls = FaceDetector.detect_batch, []
+
+    def interrupted(self, images):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, images)
+
+    monkeypatch.setattr(FaceDetector, "detect_batch", interrupted)
+    folder = link_images(tmp_path / "in", {f"{i}.jpg": p for i, p in enumerate(
+        sorted((widerface_sample / "val/images").rglob("*.jpg"))[:4])})
+    out = tmp_path / "out"
+    code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", out,
+                             "--workers", "0", "--device", "cpu"], capsys)
+    assert code == config.EXIT_INTERRUPTED and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["exit_code"] == 130 and summary["processed"] == 2
+    assert list(json.loads((out / "detections.json").read_text())) == ["0.jpg", "1.jpg"]
+    # a rerun into the same folder continues only with --exist_ok, and then rewrites every output
+    code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", out,
+                             "--workers", "0", "--device", "cpu"], capsys)
+    assert code == config.EXIT_ERROR and "--exist_ok" in err
+    monkeypatch.setattr(FaceDetector, "detect_batch", original)
+    code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", out,
+                             "--workers", "0", "--device", "cpu", "--exist_ok", "true"], capsys)
+    assert code == config.EXIT_OK, err
+    assert list(json.loads((out / "detections.json").read_text())) == ["0.jpg", "1.jpg", "2.jpg", "3.jpg"]
+    assert json.loads((out / "summary.json").read_text())["interrupted"] is False
+
+
 def test_unexpected_error_mid_run_keeps_outputs_and_reports_it(widerface_sample, mobilenet_weights, tmp_path,
                                                              monkeypatch):
     # e.g. a CUDA error or a killed decoding worker: the error propagates (exit status 1), and
