@@ -50,26 +50,26 @@ def non_negative_int(value: str) -> int:
     return number
 
 
-def non_negative_float(value: str) -> float:
-    """argparse type for a finite number >= 0 (learning rate, weight decay, warm-up epochs)."""
+def _checked_float(value: str, accept: Callable[[float], bool], expected: str, unparsable: str | None = None) -> float:
+    """``float(value)`` when ``accept`` takes it, else an argparse error ``expected <expected>``
+    (``<unparsable>`` when it is not a number at all)."""
     try:
         number = float(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected {unparsable or expected}, got {value!r}") from None
+    if not accept(number):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return number
+
+
+def non_negative_float(value: str) -> float:
+    """argparse type for a finite number >= 0 (learning rate, weight decay, warm-up epochs)."""
+    return _checked_float(value, lambda x: math.isfinite(x) and x >= 0, "a finite number >= 0", "a number >= 0")
 
 
 def momentum_factor(value: str) -> float:
-    """argparse type for an SGD momentum: a number in [0, 1)."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}") from None
-    if not 0.0 <= number < 1.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value!r}")
-    return number
+    """argparse type for an SGD momentum: a number in [0, 1) (nan is refused too)."""
+    return _checked_float(value, lambda x: 0.0 <= x < 1.0, "a number in [0, 1)")
 
 
 def epoch_list(value: str) -> str:

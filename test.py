@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from config import architecture_overrides, run_command_line
+from config import architecture_overrides, parse_scales, run_command_line
 
 DESCRIPTION = ("Evaluate a RetinaFace checkpoint on WIDER FACE val (easy/medium/hard AP, official "
                "protocol), or an existing prediction folder with --pred_dir.")
@@ -45,7 +45,7 @@ def results_folder(args: argparse.Namespace) -> Path:
 
 
 def scale_description(args: argparse.Namespace) -> str:
-    from utils.tta import DEFAULT_MAX_SIZE, parse_scales  # noqa: PLC0415
+    from utils.tta import DEFAULT_MAX_SIZE  # noqa: PLC0415
 
     if args.tta:
         scales = ", ".join(str(s) for s in parse_scales(args.tta_scales))
@@ -97,7 +97,7 @@ def test(args: argparse.Namespace) -> int:
     from utils.checkpoint import checkpoint_for_run  # noqa: PLC0415
     from utils.evaluation import (PREDICTION_FOLDER, check_images_in_gt, default_gt_dir,  # noqa: PLC0415
                                   evaluate_predictions, list_val_images, load_gt, predict_widerface)
-    from utils.tta import DEFAULT_MAX_SIZE, TTAConfig, TTADetector, parse_scales  # noqa: PLC0415
+    from utils.tta import DEFAULT_MAX_SIZE, TTAConfig, TTADetector  # noqa: PLC0415
 
     images = list_val_images(args.dataset)
     gt = load_gt(args.gt_dir or default_gt_dir(args.dataset))

@@ -88,3 +88,26 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def detection_fails_on_call(monkeypatch):
+    """``fail(call, error)``: from now on ``FaceDetector.detect_batch`` raises ``error`` on its
+    ``call``-th call (1-based) and works normally otherwise; returns the original method."""
+    from models.detector import FaceDetector
+
+    original = FaceDetector.detect_batch
+
+    def fail(call: int, error: BaseException):
+        calls = []
+
+        def detect_batch(self, images):
+            calls.append(1)
+            if len(calls) == call:
+                raise error
+            return original(self, images)
+
+        monkeypatch.setattr(FaceDetector, "detect_batch", detect_batch)
+        return original
+
+    return fail

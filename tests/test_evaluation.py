@@ -20,7 +20,8 @@ from models.detector import Detections
 from utils.evaluation import (EvaluationError, evaluate_predictions, format_aps, list_val_images, load_gt,
                               prediction_rows, predict_widerface, subset_note)
 from utils.metric import read_prediction_dir
-from utils.tta import TTAConfig, TTADetector, box_voting, flip_detections, parse_scales
+from config import parse_scales
+from utils.tta import TTAConfig, TTADetector, box_voting, flip_detections
 
 SAMPLE_IMAGES = 10
 
@@ -419,9 +420,7 @@ def test_sample_predictions_match_the_public_style_pipeline(sample_run, widerfac
 
 def test_default_checkpoint_is_last_and_ctrl_c_keeps_the_files_written(test_script, widerface_sample,
                                                                        widerface_gt_dir, mobilenet_weights,
-                                                                       tmp_path, capsys, monkeypatch):
-    from models.detector import FaceDetector
-
+                                                                       tmp_path, capsys, detection_fails_on_call):
     keys = ["49--Greeting/49_Greeting_peoplegreeting_49_56.jpg",
             "12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg"]
     dataset = small_dataset(tmp_path, widerface_sample, keys)
@@ -429,15 +428,7 @@ def test_default_checkpoint_is_last_and_ctrl_c_keeps_the_files_written(test_scri
     ckpt.mkdir(parents=True)
     for name in ("best.pth", "last.pth"):
         (ckpt / name).symlink_to(mobilenet_weights)
-    original, calls = FaceDetector.detect_batch, []
-
-    def interrupted(self, images):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self, images)
-
-    monkeypatch.setattr(FaceDetector, "detect_batch", interrupted)
+    detection_fails_on_call(2, KeyboardInterrupt())
     code, out, err = run_cli(test_script, ["--experiment_name", "exp", "--dataset", dataset, "--gt_dir",
                                            widerface_gt_dir, "--workers", 0], tmp_path, capsys)
     assert code == 130 and err.strip().splitlines()[-1] == "test.py: interrupted" and "Traceback" not in err

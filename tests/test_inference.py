@@ -348,10 +348,10 @@ def test_truncation_checks(widerface_sample, tmp_path):
     assert not image_loader.jpeg_is_complete(data[: len(data) // 3])
     png = tmp_path / "a.png"
     cv2.imwrite(str(png), np.zeros((8, 8, 3), np.uint8))
-    assert image_loader.png_is_complete(png.read_bytes()) and image_loader.truncation_problem(png) is None
+    assert image_loader.png_is_complete(png.read_bytes()) and image_loader.truncation_reason(png.read_bytes()) is None
     png.write_bytes(png.read_bytes()[:-12])
     assert not image_loader.png_is_complete(png.read_bytes())
-    assert image_loader.truncation_problem(png) == "truncated PNG (no IEND chunk)"
+    assert image_loader.truncation_reason(png.read_bytes()) == "truncated PNG (no IEND chunk)"
 
 
 def test_find_images_recursive_any_case(tmp_path):
@@ -427,18 +427,10 @@ def test_out_of_memory_once_retries_at_full_size_after_freeing(tmp_path):
 
 
 def test_ctrl_c_mid_run_writes_partial_results_and_exits_130(widerface_sample, mobilenet_weights, tmp_path,
-                                                              monkeypatch, capsys):
+                                                              monkeypatch, capsys, detection_fails_on_call):
     from models.detector import FaceDetector
 
-    original, calls = FaceDetector.detect_batch, []
-
-    def interrupted(self, images):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return original(self, images)
-
-    monkeypatch.setattr(FaceDetector, "detect_batch", interrupted)
+    original = detection_fails_on_call(3, KeyboardInterrupt())
     folder = link_images(tmp_path / "in", {f"{i}.jpg": p for i, p in enumerate(
         sorted((widerface_sample / "val/images").rglob("*.jpg"))[:4])})
     out = tmp_path / "out"
@@ -461,20 +453,10 @@ def test_ctrl_c_mid_run_writes_partial_results_and_exits_130(widerface_sample, m
 
 
 def test_unexpected_error_mid_run_keeps_outputs_and_reports_it(widerface_sample, mobilenet_weights, tmp_path,
-                                                             monkeypatch):
+                                                             detection_fails_on_call):
     # e.g. a CUDA error or a killed decoding worker: the error propagates (exit status 1), and
     # summary.json says so instead of claiming a clean run
-    from models.detector import FaceDetector
-
-    original, calls = FaceDetector.detect_batch, []
-
-    def failing(self, images):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return original(self, images)
-
-    monkeypatch.setattr(FaceDetector, "detect_batch", failing)
+    detection_fails_on_call(2, RuntimeError("CUDA error: an illegal memory access was encountered"))
     folder = link_images(tmp_path / "in", {f"{i}.jpg": p for i, p in enumerate(
         sorted((widerface_sample / "val/images").rglob("*.jpg"))[:3])})
     out = tmp_path / "out"

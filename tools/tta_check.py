@@ -29,7 +29,8 @@ from models.detector import Detections  # noqa: E402
 from utils.evaluation import (check_images_in_gt, default_gt_dir, evaluate_predictions,  # noqa: E402
                               list_val_images, load_gt, prediction_rows, protocol_detector)
 from utils.image_io import read_image  # noqa: E402
-from utils.tta import DEFAULT_MAX_SIZE, DEFAULT_SCALES, TTAConfig, TTADetector, parse_scales  # noqa: E402
+from config import parse_scales  # noqa: E402
+from utils.tta import DEFAULT_MAX_SIZE, DEFAULT_SCALES, TTAConfig, TTADetector  # noqa: E402
 
 
 def variants(all_scales: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], bool, str, int]]:

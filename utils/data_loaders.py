@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Sequence
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -65,8 +66,8 @@ from utils.data_transformer import (
     seed_worker,
 )
 from utils.device_augment import DeferredBatch, DeferredImage
-from utils.image_io import ImageReadError, decode_image
-from utils.image_loader import truncation_reason
+from utils.image_io import ImageReadError
+from utils.image_loader import opencv_reason, read_complete_image
 from utils.text_file import NotUtf8Error, read_utf8
 
 __all__ = [
@@ -304,26 +305,18 @@ def parse_label_file(file: str | os.PathLike[str], fmt: LabelFormat = "auto") ->
 
 
 def read_training_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read a training image as BGR uint8 ``(H, W, 3)`` (decoded like
-    :func:`utils.image_io.read_image`), the file's bytes read once.
+    """Read a training image as BGR uint8 ``(H, W, 3)`` (:func:`utils.image_loader.read_complete_image`).
 
-    Raises :class:`~utils.image_io.ImageReadError` (message ``<path>: reason``) for a missing,
-    unreadable, empty or undecodable file and for a JPEG/PNG that is cut short, which OpenCV would
-    otherwise decode with grey fill.
+    Every problem is an :class:`~utils.image_io.ImageReadError` (message ``<path>: reason``), so
+    training can replace the sample: a missing, unreadable, empty or undecodable file, a JPEG/PNG
+    that is cut short, an image over OpenCV's size limit.
     """
-    path = Path(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: file not found") from None
+        return read_complete_image(path)
+    except cv2.error as error:
+        raise ImageReadError(f"{path}: {opencv_reason(error)}") from None
     except OSError as error:
         raise ImageReadError(f"{path}: cannot read the file ({error.strerror or error})") from None
-    if not data:
-        raise ImageReadError(f"{path}: empty file")
-    problem = truncation_reason(data)
-    if problem is not None:
-        raise ImageReadError(f"{path}: {problem}")
-    return decode_image(data, path)
 
 
 class WiderFaceDataset(Dataset):

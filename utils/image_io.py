@@ -13,6 +13,14 @@ class ImageReadError(ValueError):
     """An image file is missing, empty, not an image or cannot be decoded."""
 
 
+def read_image_bytes(path: str | Path) -> bytes:
+    """The bytes of an image file; :class:`ImageReadError` when it is missing or not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found")
+    return path.read_bytes()
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as BGR uint8 (H, W, 3).
 
@@ -20,28 +28,16 @@ def read_image(path: str | Path) -> np.ndarray:
     three channels, an alpha channel is dropped, 16-bit images are reduced to 8 bits and EXIF
     orientation is applied.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: file not found")
-    if path.stat().st_size == 0:
-        raise ImageReadError(f"{path}: empty file")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:  # cv2.imread cannot open some non-ASCII paths; decode from memory instead
-        image = cv2.imdecode(np.fromfile(str(path), dtype=np.uint8), cv2.IMREAD_COLOR)
-    if image is None or image.size == 0:
-        raise ImageReadError(f"{path}: not a readable image")
-    return image
+    return decode_image(read_image_bytes(path), path)
 
 
 def decode_image(data: bytes, path: str | Path = "<memory>") -> np.ndarray:
-    """Decode the bytes of an image file like :func:`read_image` (``cv2.IMREAD_COLOR``, EXIF
-    orientation applied); ``path`` only names the file in the :class:`ImageReadError`."""
+    """Decode the bytes of an image file like :func:`read_image`; ``path`` only names the file in
+    the :class:`ImageReadError`. A ``cv2.error`` (image over OpenCV's size limit, out of memory)
+    passes through."""
     if not data:
         raise ImageReadError(f"{path}: empty file")
-    try:
-        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:
-        image = None
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None or image.size == 0:
         raise ImageReadError(f"{path}: not a readable image")
     return image

@@ -24,7 +24,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from utils.errors import is_opencv_error, is_out_of_memory
-from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, read_image
+from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, decode_image, read_image_bytes
 
 DEFAULT_MAX_PIXELS = 36_000_000  # larger images are downscaled for the network (with a warning)
 
@@ -158,9 +158,14 @@ def truncation_reason(data: bytes) -> str | None:
     return None
 
 
-def truncation_problem(path: str | Path) -> str | None:
-    """:func:`truncation_reason` of a file."""
-    return truncation_reason(Path(path).read_bytes())
+def read_complete_image(path: str | Path) -> np.ndarray:
+    """:func:`~utils.image_io.read_image` that also refuses a JPEG/PNG cut short (OpenCV would
+    decode it with grey fill); the file is read once. :class:`ImageReadError` names the reason."""
+    data = read_image_bytes(path)
+    problem = truncation_reason(data)
+    if problem is not None:
+        raise ImageReadError(f"{path}: {problem}")
+    return decode_image(data, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +196,7 @@ class ImageRecord:
         return self.error is None
 
 
-def _opencv_reason(error: BaseException) -> str:
+def opencv_reason(error: BaseException) -> str:
     """A readable one-line reason for a ``cv2.error`` raised while decoding."""
     detail = " ".join(str(getattr(error, "err", "") or error).split())
     if "CV_IO_MAX_IMAGE_" in detail:
@@ -203,7 +208,7 @@ def _opencv_reason(error: BaseException) -> str:
 
 def _reason(error: BaseException, path: str) -> str:
     if is_opencv_error(error):
-        return _opencv_reason(error)
+        return opencv_reason(error)
     if isinstance(error, OSError) and error.filename is not None:
         return os_error_reason(error)
     message = str(error)
@@ -249,11 +254,9 @@ def load_record(index: int, path: str | Path, name: str, max_pixels: int | None 
     record = ImageRecord(index=index, name=name, path=str(path))
     try:
         problem = _file_problem(path)
-        if problem is None and Path(path).stat().st_size:
-            problem = truncation_problem(path)
         if problem is not None:
             raise ImageReadError(problem)
-        image = read_image(path)
+        image = read_complete_image(path)
         record.image = image
         record.net_image, record.net_scale = downscale_for_memory(image, max_pixels)
         if record.net_scale != (1.0, 1.0):

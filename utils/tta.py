@@ -38,12 +38,11 @@ import numpy as np
 import torch
 from torchvision import ops
 
-from config import parse_scales  # noqa: F401 - part of this module's interface (test.py, tools)
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import with_pixel_offset
 
 __all__ = ["DEFAULT_SCALES", "DEFAULT_MAX_SIZE", "TTAConfig", "TTADetector", "box_voting",
-           "flip_detections", "parse_scales"]
+           "flip_detections"]
 
 #: Shorter-side scales of the RetinaFace paper's test protocol.
 DEFAULT_SCALES: tuple[int, ...] = (500, 800, 1100, 1400, 1700)
