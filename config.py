@@ -206,6 +206,10 @@ OPTIONS: tuple[Option, ...] = (
               "3 levels; for GPUs that the CPU cores cannot keep fed)"),
     _opt("--landmark_loss", type=str2bool, default=True, scripts={TRAIN},
          help="train the landmark head (true/false)"),
+    _opt("--empty_image_negatives", type=non_negative_int, default=0, scripts={TRAIN},
+         help="hard negatives mined in each training image without positive anchors (background "
+              "images, images whose faces are all too small); 0 = none, as the public loss, so such "
+              "images add no loss term"),
     _opt("--train_split", type=str, default="train", scripts={TRAIN},
          help="split folder of --dataset to train on (<dataset>/<split>/label.txt and images/)"),
     _opt("--lr", type=non_negative_float, default=1e-3, scripts={TRAIN},

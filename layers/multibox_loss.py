@@ -35,8 +35,9 @@ face has landmarks (at least 1):
   (``utils.box_utils.encode``, variances 0.1/0.2), summed over positives, divided by ``P``;
 * ``loss_cls``: 2-way cross-entropy over positives and mined hard negatives, divided by ``P``.
   Hard negatives: per image the ``min(7 * positives_in_image, N - 1)`` negative anchors with the
-  highest background cross-entropy (images without positives contribute no negatives, as in the
-  public code);
+  highest background cross-entropy. An image without positives (no faces, or only faces too
+  small for any anchor) contributes no negatives, as in the public code, unless
+  ``empty_image_negatives`` > 0: it then contributes that many of its hardest anchors;
 * ``loss_landm``: smooth-L1 between landmark offsets and the encoded landmarks of the matched
   face (``encode_landm``), over positives whose face has landmarks, divided by ``L``; exactly 0
   when no matched face has landmarks or with ``landmark_loss=False``;
@@ -205,15 +206,20 @@ def _pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area_a + area_b - inter).clamp(min=1e-9)
 
 
-def hard_negative_mask(cls_loss: torch.Tensor, positive: torch.Tensor, neg_pos_ratio: float) -> torch.Tensor:
+def hard_negative_mask(cls_loss: torch.Tensor, positive: torch.Tensor, neg_pos_ratio: float,
+                       empty_image_negatives: int = 0) -> torch.Tensor:
     """Per image the ``min(ratio * positives, N - 1)`` non-positive anchors with the largest
-    ``cls_loss`` (B, N) (ties broken by anchor order, stable sort). Returns (B, N) bool."""
+    ``cls_loss`` (B, N) (ties broken by anchor order, stable sort); in an image without positives
+    ``min(empty_image_negatives, N - 1)`` of them. Returns (B, N) bool."""
     mining = cls_loss.detach().masked_fill(positive, 0.0)
     order = torch.sort(mining, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
     num_pos = positive.sum(dim=1, keepdim=True)
-    num_neg = torch.clamp(num_pos * neg_pos_ratio, max=positive.shape[1] - 1)
+    num_neg = num_pos * neg_pos_ratio
+    if empty_image_negatives:
+        num_neg = torch.where(num_pos == 0, torch.full_like(num_neg, empty_image_negatives), num_neg)
+    num_neg = torch.clamp(num_neg, max=positive.shape[1] - 1)
     return (rank < num_neg) & ~positive
 
 
@@ -237,6 +243,9 @@ class MultiBoxLoss(nn.Module):
             anchor (0.2); neg_pos_ratio: hard negatives per positive (7).
         box_weight (2), landm_weight (1), iou_weight (1): weights in the stage total.
         landmark_loss: False switches the landmark term off (it is then exactly 0).
+        empty_image_negatives: hard negatives mined in an image without positive anchors (0: none,
+            as the public loss, so such images add no loss term). They are normalised like all
+            other terms, by the positives of the batch (at least 1).
 
     ``forward(model, outputs, priors, targets)``: ``model`` provides ``stage_predictions`` (the
     cascade semantics; a ``DistributedDataParallel`` wrapper is looked through); ``outputs`` its
@@ -250,7 +259,7 @@ class MultiBoxLoss(nn.Module):
 
     def __init__(self, model_config, threshold: float = 0.35, force_min_iou: float = 0.2,
                  neg_pos_ratio: float = 7.0, box_weight: float = 2.0, landm_weight: float = 1.0,
-                 iou_weight: float = 1.0, landmark_loss: bool = True,
+                 iou_weight: float = 1.0, landmark_loss: bool = True, empty_image_negatives: int = 0,
                  variances: tuple[float, float] = VARIANCES) -> None:
         super().__init__()
         self.config = model_config
@@ -261,6 +270,7 @@ class MultiBoxLoss(nn.Module):
         self.landm_weight = landm_weight
         self.iou_weight = iou_weight
         self.landmark_loss = landmark_loss
+        self.empty_image_negatives = empty_image_negatives
         self.variances = variances
 
     def forward(self, model: nn.Module, outputs, priors: torch.Tensor,
@@ -314,7 +324,7 @@ class MultiBoxLoss(nn.Module):
 
         target_cls = positive.long()
         ce = F.cross_entropy(conf.reshape(-1, 2), target_cls.reshape(-1), reduction="none").view_as(pos_f)
-        negative = hard_negative_mask(ce, positive, self.neg_pos_ratio)
+        negative = hard_negative_mask(ce, positive, self.neg_pos_ratio, self.empty_image_negatives)
         cls = (ce * (positive | negative).float()).sum() / denom
 
         if self.landmark_loss:

@@ -152,6 +152,41 @@ def test_loss_variants(num_anchor, cascade, cascade_mode, version):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_empty_image_negatives():
+    """An image without faces adds no loss term by default (the public rule); with
+    ``empty_image_negatives=K`` its K anchors of highest background cross-entropy enter the class
+    loss, normalised by the positives of the batch. Images with faces keep their 7:1 mining."""
+    torch.manual_seed(0)
+    config = ModelConfig(network="mobilenet0.25", num_anchor=2, cascade=False)
+    model = RetinaFace(config)
+    images = torch.randn(2, 3, 96, 96) * 50
+    priors = prior_boxes((96, 96), 2)
+    targets = _targets(with_landmarks=False)  # image 0: three faces, image 1: none
+    padded, valid = pad_targets(targets)
+    num_pos = match_anchors(padded[..., :4], valid, priors).positive.sum()
+    outputs = model(images)
+    conf = outputs[0].conf
+    conf.retain_grad()
+    background_ce = (torch.logsumexp(conf[1], dim=-1) - conf[1, :, 0]).detach()  # image 1's anchors
+
+    default = MultiBoxLoss(config)(model, outputs, priors, targets)
+    default["loss_cls"].backward(retain_graph=True)
+    assert not conf.grad[1].any() and conf.grad[0].any()
+
+    conf.grad = None
+    k = 5
+    mined = MultiBoxLoss(config, empty_image_negatives=k)(model, outputs, priors, targets)
+    expected = default["loss_cls"] + background_ce.topk(k).values.sum() / num_pos
+    assert torch.allclose(mined["loss_cls"], expected)
+    assert torch.equal(mined["loss_box"], default["loss_box"])
+    mined["loss_cls"].backward()
+    assert set(conf.grad[1].abs().sum(-1).nonzero().flatten().tolist()) == set(background_ce.topk(k).indices.tolist())
+
+    everything = MultiBoxLoss(config, empty_image_negatives=10 ** 9)(model, outputs, priors, targets)
+    expected = default["loss_cls"] + background_ce.topk(priors.shape[0] - 1).values.sum() / num_pos
+    assert torch.allclose(everything["loss_cls"], expected)  # at most N - 1 negatives, as 7:1 mining
+
+
 def test_refine_stage2_matches_against_stage1_boxes():
     """Stage 2 of the refine cascade is matched against the decoded stage-1 boxes: offsets that
     move stage-1 boxes onto a face make anchors positive that are negative for the priors."""
@@ -309,6 +344,25 @@ def test_resume_reproduces_an_uninterrupted_run(widerface_sample, tmp_path, monk
     shares = [int(m) for m in re.findall(r"data wait (\d+)%", log)]  # one per logged iteration
     assert len(shares) == 7 and all(0 <= share <= 100 for share in shares)
     assert list((tmp_path / "experiments/part/log").glob("events.out.tfevents.*"))
+
+
+def test_background_images_train_only_with_empty_image_negatives(widerface_sample, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "background"
+    (root / "train").mkdir(parents=True)
+    (root / "train/images").symlink_to(widerface_sample / "val/images")
+    headers = [line for line in (widerface_sample / "val/label.txt").read_text().splitlines() if line.startswith("#")]
+    (root / "train/label.txt").write_text("\n".join(headers[:4]) + "\n")  # four images, no face listed
+    losses = {}
+    for negatives in (0, 16):
+        summary = train.run(_run_args(root, f"neg{negatives}", "--train_split", "train", "--max_iters", "2",
+                                      "--empty_image_negatives", str(negatives)))
+        losses[negatives] = [loss for _, loss in summary["loss_history"]]
+    assert len(losses[0]) == len(losses[16]) == 2
+    assert losses[0] == [0.0, 0.0]  # the public rule: no positives, no mined negatives, no loss
+    assert all(loss > 0 for loss in losses[16])
 
 
 def test_resume_keeps_the_optimizer_kernel_of_this_run():

@@ -1228,7 +1228,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         epochs, steps = resolve_epochs_and_steps(args, config.network)
         optimizer = build_optimizer(raw_model, args)
         scheduler = build_scheduler(optimizer, args, iters_per_epoch, config.network)
-        criterion = MultiBoxLoss(config, landmark_loss=args.landmark_loss)
+        criterion = MultiBoxLoss(config, landmark_loss=args.landmark_loss,
+                                 empty_image_negatives=args.empty_image_negatives)
         priors = prior_boxes((args.im_size, args.im_size), config.num_anchor, info.device)
         ctx = TrainContext(args=args, info=info, model=wrapped, raw_model=raw_model, criterion=criterion,
                            optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader=loader,
