@@ -281,7 +281,7 @@ OPTIONS: tuple[Option, ...] = (
               "unreadable, truncated, empty and non-image files are skipped and listed (exit status 3)"),
     _opt("--inference_save_folder", type=str, default="inference_results", scripts={INFERENCE},
          help="output folder: <experiment_name>_inference_results.txt, detections.json, summary.json "
-              "(+ result_images/, masks/, faces/, heads/, head_masks/); a folder that already holds "
+              "(+ result_images/, masks/, faces/, heads/, head_masks/, aligned/); a folder that already holds "
               "results is refused unless --exist_ok true"),
     _opt("--save_img", type=str2bool, default=False, scripts={INFERENCE},
          help="write images with boxes, scores and landmarks drawn to result_images/"),
@@ -290,6 +290,11 @@ OPTIONS: tuple[Option, ...] = (
     _opt("--save_mask", type=str2bool, default=False, scripts={INFERENCE},
          help="write face masks (masks/), face crops (faces/), head crops (heads/) and head masks "
               "(head_masks/) as <image stem>_<face index>.<ext>; implies --mask"),
+    _opt("--save_aligned", type=str2bool, default=False, scripts={INFERENCE},
+         help="write each face warped onto the ArcFace 5-landmark template to aligned/ as <image "
+              "stem>_<face index>.<ext> (input crops for face recognition; no mediapipe needed)"),
+    _opt("--aligned_size", type=positive_int, default=112, scripts={INFERENCE},
+         help="side of the square aligned crops (the template is scaled from 112x112)"),
     _opt("--infer_imsize_same", type=str2bool, default=False, scripts={INFERENCE},
          help="group images of the same size into batches of --batch_size (one forward pass each)"),
     _opt("--exist_ok", type=str2bool, default=False, scripts={INFERENCE},

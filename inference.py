@@ -1,13 +1,15 @@
-"""Detect faces in a folder of images; optionally draw them and cut MediaPipe face/head masks.
+"""Detect faces in a folder of images; optionally draw them, cut MediaPipe face/head masks and
+write aligned face crops.
 
     python inference.py --weights mobilenet0.25 --inference_dir photos/ \\
         --inference_save_folder out/ --save_img true [--mask true --save_mask true]
 
 Options are declared in ``config.py`` (``python inference.py --help``); the work is done by
-:func:`utils.inference_utils.run_inference` and :mod:`utils.face_mask`. Exit codes: 0 all images
-processed, 3 finished but some files (or unreadable folders) were skipped (listed in the summary
-and in ``OUT/summary.json``), 1 nothing run (no images, missing weights, unavailable device, output
-folder already holds results or cannot be written ...), 2 bad option, 130 interrupted.
+:func:`utils.inference_utils.run_inference`, :mod:`utils.face_mask` and :mod:`utils.face_align`.
+Exit codes: 0 all images processed, 3 finished but some files (or unreadable folders) were
+skipped (listed in the summary and in ``OUT/summary.json``), 1 nothing run (no images, missing
+weights, unavailable device, output folder already holds results or cannot be written ...),
+2 bad option, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from utils.inference_utils import InferenceError, format_summary, legacy_outputs
 DESCRIPTION = ("Detect faces in every image under --inference_dir (recursively) and write "
                "<experiment>_inference_results.txt, detections.json and summary.json to "
                "--inference_save_folder; --save_img draws them, --mask/--save_mask add MediaPipe "
-               "face and head masks.")
+               "face and head masks, --save_aligned writes aligned face crops.")
 EPILOG = ("exit status: 0 all images processed; 3 finished, but some files were skipped "
           "(unreadable, truncated, empty, not an image, or in a folder that cannot be read; listed in "
           "the summary and summary.json); 1 nothing was run (no images, input not found or not "

@@ -379,7 +379,7 @@ def _one_face_each(images):
 
 def _runner_on_blank_images(detector, tmp_path, names):
     """An inference main loop around ``detector`` and 300x300 records named ``names``."""
-    args = argparse.Namespace(mask=False, save_mask=False, save_img=False)
+    args = argparse.Namespace(mask=False, save_mask=False, save_img=False, save_aligned=False)
     summary = iu.InferenceSummary(output_folder=str(tmp_path))
     runner = iu._Runner(args, detector, tmp_path, names, True, summary, _SilentBar())
     image = np.zeros((300, 300, 3), np.uint8)

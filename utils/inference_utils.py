@@ -11,6 +11,7 @@ Output folder layout (``--inference_save_folder OUT``)::
     OUT/faces/<rel dir>/<stem>_<i>.<ext>     --save_mask: face crops
     OUT/heads/<rel dir>/<stem>_<i>.<ext>     --save_mask: head crops (face box x4, clipped)
     OUT/head_masks/<rel dir>/<stem>_<i>.png  --save_mask: head masks (0/255)
+    OUT/aligned/<rel dir>/<stem>_<i>.<ext>   --save_aligned: faces warped onto the ArcFace template
 
 Exit codes of the command line: :data:`EXIT_OK` (0) every image processed, :data:`EXIT_ERROR`
 (1) nothing was run (no images, missing weights, unavailable device, output folder in use or not
@@ -49,7 +50,8 @@ from utils.image_io import IMAGE_EXTENSIONS
 from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, UnreadableInputError,
                                 find_images, make_loader, os_error_reason, start_loader)
 
-RESULT_SUBFOLDERS = ("result_images", "masks", "faces", "heads", "head_masks")
+RESULT_SUBFOLDERS = ("result_images", "masks", "faces", "heads", "head_masks", "aligned")
+MASK_SUBFOLDERS = ("masks", "faces", "heads", "head_masks")
 RESULTS_TXT_SUFFIX = "_inference_results.txt"
 DETECTIONS_JSON = "detections.json"
 SUMMARY_JSON = "summary.json"
@@ -467,6 +469,8 @@ class _Runner:
         if args.save_img:
             self.writer.write(self.output / "result_images" / record.name,
                               lambda: draw_detections(image, detections))
+        if args.save_aligned:
+            self.write_aligned(record, detections)
         if not self.collect:
             result.masks = None
         self.results[record.index] = result
@@ -497,6 +501,14 @@ class _Runner:
                                           ("heads", f"{base}{extension}", "head")):
                     self.writer.write(self.output / folder / name, lambda array=parts[key]: array)
         return out
+
+    def write_aligned(self, record: ImageRecord, detections: Any) -> None:
+        from utils.face_align import align_face  # noqa: PLC0415
+
+        image, stem, extension = record.image, self.stems[record.name], Path(record.name).suffix
+        for index, points in enumerate(detections.landmarks):
+            self.writer.write(self.output / "aligned" / f"{stem}_{index}{extension}",
+                              lambda points=points: align_face(image, points, self.args.aligned_size))
 
     def close(self) -> None:
         try:
@@ -574,7 +586,8 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
 
     # the output folder must take files before any image is processed (results are written at the end)
     created = prepare_output_folder(output, (["result_images"] if args.save_img else [])
-                                    + (list(RESULT_SUBFOLDERS[1:]) if args.save_mask else []))
+                                    + (list(MASK_SUBFOLDERS) if args.save_mask else [])
+                                    + (["aligned"] if args.save_aligned else []))
 
     started = time.perf_counter()
     try:
