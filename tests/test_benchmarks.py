@@ -268,6 +268,18 @@ def test_gpu_check_script_smoke(tmp_path, widerface_sample, mobilenet_weights):
     assert "### Targets" in (tmp_path / "out" / "speed_table.md").read_text()
 
 
+def test_gpu_check_refuses_to_run_without_the_shared_data(tmp_path):
+    """On a GPU lease, missing sample data would turn most CUDA tests into skips and the benchmarks
+    into noise measurements that still exit 0: the script stops first."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RETINAFACE_SHARED": str(tmp_path / "missing"),
+           "PYTHON": sys.executable}
+    result = subprocess.run(["bash", "tools/gpu_check.sh"], cwd=REPO_ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "ERROR: no " in result.stdout and "carry .gpu_shared" in result.stdout
+    assert "cuda_tests" not in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
 def test_benchmarks_do_not_import_mediapipe():
     code = ("import sys; import tools.benchmark_inference, tools.benchmark_train, tools.speed_table, "
             "models.detector; bad = [m for m in sys.modules if m.startswith('mediapipe')]; "
