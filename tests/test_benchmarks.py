@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.ops import box_iou
 
 from layers.multibox_loss import MultiBoxLoss
 from layers.prior_box import prior_boxes
@@ -25,6 +26,7 @@ from models.retinaface import ModelConfig, RetinaFace, preprocess
 from tools import benchmark_inference as bi
 from tools import benchmark_train as bt
 from tools import speed_table
+from utils.box_utils import point_form
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -190,6 +192,42 @@ def test_public_style_loss_equals_multibox_loss(cascade):
     assert math.isclose(float(loss_landm), float(ours["loss_landm"]), rel_tol=1e-5)
 
 
+def test_matching_on_augmented_sample_images_equals_the_public_match(widerface_sample):
+    """Real faces after the training augmentation: the batched matching gives the positives of the
+    public per-image ``match``, and each positive the same face, except where the public code lets
+    a face whose best IoU is below 0.2 take over its best anchor (the documented difference)."""
+    from layers.multibox_loss import match_anchors, pad_targets
+    from utils.box_utils import VARIANCES, encode
+
+    priors = prior_boxes((640, 640), 2)
+    images = positives = taken_over = 0
+    for seed in range(3):
+        dataset = bt.training_dataset(widerface_sample, "val", 640, seed=seed)
+        for index in range(len(dataset)):
+            faces = torch.from_numpy(dataset[index][1]).float()
+            if len(faces) == 0:
+                continue
+            images += 1
+            padded, valid = pad_targets([faces])
+            ours = match_anchors(padded[..., :4], valid, priors)
+            public = bt.public_match(faces[:, :4], priors, faces[:, 14].long(), faces[:, 4:14], 0.35, VARIANCES)
+            public_positive = public[1] != 0
+            assert torch.equal(ours.positive[0], public_positive), (seed, index)
+            positive = ours.positive[0]
+            our_offsets = encode(faces[ours.face_index[0], :4], priors, VARIANCES)[positive]
+            same_face = torch.isclose(our_offsets, public[0][positive], atol=1e-5).all(dim=1)
+            # anchors the public code gave to a hard face: that face's best anchor
+            iou = box_iou(faces[:, :4], point_form(priors))
+            best_iou, best_anchor = iou.max(dim=1)
+            hard_best = set(best_anchor[best_iou < 0.2].tolist())
+            differing = set(positive.nonzero().flatten()[~same_face].tolist())
+            assert differing <= hard_best, (seed, index)
+            positives += int(positive.sum())
+            taken_over += len(differing)
+    assert images >= 25 and positives > 3000
+    assert taken_over <= 0.01 * positives
+
+
 def test_step_clock_window():
     clock = bt.StepClock(warmup=2, iters=3, device=CPU)
     clock.source = range(10)
@@ -278,6 +316,20 @@ def test_gpu_check_refuses_to_run_without_the_shared_data(tmp_path):
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "ERROR: no " in result.stdout and "carry .gpu_shared" in result.stdout
     assert "cuda_tests" not in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+def test_precision_check_on_sample_images(widerface_sample, mobilenet_weights, tmp_path, capsys, one_cpu_thread):
+    from tools import precision_check
+
+    images = sorted((widerface_sample / "val/images").rglob("*.jpg"))[:2]
+    for path in images:
+        (tmp_path / path.name).symlink_to(path)
+    assert precision_check.main(["--weights", str(mobilenet_weights), "--images", str(tmp_path), "--threads", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 2 and report["fp16"]["detections"] == report["bf16"]["detections"] > 10
+    # fp16 keeps every detection (as on the GPU path the inference default uses); bf16 moves some
+    assert report["fp16"]["moved"] == 0 and report["fp16"]["max_score_diff"] < 0.01
+    assert report["bf16"]["max_score_diff"] > report["fp16"]["max_score_diff"]
 
 
 def test_benchmarks_do_not_import_mediapipe():

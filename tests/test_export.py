@@ -106,8 +106,9 @@ def test_cpu_benchmark_times_the_exported_model_in_the_same_rounds(published_onn
     for name in ("12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg", GREETING):
         (images / Path(name).name).symlink_to(widerface_sample / "val" / "images" / name)
     report = benchmark_cpu.main(["--weights", str(mobilenet_weights), "--images", str(images), "--repeats", "1",
-                                 "--onnx", str(published_onnx_file)])
+                                 "--onnx", str(published_onnx_file), "--nchw"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
     assert report["images"] == 2 and report["onnx_ms_per_img"] > 0 and report["ours_ms_per_img"] > 0
     assert report["onnx_detections_score_ge_0.5_unmatched_vs_ours"] == 0
     assert report["detections_score_ge_0.5_unmatched_between_pipelines"] == 0
+    assert report["nchw_ms_per_img"] > 0 and report["nchw_detections_score_ge_0.5_unmatched_vs_ours"] == 0

@@ -469,6 +469,18 @@ def test_full_val_set_runs_and_subset_of_everything_is_identical(real_gt):
         assert 0.3 < full.aps[s] < 0.9
 
 
+def test_benchmark_writes_its_synthetic_predictions_as_a_prediction_folder(widerface_gt_dir, real_gt, tmp_path, capsys):
+    from tools.benchmark_metric import main
+
+    record = main(["--gt_dir", str(widerface_gt_dir), "--skip_reference", "--repeats", "1", "--fp_per_image", "2",
+                   "--write_predictions", str(tmp_path)])
+    capsys.readouterr()
+    back = read_prediction_dir(tmp_path)
+    assert sum(len(per) for per in back.values()) == 3226
+    assert sum(len(rows) for per in back.values() for rows in per.values()) == record["num_boxes"]
+    assert evaluate(back, real_gt).aps == record["ap_ours"]
+
+
 def test_prediction_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     bad = tmp_path / "0--Parade" / "0_Parade_marchingband_1_465.txt"
     bad.parent.mkdir()

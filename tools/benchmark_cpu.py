@@ -7,7 +7,9 @@ original scale (confidence 0.02, NMS 0.4); the public-style one is tools/public_
 rounds alternate between the two and the best round of each is reported, so the ratio comes
 from the same machine state. The detections of both are compared (score >= 0.5, both ways).
 ``--onnx FILE`` (the same weights exported by ``tools/export_onnx.py``) adds a third pipeline in
-the same rounds: onnxruntime on the CPU with the same threads and post-processing.
+the same rounds: onnxruntime on the CPU with the same threads and post-processing. ``--nchw``
+adds our pipeline with the network in the NCHW layout (``FaceDetector(channels_last=False)``),
+to show what the channels_last default gains.
 Prints one JSON line.
 """
 from __future__ import annotations
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--onnx", default=None, help="the same weights exported by tools/export_onnx.py")
+    parser.add_argument("--nchw", action="store_true", help="also time our pipeline with the network in NCHW")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
@@ -59,6 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
         return [public_style_detect(model, cv2.imread(str(p), cv2.IMREAD_COLOR), timings=timings) for p in paths]
 
     pipelines = {"ours": lambda steps: ours(), "public": public}
+    if args.nchw:
+        nchw = FaceDetector(args.weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4,
+                            channels_last=False)
+        pipelines["nchw"] = lambda steps: [as_rows(d.boxes, d.scores, d.landmarks)
+                                           for d in (nchw.detect(p) for p in paths)]
     if args.onnx:
         from tools.export_onnx import onnx_detections, onnx_session
 
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(args.repeats):
         for name, run in pipelines.items():
             detector.timings.clear()
+            if args.nchw:
+                nchw.timings.clear()
             steps: dict[str, float] = {}
             started = time.perf_counter()
             results = run(steps)
@@ -81,6 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
                 results_of[name] = results
                 if name == "ours":
                     our_steps = dict(detector.timings)
+                elif name == "nchw":
+                    nchw_steps = dict(nchw.timings)
                 elif name == "public":
                     public_steps = steps
     started = time.perf_counter()
@@ -106,6 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
                 "cv2": cv2.__version__, "cpu": platform.processor() or platform.machine(),
                 "cpu_count": os.cpu_count()},
     }
+    if args.nchw:
+        report.update({"nchw_ms_per_img": round(best["nchw"] / n * 1000, 2),
+                       "nchw_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in nchw_steps.items()},
+                       "nchw_detections_score_ge_0.5_unmatched_vs_ours": mismatches("nchw", "ours")})
     if args.onnx:
         report.update({"onnx": args.onnx, "onnx_ms_per_img": round(best["onnx"] / n * 1000, 2),
                        "ratio_onnx_over_ours": round(best["onnx"] / best["ours"], 3),
