@@ -41,7 +41,8 @@ on the CPU. ``--compile`` adds ``fp16+compile+graph`` (off by default: compiling
 the ResNet-50 cascade costs minutes). fp16 rather than bf16 is the fast default: on the sample
 images bf16 autocast moves 8 of 376 detections (score >= 0.5) below IoU 0.98 against fp32 (min
 IoU 0.92, score differences up to 0.04), fp16 none (score differences <= 0.004, landmarks
-<= 0.1 px; measured with CPU autocast, whose rounding is the same). Both are always measured.
+<= 0.1 px; ``tools/precision_check.py``, CPU autocast, whose rounding is the same). Both are in the
+default CUDA variants; on the CPU, DensePath runs every precision in float32 (as FaceDetector does).
 
 Fidelity: every variant's detections on the first batch (and on the sample images) are compared
 with the reference path's, both ways, with ``tools/fidelity.py: unmatched`` (a reference detection
