@@ -6,8 +6,9 @@ across scripts. Flag names of the original project are kept (``--gpu_num``, ``--
 ``--model_weight`` ...); booleans are written ``true``/``false``.
 
 Architecture options (``--network``, ``--num_anchor``, ``--cascade``, ``--cascade_mode``,
-``--model_version``) default to ``None``: a checkpoint that records its configuration wins, and
-otherwise the defaults of :class:`models.retinaface.ModelConfig` apply.
+``--model_version``) default to ``None``: a checkpoint that records its configuration wins, a
+foreign checkpoint's architecture is inferred from its weight names, and a model trained from
+scratch takes the defaults of :class:`models.retinaface.ModelConfig`.
 """
 from __future__ import annotations
 

@@ -98,7 +98,8 @@ def pad_targets(targets: Sequence[torch.Tensor], device: torch.device | str | No
     """List of ``B`` tensors ``(K_i, 15)`` -> ``(B, Kmax, 15)`` float32 and a ``(B, Kmax)`` bool mask.
 
     ``Kmax = max(max K_i, min_faces)``; padding rows are zero and masked out. Built on the host
-    (the list's tensors usually come from the DataLoader) and moved to ``device`` in one copy.
+    (the list's tensors usually come from the DataLoader) and moved to ``device`` (one copy for
+    the targets, one for the mask).
     """
     batch = len(targets)
     counts = [int(t.shape[0]) for t in targets]

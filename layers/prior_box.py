@@ -34,6 +34,7 @@ def feature_map_sizes(image_size: tuple[int, int], steps: tuple[int, ...] = STEP
 
 
 def num_priors(image_size: tuple[int, int], num_anchor: int = 2) -> int:
+    """Number of anchors N of an input of ``image_size = (height, width)`` pixels."""
     return sum(h * w for h, w in feature_map_sizes(image_size)) * num_anchor
 
 
@@ -48,7 +49,8 @@ def _priors_cached(height: int, width: int, min_sizes: tuple[tuple[int, ...], ..
 
 def make_priors(height: int, width: int, min_sizes: tuple[tuple[int, ...], ...], steps: tuple[int, ...] = STEPS,
                 normalized: bool = False, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Uncached :func:`prior_boxes` for explicit anchor sizes; ``height`` and ``width`` may be the
+    """Uncached :func:`prior_boxes` for explicit anchor sizes: float32 (N, 4) ``cx, cy, w, h`` in
+    pixels (or divided by ``(W, H, W, H)`` with ``normalized``). ``height`` and ``width`` may be the
     symbolic sizes of a model being exported (``tools/export_onnx.py`` builds its priors in the graph)."""
     # built on the device itself (no host computation and copy of the grid per new input size);
     # float64 arithmetic is exactly rounded everywhere, so every device gets the same values

@@ -129,7 +129,9 @@ class FaceDetector:
             ``utils/postprocess.py``; ``None``: no limit); the defaults are the public demo's
             except the threshold. NMS runs in original-image pixels.
         target_size, max_size: test-time resize (see :func:`resize_scale`); default original size.
-        batch_size: images per forward pass. Images of different sizes are batched only with
+        batch_size: images per :meth:`detect_batch` call made by :meth:`detect` (``detect_batch``
+            itself runs all the images it is given, one forward pass per size group). Images of
+            different sizes are batched only with
             ``pad_batches=True`` (bottom/right padding with the mean colour: faces within about
             64 px of the padding can get slightly different scores and boxes, e.g. IoU 0.97 with
             the unpadded result; tested); otherwise each size is its own batch.
@@ -139,7 +141,10 @@ class FaceDetector:
             mobilenet0.25 below IoU 0.98 of the fp32 result on the sample images, fp16 did not.
         channels_last: NHWC memory format (default on; off runs the network in NCHW).
         fuse_bn: run a copy of the model with BatchNorm folded into the convolutions (same
-            outputs up to float rounding, fewer operations). ``self.model`` is never modified.
+            outputs up to float rounding, fewer operations). ``self.model`` keeps its weights and
+            train/eval mode; a ``model`` passed in is moved to ``device`` (``nn.Module.to``, in place).
+        pixel_offset: added to box widths and heights in NMS's area and overlap (1, the public
+            ``py_cpu_nms`` convention, see ``utils/nms.py``).
         cuda_graphs: on CUDA, replay the network and decoding of input shapes seen before from
             CUDA graphs (default on; see ``models/dense_path.py``).
         compile: ``torch.compile`` the network and decoding (compiles once per input shape: for

@@ -29,7 +29,8 @@ BGR_MEAN = (104.0, 117.0, 123.0)
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a RetinaFace model; defaults are the original project's best model.
+    """Architecture of a RetinaFace model; defaults: the original project's best configuration
+    (ResNet-50, 2 anchors, cascade on), with the ``refine`` cascade formulation.
 
     - ``network``: backbone, ``mobilenet0.25`` or ``resnet18/34/50/101/152``.
     - ``num_anchor``: anchors per location, 2 (sizes 16-512) or 3 (sizes 8-512).

@@ -294,7 +294,7 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torc
     """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mis-shaped keys.
 
     BatchNorm ``num_batches_tracked`` counters absent from files of PyTorch < 0.4.1 are added as 0
-    (what ``torch.load_state_dict`` does for such files; they play no part in evaluation).
+    (what ``nn.Module.load_state_dict`` does for such files; they play no part in evaluation).
     """
     expected = model.state_dict()
     counters = {k: torch.zeros((), dtype=torch.long) for k in expected

@@ -30,9 +30,9 @@ The recipe (:class:`TrainTransform`), in the order of the public Pytorch_Retinaf
    The public code carries a comment about a 16 px minimum but its test is ``> 0``, i.e. every
    face whose centre is inside is kept; ``min_face_size=0.0`` (the default) reproduces that.
    Kept boxes are clipped to the crop, landmarks are shifted and clamped to the crop.
-   When no candidate is accepted (or the image has no face and ``K == 0``, see below) the whole
-   image is kept and later padded to a square. Images without faces take the first candidate
-   (any crop of a face-less image is valid); the public code cannot train on such images.
+   When no candidate is accepted the whole image is kept and later padded to a square. Images
+   without faces (``K == 0``) take the first candidate (any crop of a face-less image is valid);
+   the public code cannot train on such images.
 2. **Photometric distortion** of the crop (each op with probability 0.5, two orders chosen with
    probability 0.5 like the public code): brightness ``+U(-32, 32)``, contrast ``*U(0.5, 1.5)``,
    then in HSV saturation ``*U(0.5, 1.5)`` and hue ``+randint(-18, 18)`` (mod 180, OpenCV's 8-bit

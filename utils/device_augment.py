@@ -191,7 +191,8 @@ def defer_pixels(image: np.ndarray, params: AugmentParams, size: int) -> Deferre
 class DeferredTrainTransform(TrainTransform):
     """:class:`TrainTransform` whose pixel work is left to the device: calls return
     ``(DeferredImage, targets)``; targets and random draws equal ``TrainTransform``'s for the same
-    generator state. Batch with :func:`utils.data_loaders.detection_collate`."""
+    generator state. Batch with :func:`utils.data_loaders.detection_collate`. The padding colour
+    is the network mean applied by ``DeferredBatch.network_input``; ``rgb_mean`` is not used."""
 
     def apply(self, image: np.ndarray, targets: np.ndarray | None,  # type: ignore[override]
               params: AugmentParams) -> tuple[DeferredImage, np.ndarray]:

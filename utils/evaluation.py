@@ -368,12 +368,14 @@ def evaluate_model(model: Any, dataset_root: str | os.PathLike[str],
     """Official-protocol AP of a model (or a ready detector) on ``<dataset_root>/val`` — the call
     for periodic evaluation during training.
 
-    ``model``: a :class:`models.retinaface.RetinaFace` (a BN-folded copy is run; the model's own
-    train/eval mode and weights are left untouched; unwrap DDP first) or a FaceDetector /
-    TTADetector. ``gt``: a loaded ground truth (load it once per run) or its folder. Detection at
-    original scale with the given thresholds and no top-k cuts (the public test_widerface.py);
-    predictions in the public file convention (written to ``out_dir`` when given); partial val
-    sets are evaluated as a subset.
+    ``model``: a :class:`models.retinaface.RetinaFace` (moved to ``device``; a BN-folded copy is
+    run, the model's own train/eval mode and weights are left untouched; unwrap DDP first),
+    detected at original scale with the given thresholds, ``half`` and no top-k cuts (the public
+    test_widerface.py); or a ready FaceDetector / TTADetector, used as it is (its own thresholds
+    and scales; ``confidence_threshold``, ``nms_threshold`` and ``half`` do not apply).
+    ``batch_size`` images are detected per call either way. ``gt``: a loaded ground truth (load it
+    once per run) or its folder. Predictions in the public file convention (written to
+    ``out_dir`` when given); partial val sets are evaluated as a subset.
     """
     gt = load_gt(gt)
     images = list_val_images(dataset_root)

@@ -545,7 +545,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
 
     ``args`` is the namespace of ``config.parse_args('inference', ...)``, or any namespace holding some
     of its options (the others take their defaults, see :func:`complete_args`). ``collect=False`` drops
-    the masks from the returned results as soon as they are written (constant memory).
+    the masks from the returned results as soon as they are written (the detections are kept).
     Raises :class:`InferenceError` / ``CheckpointError`` (one-line messages) when the run cannot
     start; bad image files are skipped and listed in the summary instead.
     """

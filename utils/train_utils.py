@@ -307,7 +307,8 @@ def unwrap(model: nn.Module) -> RetinaFace:
 # Optimizer and schedule
 # --------------------------------------------------------------------------------------------
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
-    """SGD (momentum 0.9, weight decay 5e-4 on every parameter, as the public recipe); the fused
+    """SGD with ``--momentum`` and ``--weight_decay`` on every parameter (defaults 0.9 and 5e-4, the
+    public recipe); the fused
     CUDA kernel when the parameters are on a GPU (one launch for all of them)."""
     params = list(model.parameters())
     fused = bool(params) and all(p.is_cuda for p in params)
@@ -564,7 +565,8 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
                        ) -> tuple[DataLoader, ResumableSampler, Dataset]:
     """DataLoader over ``<dataset>/<train_split>`` with ``TrainTransform(im_size)`` (or its
     ``DeferredTrainTransform`` with ``--augment_on device``): drop-last batches of
-    ``--batch_size`` per process, pinned memory and persistent workers on CUDA. Batches are
+    ``--batch_size`` per process, pinned memory on CUDA, persistent workers when ``--workers`` > 0.
+    Batches are
     ``(images, targets, LoadReport)``: unreadable images are replaced (see
     :class:`EpochSeededDataset`) and reported to the training loop."""
     from utils.data_loaders import dataset_from_root
@@ -957,7 +959,9 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
     Detection at original scale (confidence 0.02, NMS 0.4, no top-k cuts, the public
     prediction-file convention, as :func:`utils.evaluation.evaluate_model`), counting only the
     images present.
-    ``gt``: ``utils.metric.load_ground_truth(gt_dir)``. The model keeps its weights and train mode.
+    ``gt``: ``utils.metric.load_ground_truth(gt_dir)``. The model keeps its weights and train mode,
+    except that in a distributed run the BatchNorm statistics of rank 0 are first copied to the
+    other ranks, so that every rank evaluates the same model.
     Distributed (``info``): every rank detects its share of the images, rank 0 gathers them and
     returns the APs; the other ranks return None (no rank waits for one to do all the work).
     """
@@ -1163,7 +1167,7 @@ def inherit_resume_options(args: argparse.Namespace, recorded: Mapping[str, Any]
 
 
 def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[str, Any]:
-    """Run training as configured by ``args`` (see ``config.py`` / ``docs/training.md``).
+    """Run training as configured by ``args`` (see ``config.py`` and the README's Training section).
 
     With ``--resume`` and ``explicit`` (the option names given on the command line, see
     :func:`explicit_options`), options not given are taken from the interrupted run, so
