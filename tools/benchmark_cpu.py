@@ -55,18 +55,18 @@ def main(argv: list[str] | None = None) -> dict:
     detector = FaceDetector(args.weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4)
     model = detector.model.eval()
 
-    def ours() -> list[np.ndarray]:
-        return [as_rows(d.boxes, d.scores, d.landmarks) for d in (detector.detect(p) for p in paths)]
+    def detect_all(face_detector: FaceDetector) -> list[np.ndarray]:
+        return [as_rows(d.boxes, d.scores, d.landmarks) for d in (face_detector.detect(p) for p in paths)]
 
     def public(timings: dict | None = None) -> list[np.ndarray]:
         return [public_style_detect(model, cv2.imread(str(p), cv2.IMREAD_COLOR), timings=timings) for p in paths]
 
-    pipelines = {"ours": lambda steps: ours(), "public": public}
+    pipelines = {"ours": lambda steps: detect_all(detector), "public": public}
+    detectors = {"ours": detector}
     if args.nchw:
-        nchw = FaceDetector(args.weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4,
-                            channels_last=False)
-        pipelines["nchw"] = lambda steps: [as_rows(d.boxes, d.scores, d.landmarks)
-                                           for d in (nchw.detect(p) for p in paths)]
+        detectors["nchw"] = FaceDetector(args.weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4,
+                                         channels_last=False)
+        pipelines["nchw"] = lambda steps: detect_all(detectors["nchw"])
     if args.onnx:
         from tools.export_onnx import onnx_detections, onnx_session
 
@@ -77,11 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
     best = dict.fromkeys(pipelines, float("inf"))
     results_of: dict[str, list[np.ndarray]] = {}
     public_steps: dict[str, float] = {}
+    detector_steps: dict[str, dict[str, float]] = {}
     for _ in range(args.repeats):
         for name, run in pipelines.items():
-            detector.timings.clear()
-            if args.nchw:
-                nchw.timings.clear()
+            for face_detector in detectors.values():
+                face_detector.timings.clear()
             steps: dict[str, float] = {}
             started = time.perf_counter()
             results = run(steps)
@@ -89,10 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
             if elapsed < best[name]:
                 best[name] = elapsed
                 results_of[name] = results
-                if name == "ours":
-                    our_steps = dict(detector.timings)
-                elif name == "nchw":
-                    nchw_steps = dict(nchw.timings)
+                if name in detectors:
+                    detector_steps[name] = dict(detectors[name].timings)
                 elif name == "public":
                     public_steps = steps
     started = time.perf_counter()
@@ -110,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_ms_per_img": round(best["ours"] / n * 1000, 2),
         "public_style_ms_per_img": round(best["public"] / n * 1000, 2),
         "ratio_ours_over_public": round(best["ours"] / best["public"], 3),
-        "ours_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in our_steps.items()},
+        "ours_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in detector_steps["ours"].items()},
         "public_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in public_steps.items()},
         "read_image_ms_per_img": round(read_seconds / n * 1000, 2),
         "detections_score_ge_0.5_unmatched_between_pipelines": mismatches("ours", "public"),
@@ -120,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.nchw:
         report.update({"nchw_ms_per_img": round(best["nchw"] / n * 1000, 2),
-                       "nchw_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in nchw_steps.items()},
+                       "nchw_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in detector_steps["nchw"].items()},
                        "nchw_detections_score_ge_0.5_unmatched_vs_ours": mismatches("nchw", "ours")})
     if args.onnx:
         report.update({"onnx": args.onnx, "onnx_ms_per_img": round(best["onnx"] / n * 1000, 2),
