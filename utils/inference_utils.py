@@ -251,8 +251,9 @@ LANDMARK_COLOURS = ((0, 0, 255), (0, 255, 255), (255, 0, 255), (0, 255, 0), (255
 
 
 def draw_detections(image: np.ndarray, detections: Any) -> np.ndarray:
-    """A copy of ``image`` with boxes (red), scores and the five landmarks drawn, as the public
-    RetinaFace demo draws them."""
+    """A copy of ``image`` (BGR uint8, H x W x 3) with boxes (red), scores and the five landmarks
+    drawn, as the public RetinaFace demo draws them. ``detections``: a
+    :class:`models.detector.Detections` in the pixels of ``image`` (boxes x1, y1, x2, y2)."""
     canvas = image.copy()
     for box, score, points in zip(detections.boxes, detections.scores, detections.landmarks):
         x1, y1, x2, y2 = (int(round(float(v))) for v in box)
@@ -363,6 +364,8 @@ class FaceMaskResult:
 
 @dataclass
 class ImageResult:
+    """One processed image of :func:`run_inference`."""
+
     name: str                      # path relative to --inference_dir
     path: str
     shape: tuple[int, ...]         # original (H, W, 3)

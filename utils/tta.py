@@ -32,7 +32,7 @@ import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from torchvision import ops
 
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import with_pixel_offset
+
+if TYPE_CHECKING:  # for annotations only
+    from models.detector import Detections, FaceDetector, ImageInput
 
 __all__ = ["DEFAULT_SCALES", "DEFAULT_MAX_SIZE", "TTAConfig", "TTADetector", "box_voting",
            "flip_detections"]
@@ -79,7 +82,7 @@ class TTAConfig:
         return len(self.scales) * (2 if self.flip else 1)
 
 
-def flip_detections(detections, width: int):
+def flip_detections(detections: Detections, width: int) -> Detections:
     """Detections found on a horizontally mirrored image of width ``width``, in the coordinates
     of the unmirrored image (continuous pixel coordinates: ``x -> width - x``)."""
     boxes = detections.boxes.copy()
@@ -159,7 +162,7 @@ class TTADetector:
     original-image pixels.
     """
 
-    def __init__(self, detector, config: TTAConfig | None = None) -> None:
+    def __init__(self, detector: FaceDetector, config: TTAConfig | None = None) -> None:
         self.detector = detector
         self.config = config or TTAConfig()
         if not self.config.scales:
@@ -174,7 +177,7 @@ class TTADetector:
             self._passes.append(scaled)
 
     @property
-    def timings(self):
+    def timings(self) -> dict[str, float]:
         return self.detector.timings
 
     @property
@@ -184,7 +187,8 @@ class TTADetector:
     def release_memory(self) -> None:
         self.detector.release_memory()  # the passes share the detector's network and graphs
 
-    def detect(self, images):
+    def detect(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
+        """As :meth:`models.detector.FaceDetector.detect`: one image -> Detections, a list -> a list."""
         if isinstance(images, (np.ndarray, str, Path)):
             return self.detect_batch([images])[0]
         size = self.batch_size
@@ -192,18 +196,18 @@ class TTADetector:
 
     __call__ = detect
 
-    def detect_batch(self, images) -> list:
+    def detect_batch(self, images: Sequence[ImageInput]) -> list[Detections]:
         """One :class:`models.detector.Detections` per image, merged over all passes."""
         return [self.merge([found for _, _, found in parts]) for parts in self.run_passes(images)]
 
-    def run_passes(self, images) -> list[list[tuple[int, bool, object]]]:
+    def run_passes(self, images: Sequence[ImageInput]) -> list[list[tuple[int, bool, Detections]]]:
         """Per image, ``(scale, flipped, detections)`` of every pass, in original-image pixels
         (not merged). A scale's original and mirrored images share one forward pass."""
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
         inputs = list(arrays)
         if self.config.flip:
             inputs += [np.ascontiguousarray(a[:, ::-1]) for a in arrays]
-        pooled: list[list[tuple[int, bool, object]]] = [[] for _ in arrays]
+        pooled: list[list[tuple[int, bool, Detections]]] = [[] for _ in arrays]
         for size, scaled in zip(self.config.scales, self._passes):
             found = scaled.detect_batch(inputs)  # same-size images share a forward pass
             for index, array in enumerate(arrays):
@@ -213,7 +217,7 @@ class TTADetector:
                     pooled[index].append((size, True, flipped))
         return pooled
 
-    def merge(self, parts: Sequence):
+    def merge(self, parts: Sequence[Detections]) -> Detections:
         """Box voting over the detections of several passes of one image."""
         kind = type(parts[0])
         boxes = torch.from_numpy(np.concatenate([p.boxes.reshape(-1, 4) for p in parts]))
