@@ -36,7 +36,8 @@ SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
 STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference train table} "
-if [ "${1:-}" = "--smoke" ]; then
+SMOKE=false; [ "${1:-}" = "--smoke" ] && SMOKE=true
+if $SMOKE; then
   INFERENCE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0
                   --sample_limit 1 --sample_iters 1 --sample_warmup 0)
   TRAIN_ARGS=(--device cpu --threads 1 --configs mobilenet0.25:2:96 --iters 1 --warmup 1 --workers 1 --profile
@@ -77,19 +78,19 @@ fi
 'torchvision', torchvision.__version__, 'numpy', numpy.__version__, 'cv2', cv2.__version__,
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOG"
 if ! { [ -d "$SAMPLE" ] && [ -f "$WEIGHTS" ]; }; then
-  if [ "${1:-}" = "--smoke" ]; then
+  if $SMOKE; then
     log "== WARNING: no $SAMPLE or $WEIGHTS: synthetic inputs only"
   else  # without them most CUDA tests skip and the benchmarks measure noise: not worth a lease
     log "== ERROR: no $SAMPLE or $WEIGHTS: carry .gpu_shared (README, GPU benchmarks) or set RETINAFACE_SHARED"
     exit 2
   fi
 fi
-[ "${1:-}" = "--smoke" ] || export REQUIRE_SHARED=1  # a missing shared file fails a CUDA test instead of skipping it
+$SMOKE || export REQUIRE_SHARED=1  # a missing shared file fails a CUDA test instead of skipping it
 SHM_FREE_KB=$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')
 log "== cpu cores: $(nproc); /dev/shm (DataLoader workers): ${SHM_FREE_KB:-?} KiB free"
 # the real-data training measurement keeps up to workers x 4 batches in shared memory (about 3 GB
 # with 14 workers at ResNet-50 bs24@840): fewer workers where /dev/shm is small
-if [ "${1:-}" != "--smoke" ] && [ -n "${SHM_FREE_KB:-}" ] && [ "$SHM_FREE_KB" -lt 4194304 ]; then
+if ! $SMOKE && [ -n "${SHM_FREE_KB:-}" ] && [ "$SHM_FREE_KB" -lt 4194304 ]; then
   TRAIN_ARGS+=(--workers 4)
   log "== /dev/shm under 4 GiB: training benchmark with --workers 4"
 fi

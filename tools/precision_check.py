@@ -33,7 +33,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from models.detector import Detections, FaceDetector  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
-from utils.image_io import read_image  # noqa: E402
+from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
 
 FORMATS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -70,16 +70,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
         parser.error(f"no images in {args.images}")
     images = [read_image(p) for p in paths]
     # candidates down to 0.3 so that a detection near --min_score still finds its counterpart
-    reference = FaceDetector(args.weights, device="cpu", confidence_threshold=0.3)
-    expected = [reference.detect(image) for image in images]
+    detector = FaceDetector(args.weights, device="cpu", confidence_threshold=0.3)
+    expected = [detector.detect(image) for image in images]
     report = {"images": len(images), "weights": args.weights, "torch": torch.__version__}
     for name, dtype in FORMATS.items():
-        detector = FaceDetector(args.weights, device="cpu", confidence_threshold=0.3)
         detector.dense.autocast_dtype = dtype  # autocast on the CPU (the public option is CUDA-only)
         per_image = [compare(e, detector.detect(image), args.min_score, args.score_tol)
                      for e, image in zip(expected, images)]

@@ -50,8 +50,8 @@ from utils.image_io import IMAGE_EXTENSIONS
 from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, UnreadableInputError,
                                 find_images, make_loader, os_error_reason, start_loader)
 
-RESULT_SUBFOLDERS = ("result_images", "masks", "faces", "heads", "head_masks", "aligned")
 MASK_SUBFOLDERS = ("masks", "faces", "heads", "head_masks")
+RESULT_SUBFOLDERS = ("result_images", *MASK_SUBFOLDERS, "aligned")
 RESULTS_TXT_SUFFIX = "_inference_results.txt"
 DETECTIONS_JSON = "detections.json"
 SUMMARY_JSON = "summary.json"
