@@ -154,6 +154,9 @@ OPTIONS: tuple[Option, ...] = (
          help="DataLoader worker processes for image decoding and augmentation"),
     _opt("--half", type=str2bool, default=False, scripts={TEST, INFERENCE},
          help="run the network in fp16 autocast on CUDA (ignored on the CPU)"),
+    _opt("--channels_last", type=str2bool, default=True, scripts={TEST, INFERENCE},
+         help="run the network in the NHWC memory format (false: NCHW). On an H100 each image size not seen "
+              "before cost 0.3-0.55 s with NHWC (README, GPU benchmarks): try false for data sets of many sizes"),
     _opt("--cuda_graphs", type=str2bool, default=True, scripts={TEST, INFERENCE},
          help="on CUDA, replay the network of image sizes seen before from CUDA graphs (the first 4 "
               "repeated sizes; false: always launch kernel by kernel)"),

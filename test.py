@@ -115,7 +115,8 @@ def test(args: argparse.Namespace) -> int:
                             confidence_threshold=args.confidence_threshold, nms_threshold=args.nms_threshold,
                             top_k=args.top_k, keep_top_k=args.keep_top_k, target_size=args.target_size,
                             max_size=args.max_size, batch_size=args.batch_size,
-                            half=args.half and device.type == "cuda", cuda_graphs=args.cuda_graphs)
+                            half=args.half and device.type == "cuda", channels_last=args.channels_last,
+                            cuda_graphs=args.cuda_graphs)
     if args.tta:
         detector = TTADetector(detector, TTAConfig(scales=tta_scales, max_size=args.max_size or DEFAULT_MAX_SIZE))
     setting = scale_description(args)

@@ -111,3 +111,19 @@ def detection_fails_on_call(monkeypatch):
         return original
 
     return fail
+
+
+@pytest.fixture
+def detector_layouts(monkeypatch) -> list[bool]:
+    """The ``channels_last`` setting of every ``FaceDetector`` built from now on, in order."""
+    from models.detector import FaceDetector
+
+    layouts: list[bool] = []
+    init = FaceDetector.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        layouts.append(self.dense.channels_last)
+
+    monkeypatch.setattr(FaceDetector, "__init__", recording_init)
+    return layouts

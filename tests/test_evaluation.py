@@ -369,6 +369,19 @@ def test_pred_dir_of_the_written_folder_gives_identical_aps(sample_run, test_scr
     assert [again[k] for k in ("easy", "medium", "hard")] == [first[k] for k in ("easy", "medium", "hard")]
 
 
+def test_channels_last_false_runs_nchw_with_the_same_aps(sample_run, test_script, widerface_sample,
+                                                         widerface_gt_dir, mobilenet_weights, tmp_path, capsys,
+                                                         detector_layouts):
+    """``--channels_last false`` (the NCHW layout) reaches the detector and detects the same faces."""
+    code, out, err = run_cli(test_script, ["--weights", mobilenet_weights, "--dataset", widerface_sample,
+                                           "--gt_dir", widerface_gt_dir, "--workers", "0", "--channels_last", "false",
+                                           "--results_dir", tmp_path / "nchw"], tmp_path, capsys)
+    assert code == 0, err
+    assert detector_layouts == [False]
+    nchw, nhwc = parse_ap_line(out), parse_ap_line(sample_run["out"])
+    assert nchw.keys() == nhwc.keys() and all(abs(nchw[k] - nhwc[k]) < 1e-4 for k in nhwc), (nchw, nhwc)
+
+
 def test_pred_dir_results_default_to_beside_the_predictions(sample_run, test_script, widerface_gt_dir,
                                                              tmp_path, capsys):
     """Evaluating a run's prediction folder again must not replace that run's results."""

@@ -319,6 +319,23 @@ def test_mixed_folder_skips_bad_files(mixed_folder, mobilenet_weights, tmp_path,
         assert (out / "result_images" / name).is_file()
 
 
+def test_channels_last_option_reaches_the_detector(widerface_sample, mobilenet_weights, tmp_path, capsys,
+                                                   detector_layouts):
+    folder = tmp_path / "in"
+    _small_face_image(widerface_sample, folder / "a.jpg")
+    results = {}
+    for value in ("true", "false"):
+        out = tmp_path / value
+        code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder,
+                                 "--inference_save_folder", out, "--channels_last", value], capsys)
+        assert code == 0, err
+        results[value] = json.loads((out / "detections.json").read_text())["a.jpg"]
+    assert detector_layouts == [True, False]
+    assert len(results["true"]) == len(results["false"]) >= 1
+    for nhwc, nchw in zip(results["true"], results["false"]):
+        assert np.allclose(nhwc["box"], nchw["box"], atol=0.05) and abs(nhwc["score"] - nchw["score"]) < 1e-4
+
+
 def test_too_many_pixels_are_downscaled(widerface_sample, mobilenet_weights, tmp_path, capsys):
     images = widerface_sample / "val/images"
     folder = link_images(tmp_path / "in", {"big.jpg": images / GREETING})

@@ -27,7 +27,12 @@ together, as ``FaceDetector`` does), ``FaceDetector.detect`` itself, and the pub
 pipeline (tools/public_pipeline.py: CPU mean subtraction, forward, Python prior loop, decode,
 NumPy NMS; on CUDA the forward and decode run on the GPU like the public detect.py). All start
 from decoded images; disk reading (``read_image``) is timed separately. The speed-up is
-public ms/img over ours, from this one run.
+public ms/img over ours, from this one run. These passes repeat sizes already run, so cuDNN
+autotuning and CUDA graphs are warm. *new sizes* (``--sample_new_size_passes``) times one pass
+over images of sizes not run before (the sample images minus a few bottom rows), as a single pass
+over WIDER val meets them: the public-style pipeline with cuDNN autotuning on, as the public
+``test_widerface.py`` sets it (every new size is autotuned), ``FaceDetector`` in the settings of
+``NEW_SIZE_PIPELINES`` (test.py's defaults first: autotuning off).
 
 Variants (``--variants``, names joined by ``+``)
 -------------------------------------------------
@@ -698,6 +703,11 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
     except Exception as error:
         errors.append(f"sample FaceDetector: {type(error).__name__}: {error}")
         traceback.print_exc()
+    try:
+        measure_new_sizes(args, device, model, arrays, section)
+    except Exception as error:
+        errors.append(f"sample new sizes: {type(error).__name__}: {error}")
+        traceback.print_exc()
     timed_variants = [v for v in section["variants"] if "ms_per_img" in v and v.get("fidelity", {}).get("passed", True)]
     if timed_variants:
         best = min(timed_variants, key=lambda v: v["ms_per_img"])
@@ -705,6 +715,110 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
                            "speedup_vs_public": best["speedup_vs_public"]}
     model = None  # noqa: F841 (frees the GPU memory before the caller releases)
     release(device)
+
+
+def new_size_copies(arrays: Sequence[np.ndarray], seen: set[tuple[int, int]]) -> list[np.ndarray]:
+    """Each image with the fewest bottom rows removed that give a (height, width) not in ``seen``
+    (added to it): images of sizes this process has not run yet."""
+    copies = []
+    for array in arrays:
+        height, width = array.shape[:2]
+        cut = 1
+        while (height - cut, width) in seen:
+            cut += 1
+        seen.add((height - cut, width))
+        copies.append(np.ascontiguousarray(array[:height - cut]))
+    return copies
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool):
+    """``torch.backends.cudnn.benchmark`` inside the block (restored after)."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+#: Pipelines of the new-size pass: name -> (FaceDetector options, cuDNN autotuning, TF32 (None:
+#: PyTorch's defaults, as test.py runs), CUDA only). test.py's defaults first; the others vary one
+#: setting at a time, to find what a new size costs.
+NEW_SIZE_PIPELINES: dict[str, tuple[dict[str, Any], bool, bool | None, bool]] = {
+    "test.py defaults (fp32, channels_last, BN folded, batch 1)": ({}, False, None, False),
+    "fp32, NCHW, BN folded, batch 1": ({"channels_last": False}, False, None, False),
+    "fp32, NCHW, BN kept, batch 1, TF32 off": ({"channels_last": False, "fuse_bn": False}, False, False, False),
+    "as test.py, cuDNN autotuning on": ({}, True, None, True),
+    "fp32, NCHW, BN kept, batch 1, TF32 off, autotuning on (the public settings)":
+        ({"channels_last": False, "fuse_bn": False}, True, False, True),
+    "fp16, channels_last, batch per size": ({"half": True, "batch_size": None}, False, None, True),
+    "fp16, NCHW, batch per size": ({"half": True, "channels_last": False, "batch_size": None}, False, None, True),
+}
+
+
+def tf32_setting(device: torch.device, enabled: bool | None):
+    """``tf32_mode`` for True / False; None leaves PyTorch's settings as they are."""
+    return contextlib.nullcontext() if enabled is None else tf32_mode(device, enabled)
+
+
+def measure_new_sizes(args: argparse.Namespace, device: torch.device, model: RetinaFace,
+                      arrays: Sequence[np.ndarray], section: dict[str, Any]) -> None:
+    """``section["new_sizes"]``: passes over images whose sizes the process has not run yet, as a
+    single pass over a data set of many image sizes (WIDER val) meets them. Every pipeline and
+    pass gets sizes of its own (the sample images minus a few bottom rows). The public-style
+    pipeline runs with cuDNN autotuning on, as the public ``test_widerface.py`` sets
+    (``cudnn.benchmark = True``): each new size is autotuned. Ours (``FaceDetector``) runs in the
+    settings of ``NEW_SIZE_PIPELINES``, test.py's first (autotuning off, PyTorch's default); on the
+    CPU only the float32 ones without autotuning (the others are the same there)."""
+    from models.detector import FaceDetector
+
+    passes = args.sample_new_size_passes
+    if passes <= 0:
+        return
+    conf = args.sample_confidence_threshold
+    seen = {a.shape[:2] for a in arrays} | {(args.height, args.width)}
+    cuda = device.type == "cuda"
+    pipelines = {}
+    for name, (options, autotune, tf32, cuda_only) in NEW_SIZE_PIPELINES.items():
+        if cuda_only and not cuda:
+            continue
+        options = {"batch_size": 1, **options}
+        options["batch_size"] = options["batch_size"] or len(arrays)
+        detector = FaceDetector(model=model, device=device, confidence_threshold=conf, nms_threshold=0.4, **options)
+        with cudnn_autotuning(autotune), tf32_setting(device, tf32):
+            detector.detect(list(arrays))  # one-off set-up (BatchNorm folding, buffers) outside the clock
+        pipelines[name] = (detector, autotune, tf32)
+    walls: dict[str, list[float]] = {"public-style": [], **{name: [] for name in pipelines}}
+    for _ in range(passes):
+        images = new_size_copies(arrays, seen)
+        with cudnn_autotuning(True), tf32_mode(device, False):
+            synchronize(device)
+            started = time.perf_counter()
+            for image in images:
+                public_style_detect(model, image, conf, device=device)
+            synchronize(device)
+            walls["public-style"].append(time.perf_counter() - started)
+        for name, (detector, autotune, tf32) in pipelines.items():
+            images = new_size_copies(arrays, seen)
+            with cudnn_autotuning(autotune), tf32_setting(device, tf32):
+                synchronize(device)
+                started = time.perf_counter()
+                detector.detect(list(images))
+                synchronize(device)
+                walls[name].append(time.perf_counter() - started)
+    n = len(arrays)
+    public_ms = stats(walls.pop("public-style"))["median"] / n
+    ours = []
+    for name, wall in walls.items():
+        ms = stats(wall)["median"] / n
+        ours.append({"pipeline": name, "ms_per_img": rnd(ms), "cudnn_benchmark": pipelines[name][1],
+                     "tf32": "PyTorch default" if pipelines[name][2] is None else pipelines[name][2] and cuda,
+                     "speedup_vs_public": rnd(public_ms / ms)})
+        print(f"[inference] sample, new sizes, {name}: {rnd(ms)} ms/img ({rnd(public_ms / ms)}x public-style at "
+              f"{rnd(public_ms)} ms/img)", file=sys.stderr, flush=True)
+    section["new_sizes"] = {"passes": passes, "images_per_pass": n, "ours": ours,
+                            "public_style": {"ms_per_img": rnd(public_ms), "cudnn_benchmark": True, "tf32": False}}
 
 
 def summarize(synthetic: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -763,6 +877,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: the --variants default without compile")
     parser.add_argument("--sample_iters", type=int, default=None, help="timed passes (default 10 CUDA, 2 CPU)")
     parser.add_argument("--sample_warmup", type=int, default=None, help="default 3 CUDA, 1 CPU")
+    parser.add_argument("--sample_new_size_passes", type=int, default=1,
+                        help="passes over the sample images cut to sizes not run before (the public-style "
+                             "pipeline with cuDNN autotuning, as its test_widerface.py; 0 = skip; default 1)")
     parser.add_argument("--score_tol", type=float, default=0.005, help="fidelity score tolerance, fp32/tf32")
     parser.add_argument("--landmark_tol", type=float, default=1.0, help="fidelity landmark tolerance (px), fp32/tf32")
     parser.add_argument("--score_tol_16", type=float, default=0.01, help="fidelity score tolerance, bf16/fp16")

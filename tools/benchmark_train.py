@@ -29,7 +29,9 @@ What one run measures, per config
   ``train_utils.build_train_loader``; the dataset is repeated to fill the steps) for
   ``--real_variants``; reported with its ratio to the same variant's fixed-batch img/s, and the
   loader alone (no training) for comparison. Their warm-up is ``--warmup`` + 4 x workers steps,
-  so that batches prefetched during the warm-up (prefetch_factor 4) do not flatter the window.
+  so that batches prefetched during the warm-up (prefetch_factor 4) do not flatter the window,
+  and they time ``--real_iters`` steps (at least 60 on CUDA: 15 mobilenet0.25 steps last a third
+  of a second, where one late batch weighs).
 * ``max_memory_allocated`` per variant (CUDA), host syncs of one step (CUDA sync debug mode,
   counted per source line), and the loss of the public-style step against ``MultiBoxLoss`` on
   the same outputs (equal up to rounding when the public step's one protocol difference, faces
@@ -604,10 +606,10 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
     # the window opens once the prefetch queue (workers x prefetch_factor batches) could have been
     # drained, so that it measures the steady state, not batches prepared during the warm-up
     warmup = args.warmup + 4 * args.workers
-    steps = warmup + args.iters
+    steps = warmup + args.real_iters
     try:
         loader = real_loader(dataset, batch, steps + 1, args.workers, args.seed, device)
-        clock = StepClock(warmup, args.iters, device)
+        clock = StepClock(warmup, args.real_iters, device)
         clock.source = loader
         for _ in clock:
             pass
@@ -623,7 +625,7 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                clock = StepClock(warmup, args.iters, device)
+                clock = StepClock(warmup, args.real_iters, device)
                 result.update(run_ours(config, variant, device, loader, steps, batch, size, args.seed, clock))
                 if variant.name in fixed_img_per_s:
                     result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.name])
@@ -654,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="variants fed by the real data pipeline (default: the last of --variants; '' = none)")
     parser.add_argument("--iters", type=int, default=None, help="timed steps (default 20 CUDA, 2 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 1 CPU)")
+    parser.add_argument("--real_iters", type=int, default=None,
+                        help="timed steps of the real data pipeline (default: --iters, at least 60 on CUDA: "
+                             "short windows make the loader's occasional waits noise)")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers of the real pipeline (default CUDA: cores - 2, at most 14; CPU: 0)")
     parser.add_argument("--augment_on", default="workers,device",
@@ -695,6 +700,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"--augment_on {args.augment_on}: choose from workers, device")
     args.iters = args.iters or (20 if cuda else 2)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    args.real_iters = args.real_iters or (max(args.iters, 60) if cuda else args.iters)
     if args.workers is None:
         args.workers = max(1, min(14, (os.cpu_count() or 2) - 2)) if cuda else 0
 
@@ -705,7 +711,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                      "no GPU memory or sync counts")
     report = report_header("train", "tools/benchmark_train.py", argv, device)
     report["settings"] = {"configs": configs, "variants": args.variants, "real_variants": args.real_variants,
-                          "iters": args.iters, "warmup": args.warmup, "workers": args.workers,
+                          "iters": args.iters, "warmup": args.warmup, "real_iters": args.real_iters,
+                          "workers": args.workers,
                           "augment_on": args.augment_on,
                           "dataset": f"{args.dataset}/{args.split}", "fixed_batch": args.fixed_batch,
                           "optimizer": "SGD lr 1e-3 momentum 0.9 wd 5e-4", "cudnn_benchmark": cuda}

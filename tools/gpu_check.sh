@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The one command a session with a GPU lease runs: the CUDA tests (tests/test_cuda.py), both
-# speed benchmarks with settings that cover every target of the GPU issues, then the Markdown
-# speed table. About 4-5 minutes on an H100/H200; each step is capped (timeout --signal=INT: an
-# interrupted benchmark still writes what it measured), at most ~8 minutes in all, so a session's
-# 15 device minutes leave room for a second, partial run.
+# speed benchmarks with settings that cover every target of the GPU issues, torch.compile of the
+# ResNet-50 cascade, then the Markdown speed table. Measured on an H100 (2026-11-26): 273 s for
+# "cuda_tests inference train table", 337 s for "inference train compile table" (steps 123 / 159 /
+# 46 s); the new-size pipelines added since then take up to ~40 s more. Each step is capped
+# (timeout --signal=INT: an interrupted benchmark still writes what it measured).
 #
 #   bash tools/gpu_check.sh            # on the GPU machine
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~30 s)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests inference train table"; add "compile" for
-# torch.compile of the ResNet-50 cascade, about a minute of compilation per input shape).
+# Steps (GPU_CHECK_STEPS, default "cuda_tests inference train compile table"; compile: torch.compile
+# of the ResNet-50 cascade at batch 32, 22 s of compilation on an H100).
 #
 # Writes under $OUT (default ./bench_out): gpu_check.log (everything printed, the CUDA test report
 # included), inference.jsonl, train.jsonl (one JSON line per run, appended), train_profile.txt
@@ -35,7 +36,7 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference train table} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference train compile table} "
 SMOKE=false; [ "${1:-}" = "--smoke" ] && SMOKE=true
 if $SMOKE; then
   INFERENCE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0
@@ -47,12 +48,13 @@ if $SMOKE; then
 else
   # the targets: ResNet-50 cascade bs32 and bs1, mobilenet0.25 bs32 at 640x480, the sample images;
   # training mobilenet0.25 bs32@640 and ResNet-50 bs24@840, fixed batches and the real pipeline
-  INFERENCE_ARGS=(--device cuda --batch_sizes 1,32 --variants ref,fp16,bf16,fp16+graph,bf16+graph --iters 20
+  INFERENCE_ARGS=(--device cuda --batch_sizes 1,32 --variants ref,fp16,bf16,tf32+graph,fp16+graph,bf16+graph --iters 20
                   --sample_variants ref,fp16,fp16+graph --sample_iters 5)
-  TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840 --variants public,bf16 --iters 15
+  TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840 --variants public,bf16 --iters 30
               --warmup 3 --profile)
-  COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 1,32 --variants fp16+graph,fp16+compile+graph)
-  TESTS_LIMIT=90; INFERENCE_LIMIT=150; TRAIN_LIMIT=180; COMPILE_LIMIT=240
+  # the ResNet-50 cascade target is bf16 at batch 32: compiled against the same variant uncompiled
+  COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32 --variants bf16+graph,bf16+compile+graph)
+  TESTS_LIMIT=90; INFERENCE_LIMIT=200; TRAIN_LIMIT=210; COMPILE_LIMIT=150
 fi
 
 status=0
@@ -104,7 +106,7 @@ wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_infe
   --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
 wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
-# torch.compile of the headline case (only when asked: compiling takes about a minute per input shape)
+# torch.compile of the headline case (ResNet-50 cascade, batch 32, bf16)
 wanted compile && step compile "$COMPILE_LIMIT" "$PY" tools/benchmark_inference.py "${COMPILE_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --sample_weights "" --out "$OUT/inference_compile.jsonl"
 

@@ -11,9 +11,18 @@ detections are compared with the float32 ones, image by image:
 - ``unmatched_both_ways``: the GPU benchmark's fidelity rule (``tools/fidelity.unmatched``, IoU
   >= 0.98, score within ``--score_tol``, landmarks within 1 px), counted in both directions.
 
-    python tools/precision_check.py        # sample images and weights from $RETINAFACE_SHARED or ../shared
+``--sensitivity`` adds how strongly each network amplifies the 16-bit rounding: the median
+absolute difference of the raw box offsets and class logits (every prior, both stages of a
+cascade) between 16-bit and float32, divided by their float32 standard deviation, on crops of
+the sample images, for the published mobilenet0.25 and for the randomly initialised ResNet-50
+cascade that the GPU benchmark times (BatchNorm calibrated, 1 % face prior). A random network
+has no trained structure that keeps rounding errors small, so its fidelity verdicts say little
+about a trained one.
 
-Prints one JSON object. Takes about 20 s on 2 cores.
+    python tools/precision_check.py        # sample images and weights from $RETINAFACE_SHARED or ../shared
+    python tools/precision_check.py --sensitivity
+
+Prints one JSON object. Takes about 20 s on 2 cores (``--sensitivity``: about 40 s more).
 """
 from __future__ import annotations
 
@@ -59,6 +68,43 @@ def compare(reference: Detections, other: Detections, min_score: float, score_to
     return stats
 
 
+@torch.no_grad()
+def output_sensitivity(model: torch.nn.Module, images_u8: torch.Tensor) -> dict:
+    """Per 16-bit format: median |16-bit - float32| / float32 std of the box offsets and class
+    logits of ``model`` on uint8 (B, H, W, 3) BGR ``images_u8`` (CPU autocast)."""
+    from models.retinaface import preprocess
+
+    inputs = preprocess(images_u8)
+    reference = model(inputs)
+    result = {}
+    for name, dtype in FORMATS.items():
+        with torch.autocast("cpu", dtype=dtype):
+            rounded = model(inputs)
+        result[name] = {}
+        for field in ("loc", "conf"):
+            exact = torch.cat([getattr(stage, field).float().flatten() for stage in reference])
+            low = torch.cat([getattr(stage, field).float().flatten() for stage in rounded])
+            key = "box_offsets" if field == "loc" else "class_logits"
+            result[name][key] = round(float((low - exact).abs().median() / exact.std()), 5)
+    return result
+
+
+def sensitivity_report(weights: str, arrays: list[np.ndarray], size: tuple[int, int], count: int) -> dict:
+    """``output_sensitivity`` of the published mobilenet0.25 and of the GPU benchmark's random
+    ResNet-50 cascade on ``count`` crops of ``arrays`` at ``size`` (width, height)."""
+    from tools.benchmark_inference import load_benchmark_model, synthetic_batches
+
+    width, height = size
+    crops = torch.from_numpy(synthetic_batches(count, width, height, "sample", arrays, 1, seed=7)[0])
+    calibration = torch.from_numpy(synthetic_batches(8, width, height, "sample", arrays, 1, seed=99)[0])
+    cpu = torch.device("cpu")
+    report = {"images": count, "size": [width, height]}
+    for name, source in (("mobilenet0.25", weights), ("resnet50_cascade", "random")):
+        model, note = load_benchmark_model(name, source, cpu, calibration if source == "random" else None)
+        report[name] = {"weights": note, **output_sensitivity(model, crops)}
+    return report
+
+
 def main(argv=None) -> int:
     shared = Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -68,6 +114,10 @@ def main(argv=None) -> int:
     parser.add_argument("--min_score", type=float, default=0.5, help="float32 detections compared")
     parser.add_argument("--score_tol", type=float, default=0.01, help="score tolerance of the fidelity rule")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--sensitivity", action="store_true",
+                        help="also the rounding sensitivity of mobilenet0.25 and the random ResNet-50 cascade")
+    parser.add_argument("--sensitivity_size", default="640x480", help="WIDTHxHEIGHT of its crops")
+    parser.add_argument("--sensitivity_images", type=int, default=4, help="crops in its batch")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -88,6 +138,10 @@ def main(argv=None) -> int:
                         "max_score_diff": round(max(s["max_score_diff"] for s in per_image), 4),
                         "max_landmark_diff_px": round(max(s["max_landmark_diff_px"] for s in per_image), 3),
                         "unmatched_both_ways": sum(s["unmatched_both_ways"] for s in per_image)}
+    if args.sensitivity:
+        detector = None  # frees the folded copy before the ResNet-50 runs
+        size = tuple(int(v) for v in args.sensitivity_size.lower().split("x"))
+        report["sensitivity"] = sensitivity_report(args.weights, images, size, args.sensitivity_images)
     print(json.dumps(report))
     return 0
 

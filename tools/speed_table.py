@@ -127,6 +127,15 @@ def inference_section(report: dict[str, Any]) -> list[str]:
         ref_public = sample.get("fidelity_reference_vs_public")
         if ref_public:
             lines += ["", f"fp32 reference vs public-style pipeline: {fidelity_cell({'fidelity': ref_public})}."]
+        fresh = sample.get("new_sizes")
+        if fresh:
+            lines += ["", f"Sizes not run before ({fresh['images_per_pass']} images per pass, {fresh['passes']} pass(es), "
+                          "each image a few rows shorter than any size run so far): the public-style pipeline "
+                          "with cuDNN autotuning, as its test_widerface.py; FaceDetector in the settings of each "
+                          "row (cuDNN autotuning off unless the row says so).", ""]
+            rows = [["public-style per image (autotuning each new size)", fresh["public_style"]["ms_per_img"], 1.0]]
+            rows += [[f"FaceDetector, {o['pipeline']}", o["ms_per_img"], o["speedup_vs_public"]] for o in fresh["ours"]]
+            lines += table(["pipeline, new sizes", "ms/img", "× public-style"], rows)
         lines.append("")
     return lines
 
@@ -135,7 +144,9 @@ def train_section(report: dict[str, Any]) -> list[str]:
     lines = heading(report, "Training (tools/benchmark_train.py)")
     settings = report.get("settings", {})
     lines += [f"Model + loss + optimizer step; {settings.get('iters')} timed steps after {settings.get('warmup')} "
-              f"warm-up steps; real pipeline with {settings.get('workers')} workers on {settings.get('dataset')}.", ""]
+              f"warm-up steps; real pipeline with {settings.get('workers')} workers on {settings.get('dataset')}"
+              + (f", {settings['real_iters']} timed steps after the loader's queue is drained" if settings.get("real_iters")
+                 else "") + ".", ""]
     rows = []
     for config in report.get("configs", []):
         summary = config.get("summary", {})
@@ -178,6 +189,18 @@ def _best(rows: list[dict[str, Any]], key: str, lowest: bool = False):
     return max(rows, key=_throughput)
 
 
+def _faster_unfaithful(rows: list[dict[str, Any]], faithful: dict[str, Any] | None) -> str:
+    """``; faster but unfaithful: N (variant), fidelity FAIL (...)`` when a variant that failed its
+    fidelity check is faster than the fastest faithful one (empty otherwise)."""
+    failed = [r for r in rows if "images_per_s" in r and not r.get("fidelity", {}).get("passed", True)]
+    if not failed:
+        return ""
+    fastest = max(failed, key=_throughput)
+    if faithful is not None and _throughput(fastest) <= _throughput(faithful):
+        return ""
+    return f"; faster but unfaithful: {_throughput_cell(fastest)}, fidelity {fidelity_cell(fastest)}"
+
+
 def _throughput_cell(row: dict[str, Any], with_batch: bool = False) -> str:
     streamed = (row.get("stream_images_per_s") or 0.0) > row["images_per_s"]
     where = f"bs{row['batch']} " if with_batch else ""
@@ -204,15 +227,18 @@ def target_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:
         # every inference report of the run counts (e.g. a separate torch.compile run)
         synthetic = [e for r in inference for e in r.get("synthetic", []) if "images_per_s" in e
                      and (e.get("size") in (None, [640, 480]))]
-        r50_32 = _best([e for e in synthetic if e["model"] == "resnet50_cascade" and e["batch"] == 32], "images_per_s")
+        candidates = [e for e in synthetic if e["model"] == "resnet50_cascade" and e["batch"] == 32]
+        r50_32 = _best(candidates, "images_per_s")
         value = _throughput(r50_32) if r50_32 else None
         rows.append(["ResNet-50 cascade 640×480 bs32 end to end", "≥ 1500 img/s",
-                     _throughput_cell(r50_32) if r50_32 else "–",
+                     (_throughput_cell(r50_32) if r50_32 else "–") + _faster_unfaithful(candidates, r50_32),
                      status(value, TARGETS["resnet50_cascade_bs32_img_per_s"]), device])
-        mobile = _best([e for e in synthetic if e["model"] == "mobilenet0.25"], "images_per_s")
+        candidates = [e for e in synthetic if e["model"] == "mobilenet0.25"]
+        mobile = _best(candidates, "images_per_s")
         value = _throughput(mobile) if mobile else None
         rows.append(["mobilenet0.25 640×480 end to end", "≥ 5000 img/s",
-                     _throughput_cell(mobile, with_batch=True) if mobile else "–",
+                     (_throughput_cell(mobile, with_batch=True) if mobile else "–")
+                     + _faster_unfaithful(candidates, mobile),
                      status(value, TARGETS["mobilenet_img_per_s"]), device])
         r50_1 = _best([e for e in synthetic if e["model"] == "resnet50_cascade" and e["batch"] == 1], "latency_ms",
                       lowest=True)
@@ -222,9 +248,16 @@ def target_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:
         bests = [r["sample"]["best"] for r in inference if (r.get("sample") or {}).get("best")]
         best = max(bests, key=lambda b: b["speedup_vs_public"]) if bests else None
         value = best["speedup_vs_public"] if best else None
-        rows.append(["sample WIDER images vs public-style pipeline", "≥ 50×",
+        rows.append(["sample WIDER images vs public-style pipeline, sizes seen before", "≥ 50×",
                      f"{fmt(value)}× ({best['variant']})" if best else "–",
                      status(value, TARGETS["sample_speedup_vs_public"]), device])
+        fresh = [o for r in inference for o in ((r.get("sample") or {}).get("new_sizes") or {}).get("ours", [])]
+        if fresh:
+            best = max(fresh, key=lambda o: o["speedup_vs_public"])
+            value = best["speedup_vs_public"]
+            rows.append(["sample WIDER images vs public-style pipeline, new sizes (one pass over a data set)",
+                         "≥ 50×", f"{fmt(value)}× (FaceDetector, {best['pipeline']})",
+                         status(value, TARGETS["sample_speedup_vs_public"]), device])
     if train:
         report = train[-1]
         device = report["env"].get("device")
@@ -241,9 +274,17 @@ def target_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:
                 continue
             value = summary["best_fixed_img_per_s"] if summary else None
             goal = TARGETS["train_ratio_vs_public_reference"] * reference
+            verdict = status(value, goal)
+            ratio = (summary or {}).get("speedup_vs_public_style")
+            if (verdict == "**not met**" and ratio is not None and "H200" not in str(device)
+                    and ratio >= TARGETS["train_ratio_vs_public_reference"]):
+                # the goal is 2.5 x an H200 figure: on another GPU the ratio to the public-style
+                # step timed in the same run is the comparison that holds
+                verdict = (f"same-run ratio met ({fmt(ratio)}× ≥ 2.5×); the absolute goal is an H200 figure, "
+                           "not checked here")
             rows.append([label, f"≥ {goal:.0f} img/s (2.5 × {reference:.0f}, the public code on an H200)",
-                         f"{fmt(value)} ({summary['best_fixed_variant']}; {fmt(summary.get('speedup_vs_public_style'))}× "
-                         f"public-style here)" if summary else "–", status(value, goal), device])
+                         f"{fmt(value)} ({summary['best_fixed_variant']}; {fmt(ratio)}× "
+                         f"public-style here)" if summary else "–", verdict, device])
         for spec, config in configs.items():
             summary = config.get("summary") or {}
             ratios = summary.get("real_ratio_to_fixed") or {}
