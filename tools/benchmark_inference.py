@@ -30,7 +30,7 @@ from decoded images; disk reading (``read_image``) is timed separately. The spee
 public ms/img over ours, from this one run. These passes repeat sizes already run, so cuDNN
 autotuning and CUDA graphs are warm. *new sizes* (``--sample_new_size_passes``) times one pass
 over images of sizes not run before (the sample images minus a few bottom rows), as a single pass
-over WIDER val meets them: the public-style pipeline with cuDNN autotuning on, as the public
+over a data set of many sizes meets them: the public-style pipeline with cuDNN autotuning on, as the public
 ``test_widerface.py`` sets it (every new size is autotuned), ``FaceDetector`` in the settings of
 ``NEW_SIZE_PIPELINES`` (test.py's defaults first: autotuning off).
 
