@@ -61,8 +61,8 @@ def inference_run(tmp_path_factory, mobilenet_weights, widerface_sample):
 def train_run(tmp_path_factory, widerface_sample):
     out = tmp_path_factory.mktemp("bench") / "train.jsonl"
     argv = ["--device", "cpu", "--threads", "1", "--configs", "mobilenet0.25:2:128", "--iters", "2",
-            "--warmup", "1", "--workers", "1", "--dataset", str(widerface_sample), "--split", "val",
-            "--profile", "--profile_steps", "1", "--out", str(out)]
+            "--warmup", "1", "--workers", "1", "--busy_processes", "1", "--dataset", str(widerface_sample),
+            "--split", "val", "--profile", "--profile_steps", "1", "--out", str(out)]
     report, line = run_main(bt.main, argv)
     return report, line, out
 
@@ -182,9 +182,13 @@ def test_train_benchmark_cpu_smoke(train_run):
     (config,) = report["configs"]
     assert config["config"] == "mobilenet0.25:2:128" and config["fixed_batch"].startswith("real")
     modes = {(v["variant"], v["mode"]): v for v in config["variants"]}
-    assert set(modes) == {("public", "fixed"), ("fp32", "fixed"), ("fp32", "real")}
+    assert set(modes) == {("public", "fixed"), ("fp32", "fixed"), ("fp32", "fixed, busy processes"), ("fp32", "real")}
+    busy = modes[("fp32", "fixed, busy processes")]
+    assert busy["busy_processes"] == 1 and busy["ratio_to_fixed"] > 0
     real = [v for v in config["variants"] if v["mode"] == "real"]
     assert sorted(v["augment_on"] for v in real) == ["device", "workers"]
+    assert all(0 <= v["data_wait_share"] < 1 for v in real)
+    assert modes[("fp32", "fixed")]["data_wait_share"] < 0.05  # a repeated batch is never waited for
     for v in config["variants"]:
         assert v["img_per_s"] > 0 and v["steps"] == 2 and math.isfinite(v["final_loss"])
         assert v["step_ms"]["n"] == 2
@@ -263,6 +267,23 @@ def test_step_clock_window():
             break
     result = clock.result(batch=4)
     assert seen == list(range(7)) and result["steps"] == 3 and result["img_per_s"] > 0
+
+
+def test_step_clock_data_wait_share():
+    """The share of the window spent waiting for the source: a slow source against slow steps."""
+    import time
+
+    def slow_source():
+        for item in range(8):
+            time.sleep(0.03)
+            yield item
+
+    clock = bt.StepClock(warmup=1, iters=6, device=CPU)
+    clock.source = slow_source()
+    for _ in clock:
+        time.sleep(0.01)  # the "training step"
+    share = clock.result(batch=1)["data_wait_share"]
+    assert 0.55 < share < 0.9, share  # 30 ms of every 40 ms step, up to scheduling noise
 
 
 # ------------------------------------------------------------------------------------------------

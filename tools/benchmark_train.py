@@ -31,7 +31,12 @@ What one run measures, per config
   loader alone (no training) for comparison. Their warm-up is ``--warmup`` + 4 x workers steps,
   so that batches prefetched during the warm-up (prefetch_factor 4) do not flatter the window,
   and they time ``--real_iters`` steps (at least 60 on CUDA: 15 mobilenet0.25 steps last a third
-  of a second, where one late batch weighs).
+  of a second, where one late batch weighs). ``data_wait_share``: the part of the window the
+  training loop spent waiting for the next batch.
+* ``fixed, busy processes`` (``--busy_processes N``, default: the worker count on CUDA): the last
+  fixed-batch variant again while N processes keep the cores busy, as the real pipeline's workers
+  do. A step paced by the host (kernel launches) slows down with busy cores even when no batch is
+  late; its ratio to the fixed-batch figure separates that from a loader that cannot keep up.
 * ``max_memory_allocated`` per variant (CUDA), host syncs of one step (CUDA sync debug mode,
   counted per source line), and the loss of the public-style step against ``MultiBoxLoss`` on
   the same outputs (equal up to rounding when the public step's one protocol difference, faces
@@ -47,6 +52,8 @@ Prints ONE JSON line; ``--out FILE`` appends it.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import os
 import sys
 import time
@@ -271,6 +278,7 @@ class StepClock:
         self.start: float | None = None
         self.end: float | None = None
         self.stamps: list[float] = []
+        self.waits: list[float] = []  # seconds inside the source's __next__, per windowed step
 
     def _open(self) -> None:
         synchronize(self.device)
@@ -302,6 +310,7 @@ class StepClock:
                     return
                 if self.start is not None and self.end is None:
                     self.stamps.append(fetched)
+                    self.waits.append(time.perf_counter() - fetched)
                 yield item
                 index += 1
         finally:
@@ -315,7 +324,32 @@ class StepClock:
         steps = len(self.stamps)
         intervals = np.diff(self.stamps + [self.end]).tolist()
         return {"img_per_s": rnd(batch * steps / elapsed), "steps": steps, "elapsed_s": rnd(elapsed),
-                "step_ms": stats(intervals)}
+                "step_ms": stats(intervals), "data_wait_share": rnd(sum(self.waits) / elapsed) if elapsed else None}
+
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        sum(range(10_000))
+
+
+@contextlib.contextmanager
+def busy_cores(count: int):
+    """``count`` processes spinning on the CPU inside the block: the load that DataLoader workers
+    put on the cores, without their data. Shows how much a training step that the host paces
+    (kernel launches) slows down when every core is busy."""
+    context = multiprocessing.get_context("fork")
+    stop = context.Event()
+    processes = [context.Process(target=_spin, args=(stop,), daemon=True) for _ in range(count)]
+    for process in processes:
+        process.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
 
 
 class Repeat:
@@ -553,6 +587,28 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         entry["variants"].append(result)
         print(f"[train] {spec} {variant.name} fixed: {result.get('img_per_s', '-')} img/s", file=sys.stderr, flush=True)
 
+    # the fixed batches again with the cores busy (the real pipeline's workers load them so)
+    last = next((v for v in reversed(entry["variants"]) if v["mode"] == "fixed" and v["variant"] in fixed_img_per_s),
+                None)
+    if args.busy_processes > 0 and last is not None:
+        variant = parse_variant(last["variant"], device)
+        result = {"variant": variant.name, "mode": "fixed, busy processes", "busy_processes": args.busy_processes,
+                  "precision": variant.precision, "channels_last": variant.channels_last, "compile": variant.compile}
+        try:
+            with busy_cores(args.busy_processes):
+                clock = StepClock(args.warmup, args.iters, device)
+                steps = args.warmup + args.iters
+                result.update(run_ours(config, variant, device, Repeat((pinned_images, pinned_targets), steps), steps,
+                                       batch, size, args.seed, clock))
+            result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.name])
+        except Exception as error:
+            record_failure(result, errors, f"{spec} {variant.name} busy", error)
+        release(device)
+        entry["variants"].append(result)
+        print(f"[train] {spec} {variant.name} fixed, {args.busy_processes} busy processes: "
+              f"{result.get('img_per_s', '-')} img/s (x{result.get('ratio_to_fixed', '-')} of fixed)",
+              file=sys.stderr, flush=True)
+
     # the real data pipeline, with the augmentation's pixel work in the workers and on the device
     if dataset is not None and args.real_variants:
         for augment_on in args.augment_on:
@@ -661,6 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "short windows make the loader's occasional waits noise)")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers of the real pipeline (default CUDA: cores - 2, at most 14; CPU: 0)")
+    parser.add_argument("--busy_processes", type=int, default=None,
+                        help="time the fixed batches of the last variant again with this many processes keeping "
+                             "the cores busy, as the real pipeline's workers do (default: --workers on CUDA, 0 on "
+                             "the CPU; 0 = skip)")
     parser.add_argument("--augment_on", default="workers,device",
                         help="real-pipeline modes (train.py --augment_on): workers, device or both, comma-separated")
     parser.add_argument("--dataset", default=str(DEFAULT_DATASET), help="root with <split>/label.txt and images/")
@@ -703,6 +763,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.real_iters = args.real_iters or (max(args.iters, 60) if cuda else args.iters)
     if args.workers is None:
         args.workers = max(1, min(14, (os.cpu_count() or 2) - 2)) if cuda else 0
+    if args.busy_processes is None:
+        args.busy_processes = args.workers if cuda else 0
 
     notes: list[str] = []
     errors: list[str] = []
@@ -712,7 +774,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = report_header("train", "tools/benchmark_train.py", argv, device)
     report["settings"] = {"configs": configs, "variants": args.variants, "real_variants": args.real_variants,
                           "iters": args.iters, "warmup": args.warmup, "real_iters": args.real_iters,
-                          "workers": args.workers,
+                          "workers": args.workers, "busy_processes": args.busy_processes,
                           "augment_on": args.augment_on,
                           "dataset": f"{args.dataset}/{args.split}", "fixed_batch": args.fixed_batch,
                           "optimizer": "SGD lr 1e-3 momentum 0.9 wd 5e-4", "cudnn_benchmark": cuda}

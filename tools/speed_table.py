@@ -158,6 +158,10 @@ def train_section(report: dict[str, Any]) -> list[str]:
             mem = v.get("max_memory_allocated_mib")
             syncs = v.get("syncs_per_step")
             mode = f"real, augment on {v['augment_on']}" if v["mode"] == "real" and "augment_on" in v else v["mode"]
+            if v.get("busy_processes"):
+                mode = f"fixed, {v['busy_processes']} busy CPU processes"
+            if v["mode"] == "real" and v.get("data_wait_share") is not None:
+                mode += f" (waits for data {100 * v['data_wait_share']:.0f} % of the time)"
             rows.append([config["config"], v["variant"], mode, v.get("img_per_s"),
                          v.get("step_ms", {}).get("median"), mem / 1024 if mem else None,
                          v["img_per_s"] / public if public and v.get("img_per_s") else None,
@@ -166,8 +170,8 @@ def train_section(report: dict[str, Any]) -> list[str]:
             share = "decode + crop" if augment_on == "device" else "decode + augmentation"
             rows.append([config["config"], "loader only", f"{loader.get('workers')} workers: {share}",
                          loader.get("img_per_s"), loader.get("step_ms", {}).get("median"), None, None, None, "–"])
-    lines += table(["config", "variant", "mode", "img/s", "step ms", "peak GiB", "× public-style", "real / fixed",
-                    "syncs/step"], rows) + [""]
+    lines += table(["config", "variant", "mode", "img/s", "step ms", "peak GiB", "× public-style",
+                    "real (or busy) / fixed", "syncs/step"], rows) + [""]
     checks = [f"- {c['config']}: public-style loss vs MultiBoxLoss relative difference "
               f"{fmt(c['loss_check'].get('protocol_rel_diff'), 2)} (protocol), "
               f"{fmt(c['loss_check'].get('public_exact_rel_diff'), 2)} (public exact)"
