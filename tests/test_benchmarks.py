@@ -202,6 +202,25 @@ def test_train_benchmark_cpu_smoke(train_run):
     assert config["profile"]["top_ops"] and config["profile"]["variant"] == "fp32"
 
 
+def test_graphable_training_step_is_the_train_one_epoch_step(widerface_sample):
+    """``training_step`` (what the ``+graph`` variants capture on CUDA) trains exactly as
+    ``train_one_epoch``: the same losses over three steps from the same initialisation."""
+    dataset = bt.training_dataset(widerface_sample, "val", 128, 0)
+    images, targets = bt.real_batch(dataset, 2)
+    config, variant = bt.MODELS["mobilenet0.25"], bt.parse_variant("fp32", CPU)
+    step, _, optimizer = bt.training_step(config, variant, CPU, images, targets, 128, seed=0)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(step().detach()))
+    assert losses[2] < losses[0]
+    # train_one_epoch reports the mean loss of its window (rounded to 4 significant digits)
+    reference = bt.run_ours(config, variant, CPU, bt.Repeat((images, targets), 3), 3, 2, 128, 0)["final_loss"]
+    assert abs(reference - sum(losses) / 3) < 0.01, (reference, losses)
+    with pytest.raises(SystemExit, match="graph"):
+        bt.parse_variant("fp16+graph", CPU)
+
+
 @pytest.mark.parametrize("cascade", [False, True])
 def test_public_style_loss_equals_multibox_loss(cascade):
     """The per-image public protocol (hard faces not claiming anchors) = the batched loss, also for

@@ -19,6 +19,10 @@ What one run measures, per config
   meter) over that batch, pinned like a ``pin_memory`` DataLoader's. Variants: ``fp32`` (PyTorch's
   default cuDNN TF32), ``bf16`` / ``fp16`` autocast; modifiers ``nchw`` / ``cl`` (memory format,
   default channels_last on CUDA as train.py does) and ``compile`` (``torch.compile`` of the model).
+* ``fixed, CUDA graph`` (variants with ``+graph``, fp32 / bf16, CUDA only): the same step
+  (``training_step``) captured once in a CUDA graph and replayed: what a step costs when the host
+  launches nothing. train.py does not run this way; the row measures the headroom of doing so,
+  and stays out of the summary and the targets.
 * ``public``: the public Pytorch_Retinaface training step written from its protocol: float32
   input prepared on the host (as its DataLoader delivers it) copied per step, targets copied per
   image, fp32 NCHW, the loss with a per-image ``match`` (Python loop over faces), hard-negative
@@ -370,17 +374,24 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
     tokens = [t for t in text.strip().lower().split("+") if t]
     cuda = device.type == "cuda"
     if tokens == ["public"]:
-        return SimpleNamespace(name="public", public=True, precision="fp32", channels_last=False, compile=False)
+        return SimpleNamespace(name="public", public=True, precision="fp32", channels_last=False, compile=False,
+                               graph=False)
     if not tokens or tokens[0] not in ("fp32", "bf16", "fp16"):
-        raise SystemExit(f"train variant {text!r}: 'public' or fp32/bf16/fp16 [+nchw|+cl] [+compile]")
-    variant = SimpleNamespace(name=text.strip(), public=False, precision=tokens[0], channels_last=cuda, compile=False)
+        raise SystemExit(f"train variant {text!r}: 'public' or fp32/bf16/fp16 [+nchw|+cl] [+compile] [+graph]")
+    variant = SimpleNamespace(name=text.strip(), public=False, precision=tokens[0], channels_last=cuda, compile=False,
+                              graph=False)
     for token in tokens[1:]:
         if token in ("nchw", "cl"):
             variant.channels_last = token == "cl"
         elif token == "compile":
             variant.compile = True
+        elif token == "graph":
+            variant.graph = True
         else:
             raise SystemExit(f"train variant {text!r}: unknown modifier {token!r}")
+    if variant.graph and (variant.precision == "fp16" or variant.compile):
+        raise SystemExit(f"train variant {text!r}: graph is for fp32 / bf16 without compile (fp16 needs the "
+                         "loss scaler's host-side checks)")
     return variant
 
 
@@ -428,6 +439,67 @@ def run_ours(config, variant, device: torch.device, batches: Iterable, steps: in
     train_one_epoch(ctx, 0)
     result = clock.result(batch) if clock is not None else {}
     result["final_loss"] = rnd(ctx.loss_history[-1][1]) if ctx.loss_history else None
+    return result
+
+
+def training_step(config, variant, device: torch.device, images: torch.Tensor, targets: Sequence[torch.Tensor],
+                  size: int, seed: int):
+    """``(step, model, optimizer)``: ``step()`` is one training step of ``train_one_epoch`` (device
+    preprocessing, autocast, ``MultiBoxLoss``, backward, SGD) on the fixed batch ``images`` (uint8
+    ``(B, 3, S, S)``) / ``targets``, with every tensor it reads already on ``device`` and gradients
+    left for the caller to clear, so that it can be captured in a CUDA graph. Returns the loss
+    (a device tensor)."""
+    from layers.multibox_loss import pad_targets
+    from utils.data_loaders import images_to_network_input
+
+    model, runner, optimizer, _, dtype = build_training(config, variant, device, seed)
+    runner.train()
+    criterion = MultiBoxLoss(config)
+    priors = prior_boxes((size, size), config.num_anchor, device)
+    static_images = images.to(device)
+    padded = pad_targets(targets, device)
+    autocast = (torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None
+                else contextlib.nullcontext())
+
+    def step() -> torch.Tensor:
+        inputs = images_to_network_input(static_images)
+        if variant.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            outputs = runner(inputs)
+        loss = criterion(runner, outputs, priors, padded)["total"]
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    return step, model, optimizer
+
+
+def run_graphed(config, variant, device: torch.device, images: torch.Tensor, targets: Sequence[torch.Tensor],
+                steps: int, batch: int, size: int, seed: int, clock: StepClock) -> dict[str, Any]:
+    """``steps`` replays of one CUDA graph holding a whole training step on the fixed batch: what
+    the step costs when the host launches nothing (``graph`` variants; CUDA only)."""
+    step, _, optimizer = training_step(config, variant, device, images, targets, size, seed)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capture stream: momentum buffers, autotuning
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # the captured backward then writes the gradients afresh
+    current = torch.cuda.current_stream(device)
+    try:
+        with torch.cuda.graph(graph):
+            loss = step()
+    finally:
+        torch.cuda.set_stream(current)  # a capture that fails on exit leaves its capture stream current
+    clock.source = Repeat(None, steps)
+    for _ in clock:
+        graph.replay()
+    result = clock.result(batch)
+    result["final_loss"] = rnd(float(loss.detach()))
     return result
 
 
@@ -546,13 +618,18 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
     fixed_img_per_s: dict[str, float] = {}
     public_ips = None
     profiled_variant = None
+    graphed = []
     for text in args.variants:
         variant = parse_variant(text, device)
         if variant.public and config.model_version == "tina":
             notes.append(f"{spec}: public variant skipped (tina IoU head has no public loss)")
             continue
-        if variant.compile and device.type != "cuda":
-            notes.append(f"{spec} {variant.name}: skipped on the CPU (torch.compile is measured on CUDA only)")
+        if (variant.compile or variant.graph) and device.type != "cuda":
+            notes.append(f"{spec} {variant.name}: skipped on the CPU (torch.compile and CUDA graphs are measured on "
+                         "CUDA only)")
+            continue
+        if variant.graph:  # measured last: a failed capture must not cost the other rows
+            graphed.append(variant)
             continue
         result: dict[str, Any] = {"variant": variant.name, "mode": "fixed", "precision": variant.precision,
                                   "channels_last": variant.channels_last, "compile": variant.compile}
@@ -577,7 +654,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                     result["syncs_per_step"] = sync_sites(lambda: public_steps(
                         config, device, host_f32, list(targets), size, args.seed, sync_debug_clock(device), 3),
                         toggle=False)
-                elif not variant.compile:
+                elif not variant.compile and not variant.graph:
                     result["syncs_per_step"] = sync_sites(lambda: run_ours(
                         config, variant, device, Repeat((pinned_images, pinned_targets), 3), 3, batch, size,
                         args.seed, sync_debug_clock(device)), toggle=False)
@@ -615,6 +692,25 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
             measure_real_pipeline(spec, args, device, config, batch, size, augment_on, fixed_img_per_s, errors, entry)
     elif args.real_variants:
         notes.append(f"{spec}: real data pipeline skipped (no {args.dataset}/{args.split}/label.txt)")
+
+    # a whole training step replayed from one CUDA graph (not what train.py runs: kept out of the summary)
+    for variant in graphed:
+        result = {"variant": variant.name, "mode": "fixed, CUDA graph", "precision": variant.precision,
+                  "channels_last": variant.channels_last, "compile": False}
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            clock = StepClock(args.warmup, args.iters, device)
+            result.update(run_graphed(config, variant, device, images, targets, args.warmup + args.iters, batch,
+                                      size, args.seed, clock))
+            result["max_memory_allocated_mib"] = rnd(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+            if fixed_img_per_s.get(variant.name.replace("+graph", "")):
+                result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.name.replace("+graph", "")])
+        except Exception as error:
+            record_failure(result, errors, f"{spec} {variant.name}", error)
+        release(device)
+        entry["variants"].append(result)
+        print(f"[train] {spec} {variant.name} fixed, CUDA graph: {result.get('img_per_s', '-')} img/s",
+              file=sys.stderr, flush=True)
 
     # summary of this config
     ours = [v for v in entry["variants"] if v["mode"] == "fixed" and v["variant"] != "public" and "img_per_s" in v]
@@ -673,7 +769,7 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
                                                            "warmup_steps": warmup}
         for text in args.real_variants:
             variant = parse_variant(text, device)
-            if variant.public or (variant.compile and device.type != "cuda"):
+            if variant.public or variant.graph or (variant.compile and device.type != "cuda"):
                 continue
             result = {"variant": variant.name, "mode": "real", "augment_on": augment_on,
                       "precision": variant.precision, "channels_last": variant.channels_last,
@@ -751,7 +847,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--configs {spec!r}: expected MODEL:BATCH:SIZE with MODEL in {sorted(MODELS)}")
     args.variants = [v for v in (args.variants or ("public,fp32,bf16" if cuda else "public,fp32")).split(",") if v]
     if args.real_variants is None:
-        ours = [v for v in args.variants if v != "public"]
+        ours = [v for v in args.variants if v != "public" and not parse_variant(v, device).graph]
         args.real_variants = ours[-1:] if ours else []
     else:
         args.real_variants = [v for v in args.real_variants.split(",") if v]

@@ -50,8 +50,8 @@ else
   # training mobilenet0.25 bs32@640 and ResNet-50 bs24@840, fixed batches and the real pipeline
   INFERENCE_ARGS=(--device cuda --batch_sizes 1,32 --variants ref,fp16,bf16,tf32+graph,fp16+graph,bf16+graph --iters 20
                   --sample_variants ref,fp16,fp16+graph --sample_iters 5)
-  TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840 --variants public,bf16 --iters 30
-              --warmup 3 --profile)
+  TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840 --variants public,bf16,bf16+graph
+              --iters 30 --warmup 3 --profile)
   # the ResNet-50 cascade target is bf16 at batch 32: compiled against the same variant uncompiled
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32 --variants bf16+graph,bf16+compile+graph)
   TESTS_LIMIT=90; INFERENCE_LIMIT=200; TRAIN_LIMIT=210; COMPILE_LIMIT=150

@@ -171,7 +171,7 @@ def train_section(report: dict[str, Any]) -> list[str]:
             rows.append([config["config"], "loader only", f"{loader.get('workers')} workers: {share}",
                          loader.get("img_per_s"), loader.get("step_ms", {}).get("median"), None, None, None, "–"])
     lines += table(["config", "variant", "mode", "img/s", "step ms", "peak GiB", "× public-style",
-                    "real (or busy) / fixed", "syncs/step"], rows) + [""]
+                    "× fixed batches", "syncs/step"], rows) + [""]
     checks = [f"- {c['config']}: public-style loss vs MultiBoxLoss relative difference "
               f"{fmt(c['loss_check'].get('protocol_rel_diff'), 2)} (protocol), "
               f"{fmt(c['loss_check'].get('public_exact_rel_diff'), 2)} (public exact)"
