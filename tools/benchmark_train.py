@@ -64,7 +64,7 @@ import time
 import traceback
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -669,22 +669,14 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                 None)
     if args.busy_processes > 0 and last is not None:
         variant = parse_variant(last["variant"], device)
-        result = {"variant": variant.name, "mode": "fixed, busy processes", "busy_processes": args.busy_processes,
-                  "precision": variant.precision, "channels_last": variant.channels_last, "compile": variant.compile}
-        try:
+
+        def busy_run() -> dict[str, Any]:
             with busy_cores(args.busy_processes):
-                clock = StepClock(args.warmup, args.iters, device)
                 steps = args.warmup + args.iters
-                result.update(run_ours(config, variant, device, Repeat((pinned_images, pinned_targets), steps), steps,
-                                       batch, size, args.seed, clock))
-            result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.name])
-        except Exception as error:
-            record_failure(result, errors, f"{spec} {variant.name} busy", error)
-        release(device)
-        entry["variants"].append(result)
-        print(f"[train] {spec} {variant.name} fixed, {args.busy_processes} busy processes: "
-              f"{result.get('img_per_s', '-')} img/s (x{result.get('ratio_to_fixed', '-')} of fixed)",
-              file=sys.stderr, flush=True)
+                return run_ours(config, variant, device, Repeat((pinned_images, pinned_targets), steps), steps, batch,
+                                size, args.seed, StepClock(args.warmup, args.iters, device))
+        extra_fixed_row(spec, variant, "fixed, busy processes", busy_run, fixed_img_per_s.get(variant.name), device,
+                        errors, entry, busy_processes=args.busy_processes)
 
     # the real data pipeline, with the augmentation's pixel work in the workers and on the device
     if dataset is not None and args.real_variants:
@@ -695,22 +687,10 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
 
     # a whole training step replayed from one CUDA graph (not what train.py runs: kept out of the summary)
     for variant in graphed:
-        result = {"variant": variant.name, "mode": "fixed, CUDA graph", "precision": variant.precision,
-                  "channels_last": variant.channels_last, "compile": False}
-        torch.cuda.reset_peak_memory_stats(device)
-        try:
-            clock = StepClock(args.warmup, args.iters, device)
-            result.update(run_graphed(config, variant, device, images, targets, args.warmup + args.iters, batch,
-                                      size, args.seed, clock))
-            result["max_memory_allocated_mib"] = rnd(torch.cuda.max_memory_allocated(device) / 2 ** 20)
-            if fixed_img_per_s.get(variant.name.replace("+graph", "")):
-                result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.name.replace("+graph", "")])
-        except Exception as error:
-            record_failure(result, errors, f"{spec} {variant.name}", error)
-        release(device)
-        entry["variants"].append(result)
-        print(f"[train] {spec} {variant.name} fixed, CUDA graph: {result.get('img_per_s', '-')} img/s",
-              file=sys.stderr, flush=True)
+        extra_fixed_row(spec, variant, "fixed, CUDA graph", lambda: run_graphed(
+            config, variant, device, images, targets, args.warmup + args.iters, batch, size, args.seed,
+            StepClock(args.warmup, args.iters, device)), fixed_img_per_s.get(variant.name.replace("+graph", "")),
+            device, errors, entry)
 
     # summary of this config
     ours = [v for v in entry["variants"] if v["mode"] == "fixed" and v["variant"] != "public" and "img_per_s" in v]
@@ -745,6 +725,28 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
             errors.append(f"{spec} profile: {type(error).__name__}: {error}")
             traceback.print_exc()
         release(device)
+
+
+def extra_fixed_row(spec: str, variant, mode: str, measure: Callable[[], dict[str, Any]], fixed: float | None,
+                    device: torch.device, errors: list[str], entry: dict[str, Any], **fields: Any) -> None:
+    """Append one more fixed-batch row (busy cores, CUDA graph) to ``entry``: ``measure()``'s clock
+    result, peak memory and the ratio to ``fixed`` (the plain fixed-batch img/s of the variant)."""
+    result = {"variant": variant.name, "mode": mode, "precision": variant.precision,
+              "channels_last": variant.channels_last, "compile": variant.compile, **fields}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        result.update(measure())
+        if device.type == "cuda":
+            result["max_memory_allocated_mib"] = rnd(torch.cuda.max_memory_allocated(device) / 2 ** 20)
+        if fixed:
+            result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed)
+    except Exception as error:
+        record_failure(result, errors, f"{spec} {variant.name} ({mode})", error)
+    release(device)
+    entry["variants"].append(result)
+    print(f"[train] {spec} {variant.name} {mode}: {result.get('img_per_s', '-')} img/s "
+          f"(x{result.get('ratio_to_fixed', '-')} of fixed)", file=sys.stderr, flush=True)
 
 
 def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.device, config, batch: int, size: int,
