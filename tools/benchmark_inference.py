@@ -744,7 +744,8 @@ def cudnn_autotuning(enabled: bool):
 
 #: Pipelines of the new-size pass: name -> (FaceDetector options, cuDNN autotuning, TF32 (None:
 #: PyTorch's defaults, as test.py runs), CUDA only). test.py's defaults first; the others vary one
-#: setting at a time, to find what a new size costs.
+#: setting at a time, to find what a new size costs. ``batch_size`` None: all the images in one
+#: ``detect`` batch (FaceDetector runs one forward pass per size); default 1, as test.py.
 NEW_SIZE_PIPELINES: dict[str, tuple[dict[str, Any], bool, bool | None, bool]] = {
     "test.py defaults (fp32, channels_last, BN folded, batch 1)": ({}, False, None, False),
     "fp32, NCHW, BN folded, batch 1": ({"channels_last": False}, False, None, False),
