@@ -3,8 +3,9 @@
 # speed benchmarks with settings that cover every target of the GPU issues, torch.compile of the
 # ResNet-50 cascade, then the Markdown speed table. Measured on an H100 (2026-11-26): 273 s for
 # "cuda_tests inference train table", 337 s for "inference train compile table" (steps 123 / 159 /
-# 46 s); the new-size pipelines added since then take up to ~40 s more. Each step is capped
-# (timeout --signal=INT: an interrupted benchmark still writes what it measured).
+# 46 s). Added since, not yet timed on a GPU: the new-size pipelines (up to ~40 s), the busy-core and
+# CUDA-graph training rows (~20 s); about 7 minutes in all. Each step is capped (timeout
+# --signal=INT: an interrupted benchmark still writes what it measured).
 #
 #   bash tools/gpu_check.sh            # on the GPU machine
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~30 s)
