@@ -10,6 +10,7 @@ right eye, nose, left mouth corner, right mouth corner (the RetinaFace label ord
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections import defaultdict
@@ -115,6 +116,17 @@ def use_device(device: torch.device) -> None:
     scripts), so that nothing opens a context, stream or event on ``cuda:0`` behind it."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool):
+    """``torch.backends.cudnn.benchmark`` set to ``enabled`` inside the block (restored after)."""
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
 
 
 class FaceDetector:

@@ -208,7 +208,7 @@ def test_graphable_training_step_is_the_train_one_epoch_step(widerface_sample):
     dataset = bt.training_dataset(widerface_sample, "val", 128, 0)
     images, targets = bt.real_batch(dataset, 2)
     config, variant = bt.MODELS["mobilenet0.25"], bt.parse_variant("fp32", CPU)
-    step, _, optimizer = bt.training_step(config, variant, CPU, images, targets, 128, seed=0)
+    step, optimizer = bt.training_step(config, variant, CPU, images, targets, 128, seed=0)
     losses = []
     for _ in range(3):
         optimizer.zero_grad(set_to_none=True)

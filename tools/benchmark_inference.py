@@ -86,7 +86,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models.dense_path import DensePath  # noqa: E402
-from models.detector import StageClock, resolve_device, same_size_groups  # noqa: E402
+from models.detector import StageClock, cudnn_autotuning, resolve_device, same_size_groups  # noqa: E402
 from models.retinaface import ModelConfig, RetinaFace, preprocess  # noqa: E402
 from tools.fidelity import unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
@@ -729,17 +729,6 @@ def new_size_copies(arrays: Sequence[np.ndarray], seen: set[tuple[int, int]]) ->
         seen.add((height - cut, width))
         copies.append(np.ascontiguousarray(array[:height - cut]))
     return copies
-
-
-@contextlib.contextmanager
-def cudnn_autotuning(enabled: bool):
-    """``torch.backends.cudnn.benchmark`` inside the block (restored after)."""
-    old = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = old
 
 
 #: Pipelines of the new-size pass: name -> (FaceDetector options, cuDNN autotuning, TF32 (None:

@@ -444,7 +444,7 @@ def run_ours(config, variant, device: torch.device, batches: Iterable, steps: in
 
 def training_step(config, variant, device: torch.device, images: torch.Tensor, targets: Sequence[torch.Tensor],
                   size: int, seed: int):
-    """``(step, model, optimizer)``: ``step()`` is one training step of ``train_one_epoch`` (device
+    """``(step, optimizer)``: ``step()`` is one training step of ``train_one_epoch`` (device
     preprocessing, autocast, ``MultiBoxLoss``, backward, SGD) on the fixed batch ``images`` (uint8
     ``(B, 3, S, S)``) / ``targets``, with every tensor it reads already on ``device`` and gradients
     left for the caller to clear, so that it can be captured in a CUDA graph. Returns the loss
@@ -452,7 +452,7 @@ def training_step(config, variant, device: torch.device, images: torch.Tensor, t
     from layers.multibox_loss import pad_targets
     from utils.data_loaders import images_to_network_input
 
-    model, runner, optimizer, _, dtype = build_training(config, variant, device, seed)
+    _, runner, optimizer, _, dtype = build_training(config, variant, device, seed)
     runner.train()
     criterion = MultiBoxLoss(config)
     priors = prior_boxes((size, size), config.num_anchor, device)
@@ -472,14 +472,14 @@ def training_step(config, variant, device: torch.device, images: torch.Tensor, t
         optimizer.step()
         return loss
 
-    return step, model, optimizer
+    return step, optimizer
 
 
 def run_graphed(config, variant, device: torch.device, images: torch.Tensor, targets: Sequence[torch.Tensor],
                 steps: int, batch: int, size: int, seed: int, clock: StepClock) -> dict[str, Any]:
     """``steps`` replays of one CUDA graph holding a whole training step on the fixed batch: what
     the step costs when the host launches nothing (``graph`` variants; CUDA only)."""
-    step, _, optimizer = training_step(config, variant, device, images, targets, size, seed)
+    step, optimizer = training_step(config, variant, device, images, targets, size, seed)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):  # warm-up off the capture stream: momentum buffers, autotuning

@@ -965,6 +965,7 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
     Distributed (``info``): every rank detects its share of the images, rank 0 gathers them and
     returns the APs; the other ranks return None (no rank waits for one to do all the work).
     """
+    from models.detector import cudnn_autotuning
     from utils.evaluation import evaluate_predictions, list_val_images, predict_widerface, protocol_detector
 
     rank, world = (info.rank, info.world_size) if info is not None and info.distributed else (0, 1)
@@ -974,20 +975,17 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
         with torch.no_grad():
             for buffer in unwrap(model).buffers():
                 dist.broadcast(buffer, src=0)
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False  # every image has its own size: no per-shape autotuning
     failure = None
     try:
-        detector = protocol_detector(unwrap(model), device, confidence_threshold=confidence_threshold,
-                                     nms_threshold=nms_threshold)
-        images = list_val_images(val_root)[rank::world]
-        predictions = predict_widerface(detector, images=images, workers=0, progress=False).predictions
+        with cudnn_autotuning(False):  # every image has its own size: no per-shape autotuning
+            detector = protocol_detector(unwrap(model), device, confidence_threshold=confidence_threshold,
+                                         nms_threshold=nms_threshold)
+            images = list_val_images(val_root)[rank::world]
+            predictions = predict_widerface(detector, images=images, workers=0, progress=False).predictions
     except VALIDATION_ERRORS as error:
         if world == 1:
             raise
         failure, predictions = one_line(error), {}  # still join the gather: the other ranks wait in it
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
     if world > 1:
         shares = [None] * world if rank == 0 else None
         dist.gather_object((failure, dict(predictions)), shares, dst=0)
