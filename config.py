@@ -37,6 +37,16 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
+def bool_or_auto(value: str | bool | None) -> bool | None:
+    """argparse type for ``auto``/``true``/``false`` settings: None for ``auto`` (the code picks)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    try:
+        return str2bool(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}") from None
+
+
 def positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
@@ -154,9 +164,10 @@ OPTIONS: tuple[Option, ...] = (
          help="DataLoader worker processes for image decoding and augmentation"),
     _opt("--half", type=str2bool, default=False, scripts={TEST, INFERENCE},
          help="run the network in fp16 autocast on CUDA (ignored on the CPU)"),
-    _opt("--channels_last", type=str2bool, default=True, scripts={TEST, INFERENCE},
-         help="run the network in the NHWC memory format (false: NCHW). On an H100 each image size not seen "
-              "before cost 0.3-0.55 s with NHWC (README, GPU benchmarks): try false for data sets of many sizes"),
+    _opt("--channels_last", type=bool_or_auto, default=None, metavar="{auto,true,false}", scripts={TEST, INFERENCE},
+         help="memory format of the network: true NHWC, false NCHW; auto (default): NHWC, except NCHW on "
+              "CUDA for mobilenet0.25, whose NHWC depthwise convolutions cost ~0.5 s per new image size "
+              "(README, GPU benchmarks)"),
     _opt("--cuda_graphs", type=str2bool, default=True, scripts={TEST, INFERENCE},
          help="on CUDA, replay the network of image sizes seen before from CUDA graphs (the first 4 "
               "repeated sizes; false: always launch kernel by kernel)"),

@@ -40,6 +40,30 @@ class _Graph(NamedTuple):
     priors: torch.Tensor  # read by every replay: held here, the prior cache may evict its copy
 
 
+def has_depthwise_convolutions(model: torch.nn.Module) -> bool:
+    """Whether ``model`` has a convolution with one group per input channel (MobileNet's)."""
+    return any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+               for m in model.modules())
+
+
+def default_channels_last(model: torch.nn.Module, device: torch.device | str) -> bool:
+    """The layout :class:`DensePath` runs when none is given: NHWC (channels_last), except on CUDA
+    for networks with depthwise convolutions (mobilenet0.25), which run NCHW.
+
+    NHWC is faster with cuDNN and oneDNN (e.g. 38 against 58 ms per sample image for
+    mobilenet0.25 on 2 CPU cores). But PyTorch hands every NHWC depthwise convolution to cuDNN,
+    whose recent versions build (compile) an execution plan for each new input shape, while NCHW
+    float32 depthwise convolutions run PyTorch's own kernel. On an H100 (cuDNN 9.19) each image
+    size not run before cost mobilenet0.25 about half a second in NHWC: 546 ms per image for a
+    pass over new sizes, against 62 ms for the public NCHW pipeline (README, GPU benchmarks), and
+    on a size already run at batch 1 without CUDA graphs the NCHW float32 reference took 4.2 ms
+    per 640x480 image against 4.6 ms for NHWC fp16. Data sets of many image sizes (WIDER FACE,
+    folders of photos) meet new sizes all the time. Pass ``channels_last=True`` for a stream of
+    one size (the 5,594 img/s of mobilenet0.25 at batch 32 on that H100 were measured in NHWC).
+    """
+    return not (torch.device(device).type == "cuda" and has_depthwise_convolutions(model))
+
+
 class DensePath:
     """uint8 (or float32) BGR images ``(B, H, W, 3)`` (host, ideally pinned, or device) -> decoded ``boxes``
     ``(B, N, 4)`` x1y1x2y2 pixels, ``scores`` ``(B, N)``, ``landmarks`` ``(B, N, 10)`` (float32,
@@ -49,9 +73,8 @@ class DensePath:
         model: the detector; it is not modified (``fuse_bn`` runs a folded copy).
         device: where to run.
         precision: ``fp32``, ``fp16`` or ``bf16`` (autocast; 16-bit only on CUDA).
-        channels_last: NHWC memory format (default on: faster with cuDNN and oneDNN, e.g. 38 vs
-            58 ms per sample image for mobilenet0.25 on 2 CPU cores); off runs NCHW, the
-            reference layout.
+        channels_last: NHWC memory format; off runs NCHW, the reference layout. Default
+            (None): :func:`default_channels_last`.
         fuse_bn: fold BatchNorm into the convolutions (either way the path runs an eval-mode copy).
         cuda_graphs: replay repeated shapes from CUDA graphs (CUDA only; see the module doc).
         compile: ``torch.compile`` the dense function (recompiles per input shape: for fixed sizes).
@@ -72,9 +95,12 @@ class DensePath:
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
         self.autocast_dtype = PRECISIONS[precision] if cuda else None
-        self.channels_last = True if channels_last is None else channels_last
+        self.channels_last = (default_channels_last(model, self.device) if channels_last is None
+                              else channels_last)
         network = fuse_conv_bn(model) if fuse_bn else copy.deepcopy(model).eval()
-        self.network = network.to(memory_format=torch.channels_last) if self.channels_last else network
+        # both ways: a model trained in channels_last (train.py on CUDA) keeps NHWC weights, and
+        # cuDNN runs a convolution in NHWC when its weight is, whatever the input's layout
+        self.network = network.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         self.cuda_graphs = cuda_graphs and cuda
         self.capture_after = max(0, int(capture_after))
         self.max_graphs = max(1, int(max_graphs))

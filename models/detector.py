@@ -151,7 +151,10 @@ class FaceDetector:
         precision: ``fp32``, ``fp16`` or ``bf16`` autocast on CUDA (overrides ``half``). fp16 is
             the fast choice: bf16's 8-bit mantissa moved some boxes of the published
             mobilenet0.25 below IoU 0.98 of the fp32 result on the sample images, fp16 did not.
-        channels_last: NHWC memory format (default on; off runs the network in NCHW).
+        channels_last: NHWC memory format (True) or NCHW (False); default: NHWC, except NCHW
+            on CUDA for networks with depthwise convolutions (mobilenet0.25), whose NHWC
+            path costs about half a second per image size not run before
+            (``models.dense_path.default_channels_last``).
         fuse_bn: run a copy of the model with BatchNorm folded into the convolutions (same
             outputs up to float rounding, fewer operations). ``self.model`` keeps its weights and
             train/eval mode; a ``model`` passed in is moved to ``device`` (``nn.Module.to``, in place).

@@ -113,8 +113,29 @@ def test_inference_benchmark_sample_images_against_public_pipeline(inference_run
     assert fresh["passes"] == 1 and fresh["images_per_pass"] == 2 and fresh["public_style"]["cudnn_benchmark"]
     # on the CPU only the float32 pipelines without autotuning (the others are the same there)
     expected = [name for name, (_, autotune, _, cuda_only) in bi.NEW_SIZE_PIPELINES.items() if not cuda_only]
-    assert [o["pipeline"] for o in fresh["ours"]] == expected and len(expected) == 3
+    assert [o["pipeline"] for o in fresh["ours"]] == expected and len(expected) == 4
     assert all(o["ms_per_img"] > 0 and o["speedup_vs_public"] > 0 and not o["cudnn_benchmark"] for o in fresh["ours"])
+    # the layout each pipeline ran: auto is NHWC on the CPU
+    assert [o["channels_last"] for o in fresh["ours"]] == [True, True, False, False]
+    assert "other_models" not in fresh  # none on the CPU by default
+
+
+def test_new_size_pass_of_other_models_times_both_layouts():
+    import argparse
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (h, 64, 3), dtype=np.uint8) for h in (48, 40)]
+    args = argparse.Namespace(sample_new_size_passes=1, sample_confidence_threshold=0.02, width=64, height=48,
+                              seed=0, sample_new_size_models=["resnet50", "mobilenet0.25"])
+    seen = {a.shape[:2] for a in arrays}
+    errors: list[str] = []
+    results = bi.measure_new_size_models(args, torch.device("cpu"), arrays, seen, errors)
+    assert errors == [] and [r["model"] for r in results] == ["resnet50", "mobilenet0.25"]
+    for result in results:
+        assert result["weights"].startswith("random") and "public_style" not in result
+        assert [o["pipeline"] for o in result["ours"]] == list(bi.NEW_SIZE_LAYOUT_PIPELINES)
+        assert [o["channels_last"] for o in result["ours"]] == [True, True, False]
+        assert all(o["ms_per_img"] > 0 and "speedup_vs_public" not in o for o in result["ours"])
+    assert len(seen) == 2 + 2 * 3 * 2  # every pipeline of every model ran sizes of its own
 
 
 def test_new_size_copies_never_repeat_a_size():
@@ -376,7 +397,15 @@ def test_speed_table_target_verdicts():
     assert rows["resnet50 bs24@840 fixed batches"][3] == "**not met**"
     fresh = rows["sample WIDER images vs public-style pipeline, new sizes (one pass over a data set)"]
     assert fresh[2] == "60.0× (FaceDetector, b)" and fresh[3] == "met"
-    assert "| FaceDetector, a | 300 | 0.20 |" in speed_table.render([inference, train])
+    assert "| FaceDetector, a | – | 300 | 0.20 |" in speed_table.render([inference, train])
+    inference["sample"]["new_sizes"]["ours"][0]["channels_last"] = True
+    inference["sample"]["new_sizes"]["other_models"] = [
+        {"model": "resnet50_cascade", "ours": [{"pipeline": "c", "ms_per_img": 20.0, "channels_last": False}]},
+        {"model": "resnet50", "error": "RuntimeError: out of memory"}]
+    rendered = speed_table.render([inference, train])
+    assert "| FaceDetector, a | NHWC | 300 | 0.20 |" in rendered
+    assert "| resnet50_cascade | FaceDetector, c | NCHW | 20.0 |" in rendered
+    assert "| resnet50 | – | – | RuntimeError: out of memory |" in rendered
 
 
 def test_gpu_check_script_smoke(tmp_path, widerface_sample, mobilenet_weights):

@@ -72,16 +72,19 @@ def test_face_detector_fp16_graphs_match_cpu_fp32(mobilenet_weights, widerface_s
 
     images = _sample_images(widerface_sample)
     cpu = FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.3)
-    gpu = FaceDetector(mobilenet_weights, device="cuda", confidence_threshold=0.3, half=True)
-    for _ in range(3):  # eager, capture, replay
-        found = gpu.detect(images)
-    for image, ours in zip(images, found):
-        reference = cpu.detect(image)
-        expected = as_rows(reference.boxes, reference.scores, reference.landmarks)
-        actual = as_rows(ours.boxes, ours.scores, ours.landmarks)
-        assert unmatched(expected, actual, max_score_diff=0.01) == []
-        assert unmatched(actual, expected, max_score_diff=0.01) == []
-    assert gpu.dense.cuda_graphs and gpu.dense.graph_shapes
+    references = [cpu.detect(image) for image in images]
+    for channels_last in (None, True):  # the CUDA default for mobilenet0.25 (NCHW), and NHWC
+        gpu = FaceDetector(mobilenet_weights, device="cuda", confidence_threshold=0.3, half=True,
+                           channels_last=channels_last)
+        assert gpu.dense.channels_last is bool(channels_last)
+        for _ in range(3):  # eager, capture, replay
+            found = gpu.detect(images)
+        for reference, ours in zip(references, found):
+            expected = as_rows(reference.boxes, reference.scores, reference.landmarks)
+            actual = as_rows(ours.boxes, ours.scores, ours.landmarks)
+            assert unmatched(expected, actual, max_score_diff=0.01) == []
+            assert unmatched(actual, expected, max_score_diff=0.01) == []
+        assert gpu.dense.cuda_graphs and gpu.dense.graph_shapes
 
 
 def test_device_augmentation_on_cuda_matches_the_cpu(widerface_sample):

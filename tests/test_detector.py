@@ -150,15 +150,33 @@ def test_dense_path_runs_the_layout_it_is_given(channels_last):
     # NCHW weights with NHWC strides, and the convolutions ran in NHWC even with channels_last=False
     from models.dense_path import DensePath
 
-    dense = DensePath(RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)), torch.device("cpu"),
-                      channels_last=channels_last)
+    # and a model in the other layout (train.py keeps NHWC weights on CUDA) is converted
     layout = torch.channels_last if channels_last else torch.contiguous_format
+    other = torch.contiguous_format if channels_last else torch.channels_last
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)).to(memory_format=other)
+    dense = DensePath(model, torch.device("cpu"), channels_last=channels_last)
     seen = []
     first_conv = next(m for m in dense.network.modules() if isinstance(m, torch.nn.Conv2d))
     first_conv.register_forward_hook(lambda module, args, out: seen.append(
         (args[0].is_contiguous(memory_format=layout), module.weight.is_contiguous(memory_format=layout))))
     dense(torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8))
     assert seen == [(True, True)]
+
+
+def test_default_layout_is_nchw_only_for_depthwise_networks_on_cuda():
+    from models.dense_path import DensePath, default_channels_last, has_depthwise_convolutions
+
+    mobilenet = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False))
+    resnet = RetinaFace(ModelConfig(network="resnet18", cascade=False))
+    assert has_depthwise_convolutions(mobilenet) and not has_depthwise_convolutions(resnet)
+    # grouped but not depthwise (2 groups of 2 channels): cuDNN's NHWC grouped path is not the one at issue
+    assert not has_depthwise_convolutions(torch.nn.Conv2d(4, 4, 3, groups=2))
+    assert has_depthwise_convolutions(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, groups=4)))
+    cuda = torch.device("cuda")  # only its type is read: no GPU needed
+    assert default_channels_last(mobilenet, cuda) is False
+    assert default_channels_last(resnet, cuda) is True
+    assert default_channels_last(mobilenet, "cpu") is True and default_channels_last(resnet, "cpu") is True
+    assert DensePath(mobilenet, torch.device("cpu")).channels_last  # None: the rule above, on the CPU NHWC
 
 
 def _copy_eval(model):

@@ -324,13 +324,14 @@ def test_channels_last_option_reaches_the_detector(widerface_sample, mobilenet_w
     folder = tmp_path / "in"
     _small_face_image(widerface_sample, folder / "a.jpg")
     results = {}
-    for value in ("true", "false"):
-        out = tmp_path / value
+    for value in ("true", "false", None):  # None: the default, auto (NHWC on the CPU)
+        out = tmp_path / str(value)
+        layout = ["--channels_last", value] if value else []
         code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder,
-                                 "--inference_save_folder", out, "--channels_last", value], capsys)
+                                 "--inference_save_folder", out, *layout], capsys)
         assert code == 0, err
         results[value] = json.loads((out / "detections.json").read_text())["a.jpg"]
-    assert detector_layouts == [True, False]
+    assert detector_layouts == [True, False, True]
     assert len(results["true"]) == len(results["false"]) >= 1
     for nhwc, nchw in zip(results["true"], results["false"]):
         assert np.allclose(nhwc["box"], nchw["box"], atol=0.05) and abs(nhwc["score"] - nchw["score"]) < 1e-4

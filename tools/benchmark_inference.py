@@ -32,7 +32,9 @@ autotuning and CUDA graphs are warm. *new sizes* (``--sample_new_size_passes``) 
 over images of sizes not run before (the sample images minus a few bottom rows), as a single pass
 over a data set of many sizes meets them: the public-style pipeline with cuDNN autotuning on, as the public
 ``test_widerface.py`` sets it (every new size is autotuned), ``FaceDetector`` in the settings of
-``NEW_SIZE_PIPELINES`` (test.py's defaults first: autotuning off).
+``NEW_SIZE_PIPELINES`` (test.py's defaults first: autotuning off), then the models of
+``--sample_new_size_models`` (default on CUDA: the ResNet-50 cascade, random weights) in NHWC and
+NCHW: the check of ``--channels_last auto``.
 
 Variants (``--variants``, names joined by ``+``)
 -------------------------------------------------
@@ -696,18 +698,22 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
         ms = stats(wall)["median"] / n
         api_variant = Variant("api", precision="fp16" if cuda else "fp32")
         section["face_detector_api"] = {
-            "settings": f"FaceDetector(batch_size={n}, half={cuda}, channels_last=True, fuse_bn=True, "
+            "settings": f"FaceDetector(batch_size={n}, half={cuda}, channels_last={detector.dense.channels_last}, "
+                        "fuse_bn=True, "
                         f"cuda_graphs={cuda})",
             "ms_per_img": rnd(ms), "images_per_s": rnd(1000.0 / ms), "speedup_vs_public": rnd(public_ms / ms),
             "fidelity": compare(reference_rows, api_rows, *tolerances(api_variant, args))}
     except Exception as error:
         errors.append(f"sample FaceDetector: {type(error).__name__}: {error}")
         traceback.print_exc()
+    seen = {a.shape[:2] for a in arrays} | {(args.height, args.width)}
     try:
-        measure_new_sizes(args, device, model, arrays, section)
+        section["new_sizes"] = measure_new_sizes(args, device, model, arrays, seen)
     except Exception as error:
         errors.append(f"sample new sizes: {type(error).__name__}: {error}")
         traceback.print_exc()
+    if section.get("new_sizes") and args.sample_new_size_models:
+        section["new_sizes"]["other_models"] = measure_new_size_models(args, device, arrays, seen, errors)
     timed_variants = [v for v in section["variants"] if "ms_per_img" in v and v.get("fidelity", {}).get("passed", True)]
     if timed_variants:
         best = min(timed_variants, key=lambda v: v["ms_per_img"])
@@ -732,19 +738,25 @@ def new_size_copies(arrays: Sequence[np.ndarray], seen: set[tuple[int, int]]) ->
 
 
 #: Pipelines of the new-size pass: name -> (FaceDetector options, cuDNN autotuning, TF32 (None:
-#: PyTorch's defaults, as test.py runs), CUDA only). test.py's defaults first; the others vary one
-#: setting at a time, to find what a new size costs. ``batch_size`` None: all the images in one
-#: ``detect`` batch (FaceDetector runs one forward pass per size); default 1, as test.py.
+#: PyTorch's defaults, as test.py runs), CUDA only). test.py's defaults first (the layout ``auto``:
+#: NCHW on CUDA for mobilenet0.25); the others vary one setting at a time, to find what a new size
+#: costs. ``batch_size`` None: all the images in one ``detect`` batch (FaceDetector runs one forward
+#: pass per size); default 1, as test.py.
 NEW_SIZE_PIPELINES: dict[str, tuple[dict[str, Any], bool, bool | None, bool]] = {
-    "test.py defaults (fp32, channels_last, BN folded, batch 1)": ({}, False, None, False),
+    "test.py defaults (fp32, layout auto, BN folded, batch 1)": ({}, False, None, False),
+    "fp32, channels_last, BN folded, batch 1": ({"channels_last": True}, False, None, False),
     "fp32, NCHW, BN folded, batch 1": ({"channels_last": False}, False, None, False),
     "fp32, NCHW, BN kept, batch 1, TF32 off": ({"channels_last": False, "fuse_bn": False}, False, False, False),
     "as test.py, cuDNN autotuning on": ({}, True, None, True),
     "fp32, NCHW, BN kept, batch 1, TF32 off, autotuning on (the public settings)":
         ({"channels_last": False, "fuse_bn": False}, True, False, True),
-    "fp16, channels_last, batch per size": ({"half": True, "batch_size": None}, False, None, True),
+    "fp16, channels_last, batch per size": ({"half": True, "channels_last": True, "batch_size": None}, False, None, True),
     "fp16, NCHW, batch per size": ({"half": True, "channels_last": False, "batch_size": None}, False, None, True),
 }
+#: The pipelines timed for the models of ``--sample_new_size_models`` (random weights): the layout
+#: question only, whether a new size costs those networks more in NHWC than in NCHW.
+NEW_SIZE_LAYOUT_PIPELINES = ("test.py defaults (fp32, layout auto, BN folded, batch 1)",
+                             "fp32, channels_last, BN folded, batch 1", "fp32, NCHW, BN folded, batch 1")
 
 
 def tf32_setting(device: torch.device, enabled: bool | None):
@@ -753,24 +765,26 @@ def tf32_setting(device: torch.device, enabled: bool | None):
 
 
 def measure_new_sizes(args: argparse.Namespace, device: torch.device, model: RetinaFace,
-                      arrays: Sequence[np.ndarray], section: dict[str, Any]) -> None:
-    """``section["new_sizes"]``: passes over images whose sizes the process has not run yet, as a
-    single pass over a data set of many image sizes (WIDER val) meets them. Every pipeline and
-    pass gets sizes of its own (the sample images minus a few bottom rows). The public-style
-    pipeline runs with cuDNN autotuning on, as the public ``test_widerface.py`` sets
-    (``cudnn.benchmark = True``): each new size is autotuned. Ours (``FaceDetector``) runs in the
-    settings of ``NEW_SIZE_PIPELINES``, test.py's first (autotuning off, PyTorch's default); on the
-    CPU only the float32 ones without autotuning (the others are the same there)."""
+                      arrays: Sequence[np.ndarray], seen: set[tuple[int, int]],
+                      names: Sequence[str] = tuple(NEW_SIZE_PIPELINES), public: bool = True) -> dict[str, Any] | None:
+    """Passes over images whose sizes the process has not run yet, as a single pass over a data
+    set of many image sizes (WIDER val) meets them. Every pipeline and pass gets sizes of its own
+    (the images minus a few bottom rows; ``seen`` holds the sizes run so far and is updated). The
+    public-style pipeline (``public``) runs with cuDNN autotuning on, as the public
+    ``test_widerface.py`` sets (``cudnn.benchmark = True``): each new size is autotuned. Ours
+    (``FaceDetector``) runs in the settings of ``NEW_SIZE_PIPELINES`` named in ``names``, test.py's
+    first (autotuning off, PyTorch's default); on the CPU only the float32 ones without autotuning
+    (the others are the same there). None when ``--sample_new_size_passes`` is 0."""
     from models.detector import FaceDetector
 
     passes = args.sample_new_size_passes
     if passes <= 0:
-        return
+        return None
     conf = args.sample_confidence_threshold
-    seen = {a.shape[:2] for a in arrays} | {(args.height, args.width)}
     cuda = device.type == "cuda"
     pipelines = {}
-    for name, (options, autotune, tf32, cuda_only) in NEW_SIZE_PIPELINES.items():
+    for name in names:
+        options, autotune, tf32, cuda_only = NEW_SIZE_PIPELINES[name]
         if cuda_only and not cuda:
             continue
         options = {"batch_size": 1, **options}
@@ -781,14 +795,15 @@ def measure_new_sizes(args: argparse.Namespace, device: torch.device, model: Ret
         pipelines[name] = (detector, autotune, tf32)
     walls: dict[str, list[float]] = {"public-style": [], **{name: [] for name in pipelines}}
     for _ in range(passes):
-        images = new_size_copies(arrays, seen)
-        with cudnn_autotuning(True), tf32_mode(device, False):
-            synchronize(device)
-            started = time.perf_counter()
-            for image in images:
-                public_style_detect(model, image, conf, device=device)
-            synchronize(device)
-            walls["public-style"].append(time.perf_counter() - started)
+        if public:
+            images = new_size_copies(arrays, seen)
+            with cudnn_autotuning(True), tf32_mode(device, False):
+                synchronize(device)
+                started = time.perf_counter()
+                for image in images:
+                    public_style_detect(model, image, conf, device=device)
+                synchronize(device)
+                walls["public-style"].append(time.perf_counter() - started)
         for name, (detector, autotune, tf32) in pipelines.items():
             images = new_size_copies(arrays, seen)
             with cudnn_autotuning(autotune), tf32_setting(device, tf32):
@@ -798,17 +813,48 @@ def measure_new_sizes(args: argparse.Namespace, device: torch.device, model: Ret
                 synchronize(device)
                 walls[name].append(time.perf_counter() - started)
     n = len(arrays)
-    public_ms = stats(walls.pop("public-style"))["median"] / n
+    public_walls = walls.pop("public-style")
+    public_ms = stats(public_walls)["median"] / n if public else None
     ours = []
     for name, wall in walls.items():
         ms = stats(wall)["median"] / n
-        ours.append({"pipeline": name, "ms_per_img": rnd(ms), "cudnn_benchmark": pipelines[name][1],
-                     "tf32": "PyTorch default" if pipelines[name][2] is None else pipelines[name][2] and cuda,
-                     "speedup_vs_public": rnd(public_ms / ms)})
-        print(f"[inference] sample, new sizes, {name}: {rnd(ms)} ms/img ({rnd(public_ms / ms)}x public-style at "
-              f"{rnd(public_ms)} ms/img)", file=sys.stderr, flush=True)
-    section["new_sizes"] = {"passes": passes, "images_per_pass": n, "ours": ours,
-                            "public_style": {"ms_per_img": rnd(public_ms), "cudnn_benchmark": True, "tf32": False}}
+        detector, autotune, tf32 = pipelines[name]
+        entry = {"pipeline": name, "ms_per_img": rnd(ms), "channels_last": detector.dense.channels_last,
+                 "cudnn_benchmark": autotune, "tf32": "PyTorch default" if tf32 is None else tf32 and cuda}
+        versus = ""
+        if public:
+            entry["speedup_vs_public"] = rnd(public_ms / ms)
+            versus = f" ({rnd(public_ms / ms)}x public-style at {rnd(public_ms)} ms/img)"
+        ours.append(entry)
+        print(f"[inference] new sizes, {model.config.network}, {name}: {rnd(ms)} ms/img{versus}",
+              file=sys.stderr, flush=True)
+    result: dict[str, Any] = {"passes": passes, "images_per_pass": n, "ours": ours}
+    if public:
+        result["public_style"] = {"ms_per_img": rnd(public_ms), "cudnn_benchmark": True, "tf32": False}
+    return result
+
+
+def measure_new_size_models(args: argparse.Namespace, device: torch.device, arrays: Sequence[np.ndarray],
+                            seen: set[tuple[int, int]], errors: list[str]) -> list[dict[str, Any]]:
+    """The new-size pass of ``NEW_SIZE_LAYOUT_PIPELINES`` for each model of
+    ``--sample_new_size_models``, with random weights (timing only: their detections mean
+    nothing): whether the layout rule that fits mobilenet0.25 fits them too."""
+    results = []
+    for name in args.sample_new_size_models:
+        entry: dict[str, Any] = {"model": name}
+        try:
+            calibration = torch.from_numpy(np.stack([np.ascontiguousarray(
+                cv2.resize(a, (args.width, args.height), interpolation=cv2.INTER_AREA)) for a in arrays[:4]]))
+            model, entry["weights"] = load_benchmark_model(name, "random", device, calibration, args.seed)
+            entry.update(measure_new_sizes(args, device, model, arrays, seen, NEW_SIZE_LAYOUT_PIPELINES,
+                                           public=False) or {})
+        except Exception as error:
+            record_failure(entry, errors, f"new sizes {name}", error)
+        finally:
+            model = None  # noqa: F841
+            release(device)
+        results.append(entry)
+    return results
 
 
 def summarize(synthetic: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -870,6 +916,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample_new_size_passes", type=int, default=1,
                         help="passes over the sample images cut to sizes not run before (the public-style "
                              "pipeline with cuDNN autotuning, as its test_widerface.py; 0 = skip; default 1)")
+    parser.add_argument("--sample_new_size_models", default=None,
+                        help="comma-separated models (random weights) whose new-size pass is timed too, in "
+                             "NHWC and NCHW; default resnet50_cascade on CUDA, none on the CPU")
     parser.add_argument("--score_tol", type=float, default=0.005, help="fidelity score tolerance, fp32/tf32")
     parser.add_argument("--landmark_tol", type=float, default=1.0, help="fidelity landmark tolerance (px), fp32/tf32")
     parser.add_argument("--score_tol_16", type=float, default=0.01, help="fidelity score tolerance, bf16/fp16")
@@ -910,6 +959,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     args.sample_iters = args.sample_iters or (10 if cuda else 2)
     args.sample_warmup = args.sample_warmup if args.sample_warmup is not None else (3 if cuda else 1)
+    if args.sample_new_size_models is None:
+        args.sample_new_size_models = "resnet50_cascade" if cuda else ""
+    args.sample_new_size_models = [m.strip() for m in args.sample_new_size_models.split(",") if m.strip()]
+    unknown = [m for m in args.sample_new_size_models if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"--sample_new_size_models: unknown {unknown}; choose from {sorted(MODELS)}")
 
     notes: list[str] = []
     errors: list[str] = []

@@ -3,16 +3,19 @@
 # speed benchmarks with settings that cover every target of the GPU issues, torch.compile of the
 # ResNet-50 cascade, then the Markdown speed table. Measured on an H100 (2026-11-26): 273 s for
 # "cuda_tests inference train table", 337 s for "inference train compile table" (steps 123 / 159 /
-# 46 s). Added since, not yet timed on a GPU: the new-size pipelines (up to ~40 s), the busy-core and
-# CUDA-graph training rows (~20 s); about 7 minutes in all. Each step is capped (timeout
+# 46 s). Added since, not yet timed on a GPU: the new-size pipelines (up to ~40 s) and their
+# ResNet-50 cascade layout rows (~30 s), the cli step (~40 s), the busy-core and CUDA-graph training
+# rows (~20 s); about 8 minutes in all. Each step is capped (timeout
 # --signal=INT: an interrupted benchmark still writes what it measured).
 #
 #   bash tools/gpu_check.sh            # on the GPU machine
-#   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~30 s)
+#   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~50 s)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests inference train compile table"; compile: torch.compile
-# of the ResNet-50 cascade at batch 32, 22 s of compilation on an H100).
+# Steps (GPU_CHECK_STEPS, default "cuda_tests inference cli train compile table"; cli: test.py on the
+# sample in fresh processes per --channels_last setting against the public-style pipeline's one
+# pass (~40 s, not yet timed on a GPU); compile: torch.compile of the ResNet-50 cascade at batch 32,
+# 22 s of compilation on an H100).
 #
 # Writes under $OUT (default ./bench_out): gpu_check.log (everything printed, the CUDA test report
 # included), inference.jsonl, train.jsonl (one JSON line per run, appended), train_profile.txt
@@ -37,7 +40,7 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference train compile table} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference cli train compile table} "
 SMOKE=false; [ "${1:-}" = "--smoke" ] && SMOKE=true
 if $SMOKE; then
   INFERENCE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0
@@ -45,7 +48,7 @@ if $SMOKE; then
   TRAIN_ARGS=(--device cpu --threads 1 --configs mobilenet0.25:2:96 --iters 1 --warmup 1 --workers 1 --profile
               --profile_steps 1)
   COMPILE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0)
-  TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; COMPILE_LIMIT=120
+  TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; COMPILE_LIMIT=120; CLI_LIMIT=120; CLI_DEVICE=cpu
 else
   # the targets: ResNet-50 cascade bs32 and bs1, mobilenet0.25 bs32 at 640x480, the sample images;
   # training mobilenet0.25 bs32@640 and ResNet-50 bs24@840, fixed batches and the real pipeline
@@ -55,7 +58,7 @@ else
               --iters 30 --warmup 3 --profile)
   # the ResNet-50 cascade target is bf16 at batch 32: compiled against the same variant uncompiled
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32 --variants bf16+graph,bf16+compile+graph)
-  TESTS_LIMIT=90; INFERENCE_LIMIT=200; TRAIN_LIMIT=210; COMPILE_LIMIT=150
+  TESTS_LIMIT=90; INFERENCE_LIMIT=240; TRAIN_LIMIT=210; COMPILE_LIMIT=150; CLI_LIMIT=90; CLI_DEVICE=cuda
 fi
 
 status=0
@@ -105,6 +108,31 @@ log "== steps:$STEPS"
 wanted cuda_tests && step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
 wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
+# the product's own command line in fresh processes, as a user meets a data set: test.py on the
+# sample (every size new to the process) in each --channels_last setting, after the public-style
+# pipeline's one pass (cuDNN autotuning on, as its test_widerface.py). Each prints its wall time to
+# the log; test.py's result folders go to a temporary folder (the GPU tool returns few files).
+cli_pass() {  # cli_pass DEVICE
+  local results rc=0 layout
+  results=$(mktemp -d)
+  "$PY" tools/public_pipeline.py "$WEIGHTS" "$SAMPLE/val/images" "$1" || rc=1
+  for layout in auto true false; do
+    echo "-- test.py --channels_last $layout"
+    "$PY" test.py --weights "$WEIGHTS" --dataset "$SAMPLE" --gt_dir "$SAMPLE/ground_truth" --device "$1" \
+      --workers 2 --channels_last "$layout" --results_dir "$results/$layout" || rc=1
+  done
+  rm -rf "$results"
+  return $rc
+}
+export -f cli_pass
+export PY WEIGHTS SAMPLE
+if wanted cli; then
+  if [ -d "$SAMPLE" ] && [ -f "$WEIGHTS" ]; then
+    step cli "$CLI_LIMIT" bash -c 'cli_pass "$1"' cli "$CLI_DEVICE"
+  else
+    log "== cli: skipped (no sample data or weights)"
+  fi
+fi
 wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
 # torch.compile of the headline case (ResNet-50 cascade, batch 32, bf16)

@@ -7,11 +7,16 @@ on the CPU, NumPy threshold/argsort/NMS with +1 pixel areas (a loop over kept bo
 
 Apart from the network it shares no code with the toolkit (priors, decoding and NMS are written
 here again, the public way), so tests that compare the two can catch a decoding or NMS bug.
+
+``python tools/public_pipeline.py WEIGHTS IMAGE_FOLDER [DEVICE]`` times one pass over a folder in
+a fresh process (:func:`time_folder`; one JSON line), the baseline of ``tools/gpu_check.sh``'s
+``cli`` step, which times ``test.py`` the same way.
 """
 from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -119,3 +124,37 @@ def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidenc
                               ("decode", after_decode - after_priors), ("nms", clock() - after_decode)):
             timings[name] = timings.get(name, 0.0) + seconds
     return result
+
+
+def time_folder(weights: str, images: str, device: str, autotune: bool = True) -> dict[str, object]:
+    """One pass of :func:`public_style_detect` over every ``*.jpg`` under ``images`` in this
+    process, as the public ``test_widerface.py`` runs a data set: cuDNN autotuning on (its
+    ``cudnn.benchmark = True``), every image at original size, each size met for the first time
+    when the process is fresh. Times the pass after loading the model; disk reading included."""
+    import time
+
+    from utils.checkpoint import load_model
+    from utils.image_io import read_image
+
+    paths = sorted(Path(images).rglob("*.jpg"))
+    if not paths:
+        raise SystemExit(f"no *.jpg under {images}")
+    torch.backends.cudnn.benchmark = autotune
+    model = load_model(weights).to(device).eval()
+    started = time.perf_counter()
+    found = sum(len(public_style_detect(model, read_image(p), 0.02, top_k=None, keep_top_k=None, device=device))
+                for p in paths)
+    seconds = time.perf_counter() - started
+    return {"pipeline": "public-style, one pass in a fresh process", "device": device, "images": len(paths),
+            "sizes": len({read_image(p).shape[:2] for p in paths}), "seconds": round(seconds, 3),
+            "ms_per_img": round(seconds / len(paths) * 1000, 2), "detections": found, "cudnn_benchmark": autotune}
+
+
+if __name__ == "__main__":  # python tools/public_pipeline.py WEIGHTS IMAGE_FOLDER [DEVICE]
+    import json
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if len(sys.argv) not in (3, 4):
+        raise SystemExit("usage: python tools/public_pipeline.py WEIGHTS IMAGE_FOLDER [DEVICE]")
+    print(json.dumps(time_folder(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) == 4 else "cpu")))

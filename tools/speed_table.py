@@ -133,11 +133,26 @@ def inference_section(report: dict[str, Any]) -> list[str]:
                           "each image a few rows shorter than any size run so far): the public-style pipeline "
                           "with cuDNN autotuning, as its test_widerface.py; FaceDetector in the settings of each "
                           "row (cuDNN autotuning off unless the row says so).", ""]
-            rows = [["public-style per image (autotuning each new size)", fresh["public_style"]["ms_per_img"], 1.0]]
-            rows += [[f"FaceDetector, {o['pipeline']}", o["ms_per_img"], o["speedup_vs_public"]] for o in fresh["ours"]]
-            lines += table(["pipeline, new sizes", "ms/img", "× public-style"], rows)
+            rows = [["public-style per image (autotuning each new size)", "NCHW", fresh["public_style"]["ms_per_img"],
+                     1.0]]
+            rows += [[f"FaceDetector, {o['pipeline']}", layout_cell(o), o["ms_per_img"], o["speedup_vs_public"]]
+                     for o in fresh["ours"]]
+            lines += table(["pipeline, new sizes", "layout", "ms/img", "× public-style"], rows)
+            others = fresh.get("other_models") or []
+            if others:
+                lines += ["", "The same pass for other networks (random weights, timing only):", ""]
+                rows = [[o["model"], f"FaceDetector, {p['pipeline']}", layout_cell(p), p["ms_per_img"]]
+                        for o in others for p in o.get("ours", [])]
+                rows += [[o["model"], "–", "–", o["error"]] for o in others if o.get("error")]
+                lines += table(["model", "pipeline, new sizes", "layout", "ms/img"], rows)
         lines.append("")
     return lines
+
+
+def layout_cell(pipeline: dict[str, Any]) -> str:
+    """NHWC / NCHW of a new-size pipeline entry ("–" for results recorded before the field)."""
+    value = pipeline.get("channels_last")
+    return "–" if value is None else ("NHWC" if value else "NCHW")
 
 
 def train_section(report: dict[str, Any]) -> list[str]:

@@ -600,7 +600,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
                 weights, device=device, overrides=architecture_overrides(args),
                 confidence_threshold=args.confidence_threshold, nms_threshold=args.nms_threshold,
                 top_k=args.top_k, keep_top_k=args.keep_top_k, max_size=args.max_size,
-                batch_size=args.batch_size, half=args.half, channels_last=getattr(args, "channels_last", True),
+                batch_size=args.batch_size, half=args.half, channels_last=getattr(args, "channels_last", None),
                 cuda_graphs=getattr(args, "cuda_graphs", True))
     except BaseException:
         remove_created_folders(created)  # nothing was run: leave no empty output folder behind
