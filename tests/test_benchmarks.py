@@ -408,6 +408,28 @@ def test_speed_table_target_verdicts():
     assert "| resnet50 | – | – | RuntimeError: out of memory |" in rendered
 
 
+def test_public_style_folder_pass_finds_what_face_detector_finds(widerface_sample, mobilenet_weights, tmp_path,
+                                                                 one_cpu_thread):
+    """The baseline of gpu_check's cli step: one public-style pass over a folder, run as a script,
+    counts the detections our detector makes at test.py's settings (confidence 0.02, no top-k cut)."""
+    from models.detector import FaceDetector
+    from utils.image_io import read_image
+
+    sources = sorted((widerface_sample / "val/images").rglob("*.jpg"))[:2]
+    (tmp_path / "event").mkdir()
+    for source in sources:
+        (tmp_path / "event" / source.name).symlink_to(source)
+    result = subprocess.run([sys.executable, "tools/public_pipeline.py", mobilenet_weights, str(tmp_path), "cpu"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    timing = json.loads(result.stdout)
+    assert timing["images"] == 2 and timing["ms_per_img"] > 0 and timing["cudnn_benchmark"]
+    detector = FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.02, top_k=None, keep_top_k=None)
+    assert timing["detections"] == sum(len(detector.detect(read_image(p)).scores) for p in sources) > 100
+    usage = subprocess.run([sys.executable, "tools/public_pipeline.py"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert usage.returncode != 0 and "usage:" in usage.stderr
+
+
 def test_gpu_check_script_smoke(tmp_path, widerface_sample, mobilenet_weights):
     """tools/gpu_check.sh --smoke: the GPU session's one command, with tiny CPU settings."""
     shared = widerface_sample.parents[1]

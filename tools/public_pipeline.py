@@ -129,25 +129,30 @@ def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidenc
 def time_folder(weights: str, images: str, device: str, autotune: bool = True) -> dict[str, object]:
     """One pass of :func:`public_style_detect` over every ``*.jpg`` under ``images`` in this
     process, as the public ``test_widerface.py`` runs a data set: cuDNN autotuning on (its
-    ``cudnn.benchmark = True``), every image at original size, each size met for the first time
-    when the process is fresh. Times the pass after loading the model; disk reading included."""
+    ``cudnn.benchmark = True``), every image at original size, confidence 0.02, no top-k cut, each
+    size met for the first time when the process is fresh. Times the pass after loading the
+    model, disk reading included."""
     import time
 
+    from models.detector import cudnn_autotuning
     from utils.checkpoint import load_model
     from utils.image_io import read_image
 
     paths = sorted(Path(images).rglob("*.jpg"))
     if not paths:
         raise SystemExit(f"no *.jpg under {images}")
-    torch.backends.cudnn.benchmark = autotune
     model = load_model(weights).to(device).eval()
-    started = time.perf_counter()
-    found = sum(len(public_style_detect(model, read_image(p), 0.02, top_k=None, keep_top_k=None, device=device))
-                for p in paths)
-    seconds = time.perf_counter() - started
-    return {"pipeline": "public-style, one pass in a fresh process", "device": device, "images": len(paths),
-            "sizes": len({read_image(p).shape[:2] for p in paths}), "seconds": round(seconds, 3),
-            "ms_per_img": round(seconds / len(paths) * 1000, 2), "detections": found, "cudnn_benchmark": autotune}
+    sizes, found = set(), 0
+    with cudnn_autotuning(autotune):
+        started = time.perf_counter()
+        for path in paths:
+            image = read_image(path)
+            sizes.add(image.shape[:2])
+            found += len(public_style_detect(model, image, 0.02, top_k=None, keep_top_k=None, device=device))
+        seconds = time.perf_counter() - started
+    return {"pipeline": "public-style, one pass in a fresh process", "device": str(device), "images": len(paths),
+            "sizes": len(sizes), "seconds": round(seconds, 3), "ms_per_img": round(seconds / len(paths) * 1000, 2),
+            "detections": found, "cudnn_benchmark": autotune}
 
 
 if __name__ == "__main__":  # python tools/public_pipeline.py WEIGHTS IMAGE_FOLDER [DEVICE]
