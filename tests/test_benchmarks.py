@@ -430,6 +430,36 @@ def test_public_style_folder_pass_finds_what_face_detector_finds(widerface_sampl
     assert usage.returncode != 0 and "usage:" in usage.stderr
 
 
+def test_cli_benchmark_times_test_py_against_the_public_pass(widerface_sample, mobilenet_weights, tmp_path):
+    """tools/benchmark_cli.py: fresh test.py processes per layout against one public-style pass,
+    one JSON line that speed_table renders; a failing process is an error, not a crash."""
+    out = tmp_path / "cli.jsonl"
+    result = subprocess.run([sys.executable, "tools/benchmark_cli.py", "--device", "cpu", "--dataset",
+                             str(widerface_sample), "--weights", mobilenet_weights, "--layouts", "auto,false",
+                             "--workers", "0", "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "cli" and report["errors"] == []
+    public = report["public_style"]
+    assert public["images"] == 10 and public["sizes"] == 8 and public["ms_per_img"] > 0
+    runs = {t["channels_last"]: t for t in report["test_py"]}
+    assert list(runs) == ["auto", "false"]
+    for run in runs.values():
+        assert run["images"] == 10 and run["process_s"] > run["seconds"] > 0
+        assert run["speedup_vs_public"] == pytest.approx(public["ms_per_img"] / run["ms_per_img"], rel=1e-3)
+    assert runs["auto"]["aps"] == runs["false"]["aps"] and runs["auto"]["aps"]["easy"] > 0.9  # the layout moves no AP
+    rendered = speed_table.render(speed_table.read_reports([str(out)]))
+    assert "| test.py --channels_last false |" in rendered and "test.py in a fresh process" in rendered
+
+    broken = subprocess.run([sys.executable, "tools/benchmark_cli.py", "--device", "cpu", "--dataset",
+                             str(widerface_sample), "--weights", str(tmp_path / "missing.pth"), "--layouts", "auto"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 1
+    errors = json.loads(broken.stdout.strip().splitlines()[-1])["errors"]
+    assert len(errors) == 2 and errors[0].startswith("public-style") and "test.py --channels_last auto" in errors[1]
+
+
 def test_gpu_check_script_smoke(tmp_path, widerface_sample, mobilenet_weights):
     """tools/gpu_check.sh --smoke: the GPU session's one command, with tiny CPU settings."""
     shared = widerface_sample.parents[1]

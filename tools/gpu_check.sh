@@ -12,14 +12,14 @@
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~50 s)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests inference cli train compile table"; cli: test.py on the
-# sample in fresh processes per --channels_last setting against the public-style pipeline's one
-# pass (~40 s, not yet timed on a GPU); compile: torch.compile of the ResNet-50 cascade at batch 32,
+# Steps (GPU_CHECK_STEPS, default "cuda_tests inference cli train compile table"; cli:
+# tools/benchmark_cli.py, test.py on the sample in fresh processes per --channels_last setting
+# against the public-style pipeline's one pass (~40 s, not yet timed on a GPU); compile: torch.compile of the ResNet-50 cascade at batch 32,
 # 22 s of compilation on an H100).
 #
 # Writes under $OUT (default ./bench_out): gpu_check.log (everything printed, the CUDA test report
 # included), inference.jsonl, train.jsonl (one JSON line per run, appended), train_profile.txt
-# (torch.profiler tables), inference_compile.jsonl (with "compile"), speed_table.md
+# (torch.profiler tables), inference_compile.jsonl (with "compile"), cli.jsonl, speed_table.md
 # (tools/speed_table.py of the JSON files present). Exit status: 0 when every step succeeded.
 #
 # Data: $RETINAFACE_SHARED with data/widerface_sample/ and weights/mobilenet0.25_Final.pth
@@ -109,26 +109,11 @@ wanted cuda_tests && step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_c
 wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
 # the product's own command line in fresh processes, as a user meets a data set: test.py on the
-# sample (every size new to the process) in each --channels_last setting, after the public-style
-# pipeline's one pass (cuDNN autotuning on, as its test_widerface.py). Each prints its wall time to
-# the log; test.py's result folders go to a temporary folder (the GPU tool returns few files).
-cli_pass() {  # cli_pass DEVICE
-  local results rc=0 layout
-  results=$(mktemp -d)
-  "$PY" tools/public_pipeline.py "$WEIGHTS" "$SAMPLE/val/images" "$1" || rc=1
-  for layout in auto true false; do
-    echo "-- test.py --channels_last $layout"
-    "$PY" test.py --weights "$WEIGHTS" --dataset "$SAMPLE" --gt_dir "$SAMPLE/ground_truth" --device "$1" \
-      --workers 2 --channels_last "$layout" --results_dir "$results/$layout" || rc=1
-  done
-  rm -rf "$results"
-  return $rc
-}
-export -f cli_pass
-export PY WEIGHTS SAMPLE
+# sample (every size new to the process) per --channels_last setting against one public-style pass
 if wanted cli; then
   if [ -d "$SAMPLE" ] && [ -f "$WEIGHTS" ]; then
-    step cli "$CLI_LIMIT" bash -c 'cli_pass "$1"' cli "$CLI_DEVICE"
+    step cli "$CLI_LIMIT" "$PY" tools/benchmark_cli.py --device "$CLI_DEVICE" --dataset "$SAMPLE" --weights "$WEIGHTS" \
+      --out "$OUT/cli.jsonl"
   else
     log "== cli: skipped (no sample data or weights)"
   fi
@@ -140,7 +125,7 @@ wanted compile && step compile "$COMPILE_LIMIT" "$PY" tools/benchmark_inference.
   --sample_images "$SAMPLE/val/images" --sample_weights "" --out "$OUT/inference_compile.jsonl"
 
 files=()
-for f in "$OUT/inference.jsonl" "$OUT/inference_compile.jsonl" "$OUT/train.jsonl"; do
+for f in "$OUT/inference.jsonl" "$OUT/inference_compile.jsonl" "$OUT/cli.jsonl" "$OUT/train.jsonl"; do
   [ -s "$f" ] && files+=("$f")
 done
 if ! wanted table; then

@@ -9,8 +9,8 @@ Apart from the network it shares no code with the toolkit (priors, decoding and 
 here again, the public way), so tests that compare the two can catch a decoding or NMS bug.
 
 ``python tools/public_pipeline.py WEIGHTS IMAGE_FOLDER [DEVICE]`` times one pass over a folder in
-a fresh process (:func:`time_folder`; one JSON line), the baseline of ``tools/gpu_check.sh``'s
-``cli`` step, which times ``test.py`` the same way.
+a fresh process (:func:`time_folder`; one JSON line): the baseline of ``tools/benchmark_cli.py``,
+which times ``test.py`` the same way.
 """
 from __future__ import annotations
 

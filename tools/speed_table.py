@@ -1,7 +1,7 @@
-"""Markdown speed tables from the JSON lines of tools/benchmark_inference.py and
-tools/benchmark_train.py (for the README's GPU benchmarks section).
+"""Markdown speed tables from the JSON lines of tools/benchmark_inference.py,
+tools/benchmark_train.py and tools/benchmark_cli.py (for the README's GPU benchmarks section).
 
-    python tools/speed_table.py bench_out/inference.jsonl bench_out/train.jsonl [--latest] [--out FILE]
+    python tools/speed_table.py bench_out/inference.jsonl bench_out/train.jsonl bench_out/cli.jsonl [--latest] [--out FILE]
 
 Every line becomes a section with its device, torch version, date and command; ``--latest``
 keeps only the last line of each benchmark. A final table checks the issue's targets against
@@ -38,7 +38,7 @@ def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}:{number}: not a JSON line ({error})") from None
-            if isinstance(record, dict) and record.get("benchmark") in ("inference", "train"):
+            if isinstance(record, dict) and record.get("benchmark") in ("inference", "train", "cli"):
                 reports.append(record)
     return reports
 
@@ -146,6 +146,23 @@ def inference_section(report: dict[str, Any]) -> list[str]:
                 rows += [[o["model"], "–", "–", o["error"]] for o in others if o.get("error")]
                 lines += table(["model", "pipeline, new sizes", "layout", "ms/img"], rows)
         lines.append("")
+    return lines
+
+
+def cli_section(report: dict[str, Any]) -> list[str]:
+    lines = heading(report, "Command line in fresh processes (tools/benchmark_cli.py)")
+    lines += [f"One pass over {report.get('dataset')} per process, every image size new to the process: the "
+              "public-style pipeline (cuDNN autotuning on, as its test_widerface.py) and test.py per "
+              "--channels_last setting; ms/img of the pass after loading the model, process s the whole "
+              "process.", ""]
+    public = report.get("public_style") or {}
+    rows = [["public-style one pass", public.get("ms_per_img"), 1.0 if public else None, public.get("process_s"),
+             "–"]] if public else []
+    rows += [[t["pipeline"], t["ms_per_img"], t.get("speedup_vs_public"), t["process_s"],
+              " / ".join(f"{t['aps'][k]:.4f}" for k in ("easy", "medium", "hard"))] for t in report.get("test_py", [])]
+    lines += table(["pipeline", "ms/img", "× public-style", "process s", "AP easy / medium / hard"], rows)
+    lines += [f"- error: {e}" for e in report.get("errors", [])]
+    lines.append("")
     return lines
 
 
@@ -277,6 +294,17 @@ def target_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:
             rows.append(["sample WIDER images vs public-style pipeline, new sizes (one pass over a data set)",
                          "≥ 50×", f"{fmt(value)}× (FaceDetector, {best['pipeline']})",
                          status(value, TARGETS["sample_speedup_vs_public"]), device])
+    cli = [r for r in reports if r["benchmark"] == "cli"]
+    if cli:
+        report = cli[-1]
+        device = report["env"].get("device")
+        on_gpu = report["env"].get("device_type") == "cuda"
+        timed = [t for t in report.get("test_py", []) if t.get("speedup_vs_public")]
+        best = max(timed, key=lambda t: t["speedup_vs_public"]) if timed else None
+        value = best["speedup_vs_public"] if best else None
+        rows.append(["sample WIDER images, test.py in a fresh process vs the public-style pass", "≥ 50×",
+                     f"{fmt(value)}× ({best['pipeline']})" if best else "–",
+                     status(value, TARGETS["sample_speedup_vs_public"]), device])
     if train:
         report = train[-1]
         device = report["env"].get("device")
@@ -322,7 +350,8 @@ def render(reports: list[dict[str, Any]], latest: bool = False) -> str:
         reports = list(last.values())
     lines = ["## Speed", ""]
     for report in reports:
-        lines += inference_section(report) if report["benchmark"] == "inference" else train_section(report)
+        sections = {"inference": inference_section, "train": train_section, "cli": cli_section}
+        lines += sections[report["benchmark"]](report)
     rows = target_rows(reports)
     if rows:
         lines += ["### Targets of the issue (defined on an H200 with torch 2.11)", ""]

@@ -1,0 +1,113 @@
+"""test.py end to end in fresh processes, as a user meets a data set, against the public-style pipeline.
+
+    python tools/benchmark_cli.py --device cuda [--dataset DIR] [--weights FILE] [--layouts auto,true,false]
+                                  [--out bench_out/cli.jsonl]
+
+A data set of many image sizes (WIDER val) reaches a fresh process size after size, so every
+cold-start cost (CUDA context, cuDNN plans or autotuning per new input shape, graph capture) is
+paid inside the pass. This benchmark runs, each in a new process, one pass of the public-style
+pipeline (``tools/public_pipeline.py``: cuDNN autotuning on, as the public ``test_widerface.py``
+sets it) and then ``test.py`` on the same images for each ``--channels_last`` setting. The
+public pass times decoding and detection after the model is loaded; test.py's ``seconds`` is its
+own pass (decoding in workers, detection, writing the prediction files), also after loading.
+``process_s`` is each process's whole wall time, start-up and evaluation included.
+
+Prints ONE JSON line (device, torch version, date, command, the measurements); ``--out FILE``
+appends it to FILE; ``tools/speed_table.py`` renders it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tools.benchmark_inference import (MOBILENET_WEIGHTS, SHARED, finish_report, report_header,  # noqa: E402
+                                       rnd, setup_device)
+
+DATASET = SHARED / "data" / "widerface_sample"
+
+
+def run_process(command: list[str], timeout: float) -> tuple[subprocess.CompletedProcess, float]:
+    """``command`` run from the repository root; its result and wall seconds. Its output is passed
+    through to this process's stderr (tools/gpu_check.sh keeps it in the log)."""
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - started
+    sys.stderr.write(result.stdout[-4000:] + result.stderr[-4000:])
+    return result, seconds
+
+
+def measure_public(args: argparse.Namespace) -> dict[str, Any]:
+    result, seconds = run_process([sys.executable, "tools/public_pipeline.py", args.weights,
+                                   str(Path(args.dataset) / "val" / "images"), args.device], args.timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"tools/public_pipeline.py exited {result.returncode}: {result.stderr.strip()[-300:]}")
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "process_s": rnd(seconds)}
+
+
+def measure_test_py(args: argparse.Namespace, layout: str, results_dir: Path) -> dict[str, Any]:
+    result, seconds = run_process([sys.executable, "test.py", "--weights", args.weights, "--dataset", args.dataset,
+                                   "--gt_dir", args.gt_dir, "--device", args.device, "--workers", str(args.workers),
+                                   "--channels_last", layout, "--results_dir", str(results_dir)], args.timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"test.py --channels_last {layout} exited {result.returncode}: "
+                           f"{result.stderr.strip()[-300:]}")
+    found = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
+    images = found["num_images"]
+    return {"pipeline": f"test.py --channels_last {layout}", "channels_last": layout, "images": images,
+            "seconds": rnd(found["seconds"]), "ms_per_img": rnd(found["seconds"] / images * 1000),
+            "process_s": rnd(seconds), "aps": {k: rnd(found[k]) for k in ("easy", "medium", "hard")}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cpu, cuda or cuda:N (default cuda)")
+    parser.add_argument("--dataset", default=str(DATASET), help="folder with val/images and val/label.txt")
+    parser.add_argument("--gt_dir", default=None, help="official ground truth (default <dataset>/ground_truth)")
+    parser.add_argument("--weights", default=str(MOBILENET_WEIGHTS), help="checkpoint (default: published mobilenet0.25)")
+    parser.add_argument("--layouts", default="auto,true,false", help="--channels_last settings, one process each")
+    parser.add_argument("--workers", type=int, default=2, help="test.py --workers")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per process")
+    parser.add_argument("--out", default=None, help="append the JSON line to this file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.gt_dir = args.gt_dir or str(Path(args.dataset) / "ground_truth")
+    device = setup_device(args.device, None)  # the header's device facts; the work runs in child processes
+    report = report_header("cli", "tools/benchmark_cli.py", argv, device)
+    report.update(weights=args.weights, dataset=args.dataset, public_style=None, test_py=[])
+    notes: list[str] = []
+    errors: list[str] = []
+    started = time.perf_counter()
+    try:
+        report["public_style"] = measure_public(args)
+    except Exception as error:
+        errors.append(f"public-style: {type(error).__name__}: {error}")
+    with tempfile.TemporaryDirectory() as scratch:
+        for layout in [value.strip() for value in args.layouts.split(",") if value.strip()]:
+            try:
+                report["test_py"].append(measure_test_py(args, layout, Path(scratch) / layout))
+            except Exception as error:
+                errors.append(f"test.py --channels_last {layout}: {type(error).__name__}: {error}")
+    public_ms = (report["public_style"] or {}).get("ms_per_img")
+    for entry in report["test_py"]:
+        entry["speedup_vs_public"] = rnd(public_ms / entry["ms_per_img"]) if public_ms else None
+    return finish_report(report, notes, errors, started, args.out)
+
+
+if __name__ == "__main__":
+    report = main()
+    sys.exit(1 if report["errors"] else 0)
