@@ -82,6 +82,29 @@ def test_batched_postprocess_keeps_images_apart_with_negative_coordinates():
     assert found.image_index.tolist() == [0, 1]
 
 
+def test_postprocess_drops_boxes_that_are_not_finite():
+    # an untrained network's exp(offset) overflows: such a box must not reach the output, nor
+    # upset the NMS of the other boxes and images (batched NMS offsets groups by coordinates)
+    boxes = np.stack([random_detections(seed, 200)[0] for seed in (1, 2)])
+    scores = np.stack([random_detections(seed, 200)[1] for seed in (1, 2)])
+    landmarks = np.zeros((2, 200, 10), dtype=np.float32)
+    broken = boxes.copy()
+    broken[0, 5] = [10.0, 10.0, np.inf, np.inf]
+    broken[0, 6] = [np.nan, 1.0, 2.0, 3.0]
+    broken[1, 7] = [-np.inf, 0.0, 5.0, 5.0]
+    scores[:, 5:8] = 0.99  # among the best candidates
+    args = dict(confidence_threshold=0.3, nms_threshold=0.4, top_k=300, keep_top_k=None)
+    found = postprocess(torch.from_numpy(broken), torch.from_numpy(scores), torch.from_numpy(landmarks), **args)
+    assert torch.isfinite(found.boxes).all()
+    without = scores.copy()
+    without[0, 5:7] = 0.0
+    without[1, 7] = 0.0
+    expected = postprocess(torch.from_numpy(boxes), torch.from_numpy(without), torch.from_numpy(landmarks), **args)
+    assert found.counts == expected.counts
+    torch.testing.assert_close(found.boxes, expected.boxes, rtol=0, atol=0)
+    torch.testing.assert_close(found.scores, expected.scores, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_batched_nms_equals_per_group_nms_with_negative_coordinates(seed):
     from utils.nms import batched_nms

@@ -570,3 +570,48 @@ def test_loader_hint_names_the_remedies():
     assert "45%" in hint and "--workers (now 2; 16 CPU cores per process)" in hint and "--augment_on device" in hint
     hint = tu.loader_hint(0.45, 15, "device", 16)
     assert "--workers" not in hint and "--augment_on" not in hint and "storage" in hint
+
+
+def test_overfit_check_repeats_the_sample_and_keeps_the_trained_weights(widerface_sample, widerface_gt_dir,
+                                                                      tmp_path, capsys):
+    """tools/overfit_check.py for another network from scratch (how tools/gpu_check.sh gets trained
+    ResNet-50 cascade weights): the training split lists the sample --copies times, and --save keeps
+    the final checkpoint, the one the last AP point measured."""
+    import json
+
+    from tools import overfit_check
+    from utils.checkpoint import load_model
+
+    repeated = overfit_check.repeated_sample(widerface_sample, tmp_path / "repeated", 3)
+    listed = [line[2:] for line in (repeated / "val/label.txt").read_text().splitlines() if line.startswith("#")]
+    original = [line[2:] for line in (widerface_sample / "val/label.txt").read_text().splitlines()
+                if line.startswith("#")]
+    assert listed == [f"copy{k}/{name}" for k in range(3) for name in original]
+    assert all((repeated / "val/images" / name).is_file() for name in listed)
+    faces = sum(1 for line in (repeated / "val/label.txt").read_text().splitlines() if line and line[0] != "#")
+    assert faces == 3 * 507
+
+    # a two-image data set keeps the two AP evaluations short (a subset of the val ground truth)
+    small = tmp_path / "small"
+    blocks = (widerface_sample / "val/label.txt").read_text().split("# ")[1:3]
+    for block in blocks:
+        name = block.splitlines()[0]
+        (small / "val/images" / name).parent.mkdir(parents=True, exist_ok=True)
+        (small / "val/images" / name).symlink_to(widerface_sample / "val/images" / name)
+    (small / "val/label.txt").write_text("".join("# " + block for block in blocks))
+    saved = tmp_path / "kept" / "resnet18.pth"
+    code = overfit_check.main(["--network", "resnet18", "--cascade", "true", "--copies", "5", "--batch_size", "4",
+                               "--im_size", "64", "--iters", "2", "--eval_every", "2", "--min_hard_ap", "0",
+                               "--dataset", str(small), "--gt_dir", str(widerface_gt_dir),
+                               "--workdir", str(tmp_path / "work"), "--save", str(saved)])
+    report = json.loads(capsys.readouterr().out)
+    assert code == (0 if report["passed"] else 1)  # 2 steps need not raise the AP: not what this checks
+    assert [p["iteration"] for p in report["curve"]] == [0, 2]
+    assert "resnet18 cascade from scratch" in report["check"] and "--pretrained false" in report["train_args"]
+    log = (tmp_path / "work/experiments/overfit_check/log/logs.txt").read_text()
+    assert "10 images, 2 iterations/epoch of 4" in log  # trained on the five copies of two images
+    model = load_model(saved)
+    assert model.config.network == "resnet18" and model.config.cascade
+    trained = torch.load(tmp_path / "work/experiments/overfit_check/ckpt/last.pth", map_location="cpu",
+                         weights_only=False)
+    assert trained["step"] == 2

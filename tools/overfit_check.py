@@ -10,6 +10,12 @@ one of a single uninterrupted run.
     python tools/overfit_check.py --iters 400 --lr 5e-3 --im_size 640 --batch_size 8
     python tools/overfit_check.py --augment_on device   # the augmentation's pixel work in torch
 
+Other networks train from scratch (``--network resnet50 --cascade true``: torchvision's ImageNet
+weights need a download), e.g. to give the GPU benchmarks trained ResNet-50 cascade weights
+(``--save FILE``; tools/gpu_check.sh's ``trained_r50`` step). ``--copies N`` trains on the sample
+listed N times (symlinks), so an epoch has N times the iterations and train.py writes its
+per-epoch checkpoint N times less often; the AP is still measured on the 10 images.
+
 Prints one JSON object: the AP curve ``[{"iteration", "easy", "medium", "hard", "loss"...}]``, the
 settings and whether the final hard AP reached ``--min_hard_ap``; exits 1 otherwise.
 (``train_loss``: mean total loss of the last 10 iterations before the point.)
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -35,7 +42,12 @@ def parse(argv=None) -> argparse.Namespace:
     shared = shared_root()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--backbone_weights", default=str(shared / "weights/mobilenetV1X0.25_pretrain.tar"))
+    parser.add_argument("--network", default="mobilenet0.25", help="train.py --network")
+    parser.add_argument("--cascade", choices=("true", "false"), default="false", help="train.py --cascade")
+    parser.add_argument("--backbone_weights", default=str(shared / "weights/mobilenetV1X0.25_pretrain.tar"),
+                        help="mobilenet0.25's ImageNet backbone; other networks train from scratch")
+    parser.add_argument("--copies", type=int, default=1, help="the sample listed this many times for training")
+    parser.add_argument("--save", default=None, help="copy the final checkpoint here")
     parser.add_argument("--dataset", default=str(shared / "data/widerface_sample"))
     parser.add_argument("--gt_dir", default=None, help="default: <dataset>/ground_truth")
     parser.add_argument("--iters", type=int, default=300)
@@ -55,6 +67,22 @@ def parse(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def repeated_sample(dataset: Path, root: Path, copies: int) -> Path:
+    """A data set at ``root`` whose ``val`` split lists the images of ``dataset/val`` ``copies``
+    times (``images/copy<k>`` are symlinks to the sample's image folder); returns ``root``."""
+    images = root / "val" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    lines = (dataset / "val" / "label.txt").read_text(encoding="utf-8").splitlines()
+    listed = []
+    for k in range(copies):
+        link = images / f"copy{k}"
+        if not link.exists():
+            link.symlink_to((dataset / "val" / "images").resolve(), target_is_directory=True)
+        listed += [f"# copy{k}/{line[1:].strip()}" if line.startswith("#") else line for line in lines]
+    (root / "val" / "label.txt").write_text("\n".join(listed) + "\n", encoding="utf-8")
+    return root
+
+
 def main(argv=None) -> int:
     opts = parse(argv)
     import torch
@@ -68,20 +96,27 @@ def main(argv=None) -> int:
     dataset = str(Path(opts.dataset).resolve())
     gt = load_ground_truth(Path(opts.gt_dir or Path(opts.dataset) / "ground_truth").resolve())
     device = torch.device(opts.device)
+    save = Path(opts.save).resolve() if opts.save else None  # relative to where the command runs
     started = time.perf_counter()
-    iters_per_epoch = 10 // opts.batch_size
+    label_lines = (Path(dataset) / "val" / "label.txt").read_text(encoding="utf-8").splitlines()
+    training_images = opts.copies * sum(1 for line in label_lines if line.startswith("#"))
+    iters_per_epoch = training_images // opts.batch_size
+    if iters_per_epoch < 1:
+        raise SystemExit(f"--batch_size {opts.batch_size} is larger than the {training_images} training images")
     epochs = -(-opts.iters // iters_per_epoch)
-    base = ["--experiment_name", "overfit_check", "--network", "mobilenet0.25", "--cascade", "false",
-            "--backbone_weights", str(Path(opts.backbone_weights).resolve()), "--dataset", dataset,
-            "--train_split", "val", "--lr", str(opts.lr), "--lr_schedule", "cosine",
-            "--warmup_epochs", str(opts.warmup_iters / iters_per_epoch), "--epochs", str(epochs),
-            "--batch_size", str(opts.batch_size), "--im_size", str(opts.im_size), "--workers", str(opts.workers),
-            "--augment_on", opts.augment_on,
-            "--eval_every", "0", "--device", opts.device, "--seed", str(opts.seed), "--log_every", "10"]
+    backbone = (["--backbone_weights", str(Path(opts.backbone_weights).resolve())] if opts.network == "mobilenet0.25"
+                else ["--pretrained", "false"])
     curve = []
     with contextlib.ExitStack() as stack:
         workdir = Path(opts.workdir) if opts.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         workdir.mkdir(parents=True, exist_ok=True)
+        training_set = repeated_sample(Path(dataset), workdir / "repeated", opts.copies) if opts.copies > 1 else dataset
+        base = ["--experiment_name", "overfit_check", "--network", opts.network, "--cascade", opts.cascade,
+                *backbone, "--dataset", str(training_set), "--train_split", "val", "--lr", str(opts.lr),
+                "--lr_schedule", "cosine", "--warmup_epochs", str(opts.warmup_iters / iters_per_epoch),
+                "--epochs", str(epochs), "--batch_size", str(opts.batch_size), "--im_size", str(opts.im_size),
+                "--workers", str(opts.workers), "--augment_on", opts.augment_on,
+                "--eval_every", "0", "--device", opts.device, "--seed", str(opts.seed), "--log_every", "10"]
         with working_directory(workdir):
             last = Path("experiments/overfit_check/ckpt/last.pth")
             if last.exists():
@@ -105,10 +140,15 @@ def main(argv=None) -> int:
                          "elapsed_s": round(time.perf_counter() - started, 1)}
                 curve.append(point)
                 print(json.dumps(point), file=sys.stderr, flush=True)
+            if save is not None:
+                save.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(last, save)
     final = curve[-1]
     passed = final["hard"] >= opts.min_hard_ap and final["hard"] > curve[0]["hard"]
+    start = "its ImageNet backbone" if opts.network == "mobilenet0.25" else "scratch"
     report = {
-        "check": "mobilenet0.25 from its ImageNet backbone overfits the 10 sample images (507 faces)",
+        "check": f"{opts.network}{' cascade' if opts.cascade == 'true' else ''} from {start} overfits the 10 "
+                 "sample images (507 faces)",
         "command": "python tools/overfit_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "train_args": " ".join(base),
         "curve": curve, "min_hard_ap": opts.min_hard_ap, "passed": passed,
