@@ -61,7 +61,8 @@ def inference_run(tmp_path_factory, mobilenet_weights, widerface_sample):
 def train_run(tmp_path_factory, widerface_sample):
     out = tmp_path_factory.mktemp("bench") / "train.jsonl"
     argv = ["--device", "cpu", "--threads", "1", "--configs", "mobilenet0.25:2:128", "--iters", "2",
-            "--warmup", "1", "--workers", "1", "--busy_processes", "1", "--dataset", str(widerface_sample),
+            "--warmup", "1", "--workers", "1", "--busy_processes", "1", "--fixed_batches", "3",
+            "--dataset", str(widerface_sample),
             "--split", "val", "--profile", "--profile_steps", "1", "--out", str(out)]
     report, line = run_main(bt.main, argv)
     return report, line, out
@@ -203,9 +204,14 @@ def test_train_benchmark_cpu_smoke(train_run):
     (config,) = report["configs"]
     assert config["config"] == "mobilenet0.25:2:128" and config["fixed_batch"].startswith("real")
     modes = {(v["variant"], v["mode"]): v for v in config["variants"]}
-    assert set(modes) == {("public", "fixed"), ("fp32", "fixed"), ("fp32", "fixed, busy processes"), ("fp32", "real")}
+    assert set(modes) == {("public", "fixed"), ("fp32", "fixed"), ("fp32", "fixed, busy processes"),
+                          ("fp32", "fixed, 3 batches in turn"), ("fp32", "real")}
     busy = modes[("fp32", "fixed, busy processes")]
     assert busy["busy_processes"] == 1 and busy["ratio_to_fixed"] > 0
+    several = modes[("fp32", "fixed, 3 batches in turn")]
+    # three different random crops: their most faces per image differ (the point of the row)
+    assert len(several["most_faces_per_batch"]) == 3 and len(set(several["most_faces_per_batch"])) > 1
+    assert several["ratio_to_fixed"] > 0 and several["data_wait_share"] < 0.05
     real = [v for v in config["variants"] if v["mode"] == "real"]
     assert sorted(v["augment_on"] for v in real) == ["device", "workers"]
     assert all(0 <= v["data_wait_share"] < 1 for v in real)

@@ -41,6 +41,11 @@ What one run measures, per config
   fixed-batch variant again while N processes keep the cores busy, as the real pipeline's workers
   do. A step paced by the host (kernel launches) slows down with busy cores even when no batch is
   late; its ratio to the fixed-batch figure separates that from a loader that cannot keep up.
+* ``fixed, N batches in turn`` (``--fixed_batches N``, default 8): the last fixed-batch variant
+  over N different real batches in turn. Their most faces per image differ (18 to 218 over 60
+  batches of 32 of the sample at 640), so the matching tensors change shape from step to step,
+  as in the real pipeline, but no loader is involved: slower than one repeated batch means the
+  shape variety costs (allocator, chunk count), not the data loading.
 * ``max_memory_allocated`` per variant (CUDA), host syncs of one step (CUDA sync debug mode,
   counted per source line), and the loss of the public-style step against ``MultiBoxLoss`` on
   the same outputs (equal up to rounding when the public step's one protocol difference, faces
@@ -367,6 +372,17 @@ class Repeat:
             yield self.item
 
 
+class Cycle:
+    """``items`` in turn, ``n`` in all: fixed batches of several shapes, without a loader."""
+
+    def __init__(self, items: Sequence, n: int) -> None:
+        self.items, self.n = list(items), n
+
+    def __iter__(self):
+        for index in range(self.n):
+            yield self.items[index % len(self.items)]
+
+
 # ------------------------------------------------------------------------------------------------
 # Variants and runs
 # ------------------------------------------------------------------------------------------------
@@ -678,6 +694,19 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         extra_fixed_row(spec, variant, "fixed, busy processes", busy_run, fixed_img_per_s.get(variant.name), device,
                         errors, entry, busy_processes=args.busy_processes)
 
+    # several fixed batches in turn: real batches differ in their most faces per image, so the
+    # matching tensors change shape every step; this row has that variety without a loader
+    if args.fixed_batches > 1 and last is not None and dataset is not None and args.fixed_batch == "real":
+        variant = parse_variant(last["variant"], device)
+        several = [real_batch(dataset, batch) for _ in range(args.fixed_batches)]
+        most_faces = [max(len(t) for t in targets_i) for _, targets_i in several]
+        if device.type == "cuda":
+            several = [(i.pin_memory(), [t.pin_memory() for t in ts]) for i, ts in several]
+        extra_fixed_row(spec, variant, f"fixed, {len(several)} batches in turn", lambda: run_ours(
+            config, variant, device, Cycle(several, args.warmup + args.iters), args.warmup + args.iters, batch, size,
+            args.seed, StepClock(args.warmup, args.iters, device)), fixed_img_per_s.get(variant.name), device,
+            errors, entry, most_faces_per_batch=most_faces)
+
     # the real data pipeline, with the augmentation's pixel work in the workers and on the device
     if dataset is not None and args.real_variants:
         for augment_on in args.augment_on:
@@ -819,6 +848,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="time the fixed batches of the last variant again with this many processes keeping "
                              "the cores busy, as the real pipeline's workers do (default: --workers on CUDA, 0 on "
                              "the CPU; 0 = skip)")
+    parser.add_argument("--fixed_batches", type=int, default=8,
+                        help="time the last fixed variant again over this many different real batches in turn "
+                             "(their face counts, hence the matching shapes, vary as in the real pipeline; "
+                             "0 or 1 = skip)")
     parser.add_argument("--augment_on", default="workers,device",
                         help="real-pipeline modes (train.py --augment_on): workers, device or both, comma-separated")
     parser.add_argument("--dataset", default=str(DEFAULT_DATASET), help="root with <split>/label.txt and images/")

@@ -4,8 +4,8 @@
 # ResNet-50 cascade, then the Markdown speed table. Measured on an H100 (2026-11-26): 273 s for
 # "cuda_tests inference train table", 337 s for "inference train compile table" (steps 123 / 159 /
 # 46 s). Added since, not yet timed on a GPU: the new-size pipelines (up to ~40 s) and their
-# ResNet-50 cascade layout rows (~30 s), the cli step (~40 s), the busy-core and CUDA-graph training
-# rows (~20 s); about 8 minutes in all. Each step is capped (timeout
+# ResNet-50 cascade layout rows (~30 s), the cli step (~40 s), the busy-core, several-batch and
+# CUDA-graph training rows (~25 s); about 8 minutes in all. Each step is capped (timeout
 # --signal=INT: an interrupted benchmark still writes what it measured).
 #
 #   bash tools/gpu_check.sh            # on the GPU machine

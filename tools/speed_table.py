@@ -192,6 +192,8 @@ def train_section(report: dict[str, Any]) -> list[str]:
             mode = f"real, augment on {v['augment_on']}" if v["mode"] == "real" and "augment_on" in v else v["mode"]
             if v.get("busy_processes"):
                 mode = f"fixed, {v['busy_processes']} busy CPU processes"
+            if v.get("most_faces_per_batch"):
+                mode += f" (most faces per image {min(v['most_faces_per_batch'])}–{max(v['most_faces_per_batch'])})"
             if v["mode"] == "real" and v.get("data_wait_share") is not None:
                 mode += f" (waits for data {100 * v['data_wait_share']:.0f} % of the time)"
             rows.append([config["config"], v["variant"], mode, v.get("img_per_s"),
