@@ -93,16 +93,24 @@ def test_postprocess_drops_boxes_that_are_not_finite():
     broken[0, 6] = [np.nan, 1.0, 2.0, 3.0]
     broken[1, 7] = [-np.inf, 0.0, 5.0, 5.0]
     scores[:, 5:8] = 0.99  # among the best candidates
+    scores[1, 9] = np.nan  # ranked first by topk, if let through
     args = dict(confidence_threshold=0.3, nms_threshold=0.4, top_k=300, keep_top_k=None)
     found = postprocess(torch.from_numpy(broken), torch.from_numpy(scores), torch.from_numpy(landmarks), **args)
     assert torch.isfinite(found.boxes).all()
     without = scores.copy()
     without[0, 5:7] = 0.0
     without[1, 7] = 0.0
+    without[1, 9] = 0.0
     expected = postprocess(torch.from_numpy(boxes), torch.from_numpy(without), torch.from_numpy(landmarks), **args)
     assert found.counts == expected.counts
     torch.testing.assert_close(found.boxes, expected.boxes, rtol=0, atol=0)
     torch.testing.assert_close(found.scores, expected.scores, rtol=0, atol=0)
+    # nor do they take top-k places: with top_k 3 the three best finite candidates remain
+    few = {**args, "top_k": 3}
+    found = postprocess(torch.from_numpy(broken), torch.from_numpy(scores), torch.from_numpy(landmarks), **few)
+    expected = postprocess(torch.from_numpy(boxes), torch.from_numpy(without), torch.from_numpy(landmarks), **few)
+    assert found.counts == expected.counts and sum(found.counts) >= 2
+    torch.testing.assert_close(found.boxes, expected.boxes, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -40,7 +40,8 @@ Variants (``--variants``, names joined by ``+``)
 -------------------------------------------------
 precision ``fp32`` (IEEE float32: TF32 off), ``tf32`` (float32 with TF32 convolutions and
 matmuls), ``bf16`` / ``fp16`` (autocast); modifiers ``nchw`` / ``cl`` (memory format; default
-channels_last, as ``FaceDetector``), ``nofuse`` (keep BatchNorm; default: folded), ``graph``
+channels_last for every model: ``FaceDetector``'s default is NCHW on CUDA for mobilenet0.25,
+see ``models.dense_path.default_channels_last``), ``nofuse`` (keep BatchNorm; default: folded), ``graph``
 (CUDA graph of preprocess + forward + decode per input shape; post-processing has data-dependent
 shapes and stays eager), ``compile`` (``torch.compile`` of the same region). ``ref`` =
 ``fp32+nchw+nofuse``: the reference path. ``graph`` / ``compile`` variants are skipped with a note
@@ -843,8 +844,8 @@ def measure_new_size_models(args: argparse.Namespace, device: torch.device, arra
     for name in args.sample_new_size_models:
         entry: dict[str, Any] = {"model": name}
         try:
-            calibration = torch.from_numpy(np.stack([np.ascontiguousarray(
-                cv2.resize(a, (args.width, args.height), interpolation=cv2.INTER_AREA)) for a in arrays[:4]]))
+            calibration = torch.from_numpy(synthetic_batches(8, args.width, args.height, "sample", arrays, 1,
+                                                             args.seed + 99)[0])
             model, entry["weights"] = load_benchmark_model(name, "random", device, calibration, args.seed)
             entry.update(measure_new_sizes(args, device, model, arrays, seen, NEW_SIZE_LAYOUT_PIPELINES,
                                            public=False) or {})

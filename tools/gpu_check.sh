@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
 # The one command a session with a GPU lease runs: the CUDA tests (tests/test_cuda.py), both
-# speed benchmarks with settings that cover every target of the GPU issues, torch.compile of the
-# ResNet-50 cascade, then the Markdown speed table. Measured on an H100 (2026-11-26): 273 s for
+# speed benchmarks with settings that cover every target of the GPU issues, test.py in fresh
+# processes, then the Markdown speed table. Measured on an H100 (2026-11-26): 273 s for
 # "cuda_tests inference train table", 337 s for "inference train compile table" (steps 123 / 159 /
 # 46 s). Added since, not yet timed on a GPU: the new-size pipelines (up to ~40 s) and their
-# ResNet-50 cascade layout rows (~30 s), the cli step (~40 s), the busy-core, several-batch and
-# CUDA-graph training rows (~25 s); about 8 minutes in all. Each step is capped (timeout
-# --signal=INT: an interrupted benchmark still writes what it measured).
+# ResNet-50 cascade layout rows (~30 s), the cli step (~100 s), the busy-core, several-batch and
+# CUDA-graph training rows (~25 s); about 8 minutes for the default steps. Each step is capped
+# (timeout --signal=INT: an interrupted benchmark still writes what it measured).
 #
-#   bash tools/gpu_check.sh            # on the GPU machine
-#   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~50 s)
+#   bash tools/gpu_check.sh            # on the GPU machine (the lease's first call)
+#   GPU_CHECK_STEPS="trained_r50 table" bash tools/gpu_check.sh   # its second call (~4 minutes)
+#   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~70 s)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests inference cli train compile table"; cli:
-# tools/benchmark_cli.py, test.py on the sample in fresh processes per --channels_last setting
-# against the public-style pipeline's one pass (~40 s, not yet timed on a GPU); compile: torch.compile of the ResNet-50 cascade at batch 32,
-# 22 s of compilation on an H100).
+# Steps (GPU_CHECK_STEPS, default "cuda_tests inference cli train table"):
+#   cuda_tests   tests/test_cuda.py
+#   inference    tools/benchmark_inference.py: every inference target, the sample images, new sizes
+#   cli          tools/benchmark_cli.py: test.py on the sample in fresh processes per --channels_last
+#                setting (2 rounds) against one public-style pass
+#   train        tools/benchmark_train.py: fixed batches, the real pipeline, profile
+#   trained_r50  the ResNet-50 cascade trained from scratch on the sample (tools/overfit_check.py),
+#                then its batch-32 variants (torch.compile included) against its fp32 path
+#   compile      torch.compile of the ResNet-50 cascade at batch 32 on random weights (22 s of
+#                compilation on an H100; measured 2026-11-26, trained_r50 measures it again)
+#   table        tools/speed_table.py of the JSON files present
 #
 # Writes under $OUT (default ./bench_out): gpu_check.log (everything printed, the CUDA test report
-# included), inference.jsonl, train.jsonl (one JSON line per run, appended), train_profile.txt
-# (torch.profiler tables), inference_compile.jsonl (with "compile"), cli.jsonl, speed_table.md
-# (tools/speed_table.py of the JSON files present). Exit status: 0 when every step succeeded.
+# included), inference.jsonl, cli.jsonl, train.jsonl (one JSON line per run, appended),
+# train_profile.txt (torch.profiler tables), inference_trained_r50.jsonl, inference_compile.jsonl,
+# speed_table.md. Exit status: 0 when every step succeeded.
 #
 # Data: $RETINAFACE_SHARED with data/widerface_sample/ and weights/mobilenet0.25_Final.pth
 # (default ./.gpu_shared when it exists, else ../shared). The GPU machine only receives the
 # repository, so carry them (the README's GPU benchmarks section says how); without them the
-# script stops with exit status 2 (--smoke falls back to synthetic inputs).
+# script stops with exit status 2 (--smoke falls back to synthetic inputs; the steps that need
+# the sample are then skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,7 +49,7 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference cli train compile table} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference cli train table} "
 SMOKE=false; [ "${1:-}" = "--smoke" ] && SMOKE=true
 if $SMOKE; then
   INFERENCE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0
@@ -52,8 +61,8 @@ if $SMOKE; then
                     --eval_every 2)
   TRAINED_R50_INFERENCE_ARGS=(--device cpu --threads 1 --models resnet50_cascade --batch_sizes 1 --iters 1 --warmup 0
                               --size 128x96)
+  CLI_ARGS=(--device cpu --rounds 1 --layouts auto,false)
   TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; COMPILE_LIMIT=120; CLI_LIMIT=120; TRAINED_R50_LIMIT=120
-  CLI_DEVICE=cpu
 else
   # the targets: ResNet-50 cascade bs32 and bs1, mobilenet0.25 bs32 at 640x480, the sample images;
   # training mobilenet0.25 bs32@640 and ResNet-50 bs24@840, fixed batches and the real pipeline
@@ -68,8 +77,9 @@ else
                     --iters 1500 --eval_every 500 --lr 1e-2 --warmup_iters 50 --workers 8)
   TRAINED_R50_INFERENCE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32
                               --variants ref,tf32+graph,fp16+graph,bf16+graph,bf16+compile+graph)
-  TESTS_LIMIT=90; INFERENCE_LIMIT=240; TRAIN_LIMIT=210; COMPILE_LIMIT=150; CLI_LIMIT=90; TRAINED_R50_LIMIT=240
-  CLI_DEVICE=cuda
+  # 7 fresh processes: the public-style pass, then auto/true/false twice (second round reversed)
+  CLI_ARGS=(--device cuda --rounds 2 --timeout 60)
+  TESTS_LIMIT=90; INFERENCE_LIMIT=240; TRAIN_LIMIT=210; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
 fi
 
 status=0
@@ -94,7 +104,9 @@ fi
 "$PY" -c "import sys, torch, torchvision, numpy, cv2; print('python', sys.version.split()[0], 'torch', torch.__version__,
 'torchvision', torchvision.__version__, 'numpy', numpy.__version__, 'cv2', cv2.__version__,
 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))" 2>&1 | tee -a "$LOG"
+HAVE_SHARED=true
 if ! { [ -d "$SAMPLE" ] && [ -f "$WEIGHTS" ]; }; then
+  HAVE_SHARED=false
   if $SMOKE; then
     log "== WARNING: no $SAMPLE or $WEIGHTS: synthetic inputs only"
   else  # without them most CUDA tests skip and the benchmarks measure noise: not worth a lease
@@ -109,7 +121,8 @@ log "== cpu cores: $(nproc); /dev/shm (DataLoader workers): ${SHM_FREE_KB:-?} Ki
 # with 14 workers at ResNet-50 bs24@840): fewer workers where /dev/shm is small
 if ! $SMOKE && [ -n "${SHM_FREE_KB:-}" ] && [ "$SHM_FREE_KB" -lt 4194304 ]; then
   TRAIN_ARGS+=(--workers 4)
-  log "== /dev/shm under 4 GiB: training benchmark with --workers 4"
+  TRAINED_R50_ARGS+=(--workers 4)
+  log "== /dev/shm under 4 GiB: training with --workers 4"
 fi
 
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
@@ -119,22 +132,21 @@ log "== steps:$STEPS"
 wanted cuda_tests && step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
 wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
+needs_shared() {  # needs_shared STEP: whether STEP can run (the sample and the weights are there)
+  $HAVE_SHARED && return 0
+  log "== $1: skipped (no sample data or weights)"
+  return 1
+}
 # the product's own command line in fresh processes, as a user meets a data set: test.py on the
 # sample (every size new to the process) per --channels_last setting against one public-style pass
-if wanted cli; then
-  if [ -d "$SAMPLE" ] && [ -f "$WEIGHTS" ]; then
-    step cli "$CLI_LIMIT" "$PY" tools/benchmark_cli.py --device "$CLI_DEVICE" --dataset "$SAMPLE" --weights "$WEIGHTS" \
-      --out "$OUT/cli.jsonl"
-  else
-    log "== cli: skipped (no sample data or weights)"
-  fi
-fi
-# trained_r50 (not a default step: the second call of a lease, GPU_CHECK_STEPS="trained_r50 table"):
-# fidelity of the ResNet-50 cascade's fast paths needs trained weights, which the project does not
-# have; random ones amplify rounding (tools/precision_check.py --sensitivity). The cascade is
-# trained here from scratch on the sample (tools/overfit_check.py, the AP curve goes to the log),
-# then its inference variants are timed and compared with its fp32 path.
-if wanted trained_r50; then
+wanted cli && needs_shared cli && step cli "$CLI_LIMIT" "$PY" tools/benchmark_cli.py "${CLI_ARGS[@]}" \
+  --dataset "$SAMPLE" --weights "$WEIGHTS" --out "$OUT/cli.jsonl"
+# trained_r50: fidelity of the ResNet-50 cascade's fast paths needs trained weights, which the
+# project does not have; random ones amplify rounding (tools/precision_check.py --sensitivity). The
+# cascade is trained here from scratch on the sample (the AP curve goes to the log; the weights are
+# saved after every segment, so a run cut short still leaves the latest), then its inference
+# variants are timed and compared with its fp32 path.
+if wanted trained_r50 && needs_shared trained_r50; then
   TRAINED=$(mktemp -d)
   step trained_r50_train "$TRAINED_R50_LIMIT" "$PY" tools/overfit_check.py "${TRAINED_R50_ARGS[@]}" \
     --dataset "$SAMPLE" --gt_dir "$SAMPLE/ground_truth" --min_hard_ap 0 --save "$TRAINED/resnet50_cascade.pth"
@@ -142,6 +154,8 @@ if wanted trained_r50; then
     step trained_r50_inference "$TRAINED_R50_LIMIT" "$PY" tools/benchmark_inference.py "${TRAINED_R50_INFERENCE_ARGS[@]}" \
       --weights "resnet50_cascade=$TRAINED/resnet50_cascade.pth" --sample_images "$SAMPLE/val/images" \
       --sample_weights "" --out "$OUT/inference_trained_r50.jsonl"
+  else
+    log "== trained_r50_inference: skipped (training left no weights)"; status=1
   fi
   rm -rf "$TRAINED"
 fi

@@ -127,20 +127,26 @@ def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidenc
 
 
 def time_folder(weights: str, images: str, device: str, autotune: bool = True) -> dict[str, object]:
-    """One pass of :func:`public_style_detect` over every ``*.jpg`` under ``images`` in this
-    process, as the public ``test_widerface.py`` runs a data set: cuDNN autotuning on (its
+    """One pass of :func:`public_style_detect` over the images of ``images`` in this process, as
+    the public ``test_widerface.py`` runs a data set: cuDNN autotuning on (its
     ``cudnn.benchmark = True``), every image at original size, confidence 0.02, no top-k cut, each
-    size met for the first time when the process is fresh. Times the pass after loading the
-    model, disk reading included."""
+    size met for the first time when the process is fresh. The images are those listed in the
+    ``label.txt`` beside the folder (as test.py reads them), else every ``*.jpg`` under it. Times
+    the pass after loading the model, disk reading included."""
     import time
 
     from models.detector import cudnn_autotuning
     from utils.checkpoint import load_model
     from utils.image_io import read_image
 
-    paths = sorted(Path(images).rglob("*.jpg"))
+    label = Path(images).parent / "label.txt"
+    if label.is_file():
+        paths = [Path(images) / line[1:].strip() for line in label.read_text(encoding="utf-8").splitlines()
+                 if line.startswith("#")]
+    else:
+        paths = sorted(Path(images).rglob("*.jpg"))
     if not paths:
-        raise SystemExit(f"no *.jpg under {images}")
+        raise SystemExit(f"no images listed in {label} or found under {images}")
     model = load_model(weights).to(device).eval()
     sizes, found = set(), 0
     with cudnn_autotuning(autotune):

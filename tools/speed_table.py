@@ -242,7 +242,10 @@ def _faster_unfaithful(rows: list[dict[str, Any]], faithful: dict[str, Any] | No
 def _throughput_cell(row: dict[str, Any], with_batch: bool = False) -> str:
     streamed = (row.get("stream_images_per_s") or 0.0) > row["images_per_s"]
     where = f"bs{row['batch']} " if with_batch else ""
-    return f"{fmt(_throughput(row))} ({where}{row['variant']}{', streamed' if streamed else ''})"
+    weights = str(row.get("weights") or "random")
+    # several reports count (random, published, trained weights): say which weights made the figure
+    weights = "random weights" if weights.startswith("random") else f"weights {Path(weights).name}"
+    return f"{fmt(_throughput(row))} ({where}{row['variant']}{', streamed' if streamed else ''}; {weights})"
 
 
 def target_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:

@@ -4,8 +4,9 @@ Runs on the tensors' device for the whole batch at once; only the final detectio
 Semantics follow the public RetinaFace pipeline: keep scores ``> confidence_threshold``, the
 ``top_k`` best of those enter NMS (IoU ``> nms_threshold`` suppresses, +1 pixel areas), and the
 ``keep_top_k`` best survivors are returned (``None``: no limit, as the public WIDER FACE test).
-A candidate whose box is not finite (the exp of an untrained or diverged network's offsets
-overflows) is dropped with the ones under the threshold: it cannot be drawn, written or evaluated.
+A box that is not finite (the exp of an untrained or diverged network's offsets overflows) is
+dropped before top-k, as if its score were under the threshold: it cannot be drawn, written or
+evaluated, and must not take the place of a real candidate.
 """
 from __future__ import annotations
 
@@ -40,9 +41,10 @@ def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tens
     """
     batch, num_priors = scores.shape
     k = num_priors if top_k is None else min(top_k, num_priors)
+    # a box that is not finite, or a NaN score (topk ranks NaN first), takes no top-k place
+    scores = scores.masked_fill(~torch.isfinite(boxes).all(dim=2) | scores.isnan(), float("-inf"))
     top_scores, top_index = scores.topk(k, dim=1, sorted=True)              # (B, k)
-    finite = torch.isfinite(boxes).all(dim=2).gather(1, top_index)        # (B, k)
-    image_index, rank = torch.nonzero((top_scores > confidence_threshold) & finite, as_tuple=True)
+    image_index, rank = torch.nonzero(top_scores > confidence_threshold, as_tuple=True)
     prior_index = top_index[image_index, rank]
     candidate_scores = top_scores[image_index, rank]
     candidate_boxes = boxes[image_index, prior_index]
