@@ -552,8 +552,12 @@ def test_random_resnet_amplifies_rounding_more_than_the_published_mobilenet(wide
     from tools import precision_check
 
     _, arrays = bi.load_sample_arrays(widerface_sample / "val" / "images", 3)
-    report = precision_check.sensitivity_report(str(mobilenet_weights), arrays, (320, 240), 2)
+    report = precision_check.sensitivity_report(str(mobilenet_weights), arrays, (320, 240), 2,
+                                                extra=[str(mobilenet_weights)])
     published, random = report["mobilenet0.25"], report["resnet50_cascade"]
+    # --sensitivity_weights: any checkpoint, measured the same way (here the published one again)
+    extra = report[Path(mobilenet_weights).name]
+    assert {k: extra[k] for k in ("fp16", "bf16")} == {k: published[k] for k in ("fp16", "bf16")}
     assert random["weights"].startswith("random")
     for fmt in ("fp16", "bf16"):
         for output in ("box_offsets", "class_logits"):

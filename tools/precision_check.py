@@ -15,12 +15,14 @@ detections are compared with the float32 ones, image by image:
 absolute difference of the raw box offsets and class logits (every prior, both stages of a
 cascade) between 16-bit and float32, divided by their float32 standard deviation, on crops of
 the sample images, for the published mobilenet0.25 and for the randomly initialised ResNet-50
-cascade that the GPU benchmark times (BatchNorm calibrated, 1 % face prior). A random network
-has no trained structure that keeps rounding errors small, so its fidelity verdicts say little
-about a trained one.
+cascade that the GPU benchmark times (BatchNorm calibrated, 1 % face prior), and for any
+``--sensitivity_weights`` checkpoint (e.g. a ResNet-50 cascade trained by
+``tools/overfit_check.py --network resnet50 --cascade true --save FILE``). A random network has
+no trained structure that keeps rounding errors small, so its fidelity verdicts say little about
+a trained one.
 
     python tools/precision_check.py        # sample images and weights from $RETINAFACE_SHARED or ../shared
-    python tools/precision_check.py --sensitivity
+    python tools/precision_check.py --sensitivity [--sensitivity_weights trained.pth]
 
 Prints one JSON object. Takes about 20 s on 2 cores (``--sensitivity``: about 40 s more).
 """
@@ -31,6 +33,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -89,10 +92,13 @@ def output_sensitivity(model: torch.nn.Module, images_u8: torch.Tensor) -> dict:
     return result
 
 
-def sensitivity_report(weights: str, arrays: list[np.ndarray], size: tuple[int, int], count: int) -> dict:
-    """``output_sensitivity`` of the published mobilenet0.25 and of the GPU benchmark's random
-    ResNet-50 cascade on ``count`` crops of ``arrays`` at ``size`` (width, height)."""
+def sensitivity_report(weights: str, arrays: list[np.ndarray], size: tuple[int, int], count: int,
+                       extra: Sequence[str] = ()) -> dict:
+    """``output_sensitivity`` of the published mobilenet0.25, of the GPU benchmark's random
+    ResNet-50 cascade and of the checkpoints ``extra`` (keyed by file name) on ``count`` crops of
+    ``arrays`` at ``size`` (width, height)."""
     from tools.benchmark_inference import load_benchmark_model, synthetic_batches
+    from utils.checkpoint import load_model
 
     width, height = size
     crops = torch.from_numpy(synthetic_batches(count, width, height, "sample", arrays, 1, seed=7)[0])
@@ -102,6 +108,9 @@ def sensitivity_report(weights: str, arrays: list[np.ndarray], size: tuple[int, 
     for name, source in (("mobilenet0.25", weights), ("resnet50_cascade", "random")):
         model, note = load_benchmark_model(name, source, cpu, calibration if source == "random" else None)
         report[name] = {"weights": note, **output_sensitivity(model, crops)}
+    for path in extra:
+        model = load_model(path).eval()
+        report[Path(path).name] = {"weights": str(path), "model": str(model.config), **output_sensitivity(model, crops)}
     return report
 
 
@@ -118,6 +127,8 @@ def main(argv=None) -> int:
                         help="also the rounding sensitivity of mobilenet0.25 and the random ResNet-50 cascade")
     parser.add_argument("--sensitivity_size", default="640x480", help="WIDTHxHEIGHT of its crops")
     parser.add_argument("--sensitivity_images", type=int, default=4, help="crops in its batch")
+    parser.add_argument("--sensitivity_weights", action="append", default=[], metavar="CHECKPOINT",
+                        help="also the sensitivity of this checkpoint (repeatable), e.g. a trained ResNet-50 cascade")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -141,7 +152,8 @@ def main(argv=None) -> int:
     if args.sensitivity:
         detector = None  # frees the folded copy before the ResNet-50 runs
         size = tuple(int(v) for v in args.sensitivity_size.lower().split("x"))
-        report["sensitivity"] = sensitivity_report(args.weights, images, size, args.sensitivity_images)
+        report["sensitivity"] = sensitivity_report(args.weights, images, size, args.sensitivity_images,
+                                                   args.sensitivity_weights)
     print(json.dumps(report))
     return 0
 
