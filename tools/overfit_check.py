@@ -47,7 +47,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--backbone_weights", default=str(shared / "weights/mobilenetV1X0.25_pretrain.tar"),
                         help="mobilenet0.25's ImageNet backbone; other networks train from scratch")
     parser.add_argument("--copies", type=int, default=1, help="the sample listed this many times for training")
-    parser.add_argument("--save", default=None, help="copy the final checkpoint here")
+    parser.add_argument("--save", default=None, help="copy the checkpoint here after every segment (the final one last)")
     parser.add_argument("--dataset", default=str(shared / "data/widerface_sample"))
     parser.add_argument("--gt_dir", default=None, help="default: <dataset>/ground_truth")
     parser.add_argument("--iters", type=int, default=300)
