@@ -447,12 +447,35 @@ def test_finetune_run_evaluates_and_writes_best(widerface_sample, widerface_gt_d
     assert "val AP after epoch 1" in (tmp_path / "experiments/ft/log/logs.txt").read_text()
 
 
+# train.py, with a check at the moment the process group is destroyed: how many DDP wrappers are
+# still alive (their reducer must not be the one to free the group: see train_utils.train)
+DDP_RUN = """
+import gc, pathlib, sys
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import train
+
+destroy = dist.destroy_process_group
+
+def checked(*args, **kwargs):
+    alive = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    pathlib.Path(f"ddp_alive_rank{dist.get_rank()}.txt").write_text(str(alive))
+    return destroy(*args, **kwargs)
+
+dist.destroy_process_group = checked
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
 def test_two_process_gloo_ddp(widerface_sample, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    (tmp_path / "ddp_run.py").write_text(DDP_RUN)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(REPO_ROOT / "train.py"), *_run_args(widerface_sample, "ddp", "--max_iters", "2")]
+               str(tmp_path / "ddp_run.py"), *_run_args(widerface_sample, "ddp", "--max_iters", "2")]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # both ranks freed their DDP wrapper before destroying the process group
+    assert [(tmp_path / f"ddp_alive_rank{r}.txt").read_text() for r in (0, 1)] == ["0", "0"]
     ckpt_dir = tmp_path / "experiments/ddp/ckpt"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.pth"]
     saved = torch.load(ckpt_dir / "last.pth", weights_only=True)

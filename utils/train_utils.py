@@ -23,6 +23,7 @@ Outputs go to ``experiments/<experiment_name>/`` (relative to the working direct
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import math
@@ -1184,6 +1185,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     logger = None
     writer = None
+    ctx = wrapped = None
     inherited: list[str] = []
     try:
         resume_ckpt = None
@@ -1312,4 +1314,11 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         if logger is not None:
             _close_logger(logger)
         torch.use_deterministic_algorithms(previous_deterministic)
+        if info.distributed:
+            # DDP's reducer holds the process group. Freed after the group is destroyed, it drops the
+            # group's last reference itself, with the GIL held, and the gloo destructor joins its
+            # threads, one of which may wait for the GIL to free a finished work's tensors: a hang
+            # at exit (seen once in a 2-process run, torch 2.11). Freed here first, it cannot.
+            ctx = wrapped = None
+            gc.collect()
         cleanup_distributed(info)
