@@ -426,9 +426,9 @@ def test_public_style_folder_pass_finds_what_face_detector_finds(widerface_sampl
     from utils.image_io import read_image
 
     sources = sorted((widerface_sample / "val/images").rglob("*.jpg"))[:2]
-    (tmp_path / "event").mkdir()
+    (tmp_path / "val/images/event").mkdir(parents=True)  # no label.txt: every val/images/<event>/*.jpg
     for source in sources:
-        (tmp_path / "event" / source.name).symlink_to(source)
+        (tmp_path / "val/images/event" / source.name).symlink_to(source)
     result = subprocess.run([sys.executable, "tools/public_pipeline.py", mobilenet_weights, str(tmp_path), "cpu"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

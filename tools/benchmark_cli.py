@@ -50,8 +50,8 @@ def run_process(command: list[str], timeout: float) -> tuple[subprocess.Complete
 
 
 def measure_public(args: argparse.Namespace) -> dict[str, Any]:
-    result, seconds = run_process([sys.executable, "tools/public_pipeline.py", args.weights,
-                                   str(Path(args.dataset) / "val" / "images"), args.device], args.timeout)
+    result, seconds = run_process([sys.executable, "tools/public_pipeline.py", args.weights, args.dataset,
+                                   args.device], args.timeout)
     if result.returncode != 0:
         raise RuntimeError(f"tools/public_pipeline.py exited {result.returncode}: {result.stderr.strip()[-300:]}")
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "process_s": rnd(seconds)}

@@ -8,8 +8,8 @@ on the CPU, NumPy threshold/argsort/NMS with +1 pixel areas (a loop over kept bo
 Apart from the network it shares no code with the toolkit (priors, decoding and NMS are written
 here again, the public way), so tests that compare the two can catch a decoding or NMS bug.
 
-``python tools/public_pipeline.py WEIGHTS IMAGE_FOLDER [DEVICE]`` times one pass over a folder in
-a fresh process (:func:`time_folder`; one JSON line): the baseline of ``tools/benchmark_cli.py``,
+``python tools/public_pipeline.py WEIGHTS DATASET [DEVICE]`` times one pass over a data set's val
+images in a fresh process (:func:`time_folder`; one JSON line): the baseline of ``tools/benchmark_cli.py``,
 which times ``test.py`` the same way.
 """
 from __future__ import annotations
@@ -126,27 +126,20 @@ def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidenc
     return result
 
 
-def time_folder(weights: str, images: str, device: str, autotune: bool = True) -> dict[str, object]:
-    """One pass of :func:`public_style_detect` over the images of ``images`` in this process, as
-    the public ``test_widerface.py`` runs a data set: cuDNN autotuning on (its
-    ``cudnn.benchmark = True``), every image at original size, confidence 0.02, no top-k cut, each
-    size met for the first time when the process is fresh. The images are those listed in the
-    ``label.txt`` beside the folder (as test.py reads them), else every ``*.jpg`` under it. Times
-    the pass after loading the model, disk reading included."""
+def time_folder(weights: str, dataset: str, device: str, autotune: bool = True) -> dict[str, object]:
+    """One pass of :func:`public_style_detect` over the val images of the ``dataset`` root (the
+    ones test.py reads: ``utils.evaluation.list_val_images``) in this process, as the public
+    ``test_widerface.py`` runs a data set: cuDNN autotuning on (its ``cudnn.benchmark = True``),
+    every image at original size, confidence 0.02, no top-k cut, each size met for the first time
+    when the process is fresh. Times the pass after loading the model, disk reading included."""
     import time
 
     from models.detector import cudnn_autotuning
     from utils.checkpoint import load_model
+    from utils.evaluation import list_val_images
     from utils.image_io import read_image
 
-    label = Path(images).parent / "label.txt"
-    if label.is_file():
-        paths = [Path(images) / line[1:].strip() for line in label.read_text(encoding="utf-8").splitlines()
-                 if line.startswith("#")]
-    else:
-        paths = sorted(Path(images).rglob("*.jpg"))
-    if not paths:
-        raise SystemExit(f"no images listed in {label} or found under {images}")
+    paths = [image.path for image in list_val_images(dataset)]
     model = load_model(weights).to(device).eval()
     sizes, found = set(), 0
     with cudnn_autotuning(autotune):
@@ -161,11 +154,12 @@ def time_folder(weights: str, images: str, device: str, autotune: bool = True) -
             "detections": found, "cudnn_benchmark": autotune}
 
 
-if __name__ == "__main__":  # python tools/public_pipeline.py WEIGHTS IMAGE_FOLDER [DEVICE]
+if __name__ == "__main__":  # python tools/public_pipeline.py WEIGHTS DATASET [DEVICE]
     import json
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if len(sys.argv) not in (3, 4):
-        raise SystemExit("usage: python tools/public_pipeline.py WEIGHTS IMAGE_FOLDER [DEVICE]")
+        raise SystemExit("usage: python tools/public_pipeline.py WEIGHTS DATASET [DEVICE] (DATASET: the folder "
+                         "holding val/images and val/label.txt)")
     print(json.dumps(time_folder(sys.argv[1], sys.argv[2], sys.argv[3] if len(sys.argv) == 4 else "cpu")))
