@@ -242,7 +242,7 @@ def test_graphable_training_step_is_the_train_one_epoch_step(widerface_sample):
         losses.append(float(step().detach()))
     assert losses[2] < losses[0]
     # train_one_epoch reports the mean loss of its window (rounded to 4 significant digits)
-    reference = bt.run_ours(config, variant, CPU, bt.Repeat((images, targets), 3), 3, 2, 128, 0)["final_loss"]
+    reference = bt.run_ours(config, variant, CPU, bt.Cycle([(images, targets)], 3), 3, 2, 128, 0)["final_loss"]
     assert abs(reference - sum(losses) / 3) < 0.01, (reference, losses)
     with pytest.raises(SystemExit, match="graph"):
         bt.parse_variant("fp16+graph", CPU)

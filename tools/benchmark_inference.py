@@ -794,7 +794,8 @@ def measure_new_sizes(args: argparse.Namespace, device: torch.device, model: Ret
         with cudnn_autotuning(autotune), tf32_setting(device, tf32):
             detector.detect(list(arrays))  # one-off set-up (BatchNorm folding, buffers) outside the clock
         pipelines[name] = (detector, autotune, tf32)
-    walls: dict[str, list[float]] = {"public-style": [], **{name: [] for name in pipelines}}
+    public_walls: list[float] = []
+    walls: dict[str, list[float]] = {name: [] for name in pipelines}
     for _ in range(passes):
         if public:
             images = new_size_copies(arrays, seen)
@@ -804,7 +805,7 @@ def measure_new_sizes(args: argparse.Namespace, device: torch.device, model: Ret
                 for image in images:
                     public_style_detect(model, image, conf, device=device)
                 synchronize(device)
-                walls["public-style"].append(time.perf_counter() - started)
+                public_walls.append(time.perf_counter() - started)
         for name, (detector, autotune, tf32) in pipelines.items():
             images = new_size_copies(arrays, seen)
             with cudnn_autotuning(autotune), tf32_setting(device, tf32):
@@ -814,7 +815,6 @@ def measure_new_sizes(args: argparse.Namespace, device: torch.device, model: Ret
                 synchronize(device)
                 walls[name].append(time.perf_counter() - started)
     n = len(arrays)
-    public_walls = walls.pop("public-style")
     public_ms = stats(public_walls)["median"] / n if public else None
     ours = []
     for name, wall in walls.items():
@@ -930,6 +930,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def model_names(text: str, option: str) -> list[str]:
+    """The comma-separated benchmark model names of ``option``; exits naming the unknown ones."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"{option}: unknown {unknown}; choose from {sorted(MODELS)}")
+    return names
+
+
 def setup_device(name: str | None, threads: int | None) -> torch.device:
     """The benchmark device (see ``resolve_device``) with the CPU thread counts and, on CUDA, the
     current device and cuDNN autotuning set."""
@@ -948,10 +957,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     device = setup_device(args.device, args.threads)
     cuda = device.type == "cuda"
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in args.models if m not in MODELS]
-    if unknown:
-        raise SystemExit(f"--models: unknown {unknown}; choose from {sorted(MODELS)}")
+    args.models = model_names(args.models, "--models")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.stream = args.stream == "on"
     args.width, args.height = (int(v) for v in args.size.lower().split("x"))
@@ -962,10 +968,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.sample_warmup = args.sample_warmup if args.sample_warmup is not None else (3 if cuda else 1)
     if args.sample_new_size_models is None:
         args.sample_new_size_models = "resnet50_cascade" if cuda else ""
-    args.sample_new_size_models = [m.strip() for m in args.sample_new_size_models.split(",") if m.strip()]
-    unknown = [m for m in args.sample_new_size_models if m not in MODELS]
-    if unknown:
-        raise SystemExit(f"--sample_new_size_models: unknown {unknown}; choose from {sorted(MODELS)}")
+    args.sample_new_size_models = model_names(args.sample_new_size_models, "--sample_new_size_models")
 
     notes: list[str] = []
     errors: list[str] = []

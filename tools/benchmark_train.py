@@ -361,19 +361,9 @@ def busy_cores(count: int):
                 process.terminate()
 
 
-class Repeat:
-    """The same batch, ``n`` times (a fixed-batch "loader")."""
-
-    def __init__(self, item, n: int) -> None:
-        self.item, self.n = item, n
-
-    def __iter__(self):
-        for _ in range(self.n):
-            yield self.item
-
-
 class Cycle:
-    """``items`` in turn, ``n`` in all: fixed batches of several shapes, without a loader."""
+    """``items`` in turn, ``n`` in all: a fixed-batch "loader" (one batch repeated, or batches of
+    several shapes)."""
 
     def __init__(self, items: Sequence, n: int) -> None:
         self.items, self.n = list(items), n
@@ -511,7 +501,7 @@ def run_graphed(config, variant, device: torch.device, images: torch.Tensor, tar
             loss = step()
     finally:
         torch.cuda.set_stream(current)  # a capture that fails on exit leaves its capture stream current
-    clock.source = Repeat(None, steps)
+    clock.source = Cycle([None], steps)
     for _ in clock:
         graph.replay()
     result = clock.result(batch)
@@ -528,7 +518,7 @@ def public_steps(config, device: torch.device, images_f32: torch.Tensor, targets
     criterion = PublicStyleLoss()
     priors = prior_boxes((size, size), config.num_anchor, device)
     last = None
-    clock.source = Repeat((images_f32, targets), steps)
+    clock.source = Cycle([(images_f32, targets)], steps)
     for images, anno in clock:
         images = images.to(device)
         anno = [t.to(device) for t in anno]
@@ -659,7 +649,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                 result.update(public_steps(config, device, host_f32, list(targets), size, args.seed, clock, steps))
                 public_ips = result["img_per_s"]
             else:
-                fixed = Repeat((pinned_images, pinned_targets), steps)
+                fixed = Cycle([(pinned_images, pinned_targets)], steps)
                 result.update(run_ours(config, variant, device, fixed, steps, batch, size, args.seed, clock))
                 fixed_img_per_s[variant.name] = result["img_per_s"]
                 if not variant.compile:  # a second model would be compiled again (minutes)
@@ -672,7 +662,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                         toggle=False)
                 elif not variant.compile and not variant.graph:
                     result["syncs_per_step"] = sync_sites(lambda: run_ours(
-                        config, variant, device, Repeat((pinned_images, pinned_targets), 3), 3, batch, size,
+                        config, variant, device, Cycle([(pinned_images, pinned_targets)], 3), 3, batch, size,
                         args.seed, sync_debug_clock(device)), toggle=False)
         except Exception as error:
             record_failure(result, errors, f"{spec} {variant.name}", error)
@@ -683,29 +673,30 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
     # the fixed batches again with the cores busy (the real pipeline's workers load them so)
     last = next((v for v in reversed(entry["variants"]) if v["mode"] == "fixed" and v["variant"] in fixed_img_per_s),
                 None)
-    if args.busy_processes > 0 and last is not None:
-        variant = parse_variant(last["variant"], device)
+    last_variant = parse_variant(last["variant"], device) if last is not None else None
 
+    def run_last(batches: Sequence) -> dict[str, Any]:
+        """The last fixed variant over ``batches`` in turn (the extra rows below)."""
+        steps = args.warmup + args.iters
+        return run_ours(config, last_variant, device, Cycle(batches, steps), steps, batch, size, args.seed,
+                        StepClock(args.warmup, args.iters, device))
+
+    if args.busy_processes > 0 and last_variant is not None:
         def busy_run() -> dict[str, Any]:
             with busy_cores(args.busy_processes):
-                steps = args.warmup + args.iters
-                return run_ours(config, variant, device, Repeat((pinned_images, pinned_targets), steps), steps, batch,
-                                size, args.seed, StepClock(args.warmup, args.iters, device))
-        extra_fixed_row(spec, variant, "fixed, busy processes", busy_run, fixed_img_per_s.get(variant.name), device,
-                        errors, entry, busy_processes=args.busy_processes)
+                return run_last([(pinned_images, pinned_targets)])
+        extra_fixed_row(spec, last_variant, "fixed, busy processes", busy_run, fixed_img_per_s.get(last_variant.name),
+                        device, errors, entry, busy_processes=args.busy_processes)
 
     # several fixed batches in turn: real batches differ in their most faces per image, so the
     # matching tensors change shape every step; this row has that variety without a loader
-    if args.fixed_batches > 1 and last is not None and dataset is not None and args.fixed_batch == "real":
-        variant = parse_variant(last["variant"], device)
+    if args.fixed_batches > 1 and last_variant is not None and dataset is not None and args.fixed_batch == "real":
         several = [real_batch(dataset, batch) for _ in range(args.fixed_batches)]
         most_faces = [max(len(t) for t in targets_i) for _, targets_i in several]
         if device.type == "cuda":
             several = [(i.pin_memory(), [t.pin_memory() for t in ts]) for i, ts in several]
-        extra_fixed_row(spec, variant, f"fixed, {len(several)} batches in turn", lambda: run_ours(
-            config, variant, device, Cycle(several, args.warmup + args.iters), args.warmup + args.iters, batch, size,
-            args.seed, StepClock(args.warmup, args.iters, device)), fixed_img_per_s.get(variant.name), device,
-            errors, entry, most_faces_per_batch=most_faces)
+        extra_fixed_row(spec, last_variant, f"fixed, {len(several)} batches in turn", lambda: run_last(several),
+                        fixed_img_per_s.get(last_variant.name), device, errors, entry, most_faces_per_batch=most_faces)
 
     # the real data pipeline, with the augmentation's pixel work in the workers and on the device
     if dataset is not None and args.real_variants:
@@ -742,7 +733,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         try:
             steps = args.profile_steps
             table, top = profile_run(lambda clock: run_ours(
-                config, profiled_variant, device, Repeat((pinned_images, pinned_targets), steps + 1), steps + 1,
+                config, profiled_variant, device, Cycle([(pinned_images, pinned_targets)], steps + 1), steps + 1,
                 batch, size, args.seed, clock), device, steps)
             header = f"== profile {spec} {profiled_variant.name}: {steps} fixed-batch steps after 1 warm-up step =="
             print(header + "\n" + table, file=sys.stderr, flush=True)

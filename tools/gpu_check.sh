@@ -126,17 +126,17 @@ if ! $SMOKE && [ -n "${SHM_FREE_KB:-}" ] && [ "$SHM_FREE_KB" -lt 4194304 ]; then
 fi
 
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+needs_shared() {  # needs_shared STEP: whether STEP can run (the sample and the weights are there)
+  $HAVE_SHARED && return 0
+  log "== $1: skipped (no sample data or weights)"
+  return 1
+}
 log "== steps:$STEPS"
 
 # tests/test_cuda.py skips itself without CUDA (the smoke run); a failure here does not stop the benchmarks
 wanted cuda_tests && step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
 wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
-needs_shared() {  # needs_shared STEP: whether STEP can run (the sample and the weights are there)
-  $HAVE_SHARED && return 0
-  log "== $1: skipped (no sample data or weights)"
-  return 1
-}
 # the product's own command line in fresh processes, as a user meets a data set: test.py on the
 # sample (every size new to the process) per --channels_last setting against one public-style pass
 wanted cli && needs_shared cli && step cli "$CLI_LIMIT" "$PY" tools/benchmark_cli.py "${CLI_ARGS[@]}" \

@@ -309,8 +309,8 @@ def unwrap(model: nn.Module) -> RetinaFace:
 # --------------------------------------------------------------------------------------------
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """SGD with ``--momentum`` and ``--weight_decay`` on every parameter (defaults 0.9 and 5e-4, the
-    public recipe); the fused
-    CUDA kernel when the parameters are on a GPU (one launch for all of them)."""
+    public recipe); the fused CUDA kernel when the parameters are on a GPU (one launch for all of
+    them)."""
     params = list(model.parameters())
     fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -567,8 +567,7 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
     """DataLoader over ``<dataset>/<train_split>`` with ``TrainTransform(im_size)`` (or its
     ``DeferredTrainTransform`` with ``--augment_on device``): drop-last batches of
     ``--batch_size`` per process, pinned memory on CUDA, persistent workers when ``--workers`` > 0.
-    Batches are
-    ``(images, targets, LoadReport)``: unreadable images are replaced (see
+    Batches are ``(images, targets, LoadReport)``: unreadable images are replaced (see
     :class:`EpochSeededDataset`) and reported to the training loop."""
     from utils.data_loaders import dataset_from_root
 
