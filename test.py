@@ -116,7 +116,7 @@ def test(args: argparse.Namespace) -> int:
                             top_k=args.top_k, keep_top_k=args.keep_top_k, target_size=args.target_size,
                             max_size=args.max_size, batch_size=args.batch_size,
                             half=args.half and device.type == "cuda", channels_last=args.channels_last,
-                            cuda_graphs=args.cuda_graphs)
+                            cuda_graphs=args.cuda_graphs, pad_to=max(1, args.pad_to))
     if args.tta:
         detector = TTADetector(detector, TTAConfig(scales=tta_scales, max_size=args.max_size or DEFAULT_MAX_SIZE))
     setting = scale_description(args)

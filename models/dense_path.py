@@ -25,6 +25,7 @@ import torch
 
 from layers.prior_box import prior_boxes
 from models.net import fuse_conv_bn
+from models.padding_mask import PaddingMask, valid_priors
 from models.retinaface import RetinaFace, bgr_mean, preprocess
 
 #: autocast precisions by name; ``fp32`` runs without autocast.
@@ -36,6 +37,7 @@ Decoded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 class _Graph(NamedTuple):
     graph: "torch.cuda.CUDAGraph"
     static_input: torch.Tensor
+    static_sizes: torch.Tensor | None  # (B, 2) image sizes of a padded batch
     static_output: Decoded
     priors: torch.Tensor  # read by every replay: held here, the prior cache may evict its copy
 
@@ -101,13 +103,14 @@ class DensePath:
         # both ways: a model trained in channels_last (train.py on CUDA) keeps NHWC weights, and
         # cuDNN runs a convolution in NHWC when its weight is, whatever the input's layout
         self.network = network.to(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        self.padding_mask = PaddingMask(self.network)
         self.cuda_graphs = cuda_graphs and cuda
         self.capture_after = max(0, int(capture_after))
         self.max_graphs = max(1, int(max_graphs))
         self._dense: Callable[..., Decoded] = self._dense_eager
         if compile:
             self._dense = torch.compile(self._dense_eager, dynamic=False, mode=compile_mode)
-        self._graphs: dict[tuple[int, ...], _Graph] = {}
+        self._graphs: dict[tuple[int, ...], _Graph] = {}  # key: input shape, + (1,) for padded batches
         self._seen: dict[tuple[int, ...], int] = {}
         self._mean = bgr_mean(self.device)  # made here: no tensor creation inside graphs or compiled code
 
@@ -118,14 +121,20 @@ class DensePath:
         # during graph capture would keep the capture's casts
         return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
 
-    def _dense_eager(self, images: torch.Tensor, priors: torch.Tensor) -> Decoded:
+    def _dense_eager(self, images: torch.Tensor, priors: torch.Tensor, sizes: torch.Tensor | None = None) -> Decoded:
         inputs = preprocess(images, mean=self._mean)
         # the permuted uint8 batch has NHWC strides, and cuDNN / oneDNN run a convolution in NHWC
         # when its input is: without this, channels_last=False would still compute in NHWC
         inputs = inputs.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
-        with self._autocast():
+        canvas = (images.shape[1], images.shape[2])
+        masked = self.padding_mask.active(sizes, canvas) if sizes is not None else nullcontext()
+        with self._autocast(), masked:
             outputs = self.network(inputs)
-        return self.model.decode_detections(outputs, priors)
+        boxes, scores, landmarks = self.model.decode_detections(outputs, priors)
+        if sizes is not None:
+            inside = valid_priors(sizes, canvas, self.model.config.num_anchor)
+            scores = scores.masked_fill(~inside, float("-inf"))
+        return boxes, scores, landmarks
 
     def priors(self, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
         """The pixel priors of a ``(B, H, W, 3)`` batch shape (cached, on the device)."""
@@ -136,26 +145,46 @@ class DensePath:
         current device: without it, cuda:1 would be captured on cuda:0's stream)."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
 
-    def __call__(self, images: torch.Tensor, mark: Callable[[str], None] | None = None) -> Decoded:
-        """Decoded detections of every prior; ``mark("h2d")`` is called once the input copy is queued."""
+    def __call__(self, images: torch.Tensor, mark: Callable[[str], None] | None = None,
+                 sizes: torch.Tensor | None = None) -> Decoded:
+        """Decoded detections of every prior; ``mark("h2d")`` is called once the input copy is queued.
+
+        ``sizes``: (B, 2) int64 (height, width) of the images of a batch padded at the bottom and
+        right, on the host (checked there; pinned, it is copied asynchronously). Each image then
+        gets the outputs it gets alone (``models/padding_mask.py``), and the priors outside it
+        (in its padding) score ``-inf``. ``None``: every image fills the batch's ``H x W``.
+        """
         with self.device_scope():
-            return self._run(images, mark)
+            return self._run(images, mark, sizes)
 
     @torch.inference_mode()
-    def _run(self, images: torch.Tensor, mark: Callable[[str], None] | None) -> Decoded:
-        key = tuple(images.shape)
+    def _run(self, images: torch.Tensor, mark: Callable[[str], None] | None,
+             sizes: torch.Tensor | None = None) -> Decoded:
+        shape = tuple(images.shape)
+        if sizes is not None and sizes.device.type == "cpu":  # checked where it costs no device sync
+            canvas = torch.tensor(shape[1:3])
+            if sizes.shape != (shape[0], 2) or bool(((sizes < 1) | (sizes > canvas)).any()):
+                raise ValueError(f"sizes must be (batch, 2) heights and widths within {shape[1:3]}, "
+                                 f"got {sizes.tolist()}")
+            if bool((sizes == canvas).all()):
+                sizes = None  # nothing is padded
+        key = shape if sizes is None else (*shape, 1)
         # float32 input (images resized in float, test-time scales) runs eagerly
-        graph = self._graph(key, images) if self.cuda_graphs and images.dtype == torch.uint8 else None
+        graph = self._graph(key, images, sizes) if self.cuda_graphs and images.dtype == torch.uint8 else None
         if graph is not None:
             graph.static_input.copy_(images, non_blocking=True)
+            if graph.static_sizes is not None:
+                graph.static_sizes.copy_(sizes, non_blocking=True)
             if mark is not None:
                 mark("h2d")
             graph.graph.replay()
             return graph.static_output
         images = images.to(self.device, non_blocking=True)
+        if sizes is not None:
+            sizes = sizes.to(self.device, non_blocking=True)
         if mark is not None:
             mark("h2d")
-        return self._dense(images, self.priors(key))
+        return self._dense(images, self.priors(shape), sizes)
 
     @torch.inference_mode()
     def prepare(self, images: torch.Tensor) -> None:
@@ -166,11 +195,11 @@ class DensePath:
     def _prepare(self, images: torch.Tensor) -> None:
         if self.cuda_graphs:
             self._seen[tuple(images.shape)] = self.capture_after
-            self._graph(tuple(images.shape), images)
+            self._graph(tuple(images.shape), images, None)
         else:
             self(images)
 
-    def _graph(self, key: tuple[int, ...], example: torch.Tensor) -> _Graph | None:
+    def _graph(self, key: tuple[int, ...], example: torch.Tensor, sizes: torch.Tensor | None) -> _Graph | None:
         if key in self._graphs:
             return self._graphs[key]
         if len(self._graphs) >= self.max_graphs:
@@ -180,7 +209,7 @@ class DensePath:
         if seen < self.capture_after:
             return None
         try:
-            graph = self._capture(key, example)
+            graph = self._capture(example, sizes)
         except Exception as error:  # a model or build that cannot be captured: run eagerly
             warnings.warn(f"CUDA graph capture failed ({type(error).__name__}: {error}); running without "
                           "CUDA graphs", RuntimeWarning, stacklevel=3)
@@ -190,25 +219,26 @@ class DensePath:
         self._graphs[key] = graph
         return graph
 
-    def _capture(self, key: tuple[int, ...], example: torch.Tensor) -> _Graph:
-        static_input = torch.empty(key, dtype=torch.uint8, device=self.device)
+    def _capture(self, example: torch.Tensor, sizes: torch.Tensor | None) -> _Graph:
+        static_input = torch.empty(example.shape, dtype=torch.uint8, device=self.device)
         static_input.copy_(example)
-        priors = self.priors(key)
+        static_sizes = None if sizes is None else sizes.to(self.device, dtype=torch.int64, copy=True)
+        priors = self.priors(example.shape)
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(current)
         with torch.cuda.stream(side):  # warm-up off the capture stream (autotuning, lazy init, compile)
             for _ in range(2):
-                self._dense(static_input, priors)
+                self._dense(static_input, priors, static_sizes)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                static_output = self._dense(static_input, priors)
+                static_output = self._dense(static_input, priors, static_sizes)
         finally:
             # a capture that fails inside torch.cuda.graph's exit leaves its capture stream current
             torch.cuda.set_stream(current)
-        return _Graph(graph, static_input, static_output, priors)
+        return _Graph(graph, static_input, static_sizes, static_output, priors)
 
     def drop_graphs(self) -> None:
         """Free the captured graphs (their memory pools) and run eagerly from now on, e.g. after
@@ -218,5 +248,6 @@ class DensePath:
 
     @property
     def graph_shapes(self) -> list[tuple[int, ...]]:
-        """Input shapes that replay from a graph, in capture order."""
+        """Input shapes that replay from a graph, in capture order (padded batches: the shape
+        followed by 1)."""
         return list(self._graphs)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from models.dense_path import DensePath
+from models.padding_mask import padded_size
 from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace
 from utils.checkpoint import load_model
 from utils.image_io import as_bgr_uint8, read_image
@@ -81,12 +82,12 @@ def resize_scale(height: int, width: int, target_size: int | None = None, max_si
     return 1.0
 
 
-def same_size_groups(images: Sequence[np.ndarray]) -> list[list[int]]:
-    """Indices of the images grouped by (height, width), in first-seen order: the images that can
-    share a forward pass without padding."""
+def same_size_groups(images: Sequence[np.ndarray], pad_to: int = 1) -> list[list[int]]:
+    """Indices of the images grouped by (height, width) rounded up to a multiple of ``pad_to``
+    (1: exact sizes), in first-seen order: the images that share a forward pass."""
     groups: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
-        groups.setdefault(image.shape[:2], []).append(index)
+        groups.setdefault(padded_size(image.shape[0], image.shape[1], pad_to), []).append(index)
     return list(groups.values())
 
 
@@ -142,11 +143,15 @@ class FaceDetector:
             except the threshold. NMS runs in original-image pixels.
         target_size, max_size: test-time resize (see :func:`resize_scale`); default original size.
         batch_size: images per :meth:`detect_batch` call made by :meth:`detect` (``detect_batch``
-            itself runs all the images it is given, one forward pass per size group). Images of
-            different sizes are batched only with
-            ``pad_batches=True`` (bottom/right padding with the mean colour: faces within about
-            64 px of the padding can get slightly different scores and boxes, e.g. IoU 0.97 with
-            the unpadded result; tested); otherwise each size is its own batch.
+            itself runs all the images it is given, one forward pass per size group).
+        pad_batches: run all the images of a :meth:`detect_batch` call in one forward pass,
+            padded at the bottom and right to the largest height and width; otherwise only images
+            of one size (or one ``pad_to`` canvas) share a pass. Padding is exact: the network
+            masks it (``models/padding_mask.py``), so each image gets the detections it gets alone.
+        pad_to: round the canvas of every forward pass up to a multiple of ``pad_to`` pixels
+            (1: no rounding), and let images whose rounded sizes agree share a pass. A data set
+            of many image sizes then runs a few canvas shapes, which on CUDA reuse their cuDNN
+            plans and CUDA graphs, at the cost of computing the padding.
         half: fp16 autocast on CUDA; ignored (with a warning) on the CPU.
         precision: ``fp32``, ``fp16`` or ``bf16`` autocast on CUDA (overrides ``half``). fp16 is
             the fast choice: bf16's 8-bit mantissa moved some boxes of the published
@@ -170,7 +175,7 @@ class FaceDetector:
                  device: str | torch.device | None = None, overrides: Mapping[str, Any] | None = None,
                  confidence_threshold: float = 0.5, nms_threshold: float = 0.4, top_k: int | None = 5000,
                  keep_top_k: int | None = 750, target_size: int | None = None, max_size: int | None = None,
-                 batch_size: int = 1, pad_batches: bool = False, half: bool = False,
+                 batch_size: int = 1, pad_batches: bool = False, pad_to: int = 1, half: bool = False,
                  precision: str | None = None, channels_last: bool | None = None, fuse_bn: bool = True,
                  cuda_graphs: bool = True, compile: bool = False,
                  pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> None:
@@ -186,6 +191,9 @@ class FaceDetector:
         self.max_size = max_size
         self.batch_size = batch_size
         self.pad_batches = pad_batches
+        if int(pad_to) < 1:
+            raise ValueError(f"pad_to must be a positive number of pixels, got {pad_to}")
+        self.pad_to = int(pad_to)
         self.pixel_offset = pixel_offset
         precision = precision or ("fp16" if half else "fp32")
         if precision != "fp32" and self.device.type != "cuda":
@@ -231,7 +239,7 @@ class FaceDetector:
         return results  # type: ignore[return-value]
 
     def _groups(self, inputs: Sequence[np.ndarray]) -> list[list[int]]:
-        return [list(range(len(inputs)))] if self.pad_batches else same_size_groups(inputs)
+        return [list(range(len(inputs)))] if self.pad_batches else same_size_groups(inputs, self.pad_to)
 
     def _detect_same_canvas(self, images: list[np.ndarray], scales: list[float]) -> list[Detections]:
         """Detections of ``images`` (resized by ``scales`` from the originals) in original pixels."""
@@ -241,24 +249,29 @@ class FaceDetector:
     @torch.inference_mode()
     def _detect_on_device(self, images: list[np.ndarray], scales: list[float]) -> list[Detections]:
         started = time.perf_counter()
-        height = max(im.shape[0] for im in images)
-        width = max(im.shape[1] for im in images)
+        height, width = padded_size(max(im.shape[0] for im in images), max(im.shape[1] for im in images),
+                                    self.pad_to)
         cuda = self.device.type == "cuda"
         shape = (len(images), height, width, 3)
         dtype = np.result_type(*images)  # uint8, or float32 for resized images
-        if len(images) == 1 and not cuda:
+        sizes = None  # (B, 2) image sizes when some image is padded: the network masks the padding
+        if any(im.shape[:2] != (height, width) for im in images):
+            sizes = torch.tensor([im.shape[:2] for im in images], dtype=torch.int64)
+            sizes = sizes.pin_memory() if cuda else sizes
+        if len(images) == 1 and sizes is None and not cuda:
             tensor = torch.from_numpy(np.ascontiguousarray(images[0])[None])
         else:  # on CUDA assembled straight in page-locked memory: the copy to the GPU is asynchronous
             tensor = torch.empty(shape, dtype=torch.float32 if dtype == np.float32 else torch.uint8, pin_memory=cuda)
-            batch = tensor.numpy()
-            if any(im.shape[:2] != (height, width) for im in images):
-                batch[:] = np.asarray(BGR_MEAN, dtype=dtype)  # padding: zero after mean subtraction
-            for slot, image in zip(batch, images):
-                slot[:image.shape[0], :image.shape[1]] = image
+            mean = np.asarray(BGR_MEAN, dtype=dtype)  # the padding (any finite value would do: it is masked)
+            for slot, image in zip(tensor.numpy(), images):
+                rows, cols = image.shape[:2]
+                slot[:rows, :cols] = image
+                slot[rows:] = mean
+                slot[:rows, cols:] = mean
         stages = StageClock(cuda)
         self.timings["preprocess"] += time.perf_counter() - started
         stages.mark()
-        boxes, scores, landmarks = self.dense(tensor)
+        boxes, scores, landmarks = self.dense(tensor, sizes=sizes)
         if any(scale != 1.0 for scale in scales):
             # back to original pixels before NMS, whose +1 is one pixel of the original image (as
             # the public test_widerface.py does at 1600/2150)

@@ -108,8 +108,11 @@ def test_inference_benchmark_sample_images_against_public_pipeline(inference_run
     variants = {v["variant"]: v for v in sample["variants"]}
     assert set(variants) == {"ref", "fp32"}
     assert variants["fp32"]["fidelity"]["passed"] and variants["fp32"]["speedup_vs_public"] > 0
-    assert sample["face_detector_api"]["fidelity"]["passed"]
-    assert sample["best"]["variant"] in variants
+    apis = [sample["face_detector_api"], sample["face_detector_api_padded"]]
+    assert all(api["fidelity"]["passed"] and api["fidelity"]["compared"] > 0 for api in apis)
+    assert "pad_batches=True" in apis[1]["settings"]  # exact padding: the same detections as the reference
+    candidates = list(variants.values()) + [{**api, "variant": api["settings"]} for api in apis]
+    assert sample["best"]["variant"] == min(candidates, key=lambda v: v["ms_per_img"])["variant"]
     fresh = sample["new_sizes"]
     assert fresh["passes"] == 1 and fresh["images_per_pass"] == 2 and fresh["public_style"]["cudnn_benchmark"]
     # on the CPU only the float32 pipelines without autotuning (the others are the same there)
@@ -441,32 +444,35 @@ def test_public_style_folder_pass_finds_what_face_detector_finds(widerface_sampl
 
 
 def test_cli_benchmark_times_test_py_against_the_public_pass(widerface_sample, mobilenet_weights, tmp_path):
-    """tools/benchmark_cli.py: fresh test.py processes per layout and round against one public-style
+    """tools/benchmark_cli.py: fresh test.py processes per setting and round against one public-style
     pass, one JSON line that speed_table renders; a failing process is an error, not a crash."""
     (tmp_path / "ds").symlink_to(widerface_sample)  # a path relative to where the command runs
     out = tmp_path / "cli.jsonl"
     result = subprocess.run([sys.executable, str(REPO_ROOT / "tools/benchmark_cli.py"), "--device", "cpu",
                              "--dataset", "ds", "--weights", mobilenet_weights, "--layouts", "auto,false",
-                             "--rounds", "2", "--workers", "0", "--out", "cli.jsonl"], cwd=tmp_path,
+                             "--extra", "--pad_to 1024 --batch_size 4", "--rounds", "2", "--workers", "0",
+                             "--out", "cli.jsonl"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["benchmark"] == "cli" and report["errors"] == [] and report["rounds"] == 2
     public = report["public_style"]
     assert public["images"] == 10 and public["sizes"] == 8 and public["ms_per_img"] > 0
-    runs = {t["channels_last"]: t for t in report["test_py"]}
-    assert list(runs) == ["auto", "false"]
+    runs = {t["pipeline"]: t for t in report["test_py"]}
+    assert list(runs) == ["test.py --channels_last auto", "test.py --channels_last false",
+                          "test.py --pad_to 1024 --batch_size 4"]
     for run in runs.values():
         assert run["images"] == 10 and run["process_s"] > run["seconds"] > 0
         assert len(run["rounds_ms_per_img"]) == 2 and run["ms_per_img"] == min(run["rounds_ms_per_img"])
         assert run["speedup_vs_public"] == pytest.approx(public["ms_per_img"] / run["ms_per_img"], rel=1e-3)
-    assert runs["auto"]["aps"] == runs["false"]["aps"] and runs["auto"]["aps"]["easy"] > 0.9  # the layout moves no AP
+    aps = [run["aps"] for run in runs.values()]
+    assert aps[0]["easy"] > 0.9 and all(run == aps[0] for run in aps)  # layout and exact padding move no AP
     rendered = speed_table.render(speed_table.read_reports([str(out)]))
     assert "| test.py --channels_last false |" in rendered and "test.py in a fresh process" in rendered
 
     broken = subprocess.run([sys.executable, "tools/benchmark_cli.py", "--device", "cpu", "--dataset",
                              str(widerface_sample), "--weights", str(tmp_path / "missing.pth"), "--layouts", "auto",
-                             "--rounds", "1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                             "--extra", "", "--rounds", "1"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert broken.returncode == 1
     errors = json.loads(broken.stdout.strip().splitlines()[-1])["errors"]
     assert len(errors) == 2 and errors[0].startswith("public-style") and "test.py --channels_last auto" in errors[1]
@@ -478,11 +484,11 @@ def test_cli_benchmark_interrupted_still_writes_what_it_measured(monkeypatch, tm
 
     done = []
 
-    def measure(args, layout, results_dir):
+    def measure(args, options, results_dir):
         if len(done) == 2:
             raise KeyboardInterrupt
-        done.append(layout)
-        return {"pipeline": f"test.py --channels_last {layout}", "channels_last": layout, "ms_per_img": 10.0}
+        done.append(options)
+        return {"pipeline": " ".join(["test.py", *options]), "channels_last": options[-1], "ms_per_img": 10.0}
 
     monkeypatch.setattr(benchmark_cli, "measure_public", lambda args: {"ms_per_img": 40.0})
     monkeypatch.setattr(benchmark_cli, "measure_test_py", measure)
@@ -496,10 +502,10 @@ def test_cli_benchmark_interrupted_still_writes_what_it_measured(monkeypatch, tm
 def test_cli_benchmark_keeps_the_fastest_round():
     from tools.benchmark_cli import fastest_rounds
 
-    runs = [{"channels_last": "auto", "ms_per_img": 50.0}, {"channels_last": "true", "ms_per_img": 40.0},
-            {"channels_last": "true", "ms_per_img": 30.0}, {"channels_last": "auto", "ms_per_img": 70.0}]
+    runs = [{"pipeline": "auto", "ms_per_img": 50.0}, {"pipeline": "true", "ms_per_img": 40.0},
+            {"pipeline": "true", "ms_per_img": 30.0}, {"pipeline": "auto", "ms_per_img": 70.0}]
     kept = fastest_rounds(runs, public_ms=60.0)
-    assert [(k["channels_last"], k["ms_per_img"], k["rounds_ms_per_img"], k["speedup_vs_public"]) for k in kept] == [
+    assert [(k["pipeline"], k["ms_per_img"], k["rounds_ms_per_img"], k["speedup_vs_public"]) for k in kept] == [
         ("auto", 50.0, [50.0, 70.0], 1.2), ("true", 30.0, [40.0, 30.0], 2.0)]
     assert fastest_rounds(runs[:1], public_ms=None)[0]["speedup_vs_public"] is None
 

@@ -87,6 +87,32 @@ def test_face_detector_fp16_graphs_match_cpu_fp32(mobilenet_weights, widerface_s
         assert gpu.dense.cuda_graphs and gpu.dense.graph_shapes
 
 
+def test_padded_batches_replay_from_one_graph_with_each_batch_s_sizes(mobilenet_weights, widerface_sample):
+    """Exact padding under CUDA graphs: the image sizes are a static input copied before each replay."""
+    from models.detector import FaceDetector
+    from tools.fidelity import as_rows, unmatched
+
+    images = _sample_images(widerface_sample)  # 1024 wide, 521 to 1024 high: one 1024x1024 canvas
+    cpu = FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.3)
+    gpu = FaceDetector(mobilenet_weights, device="cuda", confidence_threshold=0.3, half=True, pad_to=1024,
+                       batch_size=2)
+    found = gpu.detect(images)  # five batches of two: eager, capture, then replays with other sizes
+    assert gpu.dense.graph_shapes == [(2, 1024, 1024, 3, 1)]
+    batch = torch.full((2, 1024, 1024, 3), 117, dtype=torch.uint8).pin_memory()
+    sizes = torch.tensor([[700, 1024], [1024, 999]]).pin_memory()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu.dense(batch, sizes=sizes)  # a replay
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for image, ours in zip(images, found):
+        reference = cpu.detect(image)
+        expected = as_rows(reference.boxes, reference.scores, reference.landmarks)
+        actual = as_rows(ours.boxes, ours.scores, ours.landmarks)
+        assert unmatched(expected, actual, max_score_diff=0.01) == []
+        assert unmatched(actual, expected, max_score_diff=0.01) == []
+
+
 def test_device_augmentation_on_cuda_matches_the_cpu(widerface_sample):
     from utils.data_loaders import dataset_from_root, detection_collate, images_to_network_input
     from utils.device_augment import DeferredTrainTransform, augment

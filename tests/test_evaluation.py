@@ -382,6 +382,31 @@ def test_channels_last_false_runs_nchw_with_the_same_aps(sample_run, test_script
     assert nchw.keys() == nhwc.keys() and all(abs(nchw[k] - nhwc[k]) < 1e-4 for k in nhwc), (nchw, nhwc)
 
 
+def test_pad_to_batches_images_of_different_sizes_with_the_same_aps(sample_run, test_script, widerface_sample,
+                                                                    widerface_gt_dir, mobilenet_weights, tmp_path,
+                                                                    capsys, monkeypatch):
+    """``--pad_to 1024 --batch_size 4``: the 10 sample images (8 sizes, all within 1024x1024) run
+    in 1024x1024 batches of 4, 4 and 2, and every image keeps its detections."""
+    from models.detector import FaceDetector
+
+    canvases = []
+    original = FaceDetector._detect_on_device
+
+    def recording(self, images, scales):
+        found = original(self, images, scales)
+        canvases.append((len(images), self.pad_to))
+        return found
+
+    monkeypatch.setattr(FaceDetector, "_detect_on_device", recording)
+    code, out, err = run_cli(test_script, ["--weights", mobilenet_weights, "--dataset", widerface_sample,
+                                           "--gt_dir", widerface_gt_dir, "--workers", "0", "--pad_to", "1024",
+                                           "--batch_size", "4", "--results_dir", tmp_path / "padded"], tmp_path, capsys)
+    assert code == 0, err
+    assert canvases == [(4, 1024), (4, 1024), (2, 1024)]
+    padded, alone = parse_ap_line(out), parse_ap_line(sample_run["out"])
+    assert padded.keys() == alone.keys() and all(abs(padded[k] - alone[k]) < 1e-4 for k in alone), (padded, alone)
+
+
 def test_pred_dir_results_default_to_beside_the_predictions(sample_run, test_script, widerface_gt_dir,
                                                              tmp_path, capsys):
     """Evaluating a run's prediction folder again must not replace that run's results."""

@@ -157,24 +157,40 @@ def test_fidelity_to_public_pipeline(widerface_sample, mobilenet_weights, tmp_pa
         assert min(d["score"] for d in ours[name]) > 0.02
 
 
-def test_same_size_batching_matches_single_images(widerface_sample, mobilenet_weights, tmp_path, capsys):
+def test_same_size_and_padded_batching_match_single_images(widerface_sample, mobilenet_weights, tmp_path, capsys,
+                                                           monkeypatch):
+    from models.detector import FaceDetector
+
+    passes = []
+    original = FaceDetector._detect_on_device
+    monkeypatch.setattr(FaceDetector, "_detect_on_device",
+                        lambda self, images, scales: passes.append(len(images)) or original(self, images, scales))
     image = cv2.imread(str(widerface_sample / "val/images" / GREETING))
     folder = tmp_path / "in"
     for name, scale in (("a/x.jpg", 0.5), ("a/y.jpg", 0.5), ("b/z.jpg", 0.5), ("b/w.jpg", 0.4)):  # w: another size
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(folder / name), cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA))
-    results = {}
-    for same, batch in (("false", "1"), ("true", "2")):
-        out = tmp_path / f"out_{same}"
+    results, forward_passes = {}, {}
+    # one per image; same-size pairs; the four (two sizes) in one exactly padded pass, with or without grouping
+    for setting in (("--infer_imsize_same", "false", "--batch_size", "1"),
+                    ("--infer_imsize_same", "true", "--batch_size", "2"),
+                    ("--pad_to", "512", "--batch_size", "4"),
+                    ("--infer_imsize_same", "true", "--pad_to", "512", "--batch_size", "4")):
+        out = tmp_path / f"out_{len(results)}"
+        passes.clear()
         code, _, _ = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder",
-                               out, "--infer_imsize_same", same, "--batch_size", batch, "--workers", "1"], capsys)
+                               out, *setting, "--workers", "1"], capsys)
         assert code == config.EXIT_OK
-        results[same] = json.loads((out / "detections.json").read_text())
-    assert list(results["true"]) == ["a/x.jpg", "a/y.jpg", "b/w.jpg", "b/z.jpg"]
-    for name, faces in results["false"].items():
+        results[setting] = json.loads((out / "detections.json").read_text())
+        forward_passes[setting] = sorted(passes)
+    single, *batched = results
+    assert list(forward_passes.values()) == [[1, 1, 1, 1], [1, 1, 2], [4], [4]]
+    assert list(results[batched[0]]) == ["a/x.jpg", "a/y.jpg", "b/w.jpg", "b/z.jpg"]
+    for name, faces in results[single].items():
         assert len(faces) > 0
-        assert_matching(results["true"][name], [(f["box"], f["score"], f["landmarks"]) for f in faces],
-                        min_score=0.0, iou=0.999, score_tol=1e-3, px=0.1)
+        for setting in batched:
+            assert_matching(results[setting][name], [(f["box"], f["score"], f["landmarks"]) for f in faces],
+                            min_score=0.0, iou=0.999, score_tol=1e-3, px=0.1)
 
 
 # ------------------------------------------------------------------------------------------

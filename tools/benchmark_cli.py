@@ -1,13 +1,15 @@
 """test.py end to end in fresh processes, as a user meets a data set, against the public-style pipeline.
 
     python tools/benchmark_cli.py --device cuda [--dataset DIR] [--weights FILE] [--layouts auto,true,false]
-                                  [--out bench_out/cli.jsonl]
+                                  [--extra "--pad_to 128 --batch_size 8"] [--out bench_out/cli.jsonl]
 
 A data set of many image sizes (WIDER val) reaches a fresh process size after size, so every
 cold-start cost (CUDA context, cuDNN plans or autotuning per new input shape, graph capture) is
 paid inside the pass. This benchmark runs, each in a new process, one pass of the public-style
 pipeline (``tools/public_pipeline.py``: cuDNN autotuning on, as the public ``test_widerface.py``
-sets it) and then ``test.py`` on the same images for each ``--channels_last`` setting. The
+sets it) and then ``test.py`` on the same images for each ``--channels_last`` setting and each
+``--extra`` set of options (default: ``--pad_to 128 --batch_size 8``, padded batches of few canvas
+shapes, so that fewer shapes are new to the process). The
 public pass times decoding and detection after the model is loaded; test.py's ``seconds`` is its
 own pass (decoding in workers, detection, writing the prediction files), also after loading.
 ``process_s`` is each process's whole wall time, start-up and evaluation included. Process
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -61,25 +64,32 @@ def fastest_rounds(runs: list[dict[str, Any]], public_ms: float | None) -> list[
     """One entry per setting (first-seen order): its fastest round, with every round's ms/img."""
     best: dict[str, dict[str, Any]] = {}
     for run in runs:
-        kept = best.setdefault(run["channels_last"], {**run, "rounds_ms_per_img": []})
+        kept = best.setdefault(run["pipeline"], {**run, "rounds_ms_per_img": []})
         kept["rounds_ms_per_img"].append(run["ms_per_img"])
         if run["ms_per_img"] < kept["ms_per_img"]:
-            best[run["channels_last"]] = {**run, "rounds_ms_per_img": kept["rounds_ms_per_img"]}
+            best[run["pipeline"]] = {**run, "rounds_ms_per_img": kept["rounds_ms_per_img"]}
     for entry in best.values():
         entry["speedup_vs_public"] = rnd(public_ms / entry["ms_per_img"]) if public_ms else None
     return list(best.values())
 
 
-def measure_test_py(args: argparse.Namespace, layout: str, results_dir: Path) -> dict[str, Any]:
+def settings(args: argparse.Namespace) -> list[list[str]]:
+    """The test.py options of each setting: one per ``--layouts`` value, then one per ``--extra``."""
+    layouts = [["--channels_last", value.strip()] for value in args.layouts.split(",") if value.strip()]
+    return layouts + [shlex.split(extra) for extra in args.extra if extra.strip()]
+
+
+def measure_test_py(args: argparse.Namespace, options: list[str], results_dir: Path) -> dict[str, Any]:
+    pipeline = shlex.join(["test.py", *options])
     result, seconds = run_process([sys.executable, "test.py", "--weights", args.weights, "--dataset", args.dataset,
                                    "--gt_dir", args.gt_dir, "--device", args.device, "--workers", str(args.workers),
-                                   "--channels_last", layout, "--results_dir", str(results_dir)], args.timeout)
+                                   *options, "--results_dir", str(results_dir)], args.timeout)
     if result.returncode != 0:
-        raise RuntimeError(f"test.py --channels_last {layout} exited {result.returncode}: "
-                           f"{result.stderr.strip()[-300:]}")
+        raise RuntimeError(f"{pipeline} exited {result.returncode}: {result.stderr.strip()[-300:]}")
     found = json.loads((results_dir / "results.json").read_text(encoding="utf-8"))
     images = found["num_images"]
-    return {"pipeline": f"test.py --channels_last {layout}", "channels_last": layout, "images": images,
+    layout = options[options.index("--channels_last") + 1] if "--channels_last" in options else "auto"
+    return {"pipeline": pipeline, "channels_last": layout, "images": images,
             "seconds": rnd(found["seconds"]), "ms_per_img": rnd(found["seconds"] / images * 1000),
             "process_s": rnd(seconds), "aps": {k: rnd(found[k]) for k in ("easy", "medium", "hard")}}
 
@@ -92,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gt_dir", default=None, help="official ground truth (default <dataset>/ground_truth)")
     parser.add_argument("--weights", default=str(MOBILENET_WEIGHTS), help="checkpoint (default: published mobilenet0.25)")
     parser.add_argument("--layouts", default="auto,true,false", help="--channels_last settings, one process each")
+    parser.add_argument("--extra", action="append", default=None,
+                        help="another setting: test.py options in one string (repeatable; default "
+                             "'--pad_to 128 --batch_size 8'; '' for none)")
     parser.add_argument("--rounds", type=int, default=2, help="passes over the settings (every other one reversed)")
     parser.add_argument("--workers", type=int, default=2, help="test.py --workers")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per process")
@@ -106,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.dataset = str(Path(args.dataset).resolve())
     args.weights = str(Path(args.weights).resolve())
     args.gt_dir = str(Path(args.gt_dir or Path(args.dataset) / "ground_truth").resolve())
-    layouts = [value.strip() for value in args.layouts.split(",") if value.strip()]
+    if args.extra is None:
+        args.extra = ["--pad_to 128 --batch_size 8"]
     device = setup_device(args.device, None)  # the header's device facts; the work runs in child processes
     report = report_header("cli", "tools/benchmark_cli.py", argv, device)
     report.update(weights=args.weights, dataset=args.dataset, rounds=args.rounds, public_style=None, test_py=[])
@@ -120,12 +134,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except Exception as error:
             errors.append(f"public-style: {type(error).__name__}: {error}")
         with tempfile.TemporaryDirectory() as scratch:
+            each = settings(args)
             for round_index in range(args.rounds):
-                for layout in layouts if round_index % 2 == 0 else layouts[::-1]:
+                for index, options in enumerate(each) if round_index % 2 == 0 else list(enumerate(each))[::-1]:
                     try:
-                        runs.append(measure_test_py(args, layout, Path(scratch) / f"{layout}_{round_index}"))
+                        runs.append(measure_test_py(args, options, Path(scratch) / f"{index}_{round_index}"))
                     except Exception as error:
-                        errors.append(f"test.py --channels_last {layout}: {type(error).__name__}: {error}")
+                        errors.append(f"{shlex.join(['test.py', *options])}: {type(error).__name__}: {error}")
     except KeyboardInterrupt:  # timeout --signal=INT in tools/gpu_check.sh: keep what was measured
         report["interrupted"] = True
         notes.append("interrupted (SIGINT): partial results")

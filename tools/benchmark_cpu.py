@@ -9,7 +9,9 @@ from the same machine state. The detections of both are compared (score >= 0.5, 
 ``--onnx FILE`` (the same weights exported by ``tools/export_onnx.py``) adds a third pipeline in
 the same rounds: onnxruntime on the CPU with the same threads and post-processing. ``--nchw``
 adds our pipeline with the network in the NCHW layout (``FaceDetector(channels_last=False)``),
-to show what the channels_last default gains.
+to show what the channels_last default gains. ``--pad_to N`` adds our pipeline with padded batches
+(``FaceDetector(pad_to=N, batch_size=--pad_batch)``, test.py's ``--pad_to``), to show what padding
+costs on the CPU.
 Prints one JSON line.
 """
 from __future__ import annotations
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--onnx", default=None, help="the same weights exported by tools/export_onnx.py")
     parser.add_argument("--nchw", action="store_true", help="also time our pipeline with the network in NCHW")
+    parser.add_argument("--pad_to", type=int, default=0, help="also time our pipeline with --pad_to N canvases")
+    parser.add_argument("--pad_batch", type=int, default=1, help="images per padded batch (with --pad_to)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
@@ -67,6 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
         detectors["nchw"] = FaceDetector(args.weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4,
                                          channels_last=False)
         pipelines["nchw"] = lambda steps: detect_all(detectors["nchw"])
+    if args.pad_to:
+        detectors["padded"] = FaceDetector(args.weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4,
+                                           pad_to=args.pad_to, batch_size=args.pad_batch)
+        pipelines["padded"] = lambda steps: [as_rows(d.boxes, d.scores, d.landmarks)
+                                             for d in detectors["padded"].detect(list(paths))]
     if args.onnx:
         from tools.export_onnx import onnx_detections, onnx_session
 
@@ -120,6 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
         report.update({"nchw_ms_per_img": round(best["nchw"] / n * 1000, 2),
                        "nchw_steps_ms_per_img": {k: round(v / n * 1000, 2) for k, v in detector_steps["nchw"].items()},
                        "nchw_detections_score_ge_0.5_unmatched_vs_ours": mismatches("nchw", "ours")})
+    if args.pad_to:
+        report.update({"padded": f"pad_to={args.pad_to}, batch_size={args.pad_batch}",
+                       "padded_ms_per_img": round(best["padded"] / n * 1000, 2),
+                       "padded_steps_ms_per_img": {k: round(v / n * 1000, 2)
+                                                   for k, v in detector_steps["padded"].items()},
+                       "padded_detections_score_ge_0.5_unmatched_vs_ours": mismatches("padded", "ours")})
     if args.onnx:
         report.update({"onnx": args.onnx, "onnx_ms_per_img": round(best["onnx"] / n * 1000, 2),
                        "ratio_onnx_over_ours": round(best["onnx"] / best["ours"], 3),

@@ -16,7 +16,7 @@
 # Steps (GPU_CHECK_STEPS, default "cuda_tests inference cli train table"):
 #   cuda_tests   tests/test_cuda.py
 #   inference    tools/benchmark_inference.py: every inference target, the sample images, new sizes
-#   cli          tools/benchmark_cli.py: test.py on the sample in fresh processes per --channels_last
+#   cli          tools/benchmark_cli.py: test.py on the sample in fresh processes per --channels_last and --pad_to
 #                setting (2 rounds) against one public-style pass
 #   train        tools/benchmark_train.py: fixed batches, the real pipeline, profile
 #   trained_r50  the ResNet-50 cascade trained from scratch on the sample (tools/overfit_check.py),

@@ -247,7 +247,8 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
             by earlier runs are deleted so that the folder describes this run only.
         batch_size: images per forward pass (default: the detector's). Images wait in per-size
             groups until a group is full (at most ``max_pending`` images wait; default
-            ``4 * batch_size``), so only same-size images share a pass, like FaceDetector does.
+            ``4 * batch_size``), so only same-size images share a pass, like FaceDetector does
+            (sizes rounded up to the detector's ``pad_to``, as its canvases are).
         workers: DataLoader processes decoding images while the network runs (0: in-process).
         progress: tqdm bar on stderr (``None``: only on a terminal).
     """
@@ -256,6 +257,7 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
             raise ValueError("give dataset_root or images")
         images = list_val_images(dataset_root)
     batch_size = int(batch_size or getattr(detector, "batch_size", 1) or 1)
+    pad_to = int(getattr(detector, "pad_to", 1))
     max_pending = max_pending or max(4 * batch_size, batch_size)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -270,7 +272,7 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
                disable=(not sys.stderr.isatty()) if progress is None else not progress)
     from utils.image_loader import ImageFolderDataset, SameSizeBatcher, make_loader, start_loader  # torch
 
-    batcher = SameSizeBatcher(batch_size, max_pending)
+    batcher = SameSizeBatcher(batch_size, max_pending, pad_to)
 
     def run(batch: list) -> None:
         found = _detect_or_retry(detector, [record.image for record in batch], [r.path for r in batch])

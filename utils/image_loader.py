@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from models.padding_mask import padded_size
 from utils.errors import is_opencv_error, is_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, decode_image, read_image_bytes
 
@@ -325,18 +326,22 @@ def start_loader(loader: DataLoader) -> Iterator[list[ImageRecord]]:
 class SameSizeBatcher:
     """Groups records by network-input size into batches of ``batch_size`` (``--infer_imsize_same``).
 
-    :meth:`add` returns the batches that became full; at most ``max_pending`` images wait (the
-    largest group is released early beyond that); :meth:`flush` returns what is left.
+    With ``pad_to`` > 1 the sizes are rounded up to a multiple of ``pad_to`` first (``--pad_to``:
+    the images of a group share one padded canvas). :meth:`add` returns the batches that became
+    full; at most ``max_pending`` images wait (the largest group is released early beyond that);
+    :meth:`flush` returns what is left.
     """
 
-    def __init__(self, batch_size: int, max_pending: int | None = None) -> None:
+    def __init__(self, batch_size: int, max_pending: int | None = None, pad_to: int = 1) -> None:
         self.batch_size = batch_size
         self.max_pending = max_pending or max(4 * batch_size, 16)
+        self.pad_to = max(1, pad_to)
         self.groups: OrderedDict[tuple[int, ...], list[ImageRecord]] = OrderedDict()
         self.pending = 0
 
     def add(self, record: ImageRecord) -> list[list[ImageRecord]]:
-        key = tuple(record.net_image.shape)
+        height, width, *channels = record.net_image.shape
+        key = (*padded_size(height, width, self.pad_to), *channels)
         self.groups.setdefault(key, []).append(record)
         self.pending += 1
         ready = []

@@ -601,7 +601,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
                 confidence_threshold=args.confidence_threshold, nms_threshold=args.nms_threshold,
                 top_k=args.top_k, keep_top_k=args.keep_top_k, max_size=args.max_size,
                 batch_size=args.batch_size, half=args.half, channels_last=getattr(args, "channels_last", None),
-                cuda_graphs=getattr(args, "cuda_graphs", True))
+                cuda_graphs=getattr(args, "cuda_graphs", True), pad_to=max(1, getattr(args, "pad_to", 0)))
     except BaseException:
         remove_created_folders(created)  # nothing was run: leave no empty output folder behind
         raise
@@ -616,7 +616,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     for name, reason in unreadable:
         _warn(bar, f"skipped {escape_name(name)}: {reason}")
     runner = _Runner(args, detector, output, dataset.names, collect, summary, bar)
-    batcher = SameSizeBatcher(args.batch_size) if args.infer_imsize_same else None
+    batcher = SameSizeBatcher(args.batch_size, pad_to=detector.pad_to) if args.infer_imsize_same else None
     if args.half and device.type != "cuda":
         _warn(bar, "--half is only used on CUDA; running in float32")
     loop_started = time.perf_counter()
