@@ -84,34 +84,35 @@ def valid_priors(sizes: torch.Tensor, canvas: tuple[int, int], num_anchor: int) 
 
 
 class PaddingMask:
-    """Forward pre-hooks on ``network`` that zero, inside :meth:`active`, the padded area of the
-    input of every layer that mixes positions (see the module doc). Outside :meth:`active` the
-    hooks do nothing (one attribute test per layer).
+    """Zeroes, inside :meth:`active`, the padded area of the input of every layer of ``network``
+    that mixes positions (see the module doc), in place: for inference (no autograd).
 
-    The masks are built from the ``sizes`` tensor with device operations only (no host sync), so
-    a masked forward pass can be captured in a CUDA graph whose static input includes ``sizes``.
+    The hooks exist only inside :meth:`active` (a hook on every layer would slow each unpadded
+    forward pass). The masks are built from the ``sizes`` tensor with device operations only (no
+    host sync), so a masked forward pass can be captured in a CUDA graph whose static input
+    includes ``sizes``.
     """
 
     def __init__(self, network: nn.Module) -> None:
-        self._sizes: torch.Tensor | None = None
+        self._sizes = torch.empty(0, 2, dtype=torch.int64)
         self._canvas: tuple[int, int] = (0, 0)
         self._masks: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = {}
         self.layers = [m for m in network.modules() if mixes_positions(m)]
-        self._handles = [m.register_forward_pre_hook(self._zero_padding) for m in self.layers]
 
     @contextmanager
     def active(self, sizes: torch.Tensor, canvas: tuple[int, int]) -> Iterator[None]:
         """Mask the forward passes run inside: ``sizes`` (B, 2) int64 (height, width) of each
         image of a batch padded to ``canvas = (H, W)``, on the network's device."""
         self._sizes, self._canvas, self._masks = sizes, (int(canvas[0]), int(canvas[1])), {}
+        handles = [layer.register_forward_pre_hook(self._zero_padding) for layer in self.layers]
         try:
             yield
         finally:
-            self._sizes, self._masks = None, {}
+            for handle in handles:
+                handle.remove()
+            self._masks = {}
 
-    def _zero_padding(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
-        if self._sizes is None:
-            return None
+    def _zero_padding(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         features = args[0]
         channels_last = features.is_contiguous(memory_format=torch.channels_last)
         # a mask broadcast over few NHWC channels is a slow pattern for CPU kernels (4x for 3
@@ -125,9 +126,3 @@ class PaddingMask:
                 mask = mask.expand(-1, channels, -1, -1).contiguous(memory_format=torch.channels_last)
             self._masks[key] = mask
         return (features.mul_(mask), *args[1:])
-
-    def remove(self) -> None:
-        """Take the hooks off the network."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []

@@ -242,5 +242,11 @@ def test_compiled_dense_path_equals_eager(mobilenet_weights):
     model = load_model(mobilenet_weights)
     images = torch.randint(0, 256, (2, 64, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     compiled = DensePath(model, torch.device("cpu"), compile=True)
-    for got, want in zip(compiled(images), DensePath(model, torch.device("cpu"))(images)):
+    eager = DensePath(model, torch.device("cpu"))
+    for got, want in zip(compiled(images), eager(images)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    sizes = torch.tensor([[64, 96], [41, 77]])  # a padded batch: the masking hooks run inside the compiled code
+    padded_got, padded_want = compiled(images, sizes=sizes), eager(images, sizes=sizes)
+    assert torch.isinf(padded_want[1][1]).sum() > 0  # the second image's padding priors are left out
+    for got, want in zip(padded_got, padded_want):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)

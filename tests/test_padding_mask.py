@@ -51,9 +51,7 @@ def test_padded_batch_gives_each_image_its_outputs_alone(network, cascade, chann
                     if SIZES[index] != CANVAS:  # what the mask is for: plain padding changes the outputs
                         plain = getattr(stage_unmasked, field)[index][inside[index]]
                         assert (plain - want).abs().max().item() > 1e-2 * spread
-    mask.remove()
-    with torch.no_grad():
-        assert torch.equal(model(inputs)[0].conf, unmasked[0].conf)  # hooks gone
+    assert all(not layer._forward_pre_hooks for layer in mask.layers)  # hooks only while active
 
 
 @pytest.mark.parametrize("num_anchor", [2, 3])
@@ -71,3 +69,16 @@ def test_position_mask_refuses_maps_that_are_not_the_canvas_halved():
     assert position_mask(torch.tensor([[5, 3]]), (9, 9), (3, 3))[0, 0].sum().item() == 2 * 1
     with pytest.raises(ValueError, match="not the input"):
         position_mask(torch.tensor([[5, 5]]), (9, 9), (4, 5))
+
+
+def test_dense_path_checks_the_sizes_and_skips_the_mask_when_nothing_is_padded():
+    from models.dense_path import DensePath
+
+    dense = DensePath(RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)), torch.device("cpu"))
+    images = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for bad in ([[65, 64], [64, 64]], [[64, 64]], [[0, 64], [64, 64]]):
+        with pytest.raises(ValueError, match="within"):
+            dense(images, sizes=torch.tensor(bad))
+    full = dense(images, sizes=torch.tensor([[64, 64], [64, 64]]))
+    assert all(torch.equal(a, b) for a, b in zip(full, dense(images)))
+    assert torch.isfinite(full[1]).all()
