@@ -82,12 +82,12 @@ def resize_scale(height: int, width: int, target_size: int | None = None, max_si
     return 1.0
 
 
-def same_size_groups(images: Sequence[np.ndarray], pad_to: int = 1) -> list[list[int]]:
-    """Indices of the images grouped by (height, width) rounded up to a multiple of ``pad_to``
-    (1: exact sizes), in first-seen order: the images that share a forward pass."""
+def same_size_groups(images: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of the images grouped by (height, width), in first-seen order: the images that can
+    share a forward pass without padding."""
     groups: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
-        groups.setdefault(padded_size(image.shape[0], image.shape[1], pad_to), []).append(index)
+        groups.setdefault(image.shape[:2], []).append(index)
     return list(groups.values())
 
 
@@ -146,12 +146,13 @@ class FaceDetector:
             itself runs all the images it is given, one forward pass per size group).
         pad_batches: run all the images of a :meth:`detect_batch` call in one forward pass,
             padded at the bottom and right to the largest height and width; otherwise only images
-            of one size (or one ``pad_to`` canvas) share a pass. Padding is exact: the network
-            masks it (``models/padding_mask.py``), so each image gets the detections it gets alone.
+            of one size share a pass. Padding is exact: the network masks it
+            (``models/padding_mask.py``), so each image gets the detections it gets alone.
         pad_to: round the canvas of every forward pass up to a multiple of ``pad_to`` pixels
-            (1: no rounding), and let images whose rounded sizes agree share a pass. A data set
-            of many image sizes then runs a few canvas shapes, which on CUDA reuse their cuDNN
-            plans and CUDA graphs, at the cost of computing the padding.
+            (1: no rounding); above 1 it implies ``pad_batches`` (the caller chooses which images
+            share a call: ``utils.image_loader.SameSizeBatcher`` groups them by canvas). A data
+            set of many image sizes then runs a few canvas shapes, which on CUDA reuse their
+            cuDNN plans and CUDA graphs, at the cost of computing the padding.
         half: fp16 autocast on CUDA; ignored (with a warning) on the CPU.
         precision: ``fp32``, ``fp16`` or ``bf16`` autocast on CUDA (overrides ``half``). fp16 is
             the fast choice: bf16's 8-bit mantissa moved some boxes of the published
@@ -190,10 +191,10 @@ class FaceDetector:
         self.target_size = target_size
         self.max_size = max_size
         self.batch_size = batch_size
-        self.pad_batches = pad_batches
         if int(pad_to) < 1:
             raise ValueError(f"pad_to must be a positive number of pixels, got {pad_to}")
         self.pad_to = int(pad_to)
+        self.pad_batches = pad_batches or self.pad_to > 1
         self.pixel_offset = pixel_offset
         precision = precision or ("fp16" if half else "fp32")
         if precision != "fp32" and self.device.type != "cuda":
@@ -239,7 +240,7 @@ class FaceDetector:
         return results  # type: ignore[return-value]
 
     def _groups(self, inputs: Sequence[np.ndarray]) -> list[list[int]]:
-        return [list(range(len(inputs)))] if self.pad_batches else same_size_groups(inputs, self.pad_to)
+        return [list(range(len(inputs)))] if self.pad_batches else same_size_groups(inputs)
 
     def _detect_same_canvas(self, images: list[np.ndarray], scales: list[float]) -> list[Detections]:
         """Detections of ``images`` (resized by ``scales`` from the originals) in original pixels."""

@@ -222,16 +222,45 @@ def test_padded_batches_give_every_image_its_detections_alone(detector, widerfac
         assert unmatched(b, a, min_score=0.05, min_iou=0.999, max_score_diff=1e-4, max_landmark_diff=0.01) == []
 
 
-def test_pad_to_groups_images_by_rounded_size():
+def test_pad_to_rounds_canvases_and_batcher_fills_batches_with_smaller_canvases():
+    from types import SimpleNamespace
+
     from models.detector import same_size_groups
     from models.padding_mask import padded_size
+    from utils.image_loader import SameSizeBatcher
 
     assert padded_size(481, 640, 64) == (512, 640) and padded_size(481, 640) == (481, 640)
-    images = [np.zeros(shape, np.uint8) for shape in [(481, 640, 3), (512, 600, 3), (480, 640, 3), (513, 640, 3)]]
-    assert same_size_groups(images) == [[0], [1], [2], [3]]
-    assert same_size_groups(images, 64) == [[0, 1, 2], [3]]
+    shapes = [(481, 640, 3), (512, 600, 3), (480, 640, 3), (513, 640, 3), (100, 100, 3), (700, 700, 3)]
+    images = [np.zeros(shape, np.uint8) for shape in shapes]
+    assert same_size_groups(images) == [[0], [1], [2], [3], [4], [5]]
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False))
+    assert FaceDetector(model=model, device="cpu", pad_to=64)._groups(images) == [[0, 1, 2, 3, 4, 5]]
+    assert FaceDetector(model=model, device="cpu")._groups(images[:3]) == [[0], [1], [2]]
     with pytest.raises(ValueError, match="pad_to"):
-        FaceDetector(model=RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)), device="cpu", pad_to=0)
+        FaceDetector(model=model, device="cpu", pad_to=0)
+
+    def record(index):
+        return SimpleNamespace(index=index, net_image=images[index])
+
+    def indices(batches):
+        return [[r.index for r in batch] for batch in batches]
+
+    exact = SameSizeBatcher(batch_size=3)
+    assert indices(exact.add(record(0)) + exact.add(record(2))) == [] and indices(exact.flush()) == [[0], [2]]
+    padded = SameSizeBatcher(batch_size=3, pad_to=64)
+    # 0, 1 and 2 share the 512x640 canvas: a full batch as soon as the third arrives
+    assert indices(padded.add(record(0)) + padded.add(record(1)) + padded.add(record(2))) == [[0, 1, 2]]
+    for index in (3, 4, 5):
+        assert padded.add(record(index)) == []
+    # the end: the largest canvas first (704x704, image 5), topped up with the waiting canvases that fit inside
+    # it, largest first (576x640, image 3; 128x128, image 4)
+    assert indices(padded.flush()) == [[5, 3, 4]]
+    assert padded.pending == 0 and not padded.groups
+    # beyond max_pending: the largest canvas leaves, topped up (not the small image that came first)
+    crowded = SameSizeBatcher(batch_size=2, max_pending=2, pad_to=64)
+    assert indices(crowded.add(record(4)) + crowded.add(record(0))) == []
+    assert indices(crowded.add(record(3))) == [[3, 0]]
+    assert indices(crowded.flush()) == [[4]]
 
 
 def test_compiled_dense_path_equals_eager(mobilenet_weights):

@@ -326,10 +326,14 @@ def start_loader(loader: DataLoader) -> Iterator[list[ImageRecord]]:
 class SameSizeBatcher:
     """Groups records by network-input size into batches of ``batch_size`` (``--infer_imsize_same``).
 
-    With ``pad_to`` > 1 the sizes are rounded up to a multiple of ``pad_to`` first (``--pad_to``:
-    the images of a group share one padded canvas). :meth:`add` returns the batches that became
-    full; at most ``max_pending`` images wait (the largest group is released early beyond that);
-    :meth:`flush` returns what is left.
+    :meth:`add` returns the batches that became full; at most ``max_pending`` images wait (the
+    largest group is released early beyond that); :meth:`flush` returns what is left.
+
+    With ``pad_to`` > 1 (``--pad_to``) a group is a canvas: the sizes rounded up to a multiple of
+    ``pad_to``. Beyond ``max_pending`` and at the end the largest canvas is released first, and a
+    group released before it is full is topped up with waiting images of canvases that fit inside
+    it (padding is exact), largest first, so that nearly every batch has ``batch_size`` images: a
+    batch shape (size and count) new to the process costs cuDNN and CUDA-graph set-up on a GPU.
     """
 
     def __init__(self, batch_size: int, max_pending: int | None = None, pad_to: int = 1) -> None:
@@ -348,13 +352,37 @@ class SameSizeBatcher:
         if len(self.groups[key]) >= self.batch_size:
             ready.append(self._pop(key))
         while self.pending > self.max_pending:
-            ready.append(self._pop(max(self.groups, key=lambda k: len(self.groups[k]))))
+            ready.append(self._pop(max(self.groups, key=self._release_order)))
         return ready
 
+    def _release_order(self, key: tuple[int, ...]) -> int:
+        # padded: the largest canvas, which the others can top up; exact sizes: the largest group
+        return key[0] * key[1] if self.pad_to > 1 else len(self.groups[key])
+
     def flush(self) -> list[list[ImageRecord]]:
-        return [self._pop(key) for key in list(self.groups)]
+        if self.pad_to == 1:
+            return [self._pop(key) for key in list(self.groups)]
+        ready = []
+        while self.groups:
+            ready.append(self._pop(max(self.groups, key=self._release_order)))
+        return ready
 
     def _pop(self, key: tuple[int, ...]) -> list[ImageRecord]:
         batch = self.groups.pop(key)
+        if self.pad_to > 1:
+            self._top_up(batch, key)
         self.pending -= len(batch)
         return batch
+
+    def _top_up(self, batch: list[ImageRecord], canvas: tuple[int, ...]) -> None:
+        fitting = sorted((key for key in self.groups if key[0] <= canvas[0] and key[1] <= canvas[1]
+                          and key[2:] == canvas[2:]), key=lambda k: k[0] * k[1], reverse=True)
+        for key in fitting:
+            waiting = self.groups[key]
+            taken = waiting[:self.batch_size - len(batch)]
+            batch.extend(taken)
+            del waiting[:len(taken)]
+            if not waiting:
+                del self.groups[key]
+            if len(batch) >= self.batch_size:
+                break

@@ -616,7 +616,9 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     for name, reason in unreadable:
         _warn(bar, f"skipped {escape_name(name)}: {reason}")
     runner = _Runner(args, detector, output, dataset.names, collect, summary, bar)
-    batcher = SameSizeBatcher(args.batch_size, pad_to=detector.pad_to) if args.infer_imsize_same else None
+    # --pad_to groups by canvas too: the detector runs each call's images in one padded pass
+    grouped = args.infer_imsize_same or detector.pad_to > 1
+    batcher = SameSizeBatcher(args.batch_size, pad_to=detector.pad_to) if grouped else None
     if args.half and device.type != "cuda":
         _warn(bar, "--half is only used on CUDA; running in float32")
     loop_started = time.perf_counter()
