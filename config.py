@@ -169,10 +169,10 @@ OPTIONS: tuple[Option, ...] = (
               "CUDA for mobilenet0.25, whose NHWC depthwise convolutions cost ~0.5 s per new image size "
               "(README, GPU benchmarks)"),
     _opt("--pad_to", type=non_negative_int, default=0, scripts={TEST, INFERENCE},
-         help="pad each forward pass's images to a canvas rounded up to a multiple of this many pixels, "
-              "and batch images whose rounded sizes agree (--batch_size per pass); exact: the network "
-              "masks the padding. Fewer distinct shapes for cuDNN and CUDA graphs. 0 (default): only "
-              "same-size images share a pass"),
+         help="batch images of different sizes (--batch_size per pass) on canvases rounded up to a "
+              "multiple of this many pixels, grouped by canvas; exact: the network masks the padding. "
+              "Few distinct batch shapes for cuDNN and CUDA graphs (for GPUs; slower on the CPU). "
+              "0 (default): only same-size images share a pass"),
     _opt("--cuda_graphs", type=str2bool, default=True, scripts={TEST, INFERENCE},
          help="on CUDA, replay the network of image sizes seen before from CUDA graphs (the first 4 "
               "repeated sizes; false: always launch kernel by kernel)"),

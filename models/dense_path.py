@@ -4,8 +4,8 @@ Everything from the uint8 batch to the decoded boxes, scores and landmarks of ev
 shapes that depend only on the input shape (images of different sizes padded to one canvas
 included: their sizes are a tensor input, see ``models/padding_mask.py``), so on CUDA it can be
 replayed from a CUDA graph: one launch instead of a few hundred kernel launches, which is what
-bounds small batches (a ResNet-50 cascade forward pass is ~300 kernels). Post-processing (threshold, NMS) has data-dependent shapes
-and stays eager (``utils/postprocess.py``).
+bounds small batches (a ResNet-50 cascade forward pass is ~300 kernels). Post-processing
+(threshold, NMS) has data-dependent shapes and stays eager (``utils/postprocess.py``).
 
 Graph policy: a shape is captured the second time it is seen (the first, eager run has done
 cuDNN's autotuning and lazy initialisation), so a folder of photos of all different sizes never

@@ -77,7 +77,7 @@ def valid_priors(sizes: torch.Tensor, canvas: tuple[int, int], num_anchor: int) 
     (prior order of ``layers.prior_box``: level, row, column, anchor). ``sizes`` (B, 2) int64
     (height, width) in pixels, each at most the canvas."""
     levels = []
-    for (rows, cols), step in zip(feature_map_sizes(canvas), STEPS):
+    for rows, cols in feature_map_sizes(canvas, STEPS):
         inside = position_mask(sizes, canvas, (rows, cols))[:, 0]  # (B, rows, cols)
         levels.append(inside[..., None].expand(-1, -1, -1, num_anchor).reshape(sizes.shape[0], -1))
     return torch.cat(levels, dim=1)
@@ -94,7 +94,7 @@ class PaddingMask:
     """
 
     def __init__(self, network: nn.Module) -> None:
-        self._sizes = torch.empty(0, 2, dtype=torch.int64)
+        self._sizes = torch.empty(0, 2, dtype=torch.int64)  # set by active()
         self._canvas: tuple[int, int] = (0, 0)
         self._masks: dict[tuple[int, int, int, torch.dtype], torch.Tensor] = {}
         self.layers = [m for m in network.modules() if mixes_positions(m)]
@@ -125,4 +125,6 @@ class PaddingMask:
             if channels > 1:
                 mask = mask.expand(-1, channels, -1, -1).contiguous(memory_format=torch.channels_last)
             self._masks[key] = mask
+        # a multiplication (4x faster than masked_fill_ on the CPU): the padding's activations are
+        # finite, as the canvas is filled with finite values
         return (features.mul_(mask), *args[1:])
