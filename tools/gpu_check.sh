@@ -77,7 +77,7 @@ else
                     --iters 1500 --eval_every 500 --lr 1e-2 --warmup_iters 50 --workers 8)
   TRAINED_R50_INFERENCE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32
                               --variants ref,tf32+graph,fp16+graph,bf16+graph,bf16+compile+graph)
-  # 7 fresh processes: the public-style pass, then auto/true/false twice (second round reversed)
+  # 9 fresh processes: the public-style pass, then auto/true/false/--pad_to twice (second round reversed)
   CLI_ARGS=(--device cuda --rounds 2 --timeout 60)
   TESTS_LIMIT=90; INFERENCE_LIMIT=240; TRAIN_LIMIT=210; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
 fi
