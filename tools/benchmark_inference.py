@@ -766,10 +766,11 @@ NEW_SIZE_PIPELINES: dict[str, tuple[dict[str, Any], bool, bool | None, bool]] = 
     "fp16, channels_last, --pad_to 128 --batch_size 8":
         ({"half": True, "channels_last": True, "pad_to": 128, "batch_size": 8}, False, None, True),
 }
-#: The pipelines timed for the models of ``--sample_new_size_models`` (random weights): the layout
-#: question only, whether a new size costs those networks more in NHWC than in NCHW.
+#: The pipelines timed for the models of ``--sample_new_size_models`` (random weights): whether a
+#: new size costs those networks more in NHWC than in NCHW, and test.py with padded batches (CUDA).
 NEW_SIZE_LAYOUT_PIPELINES = ("test.py defaults (fp32, layout auto, BN folded, batch 1)",
-                             "fp32, channels_last, BN folded, batch 1", "fp32, NCHW, BN folded, batch 1")
+                             "fp32, channels_last, BN folded, batch 1", "fp32, NCHW, BN folded, batch 1",
+                             "as test.py, --pad_to 128 --batch_size 8")
 
 
 def tf32_setting(device: torch.device, enabled: bool | None):
