@@ -212,8 +212,7 @@ def test_padded_batches_give_every_image_its_detections_alone(detector, widerfac
     assert len({im.shape for im in images}) >= 3
     padded = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.02, nms_threshold=0.4,
                           batch_size=len(images), **options)
-    if options.get("pad_batches"):
-        assert padded._groups(images) == [[0, 1, 2, 3]]
+    assert padded._groups(images) == [[0, 1, 2, 3]]  # one pass (pad_to implies pad_batches)
     for together, alone in zip(padded.detect(images), [detector.detect(im) for im in images]):
         a = as_rows(alone.boxes, alone.scores, alone.landmarks)
         b = as_rows(together.boxes, together.scores, together.landmarks)

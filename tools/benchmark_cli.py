@@ -9,11 +9,10 @@ paid inside the pass. This benchmark runs, each in a new process, one pass of th
 pipeline (``tools/public_pipeline.py``: cuDNN autotuning on, as the public ``test_widerface.py``
 sets it) and then ``test.py`` on the same images for each ``--channels_last`` setting and each
 ``--extra`` set of options (default: ``--pad_to 128 --batch_size 8``, padded batches of few canvas
-shapes, so that fewer shapes are new to the process). The
-public pass times decoding and detection after the model is loaded; test.py's ``seconds`` is its
-own pass (decoding in workers, detection, writing the prediction files), also after loading.
-``process_s`` is each process's whole wall time, start-up and evaluation included. Process
-timings are noisy: ``--rounds`` (default 2) runs the settings again in reverse order, and each
+shapes, so that fewer shapes are new to the process). The public pass times decoding and
+detection after the model is loaded; test.py's ``seconds`` is its own pass (decoding in workers,
+detection, writing the prediction files), also after loading. ``process_s`` is each process's
+whole wall time, start-up and evaluation included. Process timings are noisy: ``--rounds`` (default 2) runs the settings again in reverse order, and each
 setting reports its fastest round (all rounds are kept in ``rounds_ms_per_img``). An interrupt
 (tools/gpu_check.sh's time limit) still prints what was measured.
 
@@ -134,9 +133,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except Exception as error:
             errors.append(f"public-style: {type(error).__name__}: {error}")
         with tempfile.TemporaryDirectory() as scratch:
-            each = settings(args)
+            order = list(enumerate(settings(args)))
             for round_index in range(args.rounds):
-                for index, options in enumerate(each) if round_index % 2 == 0 else list(enumerate(each))[::-1]:
+                for index, options in order if round_index % 2 == 0 else order[::-1]:
                     try:
                         runs.append(measure_test_py(args, options, Path(scratch) / f"{index}_{round_index}"))
                     except Exception as error:
