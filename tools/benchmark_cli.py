@@ -12,9 +12,10 @@ sets it) and then ``test.py`` on the same images for each ``--channels_last`` se
 shapes, so that fewer shapes are new to the process). The public pass times decoding and
 detection after the model is loaded; test.py's ``seconds`` is its own pass (decoding in workers,
 detection, writing the prediction files), also after loading. ``process_s`` is each process's
-whole wall time, start-up and evaluation included. Process timings are noisy: ``--rounds`` (default 2) runs the settings again in reverse order, and each
-setting reports its fastest round (all rounds are kept in ``rounds_ms_per_img``). An interrupt
-(tools/gpu_check.sh's time limit) still prints what was measured.
+whole wall time, start-up and evaluation included. Process timings are noisy: ``--rounds``
+(default 2) runs the settings again in reverse order, and each setting reports its fastest round
+(all rounds are kept in ``rounds_ms_per_img``). An interrupt (tools/gpu_check.sh's time limit)
+still prints what was measured.
 
 Prints ONE JSON line (device, torch version, date, command, the measurements); ``--out FILE``
 appends it to FILE; ``tools/speed_table.py`` renders it.

@@ -688,7 +688,8 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
     # FaceDetector itself (the public API: numpy in, Detections out; fp16 autocast and CUDA graphs on
     # CUDA): one forward pass per size, and all the images in one exactly padded batch (--pad_to)
     cuda = device.type == "cuda"
-    for key, padding in (("face_detector_api", {}), ("face_detector_api_padded", {"pad_batches": True, "pad_to": 128})):
+    api_settings = {"face_detector_api": {}, "face_detector_api_padded": {"pad_batches": True, "pad_to": 128}}
+    for key, padding in api_settings.items():
         try:
             detector = FaceDetector(model=model, device=device, confidence_threshold=conf, nms_threshold=0.4,
                                     batch_size=n, half=cuda, **padding)
@@ -719,9 +720,8 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
     if section.get("new_sizes") and args.sample_new_size_models:
         section["new_sizes"]["other_models"] = measure_new_size_models(args, device, arrays, seen, errors)
     timed_variants = [v for v in section["variants"] if "ms_per_img" in v and v.get("fidelity", {}).get("passed", True)]
-    timed_variants += [{**api, "variant": api["settings"]} for api in
-                       (section.get("face_detector_api"), section.get("face_detector_api_padded"))
-                       if api and api["fidelity"]["passed"]]
+    timed_variants += [{**section[key], "variant": section[key]["settings"]} for key in api_settings
+                       if key in section and section[key]["fidelity"]["passed"]]
     if timed_variants:
         best = min(timed_variants, key=lambda v: v["ms_per_img"])
         section["best"] = {"variant": best["variant"], "ms_per_img": best["ms_per_img"],

@@ -247,8 +247,9 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
             by earlier runs are deleted so that the folder describes this run only.
         batch_size: images per forward pass (default: the detector's). Images wait in per-size
             groups until a group is full (at most ``max_pending`` images wait; default
-            ``4 * batch_size``), so only same-size images share a pass, like FaceDetector does
-            (sizes rounded up to the detector's ``pad_to``, as its canvases are).
+            ``4 * batch_size``), so only same-size images share a pass, like FaceDetector does;
+            with the detector's ``pad_to`` > 1 the groups are its canvases, topped up with
+            smaller ones (``utils.image_loader.SameSizeBatcher``).
         workers: DataLoader processes decoding images while the network runs (0: in-process).
         progress: tqdm bar on stderr (``None``: only on a terminal).
     """
