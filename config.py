@@ -124,6 +124,21 @@ def probability(value: str) -> float:
     return number
 
 
+def compile_backend(value: str | bool | None) -> str | None:
+    """argparse type for ``--compile``: ``false`` -> None (eager), ``true`` -> ``"inductor"``, or
+    the name of a ``torch.compile`` backend (checked when the model is compiled)."""
+    if value is None or isinstance(value, bool):
+        return "inductor" if value else None
+    try:
+        return "inductor" if str2bool(value) else None
+    except argparse.ArgumentTypeError:
+        name = value.strip()
+        if not name.replace("_", "").isalnum():
+            raise argparse.ArgumentTypeError(
+                f"expected true, false or a torch.compile backend name, got {value!r}") from None
+        return name
+
+
 def device_name(value: str) -> str:
     """``cpu``, ``cuda`` or ``cuda:N``; availability is checked when the device is used."""
     lowered = value.strip().lower()
@@ -268,6 +283,9 @@ OPTIONS: tuple[Option, ...] = (
          help="seed of weight init, data order and augmentation (a resumed run keeps its own)"),
     _opt("--deterministic", type=str2bool, default=False, scripts={TRAIN},
          help="torch.use_deterministic_algorithms and no cudnn.benchmark (slower, reproducible)"),
+    _opt("--compile", type=compile_backend, default=None, scripts={TRAIN},
+         help="torch.compile the model for training: false (default), true (inductor) or a backend "
+              "name; the first step compiles (a minute or more), evaluation runs uncompiled"),
     _opt("--amp", type=str2bool, default=True, scripts={TRAIN},
          help="automatic mixed precision on CUDA (bf16 where supported, else fp16 with a "
               "GradScaler); ignored on the CPU"),

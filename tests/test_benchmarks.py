@@ -421,6 +421,21 @@ def test_speed_table_target_verdicts():
     assert "| resnet50_cascade | FaceDetector, c | NCHW | 20.0 |" in rendered
     assert "| resnet50 | – | – | RuntimeError: out of memory |" in rendered
 
+    # a second training report (gpu_check's train_compile step: fixed batches only) counts where it
+    # is faster, and the real-pipeline ratios of the first report stay
+    compiled = {"benchmark": "train", "env": h100, "date": "2026-01-01", "command": "python z", "configs": [
+        {"config": "resnet50:24:840", "variants": [], "summary": {
+            "best_fixed_img_per_s": 300.0, "best_fixed_variant": "bf16+compile", "speedup_vs_public_style": 3.8}},
+        {"config": "mobilenet0.25:32:640", "variants": [], "summary": {
+            "best_fixed_img_per_s": 700.0, "best_fixed_variant": "bf16+compile", "speedup_vs_public_style": 2.6}}]}
+    rows = {row[0]: row for row in speed_table.target_rows([inference, train, compiled])}
+    assert rows["resnet50 bs24@840 fixed batches"][2].startswith("300 (bf16+compile; 3.8×")
+    assert rows["resnet50 bs24@840 fixed batches"][3] == "met"
+    assert rows["mobilenet0.25 bs32@640 fixed batches"][2].startswith("800 (bf16; 3.0×")
+    assert rows["mobilenet0.25:32:640 real data pipeline vs fixed batches"][2].startswith("0.85")
+    assert "resnet50:24:840 real data pipeline vs fixed batches" in rows  # measured nowhere: shown as such
+    assert rows["resnet50:24:840 real data pipeline vs fixed batches"][3] == "not measured"
+
 
 def test_public_style_folder_pass_finds_what_face_detector_finds(widerface_sample, mobilenet_weights, tmp_path,
                                                                  one_cpu_thread):

@@ -70,6 +70,7 @@ def test_str2bool():
     (["--lr_steps", "abc"], "argument --lr_steps: expected comma-separated positive epochs"),
     (["--lr_steps", "5,-1"], "argument --lr_steps: expected comma-separated positive epochs"),
     (["--lr_steps", "0,10"], "argument --lr_steps: expected comma-separated positive epochs"),
+    (["--compile", "max autotune"], "argument --compile: expected true, false or a torch.compile backend name"),
 ])
 def test_bad_training_numbers_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     import train
@@ -87,6 +88,10 @@ def test_training_numbers_that_are_accepted():
     assert (args.lr, args.momentum, args.weight_decay, args.warmup_epochs) == (0.0, 0.0, 0.0, 0.5)
     assert args.lr_steps == "10,20"  # sorted, as a plain string (what checkpoints record)
     assert config.parse_args("train", []).lr_steps is None
+    compile_settings = {value: config.parse_args("train", ["--compile", value]).compile
+                        for value in ("true", "False", "aot_eager")}
+    assert compile_settings == {"true": "inductor", "False": None, "aot_eager": "aot_eager"}
+    assert config.parse_args("train", []).compile is None
 
 
 def test_help_states_each_default_once_as_written():

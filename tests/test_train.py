@@ -393,6 +393,45 @@ def test_resume_keeps_the_optimizer_kernel_of_this_run():
     resumed.scaler.update()
 
 
+def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(widerface_sample, tmp_path, monkeypatch):
+    """--compile: the same steps as eager (aot_eager: torch.compile's tracing and autograd
+    without inductor's kernels, so the wiring is tested in seconds), a checkpoint with the
+    model's own names, evaluation and a resume without compile."""
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    common = ("--deterministic", "true", "--epochs", "3", "--lr", "0.005", "--max_iters", "3")
+    from torch._dynamo.utils import counters
+
+    eager_run = train.run(_run_args(widerface_sample, "eager", *common))
+    counters.clear()
+    compiled_run = train.run(_run_args(widerface_sample, "compiled", *common, "--compile", "aot_eager"))
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward passes did go through torch.compile
+    eager_losses = [loss for _, loss in eager_run["loss_history"]]
+    assert [loss for _, loss in compiled_run["loss_history"]] == pytest.approx(eager_losses, rel=1e-4)
+    eager = torch.load(tmp_path / "experiments/eager/ckpt/last.pth", weights_only=True)
+    compiled = torch.load(tmp_path / "experiments/compiled/ckpt/last.pth", weights_only=True)
+    assert list(compiled["model"]) == list(eager["model"])  # the model's own names, no _orig_mod.
+    for key, value in eager["model"].items():
+        torch.testing.assert_close(compiled["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+    log = (tmp_path / "experiments/compiled/log/logs.txt").read_text()
+    assert "torch.compile (backend aot_eager)" in log
+    train.run(["--resume", "experiments/compiled/ckpt/last.pth", "--max_iters", "4", "--compile", "false",
+               "--device", "cpu"])
+    assert torch.load(tmp_path / "experiments/compiled/ckpt/last.pth", weights_only=True)["step"] == 4
+
+
+def test_unknown_compile_backend_fails_with_one_line(widerface_sample, tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    assert train.main(_run_args(widerface_sample, "nobackend", "--compile", "no_such_backend")) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("train.py: error: --compile no_such_backend: not a torch.compile backend"), message
+    assert "inductor" in message
+    assert not (tmp_path / "experiments/nobackend/ckpt/last.pth").exists()
+
+
 def test_starting_a_run_again_does_not_overwrite_it(widerface_sample, tmp_path, monkeypatch, capsys):
     import train
 
@@ -467,11 +506,13 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def test_two_process_gloo_ddp(widerface_sample, tmp_path):
+@pytest.mark.parametrize("compile_backend", ["false", "aot_eager"])
+def test_two_process_gloo_ddp(widerface_sample, tmp_path, compile_backend):
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     (tmp_path / "ddp_run.py").write_text(DDP_RUN)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(tmp_path / "ddp_run.py"), *_run_args(widerface_sample, "ddp", "--max_iters", "2")]
+               str(tmp_path / "ddp_run.py"),
+               *_run_args(widerface_sample, "ddp", "--max_iters", "2", "--compile", compile_backend)]
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # both ranks freed their DDP wrapper before destroying the process group
@@ -483,6 +524,7 @@ def test_two_process_gloo_ddp(widerface_sample, tmp_path):
     assert not any(k.startswith("module.") for k in saved["model"])
     log = (tmp_path / "experiments/ddp/log/logs.txt").read_text()
     assert log.count("saved checkpoint") == 1 and "x2 process(es)" in log
+    assert ("torch.compile (backend aot_eager)" in log) == (compile_backend == "aot_eager")
 
 
 def test_recipe_differences_name_the_public_settings():

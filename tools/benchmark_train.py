@@ -415,13 +415,13 @@ def build_training(config, variant, device: torch.device, seed: int, public: boo
     from utils.train_utils import DistInfo, build_optimizer, wrap_model
     torch.manual_seed(seed)
     model = RetinaFace(config)
-    wrapped = wrap_model(model, DistInfo(device=device), channels_last=variant.channels_last)
+    runner = wrap_model(model, DistInfo(device=device), channels_last=variant.channels_last,
+                        compile_backend="inductor" if variant.compile else None)
     hyper = SimpleNamespace(lr=1e-3, momentum=0.9, weight_decay=5e-4)
     optimizer = (torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
                                  weight_decay=hyper.weight_decay) if public else build_optimizer(model, hyper))
     dtype = autocast_dtype(variant, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    runner = torch.compile(wrapped) if variant.compile else wrapped
     return model, runner, optimizer, scaler, dtype
 
 

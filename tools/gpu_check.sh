@@ -23,12 +23,15 @@
 #                then its batch-32 variants (torch.compile included) against its fp32 path
 #   compile      torch.compile of the ResNet-50 cascade at batch 32 on random weights (22 s of
 #                compilation on an H100; measured 2026-11-26, trained_r50 measures it again)
+#   train_compile  train.py --compile: fixed-batch training steps bf16 against bf16+compile (and the
+#                public-style step) for ResNet-50 bs24@840 and mobilenet0.25 bs32@640; not timed on a
+#                GPU yet (compilation of each model: a minute or more)
 #   table        tools/speed_table.py of the JSON files present
 #
 # Writes under $OUT (default ./bench_out): gpu_check.log (everything printed, the CUDA test report
 # included), inference.jsonl, cli.jsonl, train.jsonl (one JSON line per run, appended),
 # train_profile.txt (torch.profiler tables), inference_trained_r50.jsonl, inference_compile.jsonl,
-# speed_table.md. Exit status: 0 when every step succeeded.
+# train_compile.jsonl, speed_table.md. Exit status: 0 when every step succeeded.
 #
 # Data: $RETINAFACE_SHARED with data/widerface_sample/ and weights/mobilenet0.25_Final.pth
 # (default ./.gpu_shared when it exists, else ../shared). The GPU machine only receives the
@@ -62,7 +65,11 @@ if $SMOKE; then
   TRAINED_R50_INFERENCE_ARGS=(--device cpu --threads 1 --models resnet50_cascade --batch_sizes 1 --iters 1 --warmup 0
                               --size 128x96)
   CLI_ARGS=(--device cpu --rounds 1 --layouts auto,false)
+  # compiled variants are skipped on the CPU (a note in the JSON): this checks the step's wiring
+  TRAIN_COMPILE_ARGS=(--device cpu --threads 1 --configs mobilenet0.25:2:96 --variants public,fp32,fp32+compile --iters 1
+                      --warmup 1)
   TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; COMPILE_LIMIT=120; CLI_LIMIT=120; TRAINED_R50_LIMIT=120
+  TRAIN_COMPILE_LIMIT=120
 else
   # the targets: ResNet-50 cascade bs32 and bs1, mobilenet0.25 bs32 at 640x480, the sample images;
   # training mobilenet0.25 bs32@640 and ResNet-50 bs24@840, fixed batches and the real pipeline
@@ -79,6 +86,11 @@ else
                               --variants ref,tf32+graph,fp16+graph,bf16+graph,bf16+compile+graph)
   # 9 fresh processes: the public-style pass, then auto/true/false/--pad_to twice (second round reversed)
   CLI_ARGS=(--device cuda --rounds 2 --timeout 60)
+  # train.py --compile on the two training targets: fixed batches only (no real pipeline, no
+  # busy-core or several-batch rows); the public-style step gives the same-run ratio
+  TRAIN_COMPILE_ARGS=(--device cuda --configs resnet50:24:840,mobilenet0.25:32:640 --variants public,bf16,bf16+compile
+                      --real_variants "" --busy_processes 0 --fixed_batches 0 --iters 30 --warmup 3)
+  TRAIN_COMPILE_LIMIT=240
   TESTS_LIMIT=90; INFERENCE_LIMIT=240; TRAIN_LIMIT=210; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
 fi
 
@@ -161,13 +173,15 @@ if wanted trained_r50 && needs_shared trained_r50; then
 fi
 wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
+wanted train_compile && step train_compile "$TRAIN_COMPILE_LIMIT" "$PY" tools/benchmark_train.py \
+  "${TRAIN_COMPILE_ARGS[@]}" --dataset "$SAMPLE" --split val --out "$OUT/train_compile.jsonl"
 # torch.compile of the headline case (ResNet-50 cascade, batch 32, bf16)
 wanted compile && step compile "$COMPILE_LIMIT" "$PY" tools/benchmark_inference.py "${COMPILE_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --sample_weights "" --out "$OUT/inference_compile.jsonl"
 
 files=()
 for f in "$OUT/inference.jsonl" "$OUT/inference_compile.jsonl" "$OUT/inference_trained_r50.jsonl" "$OUT/cli.jsonl" \
-         "$OUT/train.jsonl"; do
+         "$OUT/train.jsonl" "$OUT/train_compile.jsonl"; do
   [ -s "$f" ] && files+=("$f")
 done
 if ! wanted table; then

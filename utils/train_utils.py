@@ -284,8 +284,19 @@ def build_model(args: argparse.Namespace, resume_checkpoint: Mapping[str, Any] |
     return model, notes
 
 
-def wrap_model(model: RetinaFace, info: DistInfo, sync_bn: bool = False, channels_last: bool = False) -> nn.Module:
-    """Move to the device (channels_last on CUDA) and wrap in DDP when distributed."""
+def wrap_model(model: RetinaFace, info: DistInfo, sync_bn: bool = False, channels_last: bool = False,
+               compile_backend: str | None = None) -> nn.Module:
+    """Move to the device (channels_last on CUDA), wrap in DDP when distributed, then
+    ``torch.compile`` the result with ``compile_backend`` (None: eager). The compiled module runs
+    the training forward passes; :func:`unwrap` gives the eager model (same parameters) for
+    saving and evaluation."""
+    if compile_backend is not None:
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if compile_backend not in backends:
+            raise TrainingSetupError(f"--compile {compile_backend}: not a torch.compile backend of this PyTorch "
+                                     f"(choose true or one of {', '.join(backends)})")
     if info.distributed and sync_bn:
         if info.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -297,10 +308,14 @@ def wrap_model(model: RetinaFace, info: DistInfo, sync_bn: bool = False, channel
     if info.distributed:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True)
+    if compile_backend is not None:
+        model = torch.compile(model, backend=compile_backend)
     return model
 
 
 def unwrap(model: nn.Module) -> RetinaFace:
+    """The :class:`RetinaFace` inside what :func:`wrap_model` returns (torch.compile, DDP)."""
+    model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
 
@@ -1225,7 +1240,11 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         config = model.config
         cuda = info.device.type == "cuda"
         autocast_dtype, scaler = autocast_settings(info.device, args.amp)
-        wrapped = wrap_model(model, info, sync_bn=args.sync_bn, channels_last=cuda)
+        wrapped = wrap_model(model, info, sync_bn=args.sync_bn, channels_last=cuda,
+                             compile_backend=getattr(args, "compile", None))
+        if getattr(args, "compile", None):
+            notes.append(f"torch.compile (backend {args.compile}): the first training step compiles the model; "
+                         "evaluation runs it uncompiled")
         raw_model = unwrap(wrapped)
         iters_per_epoch = len(sampler) // args.batch_size
         epochs, steps = resolve_epochs_and_steps(args, config.network)
