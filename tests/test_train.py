@@ -396,13 +396,16 @@ def test_resume_keeps_the_optimizer_kernel_of_this_run():
 def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(widerface_sample, tmp_path, monkeypatch):
     """--compile: the same steps as eager (aot_eager: torch.compile's tracing and autograd
     without inductor's kernels, so the wiring is tested in seconds), a checkpoint with the
-    model's own names, evaluation and a resume without compile."""
-    import train
-
-    monkeypatch.chdir(tmp_path)
-    common = ("--deterministic", "true", "--epochs", "3", "--lr", "0.005", "--max_iters", "3")
+    model's own names, a resume without compile; saving and evaluation get the eager model."""
     from torch._dynamo.utils import counters
 
+    import train
+
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False))
+    compiled_model = tu.wrap_model(model, tu.DistInfo(), compile_backend="aot_eager")
+    assert compiled_model is not model and tu.unwrap(compiled_model) is model
+    monkeypatch.chdir(tmp_path)
+    common = ("--deterministic", "true", "--epochs", "3", "--lr", "0.005", "--max_iters", "3")
     eager_run = train.run(_run_args(widerface_sample, "eager", *common))
     counters.clear()
     compiled_run = train.run(_run_args(widerface_sample, "compiled", *common, "--compile", "aot_eager"))
