@@ -322,15 +322,13 @@ def target_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:
         # the report with the fastest fixed batches, and the real-pipeline ratios where measured
         configs: dict[str, dict[str, Any]] = {}
         real_ratios: dict[str, dict[str, float]] = {}
-        for r in train:
-            for c in r.get("configs", []):
-                fastest = (c.get("summary") or {}).get("best_fixed_img_per_s") or 0.0
-                kept = (configs.get(c["config"], {}).get("summary") or {}).get("best_fixed_img_per_s") or 0.0
-                if c["config"] not in configs or fastest > kept:
-                    configs[c["config"]] = c
-                ratios = (c.get("summary") or {}).get("real_ratio_to_fixed")
-                if ratios or c["config"] not in real_ratios:
-                    real_ratios[c["config"]] = ratios or {}
+        for c in (c for r in train for c in r.get("configs", [])):
+            summary, spec = c.get("summary") or {}, c["config"]
+            if spec not in configs or (summary.get("best_fixed_img_per_s") or 0.0) > (
+                    (configs[spec].get("summary") or {}).get("best_fixed_img_per_s") or 0.0):
+                configs[spec] = c
+            if summary.get("real_ratio_to_fixed") or spec not in real_ratios:
+                real_ratios[spec] = summary.get("real_ratio_to_fixed") or {}
         for spec, reference in (("mobilenet0.25:32:640", 303.0), ("resnet50:24:840", 99.0),
                                 ("resnet50_cascade:24:840", 99.0)):
             summary = configs.get(spec, {}).get("summary")

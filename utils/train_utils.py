@@ -1240,9 +1240,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         config = model.config
         cuda = info.device.type == "cuda"
         autocast_dtype, scaler = autocast_settings(info.device, args.amp)
-        wrapped = wrap_model(model, info, sync_bn=args.sync_bn, channels_last=cuda,
-                             compile_backend=getattr(args, "compile", None))
-        if getattr(args, "compile", None):
+        wrapped = wrap_model(model, info, sync_bn=args.sync_bn, channels_last=cuda, compile_backend=args.compile)
+        if args.compile:
             notes.append(f"torch.compile (backend {args.compile}): the first training step compiles the model; "
                          "evaluation runs it uncompiled")
         raw_model = unwrap(wrapped)
