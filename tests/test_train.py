@@ -393,6 +393,18 @@ def test_resume_keeps_the_optimizer_kernel_of_this_run():
     resumed.scaler.update()
 
 
+@pytest.mark.parametrize("compile_backend", [None, "aot_eager"])
+def test_wrap_model_channels_last_with_and_without_compile(compile_backend):
+    """The CUDA set-up (channels_last) on the CPU: a local import in wrap_model once broke it
+    for every eager CUDA run (UnboundLocalError on `torch`), which no CPU test reached."""
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False))
+    wrapped = tu.wrap_model(model, tu.DistInfo(), channels_last=True, compile_backend=compile_backend)
+    assert tu.unwrap(wrapped) is model
+    first_conv = next(p for p in model.parameters() if p.dim() == 4)  # 3 -> 8 channels, 3x3
+    assert not first_conv.is_contiguous() and first_conv.is_contiguous(memory_format=torch.channels_last)
+    assert (wrapped is model) == (compile_backend is None)
+
+
 def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(widerface_sample, tmp_path, monkeypatch):
     """--compile: the same steps as eager (aot_eager: torch.compile's tracing and autograd
     without inductor's kernels, so the wiring is tested in seconds), a checkpoint with the

@@ -291,9 +291,9 @@ def wrap_model(model: RetinaFace, info: DistInfo, sync_bn: bool = False, channel
     the training forward passes; :func:`unwrap` gives the eager model (same parameters) for
     saving and evaluation."""
     if compile_backend is not None:
-        import torch._dynamo
+        from torch import _dynamo  # a local `import torch._dynamo` would make `torch` local to this function
 
-        backends = torch._dynamo.list_backends(exclude_tags=())
+        backends = _dynamo.list_backends(exclude_tags=())
         if compile_backend not in backends:
             raise TrainingSetupError(f"--compile {compile_backend}: not a torch.compile backend of this PyTorch "
                                      f"(choose true or one of {', '.join(backends)})")
