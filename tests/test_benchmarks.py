@@ -95,6 +95,8 @@ def test_inference_benchmark_cpu_smoke(inference_run):
         else:
             assert not e["fuse_bn"] and "fidelity" not in e
     assert entries[(2, "fp32")]["fidelity"]["compared"] > 0  # real image content: a non-vacuous check
+    dense = entries[(2, "fp32")]["dense_fidelity"]  # fused BN against plain, prior by prior before NMS
+    assert dense["passed"] and dense["priors"] > 0 and dense["min_iou"] > 0.999, dense
     assert report["fidelity_passed"] is True
     assert {s["batch"] for s in report["summary"]} == {1, 2}
 
@@ -221,7 +223,7 @@ def test_train_benchmark_cpu_smoke(train_run):
     assert all(0 <= v["data_wait_share"] < 1 for v in real)
     assert modes[("fp32", "fixed")]["data_wait_share"] < 0.05  # a repeated batch is never waited for
     for v in config["variants"]:
-        assert v["img_per_s"] > 0 and v["steps"] == 2 and math.isfinite(v["final_loss"])
+        assert v["img_per_s"] > 0 and v["steps"] == 2 and math.isfinite(v["mean_loss"])
         assert v["step_ms"]["n"] == 2
     assert all(v["ratio_to_fixed"] > 0 and v["workers"] == 1 for v in real)
     assert config["loader_only"]["workers"]["img_per_s"] > 0 and config["loader_only"]["device"]["img_per_s"] > 0
@@ -246,7 +248,7 @@ def test_graphable_training_step_is_the_train_one_epoch_step(widerface_sample):
         losses.append(float(step().detach()))
     assert losses[2] < losses[0]
     # train_one_epoch reports the mean loss of its window (rounded to 4 significant digits)
-    reference = bt.run_ours(config, variant, CPU, bt.Cycle([(images, targets)], 3), 3, 2, 128, 0)["final_loss"]
+    reference = bt.run_ours(config, variant, CPU, bt.Cycle([(images, targets)], 3), 3, 2, 128, 0)["mean_loss"]
     assert abs(reference - sum(losses) / 3) < 0.01, (reference, losses)
     with pytest.raises(SystemExit, match="graph"):
         bt.parse_variant("fp16+graph", CPU)
@@ -355,6 +357,52 @@ def test_speed_table_renders_both_benchmarks(inference_run, train_run, tmp_path)
             tables.append(current)
             current = []
     assert len(tables) >= 4 and all(len(set(t)) == 1 for t in tables)  # every row as wide as its header
+
+
+def test_dense_disagreement_finds_what_nms_hides():
+    """Two near-equal candidates of one face: a tiny score change flips which one NMS keeps (the
+    final detections differ), while prior by prior the outputs agree; a moved box is caught."""
+    from tools.fidelity import dense_disagreement, unmatched
+    from utils.postprocess import postprocess
+
+    boxes = torch.tensor([[[10.0, 10.0, 40.0, 40.0], [10.0, 10.0, 40.0, 41.6], [100.0, 100.0, 130.0, 130.0],
+                           [200.0, 200.0, 210.0, 210.0]]])
+    scores = torch.tensor([[0.99990, 0.99989, 0.9, 0.1]])
+    landmarks = torch.zeros(1, 4, 10)
+    flipped = scores.clone()
+    flipped[0, 1] = 0.99991  # within any score tolerance, but now first for NMS
+    rows = []
+    for s in (scores, flipped):
+        found = postprocess(boxes, s, landmarks, 0.5, 0.4)
+        rows.append(torch.cat([found.boxes, found.scores[:, None], found.landmarks], dim=1).numpy())
+    assert unmatched(rows[0], rows[1]) and unmatched(rows[1], rows[0])  # final detections differ
+    same = dense_disagreement((boxes, scores, landmarks), (boxes, flipped, landmarks))
+    assert same["passed"] and same["priors"] == 3 and same["disagreeing"] == 0
+    moved = boxes.clone()
+    moved[0, 2] += 2.0  # the face at 100 px shifted by 2 px: IoU 0.88
+    moved[0, 3] += 50.0  # under the score threshold in both: not compared
+    off = dense_disagreement((boxes, scores, landmarks), (moved, scores, landmarks))
+    assert not off["passed"] and off["disagreeing"] == 1 and off["min_iou"] < 0.9
+
+
+def test_nms_benchmark_chunks_give_the_detections_of_one_call(mobilenet_weights, widerface_sample, tmp_path):
+    """tools/benchmark_nms.py: the published mobilenet0.25 at the evaluation threshold gives more
+    candidates than the chunk, so the chunked calls really run; their detections equal one call's."""
+    from tools import benchmark_nms
+
+    out = tmp_path / "nms.jsonl"
+    argv = ["--device", "cpu", "--threads", "1", "--weights", str(mobilenet_weights), "--batch", "4",
+            "--size", "320x240", "--thresholds", "0.02,0.5", "--chunks", "0,300", "--iters", "1", "--warmup", "0",
+            "--sample_images", str(widerface_sample / "val" / "images"), "--out", str(out)]
+    report, _ = run_main(benchmark_nms.main, argv)
+    check_header(report, "nms")
+    evaluation, demo = report["cases"]
+    assert evaluation["candidates"] > 300 > evaluation["candidates_max_image"] > 0
+    assert evaluation["detections"] > demo["detections"] > 0
+    assert [entry["chunk"] for entry in evaluation["chunks"]] == [0, 300]
+    assert all(entry["same_detections"] and entry["ms"]["median"] > 0 for entry in evaluation["chunks"])
+    rendered = speed_table.render(speed_table.read_reports([str(out)]))
+    assert "| 0.02 | " in rendered and "| one call | " in rendered and "**no**" not in rendered
 
 
 def test_speed_table_target_verdicts():

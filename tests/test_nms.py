@@ -126,3 +126,22 @@ def test_batched_nms_equals_per_group_nms_with_negative_coordinates(seed):
         members = torch.nonzero(groups == group).flatten()
         expected |= set(members[nms(boxes[members], scores[members], 0.4)].tolist())
     assert kept == expected
+
+
+@pytest.mark.parametrize("chunk", [1, 150, 400])
+def test_batched_nms_in_chunks_equals_one_call(chunk):
+    """Whole groups per call (a group larger than the chunk alone): the same kept boxes, by
+    decreasing score, as one call over all groups and as NMS group by group."""
+    from utils.nms import batched_nms
+    boxes, scores = random_detections(7, 900)
+    boxes, scores = torch.from_numpy(boxes) - 100.0, torch.from_numpy(scores)
+    rng = np.random.default_rng(7)
+    groups = torch.from_numpy(rng.choice(9, len(scores), p=[0.5] + [1 / 16] * 8))  # group 0: ~450 boxes
+    one_call = batched_nms(boxes, scores, groups, 0.4, chunk=len(scores))
+    chunked = batched_nms(boxes, scores, groups, 0.4, chunk=chunk)
+    assert torch.equal(chunked, one_call)  # scores are distinct, so the order is unique
+    expected = set()
+    for group in range(9):
+        members = torch.nonzero(groups == group).flatten()
+        expected |= set(members[nms(boxes[members], scores[members], 0.4)].tolist())
+    assert set(chunked.tolist()) == expected and len(expected) > 100

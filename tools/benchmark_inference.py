@@ -91,7 +91,7 @@ import torch  # noqa: E402
 from models.dense_path import DensePath  # noqa: E402
 from models.detector import StageClock, cudnn_autotuning, resolve_device, same_size_groups  # noqa: E402
 from models.retinaface import ModelConfig, RetinaFace, preprocess  # noqa: E402
-from tools.fidelity import unmatched  # noqa: E402
+from tools.fidelity import dense_disagreement, unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
@@ -400,6 +400,14 @@ class Engine:
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
         return [rows[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
+    @torch.inference_mode()
+    def dense_outputs(self, host_batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decoded boxes, scores and landmarks of every prior (float32 copies: a graph reuses its
+        output buffers), for the comparison before NMS."""
+        with tf32_mode(self.device, self.variant.precision != "fp32"):
+            boxes, scores, landmarks = self.dense(host_batch)
+            return boxes.float().clone(), scores.float().clone(), landmarks.float().clone()
+
     def _postprocess(self, boxes, scores, landmarks, confidence_threshold: float) -> tuple[np.ndarray, list[int]]:
         found = postprocess(boxes, scores, landmarks, confidence_threshold, self.nms_threshold,
                             self.top_k, self.keep_top_k)
@@ -556,7 +564,7 @@ def measure_synthetic(args: argparse.Namespace, device: torch.device, variants: 
         for batch in args.batch_sizes:
             host = [pinned(b, device) for b in synthetic_batches(batch, width, height, args.content, sample_arrays,
                                                                  2, args.seed + batch)]
-            reference_rows = None
+            reference_rows = reference_dense = None
             time_reference = any(v.is_reference for v in variants)
             for variant in [reference_variant] + [v for v in variants if not v.is_reference]:
                 entry: dict[str, Any] = {"model": name, "weights": weights_note, "batch": batch,
@@ -572,14 +580,20 @@ def measure_synthetic(args: argparse.Namespace, device: torch.device, variants: 
                     engine = Engine(model, variant, device, compile_mode=args.compile_mode)
                     engine.prepare(host[0])
                     fidelity_rows = engine.detect(host[0], FIDELITY_CONFIDENCE)
+                    dense_outputs = engine.dense_outputs(host[0])
                     synchronize(device)
                     entry["setup_s"] = rnd(time.perf_counter() - started)
                     if variant.is_reference:
-                        reference_rows = fidelity_rows
+                        reference_rows, reference_dense = fidelity_rows, dense_outputs
                         if not time_reference:
                             continue  # fidelity reference only
                     else:
-                        entry["fidelity"] = compare(reference_rows, fidelity_rows, *tolerances(variant, args))
+                        score_tol, landmark_tol = tolerances(variant, args)
+                        entry["fidelity"] = compare(reference_rows, fidelity_rows, score_tol, landmark_tol)
+                        entry["dense_fidelity"] = (
+                            dense_disagreement(reference_dense, dense_outputs, max_score_diff=score_tol,
+                                               max_landmark_diff=landmark_tol)
+                            if reference_dense is not None else None)
                     counter = iter(range(1 << 30))
 
                     def run(marks):  # reads `engine` when called: `engine = None` below frees it

@@ -40,5 +40,36 @@ def unmatched(expected: np.ndarray, actual: np.ndarray, min_score: float = 0.5, 
     return problems
 
 
+def dense_disagreement(reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                       candidate: tuple[torch.Tensor, torch.Tensor, torch.Tensor], min_score: float = 0.5,
+                       min_iou: float = 0.98, max_score_diff: float = 0.005,
+                       max_landmark_diff: float = 1.0) -> dict:
+    """Prior-by-prior comparison of two pipelines' decoded outputs for the same input, before NMS.
+
+    Each is (boxes (B, N, 4) x1y1x2y2 pixels, scores (B, N), landmarks (B, N, 10) pixels). Every
+    prior scoring >= ``min_score`` in either must agree: IoU of its two boxes >= ``min_iou``, scores
+    within ``max_score_diff``, every landmark coordinate within ``max_landmark_diff``. Unlike a
+    comparison of final detections this does not depend on NMS, whose choice between two
+    near-equal overlapping candidates of one face flips with any rounding.
+    """
+    ref_boxes, ref_scores, ref_landmarks = (t.detach().double().cpu() for t in reference)
+    boxes, scores, landmarks = (t.detach().double().cpu() for t in candidate)
+    considered = (ref_scores >= min_score) | (scores >= min_score)
+    ref_boxes, boxes = ref_boxes[considered], boxes[considered]
+    top_left = torch.maximum(ref_boxes[:, :2], boxes[:, :2])
+    bottom_right = torch.minimum(ref_boxes[:, 2:], boxes[:, 2:])
+    intersection = (bottom_right - top_left).clamp(min=0).prod(dim=1)
+    area = (ref_boxes[:, 2:] - ref_boxes[:, :2]).prod(dim=1) + (boxes[:, 2:] - boxes[:, :2]).prod(dim=1)
+    iou = intersection / (area - intersection)
+    score_diff = (ref_scores[considered] - scores[considered]).abs()
+    landmark_diff = (ref_landmarks[considered] - landmarks[considered]).abs().amax(dim=1)
+    agree = (iou >= min_iou) & (score_diff <= max_score_diff) & (landmark_diff <= max_landmark_diff)
+    count = int(considered.sum())
+    return {"priors": count, "disagreeing": count - int(agree.sum()), "passed": bool(agree.all()),
+            "min_iou": float(iou.min()) if count else None,
+            "max_score_diff": float(score_diff.max()) if count else None,
+            "max_landmark_diff_px": float(landmark_diff.max()) if count else None}
+
+
 def as_rows(boxes: np.ndarray, scores: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
     return np.concatenate([boxes.reshape(-1, 4), scores.reshape(-1, 1), landmarks.reshape(-1, 10)], axis=1)

@@ -3,24 +3,31 @@
 # speed benchmarks with settings that cover every target of the GPU issues, test.py in fresh
 # processes, then the Markdown speed table. Measured on an H100 (2026-11-26): 273 s for
 # "cuda_tests inference train table", 337 s for "inference train compile table" (steps 123 / 159 /
-# 46 s). Added since, not yet timed on a GPU: the new-size pipelines (up to ~40 s) and their
-# ResNet-50 cascade layout rows (~30 s), the cli step (~100 s), the busy-core, several-batch and
-# CUDA-graph training rows (~25 s); about 8 minutes for the default steps. Each step is capped
-# (timeout --signal=INT: an interrupted benchmark still writes what it measured).
+# 46 s); in a later lease cuda_tests 52 s, trained_r50 168 s of training + 72 s of inference, and
+# train_compile past its 240 s cap (the ResNet-50 rows done; mobilenet0.25's compilation was cut,
+# a recompilation of the same code: benchmark_train resets torch.compile per model since). Added
+# since, not yet timed on a GPU: the new-size pipelines (up to ~40 s) and their ResNet-50 cascade
+# layout rows (~30 s), the nms step (~15 s), the cli step (~100 s), the busy-core, several-batch and
+# CUDA-graph training rows (~25 s); about 8 minutes for the default steps. A machine started in
+# under 30 s of the 15-minute lease. Each step is capped (timeout --signal=INT: an interrupted
+# benchmark still writes what it measured).
 #
 #   bash tools/gpu_check.sh            # on the GPU machine (the lease's first call)
-#   GPU_CHECK_STEPS="trained_r50 table" bash tools/gpu_check.sh   # its second call (~4 minutes)
+#   GPU_CHECK_STEPS="trained_r50 table" bash tools/gpu_check.sh   # its second call (~5 minutes)
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~70 s)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests inference cli train table"):
+# Steps (GPU_CHECK_STEPS, default "cuda_tests inference nms cli train table"):
 #   cuda_tests   tests/test_cuda.py
 #   inference    tools/benchmark_inference.py: every inference target, the sample images, new sizes
+#   nms          tools/benchmark_nms.py: post-processing of a batch of 32 per NMS chunk size (into
+#                inference.jsonl; the trained_r50 step runs it on the trained cascade too)
 #   cli          tools/benchmark_cli.py: test.py on the sample in fresh processes per --channels_last and --pad_to
 #                setting (2 rounds) against one public-style pass
 #   train        tools/benchmark_train.py: fixed batches, the real pipeline, profile
 #   trained_r50  the ResNet-50 cascade trained from scratch on the sample (tools/overfit_check.py),
-#                then its batch-32 variants (torch.compile included) against its fp32 path
+#                then its batch-32 variants (torch.compile included) against its fp32 path and its
+#                post-processing per NMS chunk size
 #   compile      torch.compile of the ResNet-50 cascade at batch 32 on random weights (22 s of
 #                compilation on an H100; measured 2026-11-26, trained_r50 measures it again)
 #   train_compile  train.py --compile: fixed-batch training steps bf16 against bf16+compile (and the
@@ -52,7 +59,7 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference cli train table} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference nms cli train table} "
 SMOKE=false; [ "${1:-}" = "--smoke" ] && SMOKE=true
 if $SMOKE; then
   INFERENCE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0
@@ -68,6 +75,7 @@ if $SMOKE; then
   # compiled variants are skipped on the CPU (a note in the JSON): this checks the step's wiring
   TRAIN_COMPILE_ARGS=(--device cpu --threads 1 --configs mobilenet0.25:2:96 --variants public,fp32,fp32+compile --iters 1
                       --warmup 1)
+  NMS_ARGS=(--device cpu --threads 1 --batch 2 --size 160x120 --iters 1 --warmup 0)
   TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; COMPILE_LIMIT=120; CLI_LIMIT=120; TRAINED_R50_LIMIT=120
   TRAIN_COMPILE_LIMIT=120
 else
@@ -83,7 +91,9 @@ else
   TRAINED_R50_ARGS=(--device cuda --network resnet50 --cascade true --copies 40 --batch_size 16 --im_size 640
                     --iters 1500 --eval_every 500 --lr 1e-2 --warmup_iters 50 --workers 8)
   TRAINED_R50_INFERENCE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32
-                              --variants ref,tf32+graph,fp16+graph,bf16+graph,bf16+compile+graph)
+                              --variants ref,tf32+graph,fp16+graph,bf16+graph,fp16+compile+graph,bf16+compile+graph)
+  # post-processing of one batch of 32 at 640x480 per NMS chunk size (thresholds 0.5 and 0.02)
+  NMS_ARGS=(--device cuda)
   # 9 fresh processes: the public-style pass, then auto/true/false/--pad_to twice (second round reversed)
   CLI_ARGS=(--device cuda --rounds 2 --timeout 60)
   # train.py --compile on the two training targets: fixed batches only (no real pipeline, no
@@ -149,6 +159,9 @@ log "== steps:$STEPS"
 wanted cuda_tests && step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
 wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
+# post-processing per NMS chunk size (published mobilenet0.25), into inference.jsonl (8 files come back)
+wanted nms && needs_shared nms && step nms 90 "$PY" tools/benchmark_nms.py "${NMS_ARGS[@]}" \
+  --sample_images "$SAMPLE/val/images" --weights "$WEIGHTS" --out "$OUT/inference.jsonl"
 # the product's own command line in fresh processes, as a user meets a data set: test.py on the
 # sample (every size new to the process) per --channels_last setting against one public-style pass
 wanted cli && needs_shared cli && step cli "$CLI_LIMIT" "$PY" tools/benchmark_cli.py "${CLI_ARGS[@]}" \
@@ -166,6 +179,9 @@ if wanted trained_r50 && needs_shared trained_r50; then
     step trained_r50_inference "$TRAINED_R50_LIMIT" "$PY" tools/benchmark_inference.py "${TRAINED_R50_INFERENCE_ARGS[@]}" \
       --weights "resnet50_cascade=$TRAINED/resnet50_cascade.pth" --sample_images "$SAMPLE/val/images" \
       --sample_weights "" --out "$OUT/inference_trained_r50.jsonl"
+    step trained_r50_nms 90 "$PY" tools/benchmark_nms.py "${NMS_ARGS[@]}" --model resnet50_cascade \
+      --weights "$TRAINED/resnet50_cascade.pth" --sample_images "$SAMPLE/val/images" \
+      --out "$OUT/inference_trained_r50.jsonl"
   else
     log "== trained_r50_inference: skipped (training left no weights)"; status=1
   fi

@@ -38,7 +38,7 @@ def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}:{number}: not a JSON line ({error})") from None
-            if isinstance(record, dict) and record.get("benchmark") in ("inference", "train", "cli"):
+            if isinstance(record, dict) and record.get("benchmark") in ("inference", "train", "cli", "nms"):
                 reports.append(record)
     return reports
 
@@ -83,7 +83,11 @@ def fidelity_cell(entry: dict[str, Any]) -> str:
     if not fid:
         return "reference" if entry.get("variant") == "ref" else "–"
     bad = fid["unmatched_reference"] + fid["unmatched_candidate"]
-    return f"{'ok' if fid['passed'] else '**FAIL**'} ({bad}/{fid['compared']} unmatched)"
+    cell = f"{'ok' if fid['passed'] else '**FAIL**'} ({bad}/{fid['compared']} unmatched)"
+    dense = entry.get("dense_fidelity")
+    if dense:  # before NMS, prior by prior (reports since 2026-11-26 evening)
+        cell += f"; per prior {'ok' if dense['passed'] else 'FAIL'} ({dense['disagreeing']}/{dense['priors']})"
+    return cell
 
 
 def inference_section(report: dict[str, Any]) -> list[str]:
@@ -161,6 +165,22 @@ def cli_section(report: dict[str, Any]) -> list[str]:
               " / ".join(f"{t['aps'][k]:.4f}" for k in ("easy", "medium", "hard"))] for t in report.get("test_py", [])]
     lines += table(["pipeline", "ms/img", "× public-style", "process s", "AP easy / medium / hard"], rows)
     lines += [f"- error: {e}" for e in report.get("errors", [])]
+    lines.append("")
+    return lines
+
+
+def nms_section(report: dict[str, Any]) -> list[str]:
+    lines = heading(report, "Post-processing per NMS chunk size (tools/benchmark_nms.py)")
+    settings = report.get("settings", {})
+    size = "×".join(str(v) for v in settings.get("size", []))
+    lines += [f"{settings.get('model')} ({settings.get('weights')}), one batch of {settings.get('batch')} "
+              f"sample-content images at {size}: threshold, top-k, NMS, keep-top-k and the copy of the detections "
+              f"to the host; median of {settings.get('iters')}.", ""]
+    rows = [[case["threshold"], case["candidates"], case["candidates_max_image"], case.get("detections"),
+             entry["chunk"] or "one call", entry["ms"].get("median"), "yes" if entry["same_detections"] else "**no**"]
+            for case in report.get("cases", []) for entry in case["chunks"]]
+    lines += table(["confidence", "candidates", "max per image", "detections", "chunk", "ms", "same detections"],
+                   rows)
     lines.append("")
     return lines
 
@@ -367,7 +387,8 @@ def render(reports: list[dict[str, Any]], latest: bool = False) -> str:
         reports = list(last.values())
     lines = ["## Speed", ""]
     for report in reports:
-        sections = {"inference": inference_section, "train": train_section, "cli": cli_section}
+        sections = {"inference": inference_section, "train": train_section, "cli": cli_section,
+                    "nms": nms_section}
         lines += sections[report["benchmark"]](report)
     rows = target_rows(reports)
     if rows:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from utils.nms import PUBLIC_PIXEL_OFFSET, batched_nms
+from utils.nms import NMS_CHUNK, PUBLIC_PIXEL_OFFSET, batched_nms
 
 
 class BatchDetections(NamedTuple):
@@ -33,11 +33,13 @@ class BatchDetections(NamedTuple):
 
 def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor,
                 confidence_threshold: float, nms_threshold: float, top_k: int | None = 5000,
-                keep_top_k: int | None = 750, pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> BatchDetections:
+                keep_top_k: int | None = 750, pixel_offset: float = PUBLIC_PIXEL_OFFSET,
+                nms_chunk: int = NMS_CHUNK) -> BatchDetections:
     """Select the final detections of each image.
 
     ``boxes`` (B, N, 4) x1y1x2y2, ``scores`` (B, N), ``landmarks`` (B, N, 10), in pixels (of
     the original images, for the public NMS convention: its +1 is one pixel of the original).
+    ``nms_chunk``: candidates per NMS call (:func:`utils.nms.batched_nms`; same result).
     """
     batch, num_priors = scores.shape
     k = num_priors if top_k is None else min(top_k, num_priors)
@@ -50,7 +52,7 @@ def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tens
     candidate_boxes = boxes[image_index, prior_index]
     candidate_landmarks = landmarks[image_index, prior_index]
 
-    keep = batched_nms(candidate_boxes, candidate_scores, image_index, nms_threshold, pixel_offset)
+    keep = batched_nms(candidate_boxes, candidate_scores, image_index, nms_threshold, pixel_offset, nms_chunk)
     # keep is sorted by score over the whole batch; regroup by image (stable keeps score order).
     keep = keep[torch.sort(image_index[keep], stable=True).indices]
     kept_image = image_index[keep]
