@@ -322,4 +322,9 @@ class StageClock:
         return [b - a for a, b in pairs]
 
     def durations(self) -> dict[str, float]:
-        return dict(zip(self.names[1:], self.seconds()))
+        """Seconds per stage name, summed over the stages of that name (a pass of several batches
+        marks each name once per batch)."""
+        totals: dict[str, float] = {}
+        for name, seconds in zip(self.names[1:], self.seconds()):
+            totals[name] = totals.get(name, 0.0) + seconds
+        return totals

@@ -110,6 +110,9 @@ def test_inference_benchmark_sample_images_against_public_pipeline(inference_run
     variants = {v["variant"]: v for v in sample["variants"]}
     assert set(variants) == {"ref", "fp32"}
     assert variants["fp32"]["fidelity"]["passed"] and variants["fp32"]["speedup_vs_public"] > 0
+    # where a pass's time goes, summed over its batches (one timed pass: the stages lie inside its wall time)
+    stages, ms = variants["fp32"]["stages_ms_per_img"], variants["fp32"]["ms_per_img"]
+    assert {"h2d", "network", "postprocess"} <= set(stages) and 0.5 * ms < sum(stages.values()) <= ms * 1.001
     apis = [sample["face_detector_api"], sample["face_detector_api_padded"]]
     assert all(api["fidelity"]["passed"] and api["fidelity"]["compared"] > 0 for api in apis)
     assert "pad_batches=True" in apis[1]["settings"]  # exact padding: the same detections as the reference

@@ -458,12 +458,15 @@ def pinned(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory() if device.type == "cuda" else tensor
 
 
-def detect_images(engine: Engine, arrays: Sequence[np.ndarray], confidence_threshold: float) -> list[np.ndarray]:
-    """Our pipeline over decoded images of any sizes: one batch per size."""
+def detect_images(engine: Engine, arrays: Sequence[np.ndarray], confidence_threshold: float,
+                  marks: StageClock | None = None) -> list[np.ndarray]:
+    """Our pipeline over decoded images of any sizes: one batch per size. With ``marks``, the
+    stages of every batch (the stage ending at ``start``: the host work between two batches,
+    stacking and pinning)."""
     results: list[np.ndarray | None] = [None] * len(arrays)
     for group in same_size_groups(arrays):
         batch = pinned(np.stack([arrays[i] for i in group]), engine.device)
-        for index, rows in zip(group, engine.detect(batch, confidence_threshold)):
+        for index, rows in zip(group, engine.detect(batch, confidence_threshold, marks)):
             results[index] = rows
     return results  # type: ignore[return-value]
 
@@ -687,9 +690,12 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
                 section["fidelity_reference_vs_public"] = compare(public_rows, rows, args.score_tol, args.landmark_tol)
             else:
                 entry["fidelity"] = compare(reference_rows, rows, *tolerances(variant, args))
-            wall, _ = timed(lambda: detect_images(engine, arrays, conf), 0, args.sample_iters, device)
+            wall, stages = timed(lambda marks: detect_images(engine, arrays, conf, marks), 0, args.sample_iters,
+                                 device, with_marks=True)
             ms = stats(wall)["median"] / n
-            entry.update(ms_per_img=rnd(ms), images_per_s=rnd(1000.0 / ms), speedup_vs_public=rnd(public_ms / ms))
+            entry.update(ms_per_img=rnd(ms), images_per_s=rnd(1000.0 / ms), speedup_vs_public=rnd(public_ms / ms),
+                         stages_ms_per_img={("between_batches" if k == "start" else k): rnd(stats(v)["median"] / n)
+                                            for k, v in stages.items()})
         except Exception as error:
             record_failure(entry, errors, f"sample {variant.name}", error)
         finally:

@@ -121,8 +121,10 @@ def inference_section(report: dict[str, Any]) -> list[str]:
         steps = ", ".join(f"{k} {fmt(v, 2)}" for k, v in public.get("steps_ms_per_img", {}).items())
         rows = [["public-style per image", public.get("ms_per_img"), public.get("images_per_s"), 1.0, steps]]
         for v in sample.get("variants", []):
+            stages = ", ".join(f"{k} {fmt(ms, 2)}" for k, ms in (v.get("stages_ms_per_img") or {}).items())
             rows.append([f"ours {v['variant']}", v.get("ms_per_img"), v.get("images_per_s"),
-                         v.get("speedup_vs_public"), v.get("error") or fidelity_cell(v)])
+                         v.get("speedup_vs_public"),
+                         v.get("error") or fidelity_cell(v) + (f" / {stages}" if stages else "")])
         for api in (sample.get("face_detector_api"), sample.get("face_detector_api_padded")):
             if api:
                 rows.append([f"FaceDetector.detect ({api['settings']})", api["ms_per_img"], api["images_per_s"],
