@@ -382,7 +382,7 @@ def test_dense_disagreement_finds_what_nms_hides():
     same = dense_disagreement((boxes, scores, landmarks), (boxes, flipped, landmarks))
     assert same["passed"] and same["priors"] == 3 and same["disagreeing"] == 0
     moved = boxes.clone()
-    moved[0, 2] += 2.0  # the face at 100 px shifted by 2 px: IoU 0.88
+    moved[0, 2] += 2.0  # the face at 100 px moved 2 px right and down: IoU 0.77
     moved[0, 3] += 50.0  # under the score threshold in both: not compared
     off = dense_disagreement((boxes, scores, landmarks), (moved, scores, landmarks))
     assert not off["passed"] and off["disagreeing"] == 1 and off["min_iou"] < 0.9
