@@ -75,6 +75,7 @@ from utils.box_utils import VARIANCES, decode, encode, encode_landm, point_form
 
 __all__ = [
     "MatchResult",
+    "PaddedTargets",
     "pad_targets",
     "box_iou_batched",
     "match_anchors",
@@ -93,14 +94,31 @@ def loss_keys(num_stages: int) -> list[str]:
     return keys + list(LOSS_TERMS) + ["total", "num_pos"]
 
 
-def pad_targets(targets: Sequence[torch.Tensor], device: torch.device | str | None = None,
-                min_faces: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+class PaddedTargets(NamedTuple):
+    """The faces of a batch in two tensors (what :func:`pad_targets` returns).
+
+    ``targets`` (B, Kmax, 15) float32, pixels of the network input, the rows of image ``b``
+    first and zero rows after them; ``valid`` (B, Kmax) bool, True on the real rows.
+    """
+
+    targets: torch.Tensor
+    valid: torch.Tensor
+
+
+def pad_targets(targets: Sequence[torch.Tensor] | PaddedTargets, device: torch.device | str | None = None,
+                min_faces: int = 1) -> PaddedTargets:
     """List of ``B`` tensors ``(K_i, 15)`` -> ``(B, Kmax, 15)`` float32 and a ``(B, Kmax)`` bool mask.
 
     ``Kmax = max(max K_i, min_faces)``; padding rows are zero and masked out. Built on the host
     (the list's tensors usually come from the DataLoader) and moved to ``device`` (one copy for
-    the targets, one for the mask).
+    the targets, one for the mask). An already padded batch (the training DataLoader pads in its
+    workers: :func:`utils.train_utils.collate_with_report`) is only moved to ``device``.
     """
+    if isinstance(targets, PaddedTargets):
+        if device is None:
+            return targets
+        return PaddedTargets(targets.targets.to(device, non_blocking=True),
+                             targets.valid.to(device, non_blocking=True))
     batch = len(targets)
     counts = [int(t.shape[0]) for t in targets]
     kmax = max(counts + [min_faces])
@@ -113,7 +131,7 @@ def pad_targets(targets: Sequence[torch.Tensor], device: torch.device | str | No
     if device is not None and torch.device(device).type != "cpu":
         padded = padded.pin_memory().to(device, non_blocking=True)
         valid = valid.pin_memory().to(device, non_blocking=True)
-    return padded, valid
+    return PaddedTargets(padded, valid)
 
 
 def box_iou_batched(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
@@ -251,7 +269,7 @@ class MultiBoxLoss(nn.Module):
     ``forward(model, outputs, priors, targets)``: ``model`` provides ``stage_predictions`` (the
     cascade semantics; a ``DistributedDataParallel`` wrapper is looked through); ``outputs`` its
     forward result; ``priors`` (N, 4) pixel anchors of the input size; ``targets`` a list of
-    ``(K_i, 15)`` tensors or an already padded ``(targets, valid)`` pair from :func:`pad_targets`.
+    ``(K_i, 15)`` tensors or an already padded batch (:class:`PaddedTargets`).
 
     Under ``torch.distributed`` the terms are divided by the mean count of positives per process
     (one all-reduce per stage): with DDP's gradient averaging this equals the public recipe's
@@ -275,14 +293,10 @@ class MultiBoxLoss(nn.Module):
         self.variances = variances
 
     def forward(self, model: nn.Module, outputs, priors: torch.Tensor,
-                targets: Sequence[torch.Tensor] | tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+                targets: Sequence[torch.Tensor] | PaddedTargets) -> dict[str, torch.Tensor]:
         model = getattr(model, "module", model)
         device = outputs[0].loc.device
-        if isinstance(targets, tuple) and len(targets) == 2 and targets[1].dtype == torch.bool:
-            padded, valid = targets
-        else:
-            padded, valid = pad_targets(list(targets), device)
-        padded, valid = padded.to(device), valid.to(device)
+        padded, valid = pad_targets(targets, device)
         stages = model.stage_predictions(outputs, priors)
         result: dict[str, torch.Tensor] = {}
         totals = {t: None for t in (*LOSS_TERMS, "total")}

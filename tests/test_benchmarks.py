@@ -653,3 +653,37 @@ def test_augmentation_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):
     assert result["ours_ms_per_img"] > 0 and result["public_reconstruction_ms_per_img"] > 0
     assert set(result["worker_ms_per_img"]) == {"workers", "device"}
     assert all(v > 0 for v in result["worker_images_per_s"].values())
+
+
+def test_loader_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):
+    """Both collates deliver every batch (the tool stops otherwise) and the JSON line is printed."""
+    from tools import benchmark_loader
+
+    result = benchmark_loader.main(["--dataset", str(widerface_sample), "--batch_size", "4", "--batches", "3",
+                                    "--workers", "1", "--im_size", "96", "--rounds", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert set(result["results"]) == {"padded", "per_image"}
+    for figures in result["results"].values():
+        assert figures["receiving_thread_cpu_ms_per_batch"] > 0 and figures["drain_ms_per_batch"] > 0
+    from tools import speed_table
+
+    markdown = speed_table.render([result])
+    assert "tools/benchmark_loader.py" in markdown and "one target tensor per image" in markdown
+
+
+def test_per_image_collate_of_the_loader_benchmark_keeps_what_training_batches_hold(widerface_sample):
+    """The baseline batches the same images and reports as train.py's collate; only the targets'
+    form differs (one tensor per image against one padded tensor)."""
+    from layers.multibox_loss import pad_targets
+    from tools.benchmark_loader import collate_per_image
+    from utils.data_loaders import dataset_from_root
+    from utils.train_utils import EpochSeededDataset, collate_with_report, train_transform
+
+    dataset = EpochSeededDataset(dataset_from_root(widerface_sample, "val", train_transform(96, 0)), 0, report=True)
+    samples = [dataset[(index, 0)] for index in range(4)]
+    images, per_image, report = collate_per_image(samples)
+    padded_images, padded, padded_report = collate_with_report(samples)
+    assert torch.equal(images, padded_images) and report == padded_report
+    assert isinstance(per_image, list) and len(per_image) == 4
+    for got, expected in zip(pad_targets(per_image), padded):
+        assert torch.equal(got, expected)

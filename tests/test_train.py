@@ -309,6 +309,39 @@ def test_a_few_iterations_lower_the_loss(widerface_sample):
     assert history[-1] < 0.8 * history[0], history
 
 
+def test_training_loader_pads_the_targets_in_its_workers(widerface_sample):
+    """build_train_loader's batches carry one padded target tensor (and its mask), not one tensor
+    per image: the rows are each image's faces, as the per-image samples give them, and the loss
+    of the padded batch is the loss of the list."""
+    from layers.multibox_loss import PaddedTargets
+    from utils.data_loaders import images_to_network_input
+
+    args = parse_args("train", _run_args(widerface_sample, "pad", "--workers", "2", "--batch_size", "4"))
+    loader, sampler, dataset = tu.build_train_loader(args, tu.DistInfo(), seed=3)
+    sampler.set_epoch(0)
+    indices = list(sampler)
+    images, padded, report = next(iter(loader))
+    assert isinstance(padded, PaddedTargets) and not report.skipped
+    assert pad_targets(padded) is padded  # already padded: nothing to do on the CPU
+    # the same seeded augmentation, sample by sample
+    per_image = [torch.as_tensor(loader.dataset[index][1], dtype=torch.float32) for index in indices[:4]]
+    counts = [len(t) for t in per_image]
+    assert sum(counts) > 20 and len(set(counts)) > 1  # faces, and different counts per image
+    assert padded.targets.shape == (4, max(counts), 15) and padded.valid.sum(1).tolist() == counts
+    for b, faces in enumerate(per_image):
+        assert torch.equal(padded.targets[b, :counts[b]], faces)
+        assert not padded.targets[b, counts[b]:].any() and not padded.valid[b, counts[b]:].any()
+
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=True)).train()
+    outputs = model(images_to_network_input(images))
+    priors = prior_boxes((args.im_size, args.im_size), model.config.num_anchor)
+    from_padded = MultiBoxLoss(model.config)(model, outputs, priors, padded)
+    from_list = MultiBoxLoss(model.config)(model, outputs, priors, per_image)
+    assert float(from_padded["num_pos"]) > 0
+    for key, value in from_list.items():
+        torch.testing.assert_close(from_padded[key], value, msg=key)
+
+
 def _run_args(root: Path, name: str, *extra: str) -> list[str]:
     return ["--dataset", str(root), "--train_split", "val", "--experiment_name", name,
             "--network", "mobilenet0.25", "--pretrained", "false", "--cascade", "true", "--im_size", "128",

@@ -16,7 +16,8 @@ What one run measures, per config
   a real batch (``TrainTransform`` over the dataset images) or, without data, random faces on
   noise. Our variants run ``utils.train_utils.train_one_epoch`` itself (device preprocessing,
   ``pad_targets``, autocast, batched ``MultiBoxLoss``, GradScaler, scheduler, on-device loss
-  meter) over that batch, pinned like a ``pin_memory`` DataLoader's. Variants: ``fp32`` (PyTorch's
+  meter) over that batch, in the form the training DataLoader delivers it (targets padded,
+  pinned on CUDA: ``loader_batch``). Variants: ``fp32`` (PyTorch's
   default cuDNN TF32), ``bf16`` / ``fp16`` autocast; modifiers ``nchw`` / ``cl`` (memory format,
   default channels_last on CUDA as train.py does) and ``compile`` (``torch.compile`` of the model).
 * ``fixed, CUDA graph`` (variants with ``+graph``, fp32 / bf16, CUDA only): the same step
@@ -80,7 +81,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from layers.multibox_loss import MultiBoxLoss, box_iou_batched  # noqa: E402
+from layers.multibox_loss import MultiBoxLoss, PaddedTargets, box_iou_batched, pad_targets  # noqa: E402
 from layers.prior_box import prior_boxes  # noqa: E402
 from models.retinaface import RetinaFace  # noqa: E402
 from tools.benchmark_inference import (  # noqa: E402
@@ -232,6 +233,16 @@ def real_batch(dataset, batch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return detection_collate([dataset[i % len(dataset)] for i in range(batch)])
 
 
+def loader_batch(images: torch.Tensor, targets: Sequence[torch.Tensor], device: torch.device
+                 ) -> tuple[torch.Tensor, PaddedTargets]:
+    """A fixed batch in the form the training DataLoader delivers it: the targets padded (as its
+    workers do, ``train_utils.collate_with_report``), everything pinned on CUDA."""
+    padded = pad_targets(targets)
+    if device.type != "cuda":
+        return images, padded
+    return images.pin_memory(), PaddedTargets(*(t.pin_memory() for t in padded))
+
+
 def synthetic_batch(batch: int, size: int, seed: int, faces: int = 12) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Noise images with random faces (boxes 8..size/3 px, landmarks inside, half with landmarks)."""
     generator = torch.Generator().manual_seed(seed)
@@ -263,13 +274,12 @@ class ForkSafeLoader:
 def real_loader(dataset, batch: int, steps: int, workers: int, seed: int, device: torch.device) -> ForkSafeLoader:
     """The DataLoader of ``train_utils.build_train_loader`` (same sampler, seeding and options)
     over ``dataset`` repeated to ``steps`` batches."""
-    from utils.data_loaders import detection_collate
-    from utils.train_utils import EpochSeededDataset, ResumableSampler
+    from utils.train_utils import EpochSeededDataset, ResumableSampler, collate_with_report
     repeated = RepeatDataset(dataset, batch * steps)
     sampler = ResumableSampler(len(repeated), 1, 0, shuffle=True, seed=seed)
     return ForkSafeLoader(DataLoader(
-        EpochSeededDataset(repeated, seed), batch_size=batch, sampler=sampler, num_workers=workers,
-        collate_fn=detection_collate, pin_memory=device.type == "cuda", drop_last=True,
+        EpochSeededDataset(repeated, seed, report=True), batch_size=batch, sampler=sampler, num_workers=workers,
+        collate_fn=collate_with_report, pin_memory=device.type == "cuda", drop_last=True,
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None))
 
 
@@ -461,7 +471,6 @@ def training_step(config, variant, device: torch.device, images: torch.Tensor, t
     ``(B, 3, S, S)``) / ``targets``, with every tensor it reads already on ``device`` and gradients
     left for the caller to clear, so that it can be captured in a CUDA graph. Returns the loss
     (a device tensor)."""
-    from layers.multibox_loss import pad_targets
     from utils.data_loaders import images_to_network_input
 
     _, runner, optimizer, _, dtype = build_training(config, variant, device, seed)
@@ -628,8 +637,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         errors.append(f"{spec} loss check: {type(error).__name__}: {error}")
         traceback.print_exc()
     release(device)
-    pinned_images = images.pin_memory() if device.type == "cuda" else images
-    pinned_targets = [t.pin_memory() for t in targets] if device.type == "cuda" else targets
+    pinned_images, pinned_targets = loader_batch(images, targets, device)
     fixed_img_per_s: dict[str, float] = {}
     public_ips = None
     profiled_variant = None
@@ -702,8 +710,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
     if args.fixed_batches > 1 and last_variant is not None and dataset is not None and args.fixed_batch == "real":
         several = [real_batch(dataset, batch) for _ in range(args.fixed_batches)]
         most_faces = [max(len(t) for t in targets_i) for _, targets_i in several]
-        if device.type == "cuda":
-            several = [(i.pin_memory(), [t.pin_memory() for t in ts]) for i, ts in several]
+        several = [loader_batch(images_i, targets_i, device) for images_i, targets_i in several]
         extra_fixed_row(spec, last_variant, f"fixed, {len(several)} batches in turn", lambda: run_last(several),
                         fixed_img_per_s.get(last_variant.name), device, errors, entry, most_faces_per_batch=most_faces)
 

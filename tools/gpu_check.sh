@@ -8,7 +8,7 @@
 # a recompilation of the same code: benchmark_train resets torch.compile per model since). Added
 # since, not yet timed on a GPU: the new-size pipelines (up to ~40 s) and their ResNet-50 cascade
 # layout rows (~30 s), the nms step (~15 s), the cli step (~100 s), the busy-core, several-batch and
-# CUDA-graph training rows (~25 s); about 8 minutes for the default steps. A machine started in
+# CUDA-graph training rows (~25 s), the loader step (~20 s); about 8 minutes for the default steps. A machine started in
 # under 30 s of the 15-minute lease. Each step is capped (timeout --signal=INT: an interrupted
 # benchmark still writes what it measured).
 #
@@ -17,7 +17,7 @@
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~70 s)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests inference nms cli train table"):
+# Steps (GPU_CHECK_STEPS, default "cuda_tests inference nms cli train loader table"):
 #   cuda_tests   tests/test_cuda.py
 #   inference    tools/benchmark_inference.py: every inference target, the sample images, new sizes
 #   nms          tools/benchmark_nms.py: post-processing of a batch of 32 per NMS chunk size (into
@@ -25,6 +25,9 @@
 #   cli          tools/benchmark_cli.py: test.py on the sample in fresh processes per --channels_last and --pad_to
 #                setting (2 rounds) against one public-style pass
 #   train        tools/benchmark_train.py: fixed batches, the real pipeline, profile
+#   loader       tools/benchmark_loader.py: host time the training loop loses per batch taken from the
+#                DataLoader (pinned, 14 workers), targets padded in the workers against one tensor per
+#                image (into train.jsonl)
 #   trained_r50  the ResNet-50 cascade trained from scratch on the sample (tools/overfit_check.py),
 #                then its batch-32 variants (torch.compile included) against its fp32 path and its
 #                post-processing per NMS chunk size
@@ -59,7 +62,7 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference nms cli train table} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference nms cli train loader table} "
 SMOKE=false; [ "${1:-}" = "--smoke" ] && SMOKE=true
 if $SMOKE; then
   INFERENCE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0
@@ -76,6 +79,7 @@ if $SMOKE; then
   TRAIN_COMPILE_ARGS=(--device cpu --threads 1 --configs mobilenet0.25:2:96 --variants public,fp32,fp32+compile --iters 1
                       --warmup 1)
   NMS_ARGS=(--device cpu --threads 1 --batch 2 --size 160x120 --iters 1 --warmup 0)
+  LOADER_ARGS=(--batch_size 4 --batches 3 --workers 1 --im_size 96 --rounds 1)
   TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; COMPILE_LIMIT=120; CLI_LIMIT=120; TRAINED_R50_LIMIT=120
   TRAIN_COMPILE_LIMIT=120
 else
@@ -95,6 +99,8 @@ else
                               --variants ref,tf32+graph,fp16+graph,bf16+graph,fp16+compile+graph,bf16+compile+graph)
   # post-processing of one batch of 32 at 640x480 per NMS chunk size (thresholds 0.5 and 0.02)
   NMS_ARGS=(--device cuda)
+  # 16 batches of 32 at 640 per round, 3 rounds per collate (pinned, as train.py on CUDA)
+  LOADER_ARGS=(--workers 14 --rounds 3)
   # 9 fresh processes: the public-style pass, then auto/true/false/--pad_to twice (second round reversed)
   CLI_ARGS=(--device cuda --rounds 2 --timeout 60)
   # train.py --compile on the two training targets: fixed batches only (no real pipeline, no
@@ -145,6 +151,7 @@ log "== cpu cores: $(nproc); /dev/shm (DataLoader workers): ${SHM_FREE_KB:-?} Ki
 if ! $SMOKE && [ -n "${SHM_FREE_KB:-}" ] && [ "$SHM_FREE_KB" -lt 4194304 ]; then
   TRAIN_ARGS+=(--workers 4)
   TRAINED_R50_ARGS+=(--workers 4)
+  LOADER_ARGS+=(--workers 4)
   log "== /dev/shm under 4 GiB: training with --workers 4"
 fi
 
@@ -190,6 +197,8 @@ if wanted trained_r50 && needs_shared trained_r50; then
 fi
 wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
+wanted loader && needs_shared loader && step loader 90 "$PY" tools/benchmark_loader.py "${LOADER_ARGS[@]}" \
+  --dataset "$SAMPLE" --split val --out "$OUT/train.jsonl"
 wanted train_compile && step train_compile "$TRAIN_COMPILE_LIMIT" "$PY" tools/benchmark_train.py \
   "${TRAIN_COMPILE_ARGS[@]}" --dataset "$SAMPLE" --split val --out "$OUT/train_compile.jsonl"
 # torch.compile of the headline case (ResNet-50 cascade, batch 32, bf16)

@@ -38,7 +38,7 @@ def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}:{number}: not a JSON line ({error})") from None
-            if isinstance(record, dict) and record.get("benchmark") in ("inference", "train", "cli", "nms"):
+            if isinstance(record, dict) and record.get("benchmark") in ("inference", "train", "cli", "nms", "loader"):
                 reports.append(record)
     return reports
 
@@ -183,6 +183,22 @@ def nms_section(report: dict[str, Any]) -> list[str]:
             for case in report.get("cases", []) for entry in case["chunks"]]
     lines += table(["confidence", "candidates", "max per image", "detections", "chunk", "ms", "same detections"],
                    rows)
+    lines.append("")
+    return lines
+
+
+def loader_section(report: dict[str, Any]) -> list[str]:
+    lines = heading(report, "Taking batches from the training DataLoader (tools/benchmark_loader.py)")
+    settings = report.get("settings", {})
+    lines += [f"{settings.get('batches')} prepared batches of {settings.get('batch_size')} at {settings.get('im_size')} px "
+              f"from {settings.get('workers')} workers (pinned: {'yes' if settings.get('pin_memory') else 'no'}), "
+              "taken by a second "
+              "thread while the main thread runs small tensor operations; ms per batch, median of "
+              f"{settings.get('rounds')} rounds.", ""]
+    names = {"padded": "targets padded in the workers (train.py)", "per_image": "one target tensor per image"}
+    rows = [[names.get(name, name), r.get("main_thread_lost_ms_per_batch"), r.get("receiving_thread_cpu_ms_per_batch"),
+             r.get("drain_ms_per_batch")] for name, r in report.get("results", {}).items()]
+    lines += table(["batches", "main thread lost", "receiving thread CPU", "drain wall"], rows)
     lines.append("")
     return lines
 
@@ -390,7 +406,7 @@ def render(reports: list[dict[str, Any]], latest: bool = False) -> str:
     lines = ["## Speed", ""]
     for report in reports:
         sections = {"inference": inference_section, "train": train_section, "cli": cli_section,
-                    "nms": nms_section}
+                    "nms": nms_section, "loader": loader_section}
         lines += sections[report["benchmark"]](report)
     rows = target_rows(reports)
     if rows:

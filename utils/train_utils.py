@@ -35,7 +35,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from config import architecture_overrides, one_line
-from layers.multibox_loss import LOSS_TERMS, MultiBoxLoss, pad_targets
+from layers.multibox_loss import LOSS_TERMS, MultiBoxLoss, PaddedTargets, pad_targets
 from layers.prior_box import prior_boxes
 from models.retinaface import ModelConfig, RetinaFace
 from utils.checkpoint import (
@@ -433,6 +433,12 @@ class LoadReport(NamedTuple):
     replaced: int = 0
     fatal: bool = False
 
+    @classmethod
+    def merge(cls, reports: Sequence["LoadReport"]) -> "LoadReport":
+        """One report for a batch of samples' reports."""
+        return cls(tuple(item for report in reports for item in report.skipped),
+                   sum(report.replaced for report in reports), any(report.fatal for report in reports))
+
 
 class EpochSeededDataset(Dataset):
     """Wraps a dataset whose ``transform`` has ``reseed`` (``TrainTransform``): item
@@ -510,16 +516,20 @@ class EpochSeededDataset(Dataset):
         return (*sample, LoadReport(tuple(skipped[:self._MAX_FATAL_EXAMPLES]), 1, fatal=True))
 
 
-def collate_with_report(batch: list) -> tuple[Any, list[torch.Tensor], LoadReport]:
-    """:func:`~utils.data_loaders.detection_collate` of ``(image, targets, LoadReport)`` samples;
-    the batch is ``(images, targets, LoadReport)`` with the reports of its samples merged."""
+def collate_with_report(batch: list) -> tuple[Any, PaddedTargets, LoadReport]:
+    """Batch ``(image, targets, LoadReport)`` samples into ``(images, PaddedTargets, LoadReport)``:
+    the images as :func:`~utils.data_loaders.detection_collate` stacks them, the targets padded
+    (:func:`~layers.multibox_loss.pad_targets`) and the reports of the samples merged.
+
+    Padding here, in the DataLoader worker, sends the main process two target tensors per batch
+    instead of one per image: every tensor a worker returns is a shared-memory file the receiving
+    thread (the pin-memory thread, beside the training loop) opens and maps, and the loop loses
+    about that time (``tools/benchmark_loader.py``).
+    """
     from utils.data_loaders import detection_collate
 
     images, targets = detection_collate([(image, target) for image, target, _ in batch])
-    reports = [report for _, _, report in batch]
-    merged = LoadReport(tuple(item for report in reports for item in report.skipped),
-                        sum(report.replaced for report in reports), any(report.fatal for report in reports))
-    return images, targets, merged
+    return images, pad_targets(targets), LoadReport.merge([report for _, _, report in batch])
 
 
 class ResumableSampler(Sampler):
@@ -582,8 +592,8 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
     """DataLoader over ``<dataset>/<train_split>`` with ``TrainTransform(im_size)`` (or its
     ``DeferredTrainTransform`` with ``--augment_on device``): drop-last batches of
     ``--batch_size`` per process, pinned memory on CUDA, persistent workers when ``--workers`` > 0.
-    Batches are ``(images, targets, LoadReport)``: unreadable images are replaced (see
-    :class:`EpochSeededDataset`) and reported to the training loop."""
+    Batches are ``(images, PaddedTargets, LoadReport)`` (:func:`collate_with_report`): unreadable
+    images are replaced (see :class:`EpochSeededDataset`) and reported to the training loop."""
     from utils.data_loaders import dataset_from_root
 
     try:
