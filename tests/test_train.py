@@ -342,6 +342,37 @@ def test_training_loader_pads_the_targets_in_its_workers(widerface_sample):
         torch.testing.assert_close(from_padded[key], value, msg=key)
 
 
+class _KeptBatchesProbe:
+    """TrainBatchCollate, reporting with each batch how many image batches its process keeps and
+    whether the newest kept one is this batch's images."""
+
+    def __init__(self, keep: int) -> None:
+        self.collate = tu.TrainBatchCollate(keep=keep)
+
+    def __call__(self, batch):
+        images, targets, report = self.collate(batch)
+        recent = self.collate._recent
+        return images, len(recent), bool(recent) and recent[-1] is images
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_collate_keeps_the_last_image_batches_in_workers_only(workers):
+    """A worker keeps its last `keep` image batches (so that it, not the training process, unmaps
+    their shared memory); the training process itself (--workers 0) keeps nothing."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    samples = [(np.full((8, 8, 3), i, np.uint8), np.zeros((1, 15), np.float32), tu.LoadReport()) for i in range(10)]
+    loader = DataLoader(samples, batch_size=2, num_workers=workers, collate_fn=_KeptBatchesProbe(keep=3))
+    batches = list(loader)
+    assert [int(images[0, 0, 0, 0]) for images, _, _ in batches] == [0, 2, 4, 6, 8]
+    if workers:
+        assert [kept for _, kept, _ in batches] == [1, 2, 3, 3, 3]
+        assert all(newest for _, _, newest in batches)
+    else:
+        assert [kept for _, kept, _ in batches] == [0] * 5
+
+
 def _run_args(root: Path, name: str, *extra: str) -> list[str]:
     return ["--dataset", str(root), "--train_split", "val", "--experiment_name", name,
             "--network", "mobilenet0.25", "--pretrained", "false", "--cascade", "true", "--im_size", "128",

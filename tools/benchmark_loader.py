@@ -4,7 +4,8 @@ Usage (from the repository root)::
 
     python tools/benchmark_loader.py [--dataset ../shared/data/widerface_sample] [--split val]
                                      [--batch_size 32] [--batches 16] [--workers 2] [--im_size 640]
-                                     [--rounds 3] [--pin_memory auto] [--seed 0] [--out FILE]
+                                     [--rounds 3] [--pin_memory auto|true|false|copy] [--seed 0]
+                                     [--out FILE]
 
 Every tensor a DataLoader worker returns reaches the training process as a shared-memory file
 that the receiving thread opens, maps and later unmaps. On CUDA that thread is the pin-memory
@@ -14,9 +15,12 @@ step loses (on the 2-core CPU machine the main thread lost about as much time as
 thread spent). Two ways of batching the same samples are compared in the
 same run, alternating round by round:
 
-* ``padded``: :func:`utils.train_utils.collate_with_report`, what ``train.py`` uses: the workers
-  pad the targets, so a batch is three objects (uint8 images, one padded target tensor and its
-  mask, the load report);
+* ``padded_kept``: :class:`utils.train_utils.TrainBatchCollate`, what ``train.py`` uses: the
+  workers pad the targets, so a batch is three objects (uint8 images, one padded target tensor
+  and its mask, the load report), and keep their image batches alive until the training process
+  is done with them, so that unmapping the shared memory falls to them (``keep`` here covers
+  every batch a worker prepares in a round, as ``TRAIN_PREFETCH_FACTOR`` + 2 does in training);
+* ``padded``: :func:`utils.train_utils.collate_with_report`, the same batches without keeping;
 * ``per_image``: the same images and report, the targets left as one tensor per image (how
   training batches were built before, and what the public code's collate returns).
 
@@ -55,10 +59,12 @@ from tools.benchmark_train import RepeatDataset  # noqa: E402
 from utils.data_loaders import dataset_from_root  # noqa: E402
 from utils.image_loader import start_loader  # noqa: E402
 from utils.train_utils import (  # noqa: E402
-    EpochSeededDataset, LoadReport, ResumableSampler, collate_with_report, train_transform,
+    EpochSeededDataset, LoadReport, ResumableSampler, TrainBatchCollate, collate_with_report, train_transform,
 )
 
 DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "data" / "widerface_sample"
+#: The batchings compared (module doc), train.py's first.
+COLLATES = ("padded_kept", "padded", "per_image")
 #: Small-operation loop iterations between two looks at the receiving thread.
 _LOOP_CHUNK = 50
 
@@ -88,16 +94,19 @@ class CountedSamples(Dataset):
         return sample
 
 
-def pinned(batch: Any) -> Any:
+def pinned(batch: Any, copy_only: bool = False) -> Any:
     """``batch`` with its tensors copied to pinned memory, as the DataLoader's pin-memory thread
     does (tuples, named tuples and lists are rebuilt; objects with ``pin_memory``, such as
-    ``DeferredBatch``, pin themselves)."""
-    if isinstance(batch, torch.Tensor) or hasattr(batch, "pin_memory"):
+    ``DeferredBatch``, pin themselves). ``copy_only``: plain copies (``clone``), the same memory
+    traffic without CUDA, for a CPU-only machine."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone() if copy_only else batch.pin_memory()
+    if hasattr(batch, "pin_memory") and not copy_only:
         return batch.pin_memory()
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(pinned(item) for item in batch))
+        return type(batch)(*(pinned(item, copy_only) for item in batch))
     if isinstance(batch, (tuple, list)):
-        return type(batch)(pinned(item) for item in batch)
+        return type(batch)(pinned(item, copy_only) for item in batch)
     return batch
 
 
@@ -119,16 +128,18 @@ def idle_rate(seconds: float = 1.0) -> float:
     return count / (time.perf_counter() - start)
 
 
-def measure(dataset: Dataset, collate, args: argparse.Namespace, rate: float) -> dict[str, float]:
+def measure(dataset: Dataset, collate_name: str, args: argparse.Namespace, rate: float) -> dict[str, float]:
     """One round: prepare every batch, then drain them in a thread beside the small-operation loop."""
     counter = multiprocessing.Value("q", 0)
     total = args.batch_size * args.batches
+    per_worker = math.ceil(args.batches / args.workers)
+    collate = {"padded_kept": TrainBatchCollate(keep=per_worker + 2), "padded": collate_with_report,
+               "per_image": collate_per_image}[collate_name]
     sampler = ResumableSampler(total, 1, 0, shuffle=True, seed=args.seed)
     loader = DataLoader(CountedSamples(EpochSeededDataset(RepeatDataset(dataset, total), args.seed, report=True),
                                        counter),
                         batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, collate_fn=collate,
-                        drop_last=True,
-                        prefetch_factor=math.ceil(args.batches / args.workers) + 1)
+                        drop_last=True, prefetch_factor=per_worker + 1)
     iterator = start_loader(loader)
     deadline = time.perf_counter() + 600
     while counter.value < total:
@@ -144,7 +155,7 @@ def measure(dataset: Dataset, collate, args: argparse.Namespace, rate: float) ->
         start = time.thread_time()
         for batch in iterator:
             if args.pin_memory:
-                batch = pinned(batch)
+                batch = pinned(batch, copy_only=args.pin_memory == "copy")
             received.append(len(batch[0]))
             del batch  # unmapped here, in the receiving thread, as the pin-memory thread does
         cpu["seconds"] = time.thread_time() - start
@@ -174,8 +185,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--im_size", type=int, default=640)
     parser.add_argument("--augment_on", choices=("workers", "device"), default="workers")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per collate, alternating")
-    parser.add_argument("--pin_memory", choices=("auto", "true", "false"), default="auto",
-                        help="pin the batches (auto: when CUDA is available, as train.py)")
+    parser.add_argument("--pin_memory", choices=("auto", "true", "false", "copy"), default="auto",
+                        help="pin the batches in the receiving thread (auto: when CUDA is available, as train.py; "
+                             "copy: plain copies instead, the same memory traffic without CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="append the JSON line to this file")
     args = parser.parse_args(argv)
@@ -183,16 +195,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--workers, --batches, --batch_size and --rounds must be at least 1")
     if not (args.dataset / args.split / "label.txt").is_file():
         parser.error(f"no {args.dataset / args.split / 'label.txt'} (--dataset, --split)")
-    args.pin_memory = torch.cuda.is_available() if args.pin_memory == "auto" else args.pin_memory == "true"
+    if args.pin_memory == "auto":
+        args.pin_memory = torch.cuda.is_available()
+    elif args.pin_memory != "copy":
+        args.pin_memory = args.pin_memory == "true"
+    if args.pin_memory is True and not torch.cuda.is_available():
+        parser.error("--pin_memory true needs CUDA (--pin_memory copy: the same copies without it)")
     torch.set_num_threads(1)
 
     dataset = dataset_from_root(args.dataset, args.split, train_transform(args.im_size, args.seed, args.augment_on))
     rate = idle_rate()
-    collates = {"padded": collate_with_report, "per_image": collate_per_image}
-    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in collates}
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in COLLATES}
     for _ in range(args.rounds):
-        for name, collate in collates.items():
-            rounds[name].append(measure(dataset, collate, args, rate))
+        for name in COLLATES:
+            rounds[name].append(measure(dataset, name, args, rate))
     results = {name: {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
                for name, runs in rounds.items()}
     lost = {name: results[name]["main_thread_lost_ms_per_batch"] for name in results}
@@ -210,7 +226,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "augment_on": args.augment_on, "rounds": args.rounds, "pin_memory": args.pin_memory,
                      "idle_small_ops_per_s": round(rate)},
         "results": results,
-        "main_thread_lost_ratio_per_image_to_padded": round(lost["per_image"] / max(lost["padded"], 1e-9), 2),
+        "main_thread_lost_ratio_per_image_to_padded_kept": round(lost["per_image"] / max(lost["padded_kept"], 1e-9), 2),
+        "main_thread_lost_ratio_padded_to_padded_kept": round(lost["padded"] / max(lost["padded_kept"], 1e-9), 2),
     }
     line = json.dumps(report)
     print(line)

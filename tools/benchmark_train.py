@@ -274,13 +274,13 @@ class ForkSafeLoader:
 def real_loader(dataset, batch: int, steps: int, workers: int, seed: int, device: torch.device) -> ForkSafeLoader:
     """The DataLoader of ``train_utils.build_train_loader`` (same sampler, seeding and options)
     over ``dataset`` repeated to ``steps`` batches."""
-    from utils.train_utils import EpochSeededDataset, ResumableSampler, collate_with_report
+    from utils.train_utils import TRAIN_PREFETCH_FACTOR, EpochSeededDataset, ResumableSampler, TrainBatchCollate
     repeated = RepeatDataset(dataset, batch * steps)
     sampler = ResumableSampler(len(repeated), 1, 0, shuffle=True, seed=seed)
     return ForkSafeLoader(DataLoader(
         EpochSeededDataset(repeated, seed, report=True), batch_size=batch, sampler=sampler, num_workers=workers,
-        collate_fn=collate_with_report, pin_memory=device.type == "cuda", drop_last=True,
-        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None))
+        collate_fn=TrainBatchCollate(), pin_memory=device.type == "cuda", drop_last=True,
+        persistent_workers=workers > 0, prefetch_factor=TRAIN_PREFETCH_FACTOR if workers > 0 else None))
 
 
 class StepClock:

@@ -187,15 +187,19 @@ def nms_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+PINNING = {True: "yes", False: "no", "copy": "plain copies instead"}
+
+
 def loader_section(report: dict[str, Any]) -> list[str]:
     lines = heading(report, "Taking batches from the training DataLoader (tools/benchmark_loader.py)")
     settings = report.get("settings", {})
     lines += [f"{settings.get('batches')} prepared batches of {settings.get('batch_size')} at {settings.get('im_size')} px "
-              f"from {settings.get('workers')} workers (pinned: {'yes' if settings.get('pin_memory') else 'no'}), "
+              f"from {settings.get('workers')} workers (pinned: {PINNING.get(settings.get('pin_memory'), 'no')}), "
               "taken by a second "
               "thread while the main thread runs small tensor operations; ms per batch, median of "
               f"{settings.get('rounds')} rounds.", ""]
-    names = {"padded": "targets padded in the workers (train.py)", "per_image": "one target tensor per image"}
+    names = {"padded_kept": "targets padded, image batches kept by the workers (train.py)",
+             "padded": "targets padded in the workers", "per_image": "one target tensor per image"}
     rows = [[names.get(name, name), r.get("main_thread_lost_ms_per_batch"), r.get("receiving_thread_cpu_ms_per_batch"),
              r.get("drain_ms_per_batch")] for name, r in report.get("results", {}).items()]
     lines += table(["batches", "main thread lost", "receiving thread CPU", "drain wall"], rows)
