@@ -12,14 +12,16 @@ that the receiving thread opens, maps and later unmaps. On CUDA that thread is t
 thread, running beside the thread that launches the training step's kernels; a small network's
 step is paced by those launches, so whatever the receiving thread does under the GIL is time the
 step loses (on the 2-core CPU machine the main thread lost about as much time as the receiving
-thread spent). Two ways of batching the same samples are compared in the
-same run, alternating round by round:
+thread spent). Three ways of batching the same samples are compared in the same run, alternating
+round by round:
 
 * ``padded_kept``: :class:`utils.train_utils.TrainBatchCollate`, what ``train.py`` uses: the
   workers pad the targets, so a batch is three objects (uint8 images, one padded target tensor
   and its mask, the load report), and keep their image batches alive until the training process
   is done with them, so that unmapping the shared memory falls to them (``keep`` here covers
-  every batch a worker prepares in a round, as ``TRAIN_PREFETCH_FACTOR`` + 2 does in training);
+  every batch a worker prepares in a round, as ``TRAIN_PREFETCH_FACTOR`` + 2 does in training;
+  the workers' own unmapping then happens when the round ends, outside the timed window: in
+  training it happens in the workers, on their own cores where the machine has one per worker);
 * ``padded``: :func:`utils.train_utils.collate_with_report`, the same batches without keeping;
 * ``per_image``: the same images and report, the targets left as one tensor per image (how
   training batches were built before, and what the public code's collate returns).
@@ -157,7 +159,7 @@ def measure(dataset: Dataset, collate_name: str, args: argparse.Namespace, rate:
             if args.pin_memory:
                 batch = pinned(batch, copy_only=args.pin_memory == "copy")
             received.append(len(batch[0]))
-            del batch  # unmapped here, in the receiving thread, as the pin-memory thread does
+            del batch  # the receiving thread's reference ends here, as in the pin-memory thread
         cpu["seconds"] = time.thread_time() - start
 
     thread = threading.Thread(target=drain)

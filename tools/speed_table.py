@@ -193,10 +193,10 @@ PINNING = {True: "yes", False: "no", "copy": "plain copies instead"}
 def loader_section(report: dict[str, Any]) -> list[str]:
     lines = heading(report, "Taking batches from the training DataLoader (tools/benchmark_loader.py)")
     settings = report.get("settings", {})
-    lines += [f"{settings.get('batches')} prepared batches of {settings.get('batch_size')} at {settings.get('im_size')} px "
-              f"from {settings.get('workers')} workers (pinned: {PINNING.get(settings.get('pin_memory'), 'no')}), "
-              "taken by a second "
-              "thread while the main thread runs small tensor operations; ms per batch, median of "
+    pinning = PINNING.get(settings.get("pin_memory"), "no")
+    lines += [f"{settings.get('batches')} prepared batches of {settings.get('batch_size')} at "
+              f"{settings.get('im_size')} px from {settings.get('workers')} workers (pinned: {pinning}), taken by a "
+              "second thread while the main thread runs small tensor operations; ms per batch, median of "
               f"{settings.get('rounds')} rounds.", ""]
     names = {"padded_kept": "targets padded, image batches kept by the workers (train.py)",
              "padded": "targets padded in the workers", "per_image": "one target tensor per image"}
