@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.error
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -373,6 +374,53 @@ def test_training_collate_keeps_the_last_image_batches_in_workers_only(workers):
         assert [kept for _, kept, _ in batches] == [0] * 5
 
 
+def _shared_memory_free(monkeypatch, free_bytes: int) -> None:
+    """Make utils.train_utils see ``free_bytes`` free in any folder's file system."""
+    monkeypatch.setattr(tu.shutil, "disk_usage", lambda folder: SimpleNamespace(total=free_bytes, used=0,
+                                                                                free=free_bytes))
+
+
+def test_shared_memory_plan_keeps_batches_when_they_fit_and_fails_when_not_even_the_prefetch_fits(
+        tmp_path, monkeypatch):
+    args = SimpleNamespace(workers=3, batch_size=2, im_size=100)
+    batch = 2 * 3 * 100 * 100
+    _shared_memory_free(monkeypatch, 3 * tu.TRAIN_KEPT_BATCHES * batch)
+    assert tu.shared_memory_keep(args, folder=str(tmp_path)) == tu.TRAIN_KEPT_BATCHES
+    with pytest.raises(tu.TrainingSetupError, match=r"has 1 MiB free, but 2 processes x --workers 3 x 5 batches "
+                                                     r"of 0.057 MiB \(--batch_size 2 at --im_size 100\) need 1.7 MiB"):
+        tu.shared_memory_keep(args, processes_on_node=2, folder=str(tmp_path))  # the two share the folder
+    _shared_memory_free(monkeypatch, 3 * tu.TRAIN_KEPT_BATCHES * batch - 1)
+    assert tu.shared_memory_keep(args, folder=str(tmp_path)) == 0
+    _shared_memory_free(monkeypatch, 3 * (tu.TRAIN_PREFETCH_FACTOR + 1) * batch - 1)
+    with pytest.raises(tu.TrainingSetupError, match=r"at most 2 fit\).*--shm-size"):
+        tu.shared_memory_keep(args, folder=str(tmp_path))
+    _shared_memory_free(monkeypatch, 1000)
+    with pytest.raises(tu.TrainingSetupError, match="use --workers 0"):
+        tu.shared_memory_keep(args, folder=str(tmp_path))
+    # no workers, or no such folder (not Linux): nothing to check
+    assert tu.shared_memory_keep(SimpleNamespace(workers=0, batch_size=2, im_size=100), folder=str(tmp_path)) \
+        == tu.TRAIN_KEPT_BATCHES
+    assert tu.shared_memory_keep(args, folder=str(tmp_path / "absent")) == tu.TRAIN_KEPT_BATCHES
+
+
+def test_training_fails_fast_with_one_line_when_shared_memory_is_too_small(widerface_sample, tmp_path,
+                                                                           monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tu, "SHARED_MEMORY_DIR", str(tmp_path))
+    _shared_memory_free(monkeypatch, 2 ** 19)
+    assert train.main(_run_args(widerface_sample, "noshm", "--workers", "2", "--max_iters", "1")) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"train.py: error: {tmp_path} has 0.5 MiB free, but --workers 2 x 5 batches"), message
+    assert not (tmp_path / "experiments/noshm/ckpt/last.pth").exists()
+    # room for the prefetched batches only: the run trains, the workers keep nothing, the log says so
+    batch = 2 * 3 * 128 * 128
+    _shared_memory_free(monkeypatch, 2 * (tu.TRAIN_PREFETCH_FACTOR + 1) * batch)
+    assert train.main(_run_args(widerface_sample, "tightshm", "--workers", "2", "--max_iters", "1")) == 0
+    assert "note: little room in" in (tmp_path / "experiments/tightshm/log/logs.txt").read_text()
+
+
 def _run_args(root: Path, name: str, *extra: str) -> list[str]:
     return ["--dataset", str(root), "--train_split", "val", "--experiment_name", name,
             "--network", "mobilenet0.25", "--pretrained", "false", "--cascade", "true", "--im_size", "128",
@@ -433,7 +481,6 @@ def test_resume_keeps_the_optimizer_kernel_of_this_run():
     # a checkpoint of an unfused run (e.g. on the CPU) resumed where the step is fused (CUDA):
     # load_state_dict would bring back fused=None, and a GradScaler then passes fused-only
     # arguments to the plain step ("Expected grad_scale and found_inf to be None")
-    from types import SimpleNamespace
 
     def context(fused):
         param = torch.nn.Parameter(torch.ones(3))
@@ -607,7 +654,6 @@ def test_two_process_gloo_ddp(widerface_sample, tmp_path, compile_backend):
 
 
 def test_recipe_differences_name_the_public_settings():
-    from types import SimpleNamespace
 
     default = tu.recipe_differences(SimpleNamespace(batch_size=16, im_size=640), ModelConfig())
     assert "--batch_size 24" in default and "--im_size 840" in default and "--cascade false" in default

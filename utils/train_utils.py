@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 import urllib.error
 import warnings
@@ -72,7 +73,7 @@ __all__ = [
     "TrainingSetupError", "TrainingDivergedError", "DistInfo", "setup_distributed", "cleanup_distributed",
     "seed_everything", "configure_backends", "model_config_from_args", "build_model", "wrap_model",
     "build_optimizer", "reference_schedule", "LRSchedule", "build_scheduler", "EpochSeededDataset",
-    "ResumableSampler", "TrainBatchCollate", "train_transform", "build_train_loader", "autocast_settings",
+    "ResumableSampler", "TrainBatchCollate", "shared_memory_keep", "train_transform", "build_train_loader", "autocast_settings",
     "TrainContext", "train_one_epoch",
     "evaluate_widerface", "capture_rng_state", "restore_rng_state", "save_training_state",
     "load_training_state", "train",
@@ -536,6 +537,11 @@ def collate_with_report(batch: list) -> tuple[Any, PaddedTargets, LoadReport]:
 
 #: Batches each training DataLoader worker prepares ahead (the DataLoader's ``prefetch_factor``).
 TRAIN_PREFETCH_FACTOR = 4
+#: Image batches each worker keeps (:class:`TrainBatchCollate`) when shared memory has room.
+TRAIN_KEPT_BATCHES = TRAIN_PREFETCH_FACTOR + 2
+#: Where DataLoader workers hand their batches over on Linux (a tmpfs; Docker gives it 64 MB unless
+#: the container is started with ``--shm-size``).
+SHARED_MEMORY_DIR = "/dev/shm"
 
 
 class TrainBatchCollate:
@@ -553,7 +559,7 @@ class TrainBatchCollate:
     0``) nothing is kept.
     """
 
-    def __init__(self, keep: int = TRAIN_PREFETCH_FACTOR + 2) -> None:
+    def __init__(self, keep: int = TRAIN_KEPT_BATCHES) -> None:
         self.keep = keep
         self._recent: deque = deque(maxlen=max(keep, 1))
 
@@ -608,6 +614,45 @@ class ResumableSampler(Sampler):
         return max(self.num_samples - self.skip, 0)
 
 
+def shared_memory_keep(args: argparse.Namespace, processes_on_node: int = 1, folder: str | None = None) -> int:
+    """How many image batches each training DataLoader worker may keep (:class:`TrainBatchCollate`).
+
+    Every worker of the ``processes_on_node`` training processes of this machine has up to
+    ``TRAIN_PREFETCH_FACTOR`` + 1 uint8 batches (``--batch_size`` x 3 x ``--im_size``^2 bytes)
+    in ``folder``, or ``TRAIN_KEPT_BATCHES`` when it keeps them. Returns ``TRAIN_KEPT_BATCHES``
+    when those fit in the free space, 0 when only the prefetched batches fit, and the keeping
+    when ``folder`` (default ``SHARED_MEMORY_DIR``) does not exist (not Linux) or there are no
+    workers.
+
+    Raises:
+        TrainingSetupError: not even the prefetched batches fit; the workers would die of a bus
+            error in the middle of the first epoch.
+    """
+    folder = folder or SHARED_MEMORY_DIR
+    if args.workers <= 0 or not os.path.isdir(folder):
+        return TRAIN_KEPT_BATCHES
+    batch_bytes = args.batch_size * 3 * args.im_size ** 2
+    free = shutil.disk_usage(folder).free
+    workers = processes_on_node * args.workers
+    if free >= workers * TRAIN_KEPT_BATCHES * batch_bytes:
+        return TRAIN_KEPT_BATCHES
+    in_flight = TRAIN_PREFETCH_FACTOR + 1
+    if free >= workers * in_flight * batch_bytes:
+        return 0
+    fit = free // (processes_on_node * in_flight * batch_bytes)
+    processes = f"{processes_on_node} processes x " if processes_on_node > 1 else ""
+    remedy = f"lower --workers (at most {fit} fit)" if fit else "use --workers 0 (the training process loads the data)"
+    raise TrainingSetupError(
+        f"{folder} has {_mib(free)} free, but {processes}--workers {args.workers} x {in_flight} batches of "
+        f"{_mib(batch_bytes)} (--batch_size {args.batch_size} at --im_size {args.im_size}) need "
+        f"{_mib(workers * in_flight * batch_bytes)} there: {remedy}, or give it more room (Docker: --shm-size=8g)")
+
+
+def _mib(size: int) -> str:
+    mib = size / 2 ** 20
+    return f"{mib:,.0f} MiB" if mib >= 10 else f"{mib:.2g} MiB"
+
+
 def train_transform(im_size: int, seed: int, augment_on: str = "workers"):
     """The training augmentation of ``--augment_on``: ``TrainTransform`` (``workers``: all of it in
     the DataLoader workers) or ``DeferredTrainTransform`` (``device``: pixel work on the device)."""
@@ -641,9 +686,10 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
         raise TrainingSetupError(
             f"{len(dataset)} training images give {sampler.num_samples} per process, fewer than "
             f"--batch_size {args.batch_size}: lower --batch_size")
+    keep = shared_memory_keep(args, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     cuda = info.device.type == "cuda"
     loader = DataLoader(EpochSeededDataset(dataset, seed, report=True), batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, collate_fn=TrainBatchCollate(), pin_memory=cuda,
+                        num_workers=args.workers, collate_fn=TrainBatchCollate(keep), pin_memory=cuda,
                         drop_last=True, persistent_workers=args.workers > 0,
                         prefetch_factor=TRAIN_PREFETCH_FACTOR if args.workers > 0 else None)
     return loader, sampler, dataset
@@ -1326,6 +1372,9 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                 ctx.log(f"no validation AP ({no_eval_reason})")
             for note in dataset_notes(dataset):
                 ctx.log(note)
+            if args.workers > 0 and not loader.collate_fn.keep:
+                ctx.log(f"note: little room in {SHARED_MEMORY_DIR}: the DataLoader workers do not keep their batches, "
+                        "so the training process unmaps them (slower on a fast GPU; README, Training)")
 
         start_epoch, skip = divmod(ctx.global_step, iters_per_epoch)
         stopped = bool(args.max_iters) and ctx.global_step >= args.max_iters
