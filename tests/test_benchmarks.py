@@ -670,12 +670,6 @@ def test_loader_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):
     markdown = speed_table.render([result])
     assert "tools/benchmark_loader.py" in markdown and "one target tensor per image" in markdown
 
-    records = benchmark_loader.main(["--dataset", str(widerface_sample), "--records", "--batches", "4",
-                                     "--workers", "1", "--rounds", "1"])
-    assert set(records["results"]) == {"records_shared", "records_pipe"}
-    assert set(records["main_thread_lost_ratios"]) == {"records_pipe/records_shared"}
-    assert "pickled through the workers' pipes" in speed_table.render([records])
-
 
 def test_per_image_collate_of_the_loader_benchmark_keeps_what_training_batches_hold(widerface_sample):
     """The baseline batches the same images and reports as train.py's collate; only the targets'

@@ -396,58 +396,6 @@ def test_find_images_recursive_any_case(tmp_path):
     assert found == ["a.JPG", "b.jpeg", "c.Png", "d.bmp", "e.WEBP", "sub/g.jpg"]
 
 
-def _write_images(folder: Path, sizes: list[tuple[int, int]]) -> list[Path]:
-    paths = []
-    for i, (height, width) in enumerate(sizes):
-        image = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
-        paths.append(folder / f"{i}.png")
-        cv2.imwrite(str(paths[-1]), image)
-    return paths
-
-
-@pytest.mark.parametrize("shared_memory", [True, False])
-def test_decoded_images_come_from_the_workers_as_numpy_arrays_either_way(tmp_path, monkeypatch, shared_memory):
-    """Through shared memory (tensors in the worker, numpy views again here) or the workers' pipes,
-    the records hold the decoded numpy images, writable, the downscaled copy where there is one;
-    an image over SHARED_IMAGE_MAX_BYTES takes the pipe."""
-    paths = _write_images(tmp_path, [(40, 60), (30, 30), (50, 80)])
-    monkeypatch.setattr(image_loader, "SHARED_IMAGE_MAX_BYTES", 40 * 60 * 3)  # the 50x80 one is larger
-    dataset = image_loader.ImageFolderDataset(paths, tmp_path, max_pixels=2500)  # 50x80 is downscaled
-    import torch
-    from torch.utils.data import DataLoader
-
-    loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=image_loader.RecordCollate(shared_memory))
-    records = [record for batch in image_loader.start_loader(loader) for record in batch]
-    assert [r.name for r in records] == ["0.png", "1.png", "2.png"]
-    for record, path in zip(records, paths):
-        assert isinstance(record.image, np.ndarray) and record.image.flags.writeable
-        assert np.array_equal(record.image, cv2.imread(str(path)))
-        assert isinstance(record.net_image, np.ndarray)
-    assert records[0].net_image is records[0].image and records[1].net_image is records[1].image
-    assert records[2].net_image.shape[0] * records[2].net_image.shape[1] <= 2500
-    # what came through shared memory is a view of the tensor it arrived in
-    came_shared = [isinstance(r.image.base, torch.Tensor) for r in records]
-    assert came_shared == ([True, True, False] if shared_memory else [False, False, False])
-    assert not isinstance(records[2].net_image.base, torch.Tensor)
-
-
-def test_image_loader_uses_shared_memory_only_where_it_has_room(tmp_path, monkeypatch):
-    paths = _write_images(tmp_path, [(20, 20), (20, 20)])
-    dataset = image_loader.ImageFolderDataset(paths, tmp_path)
-    monkeypatch.setattr(image_loader, "SHARED_MEMORY_DIR", str(tmp_path))
-    monkeypatch.setattr(image_loader.shutil, "disk_usage", lambda folder: argparse.Namespace(free=10 ** 12))
-    assert image_loader.make_loader(dataset, workers=2).collate_fn.shared_memory
-    assert not image_loader.make_loader(dataset, workers=0).collate_fn.shared_memory
-    # (2 workers x 2 batches ahead x 1 image + 2 x 16 waiting) x (image + downscaled copy) at their largest
-    needed = (2 * 2 * 1 + 2 * 16) * 2 * image_loader.SHARED_IMAGE_MAX_BYTES
-    monkeypatch.setattr(image_loader.shutil, "disk_usage", lambda folder: argparse.Namespace(free=needed))
-    assert image_loader.make_loader(dataset, workers=2).collate_fn.shared_memory
-    monkeypatch.setattr(image_loader.shutil, "disk_usage", lambda folder: argparse.Namespace(free=needed - 1))
-    assert not image_loader.make_loader(dataset, workers=2).collate_fn.shared_memory
-    monkeypatch.setattr(image_loader, "SHARED_MEMORY_DIR", str(tmp_path / "absent"))  # not Linux
-    assert not image_loader.make_loader(dataset, workers=2).collate_fn.shared_memory
-
-
 class _SilentBar:
     def update(self, n):
         pass

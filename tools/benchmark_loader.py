@@ -59,7 +59,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from tools.benchmark_train import RepeatDataset  # noqa: E402
 from utils.data_loaders import dataset_from_root  # noqa: E402
-from utils.image_loader import ImageFolderDataset, RecordCollate, find_images, start_loader  # noqa: E402
+from utils.image_loader import start_loader  # noqa: E402
 from utils.train_utils import (  # noqa: E402
     EpochSeededDataset, LoadReport, ResumableSampler, TrainBatchCollate, collate_with_report, train_transform,
 )
@@ -67,9 +67,6 @@ from utils.train_utils import (  # noqa: E402
 DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "data" / "widerface_sample"
 #: The batchings compared (module doc), train.py's first.
 COLLATES = ("padded_kept", "padded", "per_image")
-#: ``--records``: decoded images through shared memory (what make_loader does where it has room)
-#: and through the workers' pipes.
-RECORD_TRANSPORTS = ("records_shared", "records_pipe")
 #: Small-operation loop iterations between two looks at the receiving thread.
 _LOOP_CHUNK = 50
 
@@ -133,35 +130,18 @@ def idle_rate(seconds: float = 1.0) -> float:
     return count / (time.perf_counter() - start)
 
 
-def training_loader(dataset: Dataset, collate_name: str, args: argparse.Namespace, counter) -> DataLoader:
-    """The training DataLoader with one of the batchings (module doc), every batch prepared ahead."""
+def measure(dataset: Dataset, collate_name: str, args: argparse.Namespace, rate: float) -> dict[str, float]:
+    """One round: prepare every batch, then drain them in a thread beside the small-operation loop."""
+    counter = multiprocessing.Value("q", 0)
     total = args.batch_size * args.batches
     per_worker = math.ceil(args.batches / args.workers)
     collate = {"padded_kept": TrainBatchCollate(keep=per_worker + 2), "padded": collate_with_report,
                "per_image": collate_per_image}[collate_name]
     sampler = ResumableSampler(total, 1, 0, shuffle=True, seed=args.seed)
-    return DataLoader(CountedSamples(EpochSeededDataset(RepeatDataset(dataset, total), args.seed, report=True),
-                                     counter),
-                      batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, collate_fn=collate,
-                      drop_last=True, prefetch_factor=per_worker + 1)
-
-
-def records_loader(files: list[Path], collate_name: str, args: argparse.Namespace, counter) -> DataLoader:
-    """test.py's / inference.py's DataLoader of decoded images (``utils.image_loader.make_loader``)
-    with the images handed over through shared memory or the workers' pipes, every batch
-    prepared ahead."""
-    total = args.batch_size * args.batches
-    dataset = ImageFolderDataset([files[i % len(files)] for i in range(total)])
-    return DataLoader(CountedSamples(dataset, counter), batch_size=args.batch_size, shuffle=False,
-                      num_workers=args.workers, collate_fn=RecordCollate(collate_name == "records_shared"),
-                      prefetch_factor=math.ceil(args.batches / args.workers) + 1)
-
-
-def measure(source, collate_name: str, args: argparse.Namespace, rate: float) -> dict[str, float]:
-    """One round: prepare every batch, then drain them in a thread beside the small-operation loop."""
-    counter = multiprocessing.Value("q", 0)
-    total = args.batch_size * args.batches
-    loader = (records_loader if args.records else training_loader)(source, collate_name, args, counter)
+    loader = DataLoader(CountedSamples(EpochSeededDataset(RepeatDataset(dataset, total), args.seed, report=True),
+                                       counter),
+                        batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, collate_fn=collate,
+                        drop_last=True, prefetch_factor=per_worker + 1)
     iterator = start_loader(loader)
     deadline = time.perf_counter() + 600
     while counter.value < total:
@@ -178,7 +158,7 @@ def measure(source, collate_name: str, args: argparse.Namespace, rate: float) ->
         for batch in iterator:
             if args.pin_memory:
                 batch = pinned(batch, copy_only=args.pin_memory == "copy")
-            received.append(1)
+            received.append(len(batch[0]))
             del batch  # the receiving thread's reference ends here, as in the pin-memory thread
         cpu["seconds"] = time.thread_time() - start
 
@@ -201,11 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET,
                         help="dataset root with <split>/label.txt and <split>/images (default: %(default)s)")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--records", action="store_true",
-                        help="time test.py's / inference.py's loader of decoded images instead (shared memory "
-                             "against the workers' pipes)")
-    parser.add_argument("--batch_size", type=int, default=None, help="default 32 (--records: 1, as test.py)")
-    parser.add_argument("--batches", type=int, default=None, help="batches per round (default 16; --records: 60)")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=16, help="batches per round")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--im_size", type=int, default=640)
     parser.add_argument("--augment_on", choices=("workers", "device"), default="workers")
@@ -216,8 +193,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="append the JSON line to this file")
     args = parser.parse_args(argv)
-    args.batch_size = args.batch_size or (1 if args.records else 32)
-    args.batches = args.batches or (60 if args.records else 16)
     if args.workers < 1 or args.batches < 1 or args.batch_size < 1 or args.rounds < 1:
         parser.error("--workers, --batches, --batch_size and --rounds must be at least 1")
     if not (args.dataset / args.split / "label.txt").is_file():
@@ -228,21 +203,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.pin_memory = args.pin_memory == "true"
     if args.pin_memory is True and not torch.cuda.is_available():
         parser.error("--pin_memory true needs CUDA (--pin_memory copy: the same copies without it)")
-    if args.records:
-        args.pin_memory = False  # test.py's and inference.py's loaders do not pin
     torch.set_num_threads(1)
 
-    if args.records:
-        source = find_images(args.dataset / args.split / "images")
-        names = RECORD_TRANSPORTS
-    else:
-        source = dataset_from_root(args.dataset, args.split, train_transform(args.im_size, args.seed, args.augment_on))
-        names = COLLATES
+    dataset = dataset_from_root(args.dataset, args.split, train_transform(args.im_size, args.seed, args.augment_on))
     rate = idle_rate()
-    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in COLLATES}
     for _ in range(args.rounds):
-        for name in names:
-            rounds[name].append(measure(source, name, args, rate))
+        for name in COLLATES:
+            rounds[name].append(measure(dataset, name, args, rate))
     results = {name: {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
                for name, runs in rounds.items()}
     lost = {name: results[name]["main_thread_lost_ms_per_batch"] for name in results}
@@ -255,15 +223,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "device": f"host of {torch.cuda.get_device_name(0)}, {multiprocessing.cpu_count()} cores"
                           if torch.cuda.is_available() else f"cpu ({platform.machine()}, "
                                                             f"{multiprocessing.cpu_count()} cores)"},
-        "settings": {"dataset": str(args.dataset / args.split), "loader": "records" if args.records else "training",
-                     "batch_size": args.batch_size, "batches": args.batches, "workers": args.workers,
-                     "im_size": None if args.records else args.im_size,
-                     "augment_on": None if args.records else args.augment_on, "rounds": args.rounds,
-                     "pin_memory": args.pin_memory, "idle_small_ops_per_s": round(rate)},
+        "settings": {"dataset": str(args.dataset / args.split), "batch_size": args.batch_size,
+                     "batches": args.batches, "workers": args.workers, "im_size": args.im_size,
+                     "augment_on": args.augment_on, "rounds": args.rounds, "pin_memory": args.pin_memory,
+                     "idle_small_ops_per_s": round(rate)},
         "results": results,
-        # the baselines' lost time over the product's (the first of the names)
-        "main_thread_lost_ratios": {f"{name}/{names[0]}": round(lost[name] / max(lost[names[0]], 1e-9), 2)
-                                    for name in names[1:]},
+        "main_thread_lost_ratio_per_image_to_padded_kept": round(lost["per_image"] / max(lost["padded_kept"], 1e-9), 2),
+        "main_thread_lost_ratio_padded_to_padded_kept": round(lost["padded"] / max(lost["padded_kept"], 1e-9), 2),
     }
     line = json.dumps(report)
     print(line)

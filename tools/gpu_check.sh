@@ -8,7 +8,7 @@
 # a recompilation of the same code: benchmark_train resets torch.compile per model since). Added
 # since, not yet timed on a GPU: the new-size pipelines (up to ~40 s) and their ResNet-50 cascade
 # layout rows (~30 s), the nms step (~15 s), the cli step (~100 s), the busy-core, several-batch and
-# CUDA-graph training rows (~25 s), the loader steps (~30 s); about 8 minutes for the default steps. A machine started in
+# CUDA-graph training rows (~25 s), the loader step (~20 s); about 8 minutes for the default steps. A machine started in
 # under 30 s of the 15-minute lease. Each step is capped (timeout --signal=INT: an interrupted
 # benchmark still writes what it measured).
 #
@@ -26,9 +26,8 @@
 #                setting (2 rounds) against one public-style pass
 #   train        tools/benchmark_train.py: fixed batches, the real pipeline, profile
 #   loader       tools/benchmark_loader.py: host time the training loop loses per batch taken from the
-#                DataLoader (pinned, 14 workers), train.py's batches against padding alone and one target
-#                tensor per image; then (--records) test.py's decoded images through shared memory against
-#                the workers' pipes (both into train.jsonl)
+#                DataLoader (pinned, 14 workers), targets padded in the workers against one tensor per
+#                image (into train.jsonl)
 #   trained_r50  the ResNet-50 cascade trained from scratch on the sample (tools/overfit_check.py),
 #                then its batch-32 variants (torch.compile included) against its fp32 path and its
 #                post-processing per NMS chunk size
@@ -81,7 +80,6 @@ if $SMOKE; then
                       --warmup 1)
   NMS_ARGS=(--device cpu --threads 1 --batch 2 --size 160x120 --iters 1 --warmup 0)
   LOADER_ARGS=(--batch_size 4 --batches 3 --workers 1 --im_size 96 --rounds 1)
-  LOADER_RECORDS_ARGS=(--batches 4 --workers 1 --rounds 1)
   TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; COMPILE_LIMIT=120; CLI_LIMIT=120; TRAINED_R50_LIMIT=120
   TRAIN_COMPILE_LIMIT=120
 else
@@ -103,8 +101,6 @@ else
   NMS_ARGS=(--device cuda)
   # 16 batches of 32 at 640 per round, 3 rounds per collate (pinned, as train.py on CUDA)
   LOADER_ARGS=(--workers 14 --rounds 3)
-  # test.py's / inference.py's loader: 60 decoded sample images per round, shared memory against pipes
-  LOADER_RECORDS_ARGS=(--workers 14 --rounds 3)
   # 9 fresh processes: the public-style pass, then auto/true/false/--pad_to twice (second round reversed)
   CLI_ARGS=(--device cuda --rounds 2 --timeout 60)
   # train.py --compile on the two training targets: fixed batches only (no real pipeline, no
@@ -157,7 +153,6 @@ if ! $SMOKE && [ -n "${SHM_FREE_KB:-}" ] && [ "$SHM_FREE_KB" -lt 6291456 ]; then
   TRAIN_ARGS+=(--workers 4)
   TRAINED_R50_ARGS+=(--workers 4)
   LOADER_ARGS+=(--workers 4)
-  LOADER_RECORDS_ARGS+=(--workers 4)
   log "== /dev/shm under 6 GiB: training with --workers 4"
 fi
 
@@ -203,12 +198,8 @@ if wanted trained_r50 && needs_shared trained_r50; then
 fi
 wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
-if wanted loader && needs_shared loader; then
-  step loader 90 "$PY" tools/benchmark_loader.py "${LOADER_ARGS[@]}" --dataset "$SAMPLE" --split val \
-    --out "$OUT/train.jsonl"
-  step loader_records 60 "$PY" tools/benchmark_loader.py "${LOADER_RECORDS_ARGS[@]}" --records --dataset "$SAMPLE" \
-    --split val --out "$OUT/train.jsonl"
-fi
+wanted loader && needs_shared loader && step loader 90 "$PY" tools/benchmark_loader.py "${LOADER_ARGS[@]}" \
+  --dataset "$SAMPLE" --split val --out "$OUT/train.jsonl"
 wanted train_compile && step train_compile "$TRAIN_COMPILE_LIMIT" "$PY" tools/benchmark_train.py \
   "${TRAIN_COMPILE_ARGS[@]}" --dataset "$SAMPLE" --split val --out "$OUT/train_compile.jsonl"
 # torch.compile of the headline case (ResNet-50 cascade, batch 32, bf16)

@@ -191,19 +191,15 @@ PINNING = {True: "yes", False: "no", "copy": "plain copies instead"}
 
 
 def loader_section(report: dict[str, Any]) -> list[str]:
-    lines = heading(report, "Taking batches from a DataLoader (tools/benchmark_loader.py)")
+    lines = heading(report, "Taking batches from the training DataLoader (tools/benchmark_loader.py)")
     settings = report.get("settings", {})
     pinning = PINNING.get(settings.get("pin_memory"), "no")
-    what = (f"batches of {settings.get('batch_size')} decoded images (test.py's and inference.py's loader)"
-            if settings.get("loader") == "records" else
-            f"training batches of {settings.get('batch_size')} at {settings.get('im_size')} px (pinned: {pinning})")
-    lines += [f"{settings.get('batches')} prepared {what} from {settings.get('workers')} workers, taken by a second "
-              "thread while the main thread runs small tensor operations; ms per batch, median of "
+    lines += [f"{settings.get('batches')} prepared batches of {settings.get('batch_size')} at "
+              f"{settings.get('im_size')} px from {settings.get('workers')} workers (pinned: {pinning}), taken by a "
+              "second thread while the main thread runs small tensor operations; ms per batch, median of "
               f"{settings.get('rounds')} rounds.", ""]
     names = {"padded_kept": "targets padded, image batches kept by the workers (train.py)",
-             "padded": "targets padded in the workers", "per_image": "one target tensor per image",
-             "records_shared": "images through shared memory (where it has room)",
-             "records_pipe": "images pickled through the workers' pipes"}
+             "padded": "targets padded in the workers", "per_image": "one target tensor per image"}
     rows = [[names.get(name, name), r.get("main_thread_lost_ms_per_batch"), r.get("receiving_thread_cpu_ms_per_batch"),
              r.get("drain_ms_per_batch")] for name, r in report.get("results", {}).items()]
     lines += table(["batches", "main thread lost", "receiving thread CPU", "drain wall"], rows)

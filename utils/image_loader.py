@@ -11,7 +11,6 @@ import errno
 import math
 import os
 import re
-import shutil
 import stat
 import struct
 import time
@@ -22,20 +21,13 @@ from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from models.padding_mask import padded_size
 from utils.errors import is_opencv_error, is_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, decode_image, read_image_bytes
 
 DEFAULT_MAX_PIXELS = 36_000_000  # larger images are downscaled for the network (with a warning)
-#: Where DataLoader workers hand tensors over on Linux (a tmpfs; Docker gives it 64 MB unless the
-#: container is started with ``--shm-size``).
-SHARED_MEMORY_DIR = "/dev/shm"
-#: Largest decoded image a DataLoader worker hands over through shared memory; larger ones go
-#: through the worker's pipe, as all of them do where shared memory is short.
-SHARED_IMAGE_MAX_BYTES = 64 * 2 ** 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,16 +196,6 @@ class ImageRecord:
     def ok(self) -> bool:
         return self.error is None
 
-    def __setstate__(self, state: dict) -> None:
-        # images a worker sent as tensors (shared memory, see RecordCollate) become numpy arrays
-        # again, views of the same memory
-        image, net_image = state.get("image"), state.get("net_image")
-        if isinstance(image, torch.Tensor):
-            state["image"] = image.numpy()
-        if isinstance(net_image, torch.Tensor):
-            state["net_image"] = state["image"] if net_image is image else net_image.numpy()
-        self.__dict__.update(state)
-
 
 def opencv_reason(error: BaseException) -> str:
     """A readable one-line reason for a ``cv2.error`` raised while decoding."""
@@ -306,58 +288,21 @@ class ImageFolderDataset(Dataset):
         return load_record(index, self.files[index], self.names[index], self.max_pixels)
 
 
-class RecordCollate:
-    """A batch of :class:`ImageRecord` as a list (numpy images of any size, per-file errors
-    included), its decoded images handed over through shared memory.
-
-    A numpy array a DataLoader worker returns is pickled through the worker's pipe and copied
-    twice on the way; a tensor's memory is shared instead. With ``shared_memory`` a worker turns
-    each image of up to ``SHARED_IMAGE_MAX_BYTES`` into a tensor (no copy), and
-    :meth:`ImageRecord.__setstate__` turns it back into a numpy array in the receiving process.
-    Receiving a decoded sample WIDER image then took the main thread about half as long
-    (``python tools/benchmark_loader.py --records``). In this process (``workers=0``) the records
-    stay as they are.
-    """
-
-    def __init__(self, shared_memory: bool) -> None:
-        self.shared_memory = shared_memory
-
-    def __call__(self, batch: list[ImageRecord]) -> list[ImageRecord]:
-        if self.shared_memory and get_worker_info() is not None:
-            for record in batch:
-                shared = {}
-                for key in ("image", "net_image"):
-                    array = getattr(record, key)
-                    if (isinstance(array, np.ndarray) and array.nbytes <= SHARED_IMAGE_MAX_BYTES
-                            and array.flags.c_contiguous and array.flags.writeable):
-                        if id(array) not in shared:
-                            shared[id(array)] = torch.from_numpy(array)
-                        setattr(record, key, shared[id(array)])
-        return list(batch)
-
-
-def shared_memory_room(needed_bytes: int, folder: str | None = None) -> bool:
-    """Whether ``folder`` (default ``SHARED_MEMORY_DIR``) exists and has ``needed_bytes`` free."""
-    folder = folder or SHARED_MEMORY_DIR
-    return os.path.isdir(folder) and shutil.disk_usage(folder).free >= needed_bytes
+def collate_records(batch: list[ImageRecord]) -> list[ImageRecord]:
+    """Keep the records as they are: numpy images of any size, per-file errors included."""
+    return list(batch)
 
 
 def make_loader(dataset: ImageFolderDataset, batch_size: int = 1, workers: int = 2) -> DataLoader:
     """A DataLoader decoding images in ``workers`` processes (0: in this process), in order.
 
-    The images travel through shared memory (:class:`RecordCollate`) where it has room for every
-    image the pipeline can hold at once at ``SHARED_IMAGE_MAX_BYTES`` (the batches prefetched,
-    and twice the most that wait to be batched or written, each with a downscaled copy); else
-    through the workers' pipes. Iterate it with :func:`start_loader`, which keeps OpenCV's thread
-    pool out of the forked workers.
+    Iterate it with :func:`start_loader`, which keeps OpenCV's thread pool out of the forked
+    workers.
     """
     workers = min(workers, len(dataset))
-    prefetch = 2
-    held_images = workers * prefetch * batch_size + 2 * max(4 * batch_size, 16)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      collate_fn=RecordCollate(workers > 0 and shared_memory_room(
-                          held_images * 2 * SHARED_IMAGE_MAX_BYTES)),
-                      prefetch_factor=prefetch if workers else None, persistent_workers=False)
+                      collate_fn=collate_records, prefetch_factor=2 if workers else None,
+                      persistent_workers=False)
 
 
 def start_loader(loader: DataLoader) -> Iterator[list[ImageRecord]]:

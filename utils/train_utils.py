@@ -60,7 +60,6 @@ from utils.checkpoint import (
 )
 from utils.evaluation import EvaluationError
 from utils.image_io import ImageReadError
-from utils.image_loader import SHARED_MEMORY_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MOBILENET_BACKBONE = REPO_ROOT / "weights" / "mobilenetV1X0.25_pretrain.tar"
@@ -540,6 +539,9 @@ def collate_with_report(batch: list) -> tuple[Any, PaddedTargets, LoadReport]:
 TRAIN_PREFETCH_FACTOR = 4
 #: Image batches each worker keeps (:class:`TrainBatchCollate`) when shared memory has room.
 TRAIN_KEPT_BATCHES = TRAIN_PREFETCH_FACTOR + 2
+#: Where DataLoader workers hand their batches over on Linux (a tmpfs; Docker gives it 64 MB unless
+#: the container is started with ``--shm-size``).
+SHARED_MEMORY_DIR = "/dev/shm"
 
 
 class TrainBatchCollate:
