@@ -73,8 +73,8 @@ __all__ = [
     "TrainingSetupError", "TrainingDivergedError", "DistInfo", "setup_distributed", "cleanup_distributed",
     "seed_everything", "configure_backends", "model_config_from_args", "build_model", "wrap_model",
     "build_optimizer", "reference_schedule", "LRSchedule", "build_scheduler", "EpochSeededDataset",
-    "ResumableSampler", "TrainBatchCollate", "shared_memory_keep", "train_transform", "build_train_loader", "autocast_settings",
-    "TrainContext", "train_one_epoch",
+    "ResumableSampler", "TrainBatchCollate", "shared_memory_keep", "train_transform", "build_train_loader",
+    "autocast_settings", "TrainContext", "train_one_epoch",
     "evaluate_widerface", "capture_rng_state", "restore_rng_state", "save_training_state",
     "load_training_state", "train",
 ]
