@@ -21,6 +21,7 @@ from utils.data_loaders import (
     parse_label_file,
 )
 from utils.data_transformer import (
+    INTERPOLATIONS,
     RGB_MEAN_BGR,
     AugmentParams,
     PhotometricParams,
@@ -259,12 +260,32 @@ def test_explicit_crop_and_flip_exact_coordinates() -> None:
     np.testing.assert_allclose(flip_targets(no_flip, 400.0), out_t, atol=1e-4)
 
 
-def test_flip_after_resize_gives_same_coordinates() -> None:
-    image, targets, crop = _synthetic()  # side 200 > im_size 100: the image is flipped after the resize
-    transform = TrainTransform(100, rng=0)
-    out, out_t = transform.apply(image, targets, AugmentParams(crop, PhotometricParams(), True, cv2.INTER_NEAREST))
-    np.testing.assert_allclose(out_t[0, :14], [55, 25, 75, 50, 60, 30, 70, 30, 65, 37.5, 61, 45, 69, 45])
-    assert out[28:33, 67:72].tolist() == [[[0, 0, 255]] * 5] * 5
+def test_flip_comes_before_the_resize_like_the_public_code() -> None:
+    image, targets, crop = _synthetic()  # crop side 200 -> im_size 100 (downscaling) and 400 (upscaling)
+    left, top, side = crop
+    square = image[top:top + side, left:left + side]
+    for size in (100, 400):
+        transform = TrainTransform(size, rng=0)
+        for interpolation in INTERPOLATIONS:
+            out, out_t = transform.apply(image, targets, AugmentParams(crop, PhotometricParams(), True, interpolation))
+            # the public order: mirror the square, then resize it
+            np.testing.assert_array_equal(out, cv2.resize(cv2.flip(square, 1), (size, size), interpolation=interpolation))
+            np.testing.assert_allclose(out_t[0, :4], np.array([110, 50, 150, 100]) * size / 200, atol=1e-4)
+    # nearest at 200 -> 100 takes source column 2i: the mirrored marker (columns 135..144) lands on 68..72
+    out, _ = TrainTransform(100, rng=0).apply(image, targets,
+                                              AugmentParams(crop, PhotometricParams(), True, cv2.INTER_NEAREST))
+    marker = np.all(out[28:33] == (0, 0, 255), axis=-1)
+    assert marker[:, 68:73].all() and not marker[:, :68].any() and not marker[:, 73:].any()
+
+
+def test_crop_offsets_never_touch_the_far_edge_unless_the_side_spans_the_image() -> None:
+    # the public code draws the offset with randrange(W - side): 0 .. W - side - 1
+    no_faces = np.zeros((0, 15), np.float32)
+    transform = TrainTransform(64, rng=5, crop_scales=(1.0,))
+    lefts = {transform.sample_crop(100, 103, no_faces)[0] for _ in range(300)}  # side 100
+    tops = {transform.sample_crop(104, 100, no_faces)[1] for _ in range(300)}
+    assert lefts == {0, 1, 2} and tops == {0, 1, 2, 3}
+    assert {transform.sample_crop(100, 100, no_faces)[:2] for _ in range(20)} == {(0, 0)}
 
 
 def test_pad_to_square_when_no_crop() -> None:

@@ -68,7 +68,7 @@ def test_hsv_conversions_match_opencv():
 
 
 def _forced_params():
-    """Every branch of the pixel path: crop or pad, flip before/after the resize, every
+    """Every branch of the pixel path: crop or pad, flip or not, down- and upscaling, every
     interpolation, with and without the HSV step, both photometric orders."""
     photometric = [PhotometricParams(),
                    PhotometricParams(False, brightness=20.5, contrast=1.3),

@@ -23,7 +23,8 @@ The recipe (:class:`TrainTransform`), in the order of the public Pytorch_Retinaf
 
 1. **Random square crop.** Up to ``max_crop_trials`` (250) candidates are drawn: the side is
    ``int(scale * short_side)`` with ``scale`` picked uniformly from ``crop_scales``
-   (``0.3, 0.45, 0.6, 0.8, 1.0``), the position uniformly among all positions inside the image.
+   (``0.3, 0.45, 0.6, 0.8, 1.0``), the offset uniformly in ``[0, W - side - 1]`` (``0`` when the
+   side spans the image; the public code's ``randrange``, so a crop never touches the far edge).
    A candidate is accepted when at least one face lies *entirely* inside it and at least one
    face is kept, where a face is kept when its box centre lies strictly inside the crop and its
    clipped box, measured at output scale, has a shorter side ``> min_face_size`` pixels.
@@ -46,8 +47,8 @@ The recipe (:class:`TrainTransform`), in the order of the public Pytorch_Retinaf
 4. **Horizontal flip** with probability ``flip_prob`` (0.5): ``x -> side - x`` for boxes
    (``x1' = side - x2``, ``x2' = side - x1``) and landmarks, and the left/right landmarks are
    swapped (0 <-> 1 eyes, 3 <-> 4 mouth corners) so "left eye" stays the image-left eye.
-   The flip is done on whichever of the square and the resized image is smaller; both orders
-   give the same coordinates.
+   The flip comes before the resize, as in the public code (the other order gives the same
+   coordinates but, with ``INTER_NEAREST``, samples other source columns).
 5. **Resize** to ``im_size`` x ``im_size`` with an interpolation drawn uniformly from
    ``INTER_LINEAR, INTER_CUBIC, INTER_AREA, INTER_NEAREST, INTER_LANCZOS4``; coordinates are
    multiplied by ``im_size / side``.
@@ -433,8 +434,9 @@ class TrainTransform:
             batch = remaining  # first a small batch (usually enough), then all the rest at once
             scales = self.crop_scales[self.rng.integers(len(self.crop_scales), size=n)]
             sides = np.maximum((scales * short).astype(np.int64), 1)
-            lefts = (self.rng.random(n) * (width - sides + 1)).astype(np.int64)
-            tops = (self.rng.random(n) * (height - sides + 1)).astype(np.int64)
+            # offsets in [0, W - side - 1] (0 when the side spans W), the public code's randrange
+            lefts = (self.rng.random(n) * np.maximum(width - sides, 1)).astype(np.int64)
+            tops = (self.rng.random(n) * np.maximum(height - sides, 1)).astype(np.int64)
             if len(targets) == 0:
                 return int(lefts[0]), int(tops[0]), int(sides[0])
             rights, bottoms = lefts + sides, tops + sides
@@ -518,12 +520,9 @@ class TrainTransform:
             out = cv2.copyMakeBorder(
                 out, 0, side - height, 0, side - width, cv2.BORDER_CONSTANT, value=self.rgb_mean
             )
-        flip_before = params.flip and side <= size
-        if flip_before:
+        if params.flip:  # before the resize, as the public code: same pixels for every interpolation
             out = cv2.flip(out, 1)
         out = cv2.resize(out, (size, size), interpolation=params.interpolation)
-        if params.flip and not flip_before:
-            out = cv2.flip(out, 1)
         return np.ascontiguousarray(out), out_targets
 
     def __call__(self, image: np.ndarray, targets: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

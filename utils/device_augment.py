@@ -182,9 +182,9 @@ def defer_pixels(image: np.ndarray, params: AugmentParams, size: int) -> Deferre
                         for t in (tables.before, tables.hue, tables.saturation, tables.after)])
     rows = resize_taps(side, size, params.interpolation)
     cols = rows
-    if params.flip:  # TrainTransform flips the square before resizing when it is the smaller image
+    if params.flip:  # TrainTransform flips the square before resizing it
         index, weight = rows
-        cols = (side - 1 - index, weight) if side <= size else (index[::-1].copy(), weight[::-1].copy())
+        cols = (side - 1 - index, weight)
     return DeferredImage(np.ascontiguousarray(pixels), stacked, tables.use_hsv, rows, cols)
 
 
