@@ -233,6 +233,13 @@ def test_masks_on_rgba_portraits(sample_mask_images, mobilenet_weights, tmp_path
     assert faces >= len(images)
 
 
+def test_crop_names_stay_unique_when_images_share_a_stem():
+    names = ["face.jpg", "face.png", "face_jpg.png", "x/a.jpg", "a.jpg"]
+    stems = iu.crop_stems(names)
+    assert stems == {"face.jpg": "face_jpg_2", "face.png": "face_png", "face_jpg.png": "face_jpg",
+                     "x/a.jpg": "x/a", "a.jpg": "a"}
+
+
 def test_head_box_scaling_and_clipping():
     assert fm.head_box((40, 40, 60, 60), (200, 200)) == (10, 10, 90, 90)
     assert fm.head_box((0, 0, 20, 20), (100, 100)) == (0, 0, 50, 50)
@@ -396,6 +403,24 @@ def test_find_images_recursive_any_case(tmp_path):
     assert found == ["a.JPG", "b.jpeg", "c.Png", "d.bmp", "e.WEBP", "sub/g.jpg"]
 
 
+def test_find_images_follows_linked_folders_and_reports_loops(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    for name in ("elsewhere/b.jpg", "in/a.jpg", "in/sub/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    root = tmp_path / "in"
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "sub" / "back").symlink_to(root, target_is_directory=True)  # would walk forever
+    (root / "out").symlink_to(elsewhere, target_is_directory=True)  # excluded: the output folder
+    unreadable: list[tuple[str, str]] = []
+    found = image_loader.find_images(root, exclude=[elsewhere / "never"], unreadable=unreadable)
+    assert [image_loader.relative_name(p, root) for p in found] == [
+        "a.jpg", "linked/b.jpg", "out/b.jpg", "sub/c.png"]
+    assert unreadable == [("sub/back/", "symbolic link loop")]
+    found = image_loader.find_images(root, exclude=[elsewhere])  # the output folder is skipped wherever it is linked
+    assert [image_loader.relative_name(p, root) for p in found] == ["a.jpg", "sub/c.png"]
+
+
 class _SilentBar:
     def update(self, n):
         pass
@@ -504,6 +529,25 @@ def test_unexpected_error_mid_run_keeps_outputs_and_reports_it(widerface_sample,
     assert summary["processed"] == 1 and list(json.loads((out / "detections.json").read_text())) == ["0.jpg"]
 
 
+def test_a_write_that_fails_after_the_last_image_still_leaves_the_results(widerface_sample, mobilenet_weights,
+                                                                           tmp_path, capsys):
+    # the drawn images are written on threads: with few images every write is still pending when
+    # the loop ends, so the failure surfaces while closing; the results must be written all the same
+    folder = link_images(tmp_path / "in", {f"sub/{i}.jpg": p for i, p in enumerate(
+        sorted((widerface_sample / "val/images").rglob("*.jpg"))[:2])})
+    out = tmp_path / "out"
+    (out / "result_images").mkdir(parents=True)
+    (out / "result_images" / "sub").write_text("a file where the folder for sub/ should be")
+    code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", out,
+                             "--workers", "0", "--device", "cpu", "--save_img", "true", "--exist_ok", "true"], capsys)
+    assert code == config.EXIT_ERROR and "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if "inference.py: error:" in line]
+    assert len(error_lines) == 1 and error_lines[0].startswith("inference.py: error:"), err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_code"] == 1 and "result_images/sub" in summary["error"] and summary["processed"] == 2
+    assert list(json.loads((out / "detections.json").read_text())) == ["sub/0.jpg", "sub/1.jpg"]
+
+
 # ------------------------------------------------------------------------------------------
 # Command-line errors: one clear line, non-zero exit, no traceback
 # ------------------------------------------------------------------------------------------
@@ -514,6 +558,12 @@ def test_empty_folder(tmp_path, capsys):
                              "--inference_save_folder", tmp_path / "out"], capsys)
     assert code == config.EXIT_ERROR and len(err.strip().splitlines()) == 1 and "no images" in err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "notes.txt").write_text("not an image")
+    code, _, err = run_main(["--weights", "mobilenet0.25", "--inference_dir", tmp_path / "notes.txt",
+                             "--inference_save_folder", tmp_path / "out"], capsys)
+    assert code == config.EXIT_ERROR and err.strip() == (
+        f"inference.py: error: --inference_dir {tmp_path / 'notes.txt'} is a file but not an image "
+        "(jpg, jpeg, png, bmp, webp); give an image or a folder")
 
 
 def test_missing_weights(sample_mask_images, tmp_path, capsys):

@@ -46,12 +46,13 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from tools import shared_root  # noqa: E402
 from utils.data_loaders import dataset_from_root, detection_collate  # noqa: E402
 from utils.image_io import read_image  # noqa: E402
 from utils.data_transformer import RGB_MEAN_BGR, TrainTransform  # noqa: E402
 from utils.device_augment import DeferredTrainTransform  # noqa: E402
 
-DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "data" / "widerface_sample"
+DEFAULT_DATASET = shared_root() / "data" / "widerface_sample"
 
 
 class PublicPreprocReconstruction:

@@ -33,10 +33,11 @@ import torch  # noqa: E402
 
 from models.detector import FaceDetector  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
+from tools import shared_root  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
 
-SHARED = REPO.parent / "shared"
+SHARED = shared_root()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -91,13 +91,14 @@ import torch  # noqa: E402
 from models.dense_path import DensePath  # noqa: E402
 from models.detector import StageClock, cudnn_autotuning, resolve_device, same_size_groups  # noqa: E402
 from models.retinaface import ModelConfig, RetinaFace, preprocess  # noqa: E402
+from tools import shared_root  # noqa: E402
 from tools.fidelity import dense_disagreement, unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
 from utils.nms import NMS_CHUNK  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
 
-SHARED = Path(os.environ.get("RETINAFACE_SHARED", REPO.parent / "shared"))
+SHARED = shared_root()
 SAMPLE_IMAGES = SHARED / "data" / "widerface_sample" / "val" / "images"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet0.25_Final.pth"
 

@@ -57,6 +57,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from tools import shared_root  # noqa: E402
 from tools.benchmark_train import RepeatDataset  # noqa: E402
 from utils.data_loaders import dataset_from_root  # noqa: E402
 from utils.image_loader import start_loader  # noqa: E402
@@ -64,7 +65,7 @@ from utils.train_utils import (  # noqa: E402
     EpochSeededDataset, LoadReport, ResumableSampler, TrainBatchCollate, collate_with_report, train_transform,
 )
 
-DEFAULT_DATASET = REPO_ROOT.parent / "shared" / "data" / "widerface_sample"
+DEFAULT_DATASET = shared_root() / "data" / "widerface_sample"
 #: The batchings compared (module doc), train.py's first.
 COLLATES = ("padded_kept", "padded", "per_image")
 #: Small-operation loop iterations between two looks at the receiving thread.

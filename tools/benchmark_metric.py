@@ -93,7 +93,9 @@ def make_synthetic_predictions(
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared"))
+    from tools import shared_root  # noqa: PLC0415
+
+    shared = shared_root()
     parser.add_argument("--gt_dir", default=str(shared / "data/widerface_sample/ground_truth"),
                         help="folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat")
     parser.add_argument("--seed", type=int, default=0)

@@ -35,7 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tools.finetune_check import shared_root, window_mean, working_directory  # noqa: E402
+from tools import shared_root  # noqa: E402
+from tools.finetune_check import window_mean, working_directory  # noqa: E402
 
 
 def parse(argv=None) -> argparse.Namespace:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -44,6 +43,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from models.detector import Detections, FaceDetector  # noqa: E402
+from tools import shared_root  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
 
@@ -115,7 +115,7 @@ def sensitivity_report(weights: str, arrays: list[np.ndarray], size: tuple[int, 
 
 
 def main(argv=None) -> int:
-    shared = Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared"))
+    shared = shared_root()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--weights", default=str(shared / "weights/mobilenet0.25_Final.pth"))

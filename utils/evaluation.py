@@ -114,7 +114,8 @@ def list_val_images(dataset_root: str | os.PathLike[str]) -> list[ValImage]:
     missing = [im for im in images if not im.path.is_file()]
     if missing:
         raise EvaluationError(f"{len(missing)} of {len(images)} images listed in {source} are missing, "
-                              f"e.g. {missing[0].path}")
+                              f"e.g. {missing[0].path}; to evaluate only the images present, delete their lines "
+                              f"or the label file (then every {image_root}/<event>/*.jpg is used)")
     seen: set[str] = set()
     unique = []
     for im in images:

@@ -74,8 +74,22 @@ def find_images(root: str | Path, exclude: Iterable[str | Path] = (),
         problems.append((relative_name(where, root) + "/", f"folder not readable: {os_error_reason(error)}"))
 
     found = []
-    for folder, subfolders, files in os.walk(root, onerror=on_error if unreadable is not None else None):
-        subfolders[:] = sorted(d for d in subfolders if os.path.realpath(os.path.join(folder, d)) not in excluded)
+    # linked folders are followed; one that leads back to a folder above it (a loop) is reported
+    above: dict[str, frozenset[str]] = {str(root): frozenset({os.path.realpath(root)})}
+    for folder, subfolders, files in os.walk(root, onerror=on_error if unreadable is not None else None,
+                                             followlinks=True):
+        walked = []
+        for name in sorted(subfolders):
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real in excluded:
+                continue
+            if real in above[folder]:
+                problems.append((relative_name(path, root) + "/", "symbolic link loop"))
+                continue
+            above[path] = above[folder] | {real}
+            walked.append(name)
+        subfolders[:] = walked
         found.extend(Path(folder) / name for name in files if is_image_file(name))
     if unreadable is not None:
         unreadable.extend(sorted(problems))

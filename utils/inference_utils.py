@@ -267,14 +267,25 @@ def draw_detections(image: np.ndarray, detections: Any) -> np.ndarray:
 
 
 def crop_stems(names: Sequence[str]) -> dict[str, str]:
-    """``<rel dir>/<stem>`` used to name an image's crops and masks; when two images of one
-    folder share a stem (``a.jpg``, ``a.png``) their extension is added (``a_jpg``, ``a_png``)."""
-    stems = {name: str(Path(name).with_suffix("").as_posix()) for name in names}
+    """``<rel dir>/<stem>`` used to name an image's crops and masks, one per image. When images of
+    one folder share a stem (``a.jpg``, ``a.png``) their extension is added (``a_jpg``, ``a_png``),
+    and a number (``a_jpg_2``) when that name is also another image's stem (``a_jpg.png``)."""
+    stems = {name: Path(name).with_suffix("").as_posix() for name in names}
     counts: dict[str, int] = defaultdict(int)
     for stem in stems.values():
         counts[stem] += 1
-    return {name: stem if counts[stem] == 1 else f"{stem}_{Path(name).suffix.lstrip('.')}"
-            for name, stem in stems.items()}
+    taken = {stem for stem, count in counts.items() if count == 1}
+    result = {}
+    for name in sorted(names):
+        stem = stems[name]
+        if counts[stem] > 1:
+            base = f"{stem}_{Path(name).suffix.lstrip('.')}"
+            stem, number = base, 2
+            while stem in taken:
+                stem, number = f"{base}_{number}", number + 1
+            taken.add(stem)
+        result[name] = stem
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -569,7 +580,10 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     if not files:
         also = (f" ({len(unreadable)} folder(s) could not be read, e.g. {unreadable[0][0]}: "
                 f"{unreadable[0][1]})" if unreadable else "")
-        raise InferenceError(f"no images ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS)}) found in {root}{also}")
+        kinds = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+        if root.is_file():
+            raise InferenceError(f"--inference_dir {root} is a file but not an image ({kinds}); give an image or a folder")
+        raise InferenceError(f"no images ({kinds}) found in {root}{also}")
     try:
         device = resolve_device(args.device, args.gpu_num)
         use_device(device)
@@ -622,6 +636,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     if args.half and device.type != "cuda":
         _warn(bar, "--half is only used on CUDA; running in float32")
     loop_started = time.perf_counter()
+    loop_error: BaseException | None = None
     try:
         for records in start_loader(loader):
             good = []
@@ -647,9 +662,16 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         summary.interrupted = True
     except BaseException as error:  # e.g. a CUDA error or a killed decoding worker: outputs so far are kept
         summary.error = f"{type(error).__name__}: {error}"
+        loop_error = error
         raise
     finally:
-        runner.close()
+        try:
+            runner.close()  # the last image writes can fail here, after the loop
+        except BaseException as error:
+            close_error = error
+            summary.error = summary.error or f"{type(error).__name__}: {error}"
+        else:
+            close_error = None
         bar.close()
         summary.wall_s = time.perf_counter() - loop_started
         for key in ("preprocess", "forward", "postprocess"):
@@ -659,6 +681,8 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         write_results_txt(output / results_txt_name(args.experiment_name), named)
         write_detections_json(output / DETECTIONS_JSON, named)
         _atomic_write_text(output / SUMMARY_JSON, json.dumps(summary.to_dict(), indent=1))
+        if close_error is not None and loop_error is None:
+            raise close_error
     return InferenceRun(ordered, summary)
 
 
