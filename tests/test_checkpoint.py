@@ -53,6 +53,21 @@ def test_our_checkpoint_round_trip_rebuilds_the_architecture(tmp_path):
     assert torch.load(path, weights_only=True)["epoch"] == 4
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_files_follow_the_umask_like_other_outputs(tmp_path, umask):
+    import os
+    import stat
+
+    previous = os.umask(umask)
+    try:
+        path = save_checkpoint(tmp_path / "last.pth", RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)))
+        log = tmp_path / "logs.txt"
+        log.write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(log.stat().st_mode) == 0o666 & ~umask
+
+
 @pytest.mark.parametrize("config", [
     ModelConfig(network="resnet18", num_anchor=3, cascade=False),
     ModelConfig(network="resnet34", num_anchor=2, cascade=True, model_version="tina"),

@@ -458,6 +458,88 @@ def test_resume_reproduces_an_uninterrupted_run(widerface_sample, tmp_path, monk
     assert list((tmp_path / "experiments/part/log").glob("events.out.tfevents.*"))
 
 
+def test_resume_applies_changed_schedule_options_and_converts_the_step_for_a_new_batch_size(
+        widerface_sample, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    train.run(_run_args(widerface_sample, "run", "--epochs", "2", "--lr", "0.005", "--max_iters", "3"))
+    # a new batch size: step 3 of 5 per epoch is step 6 of 10 per epoch, and the new options apply
+    train.run(["--resume", "experiments/run/ckpt/last.pth", "--batch_size", "1", "--max_iters", "8",
+               "--device", "cpu"])
+    state = torch.load(tmp_path / "experiments/run/ckpt/last.pth", weights_only=True)
+    assert state["step"] == 8 and state["iters_per_epoch"] == 10 and state["scheduler"]["last_epoch"] == 8
+    log = (tmp_path / "experiments/run/log/logs.txt").read_text()
+    assert "step 3 of the checkpoint is step 6 here" in log
+    # extending the finished run: more epochs, another schedule and learning rate, from step 20 on
+    train.run(["--resume", "experiments/run/ckpt/last.pth", "--max_iters", "0", "--device", "cpu"])
+    train.run(["--resume", "experiments/run/ckpt/last.pth", "--epochs", "4", "--lr", "0.01",
+               "--lr_schedule", "cosine", "--max_iters", "24", "--device", "cpu"])
+    state = torch.load(tmp_path / "experiments/run/ckpt/last.pth", weights_only=True)
+    schedule = tu.LRSchedule("cosine", total_iters=40, warmup_iters=round(0.5 * 10))
+    assert state["step"] == 24 and state["scheduler"]["base_lrs"] == [0.01]
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01 * schedule(24))
+    log = (tmp_path / "experiments/run/log/logs.txt").read_text()
+    assert "differ from the checkpoint's: --lr 0.005 -> 0.01, --lr_schedule step -> cosine, --epochs 2 -> 4;" in log
+    assert log.count("differ from the checkpoint's") == 1  # a new batch size alone changes no option
+
+
+def test_ctrl_c_stops_at_the_step_boundary_saves_last_and_the_run_resumes(widerface_sample, tmp_path, monkeypatch,
+                                                                           capfd):
+    import multiprocessing
+    import signal
+    import time
+
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    step = torch.optim.lr_scheduler.LambdaLR.step
+    calls, workers_alive = [], []
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:  # the constructor steps once; Ctrl-C in the third training step, the worker gets it too
+            workers = multiprocessing.active_children()
+            assert workers
+            for worker in workers:
+                os.kill(worker.pid, signal.SIGINT)
+            time.sleep(0.5)
+            workers_alive.append(all(worker.is_alive() for worker in workers))  # they ignore it
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_ctrl_c)
+    before = signal.getsignal(signal.SIGINT)
+    code = train.main(_run_args(widerface_sample, "stop", "--epochs", "2", "--workers", "1"))
+    assert code == 130 and signal.getsignal(signal.SIGINT) is before
+    assert capfd.readouterr().err.count("stopping after this step") == 1  # not from the worker too
+    state = torch.load(tmp_path / "experiments/stop/ckpt/last.pth", weights_only=True)
+    assert state["step"] == 3 and len(calls) == 4 and workers_alive == [True]
+    log = (tmp_path / "experiments/stop/log/logs.txt").read_text()
+    assert "interrupted (Ctrl-C) at step 3: continue with --resume experiments/stop/ckpt/last.pth" in log
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    summary = train.run(["--resume", "experiments/stop/ckpt/last.pth", "--device", "cpu"])
+    assert summary["step"] == 10
+
+
+def test_log_gives_the_run_eta_and_notes_a_cpu_fallback_and_coinciding_decay_epochs(widerface_sample, tmp_path,
+                                                                                     monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [a for a in _run_args(widerface_sample, "notes", "--epochs", "2", "--max_iters", "3", "--gpu_num", "0")
+            if a not in ("--device", "cpu")]
+    train.run(argv)
+    log = (tmp_path / "experiments/notes/log/logs.txt").read_text()
+    assert "--gpu_num 0 given, but CUDA is not available: training on the CPU" in log
+    assert "decay epochs [2, 2] coincide" in log  # mobilenet0.25's 190 and 220 of 250 scaled to 2 epochs
+    etas = re.findall(r"step (\d) lr .* run ETA (\d\d):(\d\d)\)", log)
+    assert [int(step) for step, _, _ in etas] == [1, 2, 3] and etas[-1][1:] == ("00", "00")
+    assert re.search(r"finished at step 3 after \d\d:\d\d;", log)
+    assert tu._format_duration(90061.4) == "1d 01:01:01" and tu._format_duration(3599.6) == "01:00:00"
+
+
 def test_background_images_train_only_with_empty_image_negatives(widerface_sample, tmp_path, monkeypatch):
     import train
 
@@ -485,7 +567,7 @@ def test_resume_keeps_the_optimizer_kernel_of_this_run():
     def context(fused):
         param = torch.nn.Parameter(torch.ones(3))
         optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9, fused=fused)
-        return SimpleNamespace(param=param, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu"),
+        return SimpleNamespace(param=param, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu"), iters_per_epoch=4,
                                scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
 
     saved = context(fused=None)

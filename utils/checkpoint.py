@@ -57,12 +57,19 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, **extra: Any) -> P
     handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(handle)
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a shared group
         torch.save(payload, tmp_name)
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # torch.save < 1.6

@@ -30,6 +30,9 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 import urllib.error
 import warnings
@@ -250,7 +253,7 @@ def build_model(args: argparse.Namespace, resume_checkpoint: Mapping[str, Any] |
         config = recorded or infer_model_config(state)
         conflicts = {k: v for k, v in architecture_overrides(args).items() if getattr(config, k) != v}
         if conflicts:
-            warnings.warn(f"resuming: the checkpoint records its architecture; ignoring {conflicts}", stacklevel=2)
+            notes.append(f"resuming: the checkpoint records its architecture; ignoring {conflicts}")
         model = RetinaFace(config)
         load_state_dict_strict(model, state, "resume checkpoint")
         return model, notes
@@ -310,7 +313,9 @@ def wrap_model(model: RetinaFace, info: DistInfo, sync_bn: bool = False, channel
         model = model.to(memory_format=torch.channels_last)
     if info.distributed:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=True)
+        # BatchNorm statistics are broadcast from rank 0 at every forward: DDP's default, not named
+        # here because the argument for it changed name (broadcast_buffers, forward_sync_buffers)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if compile_backend is not None:
         model = torch.compile(model, backend=compile_backend)
     return model
@@ -691,6 +696,7 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
     loader = DataLoader(EpochSeededDataset(dataset, seed, report=True), batch_size=args.batch_size, sampler=sampler,
                         num_workers=args.workers, collate_fn=TrainBatchCollate(keep), pin_memory=cuda,
                         drop_last=True, persistent_workers=args.workers > 0,
+                        worker_init_fn=ignore_interrupts_in_worker if args.workers > 0 else None,
                         prefetch_factor=TRAIN_PREFETCH_FACTOR if args.workers > 0 else None)
     return loader, sampler, dataset
 
@@ -755,25 +761,78 @@ def save_training_state(path: Path, ctx: "TrainContext") -> Path:
         metrics=dict(ctx.last_metrics), args={k: _plain(v) for k, v in vars(ctx.args).items()})
 
 
-def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> None:
+def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> list[str]:
     """Restore optimizer, scheduler, scaler, step, best metric and RNG states from ``checkpoint``
-    (the model weights are loaded by :func:`build_model`)."""
-    # load_state_dict replaces whole param groups, kernel choice included: keep this run's
-    # (a CPU checkpoint would otherwise turn the fused CUDA step off, and the AMP scaler would
-    # then hand its fused-only arguments to the plain step)
-    kernels = [{key: group.get(key) for key in ("fused", "foreach")} for group in ctx.optimizer.param_groups]
-    ctx.optimizer.load_state_dict(checkpoint["optimizer"])
-    for group, kernel in zip(ctx.optimizer.param_groups, kernels):
-        group.update(kernel)
-    ctx.scheduler.load_state_dict(checkpoint["scheduler"])
+    (the model weights are loaded by :func:`build_model`); returns notes for the log.
+
+    The schedule and the optimizer's hyper-parameters stay those of this run's options (the
+    checkpoint's unless given on the command line), so ``--epochs``, ``--lr``, ``--lr_steps`` ...
+    given with ``--resume`` take effect from the step reached; unchanged options continue the run
+    exactly. When the iterations per epoch changed (batch size, data or process count), the step
+    is converted so that the run continues at the same point of its epochs."""
+    notes = []
+    scheduler, optimizer = ctx.scheduler, ctx.optimizer
+    # load_state_dict replaces whole param groups and the schedule's fields: keep this run's
+    # (a CPU checkpoint would otherwise also turn the fused CUDA step off, and the AMP scaler
+    # would then hand its fused-only arguments to the plain step)
+    kept = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    schedules = [dict(vars(schedule)) for schedule in scheduler.lr_lambdas]
+    base_lrs = list(scheduler.base_lrs)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    for group, value in zip(optimizer.param_groups, kept):
+        group.update(value)  # lr is set below, from the schedule
+    for schedule, fields in zip(scheduler.lr_lambdas, schedules):
+        vars(schedule).update(fields)
+    scheduler.base_lrs = base_lrs
     if checkpoint.get("scaler"):
         ctx.scaler.load_state_dict(checkpoint["scaler"])
-    ctx.global_step = int(checkpoint["step"])
+    step = int(checkpoint["step"])
+    saved_iters = int(checkpoint.get("iters_per_epoch", ctx.iters_per_epoch))
+    if saved_iters != ctx.iters_per_epoch:
+        epoch, done = divmod(step, saved_iters)
+        converted = epoch * ctx.iters_per_epoch + min(round(done * ctx.iters_per_epoch / saved_iters),
+                                                      ctx.iters_per_epoch - 1)
+        notes.append(f"resuming with {ctx.iters_per_epoch} iterations per epoch instead of {saved_iters} (batch "
+                     f"size, data or process count changed): step {step} of the checkpoint is step {converted} here, "
+                     f"the same point of epoch {epoch + 1}; the data order does not continue exactly")
+        step = converted
+    ctx.global_step = step
+    scheduler.last_epoch = step
+    for group, base, schedule in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * schedule(step)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    changed = _schedule_changes(checkpoint.get("args"), ctx)
+    if changed:
+        notes.append("resuming with options that differ from the checkpoint's: " + ", ".join(changed)
+                     + f"; from step {step} the learning rate follows this run's schedule")
     ctx.best_metric = checkpoint.get("best_metric")
     ctx.best_epoch = checkpoint.get("best_epoch")
     ctx.last_metrics = dict(checkpoint.get("metrics") or {})
     if checkpoint.get("rng_state"):
         restore_rng_state(checkpoint["rng_state"])
+    return notes
+
+
+def _schedule_changes(saved: Mapping[str, Any] | None, ctx: "TrainContext") -> list[str]:
+    """``--name old -> new`` for each option of the schedule or the optimizer that differs
+    between a checkpoint's recorded options and this run's (epochs and decay epochs resolved)."""
+    if not saved:
+        return []
+    args, network = ctx.args, ctx.raw_model.config.network
+    saved_args = argparse.Namespace(**{**vars(args), **saved})
+    changed = [f"--{name} {getattr(saved_args, name)} -> {getattr(args, name)}"
+               for name in ("lr", "lr_schedule", "warmup_epochs", "momentum", "weight_decay")
+               if getattr(saved_args, name) != getattr(args, name)]
+    try:
+        before, after = resolve_epochs_and_steps(saved_args, network), resolve_epochs_and_steps(args, network)
+    except TrainingSetupError:
+        return changed
+    if before[0] != after[0]:
+        changed.append(f"--epochs {before[0]} -> {after[0]}")
+    if before[1] != after[1] and args.lr_schedule == "step":
+        changed.append(f"decay epochs {before[1]} -> {after[1]}")
+    return changed
 
 
 # --------------------------------------------------------------------------------------------
@@ -814,6 +873,17 @@ class TrainContext:
     pending_unreadable: dict[str, str] = field(default_factory=dict)  # not yet shared with the other ranks
     replaced_samples: int = 0  # samples of this process that an unreadable image handed to another image
     failed_validations: list[str] = field(default_factory=list)  # one line per periodic validation that failed
+    interrupt: "StopRequest | None" = None  # Ctrl-C: stop at the next step boundary (single-process runs)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (``--max_iters`` when it comes first)."""
+        total = self.epochs * self.iters_per_epoch
+        return min(total, self.args.max_iters) if self.args.max_iters else total
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.interrupt is not None and self.interrupt.requested
 
     @property
     def ckpt_dir(self) -> Path:
@@ -865,6 +935,56 @@ class TrainContext:
             self.log(f"saved checkpoint {path} (epoch {self.global_step // self.iters_per_epoch}, "
                      f"step {self.global_step})")
         self.last_saved_step = self.global_step
+
+
+class StopRequest:
+    """Context manager that turns the first Ctrl-C (SIGINT) into a request, ``requested``, that the
+    training loop honours at the next step boundary, so that ``last.pth`` can be saved with a
+    consistent state; a second Ctrl-C interrupts at once (the handler before it is back in place).
+    Only installed from the main thread (``signal`` allows no other)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+            self._installed = True
+        return self
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self._restore()
+        print("\ntrain.py: stopping after this step to save last.pth (Ctrl-C again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+            self._installed = False
+
+    def __exit__(self, *exc: Any) -> None:
+        self._restore()
+
+
+def ignore_interrupts_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` of the training loader: Ctrl-C reaches the workers too (one
+    process group). They ignore it and end with the loader; otherwise forked workers would run the
+    training process's :class:`StopRequest` handler (one message each), and workers started
+    otherwise would exit while the training process may still wait for a batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _format_duration(seconds: float) -> str:
+    """``1d 02:03:04``, ``02:03:04`` or ``03:04`` (minutes and seconds)."""
+    seconds = max(int(round(seconds)), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{hours:02d}:{minutes:02d}:{secs:02d}" if hours or days else f"{minutes:02d}:{secs:02d}"
+    return f"{days}d {text}" if days else text
 
 
 def _last_good_message(ctx: TrainContext) -> str:
@@ -962,7 +1082,8 @@ class _WaitClock:
 
 def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> bool:
     """Train ``epoch`` (0-based) from its batch ``skip_batches``; returns True when
-    ``--max_iters`` was reached. Raises :class:`TrainingDivergedError` on a NaN/inf loss."""
+    ``--max_iters`` was reached or a stop was requested (Ctrl-C). Raises
+    :class:`TrainingDivergedError` on a NaN/inf loss."""
     from tqdm import tqdm
 
     from utils.data_loaders import images_to_network_input
@@ -1006,9 +1127,9 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
             progress.update(1)
 
             last_of_epoch = batch_index + 1 == ctx.iters_per_epoch
-            reached_max = bool(args.max_iters) and ctx.global_step >= args.max_iters
+            stop_now = (bool(args.max_iters) and ctx.global_step >= args.max_iters) or ctx.stop_requested
             save_now = bool(args.save_every) and ctx.global_step % args.save_every == 0
-            if ctx.global_step % args.log_every == 0 or last_of_epoch or reached_max or save_now:
+            if ctx.global_step % args.log_every == 0 or last_of_epoch or stop_now or save_now:
                 means, bad, pending = meter.flush(info, len(ctx.pending_unreadable))
                 ctx.share_unreadable(pending)
                 if bad:
@@ -1016,18 +1137,20 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
                         f"loss became NaN/inf between step {window_start + 1} and step {ctx.global_step} "
                         f"(epoch {epoch + 1}); training stopped and {_last_good_message(ctx)}. "
                         f"Try a lower --lr, a longer --warmup_epochs, or --amp false.")
-                window_start = ctx.global_step
                 ctx.loss_history.append((ctx.global_step, means["total"]))
                 now = time.perf_counter()  # the read-back above waited for the device: a true wall time
                 data_share = (batches.seconds - window_wait) / max(now - window_wall, 1e-9)
+                eta = _format_duration((now - window_wall) / (ctx.global_step - window_start)
+                                       * (ctx.total_steps - ctx.global_step))
+                window_start = ctx.global_step
                 window_wall, window_wait = now, batches.seconds
                 if info.is_main:
-                    progress.set_postfix(loss=f"{means['total']:.4f}", lr=f"{lr:.2e}")
+                    progress.set_postfix(loss=f"{means['total']:.4f}", lr=f"{lr:.2e}", run_eta=eta)
                     speed = (now - started) / max(batch_index + 1 - skip_batches, 1)
                     ctx.log(f"epoch {epoch + 1}/{ctx.epochs} iter {batch_index + 1}/{ctx.iters_per_epoch} "
                             f"step {ctx.global_step} lr {lr:.3e} "
                             + " ".join(f"{k} {v:.4f}" for k, v in means.items())
-                            + f" ({speed:.3f} s/iter, data wait {data_share:.0%})")
+                            + f" ({speed:.3f} s/iter, data wait {data_share:.0%}, run ETA {eta})")
                     if ctx.writer is not None:
                         for key, value in means.items():
                             ctx.writer.add_scalar(f"train/{key}", value, ctx.global_step)
@@ -1043,7 +1166,7 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
                             ctx.loader_hint_given = True
                 if save_now:
                     ctx.save_last()
-            if reached_max:
+            if stop_now:
                 stop = True
                 break
     finally:
@@ -1283,6 +1406,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
     :class:`TrainingSetupError` for unusable options or data and :class:`TrainingDivergedError`
     when the loss becomes NaN/inf (after closing everything; the last good checkpoint is kept).
     """
+    started = time.perf_counter()
     info = setup_distributed(args.device, args.gpu_num)
     previous_deterministic = torch.are_deterministic_algorithms_enabled()
     logger = None
@@ -1346,11 +1470,13 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                            seed=seed, autocast_dtype=autocast_dtype, channels_last=cuda, exp_dir=exp_dir,
                            logger=logger)
         if resume_ckpt is not None:
-            load_training_state(ctx, resume_ckpt)
-            if int(resume_ckpt.get("iters_per_epoch", iters_per_epoch)) != iters_per_epoch:
-                warnings.warn(f"resuming with {iters_per_epoch} iterations per epoch instead of "
-                              f"{resume_ckpt['iters_per_epoch']} (batch size, data or process count changed): "
-                              "the data order will not continue exactly", stacklevel=2)
+            notes += load_training_state(ctx, resume_ckpt)
+        if args.lr_schedule == "step" and len(set(steps)) < len(steps):
+            notes.append(f"note: decay epochs {steps} coincide (the recipe's scaled to {epochs} epochs): the lr drops "
+                         "by more than x0.1 at once; --lr_steps sets them")
+        if info.device.type == "cpu" and explicit and "gpu_num" in explicit and not args.device:
+            notes.append(f"note: --gpu_num {args.gpu_num} given, but CUDA is not available: training on the CPU "
+                         "(--device cuda makes this an error)")
         if info.is_main:
             from torch.utils.tensorboard import SummaryWriter
             writer = SummaryWriter(log_dir=str(exp_dir / "log"))
@@ -1379,21 +1505,29 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         start_epoch, skip = divmod(ctx.global_step, iters_per_epoch)
         stopped = bool(args.max_iters) and ctx.global_step >= args.max_iters
         epoch = start_epoch
-        while not stopped and epoch < epochs:
-            stopped = train_one_epoch(ctx, epoch, skip)
-            skip = 0
-            epoch_done = ctx.global_step % iters_per_epoch == 0
-            if epoch_done:
-                ctx.save_last()  # first: a run that dies while evaluating keeps this epoch
-                if _evaluation_due(args, epoch, val_root, final=epoch + 1 == epochs):
-                    improved = _evaluate(ctx, epoch, val_root, gt)
-                    ctx.save_last()  # with the new metrics and best
-                    if improved and info.is_main:
-                        save_training_state(ctx.ckpt_dir / "best.pth", ctx)
-                        ctx.log(f"saved {ctx.ckpt_dir / 'best.pth'} (hard AP {ctx.best_metric:.4f})")
-            epoch += 1
-        if ctx.last_saved_step != ctx.global_step:
-            ctx.save_last()
+        # under torchrun the ranks would not stop at the same step: Ctrl-C stops them at once
+        ctx.interrupt = None if info.distributed else StopRequest()
+        with ctx.interrupt or nullcontext():
+            while not stopped and epoch < epochs and not ctx.stop_requested:
+                stopped = train_one_epoch(ctx, epoch, skip)
+                skip = 0
+                epoch_done = ctx.global_step % iters_per_epoch == 0
+                if epoch_done:
+                    ctx.save_last()  # first: a run that dies while evaluating keeps this epoch
+                    if (_evaluation_due(args, epoch, val_root, final=epoch + 1 == epochs)
+                            and not ctx.stop_requested):
+                        improved = _evaluate(ctx, epoch, val_root, gt)
+                        ctx.save_last()  # with the new metrics and best
+                        if improved and info.is_main:
+                            save_training_state(ctx.ckpt_dir / "best.pth", ctx)
+                            ctx.log(f"saved {ctx.ckpt_dir / 'best.pth'} (hard AP {ctx.best_metric:.4f})")
+                epoch += 1
+            if ctx.last_saved_step != ctx.global_step:
+                ctx.save_last()
+        if ctx.stop_requested and ctx.global_step < ctx.total_steps:  # not when the last step was done anyway
+            ctx.log(f"interrupted (Ctrl-C) at step {ctx.global_step}: continue with --resume "
+                    f"{ctx.ckpt_dir / 'last.pth'}")
+            raise KeyboardInterrupt
         if info.distributed:
             dist.barrier()
         problems = []
@@ -1401,7 +1535,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             problems.append(f"{len(ctx.unreadable)} unreadable training image(s) skipped (listed above)")
         if ctx.failed_validations:
             problems.append(f"{len(ctx.failed_validations)} validation(s) failed (listed above)")
-        ctx.log(f"finished at step {ctx.global_step}; checkpoints in {ctx.ckpt_dir}"
+        ctx.log(f"finished at step {ctx.global_step} after {_format_duration(time.perf_counter() - started)}; "
+                f"checkpoints in {ctx.ckpt_dir}"
                 + (f"; but {' and '.join(problems)}" if problems else ""))
         best_path = ctx.ckpt_dir / "best.pth"
         return {"step": ctx.global_step, "epoch": ctx.global_step // iters_per_epoch,
