@@ -8,7 +8,8 @@
 All logic lives in ``utils/train_utils.py``; this file only parses the options. Exit status:
 0 done; 3 finished, but some training images were unreadable (each skipped and named in the log)
 or a periodic validation failed (logged; training went on); 1 the run could not start or the
-loss diverged (one line on stderr); 2 bad option.
+loss diverged (one line on stderr); 2 bad option; 130 interrupted (Ctrl-C; a one-process run
+first saves ``last.pth`` at the step reached).
 """
 from __future__ import annotations
 

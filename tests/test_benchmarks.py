@@ -408,6 +408,22 @@ def test_nms_benchmark_chunks_give_the_detections_of_one_call(mobilenet_weights,
     assert "| 0.02 | " in rendered and "| one call | " in rendered and "**no**" not in rendered
 
 
+def test_speed_table_latest_keeps_the_last_report_of_each_file(inference_run, tmp_path, capsys):
+    line = inference_run[2].read_text().splitlines()[-1]
+    first, second = tmp_path / "inference.jsonl", tmp_path / "inference_compile.jsonl"
+    first.write_text(line + "\n" + line + "\n")  # two runs appended to one file
+    second.write_text(line + "\n")
+    reports = speed_table.read_reports([str(first), str(second)])
+    assert len(reports) == 3
+    one = speed_table.render(reports[:1])
+    both = speed_table.render(reports, latest=True)
+    assert both.count("### Inference") == 2 == 2 * one.count("### Inference")
+    with pytest.raises(SystemExit, match="cannot read .*missing.jsonl"):
+        speed_table.main([str(tmp_path / "missing.jsonl")])
+    speed_table.main([str(second), "--out", str(tmp_path / "new" / "speed.md")])
+    assert (tmp_path / "new" / "speed.md").is_file()
+
+
 def test_speed_table_target_verdicts():
     """Targets use the fastest variant whose fidelity passed; status only for GPU runs."""
     env = {"device": "NVIDIA H200", "device_type": "cuda", "torch": "2.11.0"}
@@ -601,6 +617,26 @@ def test_gpu_check_refuses_to_run_without_the_shared_data(tmp_path):
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert "ERROR: no " in result.stdout and "carry .gpu_shared" in result.stdout
     assert "cuda_tests" not in (tmp_path / "out" / "gpu_check.log").read_text()
+
+
+def test_gpu_check_refuses_unknown_arguments_and_steps_and_a_machine_without_cuda(tmp_path, widerface_sample,
+                                                                                 mobilenet_weights):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RETINAFACE_SHARED": str(widerface_sample.parents[1]),
+           "PYTHON": sys.executable}
+
+    def run(*args, steps=None):
+        extra = {"GPU_CHECK_STEPS": steps} if steps else {}
+        return subprocess.run(["bash", "tools/gpu_check.sh", *args], cwd=REPO_ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=120)
+
+    result = run("--smoke", steps="trian table")  # a typo used to run nothing and report success
+    assert result.returncode == 2 and "unknown step 'trian'" in result.stderr
+    result = run("--smok")
+    assert result.returncode == 2 and "unknown arguments: --smok" in result.stderr
+    assert run("--help").returncode == 0
+    if not torch.cuda.is_available():  # the benchmarks would only record errors
+        result = run()
+        assert result.returncode == 2 and "CUDA is not available" in result.stdout
 
 
 def test_precision_check_on_sample_images(widerface_sample, mobilenet_weights, tmp_path, capsys, one_cpu_thread):

@@ -466,11 +466,12 @@ def test_resume_applies_changed_schedule_options_and_converts_the_step_for_a_new
     train.run(_run_args(widerface_sample, "run", "--epochs", "2", "--lr", "0.005", "--max_iters", "3"))
     # a new batch size: step 3 of 5 per epoch is step 6 of 10 per epoch, and the new options apply
     train.run(["--resume", "experiments/run/ckpt/last.pth", "--batch_size", "1", "--max_iters", "8",
-               "--device", "cpu"])
+               "--device", "cpu", "--seed", "5"])
     state = torch.load(tmp_path / "experiments/run/ckpt/last.pth", weights_only=True)
     assert state["step"] == 8 and state["iters_per_epoch"] == 10 and state["scheduler"]["last_epoch"] == 8
     log = (tmp_path / "experiments/run/log/logs.txt").read_text()
     assert "step 3 of the checkpoint is step 6 here" in log
+    assert "--seed ignored when resuming (the run keeps its seed 42 " in log
     # extending the finished run: more epochs, another schedule and learning rate, from step 20 on
     train.run(["--resume", "experiments/run/ckpt/last.pth", "--max_iters", "0", "--device", "cpu"])
     train.run(["--resume", "experiments/run/ckpt/last.pth", "--epochs", "4", "--lr", "0.01",

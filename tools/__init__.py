@@ -11,3 +11,22 @@ def shared_root() -> Path:
     """The read-only shared folder (sample data, published weights): ``$RETINAFACE_SHARED``, else
     ``shared/`` beside the checkout, as the tests find it."""
     return Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")).resolve()
+
+
+def check_inputs(prog: str, device: str | None = None, paths: dict[str, str | Path] | None = None) -> None:
+    """Exit with one line before any work: status 2 for an unusable ``device`` (``cpu``, ``cuda``,
+    ``cuda:N``), status 1 for a path of ``paths`` (``{"--option": path}``) that does not exist."""
+    import sys
+
+    if device is not None:
+        from models.detector import resolve_device
+
+        try:
+            resolve_device(device)
+        except ValueError as error:
+            print(f"{prog}: error: --device: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+    for option, path in (paths or {}).items():
+        if not Path(path).exists():
+            print(f"{prog}: error: {option}: {path} not found", file=sys.stderr)
+            raise SystemExit(1)

@@ -992,8 +992,11 @@ def model_names(text: str, option: str) -> list[str]:
 
 def setup_device(name: str | None, threads: int | None) -> torch.device:
     """The benchmark device (see ``resolve_device``) with the CPU thread counts and, on CUDA, the
-    current device and cuDNN autotuning set."""
-    device = resolve_device(name)
+    current device and cuDNN autotuning set; an unusable ``name`` exits with one line."""
+    try:
+        device = resolve_device(name)
+    except ValueError as error:
+        raise SystemExit(f"{Path(sys.argv[0]).name}: error: --device: {error}") from None
     if threads:
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
@@ -1072,4 +1075,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["errors"] else 0)  # a failed measurement is in the JSON and in the exit status

@@ -81,6 +81,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
+from config import non_negative_int, positive_int  # noqa: E402
 from layers.multibox_loss import MultiBoxLoss, PaddedTargets, box_iou_batched, pad_targets  # noqa: E402
 from layers.prior_box import prior_boxes  # noqa: E402
 from models.retinaface import RetinaFace  # noqa: E402
@@ -836,7 +837,7 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when available)")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated MODEL:BATCH:SIZE")
@@ -844,18 +845,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fixed-batch variants (default CUDA: public,fp32,bf16; CPU: public,fp32)")
     parser.add_argument("--real_variants", default=None,
                         help="variants fed by the real data pipeline (default: the last of --variants; '' = none)")
-    parser.add_argument("--iters", type=int, default=None, help="timed steps (default 20 CUDA, 2 CPU)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 CUDA, 1 CPU)")
-    parser.add_argument("--real_iters", type=int, default=None,
+    parser.add_argument("--iters", type=positive_int, default=None, help="timed steps (default 20 CUDA, 2 CPU)")
+    parser.add_argument("--warmup", type=non_negative_int, default=None,
+                        help="untimed steps first (default 5 CUDA, 1 CPU)")
+    parser.add_argument("--real_iters", type=positive_int, default=None,
                         help="timed steps of the real data pipeline (default: --iters, at least 60 on CUDA: "
                              "short windows make the loader's occasional waits noise)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=non_negative_int, default=None,
                         help="DataLoader workers of the real pipeline (default CUDA: cores - 2, at most 14; CPU: 0)")
-    parser.add_argument("--busy_processes", type=int, default=None,
+    parser.add_argument("--busy_processes", type=non_negative_int, default=None,
                         help="time the fixed batches of the last variant again with this many processes keeping "
                              "the cores busy, as the real pipeline's workers do (default: --workers on CUDA, 0 on "
                              "the CPU; 0 = skip)")
-    parser.add_argument("--fixed_batches", type=int, default=8,
+    parser.add_argument("--fixed_batches", type=non_negative_int, default=8,
                         help="time the last fixed variant again over this many different real batches in turn "
                              "(their face counts, hence the matching shapes, vary as in the real pipeline; "
                              "0 or 1 = skip)")
@@ -866,10 +868,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fixed_batch", choices=("real", "synthetic"), default="real",
                         help="the repeated batch: TrainTransform of dataset images, or noise with random faces")
     parser.add_argument("--profile", action="store_true", help="torch.profiler table of the last fixed variant")
-    parser.add_argument("--profile_steps", type=int, default=3)
+    parser.add_argument("--profile_steps", type=positive_int, default=3)
     parser.add_argument("--profile_out", default=None, help="append the profiler tables to this file")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads of the main process")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads of the main process")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--out", default=None, help="append the JSON line to this file")
     return parser
 
@@ -885,8 +887,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     for spec in configs:
         parts = spec.split(":")
-        if len(parts) != 3 or parts[0] not in MODELS or not parts[1].isdigit() or not parts[2].isdigit():
-            raise SystemExit(f"--configs {spec!r}: expected MODEL:BATCH:SIZE with MODEL in {sorted(MODELS)}")
+        if (len(parts) != 3 or parts[0] not in MODELS or not parts[1].isdigit() or not parts[2].isdigit()
+                or int(parts[1]) < 1 or int(parts[2]) < 1):
+            raise SystemExit(f"--configs {spec!r}: expected MODEL:BATCH:SIZE with MODEL in {sorted(MODELS)} and "
+                             "BATCH, SIZE positive")
     args.variants = [v for v in (args.variants or ("public,fp32,bf16" if cuda else "public,fp32")).split(",") if v]
     if args.real_variants is None:
         ours = [v for v in args.variants if v != "public" and not parse_variant(v, device).graph]
@@ -931,4 +935,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["errors"] else 0)  # a failed measurement is in the JSON and in the exit status

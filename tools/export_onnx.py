@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from config import add_architecture_options, architecture_overrides, one_line  # noqa: E402
+from config import add_architecture_options, architecture_overrides, one_line, str2bool  # noqa: E402
 from layers.prior_box import make_priors  # noqa: E402
 from models.detector import FaceDetector  # noqa: E402
 from models.net import fuse_conv_bn  # noqa: E402
@@ -115,6 +115,14 @@ def export_onnx(model: RetinaFace, output: str | Path, opset: int = DEFAULT_OPSE
         raise ExportError(f"ONNX export failed: {one_line(error)[:500]}") from error
     partial.replace(output)
     return output
+
+
+def written_opset(path: str | Path) -> int:
+    """The default-domain opset version an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def onnx_session(path: str | Path, threads: int | None = None):
@@ -220,7 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check_images", default=None,
                         help=f"image file or folder: also compare final detections with PyTorch (first "
                              f"{MAX_CHECK_IMAGES} images)")
-    parser.add_argument("--check", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+    parser.add_argument("--check", type=str2bool, default=True,
                         help="run the onnxruntime check after exporting (true/false)")
     add_architecture_options(parser)
     args = parser.parse_args(argv)
@@ -232,8 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = time.perf_counter()
         export_onnx(model, output, opset=args.opset)
         size_mb = output.stat().st_size / 2**20
-        print(f"wrote {output} ({size_mb:.1f} MB, opset {args.opset}, {model.config}) in "
+        opset = written_opset(output)
+        print(f"wrote {output} ({size_mb:.1f} MB, opset {opset}, {model.config}) in "
               f"{time.perf_counter() - started:.0f} s")
+        if opset != args.opset:
+            print(f"  note: opset {args.opset} was asked for, but the exporter could not convert the graph to it "
+                  f"and wrote opset {opset}", file=sys.stderr)
         print(f"  input  {INPUT_NAME}: uint8 (batch, height, width, 3) BGR")
         print("  output boxes (batch, N, 4) x1y1x2y2 px, scores (batch, N), landmarks (batch, N, 10) px")
         if not args.check:

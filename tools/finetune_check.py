@@ -29,7 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tools import shared_root  # noqa: E402
+from config import non_negative_int, positive_int  # noqa: E402
+from tools import check_inputs, shared_root  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -56,14 +57,14 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=str(shared / "data/widerface_sample"),
                         help="root with val/images and val/label.txt (trained and evaluated on)")
     parser.add_argument("--gt_dir", default=None, help="default: <dataset>/ground_truth")
-    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--iters", type=positive_int, default=50)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--im_size", type=int, default=640)
+    parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument("--im_size", type=positive_int, default=640)
     parser.add_argument("--tolerance", type=float, default=0.02)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--workdir", default=None, help="where experiments/ is written (default: a temp dir)")
     return parser.parse_args(argv)
 
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
     dataset = str(Path(opts.dataset).resolve())
     gt_dir = str(Path(opts.gt_dir or Path(opts.dataset) / "ground_truth").resolve())
     weights = str(Path(opts.weights).resolve())
+    check_inputs("finetune_check.py", opts.device, {"--weights": weights, "--dataset": dataset, "--gt_dir": gt_dir})
     gt = load_ground_truth(gt_dir)
     device = torch.device(opts.device)
 

@@ -63,7 +63,20 @@ SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
 STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference nms cli train loader table} "
-SMOKE=false; [ "${1:-}" = "--smoke" ] && SMOKE=true
+KNOWN_STEPS=" cuda_tests inference nms cli train loader trained_r50 compile train_compile table "
+SMOKE=false
+case "$#:${1:-}" in
+  0:) ;;
+  1:--smoke) SMOKE=true ;;
+  1:-h|1:--help) sed -n '2,/^set -uo pipefail/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  *) echo "gpu_check.sh: unknown arguments: $* (only --smoke; steps go in GPU_CHECK_STEPS)" >&2; exit 2 ;;
+esac
+for name in $STEPS; do
+  if [[ "$KNOWN_STEPS" != *" $name "* ]]; then
+    echo "gpu_check.sh: unknown step '$name' in GPU_CHECK_STEPS (steps:$KNOWN_STEPS)" >&2
+    exit 2
+  fi
+done
 if $SMOKE; then
   INFERENCE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0
                   --sample_limit 1 --sample_iters 1 --sample_warmup 0)
@@ -142,6 +155,10 @@ if ! { [ -d "$SAMPLE" ] && [ -f "$WEIGHTS" ]; }; then
     log "== ERROR: no $SAMPLE or $WEIGHTS: carry .gpu_shared (README, GPU benchmarks) or set RETINAFACE_SHARED"
     exit 2
   fi
+fi
+if ! $SMOKE && ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  log "== ERROR: CUDA is not available to $PY: the steps would measure nothing (--smoke checks the script on a CPU)"
+  exit 2
 fi
 $SMOKE || export REQUIRE_SHARED=1  # a missing shared file fails a CUDA test instead of skipping it
 SHM_FREE_KB=$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2 {print $4}')

@@ -35,7 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tools import shared_root  # noqa: E402
+from config import non_negative_int, positive_int  # noqa: E402
+from tools import check_inputs, shared_root  # noqa: E402
 from tools.finetune_check import window_mean, working_directory  # noqa: E402
 
 
@@ -47,21 +48,21 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--cascade", choices=("true", "false"), default="false", help="train.py --cascade")
     parser.add_argument("--backbone_weights", default=str(shared / "weights/mobilenetV1X0.25_pretrain.tar"),
                         help="mobilenet0.25's ImageNet backbone; other networks train from scratch")
-    parser.add_argument("--copies", type=int, default=1, help="the sample listed this many times for training")
+    parser.add_argument("--copies", type=positive_int, default=1, help="the sample listed this many times for training")
     parser.add_argument("--save", default=None, help="copy the checkpoint here after every segment (the final one last)")
     parser.add_argument("--dataset", default=str(shared / "data/widerface_sample"))
     parser.add_argument("--gt_dir", default=None, help="default: <dataset>/ground_truth")
-    parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--eval_every", type=int, default=50, help="iterations between AP evaluations")
+    parser.add_argument("--iters", type=positive_int, default=300)
+    parser.add_argument("--eval_every", type=positive_int, default=50, help="iterations between AP evaluations")
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--warmup_iters", type=int, default=20)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--im_size", type=int, default=640)
+    parser.add_argument("--warmup_iters", type=non_negative_int, default=20)
+    parser.add_argument("--batch_size", type=positive_int, default=8)
+    parser.add_argument("--im_size", type=positive_int, default=640)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument("--augment_on", choices=("workers", "device"), default="workers",
                         help="train.py --augment_on: where the augmentation's pixel work runs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--min_hard_ap", type=float, default=0.5,
                         help="final hard AP required to pass (and above the untrained one); 0 = no requirement")
     parser.add_argument("--workdir", default=None, help="where experiments/ is written (default: a temp dir)")
@@ -95,7 +96,12 @@ def main(argv=None) -> int:
     from utils.train_utils import build_model, evaluate_widerface, seed_everything
 
     dataset = str(Path(opts.dataset).resolve())
-    gt = load_ground_truth(Path(opts.gt_dir or Path(opts.dataset) / "ground_truth").resolve())
+    gt_dir = Path(opts.gt_dir or Path(opts.dataset) / "ground_truth").resolve()
+    inputs = {"--dataset": dataset, "--gt_dir": gt_dir}
+    if opts.network == "mobilenet0.25":
+        inputs["--backbone_weights"] = opts.backbone_weights
+    check_inputs("overfit_check.py", opts.device, inputs)
+    gt = load_ground_truth(gt_dir)
     device = torch.device(opts.device)
     save = Path(opts.save).resolve() if opts.save else None  # relative to where the command runs
     started = time.perf_counter()
@@ -149,8 +155,8 @@ def main(argv=None) -> int:
     passed = opts.min_hard_ap <= 0 or (final["hard"] >= opts.min_hard_ap and final["hard"] > curve[0]["hard"])
     start = "its ImageNet backbone" if opts.network == "mobilenet0.25" else "scratch"
     report = {
-        "check": f"{opts.network}{' cascade' if opts.cascade == 'true' else ''} from {start} overfits the 10 "
-                 "sample images (507 faces)",
+        "check": f"{opts.network}{' cascade' if opts.cascade == 'true' else ''} from {start} overfits the "
+                 f"{training_images // opts.copies} images of {dataset}/val",
         "command": "python tools/overfit_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "train_args": " ".join(base),
         "curve": curve, "min_hard_ap": opts.min_hard_ap, "passed": passed,

@@ -27,9 +27,13 @@ TARGETS = {
 
 
 def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The benchmark reports of JSON-lines files (``-``: stdin), each tagged with its file as ``_file``."""
     reports = []
     for path in paths:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        try:
+            text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise SystemExit(f"speed_table.py: error: cannot read {path}: {error.strerror or error}") from None
         for number, line in enumerate(text.splitlines(), start=1):
             line = line.strip()
             if not line:
@@ -39,7 +43,7 @@ def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}:{number}: not a JSON line ({error})") from None
             if isinstance(record, dict) and record.get("benchmark") in ("inference", "train", "cli", "nms", "loader"):
-                reports.append(record)
+                reports.append({**record, "_file": path})
     return reports
 
 
@@ -402,10 +406,10 @@ def target_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:
 
 
 def render(reports: list[dict[str, Any]], latest: bool = False) -> str:
-    if latest:
+    if latest:  # the last report of each benchmark in each file (inference.jsonl beside inference_compile.jsonl)
         last = {}
         for r in reports:
-            last[r["benchmark"]] = r
+            last[(r.get("_file"), r["benchmark"])] = r
         reports = list(last.values())
     lines = ["## Speed", ""]
     for report in reports:
@@ -420,9 +424,9 @@ def render(reports: list[dict[str, Any]], latest: bool = False) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("files", nargs="+", help="JSON-lines files ('-' = stdin)")
-    parser.add_argument("--latest", action="store_true", help="only the last report of each benchmark")
+    parser.add_argument("--latest", action="store_true", help="only the last report of each benchmark in each file")
     parser.add_argument("--out", default=None, help="write the Markdown here too")
     args = parser.parse_args(argv)
     reports = read_reports(args.files)
@@ -431,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     text = render(reports, args.latest)
     print(text)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n", encoding="utf-8")
     return text
 

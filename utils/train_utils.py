@@ -1471,6 +1471,11 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                            logger=logger)
         if resume_ckpt is not None:
             notes += load_training_state(ctx, resume_ckpt)
+        if resume_ckpt is not None and explicit:
+            ignored = [f"--{name}" for name in ("seed", "init_weights") if name in explicit]
+            if ignored:
+                notes.append(f"note: {' and '.join(ignored)} ignored when resuming (the run keeps its seed {seed} "
+                             "and its weights)")
         if args.lr_schedule == "step" and len(set(steps)) < len(steps):
             notes.append(f"note: decay epochs {steps} coincide (the recipe's scaled to {epochs} epochs): the lr drops "
                          "by more than x0.1 at once; --lr_steps sets them")
