@@ -269,7 +269,8 @@ def test_flip_comes_before_the_resize_like_the_public_code() -> None:
         for interpolation in INTERPOLATIONS:
             out, out_t = transform.apply(image, targets, AugmentParams(crop, PhotometricParams(), True, interpolation))
             # the public order: mirror the square, then resize it
-            np.testing.assert_array_equal(out, cv2.resize(cv2.flip(square, 1), (size, size), interpolation=interpolation))
+            expected = cv2.resize(cv2.flip(square, 1), (size, size), interpolation=interpolation)
+            np.testing.assert_array_equal(out, expected)
             np.testing.assert_allclose(out_t[0, :4], np.array([110, 50, 150, 100]) * size / 200, atol=1e-4)
     # nearest at 200 -> 100 takes source column 2i: the mirrored marker (columns 135..144) lands on 68..72
     out, _ = TrainTransform(100, rng=0).apply(image, targets,

@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dataset", type=Path, default=DEFAULT_DATASET,
                         help="dataset root with <split>/label.txt and <split>/images (default: %(default)s)")
     parser.add_argument("--split", default="val", help="split folder inside --dataset (default: val)")
-    parser.add_argument("--rounds", type=positive_int, default=20, help="timed passes over the images per implementation")
+    parser.add_argument("--rounds", type=positive_int, default=20,
+                        help="timed passes over the images per implementation")
     parser.add_argument("--im_size", type=positive_int, default=640)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

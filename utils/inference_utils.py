@@ -582,7 +582,8 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
                 f"{unreadable[0][1]})" if unreadable else "")
         kinds = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
         if root.is_file():
-            raise InferenceError(f"--inference_dir {root} is a file but not an image ({kinds}); give an image or a folder")
+            raise InferenceError(f"--inference_dir {root} is a file but not an image ({kinds}); "
+                                 "give an image or a folder")
         raise InferenceError(f"no images ({kinds}) found in {root}{also}")
     try:
         device = resolve_device(args.device, args.gpu_num)
