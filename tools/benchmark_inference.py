@@ -91,7 +91,7 @@ import torch  # noqa: E402
 from models.dense_path import DensePath  # noqa: E402
 from models.detector import StageClock, cudnn_autotuning, resolve_device, same_size_groups  # noqa: E402
 from models.retinaface import ModelConfig, RetinaFace, preprocess  # noqa: E402
-from tools import shared_root  # noqa: E402
+from tools import check_inputs, shared_root  # noqa: E402
 from tools.fidelity import dense_disagreement, unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
@@ -993,10 +993,8 @@ def model_names(text: str, option: str) -> list[str]:
 def setup_device(name: str | None, threads: int | None) -> torch.device:
     """The benchmark device (see ``resolve_device``) with the CPU thread counts and, on CUDA, the
     current device and cuDNN autotuning set; an unusable ``name`` exits with one line."""
-    try:
-        device = resolve_device(name)
-    except ValueError as error:
-        raise SystemExit(f"{Path(sys.argv[0]).name}: error: --device: {error}") from None
+    check_inputs(Path(sys.argv[0]).name, name)
+    device = resolve_device(name)
     if threads:
         torch.set_num_threads(threads)
         cv2.setNumThreads(threads)
