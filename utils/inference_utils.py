@@ -666,13 +666,12 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         loop_error = error
         raise
     finally:
+        close_error = None
         try:
             runner.close()  # the last image writes can fail here, after the loop
         except BaseException as error:
             close_error = error
             summary.error = summary.error or f"{type(error).__name__}: {error}"
-        else:
-            close_error = None
         bar.close()
         summary.wall_s = time.perf_counter() - loop_started
         for key in ("preprocess", "forward", "postprocess"):
