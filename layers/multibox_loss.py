@@ -98,11 +98,14 @@ class PaddedTargets(NamedTuple):
     """The faces of a batch in two tensors (what :func:`pad_targets` returns).
 
     ``targets`` (B, Kmax, 15) float32, pixels of the network input, the rows of image ``b``
-    first and zero rows after them; ``valid`` (B, Kmax) bool, True on the real rows.
+    first and zero rows after them; ``valid`` (B, Kmax) bool, True on the real rows; ``faces``
+    (2, F) int64 or None: image and row of every real row (``valid.nonzero().T``), filled when the
+    batch is moved to a device so that matching does not read ``valid`` back from it.
     """
 
     targets: torch.Tensor
     valid: torch.Tensor
+    faces: torch.Tensor | None = None
 
 
 def pad_targets(targets: Sequence[torch.Tensor] | PaddedTargets, device: torch.device | str | None = None,
@@ -110,28 +113,39 @@ def pad_targets(targets: Sequence[torch.Tensor] | PaddedTargets, device: torch.d
     """List of ``B`` tensors ``(K_i, 15)`` -> ``(B, Kmax, 15)`` float32 and a ``(B, Kmax)`` bool mask.
 
     ``Kmax = max(max K_i, min_faces)``; padding rows are zero and masked out. Built on the host
-    (the list's tensors usually come from the DataLoader) and moved to ``device`` (one copy for
-    the targets, one for the mask). An already padded batch (the training DataLoader pads in its
-    workers: :func:`utils.train_utils.collate_with_report`) is only moved to ``device``.
+    (the list's tensors usually come from the DataLoader) and moved to ``device`` with the index
+    of the real rows (``faces``, computed on the host from the mask; three copies). An already
+    padded batch (the training DataLoader pads in its workers:
+    :func:`utils.train_utils.collate_with_report`) is only moved to ``device``.
     """
     if isinstance(targets, PaddedTargets):
         if device is None:
             return targets
-        return PaddedTargets(targets.targets.to(device, non_blocking=True),
-                             targets.valid.to(device, non_blocking=True))
-    batch = len(targets)
-    counts = [int(t.shape[0]) for t in targets]
-    kmax = max(counts + [min_faces])
-    padded = torch.zeros(batch, kmax, TARGET_COLUMNS, dtype=torch.float32)
-    valid = torch.zeros(batch, kmax, dtype=torch.bool)
-    for i, t in enumerate(targets):
-        if counts[i]:
-            padded[i, :counts[i]] = t.detach().to("cpu", torch.float32).reshape(-1, TARGET_COLUMNS)
-            valid[i, :counts[i]] = True
-    if device is not None and torch.device(device).type != "cpu":
-        padded = padded.pin_memory().to(device, non_blocking=True)
-        valid = valid.pin_memory().to(device, non_blocking=True)
-    return PaddedTargets(padded, valid)
+        padded, valid, faces = targets
+    else:
+        counts = [int(t.shape[0]) for t in targets]
+        padded = torch.zeros(len(targets), max(counts + [min_faces]), TARGET_COLUMNS, dtype=torch.float32)
+        valid = torch.zeros(padded.shape[:2], dtype=torch.bool)
+        for i, t in enumerate(targets):
+            if counts[i]:
+                padded[i, :counts[i]] = t.detach().to("cpu", torch.float32).reshape(-1, TARGET_COLUMNS)
+                valid[i, :counts[i]] = True
+        if device is None:
+            return PaddedTargets(padded, valid)
+        faces = None
+    device = torch.device(device)
+    if faces is None and valid.device.type == "cpu":  # on a device, nonzero would wait for it
+        faces = valid.nonzero().T.contiguous()
+    if device.type == "cpu":
+        return PaddedTargets(padded.to(device), valid.to(device), faces)
+    return PaddedTargets(*(None if t is None else _to_device(t, device) for t in (padded, valid, faces)))
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy without making the host wait: from pinned memory (pinned here when it is not)."""
+    if tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def box_iou_batched(boxes_a: torch.Tensor, boxes_b: torch.Tensor) -> torch.Tensor:
@@ -159,31 +173,22 @@ class MatchResult(NamedTuple):
     overlap: torch.Tensor
 
 
-def _match_chunk(boxes: torch.Tensor, valid: torch.Tensor, anchors_xyxy: torch.Tensor,
-                 threshold: float, force_min_iou: float) -> MatchResult:
-    iou = box_iou_batched(boxes, anchors_xyxy)  # (B, K, N)
-    iou = iou.masked_fill_(~valid.unsqueeze(-1), -1.0)
-    batch, kmax, num_anchors = iou.shape
-    # best anchor of every face (first on ties)
-    best_anchor_iou, best_anchor = iou.max(dim=2)  # (B, K)
-    # best face of every anchor (first on ties)
-    overlap, face_index = iou.max(dim=1)  # (B, N)
-    # faces with a good enough best anchor claim it; the later face wins a shared anchor
-    claims = valid & (best_anchor_iou >= force_min_iou)
-    face_ids = torch.arange(kmax, device=iou.device).expand(batch, kmax)
-    claimed_by = torch.full((batch, num_anchors), -1, dtype=torch.long, device=iou.device)
-    claimed_by.scatter_reduce_(1, best_anchor, torch.where(claims, face_ids, -1), reduce="amax")
-    is_claimed = claimed_by >= 0
-    face_index = torch.where(is_claimed, claimed_by, face_index)
-    overlap = torch.where(is_claimed, torch.full_like(overlap, 2.0), overlap)
-    positive = overlap >= threshold
-    return MatchResult(face_index, positive, overlap)
+def _face_anchor_iou(face_boxes: torch.Tensor, face_image: torch.Tensor, anchors_xyxy: torch.Tensor) -> torch.Tensor:
+    """IoU ``(F, N)`` of faces ``(F, 4)`` with the anchors of their images (shared ``(N, 4)`` or
+    per image ``(B, N, 4)``, picked by ``face_image``)."""
+    if anchors_xyxy.dim() == 2:
+        return box_iou_batched(face_boxes.unsqueeze(0), anchors_xyxy)[0]
+    return box_iou_batched(face_boxes.unsqueeze(1), anchors_xyxy[face_image])[:, 0]
 
 
 def match_anchors(boxes: torch.Tensor, valid: torch.Tensor, anchors: torch.Tensor,
                   threshold: float = 0.35, force_min_iou: float = 0.2,
-                  max_elements: int = 1 << 25) -> MatchResult:
+                  max_elements: int = 1 << 25, faces: torch.Tensor | None = None) -> MatchResult:
     """Match faces to anchors for a whole batch (see the module docstring for the protocol).
+
+    The IoU is computed for the real faces only, all images' faces in one ``(F, N)`` tensor, and
+    reduced per image by scatter operations: a batch with one crowded image costs its faces, not
+    ``B`` times its face count as a padded ``(B, Kmax, N)`` tensor would.
 
     Args:
         boxes: ``(B, K, 4)`` face boxes x1y1x2y2 (padding rows arbitrary).
@@ -191,23 +196,54 @@ def match_anchors(boxes: torch.Tensor, valid: torch.Tensor, anchors: torch.Tenso
         anchors: ``(N, 4)`` shared or ``(B, N, 4)`` per-image anchors, ``cx, cy, w, h``.
         threshold: IoU from which an anchor is positive (0.35).
         force_min_iou: a face claims its best anchor only when that IoU is ``>=`` this (0.2).
-        max_elements: the ``(B, K, N)`` IoU tensor is built for groups of images whose size stays
-            under this many elements (memory bound for crowded batches); results are identical.
+        max_elements: the ``(F, N)`` IoU tensor is built for groups of faces whose size stays
+            under this many elements (memory bound for crowded batches; the IoU is then computed
+            twice); results are identical.
+        faces: ``(2, F)`` int64 image and row of every real face, ``valid.nonzero().T`` (what
+            :func:`pad_targets` computes on the host when it moves a batch); None computes it here,
+            which makes the host wait for the device when ``valid`` is on one.
     """
     anchors_xyxy = point_form(anchors.float())
-    boxes = boxes.float()
-    batch, kmax = boxes.shape[:2]
+    batch, kmax = valid.shape
     num_anchors = anchors.shape[-2]
-    per_image = max(kmax * num_anchors, 1)
-    chunk = max(1, min(batch, max_elements // per_image))
-    if chunk >= batch:
-        return _match_chunk(boxes, valid, anchors_xyxy, threshold, force_min_iou)
-    parts = []
-    for start in range(0, batch, chunk):
-        sl = slice(start, start + chunk)
-        a = anchors_xyxy[sl] if anchors_xyxy.dim() == 3 else anchors_xyxy
-        parts.append(_match_chunk(boxes[sl], valid[sl], a, threshold, force_min_iou))
-    return MatchResult(*(torch.cat(items) for items in zip(*parts)))
+    device = boxes.device
+    face_image, face_row = valid.nonzero().T if faces is None else faces
+    face_boxes = boxes[face_image, face_row].float()  # (F, 4)
+    num_faces = face_boxes.shape[0]
+    overlap = torch.full((batch, num_anchors), -1.0, device=device)  # stays -1 in an image without faces
+    if num_faces == 0:
+        return MatchResult(torch.zeros_like(overlap, dtype=torch.long), overlap >= threshold, overlap)
+    chunk = max(1, max_elements // max(num_anchors, 1))
+    groups = [slice(start, start + chunk) for start in range(0, num_faces, chunk)]
+
+    def group_iou(group: slice) -> torch.Tensor:
+        return _face_anchor_iou(face_boxes[group], face_image[group], anchors_xyxy)
+
+    # per image and anchor the best IoU over the image's faces; every face's best anchor (first on ties)
+    best = []
+    for group in groups:
+        iou = group_iou(group)
+        best.append(iou.max(dim=1))
+        overlap.scatter_reduce_(0, face_image[group].unsqueeze(1).expand_as(iou), iou, reduce="amax")
+    best_anchor_iou, best_anchor = best[0] if len(best) == 1 else (torch.cat(items) for items in zip(*best))
+    # every anchor's face: the first face of its image that reaches that best IoU
+    face_index = torch.full_like(overlap, kmax, dtype=torch.long)
+    for group in groups:
+        iou = iou if len(groups) == 1 else group_iou(group)
+        image = face_image[group].unsqueeze(1).expand_as(iou)
+        is_best = iou == overlap.gather(0, image)
+        face_index.scatter_reduce_(0, image, torch.where(is_best, face_row[group].unsqueeze(1), kmax), reduce="amin")
+    face_index = face_index.masked_fill_(face_index == kmax, 0)  # images without faces
+
+    # faces with a good enough best anchor claim it; the later face wins a shared anchor
+    claims = torch.where(best_anchor_iou >= force_min_iou, face_row, -1)
+    claimed_by = torch.full((batch * num_anchors,), -1, dtype=torch.long, device=device)
+    claimed_by.scatter_reduce_(0, face_image * num_anchors + best_anchor, claims, reduce="amax")
+    claimed_by = claimed_by.view(batch, num_anchors)
+    is_claimed = claimed_by >= 0
+    face_index = torch.where(is_claimed, claimed_by, face_index)
+    overlap = torch.where(is_claimed, torch.full_like(overlap, 2.0), overlap)
+    return MatchResult(face_index, overlap >= threshold, overlap)
 
 
 def _gather_faces(targets: torch.Tensor, face_index: torch.Tensor) -> torch.Tensor:
@@ -296,7 +332,9 @@ class MultiBoxLoss(nn.Module):
                 targets: Sequence[torch.Tensor] | PaddedTargets) -> dict[str, torch.Tensor]:
         model = getattr(model, "module", model)
         device = outputs[0].loc.device
-        padded, valid = pad_targets(targets, device)
+        padded, valid, faces = pad_targets(targets, device)
+        if faces is None:  # a batch put on the device by hand: one wait for the device, for every stage
+            faces = valid.nonzero().T
         stages = model.stage_predictions(outputs, priors)
         result: dict[str, torch.Tensor] = {}
         totals = {t: None for t in (*LOSS_TERMS, "total")}
@@ -306,10 +344,12 @@ class MultiBoxLoss(nn.Module):
             anchors = stage.anchors.float()
             if anchors.dim() == 2:  # shared anchors (the priors): match once for every such stage
                 if prior_match is None:
-                    prior_match = match_anchors(padded[..., :4], valid, anchors, self.threshold, self.force_min_iou)
+                    prior_match = match_anchors(padded[..., :4], valid, anchors, self.threshold,
+                                                self.force_min_iou, faces=faces)
                 match = prior_match
             else:
-                match = match_anchors(padded[..., :4], valid, anchors, self.threshold, self.force_min_iou)
+                match = match_anchors(padded[..., :4], valid, anchors, self.threshold, self.force_min_iou,
+                                      faces=faces)
             terms, num_pos = self._stage_loss(stage, anchors, match, padded)
             stage_total = (self.box_weight * terms["loss_box"] + terms["loss_cls"]
                            + self.landm_weight * terms["loss_landm"] + self.iou_weight * terms["loss_iou"])

@@ -292,7 +292,7 @@ def test_matching_on_augmented_sample_images_equals_the_public_match(widerface_s
             if len(faces) == 0:
                 continue
             images += 1
-            padded, valid = pad_targets([faces])
+            padded, valid, _ = pad_targets([faces])
             ours = match_anchors(padded[..., :4], valid, priors)
             public = bt.public_match(faces[:, :4], priors, faces[:, 14].long(), faces[:, 4:14], 0.35, VARIANCES)
             public_positive = public[1] != 0
@@ -406,6 +406,39 @@ def test_nms_benchmark_chunks_give_the_detections_of_one_call(mobilenet_weights,
     assert all(entry["same_detections"] and entry["ms"]["median"] > 0 for entry in evaluation["chunks"])
     rendered = speed_table.render(speed_table.read_reports([str(out)]))
     assert "| 0.02 | " in rendered and "| one call | " in rendered and "**no**" not in rendered
+
+
+@pytest.mark.parametrize("per_image_anchors", [False, True])
+def test_matching_benchmark_checks_ours_against_the_padded_baseline(widerface_sample, tmp_path, monkeypatch,
+                                                                     per_image_anchors):
+    """tools/benchmark_matching.py on real batches: both matchings agree and are timed; a matching
+    that disagrees is reported as an error."""
+    from layers.multibox_loss import MatchResult
+    from tools import benchmark_matching
+
+    out = tmp_path / "matching.jsonl"
+    argv = ["--device", "cpu", "--threads", "1", "--dataset", str(widerface_sample), "--batch", "4", "--size", "160",
+            "--batches", "2", "--iters", "1"] + (["--per_image_anchors"] if per_image_anchors else [])
+    report, _ = run_main(benchmark_matching.main, argv + ["--out", str(out)])
+    check_header(report, "matching")
+    assert report["errors"] == [] and len(report["batches"]) == 2
+    for row in report["batches"]:
+        assert row["identical"] and row["faces"] >= row["most_faces_per_image"] > 0
+        assert row["ours_ms"] > 0 and row["padded_ms"] > 0
+    rendered = speed_table.render(speed_table.read_reports([str(out)]))
+    assert "### Anchor matching" in rendered and "**no**" not in rendered
+
+    real_match = benchmark_matching.match_anchors
+
+    def wrong_match(*args, **kwargs) -> MatchResult:
+        result = real_match(*args, **kwargs)
+        positive = result.positive.clone()
+        positive[0, 0] = ~positive[0, 0]
+        return result._replace(positive=positive)
+
+    monkeypatch.setattr(benchmark_matching, "match_anchors", wrong_match)
+    report, _ = run_main(benchmark_matching.main, argv)
+    assert len(report["errors"]) == 2 and not any(row["identical"] for row in report["batches"])
 
 
 def test_speed_table_latest_keeps_the_last_report_of_each_file(inference_run, tmp_path, capsys):
@@ -721,5 +754,5 @@ def test_per_image_collate_of_the_loader_benchmark_keeps_what_training_batches_h
     padded_images, padded, padded_report = collate_with_report(samples)
     assert torch.equal(images, padded_images) and report == padded_report
     assert isinstance(per_image, list) and len(per_image) == 4
-    for got, expected in zip(pad_targets(per_image), padded):
-        assert torch.equal(got, expected)
+    from_list = pad_targets(per_image)
+    assert torch.equal(from_list.targets, padded.targets) and torch.equal(from_list.valid, padded.valid)

@@ -74,9 +74,16 @@ def test_batched_matching_equals_per_image_reference(per_image_anchors):
         anchors[..., 2:] *= torch.exp(torch.randn(anchors[..., 2:].shape, generator=generator) * 0.2)
     else:
         anchors = priors
-    padded, valid = pad_targets(faces)
+    padded, valid, _ = pad_targets(faces)
     result = match_anchors(padded[..., :4], valid, anchors)
-    chunked = match_anchors(padded[..., :4], valid, anchors, max_elements=40 * priors.shape[0])
+    # groups of 5 faces, across image boundaries: the IoU is computed twice, per group
+    chunked = match_anchors(padded[..., :4], valid, anchors, max_elements=5 * priors.shape[0])
+    assert all(torch.equal(a, b) for a, b in zip(result, chunked))
+    # the face index pad_targets computes on the host when it moves a batch
+    moved = pad_targets(faces, "cpu")
+    assert moved.faces.shape == (2, sum(counts))
+    from_host = match_anchors(moved.targets[..., :4], moved.valid, anchors, faces=moved.faces)
+    assert all(torch.equal(a, b) for a, b in zip(result, from_host))
     total_positives = 0
     for b, image_faces in enumerate(faces):
         image_anchors = anchors[b] if per_image_anchors else anchors
@@ -96,7 +103,7 @@ def test_batched_matching_equals_per_image_reference(per_image_anchors):
 
 def test_matching_batch_without_faces():
     priors = prior_boxes((64, 64), 2)
-    padded, valid = pad_targets([torch.zeros(0, 15), torch.zeros(0, 15)])
+    padded, valid, _ = pad_targets([torch.zeros(0, 15), torch.zeros(0, 15)])
     assert padded.shape == (2, 1, 15) and not valid.any()
     result = match_anchors(padded[..., :4], valid, priors)
     assert not result.positive.any()
@@ -163,7 +170,7 @@ def test_empty_image_negatives():
     images = torch.randn(2, 3, 96, 96) * 50
     priors = prior_boxes((96, 96), 2)
     targets = _targets(with_landmarks=False)  # image 0: three faces, image 1: none
-    padded, valid = pad_targets(targets)
+    padded, valid, _ = pad_targets(targets)
     num_pos = match_anchors(padded[..., :4], valid, priors).positive.sum()
     outputs = model(images)
     conf = outputs[0].conf
@@ -206,7 +213,7 @@ def test_refine_stage2_matches_against_stage1_boxes():
     losses = MultiBoxLoss(config)(model, outputs, priors, [target])
     assert losses["stage2/loss_box"] < 1e-4  # zero stage-2 offsets are exactly right for every anchor
     stages = model.stage_predictions(outputs, priors)
-    padded, valid = pad_targets([target])
+    padded, valid, _ = pad_targets([target])
     assert match_anchors(padded[..., :4], valid, stages[1].anchors).positive.all()
     assert match_anchors(padded[..., :4], valid, priors).positive.sum() < n // 4
 

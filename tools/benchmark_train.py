@@ -241,7 +241,7 @@ def loader_batch(images: torch.Tensor, targets: Sequence[torch.Tensor], device: 
     padded = pad_targets(targets)
     if device.type != "cuda":
         return images, padded
-    return images.pin_memory(), PaddedTargets(*(t.pin_memory() for t in padded))
+    return images.pin_memory(), PaddedTargets(padded.targets.pin_memory(), padded.valid.pin_memory())
 
 
 def synthetic_batch(batch: int, size: int, seed: int, faces: int = 12) -> tuple[torch.Tensor, list[torch.Tensor]]:

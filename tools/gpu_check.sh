@@ -17,7 +17,7 @@
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~70 s)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests inference nms cli train loader table"):
+# Steps (GPU_CHECK_STEPS, default "cuda_tests inference nms cli train matching loader table"):
 #   cuda_tests   tests/test_cuda.py
 #   inference    tools/benchmark_inference.py: every inference target, the sample images, new sizes
 #   nms          tools/benchmark_nms.py: post-processing of a batch of 32 per NMS chunk size (into
@@ -25,6 +25,9 @@
 #   cli          tools/benchmark_cli.py: test.py on the sample in fresh processes per --channels_last and --pad_to
 #                setting (2 rounds) against one public-style pass
 #   train        tools/benchmark_train.py: fixed batches, the real pipeline, profile
+#   matching     tools/benchmark_matching.py: the loss's anchor matching of 8 real batches against the
+#                padded-batch baseline, mobilenet0.25 bs32@640 and ResNet-50 bs24@840 with per-image
+#                anchors (into train.jsonl; not timed on a GPU yet, seconds on a CPU per batch)
 #   loader       tools/benchmark_loader.py: host time the training loop loses per batch taken from the
 #                DataLoader (pinned, 14 workers), targets padded in the workers against one tensor per
 #                image (into train.jsonl)
@@ -62,8 +65,8 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference nms cli train loader table} "
-KNOWN_STEPS=" cuda_tests inference nms cli train loader trained_r50 compile train_compile table "
+STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference nms cli train matching loader table} "
+KNOWN_STEPS=" cuda_tests inference nms cli train matching loader trained_r50 compile train_compile table "
 SMOKE=false
 case "$#:${1:-}" in
   0:) ;;
@@ -93,6 +96,8 @@ if $SMOKE; then
                       --warmup 1)
   NMS_ARGS=(--device cpu --threads 1 --batch 2 --size 160x120 --iters 1 --warmup 0)
   LOADER_ARGS=(--batch_size 4 --batches 3 --workers 1 --im_size 96 --rounds 1)
+  MATCHING_ARGS=(--device cpu --threads 1 --batch 2 --size 96 --batches 2 --iters 1)
+  MATCHING_CASCADE_ARGS=("${MATCHING_ARGS[@]}" --per_image_anchors)
   TESTS_LIMIT=120; INFERENCE_LIMIT=120; TRAIN_LIMIT=120; COMPILE_LIMIT=120; CLI_LIMIT=120; TRAINED_R50_LIMIT=120
   TRAIN_COMPILE_LIMIT=120
 else
@@ -114,6 +119,10 @@ else
   NMS_ARGS=(--device cuda)
   # 16 batches of 32 at 640 per round, 3 rounds per collate (pinned, as train.py on CUDA)
   LOADER_ARGS=(--workers 14 --rounds 3)
+  # matching of 8 real batches against the padded baseline: mobilenet0.25's bs32@640 (the priors)
+  # and ResNet-50's bs24@840 with per-image anchors (stage 2 of the refine cascade)
+  MATCHING_ARGS=(--device cuda --iters 5)
+  MATCHING_CASCADE_ARGS=(--device cuda --iters 5 --batch 24 --size 840 --per_image_anchors)
   # 9 fresh processes: the public-style pass, then auto/true/false/--pad_to twice (second round reversed)
   CLI_ARGS=(--device cuda --rounds 2 --timeout 60)
   # train.py --compile on the two training targets: fixed batches only (no real pipeline, no
@@ -215,6 +224,11 @@ if wanted trained_r50 && needs_shared trained_r50; then
 fi
 wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
+if wanted matching && needs_shared matching; then
+  step matching 60 "$PY" tools/benchmark_matching.py "${MATCHING_ARGS[@]}" --dataset "$SAMPLE" --out "$OUT/train.jsonl"
+  step matching_cascade 60 "$PY" tools/benchmark_matching.py "${MATCHING_CASCADE_ARGS[@]}" --dataset "$SAMPLE" \
+    --out "$OUT/train.jsonl"
+fi
 wanted loader && needs_shared loader && step loader 90 "$PY" tools/benchmark_loader.py "${LOADER_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --out "$OUT/train.jsonl"
 wanted train_compile && step train_compile "$TRAIN_COMPILE_LIMIT" "$PY" tools/benchmark_train.py \

@@ -42,7 +42,8 @@ def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}:{number}: not a JSON line ({error})") from None
-            if isinstance(record, dict) and record.get("benchmark") in ("inference", "train", "cli", "nms", "loader"):
+            if isinstance(record, dict) and record.get("benchmark") in ("inference", "train", "cli", "nms", "loader",
+                                                                          "matching"):
                 reports.append({**record, "_file": path})
     return reports
 
@@ -188,6 +189,22 @@ def nms_section(report: dict[str, Any]) -> list[str]:
     lines += table(["confidence", "candidates", "max per image", "detections", "chunk", "ms", "same detections"],
                    rows)
     lines.append("")
+    return lines
+
+
+def matching_section(report: dict[str, Any]) -> list[str]:
+    lines = heading(report, "Anchor matching of real training batches (tools/benchmark_matching.py)")
+    settings = report.get("settings", {})
+    anchors = ("jittered anchors per image (refine cascade, stage 2)" if settings.get("per_image_anchors")
+               else "anchors (the priors)")
+    lines += [f"{settings.get('batches')} real batches of {settings.get('batch')} at {settings.get('size')} px "
+              f"against {settings.get('anchors')} {anchors}: the faces' IoU in one (faces, anchors) tensor (ours) against "
+              f"the padded (batch, most faces, anchors) tensor; ms per batch, mean of {settings.get('iters')}.", ""]
+    rows = [[str(r["faces"]), str(r["most_faces_per_image"]), r["ours_ms"], r["padded_ms"], f"{fmt(r['speedup'])}×",
+             fmt(r["identical"])] for r in report.get("batches", [])]
+    lines += table(["faces", "most per image", "ours ms", "padded ms", "speed-up", "identical"], rows)
+    summary = report.get("summary") or {}
+    lines += ["", f"All batches: {fmt(summary.get('total_speedup'))}× (sum of padded times over sum of ours).", ""]
     return lines
 
 
@@ -414,7 +431,7 @@ def render(reports: list[dict[str, Any]], latest: bool = False) -> str:
     lines = ["## Speed", ""]
     for report in reports:
         sections = {"inference": inference_section, "train": train_section, "cli": cli_section,
-                    "nms": nms_section, "loader": loader_section}
+                    "nms": nms_section, "loader": loader_section, "matching": matching_section}
         lines += sections[report["benchmark"]](report)
     rows = target_rows(reports)
     if rows:
