@@ -646,7 +646,8 @@ def shared_memory_keep(args: argparse.Namespace, processes_on_node: int = 1, fol
         return 0
     fit = free // (processes_on_node * in_flight * batch_bytes)
     processes = f"{processes_on_node} processes x " if processes_on_node > 1 else ""
-    remedy = f"lower --workers (at most {fit} fit)" if fit else "use --workers 0 (the training process loads the data)"
+    remedy = (f"lower --workers (at most {fit} fit)" if fit else
+              "use --workers 0 (the training process loads the data) or a smaller --batch_size or --im_size")
     raise TrainingSetupError(
         f"{folder} has {_mib(free)} free, but {processes}--workers {args.workers} x {in_flight} batches of "
         f"{_mib(batch_bytes)} (--batch_size {args.batch_size} at --im_size {args.im_size}) need "
