@@ -358,7 +358,7 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds ``(default: X)`` only where the help text does not already say the default and there
     is one; booleans are shown as written on the command line (``true``/``false``)."""
 
@@ -380,7 +380,7 @@ def build_parser(script: str, description: str | None = None, epilog: str | None
     if script not in SCRIPTS:
         raise ValueError(f"unknown script {script!r}; expected one of {SCRIPTS}")
     parser = argparse.ArgumentParser(
-        prog=f"{script}.py", description=description, epilog=epilog, formatter_class=_HelpFormatter)
+        prog=f"{script}.py", description=description, epilog=epilog, formatter_class=HelpFormatter)
     if raise_usage_errors:
         def error(message: str) -> NoReturn:
             raise UsageError(message)

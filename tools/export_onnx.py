@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from config import add_architecture_options, architecture_overrides, one_line, str2bool  # noqa: E402
+from config import HelpFormatter, add_architecture_options, architecture_overrides, one_line, str2bool  # noqa: E402
 from layers.prior_box import make_priors  # noqa: E402
 from models.detector import FaceDetector  # noqa: E402
 from models.net import fuse_conv_bn  # noqa: E402
@@ -218,7 +218,7 @@ def check_image_paths(folder: str | Path | None) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--weights", required=True,
                         help="'mobilenet0.25' or 'resnet50' (published weights) or a checkpoint path")
     parser.add_argument("--output", default=None,

@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from config import non_negative_int, positive_int  # noqa: E402
+from config import HelpFormatter, non_negative_int, positive_int  # noqa: E402
 from tools import check_inputs, shared_root  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def window_mean(history, after: int, upto: int) -> float | None:
 def parse(argv=None) -> argparse.Namespace:
     shared = shared_root()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--weights", default=str(shared / "weights/mobilenet0.25_Final.pth"))
     parser.add_argument("--dataset", default=str(shared / "data/widerface_sample"),
                         help="root with val/images and val/label.txt (trained and evaluated on)")

@@ -35,7 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from config import non_negative_int, positive_int  # noqa: E402
+from config import HelpFormatter, non_negative_int, positive_int  # noqa: E402
 from tools import check_inputs, shared_root  # noqa: E402
 from tools.finetune_check import window_mean, working_directory  # noqa: E402
 
@@ -43,7 +43,7 @@ from tools.finetune_check import window_mean, working_directory  # noqa: E402
 def parse(argv=None) -> argparse.Namespace:
     shared = shared_root()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--network", default="mobilenet0.25", help="train.py --network")
     parser.add_argument("--cascade", choices=("true", "false"), default="false", help="train.py --cascade")
     parser.add_argument("--backbone_weights", default=str(shared / "weights/mobilenetV1X0.25_pretrain.tar"),

@@ -42,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from config import HelpFormatter  # noqa: E402
 from models.detector import Detections, FaceDetector  # noqa: E402
 from tools import shared_root  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
@@ -117,7 +118,7 @@ def sensitivity_report(weights: str, arrays: list[np.ndarray], size: tuple[int, 
 def main(argv=None) -> int:
     shared = shared_root()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--weights", default=str(shared / "weights/mobilenet0.25_Final.pth"))
     parser.add_argument("--images", default=str(shared / "data/widerface_sample/val/images"))
     parser.add_argument("--min_score", type=float, default=0.5, help="float32 detections compared")
