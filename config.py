@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, NoReturn, Sequence
@@ -417,6 +418,23 @@ def architecture_overrides(args: argparse.Namespace) -> dict[str, Any]:
             if getattr(args, name, None) is not None}
 
 
+def _negative_value_hint(message: str, argv: Sequence[str]) -> str:
+    """argparse takes a value such as ``-1e-3`` after an option for another option (only plain
+    negative numbers like ``-1`` pass); say how to write it."""
+    match = re.fullmatch(r"argument (--\w+): expected one argument", message)
+    if match is None:
+        return ""
+    tokens = list(argv)
+    for option, value in zip(tokens, tokens[1:]):
+        if option == match.group(1) and value.startswith("-"):
+            try:
+                float(value)
+            except ValueError:
+                return ""
+            return f" (a negative value is written {option}={value})"
+    return ""
+
+
 def run_command_line(script: str, argv: Sequence[str] | None, run: Callable[[argparse.Namespace], int],
                      expected_errors: tuple[type[BaseException], ...], description: str | None = None,
                      epilog: str | None = None) -> int:
@@ -430,7 +448,8 @@ def run_command_line(script: str, argv: Sequence[str] | None, run: Callable[[arg
     try:
         args = parser.parse_args(argv)
     except UsageError as error:
-        print(f"{parser.prog}: error: {one_line(error)} (see --help)", file=sys.stderr)
+        hint = _negative_value_hint(one_line(error), sys.argv[1:] if argv is None else argv)
+        print(f"{parser.prog}: error: {one_line(error)}{hint} (see --help)", file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as done:  # --help
         return int(done.code or 0)

@@ -60,6 +60,8 @@ def test_str2bool():
 
 @pytest.mark.parametrize("argv,message", [
     (["--lr", "-1"], "argument --lr: expected a finite number >= 0, got '-1'"),
+    (["--lr", "-1e-3"], "argument --lr: expected one argument (a negative value is written --lr=-1e-3)"),
+    (["--lr", "--momentum", "0.5"], "argument --lr: expected one argument (see --help)"),
     (["--lr", "nan"], "argument --lr: expected a finite number >= 0, got 'nan'"),
     (["--lr", "inf"], "argument --lr: expected a finite number >= 0, got 'inf'"),
     (["--lr", "fast"], "argument --lr: expected a number >= 0, got 'fast'"),
