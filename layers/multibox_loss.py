@@ -95,7 +95,7 @@ def loss_keys(num_stages: int) -> list[str]:
 
 
 class PaddedTargets(NamedTuple):
-    """The faces of a batch in two tensors (what :func:`pad_targets` returns).
+    """The faces of a batch, padded (what :func:`pad_targets` returns).
 
     ``targets`` (B, Kmax, 15) float32, pixels of the network input, the rows of image ``b``
     first and zero rows after them; ``valid`` (B, Kmax) bool, True on the real rows; ``faces``
@@ -233,7 +233,7 @@ def match_anchors(boxes: torch.Tensor, valid: torch.Tensor, anchors: torch.Tenso
         image = face_image[group].unsqueeze(1).expand_as(iou)
         is_best = iou == overlap.gather(0, image)
         face_index.scatter_reduce_(0, image, torch.where(is_best, face_row[group].unsqueeze(1), kmax), reduce="amin")
-    face_index = face_index.masked_fill_(face_index == kmax, 0)  # images without faces
+    face_index.masked_fill_(face_index == kmax, 0)  # images without faces
 
     # faces with a good enough best anchor claim it; the later face wins a shared anchor
     claims = torch.where(best_anchor_iou >= force_min_iou, face_row, -1)

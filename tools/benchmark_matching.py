@@ -21,6 +21,7 @@ Prints one JSON line (``--out``: also appended to a file; ``tools/speed_table.py
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from layers.multibox_loss import MatchResult, PaddedTargets, box_iou_batched, ma
 from config import positive_int  # noqa: E402
 from layers.prior_box import prior_boxes  # noqa: E402
 from tools import check_inputs, shared_root  # noqa: E402
-from tools.benchmark_inference import finish_report, report_header, rnd, setup_device, stats, synchronize  # noqa: E402
+from tools.benchmark_inference import finish_report, report_header, rnd, setup_device, stats, timed  # noqa: E402
 from tools.benchmark_train import training_dataset  # noqa: E402
 from utils.box_utils import point_form  # noqa: E402
 
@@ -87,15 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def timed(fn, iters: int, device: torch.device) -> tuple[float, Any]:
-    """Mean seconds of ``iters`` runs of ``fn`` after one warm-up run, and its last result."""
+def mean_seconds(fn, iters: int, device: torch.device) -> tuple[Any, float]:
+    """The result of a first (warm-up) run of ``fn``, and the mean seconds of ``iters`` timed runs."""
     result = fn()
-    synchronize(device)
-    started = time.perf_counter()
-    for _ in range(iters):
-        result = fn()
-    synchronize(device)
-    return (time.perf_counter() - started) / iters, result
+    return result, statistics.fmean(timed(fn, 0, iters, device)[0])
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -115,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         picks = torch.randint(len(dataset), (args.batch,), generator=generator).tolist()
         faces = [torch.as_tensor(dataset[index][1], dtype=torch.float32) for index in picks]
         host = pad_targets(faces)
-        if device.type == "cuda":
+        if device.type == "cuda":  # pinned, as the training DataLoader delivers it
             host = PaddedTargets(host.targets.pin_memory(), host.valid.pin_memory())
         anchors = priors
         if args.per_image_anchors:
@@ -132,8 +128,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             moved = pad_targets(host, device)
             return padded_match(moved.targets[..., :4], moved.valid, anchors)
 
-        ours_s, ours_result = timed(ours, args.iters, device)
-        baseline_s, baseline_result = timed(baseline, args.iters, device)
+        ours_result, ours_s = mean_seconds(ours, args.iters, device)
+        baseline_result, baseline_s = mean_seconds(baseline, args.iters, device)
         identical = all(torch.equal(a, b) for a, b in zip(ours_result, baseline_result))
         if not identical:
             errors.append(f"batch {number}: matching differs from the padded baseline")

@@ -42,8 +42,7 @@ def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise SystemExit(f"{path}:{number}: not a JSON line ({error})") from None
-            if isinstance(record, dict) and record.get("benchmark") in ("inference", "train", "cli", "nms", "loader",
-                                                                          "matching"):
+            if isinstance(record, dict) and record.get("benchmark") in SECTIONS:
                 reports.append({**record, "_file": path})
     return reports
 
@@ -422,6 +421,11 @@ def target_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:
     return rows
 
 
+#: The table section of each benchmark's reports (reports of other benchmarks are not read).
+SECTIONS = {"inference": inference_section, "train": train_section, "cli": cli_section, "nms": nms_section,
+            "loader": loader_section, "matching": matching_section}
+
+
 def render(reports: list[dict[str, Any]], latest: bool = False) -> str:
     if latest:  # the last report of each benchmark in each file (inference.jsonl beside inference_compile.jsonl)
         last = {}
@@ -430,9 +434,7 @@ def render(reports: list[dict[str, Any]], latest: bool = False) -> str:
         reports = list(last.values())
     lines = ["## Speed", ""]
     for report in reports:
-        sections = {"inference": inference_section, "train": train_section, "cli": cli_section,
-                    "nms": nms_section, "loader": loader_section, "matching": matching_section}
-        lines += sections[report["benchmark"]](report)
+        lines += SECTIONS[report["benchmark"]](report)
     rows = target_rows(reports)
     if rows:
         lines += ["### Targets of the issue (defined on an H200 with torch 2.11)", ""]
