@@ -192,6 +192,16 @@ log "== steps:$STEPS"
 
 # tests/test_cuda.py skips itself without CUDA (the smoke run); a failure here does not stop the benchmarks
 wanted cuda_tests && step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
+# training first: its rows are what a lease cut short must not lose
+wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
+  --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
+if wanted matching && needs_shared matching; then
+  step matching 60 "$PY" tools/benchmark_matching.py "${MATCHING_ARGS[@]}" --dataset "$SAMPLE" --out "$OUT/train.jsonl"
+  step matching_cascade 60 "$PY" tools/benchmark_matching.py "${MATCHING_CASCADE_ARGS[@]}" --dataset "$SAMPLE" \
+    --out "$OUT/train.jsonl"
+fi
+wanted loader && needs_shared loader && step loader 90 "$PY" tools/benchmark_loader.py "${LOADER_ARGS[@]}" \
+  --dataset "$SAMPLE" --split val --out "$OUT/train.jsonl"
 wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
 # post-processing per NMS chunk size (published mobilenet0.25), into inference.jsonl (8 files come back)
@@ -222,15 +232,6 @@ if wanted trained_r50 && needs_shared trained_r50; then
   fi
   rm -rf "$TRAINED"
 fi
-wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
-  --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
-if wanted matching && needs_shared matching; then
-  step matching 60 "$PY" tools/benchmark_matching.py "${MATCHING_ARGS[@]}" --dataset "$SAMPLE" --out "$OUT/train.jsonl"
-  step matching_cascade 60 "$PY" tools/benchmark_matching.py "${MATCHING_CASCADE_ARGS[@]}" --dataset "$SAMPLE" \
-    --out "$OUT/train.jsonl"
-fi
-wanted loader && needs_shared loader && step loader 90 "$PY" tools/benchmark_loader.py "${LOADER_ARGS[@]}" \
-  --dataset "$SAMPLE" --split val --out "$OUT/train.jsonl"
 wanted train_compile && step train_compile "$TRAIN_COMPILE_LIMIT" "$PY" tools/benchmark_train.py \
   "${TRAIN_COMPILE_ARGS[@]}" --dataset "$SAMPLE" --split val --out "$OUT/train_compile.jsonl"
 # torch.compile of the headline case (ResNet-50 cascade, batch 32, bf16)
