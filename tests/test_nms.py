@@ -145,3 +145,28 @@ def test_batched_nms_in_chunks_equals_one_call(chunk):
         members = torch.nonzero(groups == group).flatten()
         expected |= set(members[nms(boxes[members], scores[members], 0.4)].tolist())
     assert set(chunked.tolist()) == expected and len(expected) > 100
+
+
+def test_batched_nms_default_chunk_follows_the_device(monkeypatch):
+    """Without ``chunk``, the calls hold at most the boxes' device's chunk (utils.nms.NMS_CHUNKS,
+    measured per device type): 900 boxes in 9 groups take several calls under a CPU chunk of 300,
+    one call under a CPU chunk of 900 and under an unknown device type's fallback, the CPU's."""
+    from torchvision import ops
+
+    from utils import nms as nms_module
+    assert nms_module.nms_chunk("cuda") == nms_module.NMS_CHUNKS["cuda"]
+    assert nms_module.nms_chunk(torch.device("cpu")) == nms_module.NMS_CHUNKS["cpu"]
+    assert nms_module.nms_chunk("meta") == nms_module.NMS_CHUNKS["cpu"]
+    boxes, scores = random_detections(3, 900)
+    boxes, scores = torch.from_numpy(boxes), torch.from_numpy(scores)
+    groups = torch.arange(900) % 9
+    calls = []
+    real_nms = ops.nms
+    monkeypatch.setattr(ops, "nms", lambda b, s, t: calls.append(len(s)) or real_nms(b, s, t))
+    expected = nms_module.batched_nms(boxes, scores, groups, 0.4, chunk=900)
+    assert calls == [900]
+    for cpu_chunk, calls_expected in ((300, [300, 300, 300]), (900, [900])):
+        monkeypatch.setitem(nms_module.NMS_CHUNKS, "cpu", cpu_chunk)
+        calls.clear()
+        assert torch.equal(nms_module.batched_nms(boxes, scores, groups, 0.4), expected)
+        assert calls == calls_expected

@@ -95,7 +95,6 @@ from tools import check_inputs, shared_root  # noqa: E402
 from tools.fidelity import dense_disagreement, unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
-from utils.nms import NMS_CHUNK  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
 
 SHARED = shared_root()
@@ -461,7 +460,7 @@ class Engine:
 
 def host_detections(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor, confidence_threshold: float,
                     nms_threshold: float, top_k: int | None = 5000, keep_top_k: int | None = 750,
-                    nms_chunk: int = NMS_CHUNK) -> tuple[np.ndarray, list[int]]:
+                    nms_chunk: int | None = None) -> tuple[np.ndarray, list[int]]:
     """What the pipeline does after the network: ``utils.postprocess``, then one copy to the host.
     Returns (K, 15) float32 rows [x1, y1, x2, y2, score, 10 landmarks] of the whole batch, by image,
     and the number of rows of each image."""

@@ -3,7 +3,7 @@
 ``utils.postprocess`` runs NMS for a whole batch through ``utils.nms.batched_nms``. torchvision's
 CUDA NMS copies an N x N/64 bit mask to the host, N the candidates of the call, so one call per
 batch grows with the square of the batch's candidates; ``batched_nms`` therefore splits them into
-calls of at most ``NMS_CHUNK`` candidates (whole images). This benchmark times
+calls of at most ``utils.nms.nms_chunk(device)`` candidates (whole images). This benchmark times
 ``postprocess`` (plus the copy of the detections to the host, as the inference pipeline does) on
 the dense outputs of one batch of sample-content images, for several chunk sizes and confidence
 thresholds (0.5: a demo; 0.02: the WIDER FACE evaluation), checks that every chunk size gives the
@@ -33,7 +33,7 @@ from models.dense_path import DensePath  # noqa: E402
 from tools.benchmark_inference import (MODELS, SAMPLE_IMAGES, default_weights, finish_report,  # noqa: E402
                                        host_detections, load_benchmark_model, load_sample_arrays, pinned,
                                        report_header, setup_device, stats, synchronize, synthetic_batches)
-from utils.nms import NMS_CHUNK  # noqa: E402
+from utils.nms import nms_chunk  # noqa: E402
 
 ONE_CALL = 0  # --chunks value: the whole batch in one NMS call
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", default="640x480", help="WxH of the batch")
     parser.add_argument("--thresholds", default="0.5,0.02", help="confidence thresholds")
-    parser.add_argument("--chunks", default=f"{ONE_CALL},1024,{NMS_CHUNK},4096",
+    parser.add_argument("--chunks", default=f"{ONE_CALL},1024,2048,4096",
                         help=f"candidates per NMS call ({ONE_CALL}: one call per batch)")
     parser.add_argument("--nms_threshold", type=float, default=0.4)
     parser.add_argument("--iters", type=int, default=20)
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     boxes, scores, landmarks = DensePath(model, device)(pinned(batch, device))  # fp32, eager
     report["settings"] = {"model": args.model, "weights": weights_note, "batch": args.batch, "size": [width, height],
                           "nms_threshold": args.nms_threshold, "iters": args.iters, "warmup": args.warmup,
-                          "default_chunk": NMS_CHUNK}
+                          "default_chunk": nms_chunk(device)}
     cases = []
     for threshold in thresholds:
         per_image = (scores > threshold).sum(dim=1)
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             case["chunks"].append({"chunk": chunk, "ms": stats(times), "same_detections": same})
         cases.append(case)
     report["cases"] = cases
-    notes = [f"{ONE_CALL} = the whole batch in one NMS call; default chunk {NMS_CHUNK}"]
+    notes = [f"{ONE_CALL} = the whole batch in one NMS call; default chunk on {device.type} {nms_chunk(device)}"]
     errors = [f"threshold {c['threshold']} chunk {e['chunk']}: detections differ from chunk {chunks[0]}"
               for c in cases for e in c["chunks"] if not e["same_detections"]]
     return finish_report(report, notes, errors, started, args.out)

@@ -31,26 +31,37 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
     return ops.nms(with_pixel_offset(boxes.float(), pixel_offset), scores.float(), iou_threshold)
 
 
-# Boxes per torchvision NMS call in batched_nms. Its CUDA kernel builds an N x N/64 bit mask and
-# copies all of it to the host (N^2/8 bytes: 50 MB for 20,000 candidates of a 32-image batch), so
-# one call for a whole batch costs more than a few calls of whole images each.
-NMS_CHUNK = 2048
+# Boxes per torchvision NMS call in batched_nms, by device type. Its CUDA kernel builds an
+# N x N/64 bit mask and copies all of it to the host (N^2/8 bytes: 50 MB for 20,000 candidates of
+# a 32-image batch), so one call for a whole batch costs more than a few calls of whole images
+# each; every split also costs one host sync (the group sizes). tools/benchmark_nms.py on an H100
+# (README, GPU benchmarks, run 5): 4096 was fastest or within 0.1 ms of one call in 3 of 4 cases
+# and faster than 2048 in all 4; on a 2-core CPU 1024-2048 were fastest (4096 +17 %).
+NMS_CHUNKS = {"cuda": 4096, "cpu": 2048}
+
+
+def nms_chunk(device: torch.device | str) -> int:
+    """The default candidates per NMS call on ``device`` (:data:`NMS_CHUNKS`; CPU's for other types)."""
+    return NMS_CHUNKS.get(torch.device(device).type, NMS_CHUNKS["cpu"])
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float,
-                pixel_offset: float = PUBLIC_PIXEL_OFFSET, chunk: int = NMS_CHUNK) -> torch.Tensor:
+                pixel_offset: float = PUBLIC_PIXEL_OFFSET, chunk: int | None = None) -> torch.Tensor:
     """NMS applied independently within each group id of ``groups`` (N,), e.g. the image index of
     each box in a batch. Returns kept indices sorted by decreasing score.
 
     Groups are kept apart by moving each one past the coordinate span of all boxes, in float64
     so the IoUs stay exact. (``torchvision.ops.batched_nms`` offsets by the largest coordinate,
     which assumes coordinates >= 0; decoded boxes at image borders can be negative, and a box of
-    one image could then suppress a box of another.) Over ``chunk`` boxes, whole groups go
-    into calls of at most ``chunk`` boxes (a larger group alone): the result is the same, the
-    pairwise work and the host copy shrink (one host sync more, for the group sizes).
+    one image could then suppress a box of another.) Over ``chunk`` boxes (default:
+    :func:`nms_chunk` of the boxes' device), whole groups go into calls of at most ``chunk`` boxes
+    (a larger group alone): the result is the same, the pairwise work and the host copy shrink
+    (one host sync more, for the group sizes).
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    if chunk is None:
+        chunk = nms_chunk(boxes.device)
     if boxes.shape[0] <= chunk:
         return _offset_nms(boxes, scores, groups, iou_threshold, pixel_offset)
     by_group = torch.sort(groups, stable=True).indices

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from utils.nms import NMS_CHUNK, PUBLIC_PIXEL_OFFSET, batched_nms
+from utils.nms import PUBLIC_PIXEL_OFFSET, batched_nms
 
 
 class BatchDetections(NamedTuple):
@@ -34,12 +34,13 @@ class BatchDetections(NamedTuple):
 def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor,
                 confidence_threshold: float, nms_threshold: float, top_k: int | None = 5000,
                 keep_top_k: int | None = 750, pixel_offset: float = PUBLIC_PIXEL_OFFSET,
-                nms_chunk: int = NMS_CHUNK) -> BatchDetections:
+                nms_chunk: int | None = None) -> BatchDetections:
     """Select the final detections of each image.
 
     ``boxes`` (B, N, 4) x1y1x2y2, ``scores`` (B, N), ``landmarks`` (B, N, 10), in pixels (of
     the original images, for the public NMS convention: its +1 is one pixel of the original).
-    ``nms_chunk``: candidates per NMS call (:func:`utils.nms.batched_nms`; same result).
+    ``nms_chunk``: candidates per NMS call (:func:`utils.nms.batched_nms`; same result; default:
+    :func:`utils.nms.nms_chunk` of the device).
     """
     batch, num_priors = scores.shape
     k = num_priors if top_k is None else min(top_k, num_priors)
