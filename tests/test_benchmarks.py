@@ -236,6 +236,12 @@ def test_train_benchmark_cpu_smoke(train_run):
     assert summary["best_fixed_variant"] == "fp32" and summary["speedup_vs_public_style"] > 0
     assert set(summary["real_ratio_to_fixed"]) == {"workers", "device"}
     assert config["profile"]["top_ops"] and config["profile"]["variant"] == "fp32"
+    # the batches in turn are profiled too, one step per batch at least: busy time per step
+    # (CPU time here) is positive and of the order of the step time
+    in_turn = config["profile_batches_in_turn"]
+    assert in_turn["steps"] == 3 and in_turn["top_ops"]
+    for profiled in (config["profile"], in_turn):
+        assert 0 < profiled["busy_ms_per_step"] < 10 * several["step_ms"]["median"]
 
 
 def test_graphable_training_step_is_the_train_one_epoch_step(widerface_sample):

@@ -52,7 +52,10 @@ What one run measures, per config
   the same outputs (equal up to rounding when the public step's one protocol difference, faces
   with best IoU < 0.2 still re-assigning their best anchor, is switched off).
 * ``--profile``: ``torch.profiler`` table of the top ops of a few steps of the last fixed
-  variant without ``compile`` (stderr, ``--profile_out``, and the top rows in the JSON).
+  variant without ``compile`` (stderr, ``--profile_out``, and the top rows in the JSON), then of
+  one step per batch of the ``batches in turn`` row; each with the device's busy time per step
+  (CPU time on the CPU). The ``batches in turn`` row also counts its host syncs over one round
+  of its batches on CUDA.
 
 Timing: after ``--warmup`` steps the device is synchronised and the clock starts; after
 ``--iters`` more steps it is synchronised again: img/s = batch * iters / elapsed (no per-step
@@ -578,16 +581,19 @@ def loss_agreement(config, device: torch.device, images: torch.Tensor, targets: 
     return agreement
 
 
-def sync_debug_clock(device: torch.device) -> StepClock:
-    """A clock whose window is the second step of a 3-step run, with CUDA sync debug mode on."""
-    return StepClock(1, 1, device, enter=lambda: torch.cuda.set_sync_debug_mode("warn"),
+def sync_debug_clock(device: torch.device, steps: int = 1) -> StepClock:
+    """A clock whose window is ``steps`` steps after the first one, with CUDA sync debug mode on
+    (the run must make ``1 + steps`` steps at least)."""
+    return StepClock(1, steps, device, enter=lambda: torch.cuda.set_sync_debug_mode("warn"),
                      exit=lambda: torch.cuda.set_sync_debug_mode(0))
 
 
-def profile_run(run, device: torch.device, steps: int, rows: int = 25) -> tuple[str, list[dict[str, Any]]]:
+def profile_run(run, device: torch.device, steps: int, rows: int = 25
+                ) -> tuple[str, list[dict[str, Any]], float]:
     """``torch.profiler`` over ``steps`` steady-state steps: ``run(clock)`` must run ``1 + steps``
     steps through ``clock``. Returns the table (sorted by self device time on CUDA, self CPU
-    time on the CPU) and its top rows."""
+    time on the CPU), its top rows and the self device time of all ops per step in ms (CPU
+    time on the CPU): against the step time, what the device was busy for."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(activities=activities)
@@ -611,7 +617,14 @@ def profile_run(run, device: torch.device, steps: int, rows: int = 25) -> tuple[
     ordered = sorted(averages, key=lambda e: device_time(e) if cuda else e.self_cpu_time_total, reverse=True)
     top = [{"name": e.key, "calls": e.count, "self_device_ms": rnd(device_time(e) / 1000.0),
             "self_cpu_ms": rnd(e.self_cpu_time_total / 1000.0)} for e in ordered[:rows]]
-    return table or str(averages), top
+    if cuda:  # the kernels' and copies' own events, as the table's "Self CUDA time total" (ops' rows repeat them)
+        from torch.autograd import DeviceType
+        busy_us = sum(device_time(e) for e in averages
+                      if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))
+    else:
+        busy_us = sum(e.self_cpu_time_total for e in averages)
+    busy_ms = busy_us / 1000.0 / steps
+    return table or str(averages), top, busy_ms
 
 
 def measure_config(spec: str, args: argparse.Namespace, device: torch.device, errors: list[str],
@@ -708,12 +721,21 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
 
     # several fixed batches in turn: real batches differ in their most faces per image, so the
     # matching tensors change shape every step; this row has that variety without a loader
+    several: list = []
     if args.fixed_batches > 1 and last_variant is not None and dataset is not None and args.fixed_batch == "real":
         several = [real_batch(dataset, batch) for _ in range(args.fixed_batches)]
         most_faces = [max(len(t) for t in targets_i) for _, targets_i in several]
         several = [loader_batch(images_i, targets_i, device) for images_i, targets_i in several]
         extra_fixed_row(spec, last_variant, f"fixed, {len(several)} batches in turn", lambda: run_last(several),
                         fixed_img_per_s.get(last_variant.name), device, errors, entry, most_faces_per_batch=most_faces)
+        if device.type == "cuda" and not last_variant.compile and "error" not in entry["variants"][-1]:
+            # host syncs over one round of the batches (a shape-dependent sync would not show in one batch)
+            counted = sync_sites(lambda: run_ours(
+                config, last_variant, device, Cycle(several, 1 + len(several)), 1 + len(several), batch, size,
+                args.seed, sync_debug_clock(device, len(several))), toggle=False)
+            if counted is not None:
+                counted = {**counted, "count": rnd(counted["count"] / len(several)), "steps": len(several)}
+            entry["variants"][-1]["syncs_per_step"] = counted
 
     # the real data pipeline, with the augmentation's pixel work in the workers and on the device
     if dataset is not None and args.real_variants:
@@ -747,21 +769,29 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         entry["summary"] = summary
 
     if args.profile and profiled_variant is not None:
-        try:
-            steps = args.profile_steps
-            table, top = profile_run(lambda clock: run_ours(
-                config, profiled_variant, device, Cycle([(pinned_images, pinned_targets)], steps + 1), steps + 1,
-                batch, size, args.seed, clock), device, steps)
-            header = f"== profile {spec} {profiled_variant.name}: {steps} fixed-batch steps after 1 warm-up step =="
-            print(header + "\n" + table, file=sys.stderr, flush=True)
-            if args.profile_out:
-                with open(args.profile_out, "a", encoding="utf-8") as handle:
-                    handle.write(header + "\n" + table + "\n")
-            entry["profile"] = {"variant": profiled_variant.name, "steps": steps, "top_ops": top}
-        except Exception as error:
-            errors.append(f"{spec} profile: {type(error).__name__}: {error}")
-            traceback.print_exc()
-        release(device)
+        # one repeated batch, then (when that row ran) the batches in turn over as many steps as
+        # there are batches: device time per step against step time tells a bigger device
+        # workload from a host that cannot keep the device busy
+        runs = [("profile", "fixed-batch steps", [(pinned_images, pinned_targets)], args.profile_steps)]
+        if several and args.profile_steps > 0:
+            runs.append(("profile_batches_in_turn", f"steps over {len(several)} batches in turn", several,
+                         max(args.profile_steps, len(several))))
+        for key, what, batches, steps in runs:
+            try:
+                table, top, busy_ms = profile_run(lambda clock: run_ours(
+                    config, profiled_variant, device, Cycle(batches, steps + 1), steps + 1, batch, size, args.seed,
+                    clock), device, steps)
+                header = f"== profile {spec} {profiled_variant.name}: {steps} {what} after 1 warm-up step =="
+                print(header + "\n" + table, file=sys.stderr, flush=True)
+                if args.profile_out:
+                    with open(args.profile_out, "a", encoding="utf-8") as handle:
+                        handle.write(header + "\n" + table + "\n")
+                entry[key] = {"variant": profiled_variant.name, "steps": steps, "busy_ms_per_step": rnd(busy_ms),
+                              "top_ops": top}
+            except Exception as error:
+                errors.append(f"{spec} {key}: {type(error).__name__}: {error}")
+                traceback.print_exc()
+            release(device)
 
 
 def extra_fixed_row(spec: str, variant, mode: str, measure: Callable[[], dict[str, Any]], fixed: float | None,

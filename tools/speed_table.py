@@ -271,6 +271,14 @@ def train_section(report: dict[str, Any]) -> list[str]:
               f"{fmt(c['loss_check'].get('protocol_rel_diff'), 2)} (protocol), "
               f"{fmt(c['loss_check'].get('public_exact_rel_diff'), 2)} (public exact)"
               for c in report.get("configs", []) if c.get("loss_check")]
+    for c in report.get("configs", []):
+        busy = [f"{fmt(c[key]['busy_ms_per_step'])} ms per step over {what}"
+                for key, what in (("profile", "one repeated batch"), ("profile_batches_in_turn", "batches in turn"))
+                if c.get(key, {}).get("busy_ms_per_step") is not None]
+        if busy:
+            unit = "device" if report.get("env", {}).get("device_type") == "cuda" else "CPU"
+            checks.append(f"- {c['config']} {c['profile']['variant']}, profiled ({unit} time of all ops, "
+                          f"against the step ms above): " + "; ".join(busy))
     return lines + checks + ([""] if checks else [])
 
 
