@@ -158,6 +158,19 @@ def test_prediction_rows_follow_the_public_convention():
     assert prediction_rows(Detections.empty())[0].shape == (0, 5)
 
 
+def test_prediction_rows_of_boxes_beyond_int64_stay_finite_and_ordered():
+    """An untrained network's boxes reach 1e20 px (finite in float32, beyond int64): no invalid
+    cast (a warning and INT64_MIN), the rows stay far outside the image with x2 >= x1."""
+    import warnings
+    found = Detections(np.array([[-3e20, 5.0, 2e20, 1e19], [1.0, 2.0, 3.0, 4.0]], np.float32),
+                       np.array([0.5, 0.4], np.float32), np.zeros((2, 5, 2), np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows, lines = prediction_rows(found)
+    assert np.isfinite(rows).all() and rows[0, 0] <= -1e14 and rows[0, 2] > 0 and rows[0, 3] > 1e14
+    assert lines[1] == "1 2 2 2 0.4"
+
+
 # --------------------------------------------------------------------------------------------
 # --pred_dir (no model) and errors
 # --------------------------------------------------------------------------------------------

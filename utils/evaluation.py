@@ -155,6 +155,9 @@ def check_images_in_gt(images: Sequence[ValImage], gt: WiderFaceGroundTruth) -> 
 # --------------------------------------------------------------------------------------------
 # Prediction files (public test_widerface.py convention)
 # --------------------------------------------------------------------------------------------
+BOX_COORDINATE_BOUND = 1e15  # pixels; float32 and int64 both hold it
+
+
 def prediction_rows(detections: Any) -> tuple[np.ndarray, list[str]]:
     """``(rows (N, 5) float64 x y w h score, text lines)`` of one image's detections.
 
@@ -164,7 +167,9 @@ def prediction_rows(detections: Any) -> tuple[np.ndarray, list[str]]:
     """
     boxes = np.asarray(detections.boxes, dtype=np.float32).reshape(-1, 4)
     scores = np.asarray(detections.scores, dtype=np.float32).reshape(-1)
-    corners = boxes.astype(np.int64)  # truncation toward zero, as int() of a float32
+    # truncation toward zero, as int() of a float32; an untrained network's boxes can exceed
+    # int64 (exp overflow short of inf): bounded first, so they stay far outside every image
+    corners = np.clip(boxes, -BOX_COORDINATE_BOUND, BOX_COORDINATE_BOUND).astype(np.int64)
     xywh = np.stack([corners[:, 0], corners[:, 1], corners[:, 2] - corners[:, 0],
                      corners[:, 3] - corners[:, 1]], axis=1)
     score_text = scores.astype(str)  # shortest repr of each float32, like str(np.float32)
