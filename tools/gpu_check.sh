@@ -1,36 +1,33 @@
 #!/usr/bin/env bash
 # The one command a session with a GPU lease runs: the CUDA tests (tests/test_cuda.py), both
 # speed benchmarks with settings that cover every target of the GPU issues, test.py in fresh
-# processes, then the Markdown speed table. Measured on an H100 (2026-11-26): 273 s for
-# "cuda_tests inference train table", 337 s for "inference train compile table" (steps 123 / 159 /
-# 46 s); in a later lease cuda_tests 52 s, trained_r50 168 s of training + 72 s of inference, and
-# train_compile past its 240 s cap (the ResNet-50 rows done; mobilenet0.25's compilation was cut,
-# a recompilation of the same code: benchmark_train resets torch.compile per model since). Added
-# since, not yet timed on a GPU: the new-size pipelines (up to ~40 s) and their ResNet-50 cascade
-# layout rows (~30 s), the nms step (~15 s), the cli step (~100 s), the busy-core, several-batch and
-# CUDA-graph training rows (~25 s), the loader step (~20 s); about 8 minutes for the default steps. A machine started in
-# under 30 s of the 15-minute lease. Each step is capped (timeout --signal=INT: an interrupted
-# benchmark still writes what it measured).
+# processes, then the Markdown speed table. Step times on an H100 (2026-11-26, run 5, the default
+# steps then, cli included): cuda_tests 54 s, train 192 s, matching 11 + 10 s, loader 30 s,
+# inference 171 s, nms 12 s, then cli cut by the call's 550 s limit after ~55 s (2 of its 9
+# processes done); the default steps without cli: ~490 s. trained_r50 (run 6): 117 s training,
+# 93 s inference, 13 s NMS, 235 s in all. A machine started in under 30 s of the 15-minute lease.
+# Each step is capped (timeout --signal=INT: an interrupted benchmark still writes what it
+# measured), the whole call is not: keep its timeout above the sum.
 #
-#   bash tools/gpu_check.sh            # on the GPU machine (the lease's first call)
-#   GPU_CHECK_STEPS="trained_r50 table" bash tools/gpu_check.sh   # its second call (~4 minutes)
+#   bash tools/gpu_check.sh            # on the GPU machine (the lease's first call, ~8 minutes)
+#   GPU_CHECK_STEPS="trained_r50 cli table" bash tools/gpu_check.sh   # its second call (~5 minutes)
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~70 s)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests inference nms cli train matching loader table"):
+# Steps (GPU_CHECK_STEPS, default "cuda_tests train matching loader inference nms table"), in this order:
 #   cuda_tests   tests/test_cuda.py
+#   train        tools/benchmark_train.py: fixed batches, the real pipeline, profiles
+#   matching     tools/benchmark_matching.py: the loss's anchor matching of 8 real batches against the
+#                padded-batch baseline, mobilenet0.25 bs32@640 and ResNet-50 bs24@840 with per-image
+#                anchors (into train.jsonl)
+#   loader       tools/benchmark_loader.py: host time the training loop loses per batch taken from the
+#                DataLoader (pinned, 14 workers), targets padded in the workers against one tensor per
+#                image (into train.jsonl)
 #   inference    tools/benchmark_inference.py: every inference target, the sample images, new sizes
 #   nms          tools/benchmark_nms.py: post-processing of a batch of 32 per NMS chunk size (into
 #                inference.jsonl; the trained_r50 step runs it on the trained cascade too)
 #   cli          tools/benchmark_cli.py: test.py on the sample in fresh processes per --channels_last and --pad_to
-#                setting (2 rounds) against one public-style pass
-#   train        tools/benchmark_train.py: fixed batches, the real pipeline, profile
-#   matching     tools/benchmark_matching.py: the loss's anchor matching of 8 real batches against the
-#                padded-batch baseline, mobilenet0.25 bs32@640 and ResNet-50 bs24@840 with per-image
-#                anchors (into train.jsonl; not timed on a GPU yet, seconds on a CPU per batch)
-#   loader       tools/benchmark_loader.py: host time the training loop loses per batch taken from the
-#                DataLoader (pinned, 14 workers), targets padded in the workers against one tensor per
-#                image (into train.jsonl)
+#                setting (one round) against one public-style pass
 #   trained_r50  the ResNet-50 cascade trained from scratch on the sample (tools/overfit_check.py),
 #                then its batch-32 variants (torch.compile included) against its fp32 path and its
 #                post-processing per NMS chunk size
@@ -65,7 +62,7 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-STEPS=" ${GPU_CHECK_STEPS:-cuda_tests inference nms cli train matching loader table} "
+STEPS=" ${GPU_CHECK_STEPS:-cuda_tests train matching loader inference nms table} "
 KNOWN_STEPS=" cuda_tests inference nms cli train matching loader trained_r50 compile train_compile table "
 SMOKE=false
 case "$#:${1:-}" in
@@ -123,8 +120,8 @@ else
   # and ResNet-50's bs24@840 with per-image anchors (stage 2 of the refine cascade)
   MATCHING_ARGS=(--device cuda --iters 5)
   MATCHING_CASCADE_ARGS=(--device cuda --iters 5 --batch 24 --size 840 --per_image_anchors)
-  # 9 fresh processes: the public-style pass, then auto/true/false/--pad_to twice (second round reversed)
-  CLI_ARGS=(--device cuda --rounds 2 --timeout 60)
+  # 5 fresh processes: the public-style pass, then auto/true/false/--pad_to (run 5: the first two took ~55 s)
+  CLI_ARGS=(--device cuda --rounds 1 --timeout 60)
   # train.py --compile on the two training targets: fixed batches only (no real pipeline, no
   # busy-core or several-batch rows); the public-style step gives the same-run ratio
   TRAIN_COMPILE_ARGS=(--device cuda --configs resnet50:24:840,mobilenet0.25:32:640 --variants public,bf16,bf16+compile
