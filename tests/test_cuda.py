@@ -156,3 +156,32 @@ def test_priors_built_on_the_gpu_equal_the_cpu_ones():
         torch.testing.assert_close(prior_boxes(size, anchors, CUDA).cpu(), prior_boxes(size, anchors), rtol=0, atol=0)
         torch.testing.assert_close(prior_boxes(size, anchors, CUDA, normalized=True).cpu(),
                                    prior_boxes(size, anchors, normalized=True), rtol=0, atol=0)
+
+
+def test_postprocess_waits_for_the_device_only_for_candidates_and_counts():
+    """Post-processing of a batch on CUDA reads back two things: the candidates above the
+    threshold (nonzero) and the per-image counts; the result equals the CPU's. (torch.bincount
+    read the largest image index back too: two more waits per batch.)"""
+    from utils.nms import nms_chunk
+    from utils.postprocess import postprocess
+
+    generator = torch.Generator().manual_seed(0)
+    corners = torch.rand(4, 2000, 2, generator=generator) * 600
+    boxes = torch.cat([corners, corners + 8 + torch.rand(4, 2000, 2, generator=generator) * 60], dim=2)
+    scores = torch.rand(4, 2000, generator=generator)
+    landmarks = torch.rand(4, 2000, 10, generator=generator) * 600
+    assert int((scores > 0.6).sum()) < nms_chunk(CUDA)  # one NMS call (a split reads group sizes back)
+    expected = postprocess(boxes, scores, landmarks, 0.6, 0.4)
+    on_device = [t.to(CUDA) for t in (boxes, scores, landmarks)]
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            found = postprocess(*on_device, 0.6, 0.4)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 2, [f"{w.filename}:{w.lineno}" for w in syncs]
+    assert found.counts == expected.counts and sum(found.counts) > 100
+    torch.testing.assert_close(found.boxes.cpu(), expected.boxes)

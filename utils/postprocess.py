@@ -57,7 +57,10 @@ def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tens
     # keep is sorted by score over the whole batch; regroup by image (stable keeps score order).
     keep = keep[torch.sort(image_index[keep], stable=True).indices]
     kept_image = image_index[keep]
-    counts = torch.bincount(kept_image, minlength=batch)
+    # per-image counts without torch.bincount, which reads the largest index back to the host (two
+    # host syncs per batch on CUDA, H100 run 5's sync sites)
+    counts = torch.zeros(batch, dtype=torch.long, device=kept_image.device).index_add_(
+        0, kept_image, torch.ones_like(kept_image))
     count_list = counts.tolist()
     if keep_top_k is not None and max(count_list, default=0) > keep_top_k:
         first_of_image = torch.cumsum(counts, 0) - counts
