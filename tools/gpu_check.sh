@@ -11,7 +11,7 @@
 #
 #   bash tools/gpu_check.sh            # on the GPU machine (the lease's first call, ~8 minutes)
 #   GPU_CHECK_STEPS="trained_r50 cli table" bash tools/gpu_check.sh   # its second call (~5 minutes)
-#   bash tools/gpu_check.sh --smoke    # tiny CPU settings: checks this script anywhere (~70 s)
+#   bash tools/gpu_check.sh --smoke    # tiny CPU settings, cli included: checks this script anywhere (~70 s)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
 # Steps (GPU_CHECK_STEPS, default "cuda_tests train matching loader inference nms table"), in this order:
@@ -62,15 +62,16 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-STEPS=" ${GPU_CHECK_STEPS:-cuda_tests train matching loader inference nms table} "
+DEFAULT_STEPS="cuda_tests train matching loader inference nms table"
 KNOWN_STEPS=" cuda_tests inference nms cli train matching loader trained_r50 compile train_compile table "
 SMOKE=false
 case "$#:${1:-}" in
   0:) ;;
-  1:--smoke) SMOKE=true ;;
+  1:--smoke) SMOKE=true; DEFAULT_STEPS+=" cli" ;;  # the smoke run checks the second call's cli step too
   1:-h|1:--help) sed -n '2,/^set -uo pipefail/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   *) echo "gpu_check.sh: unknown arguments: $* (only --smoke; steps go in GPU_CHECK_STEPS)" >&2; exit 2 ;;
 esac
+STEPS=" ${GPU_CHECK_STEPS:-$DEFAULT_STEPS} "
 for name in $STEPS; do
   if [[ "$KNOWN_STEPS" != *" $name "* ]]; then
     echo "gpu_check.sh: unknown step '$name' in GPU_CHECK_STEPS (steps:$KNOWN_STEPS)" >&2
