@@ -34,7 +34,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
 # Boxes per torchvision NMS call in batched_nms, by device type. Its CUDA kernel builds an
 # N x N/64 bit mask and copies all of it to the host (N^2/8 bytes: 50 MB for 20,000 candidates of
 # a 32-image batch), so one call for a whole batch costs more than a few calls of whole images
-# each; every split also costs one host sync (the group sizes). tools/benchmark_nms.py on an H100
+# each; a split batch also costs two host syncs (the group sizes: unique_consecutive, tolist). tools/benchmark_nms.py on an H100
 # (README, GPU benchmarks, run 5): 4096 was fastest or within 0.1 ms of one call in 3 of 4 cases
 # and faster than 2048 in all 4; on a 2-core CPU 1024-2048 were fastest (4096 +17 %).
 NMS_CHUNKS = {"cuda": 4096, "cpu": 2048}
@@ -56,7 +56,7 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     one image could then suppress a box of another.) Over ``chunk`` boxes (default:
     :func:`nms_chunk` of the boxes' device), whole groups go into calls of at most ``chunk`` boxes
     (a larger group alone): the result is the same, the pairwise work and the host copy shrink
-    (one host sync more, for the group sizes).
+    (two host syncs more, for the group sizes).
     """
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
