@@ -34,9 +34,10 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
 # Boxes per torchvision NMS call in batched_nms, by device type. Its CUDA kernel builds an
 # N x N/64 bit mask and copies all of it to the host (N^2/8 bytes: 50 MB for 20,000 candidates of
 # a 32-image batch), so one call for a whole batch costs more than a few calls of whole images
-# each; a split batch also costs two host syncs (the group sizes: unique_consecutive, tolist). tools/benchmark_nms.py on an H100
-# (README, GPU benchmarks, run 5): 4096 was fastest or within 0.1 ms of one call in 3 of 4 cases
-# and faster than 2048 in all 4; on a 2-core CPU 1024-2048 were fastest (4096 +17 %).
+# each; a split batch also costs two host syncs (the group sizes: unique_consecutive, tolist).
+# tools/benchmark_nms.py on an H100 (README, GPU benchmarks, run 5): 4096 was fastest or within
+# 0.1 ms of one call in 3 of 4 cases and faster than 2048 in all 4; on a 2-core CPU 1024-2048
+# were fastest (4096 +17 %).
 NMS_CHUNKS = {"cuda": 4096, "cpu": 2048}
 
 
