@@ -116,6 +116,9 @@ def test_inference_benchmark_sample_images_against_public_pipeline(inference_run
     apis = [sample["face_detector_api"], sample["face_detector_api_padded"]]
     assert all(api["fidelity"]["passed"] and api["fidelity"]["compared"] > 0 for api in apis)
     assert "pad_batches=True" in apis[1]["settings"]  # exact padding: the same detections as the reference
+    for api in apis:  # FaceDetector's own stage split of a pass, inside its wall time
+        assert set(api["stages_ms_per_img"]) == {"preprocess", "forward", "postprocess"}
+        assert 0.3 * api["ms_per_img"] < sum(api["stages_ms_per_img"].values()) <= api["ms_per_img"] * 1.001
     candidates = list(variants.values()) + [{**api, "variant": api["settings"]} for api in apis]
     assert sample["best"]["variant"] == min(candidates, key=lambda v: v["ms_per_img"])["variant"]
     fresh = sample["new_sizes"]

@@ -131,8 +131,9 @@ def inference_section(report: dict[str, Any]) -> list[str]:
                          v.get("error") or fidelity_cell(v) + (f" / {stages}" if stages else "")])
         for api in (sample.get("face_detector_api"), sample.get("face_detector_api_padded")):
             if api:
+                stages = ", ".join(f"{k} {fmt(ms, 2)}" for k, ms in (api.get("stages_ms_per_img") or {}).items())
                 rows.append([f"FaceDetector.detect ({api['settings']})", api["ms_per_img"], api["images_per_s"],
-                             api["speedup_vs_public"], fidelity_cell(api)])
+                             api["speedup_vs_public"], fidelity_cell(api) + (f" / {stages}" if stages else "")])
         lines += table(["pipeline", "ms/img", "img/s", "× public-style", "fidelity vs fp32 ref / steps ms"], rows)
         ref_public = sample.get("fidelity_reference_vs_public")
         if ref_public:
