@@ -28,7 +28,7 @@ from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace
 from utils.checkpoint import load_model
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import PUBLIC_PIXEL_OFFSET
-from utils.postprocess import postprocess
+from utils.postprocess import postprocess_to_host
 
 ImageInput = Union[np.ndarray, str, Path]
 
@@ -279,15 +279,14 @@ class FaceDetector:
             inverse = torch.tensor([1.0 / scale for scale in scales], device=boxes.device)[:, None, None]
             boxes, landmarks = boxes * inverse, landmarks * inverse
         stages.mark()
-        found = postprocess(boxes, scores, landmarks, self.confidence_threshold, self.nms_threshold,
-                            self.top_k, self.keep_top_k, self.pixel_offset)
-        rows = torch.cat([found.boxes, found.scores[:, None], found.landmarks], dim=1).cpu().numpy()
+        rows, counts = postprocess_to_host(boxes, scores, landmarks, self.confidence_threshold, self.nms_threshold,
+                                           self.top_k, self.keep_top_k, self.pixel_offset)
         stages.mark()
         forward, post = stages.seconds()
         self.timings["forward"] += forward
         self.timings["postprocess"] += post
         boxes_np, scores_np, landmarks_np = rows[:, :4], rows[:, 4], rows[:, 5:].reshape(-1, 5, 2)
-        offsets = np.concatenate([[0], np.cumsum(found.counts)])
+        offsets = np.concatenate([[0], np.cumsum(counts)])
         return [Detections(boxes_np[a:b], scores_np[a:b], landmarks_np[a:b])
                 for a, b in zip(offsets[:-1], offsets[1:])]
 

@@ -160,10 +160,11 @@ def test_priors_built_on_the_gpu_equal_the_cpu_ones():
 
 def test_postprocess_waits_for_the_device_only_for_candidates_and_counts():
     """Post-processing of a batch on CUDA reads back two things: the candidates above the
-    threshold (nonzero) and the per-image counts; the result equals the CPU's. (torch.bincount
+    threshold (nonzero) and the per-image counts (``postprocess``) or the detections with their
+    image index (``postprocess_to_host``, the copy included); both equal the CPU's. (torch.bincount
     read the largest image index back too: two more waits per batch.)"""
     from utils.nms import nms_chunk
-    from utils.postprocess import postprocess
+    from utils.postprocess import postprocess, postprocess_to_host
 
     generator = torch.Generator().manual_seed(0)
     corners = torch.rand(4, 2000, 2, generator=generator) * 600
@@ -172,16 +173,19 @@ def test_postprocess_waits_for_the_device_only_for_candidates_and_counts():
     landmarks = torch.rand(4, 2000, 10, generator=generator) * 600
     assert int((scores > 0.6).sum()) < nms_chunk(CUDA)  # one NMS call (a split reads group sizes back)
     expected = postprocess(boxes, scores, landmarks, 0.6, 0.4)
+    expected_rows, expected_counts = postprocess_to_host(boxes, scores, landmarks, 0.6, 0.4)
     on_device = [t.to(CUDA) for t in (boxes, scores, landmarks)]
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            found = postprocess(*on_device, 0.6, 0.4)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(syncs) <= 2, [f"{w.filename}:{w.lineno}" for w in syncs]
-    assert found.counts == expected.counts and sum(found.counts) > 100
-    torch.testing.assert_close(found.boxes.cpu(), expected.boxes)
+    for run in (postprocess, postprocess_to_host):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                found = run(*on_device, 0.6, 0.4)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        assert len(syncs) <= 2, (run.__name__, [f"{w.filename}:{w.lineno}" for w in syncs])
+    rows, counts = found
+    assert counts == expected_counts == expected.counts and sum(counts) > 100
+    np.testing.assert_allclose(rows, expected_rows, rtol=0, atol=1e-3)

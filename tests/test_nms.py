@@ -170,3 +170,27 @@ def test_batched_nms_default_chunk_follows_the_device(monkeypatch):
         calls.clear()
         assert torch.equal(nms_module.batched_nms(boxes, scores, groups, 0.4), expected)
         assert calls == calls_expected
+
+
+@pytest.mark.parametrize("keep_top_k", [None, 750, 40])
+def test_postprocess_to_host_equals_postprocess_and_a_copy(keep_top_k):
+    """One copy with the keep-top-k cut and the counts made on the host: the same rows, in the
+    same order, and the same counts as postprocess followed by its copy to the host, also when
+    keep-top-k cuts images (40 of about 100 survivors each) and for an image without detections."""
+    from utils.postprocess import postprocess_to_host
+
+    rng = np.random.default_rng(5)
+    per_image = [random_detections(seed, 600) for seed in range(3)]
+    boxes = torch.from_numpy(np.stack([b for b, _ in per_image]))
+    scores = torch.from_numpy(np.stack([s for _, s in per_image]))
+    scores[1] = 0.0  # no candidate in image 1
+    landmarks = torch.from_numpy(rng.uniform(0, 300, (3, 600, 10)).astype(np.float32))
+    found = postprocess(boxes, scores, landmarks, 0.3, 0.4, keep_top_k=keep_top_k)
+    expected = torch.cat([found.boxes, found.scores[:, None], found.landmarks], dim=1).numpy()
+    rows, counts = postprocess_to_host(boxes, scores, landmarks, 0.3, 0.4, keep_top_k=keep_top_k)
+    assert counts == found.counts and counts[1] == 0 and rows.dtype == np.float32
+    np.testing.assert_array_equal(rows, expected)
+    if keep_top_k == 40:
+        assert counts == [40, 0, 40]
+    else:
+        assert min(counts[0], counts[2]) > 40

@@ -95,7 +95,7 @@ from tools import check_inputs, shared_root  # noqa: E402
 from tools.fidelity import dense_disagreement, unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
-from utils.postprocess import postprocess  # noqa: E402
+from utils.postprocess import postprocess_to_host  # noqa: E402
 
 SHARED = shared_root()
 SAMPLE_IMAGES = SHARED / "data" / "widerface_sample" / "val" / "images"
@@ -416,8 +416,8 @@ class Engine:
             return boxes.float().clone(), scores.float().clone(), landmarks.float().clone()
 
     def _postprocess(self, boxes, scores, landmarks, confidence_threshold: float) -> tuple[np.ndarray, list[int]]:
-        return host_detections(boxes, scores, landmarks, confidence_threshold, self.nms_threshold, self.top_k,
-                               self.keep_top_k)
+        return postprocess_to_host(boxes, scores, landmarks, confidence_threshold, self.nms_threshold, self.top_k,
+                                   self.keep_top_k)
 
     @torch.inference_mode()
     def stream(self, host_batches: Sequence[torch.Tensor], confidence_threshold: float) -> int:
@@ -456,18 +456,6 @@ class Engine:
                 rows, _ = self._postprocess(boxes, scores, landmarks, confidence_threshold)
                 detections += rows.shape[0]
         return detections
-
-
-def host_detections(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor, confidence_threshold: float,
-                    nms_threshold: float, top_k: int | None = 5000, keep_top_k: int | None = 750,
-                    nms_chunk: int | None = None) -> tuple[np.ndarray, list[int]]:
-    """What the pipeline does after the network: ``utils.postprocess``, then one copy to the host.
-    Returns (K, 15) float32 rows [x1, y1, x2, y2, score, 10 landmarks] of the whole batch, by image,
-    and the number of rows of each image."""
-    found = postprocess(boxes, scores, landmarks, confidence_threshold, nms_threshold, top_k, keep_top_k,
-                        nms_chunk=nms_chunk)
-    rows = torch.cat([found.boxes, found.scores[:, None], found.landmarks], dim=1).cpu().numpy()
-    return rows, found.counts
 
 
 def pinned(array: np.ndarray, device: torch.device) -> torch.Tensor:

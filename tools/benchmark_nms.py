@@ -4,10 +4,11 @@
 CUDA NMS copies an N x N/64 bit mask to the host, N the candidates of the call, so one call per
 batch grows with the square of the batch's candidates; ``batched_nms`` therefore splits them into
 calls of at most ``utils.nms.nms_chunk(device)`` candidates (whole images). This benchmark times
-``postprocess`` (plus the copy of the detections to the host, as the inference pipeline does) on
-the dense outputs of one batch of sample-content images, for several chunk sizes and confidence
-thresholds (0.5: a demo; 0.02: the WIDER FACE evaluation), checks that every chunk size gives the
-detections of one call, and reports the candidate counts that decide the cost.
+``postprocess_to_host`` (post-processing and the copy of the detections to the host, as the
+inference pipeline and FaceDetector run it) on the dense outputs of one batch of sample-content
+images, for several chunk sizes and confidence thresholds (0.5: a demo; 0.02: the WIDER FACE
+evaluation), checks that every chunk size gives the detections of one call, and reports the
+candidate counts that decide the cost.
 
     python tools/benchmark_nms.py --device cuda                      # published mobilenet0.25
     python tools/benchmark_nms.py --model resnet50_cascade --weights trained.pth
@@ -31,9 +32,10 @@ import torch  # noqa: E402
 
 from models.dense_path import DensePath  # noqa: E402
 from tools.benchmark_inference import (MODELS, SAMPLE_IMAGES, default_weights, finish_report,  # noqa: E402
-                                       host_detections, load_benchmark_model, load_sample_arrays, pinned,
+                                       load_benchmark_model, load_sample_arrays, pinned,
                                        report_header, setup_device, stats, synchronize, synthetic_batches)
 from utils.nms import nms_chunk  # noqa: E402
+from utils.postprocess import postprocess_to_host  # noqa: E402
 
 ONE_CALL = 0  # --chunks value: the whole batch in one NMS call
 
@@ -101,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         reference = None
         for chunk in chunks:
             def run():
-                return host_detections(boxes, scores, landmarks, threshold, args.nms_threshold,
-                                       nms_chunk=chunk if chunk != ONE_CALL else scores.numel())
+                return postprocess_to_host(boxes, scores, landmarks, threshold, args.nms_threshold,
+                                           nms_chunk=chunk if chunk != ONE_CALL else scores.numel())
 
             for _ in range(args.warmup):
                 run()
