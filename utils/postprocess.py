@@ -79,7 +79,8 @@ def postprocess_to_host(boxes: torch.Tensor, scores: torch.Tensor, landmarks: to
 
 
 def _survivors(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor, confidence_threshold: float,
-               nms_threshold: float, top_k: int | None, pixel_offset: float, nms_chunk: int | None):
+               nms_threshold: float, top_k: int | None, pixel_offset: float, nms_chunk: int | None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Threshold, top-k and NMS on the device: (image_index (K,), boxes (K, 4), scores (K,),
     landmarks (K, 10)) of the survivors, by image then decreasing score."""
     num_priors = scores.shape[1]
