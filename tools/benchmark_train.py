@@ -656,6 +656,18 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
     public_ips = None
     profiled_variant = None
     graphed = []
+
+    def our_syncs(variant, batches: Sequence) -> dict[str, Any] | None:
+        """Host syncs per step of ``variant`` over one round of ``batches`` after a first step (CUDA
+        sync debug mode; None without CUDA). A shape-dependent sync shows only over several batches."""
+        rounds = len(batches)
+        counted = sync_sites(lambda: run_ours(
+            config, variant, device, Cycle(batches, 1 + rounds), 1 + rounds, batch, size, args.seed,
+            sync_debug_clock(device, rounds)), toggle=False)
+        if counted is None or rounds == 1:
+            return counted
+        return {**counted, "count": rnd(counted["count"] / rounds), "steps": rounds}
+
     for text in args.variants:
         variant = parse_variant(text, device)
         if variant.public and config.model_version == "tina":
@@ -692,9 +704,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                         config, device, host_f32, list(targets), size, args.seed, sync_debug_clock(device), 3),
                         toggle=False)
                 elif not variant.compile and not variant.graph:
-                    result["syncs_per_step"] = sync_sites(lambda: run_ours(
-                        config, variant, device, Cycle([(pinned_images, pinned_targets)], 3), 3, batch, size,
-                        args.seed, sync_debug_clock(device)), toggle=False)
+                    result["syncs_per_step"] = our_syncs(variant, [(pinned_images, pinned_targets)])
         except Exception as error:
             record_failure(result, errors, f"{spec} {variant.name}", error)
         release(device)
@@ -729,13 +739,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         extra_fixed_row(spec, last_variant, f"fixed, {len(several)} batches in turn", lambda: run_last(several),
                         fixed_img_per_s.get(last_variant.name), device, errors, entry, most_faces_per_batch=most_faces)
         if device.type == "cuda" and not last_variant.compile and "error" not in entry["variants"][-1]:
-            # host syncs over one round of the batches (a shape-dependent sync would not show in one batch)
-            counted = sync_sites(lambda: run_ours(
-                config, last_variant, device, Cycle(several, 1 + len(several)), 1 + len(several), batch, size,
-                args.seed, sync_debug_clock(device, len(several))), toggle=False)
-            if counted is not None:
-                counted = {**counted, "count": rnd(counted["count"] / len(several)), "steps": len(several)}
-            entry["variants"][-1]["syncs_per_step"] = counted
+            entry["variants"][-1]["syncs_per_step"] = our_syncs(last_variant, several)
 
     # the real data pipeline, with the augmentation's pixel work in the workers and on the device
     if dataset is not None and args.real_variants:

@@ -124,16 +124,17 @@ def inference_section(report: dict[str, Any]) -> list[str]:
         public = sample.get("public_style", {})
         steps = ", ".join(f"{k} {fmt(v, 2)}" for k, v in public.get("steps_ms_per_img", {}).items())
         rows = [["public-style per image", public.get("ms_per_img"), public.get("images_per_s"), 1.0, steps]]
+        def with_stages(row: dict[str, Any]) -> str:
+            stages = ", ".join(f"{k} {fmt(ms, 2)}" for k, ms in (row.get("stages_ms_per_img") or {}).items())
+            return fidelity_cell(row) + (f" / {stages}" if stages else "")
+
         for v in sample.get("variants", []):
-            stages = ", ".join(f"{k} {fmt(ms, 2)}" for k, ms in (v.get("stages_ms_per_img") or {}).items())
             rows.append([f"ours {v['variant']}", v.get("ms_per_img"), v.get("images_per_s"),
-                         v.get("speedup_vs_public"),
-                         v.get("error") or fidelity_cell(v) + (f" / {stages}" if stages else "")])
+                         v.get("speedup_vs_public"), v.get("error") or with_stages(v)])
         for api in (sample.get("face_detector_api"), sample.get("face_detector_api_padded")):
             if api:
-                stages = ", ".join(f"{k} {fmt(ms, 2)}" for k, ms in (api.get("stages_ms_per_img") or {}).items())
                 rows.append([f"FaceDetector.detect ({api['settings']})", api["ms_per_img"], api["images_per_s"],
-                             api["speedup_vs_public"], fidelity_cell(api) + (f" / {stages}" if stages else "")])
+                             api["speedup_vs_public"], with_stages(api)])
         lines += table(["pipeline", "ms/img", "img/s", "× public-style", "fidelity vs fp32 ref / steps ms"], rows)
         ref_public = sample.get("fidelity_reference_vs_public")
         if ref_public:
