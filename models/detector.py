@@ -82,6 +82,17 @@ def resize_scale(height: int, width: int, target_size: int | None = None, max_si
     return 1.0
 
 
+def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """``image`` (H, W, 3) resized by ``scale`` to float32, as the public test_widerface.py does
+    (``cv2.resize`` with ``fx = fy = scale``, bilinear, no rounding to uint8 levels). A side that
+    would round to 0 pixels (a 1-pixel-high banner under ``max_size``) is kept at 1 pixel."""
+    height, width = image.shape[:2]
+    if round(height * scale) >= 1 and round(width * scale) >= 1:
+        return cv2.resize(np.float32(image), None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(np.float32(image), size, interpolation=cv2.INTER_LINEAR)
+
+
 def same_size_groups(images: Sequence[np.ndarray]) -> list[list[int]]:
     """Indices of the images grouped by (height, width), in first-seen order: the images that can
     share a forward pass without padding."""
@@ -228,9 +239,7 @@ class FaceDetector:
         started = time.perf_counter()
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
         scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
-        # resized in float32, as the public test_widerface.py does (no rounding to uint8 levels)
-        inputs = [a if s == 1.0 else cv2.resize(np.float32(a), None, None, fx=s, fy=s, interpolation=cv2.INTER_LINEAR)
-                  for a, s in zip(arrays, scales)]
+        inputs = [a if s == 1.0 else resize_image(a, s) for a, s in zip(arrays, scales)]
         self.timings["preprocess"] += time.perf_counter() - started
         results: list[Detections | None] = [None] * len(inputs)
         for group in self._groups(inputs):

@@ -65,6 +65,21 @@ def test_max_size_maps_boxes_back_to_the_original_image(detector, widerface_samp
     assert capped.boxes[:, 2].max() > 640  # coordinates are in the original (1024 px wide) image
 
 
+def test_max_size_keeps_a_side_that_would_round_to_zero_at_one_pixel(detector, widerface_sample):
+    import cv2
+    from models.detector import resize_image
+    image = cv2.imread(str(widerface_sample / "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"))
+    banner = np.full((1, 3000, 3), 128, np.uint8)  # 1000 / 3000 would make it 0 pixels high
+    assert resize_image(banner, 1000 / 3000).shape == (1, 1000, 3)
+    # the usual path is OpenCV's own fx / fy resize, unchanged
+    expected = cv2.resize(np.float32(image), None, None, fx=0.5, fy=0.5, interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal(resize_image(image, 0.5), expected)
+    capped = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.3, max_size=1000)
+    banner_found, image_found = capped.detect([banner, image])
+    assert len(banner_found) == 0 and len(image_found) >= 5
+    assert len(FaceDetector(model=detector.model, device="cpu", max_size=1).detect(image)) == 0
+
+
 def test_grayscale_rgba_and_tiny_inputs(detector, widerface_sample):
     import cv2
     image = cv2.imread(str(widerface_sample / "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"))

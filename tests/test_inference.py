@@ -387,6 +387,10 @@ def test_truncation_checks(widerface_sample, tmp_path):
     assert image_loader.jpeg_is_complete(data + b"\x00" * 100 + b"trailing video data")
     assert not image_loader.jpeg_is_complete(data[:-2])
     assert not image_loader.jpeg_is_complete(data[: len(data) // 3])
+    assert image_loader.truncation_reason(data[:-2]) == "truncated JPEG (no end-of-image marker)"
+    garbage = b"\xff\xd8" + bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)) + b"\xff\xd9"
+    assert image_loader.truncation_reason(garbage).startswith("corrupt JPEG")
+    assert image_loader.truncation_reason(data) is None
     png = tmp_path / "a.png"
     cv2.imwrite(str(png), np.zeros((8, 8, 3), np.uint8))
     assert image_loader.png_is_complete(png.read_bytes()) and image_loader.truncation_reason(png.read_bytes()) is None

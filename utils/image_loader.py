@@ -164,9 +164,12 @@ def png_is_complete(data: bytes) -> bool:
 
 
 def truncation_reason(data: bytes) -> str | None:
-    """A reason when the bytes of a JPEG/PNG file are cut short, else ``None`` (other formats:
-    the decoder reports truncation itself)."""
+    """A reason when the bytes of a JPEG/PNG file are cut short (or, for a JPEG, so damaged that
+    its segments never reach the end marker), else ``None`` (other formats: the decoder reports
+    truncation itself)."""
     if data.startswith(b"\xff\xd8") and not jpeg_is_complete(data):
+        if data.rstrip(b"\x00").endswith(b"\xff\xd9"):  # full length, but the segments are damaged
+            return "corrupt JPEG (its segments do not lead to the end-of-image marker)"
         return "truncated JPEG (no end-of-image marker)"
     if data.startswith(_PNG_SIGNATURE) and not png_is_complete(data):
         return "truncated PNG (no IEND chunk)"
