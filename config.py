@@ -55,6 +55,26 @@ def positive_int(value: str) -> int:
     return number
 
 
+#: the smallest training image: one cell of the coarsest feature map (stride 32)
+MIN_IM_SIZE = 32
+
+
+def training_image_size(value: str) -> int:
+    number = int(value)
+    if number < MIN_IM_SIZE:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {MIN_IM_SIZE} (the coarsest feature map has "
+                                         f"stride 32), got {value!r}")
+    return number
+
+
+def experiment_name(value: str) -> str:
+    """argparse type for ``--experiment_name``: one folder name (``experiments/<name>/``, and the
+    inference results file ``<name>_inference_results.txt``), so no path separators, not empty."""
+    if not value.strip() or value in (".", "..") or "/" in value or "\\" in value or value != value.strip():
+        raise argparse.ArgumentTypeError(f"expected a folder name without '/' or surrounding spaces, got {value!r}")
+    return value
+
+
 def non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -168,7 +188,7 @@ def _opt(*flags: str, scripts=ALL, defaults: dict[str, Any] | None = None, **kwa
 
 OPTIONS: tuple[Option, ...] = (
     # --- run and device -------------------------------------------------------------------
-    _opt("--experiment_name", type=str, default="retinaface",
+    _opt("--experiment_name", type=experiment_name, default="retinaface",
          help="experiment folder experiments/<name>/ (checkpoints, logs, results)"),
     _opt("--gpu_num", type=non_negative_int, default=0,
          help="CUDA device index used when CUDA is available (default: 0)"),
@@ -177,7 +197,7 @@ OPTIONS: tuple[Option, ...] = (
     _opt("--batch_size", type=positive_int, default=1, defaults={TRAIN: 16},
          help="images per batch (train default 16, test/inference default 1)"),
     _opt("--workers", type=non_negative_int, default=2,
-         help="DataLoader worker processes for image decoding and augmentation"),
+         help="DataLoader worker processes decoding images (training: and augmenting them)"),
     _opt("--half", type=str2bool, default=False, scripts={TEST, INFERENCE},
          help="run the network in fp16 autocast on CUDA (ignored on the CPU)"),
     _opt("--channels_last", type=bool_or_auto, default=None, metavar="{auto,true,false}", scripts={TEST, INFERENCE},
@@ -233,8 +253,8 @@ OPTIONS: tuple[Option, ...] = (
     # --- training --------------------------------------------------------------------------
     _opt("--epochs", type=positive_int, default=None, scripts={TRAIN},
          help="training epochs (default: 250 for mobilenet0.25, 100 for ResNets)"),
-    _opt("--im_size", type=positive_int, default=640, scripts={TRAIN},
-         help="square training image size after augmentation"),
+    _opt("--im_size", type=training_image_size, default=640, scripts={TRAIN},
+         help=f"square training image size after augmentation (at least {MIN_IM_SIZE})"),
     _opt("--augment_on", type=str, choices=("workers", "device"), default="workers", scripts={TRAIN},
          help="where the pixel work of the augmentation runs: 'workers' (OpenCV in the DataLoader "
               "workers) or 'device' (workers only decode and crop; photometric distortion, flip and "
@@ -435,6 +455,20 @@ def _negative_value_hint(message: str, argv: Sequence[str]) -> str:
     return ""
 
 
+def check_option_combinations(script: str, args: argparse.Namespace) -> None:
+    """Raise :class:`UsageError` for options that are valid alone but not together, or a missing
+    option a command-line run needs (the Python APIs fill in their own)."""
+    if getattr(args, "weights", None) and getattr(args, "model_weight", None):
+        raise UsageError("give either --weights or --model_weight, not both")
+    if script == INFERENCE and not args.inference_dir:
+        raise UsageError("no input: pass --inference_dir DIR (a folder of images, searched recursively, or one image)")
+    for flag in ("pred_dir", "gt_dir", "results_dir", "results_json", "dataset", "inference_dir",
+                 "inference_save_folder"):
+        value = getattr(args, flag, None)
+        if value is not None and not str(value).strip():
+            raise UsageError(f"--{flag} is empty")
+
+
 def run_command_line(script: str, argv: Sequence[str] | None, run: Callable[[argparse.Namespace], int],
                      expected_errors: tuple[type[BaseException], ...], description: str | None = None,
                      epilog: str | None = None) -> int:
@@ -447,6 +481,7 @@ def run_command_line(script: str, argv: Sequence[str] | None, run: Callable[[arg
     parser = build_parser(script, description=description, epilog=epilog, raise_usage_errors=True)
     try:
         args = parser.parse_args(argv)
+        check_option_combinations(script, args)
     except UsageError as error:
         hint = _negative_value_hint(one_line(error), sys.argv[1:] if argv is None else argv)
         print(f"{parser.prog}: error: {one_line(error)}{hint} (see --help)", file=sys.stderr)

@@ -154,6 +154,14 @@ def test_published_name_offline_gives_one_clear_error(tmp_path, monkeypatch):
     assert "detection_Resnet50_Final.pth" in message and str(tmp_path) in message and "\n" not in message
 
 
+def test_weights_path_that_is_missing_or_a_folder_is_named_as_such(tmp_path):
+    with pytest.raises(CheckpointError, match="weights file not found"):
+        resolve_weights(tmp_path / "absent.pth")
+    (tmp_path / "folder.pth").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file"):
+        resolve_weights(tmp_path / "folder.pth")
+
+
 def test_published_name_uses_the_hub_cache(tmp_path, monkeypatch, mobilenet_weights):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     cached = tmp_path / "hub" / "checkpoints" / "detection_mobilenet0.25_Final.pth"

@@ -44,12 +44,36 @@ def test_booleans_and_architecture_overrides():
     ("inference", ["--epochs", "3"], "unrecognized arguments"),
     ("test", ["--tta_scales", "abc"], "expected comma-separated integers >= 0"),
     ("test", ["--tta_scales=-5,0"], "expected comma-separated integers >= 0"),
+    ("train", ["--im_size", "31"], "expected an integer >= 32"),
+    ("train", ["--experiment_name", "../../escape"], "expected a folder name without '/'"),
+    ("inference", ["--experiment_name", "a/b"], "expected a folder name without '/'"),
+    ("test", ["--experiment_name", " "], "expected a folder name"),
 ])
 def test_bad_values_are_rejected_with_a_clear_message(script, argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         config.parse_args(script, argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("test", ["--weights", "w.pth", "--model_weight", "best.pth"], "give either --weights or --model_weight"),
+    ("inference", ["--weights", "w.pth", "--model_weight", "best.pth", "--inference_dir", "x"],
+     "give either --weights or --model_weight"),
+    ("inference", ["--weights", "w.pth"], "no input: pass --inference_dir"),
+    ("test", ["--pred_dir", ""], "--pred_dir is empty"),
+    ("test", ["--weights", "w.pth", "--results_json", " "], "--results_json is empty"),
+])
+def test_option_combinations_exit_2_with_one_line_before_any_work(script, argv, message, capsys, tmp_path,
+                                                                  monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def must_not_run(args):
+        raise AssertionError("the run started")
+
+    assert config.run_command_line(script, argv, must_not_run, ()) == config.EXIT_USAGE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}.py: error: ") and message in lines[0], lines
 
 
 def test_str2bool():

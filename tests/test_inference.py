@@ -140,6 +140,19 @@ def test_refuses_to_overwrite_results(widerface_run, capsys):
     assert (out / "detections.json").read_text() == before
 
 
+def test_output_folder_that_is_the_input_folder_does_not_read_its_own_results(widerface_sample, mobilenet_weights,
+                                                                              tmp_path, capsys):
+    folder = link_images(tmp_path / "in", {"a.jpg": widerface_sample / "val/images" / GREETING})
+    argv = ["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", folder,
+            "--save_img", "true", "--exist_ok", "true", "--workers", "0"]
+    for _ in range(2):  # the second run finds result_images/a.jpg of the first beside its input
+        code, _, err = run_main(argv, capsys)
+        assert code == config.EXIT_OK, err
+        assert sorted(json.loads((folder / "detections.json").read_text())) == ["a.jpg"]
+    assert (folder / "result_images" / "a.jpg").is_file()
+    assert not (folder / "result_images" / "result_images").exists()
+
+
 def test_fidelity_to_public_pipeline(widerface_sample, mobilenet_weights, tmp_path, capsys):
     """The fidelity command of the issue against the public Pytorch_Retinaface reference."""
     reference = json.loads((widerface_sample / "reference_detections_mobilenet0.25.json").read_text())["detections"]

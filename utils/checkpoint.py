@@ -222,6 +222,8 @@ def resolve_weights(weights: str | Path) -> Path:
     name = str(weights)
     if name not in PUBLISHED_WEIGHTS:
         path = Path(name).expanduser()
+        if path.is_dir():
+            raise CheckpointError(f"weights {path} is a folder, not a checkpoint file")
         if not path.is_file():
             raise CheckpointError(f"weights file not found: {path} (use 'mobilenet0.25' or 'resnet50' for "
                                   f"the published models, or a path to a checkpoint)")

@@ -574,7 +574,10 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     output = Path(args.inference_save_folder)
     unreadable: list[tuple[str, str]] = []
     try:
-        files = find_images(root, exclude=[output], unreadable=unreadable)
+        # the output folder (when inside the input) and, when it is the input folder itself, the
+        # result sub-folders of earlier runs there are outputs, not inputs
+        files = find_images(root, exclude=[output, *(output / name for name in RESULT_SUBFOLDERS)],
+                            unreadable=unreadable)
     except UnreadableInputError as error:
         raise InferenceError(error.strerror) from None
     if not files:
