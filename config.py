@@ -249,7 +249,8 @@ OPTIONS: tuple[Option, ...] = (
               "default: original scale"),
     # --- data ------------------------------------------------------------------------------
     _opt("--dataset", type=str, default="data/widerface", scripts={TRAIN, TEST},
-         help="dataset root holding train/images, train/label.txt, val/images, val/label.txt"),
+         help="dataset root: train/images and train/label.txt (training), val/images/<event>/*.jpg "
+              "(evaluation; val/label.txt, when present, lists the images) and ground_truth/"),
     # --- training --------------------------------------------------------------------------
     _opt("--epochs", type=positive_int, default=None, scripts={TRAIN},
          help="training epochs (default: 250 for mobilenet0.25, 100 for ResNets)"),
@@ -319,7 +320,8 @@ OPTIONS: tuple[Option, ...] = (
          help="folder with wider_face_val.mat and wider_{easy,medium,hard}_val.mat "
               "(default: <dataset>/ground_truth; training: <val_dataset>/ground_truth)"),
     _opt("--pred_dir", type=str, default=None, scripts={TEST},
-         help="evaluate an existing folder of WIDER FACE prediction files; no model is run"),
+         help="evaluate an existing folder of WIDER FACE prediction files (<event>/<image stem>.txt, e.g. "
+              "<results>/widerface_txt); no model is run, model-run options are ignored with a warning"),
     _opt("--results_json", type=str, default=None, scripts={TEST},
          help="also write the AP results JSON to this path"),
     _opt("--target_size", type=positive_int, default=None, scripts={TEST},
@@ -333,7 +335,8 @@ OPTIONS: tuple[Option, ...] = (
               "test scales; 0 = original size)"),
     _opt("--results_dir", type=str, default=None, scripts={TEST},
          help="folder for widerface_txt/ (prediction files), results.txt, results.json and "
-              "pr_curves.png (default: experiments/<experiment_name>/results)"),
+              "pr_curves.png (default: experiments/<experiment_name>/results; with --pred_dir: "
+              "<pred_dir>_eval beside the predictions)"),
     # --- inference -------------------------------------------------------------------------
     _opt("--inference_dir", type=str, default=None, scripts={INFERENCE},
          help="folder of images, searched recursively (jpg, jpeg, png, bmp, webp, any letter case); "

@@ -11,9 +11,13 @@
 
 Prediction files go to ``<results>/widerface_txt/<event>/<stem>.txt`` and ``results.txt``,
 ``results.json`` and ``pr_curves.png`` to ``<results>`` (``experiments/<experiment_name>/results``
-unless ``--results_dir``). Options are declared in ``config.py``; the work is done by
-:mod:`utils.evaluation` and :mod:`utils.tta`. Exit status: 0 done, 1 error (one line on
-stderr), 2 bad option, 130 interrupted.
+unless ``--results_dir``); a model run first deletes those of an earlier run. Options are declared
+in ``config.py``; the work is done by :mod:`utils.evaluation` and :mod:`utils.tta`.
+
+Bad input does not stop the batch: a val image that cannot be read (or, with ``--pred_dir``, a
+malformed prediction file) is named on stderr, the other images are evaluated (as a subset), the
+results say how many files were left out, and the exit status is 1. Exit status: 0 done, 1 error
+(one line on stderr, or files left out), 2 bad option, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -23,13 +27,19 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from config import architecture_overrides, parse_scales, run_command_line
+from config import EXIT_ERROR, EXIT_OK, architecture_overrides, build_parser, parse_scales, run_command_line
+
+PROG = "test.py"
 
 DESCRIPTION = ("Evaluate a RetinaFace checkpoint on WIDER FACE val (easy/medium/hard AP, official "
                "protocol), or an existing prediction folder with --pred_dir.")
-EPILOG = ("exit status: 0 done; 1 error (missing dataset, ground truth or weights, bad prediction "
-          "files); 2 invalid option; 130 interrupted. A val set with only part of the 3226 images "
-          "is evaluated on those images only (reported as a subset).")
+EPILOG = ("exit status: 0 done; 1 error (missing dataset, ground truth or weights, results folder not "
+          "writable), or some val images / prediction files could not be read (each is named, the others "
+          "are evaluated as a subset); 2 invalid option; 130 interrupted. A val set with only part of the "
+          "3226 images is evaluated on those images only (reported as a subset).")
+#: the options that --pred_dir uses (--dataset too when it locates the ground truth); the others
+#: only matter when a model is run
+PRED_DIR_OPTIONS = frozenset({"pred_dir", "gt_dir", "results_dir", "results_json"})
 
 
 def results_folder(args: argparse.Namespace) -> Path:
@@ -59,8 +69,37 @@ def scale_description(args: argparse.Namespace) -> str:
     return "original size"
 
 
+def report_error(message: str) -> None:
+    """One ``test.py: error: ...`` line on stderr (a problem that does not stop the run)."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def check_outputs(args: argparse.Namespace, results_dir: Path, *, model_run: bool) -> None:
+    """Fail before any work when the results folder (with ``widerface_txt/`` for a model run) or
+    ``--results_json`` cannot be written: one line naming the option (nothing is created)."""
+    from utils.evaluation import PREDICTION_FOLDER, check_output_path  # noqa: PLC0415
+
+    option = "--results_dir" if args.results_dir else "results folder"
+    check_output_path(results_dir, option)
+    if model_run:
+        check_output_path(results_dir / PREDICTION_FOLDER, option)
+    if args.results_json:
+        check_output_path(args.results_json, "--results_json", is_file=True)
+
+
+def ignored_with_pred_dir(args: argparse.Namespace) -> list[str]:
+    """The model-run options set to something other than their default (``--pred_dir`` runs no
+    model, so they change nothing); ``--dataset`` counts only when ``--gt_dir`` is given."""
+    defaults = vars(build_parser("test").parse_args([]))
+    used = PRED_DIR_OPTIONS if args.gt_dir else PRED_DIR_OPTIONS | {"dataset"}
+    return [f"--{name}" for name, default in defaults.items()
+            if name not in used and getattr(args, name) != default]
+
+
 def _report(result, results_dir: Path, args: argparse.Namespace, *, seconds: float | None,
-            num_images: int | None, details: list[str]) -> None:
+            num_images: int | None, details: list[str], unreadable: list[str], inputs: str) -> int:
+    """Print the APs, write the result files; returns the exit status: 1 when ``unreadable`` (one
+    line per ``inputs`` file left out, e.g. "val images") is not empty."""
     from utils.evaluation import format_aps, subset_note, write_results  # noqa: PLC0415
 
     note = subset_note(result)
@@ -68,37 +107,51 @@ def _report(result, results_dir: Path, args: argparse.Namespace, *, seconds: flo
         print(note)
     print(format_aps(result))
     write_results(results_dir, result, seconds=seconds, num_images=num_images, details=details,
-                  json_path=args.results_json)
+                  json_path=args.results_json, unreadable=unreadable)
     print(f"results: {results_dir}/ (results.txt, results.json, pr_curves.png)"
           + (f" and {args.results_json}" if args.results_json else ""))
+    if not unreadable:
+        return EXIT_OK
+    report_error(f"{len(unreadable)} of {len(unreadable) + result.num_images} {inputs} could not be read "
+                 f"(named above, listed in results.json): the APs cover the other {result.num_images} only")
+    return EXIT_ERROR
 
 
 def evaluate_folder(args: argparse.Namespace) -> int:
     """``--pred_dir``: evaluate existing prediction files, no model."""
     from utils.evaluation import default_gt_dir, evaluate_prediction_dir, load_gt  # noqa: PLC0415
 
-    ignored = [flag for flag, value in (("--weights", args.weights), ("--model_weight", args.model_weight),
-                                        ("--tta", args.tta), ("--target_size", args.target_size)) if value]
+    ignored = ignored_with_pred_dir(args)
     if ignored:
         print(f"warning: {', '.join(ignored)} ignored with --pred_dir (no model is run)", file=sys.stderr)
+    results_dir = results_folder(args)
+    check_outputs(args, results_dir, model_run=False)
     gt = load_gt(args.gt_dir or default_gt_dir(args.dataset))
     started = time.perf_counter()
-    result = evaluate_prediction_dir(args.pred_dir, gt)
+    problems: list[str] = []
+    try:
+        result = evaluate_prediction_dir(args.pred_dir, gt, problems=problems)
+    finally:
+        for problem in problems:
+            report_error(f"skipped {problem}")
     seconds = time.perf_counter() - started
     print(f"evaluated {result.num_images} images of {args.pred_dir} in {seconds:.2f} s")
-    _report(result, results_folder(args), args, seconds=None, num_images=None,
-            details=[f"predictions: {args.pred_dir}", f"evaluation time: {seconds:.3f} s"])
-    return 0
+    return _report(result, results_dir, args, seconds=None, num_images=None,
+                   details=[f"predictions: {args.pred_dir}", f"evaluation time: {seconds:.3f} s"],
+                   unreadable=problems, inputs="prediction files")
 
 
 def test(args: argparse.Namespace) -> int:
     """Run the checkpoint over the val images, write the prediction files, evaluate."""
     from models.detector import FaceDetector, resolve_device, use_device  # noqa: PLC0415
     from utils.checkpoint import checkpoint_for_run  # noqa: PLC0415
-    from utils.evaluation import (PREDICTION_FOLDER, check_images_in_gt, default_gt_dir,  # noqa: PLC0415
-                                  evaluate_predictions, list_val_images, load_gt, predict_widerface)
+    from utils.evaluation import (PREDICTION_FOLDER, EvaluationError, check_images_in_gt,  # noqa: PLC0415
+                                  default_gt_dir, evaluate_predictions, list_val_images, load_gt,
+                                  predict_widerface, remove_results)
     from utils.tta import DEFAULT_MAX_SIZE, TTAConfig, TTADetector  # noqa: PLC0415
 
+    results_dir = results_folder(args)
+    check_outputs(args, results_dir, model_run=True)
     images = list_val_images(args.dataset)
     gt = load_gt(args.gt_dir or default_gt_dir(args.dataset))
     check_images_in_gt(images, gt)
@@ -120,11 +173,15 @@ def test(args: argparse.Namespace) -> int:
     if args.tta:
         detector = TTADetector(detector, TTAConfig(scales=tta_scales, max_size=args.max_size or DEFAULT_MAX_SIZE))
     setting = scale_description(args)
-    results_dir = results_folder(args)
     print(f"weights: {weights}  device: {device}  scale: {setting}  confidence > {args.confidence_threshold}  "
           f"NMS IoU {args.nms_threshold}  images: {len(images)}")
+    remove_results(results_dir, args.results_json)  # a run that stops part-way leaves no stale numbers
     run = predict_widerface(detector, images=images, out_dir=results_dir / PREDICTION_FOLDER,
                             batch_size=args.batch_size, workers=args.workers, progress=True)
+    for path, reason in run.unreadable:
+        report_error(f"cannot read {path}: {reason}")
+    if not run.predictions:
+        raise EvaluationError(f"none of the {len(run.unreadable)} val images could be read")
     result = evaluate_predictions(run.predictions, gt)
     print(f"{run.num_images} images in {run.seconds:.2f} s ({run.fps:.2f} fps), {run.num_detections} "
           f"detections -> {run.out_dir}/")
@@ -133,8 +190,8 @@ def test(args: argparse.Namespace) -> int:
                f"confidence threshold: {args.confidence_threshold}", f"NMS threshold: {args.nms_threshold}",
                f"top-k before / after NMS: {args.top_k or 'all'} / {args.keep_top_k or 'all'}",
                f"predictions: {run.out_dir}"] + ([f"detector time: {stages}"] if stages else [])
-    _report(result, results_dir, args, seconds=run.seconds, num_images=run.num_images, details=details)
-    return 0
+    return _report(result, results_dir, args, seconds=run.seconds, num_images=run.num_images, details=details,
+                   unreadable=[f"{path}: {reason}" for path, reason in run.unreadable], inputs="val images")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -205,8 +205,9 @@ def test_pred_dir_mode_needs_no_model(test_script, widerface_gt_dir, tmp_path, c
     assert f"subset: {len(keys)} of 3226 images, not comparable with full-val numbers" in out
     aps = parse_ap_line(out)
     data = json.loads((tmp_path / "ap.json").read_text())
-    assert set(data) == {"easy", "medium", "hard", "num_images", "subset", "seconds", "fps"}
+    assert set(data) == {"easy", "medium", "hard", "num_images", "subset", "seconds", "fps", "unreadable_files"}
     assert data["num_images"] == len(keys) and data["subset"] is True and data["seconds"] is None
+    assert data["unreadable_files"] == []
     assert json.loads((tmp_path / "res" / "results.json").read_text()) == data
     assert (tmp_path / "res" / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "experiments").exists()
@@ -247,25 +248,91 @@ def test_nan_ap_of_an_empty_setting_is_printed_not_fatal(test_script, widerface_
     assert json.loads((tmp_path / "res" / "results.json").read_text())["easy"] is None
 
 
-@pytest.mark.parametrize("case", ["bad_file", "not_utf8", "unknown_image", "missing_pred_dir", "missing_gt",
+def test_pred_dir_evaluates_the_good_files_and_names_every_bad_one(test_script, widerface_gt_dir, tmp_path, capsys):
+    """Batch rule: malformed prediction files (bad line, not UTF-8, count line disagreeing with the
+    box lines) are each named with file:line on stderr and left out; the good files are evaluated
+    as a subset, the results list the bad files, exit status 1. None readable: one clear error."""
+    gt = load_gt(widerface_gt_dir)
+    keys = gt.image_keys()[::400][:5]
+    pred = tmp_path / "pred"
+    write_synthetic_predictions(pred, gt, keys)
+    good = {}
+    for key in keys[:2]:
+        event, stem = key.split("/")
+        good.setdefault(event, {})[stem] = read_prediction_dir(pred)[event][stem]
+    bad = [pred / f"{key}.txt" for key in keys[2:]]
+    stems = [path.stem for path in bad]
+    bad[0].write_text(f"{stems[0]}\n2\n1 2 3 4 0.5\n1 2 3\n")
+    bad[1].write_bytes(f"{stems[1]}\n1\n1 2 3 4 ".encode() + b"\xff0.5\n")
+    bad[2].write_text(f"{stems[2]}\n3\n1 2 3 4 0.5\n")
+    code, out, err = run_cli(test_script, ["--pred_dir", pred, "--gt_dir", widerface_gt_dir, "--results_dir",
+                                           tmp_path / "res", "--results_json", tmp_path / "ap.json"], tmp_path, capsys)
+    assert code == 1 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert lines[:3] == [f"test.py: error: skipped {bad[0]}:4: expected 'x y w h score', got '1 2 3'",
+                         f"test.py: error: skipped {bad[1]}:3: not UTF-8 text (byte 0xff at column 9)",
+                         f"test.py: error: skipped {bad[2]}:2: the count line says 3 boxes but 1 box lines follow "
+                         f"(the official MATLAB tool would read 3, the public Python tool 1)"], err
+    assert lines[3:] == ["test.py: error: 3 of 5 prediction files could not be read (named above, listed in "
+                         "results.json): the APs cover the other 2 only"]
+    assert "subset: 2 of 3226 images, not comparable with full-val numbers" in out
+    expected = evaluate_predictions(good, gt)
+    assert parse_ap_line(out) == {k: pytest.approx(v, abs=1e-6) for k, v in expected.aps.items()}
+    data = json.loads((tmp_path / "ap.json").read_text())
+    assert data["num_images"] == 2 and data["subset"] is True
+    assert [entry.split(":")[0] for entry in data["unreadable_files"]] == [str(path) for path in bad]
+    assert json.loads((tmp_path / "res" / "results.json").read_text()) == data
+    assert "unreadable files (not evaluated): 3\n  " in (tmp_path / "res" / "results.txt").read_text()
+    # no readable file left: one clear error after the per-file lines, no results
+    for key in keys[:2]:
+        (pred / f"{key}.txt").unlink()
+    code, out, err = run_cli(test_script, ["--pred_dir", pred, "--gt_dir", widerface_gt_dir, "--results_dir",
+                                           tmp_path / "none"], tmp_path, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 4 and all(f"skipped {path}:" in line for path, line in zip(bad, lines)), err
+    assert lines[3] == f"test.py: error: none of the 3 prediction files in {pred} could be read"
+    assert not (tmp_path / "none").exists()
+
+
+def test_pred_dir_warns_once_about_every_model_run_option_it_ignores(test_script, widerface_gt_dir,
+                                                                    widerface_sample, tmp_path, capsys):
+    """--pred_dir runs no model: each model-run option set to a non-default value is named in one
+    warning line; options left at (or given with) their default are not; --dataset only when
+    --gt_dir is given (without it, it locates the ground truth)."""
+    import re
+
+    write_synthetic_predictions(tmp_path / "pred", load_gt(widerface_gt_dir), ["0--Parade/0_Parade_marchingband_1_465"])
+    base = ["--pred_dir", tmp_path / "pred", "--results_dir", tmp_path / "res"]
+    changed = {"--weights": "w.pth", "--confidence_threshold": 0.5, "--max_size": 1000, "--top_k": 100,
+               "--keep_top_k": 50, "--tta_scales": 500, "--batch_size": 4, "--half": "true", "--pad_to": 32,
+               "--channels_last": "false", "--workers": 3, "--tta": "true", "--target_size": 800,
+               "--experiment_name": "other", "--dataset": tmp_path / "elsewhere"}
+    given_at_default = {"--nms_threshold": 0.4, "--cuda_graphs": "true", "--gpu_num": 0}
+    argv = base + ["--gt_dir", widerface_gt_dir] + [v for item in {**changed, **given_at_default}.items() for v in item]
+    code, out, err = run_cli(test_script, argv, tmp_path, capsys)
+    assert code == 0, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("warning: ") and err.strip().endswith(
+        " ignored with --pred_dir (no model is run)"), err
+    assert set(re.findall(r"--\w+", err.split(" ignored with")[0])) == set(changed)
+    code, out, err = run_cli(test_script, base + ["--dataset", widerface_sample], tmp_path, capsys)
+    assert code == 0 and err == "", err  # --dataset gave the ground truth: nothing ignored
+
+
+@pytest.mark.parametrize("case", ["unknown_image", "missing_pred_dir", "missing_gt", "gt_dir_is_file",
+                                  "pred_dir_one_level_too_high", "pred_dir_is_an_event_folder",
                                   "truncated_gt", "truncated_gt_with_model", "gt_without_variable",
-                                  "missing_dataset", "missing_weights", "missing_model_weight", "bad_option"])
+                                  "missing_dataset", "missing_weights", "missing_model_weight", "bad_option",
+                                  "results_dir_is_a_file", "prediction_folder_is_a_file",
+                                  "results_json_parent_is_a_file", "results_json_is_a_folder",
+                                  "pred_dir_results_dir_is_a_file"])
 def test_errors_are_one_line_without_traceback(case, test_script, widerface_gt_dir, widerface_sample,
                                                tmp_path, capsys):
     pred = tmp_path / "pred"
     argv = ["--pred_dir", pred, "--gt_dir", widerface_gt_dir, "--results_dir", tmp_path / "res"]
+    # a model run whose weights do not exist: an output error must come before they are looked at
+    model_run = ["--weights", tmp_path / "w.pth", "--dataset", widerface_sample, "--gt_dir", widerface_gt_dir]
     expected_code, message = 1, None
-    if case == "bad_file":
-        (pred / "0--Parade").mkdir(parents=True)
-        (pred / "0--Parade" / "0_Parade_marchingband_1_465.txt").write_text(
-            "0_Parade_marchingband_1_465\n2\n1 2 3 4 0.5\n1 2 3\n")
-        message = "0_Parade_marchingband_1_465.txt:4"
-    elif case == "not_utf8":
-        (pred / "0--Parade").mkdir(parents=True)
-        (pred / "0--Parade" / "0_Parade_marchingband_1_465.txt").write_bytes(
-            b"0_Parade_marchingband_1_465\n1\n1 2 3 4 \xff0.5\n")
-        message = "0_Parade_marchingband_1_465.txt:3: not UTF-8"
-    elif case in ("truncated_gt", "truncated_gt_with_model", "gt_without_variable"):
+    if case in ("truncated_gt", "truncated_gt_with_model", "gt_without_variable"):
         # scipy raises MatReadError("Mat file appears to be truncated") for the first cut
         import shutil
 
@@ -293,6 +360,20 @@ def test_errors_are_one_line_without_traceback(case, test_script, widerface_gt_d
     elif case == "missing_gt":
         argv = ["--pred_dir", pred, "--gt_dir", tmp_path / "no_gt"]
         message = "ground-truth folder not found"
+    elif case == "gt_dir_is_file":
+        argv = ["--pred_dir", pred, "--gt_dir", widerface_gt_dir / "wider_face_val.mat"]
+        message = (f"--gt_dir {widerface_gt_dir / 'wider_face_val.mat'} is a file; --gt_dir is the folder holding "
+                   f"wider_face_val.mat, wider_easy_val.mat, wider_medium_val.mat, wider_hard_val.mat (did you "
+                   f"mean its folder {widerface_gt_dir}?)")
+    elif case in ("pred_dir_one_level_too_high", "pred_dir_is_an_event_folder"):
+        write_synthetic_predictions(pred / "widerface_txt", load_gt(widerface_gt_dir),
+                                    ["0--Parade/0_Parade_marchingband_1_465"])
+        if case == "pred_dir_one_level_too_high":  # the results folder instead of its widerface_txt
+            message = (f"no prediction files in {pred} (expected <event>/<image stem>.txt); {pred / 'widerface_txt'} "
+                       f"holds event folders with .txt files: use --pred_dir {pred / 'widerface_txt'}")
+        else:
+            argv[1] = pred / "widerface_txt" / "0--Parade"
+            message = f"looks like one event folder: use --pred_dir {pred / 'widerface_txt'}"
     elif case == "missing_dataset":
         argv = ["--weights", tmp_path / "w.pth", "--dataset", tmp_path / "nothing"]
         message = "dataset folder not found"
@@ -302,13 +383,35 @@ def test_errors_are_one_line_without_traceback(case, test_script, widerface_gt_d
     elif case == "missing_model_weight":
         argv = ["--experiment_name", "exp", "--model_weight", "best.pth", "--dataset", widerface_sample]
         message = "weights file not found"
+    elif case in ("results_dir_is_a_file", "pred_dir_results_dir_is_a_file"):
+        (tmp_path / "res").write_text("a file\n")
+        if case == "results_dir_is_a_file":
+            argv = model_run + ["--results_dir", tmp_path / "res"]
+        else:
+            write_synthetic_predictions(pred, load_gt(widerface_gt_dir), ["0--Parade/0_Parade_marchingband_1_465"])
+        message = f"--results_dir {tmp_path / 'res'} is a file, not a folder"
+    elif case == "prediction_folder_is_a_file":  # the default results folder of --experiment_name
+        results = tmp_path / "experiments" / "retinaface" / "results"
+        results.mkdir(parents=True)
+        (results / "widerface_txt").write_text("a file\n")
+        argv = model_run
+        message = f"results folder {Path('experiments/retinaface/results/widerface_txt')} is a file, not a folder"
+    elif case == "results_json_parent_is_a_file":
+        (tmp_path / "out").write_text("a file\n")
+        argv = model_run + ["--results_json", tmp_path / "out" / "sub" / "ap.json"]
+        message = f"--results_json {tmp_path / 'out' / 'sub' / 'ap.json'}: {tmp_path / 'out'} is a file, not a folder"
+    elif case == "results_json_is_a_folder":
+        (tmp_path / "ap").mkdir()
+        argv = model_run + ["--results_json", tmp_path / "ap"]
+        message = f"--results_json {tmp_path / 'ap'} is a folder; give a file path"
     else:
         argv = ["--tta", "maybe"]
         expected_code, message = 2, "expected true or false"
     code, out, err = run_cli(test_script, argv, tmp_path, capsys)
     assert code == expected_code
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("test.py: error:") and message in err
+    assert err.startswith("test.py: error:") and message in err, err
+    assert not (tmp_path / "res").is_dir() or not any((tmp_path / "res").iterdir())  # nothing written
 
 
 def test_evaluate_predictions_rejects_empty_and_list_val_images_errors(widerface_gt_dir, tmp_path):
@@ -361,8 +464,9 @@ def test_sample_run_writes_files_and_subset_aps(sample_run):
         assert lines[0] == path.stem and int(lines[1]) == len(lines) - 2 > 0
         assert all(len(line.split()) == 5 for line in lines[2:])
     data = json.loads((results / "results.json").read_text())
-    assert set(data) == {"easy", "medium", "hard", "num_images", "subset", "seconds", "fps"}
+    assert set(data) == {"easy", "medium", "hard", "num_images", "subset", "seconds", "fps", "unreadable_files"}
     assert data["num_images"] == SAMPLE_IMAGES and data["subset"] is True and data["seconds"] > 0
+    assert data["unreadable_files"] == [] and "unreadable" not in (results / "results.txt").read_text()
     assert {k: round(data[k], 6) for k in aps} == aps
     assert json.loads((sample_run["cwd"] / "copy.json").read_text()) == data
     text = (results / "results.txt").read_text()
@@ -488,6 +592,102 @@ def test_default_checkpoint_is_last_and_ctrl_c_keeps_the_files_written(test_scri
                      for p in (tmp_path / "experiments/exp/results/widerface_txt").rglob("*.txt"))
     assert written == [keys[0].replace(".jpg", ".txt")]  # the image done before the interrupt
     assert not (tmp_path / "experiments/exp/results/results.json").exists()
+
+
+def test_interrupted_run_leaves_only_its_own_prediction_files_and_no_results(test_script, widerface_sample,
+                                                                            widerface_gt_dir, mobilenet_weights,
+                                                                            tmp_path, capsys, detection_fails_on_call):
+    """A run that stops part-way must not leave files of an earlier run beside its own (--pred_dir
+    on the folder would give APs of neither run), nor the earlier run's results."""
+    keys = ["49--Greeting/49_Greeting_peoplegreeting_49_56.jpg",
+            "12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg"]
+    dataset = small_dataset(tmp_path, widerface_sample, keys)
+    results = tmp_path / "res"
+    txt = results / "widerface_txt"
+    earlier = {txt / "0--Parade" / "0_Parade_marchingband_1_465.txt": "0_Parade_marchingband_1_465\n0\n",
+               **{txt / key.replace(".jpg", ".txt"): f"{Path(key).stem}\n1\n1 2 3 4 0.9\n" for key in keys}}
+    for path, text in {**earlier, results / "results.txt": "earlier\n", results / "results.json": "{}\n",
+                       results / "pr_curves.png": "png", tmp_path / "ap.json": "{}\n"}.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    detection_fails_on_call(2, KeyboardInterrupt())
+    code, out, err = run_cli(test_script, ["--weights", mobilenet_weights, "--dataset", dataset, "--gt_dir",
+                                           widerface_gt_dir, "--workers", 0, "--results_dir", results,
+                                           "--results_json", tmp_path / "ap.json"], tmp_path, capsys)
+    assert code == 130 and "Traceback" not in err, err
+    first = txt / keys[0].replace(".jpg", ".txt")
+    assert sorted(txt.rglob("*.txt")) == [first]  # the image done before Ctrl-C, written by this run
+    assert first.read_text() != earlier[first] and int(first.read_text().splitlines()[1]) > 1
+    assert not [name for name in ("results.txt", "results.json", "pr_curves.png") if (results / name).exists()]
+    assert not (tmp_path / "ap.json").exists()
+
+
+def _break_images(dataset: Path, keys: list[str]) -> list[Path]:
+    """Replace the images of ``keys`` in a :func:`small_dataset` by unreadable files: text, empty,
+    a truncated JPEG, in turn. Returns their paths."""
+    broken = []
+    for n, key in enumerate(keys):
+        path = dataset / "val" / "images" / key
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes([b"not an image\n", b"", data[: len(data) // 2]][n % 3])
+        broken.append(path)
+    return broken
+
+
+def test_unreadable_val_images_are_named_and_the_others_evaluated(test_script, widerface_sample, widerface_gt_dir,
+                                                                 mobilenet_weights, tmp_path, capsys):
+    """Batch rule: the run goes past unreadable images, names each on stderr, evaluates the images
+    read (subset), lists the unreadable ones in the results and exits 1."""
+    keys = ["0--Parade/0_Parade_marchingband_1_311.jpg", "12--Group/12_Group_Group_12_Group_Group_12_935.jpg",
+            "49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"]
+    dataset = small_dataset(tmp_path, widerface_sample, keys)
+    broken = _break_images(dataset, keys[:2])
+    stale = tmp_path / "res" / "widerface_txt" / keys[0].replace(".jpg", ".txt")  # of an earlier run
+    stale.parent.mkdir(parents=True)
+    stale.write_text(f"{stale.stem}\n0\n")
+    code, out, err = run_cli(test_script, ["--weights", mobilenet_weights, "--dataset", dataset, "--gt_dir",
+                                           widerface_gt_dir, "--workers", 1, "--results_dir", tmp_path / "res"],
+                             tmp_path, capsys)
+    assert code == 1 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("test.py: ")]
+    assert len(lines) == 3 and [line.startswith(f"test.py: error: cannot read {path}: ")
+                                for path, line in zip(broken, lines)] == [True, True], err
+    assert lines[2] == ("test.py: error: 2 of 3 val images could not be read (named above, listed in results.json): "
+                        "the APs cover the other 1 only")
+    assert "subset: 1 of 3226 images, not comparable with full-val numbers" in out
+    txt = tmp_path / "res" / "widerface_txt"
+    assert sorted(txt.rglob("*.txt")) == [txt / keys[2].replace(".jpg", ".txt")]  # none for the broken images
+    again = evaluate_predictions(read_prediction_dir(txt), widerface_gt_dir)
+    assert parse_ap_line(out) == {k: pytest.approx(v, abs=1e-6) for k, v in again.aps.items()}
+    data = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert data["num_images"] == 1 and data["subset"] is True
+    assert [entry.split(": ")[0] for entry in data["unreadable_files"]] == [str(path) for path in broken]
+    text = (tmp_path / "res" / "results.txt").read_text()
+    assert "unreadable files (not evaluated): 2\n  " in text and str(broken[1]) in text
+
+
+def test_evaluate_model_raises_after_the_pass_naming_the_unreadable_images(widerface_sample, widerface_gt_dir,
+                                                                          tmp_path):
+    """The Python API promises official-protocol numbers: unreadable images raise, after every
+    other image has been run (prediction files written), naming the count and the first three."""
+    from utils.evaluation import evaluate_model
+
+    keys = [line[2:] for line in (widerface_sample / "val" / "label.txt").read_text().splitlines()
+            if line.startswith("# ")][:5]
+    dataset = small_dataset(tmp_path, widerface_sample, keys)
+    broken = _break_images(dataset, keys[:4])  # the readable image is the last one
+    detector = _MemoryHungryDetector(failures=0)
+    run = predict_widerface(detector, images=list_val_images(dataset), workers=2, progress=False)
+    assert [path for path, _ in run.unreadable] == [str(path) for path in broken] and run.num_images == 1
+    assert all(reason for _, reason in run.unreadable) and sum(map(len, run.predictions.values())) == 1
+    with pytest.raises(EvaluationError) as raised:
+        evaluate_model(detector, dataset, widerface_gt_dir, out_dir=tmp_path / "txt")
+    message = str(raised.value)
+    assert message.startswith(f"cannot read {broken[0]}: ") and str(broken[2]) in message
+    assert str(broken[3]) not in message and message.endswith(
+        " and 1 more (4 of 5 val images unreadable; every val image counts in the AP)")
+    assert len(list((tmp_path / "txt").rglob("*.txt"))) == 1  # the pass went on to the last image
 
 
 def test_target_size_1600_maps_boxes_back_and_model_weight_path(sample_run, test_script, widerface_sample,

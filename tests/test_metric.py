@@ -435,8 +435,9 @@ def test_prediction_file_errors(tmp_path):
     bad.write_text("x\n2\n1 2 3 4 0.5\n1 2 three 4 0.5\n")
     with pytest.raises(ValueError, match=r"x\.txt:4"):
         read_prediction_file(bad)
-    bad.write_text("x\n2\n1 2 3 4 0.5\n")
-    with pytest.raises(ValueError, match=r"x\.txt:2: header says 2"):
+    bad.write_text("x\n2\n1 2 3 4 0.5\n")  # MATLAB would read 2 boxes, the Python tool 1: neither is safe
+    with pytest.raises(ValueError, match=r"x\.txt:2: the count line says 2 boxes but 1 box lines follow "
+                                         r"\(the official MATLAB tool would read 2, the public Python tool 1\)"):
         read_prediction_file(bad)
     bad.write_text("x\n1\n1 2 3 4\n")
     with pytest.raises(ValueError, match=r"x\.txt:3"):
@@ -447,6 +448,28 @@ def test_prediction_file_errors(tmp_path):
         read_prediction_dir(tmp_path / "missing")
     with pytest.raises(ValueError):
         write_prediction_file(tmp_path / "y.txt", "y", np.zeros((2, 4)))
+
+
+def test_prediction_dir_with_a_problem_list_skips_and_names_every_bad_file(tmp_path):
+    """With ``problems`` a folder is read in one pass: each malformed file, unreadable file or
+    second file of an image is skipped and named (file:line), the good files are returned."""
+    write_prediction_file(tmp_path / "ev" / "a.txt", "a", _pred([1, 2, 3, 4, 0.5]))
+    write_prediction_file(tmp_path / "ev" / "b.txt", "b", np.zeros((0, 5)))
+    (tmp_path / "ev" / "c.txt").write_text("c\n1\n1 2 3 4 nan\n")
+    (tmp_path / "ev" / "d.txt").write_text("a\n0\n")  # claims image a, read already
+    (tmp_path / "other" / "e.txt").parent.mkdir()
+    (tmp_path / "other" / "e.txt").write_bytes(b"e\n1\n\xfe 2 3 4 0.5\n")
+    (tmp_path / "other" / "f.txt").mkdir()  # not a file: cannot be read
+    problems: list[str] = []
+    back = read_prediction_dir(tmp_path, problems)
+    assert {e: sorted(per) for e, per in back.items()} == {"ev": ["a", "b"], "other": []}
+    np.testing.assert_array_equal(back["ev"]["a"], _pred([1, 2, 3, 4, 0.5]))
+    assert problems == [f"{tmp_path / 'ev' / 'c.txt'}:3: non-finite value in '1 2 3 4 nan'",
+                        f"{tmp_path / 'ev' / 'd.txt'}:1: image ev/a already read from another file",
+                        f"{tmp_path / 'other' / 'e.txt'}:3: not UTF-8 text (byte 0xfe at column 1)",
+                        f"{tmp_path / 'other' / 'f.txt'}: Is a directory"]
+    with pytest.raises(ValueError, match=r"c\.txt:3: non-finite"):  # without the list: the first one raises
+        read_prediction_dir(tmp_path)
 
 
 def test_plot_pr_curves(tmp_path):

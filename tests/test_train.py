@@ -555,12 +555,16 @@ def test_background_images_train_only_with_empty_image_negatives(widerface_sampl
     root = tmp_path / "background"
     (root / "train").mkdir(parents=True)
     (root / "train/images").symlink_to(widerface_sample / "val/images")
-    headers = [line for line in (widerface_sample / "val/label.txt").read_text().splitlines() if line.startswith("#")]
-    (root / "train/label.txt").write_text("\n".join(headers[:4]) + "\n")  # four images, no face listed
+    blocks = (widerface_sample / "val/label.txt").read_text().split("# ")[1:6]
+    # five images, one with its faces (a set without any face cannot train): the one that the first epoch
+    # leaves out (5 images, 2 batches of 2), so that both steps see background images only
+    left_out = tu.ResumableSampler(len(blocks), seed=7).indices()[-1]
+    (root / "train/label.txt").write_text("".join(
+        "# " + (block if index == left_out else block.splitlines()[0] + "\n") for index, block in enumerate(blocks)))
     losses = {}
     for negatives in (0, 16):
         summary = train.run(_run_args(root, f"neg{negatives}", "--train_split", "train", "--max_iters", "2",
-                                      "--empty_image_negatives", str(negatives)))
+                                      "--seed", "7", "--empty_image_negatives", str(negatives)))
         losses[negatives] = [loss for _, loss in summary["loss_history"]]
     assert len(losses[0]) == len(losses[16]) == 2
     assert losses[0] == [0.0, 0.0]  # the public rule: no positives, no mined negatives, no loss
@@ -660,7 +664,13 @@ def test_starting_a_run_again_does_not_overwrite_it(widerface_sample, tmp_path, 
     assert (tmp_path / "experiments/once/ckpt/last.pth").read_bytes() == before
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(widerface_sample, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("first_bad_step,options,steps,kept", [
+    (4, ("--save_every", "2"), "at step 4", "the last checkpoint saved before that, experiments/nan/ckpt/last.pth "
+                                            "(step 2), was kept"),
+    (3, ("--log_every", "5"), "between step 1 and step 5", "no checkpoint had been written yet"),
+], ids=["one-step-window", "five-step-window"])
+def test_nan_loss_stops_and_names_the_checkpoint_saved_before_it(widerface_sample, tmp_path, monkeypatch, capsys,
+                                                                 first_bad_step, options, steps, kept):
     import train
 
     monkeypatch.chdir(tmp_path)
@@ -670,19 +680,98 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(widerface_sample, tmp_pat
     def poisoned(self, *args, **kwargs):
         losses = original(self, *args, **kwargs)
         calls["n"] += 1
-        if calls["n"] >= 4:
+        if calls["n"] >= first_bad_step:
             losses["total"] = losses["total"] * float("nan")
         return losses
 
     monkeypatch.setattr(MultiBoxLoss, "forward", poisoned)
-    assert train.main(_run_args(widerface_sample, "nan", "--save_every", "2", "--max_iters", "10")) == 1
+    assert train.main(_run_args(widerface_sample, "nan", *options, "--max_iters", "10")) == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith("train.py: error:"), message
-    assert "NaN" in message and "step 4" in message and "last.pth" in message, message
-    kept = torch.load(tmp_path / "experiments/nan/ckpt/last.pth", weights_only=True)
-    assert kept["step"] == 2
-    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
-    assert "NaN" in (tmp_path / "experiments/nan/log/logs.txt").read_text()
+    # the checkpoint only had a finite loss: its weights may already be diverging, so never "good"
+    assert message.startswith(f"train.py: error: loss became NaN/inf {steps} (epoch 1); training stopped and "
+                              f"{kept}. Try a lower --lr, "), message
+    assert "good" not in message
+    assert message in (tmp_path / "experiments/nan/log/logs.txt").read_text().replace("error: ", "train.py: error: ")
+    last = tmp_path / "experiments/nan/ckpt/last.pth"
+    if "(step 2)" in kept:
+        saved = torch.load(last, weights_only=True)
+        assert saved["step"] == 2
+        assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    else:
+        assert not last.exists()
+
+
+def test_resuming_an_earlier_checkpoint_of_a_run_does_not_overwrite_its_later_last_pth(widerface_sample, tmp_path,
+                                                                                        monkeypatch, capsys):
+    import shutil
+
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    train.run(_run_args(widerface_sample, "bo", "--epochs", "2", "--max_iters", "3"))
+    ckpt = tmp_path / "experiments/bo/ckpt"
+    shutil.copy(ckpt / "last.pth", ckpt / "best.pth")  # e.g. the best epoch, at step 3
+    train.run(["--resume", "experiments/bo/ckpt/last.pth", "--max_iters", "8", "--device", "cpu"])
+    assert sorted(path.name for path in ckpt.iterdir()) == ["best.pth", "last.pth"]  # no probe file left
+    later = (ckpt / "last.pth").read_bytes()
+    assert train.main(["--resume", "experiments/bo/ckpt/best.pth", "--device", "cpu"]) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("train.py: error: experiments/bo/ckpt/last.pth is at step 8, ahead of the step-3 "
+                              "checkpoint being resumed (experiments/bo/ckpt/best.pth): resuming would overwrite "
+                              "it;"), message
+    assert "new --experiment_name" in message
+    assert (ckpt / "last.pth").read_bytes() == later
+    # the start-up line and the save lines count epochs as the progress lines do (1-based)
+    log = (tmp_path / "experiments/bo/log/logs.txt").read_text()
+    assert "amp off (CPU), seed 42" in log  # --amp true (the default) has no effect on the CPU
+    assert "saved checkpoint experiments/bo/ckpt/last.pth (epoch 1/2 iter 3/5, step 3)" in log
+    assert "epoch 2/2 iter 3/5 step 8 lr" in log
+    assert "saved checkpoint experiments/bo/ckpt/last.pth (epoch 2/2 iter 3/5, step 8)" in log
+    assert torch.load(ckpt / "last.pth", weights_only=True)["epoch"] == 1  # stored: epochs completed
+
+
+def test_resuming_into_another_run_folder_does_not_overwrite_that_run(widerface_sample, tmp_path, monkeypatch,
+                                                                       capsys):
+    import shutil
+
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    train.run(_run_args(widerface_sample, "A", "--max_iters", "2"))
+    train.run(_run_args(widerface_sample, "B", "--max_iters", "1"))
+    run_b, run_a = (tmp_path / f"experiments/{name}/ckpt/last.pth" for name in "BA")
+    before_b, before_a = run_b.read_bytes(), run_a.read_bytes()
+    assert train.main(["--resume", "experiments/A/ckpt/last.pth", "--experiment_name", "B", "--device", "cpu"]) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("train.py: error: experiments/B already holds a run (experiments/B/ckpt/last.pth) and "
+                              "--resume experiments/A/ckpt/last.pth is not one of its checkpoints"), message
+    # a copy resumed without --experiment_name takes the run's name from the checkpoint: A, which it is not part of
+    shutil.copy(run_a, tmp_path / "copy.pth")
+    assert train.main(["--resume", "copy.pth", "--device", "cpu"]) == 1
+    assert "experiments/A already holds a run" in capsys.readouterr().err
+    assert run_b.read_bytes() == before_b and run_a.read_bytes() == before_a
+    # branching off into a new name works, and leaves A as it was
+    summary = train.run(["--resume", "experiments/A/ckpt/last.pth", "--experiment_name", "C", "--max_iters", "3",
+                         "--device", "cpu"])
+    assert summary["step"] == 3 and summary["last"] == "experiments/C/ckpt/last.pth"
+    assert run_a.read_bytes() == before_a
+
+
+def test_an_unusable_run_folder_stops_at_start_up_with_one_line(widerface_sample, tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "experiments/u2").mkdir(parents=True)
+    (tmp_path / "experiments/u2/ckpt").write_text("a file where the checkpoint folder belongs\n")
+    epochs = []
+    monkeypatch.setattr(tu, "train_one_epoch", lambda *args, **kwargs: epochs.append(1))
+    assert train.main(_run_args(widerface_sample, "u2", "--max_iters", "1")) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == ("train.py: error: cannot write the run's files to experiments/u2/ckpt: it "
+                                            "exists and is not a folder (choose another --experiment_name or fix "
+                                            "that path)")
+    assert epochs == []  # before any training
 
 
 def test_finetune_run_evaluates_and_writes_best(widerface_sample, widerface_gt_dir, mobilenet_weights,
@@ -889,7 +978,8 @@ def test_overfit_check_repeats_the_sample_and_keeps_the_trained_weights(widerfac
     assert [p["iteration"] for p in report["curve"]] == [0, 2]
     assert "resnet18 cascade from scratch" in report["check"] and "--pretrained false" in report["train_args"]
     log = (tmp_path / "work/experiments/overfit_check/log/logs.txt").read_text()
-    assert "10 images, 2 iterations/epoch of 4" in log  # trained on the five copies of two images
+    two_image_faces = sum(len(block.splitlines()) - 1 for block in blocks)
+    assert f"10 images ({5 * two_image_faces} faces), 2 iterations/epoch of 4" in log  # five copies of two images
     model = load_model(saved)
     assert model.config.network == "resnet18" and model.config.cascade
     trained = torch.load(tmp_path / "work/experiments/overfit_check/ckpt/last.pth", map_location="cpu",

@@ -236,6 +236,8 @@ def test_degenerate_boxes_are_counted_in_the_log(widerface_sample, tmp_path, mon
     assert train.main(run_args(root, "degenerate", "--max_iters", "1")) == 0
     log = (tmp_path / "experiments/degenerate/log/logs.txt").read_text()
     assert f"dropped 2 degenerate face box(es) (w or h <= 0) in {label}" in log
+    faces = sum(1 for line in lines if not line.startswith("#")) - 2
+    assert f" 10 images ({faces} faces), 5 iterations/epoch" in log  # the start-up line counts the kept faces
 
 
 def test_label_file_that_is_not_utf8_gives_one_line_naming_file_and_line(widerface_sample, tmp_path, monkeypatch,
@@ -259,3 +261,20 @@ def test_empty_label_file_says_it_lists_no_images(widerface_sample, tmp_path, mo
     assert train.main(run_args(root, "labels")) == 1
     message = error_line(capsys)
     assert f"{label} lists no images" in message and "--batch_size" not in message, message
+
+
+@pytest.mark.parametrize("faces", ["none", "degenerate"])
+def test_labels_without_any_face_stop_at_start_up_with_one_line(widerface_sample, tmp_path, monkeypatch, capsys,
+                                                                faces):
+    root = make_dataset(tmp_path / "ds", widerface_sample)
+    label = root / "train/label.txt"
+    face_line = "10 10 0 5" if faces == "degenerate" else None  # a box of width 0 is dropped: no face is left
+    label.write_text("".join(f"# {name}\n" + (f"{face_line}\n" if face_line else "")
+                             for name in image_names(root / "train")))
+    monkeypatch.chdir(tmp_path)
+    assert train.main(run_args(root, "nofaces", "--max_iters", "1")) == 1
+    dropped = "; 10 degenerate box(es) dropped" if face_line else ""
+    assert error_line(capsys) == (f"train.py: error: training data: the labels in {label} hold no faces (10 images"
+                                  f"{dropped}): images without faces are valid samples, but a training set needs "
+                                  "faces in some of them")
+    assert not (tmp_path / "experiments/nofaces").exists()  # stopped before anything was created

@@ -10,7 +10,16 @@ The reusable part of ``test.py`` (and of the periodic evaluation in training):
   :func:`utils.metric.evaluate`, counting only the images that have predictions when the set is
   partial (``subset``);
 * :func:`evaluate_model` — model in, :class:`~utils.metric.WiderFaceResult` out (train.py);
-* :func:`write_results` — ``results.txt``, ``results.json``, ``pr_curves.png``.
+* :func:`write_results` — ``results.txt``, ``results.json``, ``pr_curves.png``
+  (:func:`remove_results` deletes those of an earlier run, :func:`check_output_path` checks an
+  output location before any work).
+
+Batch rule: a val image that cannot be read or a prediction file that is malformed does not stop
+the pass; it is listed (:attr:`PredictionRun.unreadable`, the ``problems`` list of
+:func:`evaluate_prediction_dir`) and the other images are evaluated as a subset. The Python APIs
+that promise official-protocol numbers (:func:`evaluate_model`, training's periodic evaluation
+through :meth:`PredictionRun.complete_predictions`) raise :class:`EvaluationError` after the pass
+instead.
 
 Prediction files follow the public Pytorch_Retinaface ``test_widerface.py`` exactly, because AP
 depends on the box convention: the image stem, the number of boxes, then per detection (score
@@ -37,7 +46,7 @@ from config import one_line
 from utils.errors import unless_out_of_memory
 from utils.text_file import NotUtf8Error, read_utf8
 
-from utils.metric import (NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTruth, WiderFaceResult, evaluate,
+from utils.metric import (GT_FILES, NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTruth, WiderFaceResult, evaluate,
                           load_ground_truth, plot_pr_curves, read_prediction_dir)
 
 __all__ = [
@@ -45,12 +54,15 @@ __all__ = [
     "PR_CURVES_PNG", "list_val_images", "default_gt_dir", "load_gt", "check_images_in_gt",
     "prediction_rows", "format_prediction_file", "predict_widerface", "evaluate_predictions",
     "evaluate_prediction_dir", "evaluate_model", "format_aps", "subset_note", "write_results",
+    "remove_results", "check_output_path",
 ]
 
 PREDICTION_FOLDER = "widerface_txt"
 RESULTS_TXT = "results.txt"
 RESULTS_JSON = "results.json"
 PR_CURVES_PNG = "pr_curves.png"
+#: unreadable val images named in the message of :meth:`PredictionRun.complete_predictions`
+NAMED_UNREADABLE = 3
 
 
 class EvaluationError(RuntimeError):
@@ -135,6 +147,10 @@ def load_gt(gt_dir: str | os.PathLike[str] | WiderFaceGroundTruth) -> WiderFaceG
     if isinstance(gt_dir, WiderFaceGroundTruth):
         return gt_dir
     path = Path(gt_dir)
+    if path.exists() and not path.is_dir():
+        hint = f" (did you mean its folder {path.parent}?)" if path.name in GT_FILES else ""
+        raise EvaluationError(f"--gt_dir {path} is a file; --gt_dir is the folder holding {', '.join(GT_FILES)}"
+                              + hint)
     if not path.is_dir():
         raise EvaluationError(f"ground-truth folder not found: {path} (--gt_dir must hold wider_face_val.mat "
                               f"and wider_easy/medium/hard_val.mat)")
@@ -194,8 +210,11 @@ class PredictionRun:
     """What :func:`predict_widerface` did.
 
     ``predictions``: ``{event: {stem: (N, 5) x y w h score}}`` (the values of the files);
+    ``num_images``: images detected (the unreadable ones not counted);
     ``seconds``: wall time of the whole pass (decoding, network, post-processing, writing);
-    ``timings``: the detector's per-stage seconds (preprocess, forward, postprocess).
+    ``timings``: the detector's per-stage seconds (preprocess, forward, postprocess);
+    ``unreadable``: ``(path, reason)`` of every val image that could not be read (no prediction
+    file was written for it), in image-list order.
     """
 
     predictions: dict[str, dict[str, np.ndarray]]
@@ -203,6 +222,20 @@ class PredictionRun:
     seconds: float
     out_dir: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+
+    def complete_predictions(self) -> dict[str, dict[str, np.ndarray]]:
+        """``predictions`` when every image was read; else raise :class:`EvaluationError` naming
+        how many images could not be read and the first few (every val image counts in an
+        official-protocol AP, so a run missing some must not be reported as one)."""
+        if not self.unreadable:
+            return self.predictions
+        named = "; ".join(f"{path}: {reason}" for path, reason in self.unreadable[:NAMED_UNREADABLE])
+        more = len(self.unreadable) - NAMED_UNREADABLE
+        total = self.num_images + len(self.unreadable)
+        raise EvaluationError(f"cannot read {named}{f' and {more} more' if more > 0 else ''} "
+                              f"({len(self.unreadable)} of {total} val images unreadable; every val image "
+                              f"counts in the AP)")
 
     @property
     def fps(self) -> float:
@@ -249,8 +282,9 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
             thresholds define the run (AP: confidence 0.02, NMS 0.4).
         dataset_root: ``--dataset`` root (``val/images``, ``val/label.txt``); or give ``images``.
         out_dir: folder for ``<event>/<stem>.txt`` (one file per image, ``0`` boxes when none);
-            ``None`` writes nothing. With ``clean``, prediction files of other images left there
-            by earlier runs are deleted so that the folder describes this run only.
+            ``None`` writes nothing. With ``clean``, the prediction files of earlier runs
+            (``<out_dir>/*/*.txt``) are deleted before the first image is run, so that the folder
+            only ever holds files of this run, also when it stops part-way (error, Ctrl-C).
         batch_size: images per forward pass (default: the detector's). Images wait in per-size
             groups until a group is full (at most ``max_pending`` images wait; default
             ``4 * batch_size``), so only same-size images share a pass, like FaceDetector does;
@@ -258,6 +292,10 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
             smaller ones (``utils.image_loader.SameSizeBatcher``).
         workers: DataLoader processes decoding images while the network runs (0: in-process).
         progress: tqdm bar on stderr (``None``: only on a terminal).
+
+    An image that cannot be read (missing, corrupt, truncated ...) does not stop the pass: it is
+    recorded in :attr:`PredictionRun.unreadable` and has no prediction file. Out of memory on an
+    image even alone raises :class:`EvaluationError` (see :func:`_detect_or_retry`).
     """
     if images is None:
         if dataset_root is None:
@@ -269,10 +307,13 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        if clean:
+            for stale in out.glob("*/*.txt"):
+                stale.unlink()
     timings = getattr(detector, "timings", None)
     before = dict(timings) if timings is not None else {}
     predictions: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
-    written: set[Path] = set()
+    unreadable: list[tuple[str, str]] = []
 
     from tqdm import tqdm  # noqa: PLC0415
     bar = tqdm(total=len(images), unit="img", desc="test", file=sys.stderr, dynamic_ncols=True,
@@ -291,7 +332,6 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
                 path = out / image.event / f"{image.stem}.txt"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(text)
-                written.add(path.resolve())
         bar.update(len(batch))
 
     dataset = ImageFolderDataset([im.path for im in images], max_pixels=None)
@@ -299,8 +339,10 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
     try:
         for records in start_loader(make_loader(dataset, workers=workers)):
             for record in records:
-                if not record.ok:  # every val image counts in the AP: a bad file stops the run
-                    raise EvaluationError(f"cannot read {record.path}: {record.error}")
+                if not record.ok:  # listed; the caller decides (subset, or an error after the pass)
+                    unreadable.append((record.path, str(record.error)))
+                    bar.update(1)
+                    continue
                 for batch in batcher.add(record):
                     run(batch)
         for batch in batcher.flush():
@@ -308,12 +350,9 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
     finally:
         bar.close()
     seconds = time.perf_counter() - started
-    if out is not None and clean:
-        for stale in out.glob("*/*.txt"):
-            if stale.resolve() not in written:
-                stale.unlink()
     spent = {k: float(v) - float(before.get(k, 0.0)) for k, v in (timings or {}).items()}
-    return PredictionRun({e: dict(p) for e, p in predictions.items()}, len(images), seconds, out, spent)
+    return PredictionRun({e: dict(p) for e, p in predictions.items()}, len(images) - len(unreadable), seconds,
+                         out, spent, unreadable)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,21 +377,49 @@ def evaluate_predictions(predictions: Mapping[str, Mapping[str, np.ndarray]],
         raise EvaluationError(one_line(error)) from None
 
 
+def _prediction_folder_hint(path: Path) -> str:
+    """Where the prediction files are when ``path`` holds none in ``<event>/*.txt``: a folder up to
+    three levels below that does (``--pred_dir`` one level too high, e.g. the results folder
+    instead of its ``widerface_txt``), or ``path``'s parent when ``path`` holds ``.txt`` files
+    itself (an event folder given); else ``""``."""
+    for depth in range(1, 4):
+        found = next(path.glob("*/" * depth + "*/*.txt"), None)
+        if found is not None:
+            return f"; {found.parents[1]} holds event folders with .txt files: use --pred_dir {found.parents[1]}"
+    if next(path.glob("*.txt"), None) is not None:
+        return (f"; {path} holds .txt files itself, so it looks like one event folder: use --pred_dir "
+                f"{path.parent}")
+    return ""
+
+
 def evaluate_prediction_dir(pred_dir: str | os.PathLike[str],
                             gt: WiderFaceGroundTruth | str | os.PathLike[str],
-                            iou_threshold: float = 0.5) -> WiderFaceResult:
+                            iou_threshold: float = 0.5, *, problems: list[str] | None = None) -> WiderFaceResult:
     """AP of a prediction folder ``<pred_dir>/<event>/<stem>.txt`` (official format), the
-    replacement of the public Cython/python evaluation tool. Malformed files, unknown images or
-    an empty folder raise :class:`EvaluationError` naming the problem."""
+    replacement of the public Cython/python evaluation tool.
+
+    A malformed file raises :class:`EvaluationError` naming ``file:line``; with ``problems`` (a
+    list) every malformed or unreadable file is skipped and its one-line message appended, and the
+    other files are evaluated (a subset). A missing folder, a folder without prediction files
+    (with a hint where they are), one where no file could be read, or unknown images raise
+    :class:`EvaluationError`.
+    """
     path = Path(pred_dir)
+    if path.exists() and not path.is_dir():
+        raise EvaluationError(f"--pred_dir {path} is a file; it must be the folder holding <event>/<image stem>.txt")
     if not path.is_dir():
         raise EvaluationError(f"prediction folder not found: {path}")
+    known = len(problems) if problems is not None else 0
     try:
-        predictions = read_prediction_dir(path)
-    except (OSError, ValueError, UnicodeDecodeError) as error:
+        predictions = read_prediction_dir(path, problems)
+    except (OSError, ValueError) as error:
         raise EvaluationError(one_line(error)) from None
     if not any(predictions.values()):
-        raise EvaluationError(f"no prediction files in {path} (expected <event>/<image stem>.txt)")
+        skipped = len(problems) - known if problems is not None else 0
+        if skipped:
+            raise EvaluationError(f"none of the {skipped} prediction files in {path} could be read")
+        raise EvaluationError(f"no prediction files in {path} (expected <event>/<image stem>.txt)"
+                              + _prediction_folder_hint(path))
     return evaluate_predictions(predictions, gt, iou_threshold)
 
 
@@ -384,7 +451,9 @@ def evaluate_model(model: Any, dataset_root: str | os.PathLike[str],
     and scales; ``confidence_threshold``, ``nms_threshold`` and ``half`` do not apply).
     ``batch_size`` images are detected per call either way. ``gt``: a loaded ground truth (load it
     once per run) or its folder. Predictions in the public file convention (written to
-    ``out_dir`` when given); partial val sets are evaluated as a subset.
+    ``out_dir`` when given); partial val sets are evaluated as a subset. Val images that cannot
+    be read raise :class:`EvaluationError` after the pass, naming how many and the first few
+    (:meth:`PredictionRun.complete_predictions`).
     """
     gt = load_gt(gt)
     images = list_val_images(dataset_root)
@@ -394,7 +463,7 @@ def evaluate_model(model: Any, dataset_root: str | os.PathLike[str],
         batch_size=batch_size, half=half)
     run = predict_widerface(detector, images=images, out_dir=out_dir, batch_size=batch_size,
                             workers=workers, progress=progress)
-    return evaluate_predictions(run.predictions, gt)
+    return evaluate_predictions(run.complete_predictions(), gt)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,15 +492,17 @@ def _json_number(value: float | None) -> float | None:
 def write_results(results_dir: str | os.PathLike[str], result: WiderFaceResult, *,
                   seconds: float | None = None, num_images: int | None = None,
                   details: Iterable[str] = (), json_path: str | os.PathLike[str] | None = None,
-                  plot: bool = True, title: str | None = None) -> dict[str, Any]:
+                  plot: bool = True, title: str | None = None, unreadable: Sequence[str] = ()) -> dict[str, Any]:
     """Write ``results.txt``, ``results.json`` and ``pr_curves.png`` into ``results_dir``.
 
     ``seconds``: wall time of the detection pass (``None`` when only a prediction folder was
     evaluated: time and fps are then ``null`` in the JSON and absent from the text);
     ``num_images``: images run (default: the images evaluated); ``details``: extra lines for
-    ``results.txt`` (weights, scale setting ...); ``json_path``: also write the JSON there.
-    Returns the JSON dict ``{"easy", "medium", "hard", "num_images", "subset", "seconds", "fps"}``
-    (APs ``null`` when nan).
+    ``results.txt`` (weights, scale setting ...); ``json_path``: also write the JSON there;
+    ``unreadable``: one line per input file left out because it could not be read (val images,
+    malformed prediction files), each naming the file and the reason.
+    Returns the JSON dict ``{"easy", "medium", "hard", "num_images", "subset", "seconds", "fps",
+    "unreadable_files"}`` (APs ``null`` when nan; ``unreadable_files`` the list of those lines).
     """
     folder = Path(results_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -445,6 +516,7 @@ def write_results(results_dir: str | os.PathLike[str], result: WiderFaceResult, 
         "subset": bool(result.subset),
         "seconds": None if seconds is None else round(float(seconds), 6),
         "fps": _json_number(fps),
+        "unreadable_files": list(unreadable),
     }
     lines = [f"test images: {count}"]
     if seconds is not None:
@@ -452,6 +524,9 @@ def write_results(results_dir: str | os.PathLike[str], result: WiderFaceResult, 
                   f"time per image: {seconds / max(count, 1):.4f} s",
                   f"fps: {fps:.2f}"]
     lines += list(details)
+    if unreadable:
+        lines.append(f"unreadable files (not evaluated): {len(unreadable)}")
+        lines += [f"  {problem}" for problem in unreadable]
     note = subset_note(result)
     if note:
         lines.append(note)
@@ -466,3 +541,35 @@ def write_results(results_dir: str | os.PathLike[str], result: WiderFaceResult, 
     if plot:
         plot_pr_curves(result, folder / PR_CURVES_PNG, title=title)
     return data
+
+
+def remove_results(results_dir: str | os.PathLike[str], json_path: str | os.PathLike[str] | None = None) -> None:
+    """Delete the ``results.txt``, ``results.json`` and ``pr_curves.png`` of an earlier run from
+    ``results_dir`` (and ``json_path``), before a run that will write new ones: a run that stops
+    part-way then leaves no results that describe another run."""
+    folder = Path(results_dir)
+    for path in (folder / RESULTS_TXT, folder / RESULTS_JSON, folder / PR_CURVES_PNG,
+                 *([Path(json_path)] if json_path is not None else [])):
+        path.unlink(missing_ok=True)
+
+
+def check_output_path(path: str | os.PathLike[str], option: str, *, is_file: bool = False) -> None:
+    """Raise :class:`EvaluationError` (one line naming ``option``) when ``path`` cannot become an
+    output folder (``is_file``: an output file): it, or a folder above it, is a file (or
+    ``is_file`` and it is a folder), or the nearest existing folder is not writable. Nothing is
+    created, so a run can check its outputs before it checks its inputs."""
+    target = Path(path)
+    if target.is_dir() and is_file:
+        raise EvaluationError(f"{option} {target} is a folder; give a file path (e.g. {target / RESULTS_JSON})")
+    if target.exists() and not target.is_dir() and not is_file:
+        raise EvaluationError(f"{option} {target} is a file, not a folder")
+    if target.exists():
+        existing = target
+    else:
+        existing = target.parent if is_file else target
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise EvaluationError(f"{option} {target}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | (0 if existing.is_file() else os.X_OK)):
+        raise EvaluationError(f"{option} {target}: {existing} is not writable")

@@ -54,6 +54,7 @@ from utils.text_file import read_utf8
 __all__ = [
     "SETTINGS",
     "NUM_VAL_IMAGES",
+    "GT_FILES",
     "WiderFaceGroundTruth",
     "PRCurve",
     "WiderFaceResult",
@@ -84,6 +85,8 @@ _SMALL_IMAGE_FACES = 16
 
 _GT_FILE = "wider_face_val.mat"
 _SETTING_FILES = {s: f"wider_{s}_val.mat" for s in SETTINGS}
+#: The official ground-truth files that a ground-truth folder holds.
+GT_FILES: tuple[str, ...] = (_GT_FILE, *_SETTING_FILES.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,12 +269,11 @@ def load_ground_truth(gt_dir: PathLike) -> WiderFaceGroundTruth:
     (e.g. truncated), lacks a variable or does not fit the others.
     """
     gt_dir = Path(gt_dir)
-    names = [_GT_FILE, *_SETTING_FILES.values()]
-    for name in names:
+    for name in GT_FILES:
         if not (gt_dir / name).is_file():
             raise FileNotFoundError(
                 f"WIDER FACE ground-truth file not found: {gt_dir / name} "
-                f"(the folder must contain {', '.join(names)})"
+                f"(the folder must contain {', '.join(GT_FILES)})"
             )
     main_path = gt_dir / _GT_FILE
     main = _load_mat(main_path, ("face_bbx_list", "event_list", "file_list"))
@@ -393,17 +395,22 @@ def read_prediction_file(path: PathLike) -> tuple[str, np.ndarray]:
             raise ValueError(f"{path}:{lineno}: non-finite value in {line!r}")
         rows.append(row)
     if count != len(rows):
-        raise ValueError(f"{path}:2: header says {count} boxes but the file has {len(rows)}")
+        # the official tools disagree on such a file: MATLAB's read_pred reads `count` boxes, the
+        # public Python tool ignores the count and reads every line; neither reading is safe
+        raise ValueError(f"{path}:2: the count line says {count} boxes but {len(rows)} box lines follow (the "
+                         f"official MATLAB tool would read {count}, the public Python tool {len(rows)})")
     return stem, np.asarray(rows, dtype=np.float64).reshape(-1, 5)
 
 
-def read_prediction_dir(pred_dir: PathLike) -> dict[str, dict[str, np.ndarray]]:
+def read_prediction_dir(pred_dir: PathLike, problems: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Read a prediction folder ``<pred_dir>/<event>/<image stem>.txt``.
 
     Returns ``{event: {stem: (N, 5) float64 x y w h score}}``; the stem is the one written in the
     file's first line. Only ``*.txt`` files in event sub-folders are read (other entries are
-    ignored). Raises FileNotFoundError if ``pred_dir`` is not a folder, ValueError on malformed
-    files or two files claiming the same image.
+    ignored). Raises FileNotFoundError if ``pred_dir`` is not a folder. A malformed or unreadable
+    file, or a second file claiming an image already read, raises ValueError (OSError) naming
+    ``file:line``; with ``problems`` (a list) such a file is skipped instead and that one-line
+    message appended, so that every bad file of the folder is found in one pass.
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -412,9 +419,16 @@ def read_prediction_dir(pred_dir: PathLike) -> dict[str, dict[str, np.ndarray]]:
     for event_dir in sorted(p for p in pred_dir.iterdir() if p.is_dir()):
         event: dict[str, np.ndarray] = {}
         for txt in sorted(event_dir.glob("*.txt")):
-            stem, boxes = read_prediction_file(txt)
-            if stem in event:
-                raise ValueError(f"{txt}:1: image {event_dir.name}/{stem} already read from another file")
+            try:
+                stem, boxes = read_prediction_file(txt)
+                if stem in event:
+                    raise ValueError(f"{txt}:1: image {event_dir.name}/{stem} already read from another file")
+            except (OSError, ValueError) as error:
+                if problems is None:
+                    raise
+                reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+                problems.append(" ".join((reason if reason.startswith(str(txt)) else f"{txt}: {reason}").split()))
+                continue
             event[stem] = boxes
         out[event_dir.name] = event
     return out

@@ -77,9 +77,9 @@ __all__ = [
     "seed_everything", "configure_backends", "model_config_from_args", "build_model", "wrap_model",
     "build_optimizer", "reference_schedule", "LRSchedule", "build_scheduler", "EpochSeededDataset",
     "ResumableSampler", "TrainBatchCollate", "shared_memory_keep", "train_transform", "build_train_loader",
-    "autocast_settings", "TrainContext", "train_one_epoch",
+    "describe_amp", "autocast_settings", "TrainContext", "train_one_epoch",
     "evaluate_widerface", "capture_rng_state", "restore_rng_state", "save_training_state",
-    "load_training_state", "train",
+    "load_training_state", "check_no_run_overwritten", "create_run_folders", "train",
 ]
 
 
@@ -88,7 +88,7 @@ class TrainingSetupError(RuntimeError):
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the checkpoint that was kept."""
+    """The loss became NaN/inf; the message names the step and the last checkpoint saved before it."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,6 +419,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
+def describe_amp(dtype: torch.dtype | None, device: torch.device, amp: bool) -> str:
+    """The mixed precision in use for the start-up line: ``bfloat16``, ``float16 with loss
+    scaling``, ``off`` or ``off (CPU)`` (``--amp true`` is a CUDA feature)."""
+    if dtype is None:
+        return "off (CPU)" if amp and device.type != "cuda" else "off"
+    name = str(dtype).removeprefix("torch.")
+    return f"{name} with loss scaling" if dtype == torch.float16 else name
+
+
 def autocast_settings(device: torch.device, amp: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
     """Autocast dtype (bf16 where supported, else fp16; ``None`` on the CPU or without ``amp``)
     and a GradScaler that is enabled only for fp16."""
@@ -676,7 +685,9 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
     ``DeferredTrainTransform`` with ``--augment_on device``): drop-last batches of
     ``--batch_size`` per process, pinned memory on CUDA, persistent workers when ``--workers`` > 0.
     Batches are ``(images, PaddedTargets, LoadReport)`` (:class:`TrainBatchCollate`): unreadable
-    images are replaced (see :class:`EpochSeededDataset`) and reported to the training loop."""
+    images are replaced (see :class:`EpochSeededDataset`) and reported to the training loop.
+    Raises :class:`TrainingSetupError` for missing data, a label file without images or faces,
+    and fewer images per process than ``--batch_size``."""
     from utils.data_loaders import dataset_from_root
 
     try:
@@ -687,6 +698,14 @@ def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
     if len(dataset) == 0:
         raise TrainingSetupError(f"training data: {dataset.label_file} lists no images (expected '# <event>/<name>.jpg' "
                                  "headers, each followed by its face lines; see data/README.md)")
+    if dataset.num_faces == 0:
+        dropped = [f"{count} {what} dropped" for count, what in ((dataset.num_degenerate, "degenerate box(es)"),
+                                                                 (dataset.num_invalid, "flagged invalid"))
+                   if count]
+        raise TrainingSetupError(
+            f"training data: the labels in {dataset.label_file} hold no faces ({len(dataset)} images"
+            + (f"; {', '.join(dropped)}" if dropped else "") + "): images without faces are valid samples, "
+            "but a training set needs faces in some of them")
     sampler = ResumableSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=seed)
     if sampler.num_samples < args.batch_size:
         raise TrainingSetupError(
@@ -930,11 +949,16 @@ class TrainContext:
                         self._add_unreadable(path, reason)
         self.pending_unreadable.clear()
 
+    def position(self) -> str:
+        """``epoch E/N iter I/M`` of the last step done (1-based, as the progress lines say; the
+        start of epoch 1 before any step)."""
+        epoch, done = divmod(self.global_step - 1, self.iters_per_epoch) if self.global_step else (0, -1)
+        return f"epoch {epoch + 1}/{self.epochs} iter {done + 1}/{self.iters_per_epoch}"
+
     def save_last(self) -> None:
         if self.info.is_main:
             path = save_training_state(self.ckpt_dir / "last.pth", self)
-            self.log(f"saved checkpoint {path} (epoch {self.global_step // self.iters_per_epoch}, "
-                     f"step {self.global_step})")
+            self.log(f"saved checkpoint {path} ({self.position()}, step {self.global_step})")
         self.last_saved_step = self.global_step
 
 
@@ -988,15 +1012,22 @@ def _format_duration(seconds: float) -> str:
     return f"{days}d {text}" if days else text
 
 
-def _last_good_message(ctx: TrainContext) -> str:
+def _kept_checkpoint_message(ctx: TrainContext) -> str:
+    """What a diverged run leaves behind. Not called good: its loss was finite, but its weights
+    may already have been on the way to the overflow."""
     path = ctx.ckpt_dir / "last.pth"
     if path.is_file():
         try:
             step = int(read_checkpoint(path)["step"])
-            return f"the last good checkpoint {path} (step {step}) was kept"
+            return f"the last checkpoint saved before that, {path} (step {step}), was kept"
         except (CheckpointError, KeyError):
-            return f"the last good checkpoint {path} was kept"
+            return f"the last checkpoint saved before that, {path}, was kept"
     return "no checkpoint had been written yet"
+
+
+def _step_span(first: int, last: int) -> str:
+    """``at step 3``, or ``between step 1 and step 5`` for a window of several steps."""
+    return f"at step {last}" if first == last else f"between step {first} and step {last}"
 
 
 class _LossMeter:
@@ -1135,8 +1166,8 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
                 ctx.share_unreadable(pending)
                 if bad:
                     raise TrainingDivergedError(
-                        f"loss became NaN/inf between step {window_start + 1} and step {ctx.global_step} "
-                        f"(epoch {epoch + 1}); training stopped and {_last_good_message(ctx)}. "
+                        f"loss became NaN/inf {_step_span(window_start + 1, ctx.global_step)} "
+                        f"(epoch {epoch + 1}); training stopped and {_kept_checkpoint_message(ctx)}. "
                         f"Try a lower --lr, a longer --warmup_epochs, or --amp false.")
                 ctx.loss_history.append((ctx.global_step, means["total"]))
                 now = time.perf_counter()  # the read-back above waited for the device: a true wall time
@@ -1148,8 +1179,7 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
                 if info.is_main:
                     progress.set_postfix(loss=f"{means['total']:.4f}", lr=f"{lr:.2e}", run_eta=eta)
                     speed = (now - started) / max(batch_index + 1 - skip_batches, 1)
-                    ctx.log(f"epoch {epoch + 1}/{ctx.epochs} iter {batch_index + 1}/{ctx.iters_per_epoch} "
-                            f"step {ctx.global_step} lr {lr:.3e} "
+                    ctx.log(f"{ctx.position()} step {ctx.global_step} lr {lr:.3e} "
                             + " ".join(f"{k} {v:.4f}" for k, v in means.items())
                             + f" ({speed:.3f} s/iter, data wait {data_share:.0%}, run ETA {eta})")
                     if ctx.writer is not None:
@@ -1185,7 +1215,8 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
 
     Detection at original scale (confidence 0.02, NMS 0.4, no top-k cuts, the public
     prediction-file convention, as :func:`utils.evaluation.evaluate_model`), counting only the
-    images present.
+    images present; a val image that cannot be read raises :class:`EvaluationError` (an AP
+    without it would not be the official one).
     ``gt``: ``utils.metric.load_ground_truth(gt_dir)``. The model keeps its weights and train mode,
     except that in a distributed run the BatchNorm statistics of rank 0 are first copied to the
     other ranks, so that every rank evaluates the same model.
@@ -1208,7 +1239,7 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
             detector = protocol_detector(unwrap(model), device, confidence_threshold=confidence_threshold,
                                          nms_threshold=nms_threshold)
             images = list_val_images(val_root)[rank::world]
-            predictions = predict_widerface(detector, images=images, workers=0, progress=False).predictions
+            predictions = predict_widerface(detector, images=images, workers=0, progress=False).complete_predictions()
     except VALIDATION_ERRORS as error:
         if world == 1:
             raise
@@ -1282,6 +1313,64 @@ class _TqdmHandler(logging.StreamHandler):
             tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # pragma: no cover - logging must never break training
             self.handleError(record)
+
+
+def _training_progress(checkpoint: Mapping[str, Any]) -> float:
+    """Epochs of training a checkpoint holds (its step in units of its own iterations per epoch,
+    which a resume with another batch size changes)."""
+    return int(checkpoint["step"]) / int(checkpoint.get("iters_per_epoch") or 1)
+
+
+def check_no_run_overwritten(exp_dir: Path, resume: str | None, resume_checkpoint: Mapping[str, Any] | None
+                             ) -> list[str]:
+    """Refuse (:class:`TrainingSetupError`) a start whose saves would overwrite ``<exp_dir>/ckpt/last.pth``
+    while it holds work this run does not continue:
+
+    - a new run (no ``resume``) in a folder that already holds a run;
+    - a resume from a checkpoint outside ``<exp_dir>/ckpt`` (another run's, or a copy) into it;
+    - a resume from another checkpoint of that folder (e.g. ``best.pth``) behind its ``last.pth``.
+
+    Returns notes for the log (a ``last.pth`` that cannot be read is replaced: nothing to keep)."""
+    last = exp_dir / "ckpt" / "last.pth"
+    if not last.is_file():
+        return []
+    if resume is None or resume_checkpoint is None:
+        raise TrainingSetupError(f"{exp_dir} already holds a run ({last}): continue it with --resume "
+                                 f"{last}, or choose another --experiment_name (or delete {exp_dir})")
+    if Path(resume).resolve().parent != last.parent.resolve():
+        raise TrainingSetupError(f"{exp_dir} already holds a run ({last}) and --resume {resume} is not one of its "
+                                 f"checkpoints: continuing it there would overwrite that run; give a new "
+                                 f"--experiment_name (or delete {exp_dir})")
+    if last.samefile(resume):
+        return []
+    try:
+        latest = read_checkpoint(last)
+        ahead = _training_progress(latest) > _training_progress(resume_checkpoint)
+    except (CheckpointError, KeyError, TypeError, ValueError) as error:
+        return [f"note: {last} cannot be read ({one_line(error)}); this run's first save replaces it"]
+    if ahead:
+        raise TrainingSetupError(
+            f"{last} is at step {int(latest['step'])}, ahead of the step-{int(resume_checkpoint['step'])} checkpoint "
+            f"being resumed ({resume}): resuming would overwrite it; continue from {resume} under a new "
+            f"--experiment_name to branch off, or resume {last}")
+    return []
+
+
+def create_run_folders(exp_dir: Path) -> None:
+    """Create ``<exp_dir>/ckpt`` and ``<exp_dir>/log`` and write (and remove) a file in each, so that an
+    unusable folder stops the run at start-up with :class:`TrainingSetupError`, not at the first save
+    an epoch later."""
+    for folder in (exp_dir / "ckpt", exp_dir / "log"):
+        probe = folder / f".write_test_{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            reason = ("it exists and is not a folder" if folder.exists() and not folder.is_dir()
+                      else error.strerror or one_line(error))
+            raise TrainingSetupError(f"cannot write the run's files to {folder}: {reason} (choose another "
+                                     "--experiment_name or fix that path)") from None
 
 
 def _make_logger(exp_dir: Path, is_main: bool) -> logging.Logger:
@@ -1404,8 +1493,9 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
     ``--log_every`` window; ``unreadable_images``: ``{path: reason}`` of the training images
     skipped by this invocation; ``failed_validations``: one line per periodic validation that
     failed). Raises
-    :class:`TrainingSetupError` for unusable options or data and :class:`TrainingDivergedError`
-    when the loss becomes NaN/inf (after closing everything; the last good checkpoint is kept).
+    :class:`TrainingSetupError` for unusable options, data or run folder (also for a start that would
+    overwrite a run's checkpoints, see :func:`check_no_run_overwritten`) and :class:`TrainingDivergedError`
+    when the loss becomes NaN/inf (after closing everything; the last checkpoint saved before is kept).
     """
     started = time.perf_counter()
     info = setup_distributed(args.device, args.gpu_num)
@@ -1437,10 +1527,9 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         if info.distributed:
             check_ranks_agree(info, val_root is not None, len(dataset))
         exp_dir = Path("experiments") / args.experiment_name
-        previous = exp_dir / "ckpt" / "last.pth"
-        if resume_ckpt is None and previous.is_file():  # never overwrite a run by starting it again
-            raise TrainingSetupError(f"{exp_dir} already holds a run ({previous}): continue it with --resume "
-                                     f"{previous}, or choose another --experiment_name (or delete {exp_dir})")
+        run_folder_notes = check_no_run_overwritten(exp_dir, args.resume, resume_ckpt)
+        if info.is_main:
+            create_run_folders(exp_dir)
         logger = _make_logger(exp_dir, info.is_main)
         configure_backends(info.device, args.deterministic)
         seed_everything(seed, info.rank)
@@ -1488,13 +1577,14 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             writer = SummaryWriter(log_dir=str(exp_dir / "log"))
             ctx.writer = writer
             ctx.log(f"training {config} on {info.device} x{info.world_size} process(es); "
-                    f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {args.batch_size} per process, "
+                    f"{len(dataset)} images ({dataset.num_faces} faces), {iters_per_epoch} iterations/epoch of "
+                    f"{args.batch_size} per process, "
                     f"{epochs} epochs, {args.lr_schedule} schedule"
                     + (f" (x0.1 at epochs {steps})" if args.lr_schedule == "step" else "")
                     + f", lr {args.lr}, warm-up {args.warmup_epochs} epochs, "
-                    f"amp {autocast_dtype}, seed {seed}")
+                    f"amp {describe_amp(autocast_dtype, info.device, args.amp)}, seed {seed}")
             recipe = recipe_differences(args, config, info.world_size)
-            for note in notes + ([recipe] if recipe else []):
+            for note in run_folder_notes + notes + ([recipe] if recipe else []):
                 ctx.log(note)
             ctx.log("options: " + json.dumps({k: _plain(v) for k, v in vars(args).items()}, sort_keys=True))
             if resume_ckpt is not None:
