@@ -530,7 +530,17 @@ def test_ctrl_c_stops_at_the_step_boundary_saves_last_and_the_run_resumes(widerf
     assert summary["step"] == 10
 
 
-def test_log_gives_the_run_eta_and_notes_a_cpu_fallback_and_coinciding_decay_epochs(widerface_sample, tmp_path,
+def test_decay_epoch_notes_name_late_and_coinciding_epochs_and_where_they_come_from():
+    assert tu.decay_epoch_notes([190, 220], 250, given=False) == []
+    assert tu.decay_epoch_notes([3, 3], 5, given=True) == [
+        "note: decay epochs [3, 3] coincide (--lr_steps): the lr drops by more than x0.1 at once"]
+    assert tu.decay_epoch_notes([2, 300], 250, given=True) == [
+        "note: decay epoch(s) [300] (--lr_steps) fall at or after the end of the 250-epoch run: never applied"]
+    late, same = tu.decay_epoch_notes([2, 2, 4], 4, given=False)
+    assert "[4] (the recipe's, scaled to 4 epochs; --lr_steps sets them)" in late and "[2, 2] coincide" in same
+
+
+def test_log_gives_the_run_eta_and_notes_a_cpu_fallback_and_late_decay_epochs(widerface_sample, tmp_path,
                                                                                      monkeypatch):
     import train
 
@@ -541,10 +551,13 @@ def test_log_gives_the_run_eta_and_notes_a_cpu_fallback_and_coinciding_decay_epo
     train.run(argv)
     log = (tmp_path / "experiments/notes/log/logs.txt").read_text()
     assert "--gpu_num 0 given, but CUDA is not available: training on the CPU" in log
-    assert "decay epochs [2, 2] coincide" in log  # mobilenet0.25's 190 and 220 of 250 scaled to 2 epochs
+    # mobilenet0.25's 190 and 220 of 250 scaled to 2 epochs: both at the end of the run
+    assert ("decay epoch(s) [2, 2] (the recipe's, scaled to 2 epochs; --lr_steps sets them) fall at or after the "
+            "end of the 2-epoch run: never applied") in log
     etas = re.findall(r"step (\d) lr .* run ETA (\d\d):(\d\d)\)", log)
     assert [int(step) for step, _, _ in etas] == [1, 2, 3] and etas[-1][1:] == ("00", "00")
-    assert re.search(r"finished at step 3 after \d\d:\d\d;", log)
+    assert re.search(r"finished at step 3 of \d+ \(--max_iters; --resume experiments/notes/ckpt/last.pth continues "
+                     r"the schedule\) after \d\d:\d\d;", log)
     assert tu._format_duration(90061.4) == "1d 01:01:01" and tu._format_duration(3599.6) == "01:00:00"
 
 

@@ -380,6 +380,22 @@ def resolve_epochs_and_steps(args: argparse.Namespace, network: str) -> tuple[in
     return epochs, steps
 
 
+def decay_epoch_notes(steps: Sequence[int], epochs: int, given: bool) -> list[str]:
+    """Log notes on step-decay epochs that do not act as ``x0.1`` each: some fall at or after the
+    end of the run (never applied), or several coincide (one drop of more than x0.1). ``given``:
+    they come from ``--lr_steps`` (else from the recipe scaled to ``epochs``)."""
+    origin = "--lr_steps" if given else f"the recipe's, scaled to {epochs} epochs; --lr_steps sets them"
+    notes = []
+    late = [s for s in steps if s >= epochs]
+    if late:
+        notes.append(f"note: decay epoch(s) {late} ({origin}) fall at or after the end of the {epochs}-epoch run: "
+                     "never applied")
+    applied = [s for s in steps if s < epochs]
+    if len(set(applied)) < len(applied):
+        notes.append(f"note: decay epochs {applied} coincide ({origin}): the lr drops by more than x0.1 at once")
+    return notes
+
+
 class LRSchedule:
     """Learning-rate factor of iteration ``step`` (0-based), used through ``LambdaLR``.
 
@@ -1566,9 +1582,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             if ignored:
                 notes.append(f"note: {' and '.join(ignored)} ignored when resuming (the run keeps its seed {seed} "
                              "and its weights)")
-        if args.lr_schedule == "step" and len(set(steps)) < len(steps):
-            notes.append(f"note: decay epochs {steps} coincide (the recipe's scaled to {epochs} epochs): the lr drops "
-                         "by more than x0.1 at once; --lr_steps sets them")
+        if args.lr_schedule == "step":
+            notes += decay_epoch_notes(steps, epochs, given=bool(getattr(args, "lr_steps", None)))
         if info.device.type == "cpu" and explicit and "gpu_num" in explicit and not args.device:
             notes.append(f"note: --gpu_num {args.gpu_num} given, but CUDA is not available: training on the CPU "
                          "(--device cuda makes this an error)")
@@ -1631,7 +1646,10 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             problems.append(f"{len(ctx.unreadable)} unreadable training image(s) skipped (listed above)")
         if ctx.failed_validations:
             problems.append(f"{len(ctx.failed_validations)} validation(s) failed (listed above)")
-        ctx.log(f"finished at step {ctx.global_step} after {_format_duration(time.perf_counter() - started)}; "
+        schedule_steps = ctx.epochs * ctx.iters_per_epoch
+        early = (f" of {schedule_steps} (--max_iters; --resume {ctx.ckpt_dir / 'last.pth'} continues the schedule)"
+                 if ctx.global_step < schedule_steps else "")
+        ctx.log(f"finished at step {ctx.global_step}{early} after {_format_duration(time.perf_counter() - started)}; "
                 f"checkpoints in {ctx.ckpt_dir}"
                 + (f"; but {' and '.join(problems)}" if problems else ""))
         best_path = ctx.ckpt_dir / "best.pth"
