@@ -294,6 +294,23 @@ def test_pred_dir_evaluates_the_good_files_and_names_every_bad_one(test_script, 
     assert not (tmp_path / "none").exists()
 
 
+def test_pred_dir_of_a_results_folder_that_holds_an_eval_folder_still_gets_the_hint(test_script, widerface_gt_dir,
+                                                                                     tmp_path, capsys):
+    """The results folder after a --pred_dir evaluation holds widerface_txt/ and widerface_txt_eval/
+    (results.txt ...): given as --pred_dir, the result files are skipped as malformed and the
+    message still points at widerface_txt/."""
+    results = tmp_path / "results"
+    write_synthetic_predictions(results / "widerface_txt", load_gt(widerface_gt_dir),
+                                ["0--Parade/0_Parade_marchingband_1_465"])
+    (results / "widerface_txt_eval").mkdir()
+    (results / "widerface_txt_eval" / "results.txt").write_text("test images: 1\nEasy AP: 1.0\n")
+    code, _, err = run_cli(test_script, ["--pred_dir", results, "--gt_dir", widerface_gt_dir], tmp_path, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in err, err
+    assert last.startswith(f"test.py: error: none of the 1 prediction files in {results} could be read")
+    assert last.endswith(f"use --pred_dir {results / 'widerface_txt'}"), last
+
+
 def test_pred_dir_warns_once_about_every_model_run_option_it_ignores(test_script, widerface_gt_dir,
                                                                     widerface_sample, tmp_path, capsys):
     """--pred_dir runs no model: each model-run option set to a non-default value is named in one

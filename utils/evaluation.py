@@ -417,7 +417,8 @@ def evaluate_prediction_dir(pred_dir: str | os.PathLike[str],
     if not any(predictions.values()):
         skipped = len(problems) - known if problems is not None else 0
         if skipped:
-            raise EvaluationError(f"none of the {skipped} prediction files in {path} could be read")
+            raise EvaluationError(f"none of the {skipped} prediction files in {path} could be read"
+                                  + _prediction_folder_hint(path))
         raise EvaluationError(f"no prediction files in {path} (expected <event>/<image stem>.txt)"
                               + _prediction_folder_hint(path))
     return evaluate_predictions(predictions, gt, iou_threshold)
