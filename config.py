@@ -70,7 +70,7 @@ def training_image_size(value: str) -> int:
 def experiment_name(value: str) -> str:
     """argparse type for ``--experiment_name``: one folder name (``experiments/<name>/``, and the
     inference results file ``<name>_inference_results.txt``), so no path separators, not empty."""
-    if not value.strip() or value in (".", "..") or "/" in value or "\\" in value or value != value.strip():
+    if not value or value != value.strip() or value in (".", "..") or "/" in value or "\\" in value:
         raise argparse.ArgumentTypeError(f"expected a folder name without '/' or surrounding spaces, got {value!r}")
     return value
 
@@ -458,13 +458,19 @@ def _negative_value_hint(message: str, argv: Sequence[str]) -> str:
     return ""
 
 
+#: messages of checks that the command line makes before any work (exit 2) and the Python APIs
+#: repeat for their own callers (utils.checkpoint.checkpoint_for_run, utils.inference_utils.run_inference)
+WEIGHTS_CONFLICT = "give either --weights or --model_weight, not both"
+NO_INFERENCE_INPUT = "no input: pass --inference_dir DIR (a folder of images, searched recursively, or one image)"
+
+
 def check_option_combinations(script: str, args: argparse.Namespace) -> None:
     """Raise :class:`UsageError` for options that are valid alone but not together, or a missing
     option a command-line run needs (the Python APIs fill in their own)."""
     if getattr(args, "weights", None) and getattr(args, "model_weight", None):
-        raise UsageError("give either --weights or --model_weight, not both")
+        raise UsageError(WEIGHTS_CONFLICT)
     if script == INFERENCE and not args.inference_dir:
-        raise UsageError("no input: pass --inference_dir DIR (a folder of images, searched recursively, or one image)")
+        raise UsageError(NO_INFERENCE_INPUT)
     for flag in ("pred_dir", "gt_dir", "results_dir", "results_json", "dataset", "inference_dir",
                  "inference_save_folder"):
         value = getattr(args, flag, None)

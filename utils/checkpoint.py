@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
+from config import WEIGHTS_CONFLICT
 from models.retinaface import ModelConfig, RetinaFace
 from utils.errors import CheckpointError
 
@@ -253,7 +254,7 @@ def checkpoint_for_run(weights: str | None, model_weight: str | None, experiment
     (default best.pth, then last.pth), or its only .pth.
     """
     if weights and model_weight:
-        raise CheckpointError("give either --weights or --model_weight, not both")
+        raise CheckpointError(WEIGHTS_CONFLICT)
     if weights:
         return str(weights)
     ckpt_dir = Path(experiments_dir) / experiment_name / "ckpt"

@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 import torch
 
-from config import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, build_parser
+from config import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, NO_INFERENCE_INPUT, build_parser
 from utils.checkpoint import checkpoint_for_run, resolve_weights
 from utils.errors import unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
@@ -568,7 +568,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
 
     args = complete_args(args)
     if not args.inference_dir:
-        raise InferenceError("no input: pass --inference_dir DIR (a folder of images, searched recursively)")
+        raise InferenceError(NO_INFERENCE_INPUT)
     root = Path(args.inference_dir)
     check_input(root)
     output = Path(args.inference_save_folder)

@@ -912,9 +912,14 @@ class TrainContext:
     interrupt: "StopRequest | None" = None  # Ctrl-C: stop at the next step boundary (single-process runs)
 
     @property
+    def schedule_steps(self) -> int:
+        """Optimizer steps of the whole schedule (all epochs)."""
+        return self.epochs * self.iters_per_epoch
+
+    @property
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run (``--max_iters`` when it comes first)."""
-        total = self.epochs * self.iters_per_epoch
+        """Optimizer steps of this run (``--max_iters`` when it comes first)."""
+        total = self.schedule_steps
         return min(total, self.args.max_iters) if self.args.max_iters else total
 
     @property
@@ -1646,9 +1651,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             problems.append(f"{len(ctx.unreadable)} unreadable training image(s) skipped (listed above)")
         if ctx.failed_validations:
             problems.append(f"{len(ctx.failed_validations)} validation(s) failed (listed above)")
-        schedule_steps = ctx.epochs * ctx.iters_per_epoch
-        early = (f" of {schedule_steps} (--max_iters; --resume {ctx.ckpt_dir / 'last.pth'} continues the schedule)"
-                 if ctx.global_step < schedule_steps else "")
+        early = (f" of {ctx.schedule_steps} (--max_iters; --resume {ctx.ckpt_dir / 'last.pth'} continues the "
+                 "schedule)" if ctx.global_step < ctx.schedule_steps else "")
         ctx.log(f"finished at step {ctx.global_step}{early} after {_format_duration(time.perf_counter() - started)}; "
                 f"checkpoints in {ctx.ckpt_dir}"
                 + (f"; but {' and '.join(problems)}" if problems else ""))
