@@ -308,6 +308,11 @@ OPTIONS: tuple[Option, ...] = (
     _opt("--compile", type=compile_backend, default=None, scripts={TRAIN},
          help="torch.compile the model for training: false (default), true (inductor) or a backend "
               "name; the first step compiles (a minute or more), evaluation runs uncompiled"),
+    _opt("--cuda_graphs", type=str2bool, default=False, scripts={TRAIN},
+         help="on one CUDA GPU, replay the network's forward and backward passes from CUDA graphs "
+              "captured at start-up (the loss and the optimizer stay eager): the host launches two graphs "
+              "instead of every kernel, which sets the pace of mobilenet0.25's step (README, Training). "
+              "Not with --compile or several processes; ignored on the CPU"),
     _opt("--amp", type=str2bool, default=True, scripts={TRAIN},
          help="automatic mixed precision on CUDA (bf16 where supported, else fp16 with a "
               "GradScaler); ignored on the CPU"),
@@ -471,6 +476,9 @@ def check_option_combinations(script: str, args: argparse.Namespace) -> None:
         raise UsageError(WEIGHTS_CONFLICT)
     if script == INFERENCE and not args.inference_dir:
         raise UsageError(NO_INFERENCE_INPUT)
+    if script == TRAIN and args.cuda_graphs and args.compile:
+        raise UsageError("--cuda_graphs true and --compile are alternatives (each takes the kernel launches off "
+                         "the host); choose one")
     for flag in ("pred_dir", "gt_dir", "results_dir", "results_json", "dataset", "inference_dir",
                  "inference_save_folder"):
         value = getattr(args, flag, None)

@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def train_run(tmp_path_factory, widerface_sample):
     out = tmp_path_factory.mktemp("bench") / "train.jsonl"
     argv = ["--device", "cpu", "--threads", "1", "--configs", "mobilenet0.25:2:128", "--iters", "2",
             "--warmup", "1", "--workers", "1", "--busy_processes", "1", "--fixed_batches", "3",
-            "--dataset", str(widerface_sample),
+            "--variants", "public,fp32+cuda_graphs,fp32", "--dataset", str(widerface_sample),
             "--split", "val", "--profile", "--profile_steps", "1", "--out", str(out)]
     report, line = run_main(bt.main, argv)
     return report, line, out
@@ -219,6 +220,12 @@ def test_train_benchmark_cpu_smoke(train_run):
     modes = {(v["variant"], v["mode"]): v for v in config["variants"]}
     assert set(modes) == {("public", "fixed"), ("fp32", "fixed"), ("fp32", "fixed, busy processes"),
                           ("fp32", "fixed, 3 batches in turn"), ("fp32", "real")}
+    # train.py --cuda_graphs true as a variant: CUDA only, skipped with a note here
+    assert any(n.startswith("mobilenet0.25:2:128 fp32+cuda_graphs: skipped on the CPU") for n in report["notes"])
+    assert bt.parse_variant("bf16+cuda_graphs", torch.device("cuda")).cuda_graphs
+    for conflicting in ("bf16+cuda_graphs+compile", "bf16+cuda_graphs+graph"):
+        with pytest.raises(SystemExit):
+            bt.parse_variant(conflicting, torch.device("cuda"))
     busy = modes[("fp32", "fixed, busy processes")]
     assert busy["busy_processes"] == 1 and busy["ratio_to_fixed"] > 0
     several = modes[("fp32", "fixed, 3 batches in turn")]
@@ -547,6 +554,51 @@ def test_speed_table_target_verdicts():
     assert rows["resnet50:24:840 real data pipeline vs fixed batches"][3] == "not measured"
 
 
+def test_interrupted_training_config_still_gets_its_targets(tmp_path, monkeypatch):
+    """Run 7: the step limit interrupted benchmark_train inside the ResNet-50 config, whose rows were
+    then missing from the targets table. The summary comes from the rows measured; rows replayed from
+    a CUDA graph stay out (train.py does not train that way)."""
+    from tools.benchmark_train import summarise_config
+
+    def row(variant, mode, ips, **extra):
+        return {"variant": variant, "mode": mode, "img_per_s": ips, **extra}
+    entry = {"config": "resnet50:24:840", "variants": [
+        row("public", "fixed", 70.0), row("bf16", "fixed", 230.0), row("fp32", "fixed", 120.0),
+        row("bf16", "fixed, busy processes", 260.0), row("bf16+graph", "fixed, CUDA graph", 400.0),
+        row("bf16", "real", 207.0, augment_on="workers", ratio_to_fixed=0.9),
+        {"variant": "fp16", "mode": "fixed", "error": "RuntimeError: boom"}]}
+    summarise_config(entry)
+    assert entry["summary"] == {
+        "best_fixed_variant": "bf16", "best_fixed_img_per_s": 230.0, "public_style_img_per_s": 70.0,
+        "speedup_vs_public_style": 3.286, "public_reference_img_per_s": 99.0,
+        "public_reference_device": "NVIDIA H200, torch 2.11", "ratio_vs_public_reference": 2.323,
+        "target_ratio": 2.5, "real_ratio_to_fixed": {"workers": 0.9}}
+    from tools import benchmark_train
+
+    def interrupted(spec, args, device, errors, notes, entry):
+        entry.update(config=spec, variants=[row("bf16", "fixed", 230.0)])
+        raise KeyboardInterrupt
+    monkeypatch.setattr(benchmark_train, "measure_config", interrupted)
+    report = benchmark_train.main(["--device", "cpu", "--configs", "resnet50:24:840", "--out", str(tmp_path / "t.jsonl")])
+    assert report["interrupted"] and report["configs"][0]["summary"]["best_fixed_img_per_s"] == 230.0
+    nothing = {"config": "resnet50:24:840", "variants": [row("public", "fixed", 70.0)]}
+    summarise_config(nothing)
+    assert "summary" not in nothing
+
+    # a report written before benchmark_train summarised interrupted configs (run 7's)
+    env = {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda", "torch": "2.11.0"}
+    old = {"benchmark": "train", "env": env, "date": "2026-11-27", "command": "python x", "interrupted": True,
+           "configs": [{"config": "mobilenet0.25:32:640", "variants": [], "summary": {
+                           "best_fixed_img_per_s": 1110.0, "best_fixed_variant": "bf16", "speedup_vs_public_style": 4.7}},
+                       {"config": "resnet50:24:840", "variants": entry["variants"]}]}
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(old) + "\n")
+    rows = {r[0]: r for r in speed_table.target_rows(speed_table.read_reports([str(path)]))}
+    assert rows["resnet50 bs24@840 fixed batches"][2] == "230 (bf16; 3.3× public-style here)"
+    assert rows["resnet50:24:840 real data pipeline vs fixed batches"][2] == "0.900"
+    assert rows["mobilenet0.25 bs32@640 fixed batches"][2].startswith("1,110 (bf16")
+
+
 def test_public_style_folder_pass_finds_what_face_detector_finds(widerface_sample, mobilenet_weights, tmp_path,
                                                                  one_cpu_thread):
     """The baseline of gpu_check's cli step: one public-style pass over a folder, run as a script,
@@ -650,6 +702,23 @@ def test_gpu_check_script_smoke(tmp_path, widerface_sample, mobilenet_weights):
     assert "### Targets" in (tmp_path / "out" / "speed_table.md").read_text()
 
 
+def test_gpu_check_deadline_cuts_step_caps_and_skips_what_no_longer_fits(tmp_path, widerface_sample,
+                                                                        mobilenet_weights):
+    """GPU_CHECK_DEADLINE: run 7's call was stopped by the device call's limit before its table; with a
+    deadline every step's cap shrinks to what is left (30 s kept for the table), a step that no longer
+    fits is skipped and logged, and the exit status says the call was incomplete."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RETINAFACE_SHARED": str(widerface_sample.parents[1]),
+           "PYTHON": sys.executable, "GPU_CHECK_STEPS": "train nms table", "GPU_CHECK_DEADLINE": "60"}
+    result = subprocess.run(["bash", "tools/gpu_check.sh", "--smoke"], cwd=REPO_ROOT, env=env,
+                            capture_output=True, text=True, timeout=200)
+    log = (tmp_path / "out" / "gpu_check.log").read_text()
+    assert result.returncode == 1, log[-3000:]
+    assert re.search(r"== train: cap cut from 120 to \d+ s by GPU_CHECK_DEADLINE=60", log)
+    assert re.search(r"== nms: skipped, -?\d+ s left before GPU_CHECK_DEADLINE=60", log)
+    assert "tools/benchmark_nms.py" not in log
+    assert "### Training" in (tmp_path / "out" / "speed_table.md").read_text()
+
+
 def test_gpu_check_refuses_to_run_without_the_shared_data(tmp_path):
     """On a GPU lease, missing sample data would turn most CUDA tests into skips and the benchmarks
     into noise measurements that still exit 0: the script stops first."""
@@ -676,6 +745,10 @@ def test_gpu_check_refuses_unknown_arguments_and_steps_and_a_machine_without_cud
     assert result.returncode == 2 and "unknown step 'trian'" in result.stderr
     result = run("--smok")
     assert result.returncode == 2 and "unknown arguments: --smok" in result.stderr
+    for deadline in ("9m", "30"):
+        result = subprocess.run(["bash", "tools/gpu_check.sh", "--smoke"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=120, env={**env, "GPU_CHECK_DEADLINE": deadline})
+        assert result.returncode == 2 and f"at least 60 (got '{deadline}')" in result.stderr
     assert run("--help").returncode == 0
     if not torch.cuda.is_available():  # the benchmarks would only record errors
         result = run()

@@ -189,3 +189,30 @@ def test_postprocess_waits_for_the_device_only_for_candidates_and_counts():
     rows, counts = found
     assert counts == expected_counts == expected.counts and sum(counts) > 100
     np.testing.assert_allclose(rows, expected_rows, rtol=0, atol=1e-3)
+
+
+def test_training_with_cuda_graphs_follows_eager_training(widerface_sample, tmp_path, monkeypatch):
+    """train.py --cuda_graphs true (forward and backward replayed from graphs) against the same run
+    launching every kernel: same losses, weights and BatchNorm statistics up to float rounding
+    (cuDNN may pick other algorithms for the capture); then a bf16 run, the training default."""
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--dataset", str(widerface_sample), "--train_split", "val", "--network", "mobilenet0.25",
+              "--pretrained", "false", "--cascade", "true", "--batch_size", "4", "--im_size", "320",
+              "--workers", "0", "--eval_every", "0", "--device", "cuda", "--max_iters", "6", "--log_every", "1"]
+    runs = {}
+    for graphs in ("false", "true"):
+        runs[graphs] = train.run([*common, "--experiment_name", f"graphs_{graphs}", "--amp", "false",
+                                  "--cuda_graphs", graphs])
+    eager, graphed = ([loss for _, loss in runs[g]["loss_history"]] for g in ("false", "true"))
+    assert len(eager) == len(graphed) == 6
+    np.testing.assert_allclose(graphed, eager, rtol=1e-3)
+    weights = {g: torch.load(tmp_path / f"experiments/graphs_{g}/ckpt/last.pth", weights_only=True)["model"]
+               for g in ("false", "true")}
+    for name, value in weights["false"].items():  # BatchNorm statistics included
+        torch.testing.assert_close(weights["true"][name].float(), value.float(), rtol=1e-2, atol=1e-3, msg=name)
+    log = (tmp_path / "experiments/graphs_true/log/logs.txt").read_text()
+    assert "CUDA graphs: the network's forward and backward passes replay graphs captured for batches of 4 at 320 px" in log
+    bf16 = train.run([*common, "--experiment_name", "graphs_bf16", "--cuda_graphs", "true"])
+    assert all(np.isfinite(loss) for _, loss in bf16["loss_history"])

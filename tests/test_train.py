@@ -998,3 +998,75 @@ def test_overfit_check_repeats_the_sample_and_keeps_the_trained_weights(widerfac
     trained = torch.load(tmp_path / "work/experiments/overfit_check/ckpt/last.pth", map_location="cpu",
                          weights_only=False)
     assert trained["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# --cuda_graphs (the capture itself needs CUDA: tests/test_cuda.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", ["retina", "tina"])  # tina: the IoU head fills StageOutput.iou
+def test_graphed_training_network_follows_plain_training(widerface_sample, monkeypatch, version):
+    """Everything of GraphedTrainingNetwork but the capture (make_graphed_callables, CUDA only,
+    replaced by the flattened network itself): the outputs keep the network's structure, the loss
+    and unwrap find the network, the BatchNorm statistics changed while capturing are put back, eval
+    mode runs the network, another batch shape is refused, and training steps equal plain ones."""
+    from utils.graphed_training import GraphedTrainingNetwork
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", lambda module, sample_args, **options: module)
+    inputs, targets = _fixed_batch(widerface_sample, 128, 2)
+    config = ModelConfig(network="mobilenet0.25", cascade=True, model_version=version)
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(RetinaFace(config))
+    plain, network = models
+    before = {name: value.clone() for name, value in network.named_buffers()}
+    graphed = GraphedTrainingNetwork(network, inputs.shape, channels_last=False, autocast_dtype=None)
+    for name, value in network.named_buffers():
+        assert torch.equal(value, before[name]), name
+    assert tu.unwrap(graphed) is network and list(graphed.parameters()) == list(network.parameters())
+
+    criterion = MultiBoxLoss(config)
+    priors = prior_boxes((128, 128), config.num_anchor)
+    padded = pad_targets(targets)
+    args = parse_args("train", ["--lr", "0.01"])
+    histories = []
+    for runner, model in ((plain, plain), (graphed, network)):
+        optimizer = tu.build_optimizer(model, args)
+        runner.train()
+        history = []
+        for _ in range(3):
+            outputs = runner(inputs)
+            assert len(outputs) == 2 and all((stage.iou is not None) == (version == "tina") for stage in outputs)
+            losses = criterion(runner, outputs, priors, padded)
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            optimizer.step()
+            history.append(float(losses["total"].detach()))
+        histories.append(history)
+    assert histories[0] == histories[1]
+    for (name, mine), theirs in zip(network.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(mine, theirs), name
+    with pytest.raises(ValueError, match=r"captured for batches of shape \(2, 3, 128, 128\), got \(1, 3, 128, 128\)"):
+        graphed(inputs[:1])
+    graphed.eval()
+    assert not network.training
+    with torch.no_grad():
+        for got, want in zip(graphed(inputs[:1]), network(inputs[:1])):
+            assert torch.equal(got.loc, want.loc) and torch.equal(got.conf, want.conf)
+
+
+def test_cuda_graphs_option_on_the_cpu_with_compile_and_with_several_processes(widerface_sample, tmp_path,
+                                                                               monkeypatch, capsys):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    assert train.main(_run_args(widerface_sample, "graphs", "--max_iters", "1", "--cuda_graphs", "true")) == 0
+    log = (tmp_path / "experiments/graphs/log/logs.txt").read_text()
+    assert "note: --cuda_graphs true ignored on the CPU (CUDA graphs need a GPU)" in log
+    capsys.readouterr()
+    assert train.main(_run_args(widerface_sample, "both", "--cuda_graphs", "true", "--compile", "true")) == 2
+    assert "--cuda_graphs true and --compile are alternatives" in capsys.readouterr().err
+    assert not (tmp_path / "experiments/both").exists()
+    ctx = SimpleNamespace(info=SimpleNamespace(device=torch.device("cuda"), distributed=True))
+    with pytest.raises(tu.TrainingSetupError, match="leave it false under torchrun with several processes"):
+        tu.graph_training_network(ctx, parse_args("train", ["--cuda_graphs", "true"]), None)

@@ -19,7 +19,9 @@ What one run measures, per config
   meter) over that batch, in the form the training DataLoader delivers it (targets padded,
   pinned on CUDA: ``loader_batch``). Variants: ``fp32`` (PyTorch's
   default cuDNN TF32), ``bf16`` / ``fp16`` autocast; modifiers ``nchw`` / ``cl`` (memory format,
-  default channels_last on CUDA as train.py does) and ``compile`` (``torch.compile`` of the model).
+  default channels_last on CUDA as train.py does), ``compile`` (``torch.compile`` of the model) and
+  ``cuda_graphs`` (``train.py --cuda_graphs true``: the network's forward and backward passes
+  replayed from CUDA graphs, ``utils.graphed_training``; CUDA only).
 * ``fixed, CUDA graph`` (variants with ``+graph``, fp32 / bf16, CUDA only): the same step
   (``training_step``) captured once in a CUDA graph and replayed: what a step costs when the host
   launches nothing. train.py does not run this way; the row measures the headroom of doing so,
@@ -395,11 +397,12 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
     cuda = device.type == "cuda"
     if tokens == ["public"]:
         return SimpleNamespace(name="public", public=True, precision="fp32", channels_last=False, compile=False,
-                               graph=False)
+                               graph=False, cuda_graphs=False)
     if not tokens or tokens[0] not in ("fp32", "bf16", "fp16"):
-        raise SystemExit(f"train variant {text!r}: 'public' or fp32/bf16/fp16 [+nchw|+cl] [+compile] [+graph]")
+        raise SystemExit(f"train variant {text!r}: 'public' or fp32/bf16/fp16 [+nchw|+cl] [+compile|+cuda_graphs] "
+                         "[+graph]")
     variant = SimpleNamespace(name=text.strip(), public=False, precision=tokens[0], channels_last=cuda, compile=False,
-                              graph=False)
+                              graph=False, cuda_graphs=False)
     for token in tokens[1:]:
         if token in ("nchw", "cl"):
             variant.channels_last = token == "cl"
@@ -407,11 +410,15 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
             variant.compile = True
         elif token == "graph":
             variant.graph = True
+        elif token == "cuda_graphs":
+            variant.cuda_graphs = True
         else:
             raise SystemExit(f"train variant {text!r}: unknown modifier {token!r}")
-    if variant.graph and (variant.precision == "fp16" or variant.compile):
+    if variant.graph and (variant.precision == "fp16" or variant.compile or variant.cuda_graphs):
         raise SystemExit(f"train variant {text!r}: graph is for fp32 / bf16 without compile (fp16 needs the "
                          "loss scaler's host-side checks)")
+    if variant.cuda_graphs and variant.compile:
+        raise SystemExit(f"train variant {text!r}: cuda_graphs and compile are alternatives (as in train.py)")
     return variant
 
 
@@ -449,6 +456,9 @@ def run_ours(config, variant, device: torch.device, batches: Iterable, steps: in
     """``steps`` optimizer steps of ``train_one_epoch`` over ``batches`` (wrapped in ``clock``)."""
     from utils.train_utils import TrainContext, DistInfo, train_one_epoch
     model, runner, optimizer, scaler, dtype = build_training(config, variant, device, seed)
+    if variant.cuda_graphs:
+        from utils.graphed_training import GraphedTrainingNetwork
+        runner = GraphedTrainingNetwork(runner, (batch, 3, size, size), variant.channels_last, dtype)
     args = SimpleNamespace(batch_size=batch, max_iters=steps, log_every=1 << 30, save_every=0)
     # rank 1 of a non-distributed run: train_one_epoch then draws no progress bar and logs nothing
     # (is_main is False); everything else it does is the same
@@ -627,6 +637,32 @@ def profile_run(run, device: torch.device, steps: int, rows: int = 25
     return table or str(averages), top, busy_ms
 
 
+def summarise_config(entry: dict[str, Any]) -> None:
+    """Set ``entry["summary"]`` from the rows measured so far (also for a run interrupted mid-config):
+    the fastest fixed-batch variant of ours (``+cuda_graphs`` included, as train.py can train so; the
+    whole-step ``fixed, CUDA graph`` rows stay out), its ratio to the public-style step and to the
+    public code's H200 figure, and the real pipeline's ratio to it."""
+    rows = entry.get("variants", [])
+    ours = [v for v in rows if v["mode"] == "fixed" and v["variant"] != "public" and "img_per_s" in v]
+    if not ours:
+        return
+    public_ips = next((v["img_per_s"] for v in rows
+                       if v["mode"] == "fixed" and v["variant"] == "public" and "img_per_s" in v), None)
+    best = max(ours, key=lambda v: v["img_per_s"])
+    summary: dict[str, Any] = {"best_fixed_variant": best["variant"], "best_fixed_img_per_s": best["img_per_s"],
+                               "public_style_img_per_s": public_ips,
+                               "speedup_vs_public_style": rnd(best["img_per_s"] / public_ips) if public_ips else None}
+    reference = PUBLIC_REFERENCE_IMG_PER_S.get(entry.get("config", ""))
+    if reference:
+        summary.update(public_reference_img_per_s=reference, public_reference_device="NVIDIA H200, torch 2.11",
+                       ratio_vs_public_reference=rnd(best["img_per_s"] / reference), target_ratio=TARGET_RATIO)
+    real = {v["augment_on"]: v["ratio_to_fixed"] for v in rows
+            if v["mode"] == "real" and v["variant"] == best["variant"] and "ratio_to_fixed" in v}
+    if real:
+        summary["real_ratio_to_fixed"] = real
+    entry["summary"] = summary
+
+
 def measure_config(spec: str, args: argparse.Namespace, device: torch.device, errors: list[str],
                    notes: list[str], entry: dict[str, Any]) -> None:
     """Fill ``entry`` for one ``MODEL:BATCH:SIZE`` config (as measurements finish)."""
@@ -653,7 +689,6 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
     release(device)
     pinned_images, pinned_targets = loader_batch(images, targets, device)
     fixed_img_per_s: dict[str, float] = {}
-    public_ips = None
     profiled_variant = None
     graphed = []
 
@@ -673,7 +708,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         if variant.public and config.model_version == "tina":
             notes.append(f"{spec}: public variant skipped (tina IoU head has no public loss)")
             continue
-        if (variant.compile or variant.graph) and device.type != "cuda":
+        if (variant.compile or variant.graph or variant.cuda_graphs) and device.type != "cuda":
             notes.append(f"{spec} {variant.name}: skipped on the CPU (torch.compile and CUDA graphs are measured on "
                          "CUDA only)")
             continue
@@ -690,7 +725,6 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
             if variant.public:
                 host_f32 = images_to_network_input(images).contiguous()  # the public loader: NCHW float32
                 result.update(public_steps(config, device, host_f32, list(targets), size, args.seed, clock, steps))
-                public_ips = result["img_per_s"]
             else:
                 fixed = Cycle([(pinned_images, pinned_targets)], steps)
                 result.update(run_ours(config, variant, device, fixed, steps, batch, size, args.seed, clock))
@@ -755,22 +789,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
             StepClock(args.warmup, args.iters, device)), fixed_img_per_s.get(variant.name.replace("+graph", "")),
             device, errors, entry)
 
-    # summary of this config
-    ours = [v for v in entry["variants"] if v["mode"] == "fixed" and v["variant"] != "public" and "img_per_s" in v]
-    if ours:
-        best = max(ours, key=lambda v: v["img_per_s"])
-        summary: dict[str, Any] = {"best_fixed_variant": best["variant"], "best_fixed_img_per_s": best["img_per_s"],
-                                   "public_style_img_per_s": public_ips,
-                                   "speedup_vs_public_style": rnd(best["img_per_s"] / public_ips) if public_ips else None}
-        reference = PUBLIC_REFERENCE_IMG_PER_S.get(spec)
-        if reference:
-            summary.update(public_reference_img_per_s=reference, public_reference_device="NVIDIA H200, torch 2.11",
-                           ratio_vs_public_reference=rnd(best["img_per_s"] / reference), target_ratio=TARGET_RATIO)
-        real = {v["augment_on"]: v["ratio_to_fixed"] for v in entry["variants"]
-                if v["mode"] == "real" and v["variant"] == best["variant"] and "ratio_to_fixed" in v}
-        if real:
-            summary["real_ratio_to_fixed"] = real
-        entry["summary"] = summary
+    summarise_config(entry)
 
     if args.profile and profiled_variant is not None:
         # one repeated batch, then (when that row ran) the batches in turn over as many steps as
@@ -842,7 +861,7 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
                                                            "warmup_steps": warmup}
         for text in args.real_variants:
             variant = parse_variant(text, device)
-            if variant.public or variant.graph or (variant.compile and device.type != "cuda"):
+            if variant.public or variant.graph or ((variant.compile or variant.cuda_graphs) and device.type != "cuda"):
                 continue
             result = {"variant": variant.name, "mode": "real", "augment_on": augment_on,
                       "precision": variant.precision, "channels_last": variant.channels_last,
@@ -965,6 +984,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except KeyboardInterrupt:  # timeout --signal=INT in tools/gpu_check.sh: keep what was measured
         report["interrupted"] = True
         notes.append("interrupted (SIGINT): partial results")
+        if report["configs"] and "summary" not in report["configs"][-1]:
+            summarise_config(report["configs"][-1])  # the targets table reads it
     return finish_report(report, notes, errors, started, args.out)
 
 

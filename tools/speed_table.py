@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+REPO = Path(__file__).resolve().parents[1]
+
 #: The issue's targets (H200, torch 2.11).
 TARGETS = {
     "resnet50_cascade_bs32_img_per_s": 1500.0,
@@ -44,6 +46,14 @@ def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
                 raise SystemExit(f"{path}:{number}: not a JSON line ({error})") from None
             if isinstance(record, dict) and record.get("benchmark") in SECTIONS:
                 reports.append({**record, "_file": path})
+    for report in reports:
+        unsummarised = [c for c in report.get("configs", []) if report["benchmark"] == "train" and "summary" not in c]
+        if unsummarised:  # a config cut short by an interruption, from before benchmark_train summarised those
+            if str(REPO) not in sys.path:
+                sys.path.insert(0, str(REPO))
+            from tools.benchmark_train import summarise_config
+            for config in unsummarised:
+                summarise_config(config)
     return reports
 
 

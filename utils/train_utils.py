@@ -75,9 +75,9 @@ REFERENCE_BATCH_AND_SIZE = {"mobilenet0.25": (32, 640), "resnet": (24, 840)}
 __all__ = [
     "TrainingSetupError", "TrainingDivergedError", "DistInfo", "setup_distributed", "cleanup_distributed",
     "seed_everything", "configure_backends", "model_config_from_args", "build_model", "wrap_model",
-    "build_optimizer", "reference_schedule", "LRSchedule", "build_scheduler", "EpochSeededDataset",
-    "ResumableSampler", "TrainBatchCollate", "shared_memory_keep", "train_transform", "build_train_loader",
-    "describe_amp", "autocast_settings", "TrainContext", "train_one_epoch",
+    "graph_training_network", "build_optimizer", "reference_schedule", "LRSchedule", "build_scheduler",
+    "EpochSeededDataset", "ResumableSampler", "TrainBatchCollate", "shared_memory_keep", "train_transform",
+    "build_train_loader", "describe_amp", "autocast_settings", "TrainContext", "train_one_epoch",
     "evaluate_widerface", "capture_rng_state", "restore_rng_state", "save_training_state",
     "load_training_state", "check_no_run_overwritten", "create_run_folders", "train",
 ]
@@ -319,6 +319,27 @@ def wrap_model(model: RetinaFace, info: DistInfo, sync_bn: bool = False, channel
     if compile_backend is not None:
         model = torch.compile(model, backend=compile_backend)
     return model
+
+
+def graph_training_network(ctx: TrainContext, args: argparse.Namespace, autocast_dtype: torch.dtype | None
+                           ) -> list[str]:
+    """``--cuda_graphs true``: make ``ctx.model`` a :class:`utils.graphed_training.GraphedTrainingNetwork`
+    of the network (captured for batches of ``--batch_size`` at ``--im_size``). Returns notes for
+    the log; raises :class:`TrainingSetupError` with several processes or ``--compile``."""
+    from utils.graphed_training import GraphedTrainingNetwork
+
+    info = ctx.info
+    if info.device.type != "cuda":
+        return ["note: --cuda_graphs true ignored on the CPU (CUDA graphs need a GPU)"]
+    if info.distributed or getattr(args, "compile", None):
+        raise TrainingSetupError("--cuda_graphs true trains one process on one GPU, without --compile; "
+                                 + ("leave it false under torchrun with several processes" if info.distributed
+                                    else "choose one of the two"))
+    shape = (args.batch_size, 3, args.im_size, args.im_size)
+    started = time.perf_counter()
+    ctx.model = GraphedTrainingNetwork(ctx.model, shape, ctx.channels_last, autocast_dtype)
+    return [f"CUDA graphs: the network's forward and backward passes replay graphs captured for batches of "
+            f"{args.batch_size} at {args.im_size} px ({time.perf_counter() - started:.1f} s)"]
 
 
 def unwrap(model: nn.Module) -> RetinaFace:
@@ -1587,6 +1608,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             if ignored:
                 notes.append(f"note: {' and '.join(ignored)} ignored when resuming (the run keeps its seed {seed} "
                              "and its weights)")
+        if getattr(args, "cuda_graphs", False):
+            notes += graph_training_network(ctx, args, autocast_dtype)
         if args.lr_schedule == "step":
             notes += decay_epoch_notes(steps, epochs, given=bool(getattr(args, "lr_steps", None)))
         if info.device.type == "cpu" and explicit and "gpu_num" in explicit and not args.device:
