@@ -272,12 +272,15 @@ class FaceDetector:
             tensor = torch.from_numpy(np.ascontiguousarray(images[0])[None])
         else:  # on CUDA assembled straight in page-locked memory: the copy to the GPU is asynchronous
             tensor = torch.empty(shape, dtype=torch.float32 if dtype == np.float32 else torch.uint8, pin_memory=cuda)
-            mean = np.asarray(BGR_MEAN, dtype=dtype)  # the padding (any finite value would do: it is masked)
+            # the padding (any finite value would do: it is masked) from one mean row: assigning the
+            # 3-value mean itself broadcasts pixel by pixel, 30x slower (~7 ms for half a 1024 x 1408 canvas)
+            mean_row = np.empty((width, 3), dtype=dtype)
+            mean_row[:] = np.asarray(BGR_MEAN, dtype=dtype)
             for slot, image in zip(tensor.numpy(), images):
                 rows, cols = image.shape[:2]
                 slot[:rows, :cols] = image
-                slot[rows:] = mean
-                slot[:rows, cols:] = mean
+                slot[rows:] = mean_row
+                slot[:rows, cols:] = mean_row[cols:]
         stages = StageClock(cuda)
         self.timings["preprocess"] += time.perf_counter() - started
         stages.mark()

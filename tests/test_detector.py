@@ -236,6 +236,31 @@ def test_padded_batches_give_every_image_its_detections_alone(detector, widerfac
         assert unmatched(b, a, min_score=0.05, min_iou=0.999, max_score_diff=1e-4, max_landmark_diff=0.01) == []
 
 
+@pytest.mark.parametrize("max_size", [None, 60])  # 60: both images resized, float32 canvases
+def test_padded_canvas_holds_each_image_and_the_mean_around_it(detector, max_size, monkeypatch):
+    from models.dense_path import DensePath
+    from models.retinaface import BGR_MEAN
+
+    images = [np.full((40, 70, 3), 7, np.uint8), np.full((64, 50, 3), 9, np.uint8)]
+    padded = FaceDetector(model=detector.model, device="cpu", pad_to=32, batch_size=2, max_size=max_size)
+    canvases = []
+    network = DensePath.__call__
+
+    def recording(self, images, *args, **kwargs):
+        canvases.append(images.clone())
+        return network(self, images, *args, **kwargs)
+    monkeypatch.setattr(DensePath, "__call__", recording)
+    padded.detect(images)
+    (canvas,) = canvases
+    resized = [(40, 70), (64, 50)] if not max_size else [(34, 60), (60, 47)]
+    assert canvas.shape == (2, 64, 64 if max_size else 96, 3)
+    assert canvas.dtype == (torch.float32 if max_size else torch.uint8)
+    mean = torch.tensor(BGR_MEAN, dtype=canvas.dtype)
+    for slot, (rows, cols), value in zip(canvas, resized, (7, 9)):
+        assert (slot[:rows, :cols] == value).all()
+        assert (slot[rows:] == mean).all() and (slot[:rows, cols:] == mean).all()
+
+
 def test_pad_to_rounds_canvases_and_batcher_fills_batches_with_smaller_canvases():
     from types import SimpleNamespace
 
