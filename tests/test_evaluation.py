@@ -512,6 +512,11 @@ def test_channels_last_false_runs_nchw_with_the_same_aps(sample_run, test_script
                                            "--results_dir", tmp_path / "nchw"], tmp_path, capsys)
     assert code == 0, err
     assert detector_layouts == [False]
+    # stderr is not a terminal here: the progress bar is a line at the start and one at the end (then
+    # one every 30 s), not carriage-return redraws
+    assert "\r" not in err
+    progress = [line for line in err.splitlines() if line.startswith("test:")]
+    assert len(progress) == 2 and " 0/10 " in progress[0] and "100%" in progress[1] and " 10/10 " in progress[1], err
     nchw, nhwc = parse_ap_line(out), parse_ap_line(sample_run["out"])
     assert nchw.keys() == nhwc.keys() and all(abs(nchw[k] - nhwc[k]) < 1e-4 for k in nhwc), (nchw, nhwc)
 

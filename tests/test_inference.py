@@ -899,3 +899,24 @@ def test_names_with_line_breaks_stay_one_line_in_the_text_results(widerface_samp
     assert "  skipped \\bad\\nempty.jpg: empty file" in stdout.splitlines()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == [{"file": "bad\nempty.jpg", "reason": "empty file"}]
+
+
+def test_progress_bar_draws_on_a_terminal_and_writes_lines_in_a_log(monkeypatch, capsys):
+    import utils.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL", 0.0)  # a line per update, to count them
+    bar = progress.progress_bar(3, "inference")  # capsys: stderr is not a terminal
+    for _ in range(3):
+        bar.update(1)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.count("\n") == len(err.splitlines())
+    assert [line.split("|")[0].strip() for line in err.splitlines()][-1] == "inference: 100%", err
+    assert len(err.splitlines()) >= 2 and " 0/3 " in err.splitlines()[0]
+    # drawn only on a terminal: None, and loops that log their own lines (training)
+    assert progress.progress_bar(3, "x", None).disable and progress.progress_bar(3, "x", in_logs=False).disable
+    assert progress.progress_bar(3, "x", False).disable
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    terminal = progress.progress_bar(3, "x", None)
+    assert not terminal.disable and terminal.mininterval < 1
+    terminal.close()

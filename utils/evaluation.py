@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -291,7 +290,8 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
             with the detector's ``pad_to`` > 1 the groups are its canvases, topped up with
             smaller ones (``utils.image_loader.SameSizeBatcher``).
         workers: DataLoader processes decoding images while the network runs (0: in-process).
-        progress: tqdm bar on stderr (``None``: only on a terminal).
+        progress: progress bar on stderr (``None``: only on a terminal; not on a terminal, a line
+            every 30 s, :func:`utils.progress.progress_bar`).
 
     An image that cannot be read (missing, corrupt, truncated ...) does not stop the pass: it is
     recorded in :attr:`PredictionRun.unreadable` and has no prediction file. Out of memory on an
@@ -315,9 +315,8 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
     predictions: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
     unreadable: list[tuple[str, str]] = []
 
-    from tqdm import tqdm  # noqa: PLC0415
-    bar = tqdm(total=len(images), unit="img", desc="test", file=sys.stderr, dynamic_ncols=True,
-               disable=(not sys.stderr.isatty()) if progress is None else not progress)
+    from utils.progress import progress_bar  # noqa: PLC0415
+    bar = progress_bar(len(images), "test", progress)
     from utils.image_loader import ImageFolderDataset, SameSizeBatcher, make_loader, start_loader  # torch
 
     batcher = SameSizeBatcher(batch_size, max_pending, pad_to)

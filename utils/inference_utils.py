@@ -393,9 +393,8 @@ class InferenceRun:
 
 
 def _progress(total: int, enabled: bool | None):
-    from tqdm import tqdm  # noqa: PLC0415
-    return tqdm(total=total, unit="img", desc="inference", file=sys.stderr, dynamic_ncols=True,
-                disable=enabled is False)
+    from utils.progress import progress_bar  # noqa: PLC0415
+    return progress_bar(total, "inference", enabled is not False)
 
 
 def _warn(bar, message: str) -> None:

@@ -63,6 +63,7 @@ from utils.checkpoint import (
 )
 from utils.evaluation import EvaluationError
 from utils.image_io import ImageReadError
+from utils.progress import progress_bar
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MOBILENET_BACKBONE = REPO_ROOT / "weights" / "mobilenetV1X0.25_pretrain.tar"
@@ -1158,8 +1159,6 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
     """Train ``epoch`` (0-based) from its batch ``skip_batches``; returns True when
     ``--max_iters`` was reached or a stop was requested (Ctrl-C). Raises
     :class:`TrainingDivergedError` on a NaN/inf loss."""
-    from tqdm import tqdm
-
     from utils.data_loaders import images_to_network_input
     from utils.image_loader import start_loader
 
@@ -1169,8 +1168,9 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
     meter = _LossMeter(info.device)
     autocast = (torch.autocast("cuda", dtype=ctx.autocast_dtype) if ctx.autocast_dtype is not None
                 else nullcontext())
-    progress = tqdm(total=ctx.iters_per_epoch, initial=skip_batches, desc=f"epoch {epoch + 1}/{ctx.epochs}",
-                    disable=not info.is_main, dynamic_ncols=True, leave=False)
+    # not drawn in a log file: the loop logs its own progress lines there
+    progress = progress_bar(ctx.iters_per_epoch, f"epoch {epoch + 1}/{ctx.epochs}", info.is_main, unit="it",
+                            in_logs=False, initial=skip_batches, leave=False)
     window_start = ctx.global_step
     stop = False
     started = time.perf_counter()
