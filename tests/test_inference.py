@@ -920,3 +920,20 @@ def test_progress_bar_draws_on_a_terminal_and_writes_lines_in_a_log(monkeypatch,
     terminal = progress.progress_bar(3, "x", None)
     assert not terminal.disable and terminal.mininterval < 1
     terminal.close()
+
+
+def test_a_results_file_that_cannot_be_written_does_not_cost_the_others(widerface_sample, mobilenet_weights,
+                                                                         tmp_path, capsys):
+    folder = link_images(tmp_path / "in", {f"{i}.jpg": p for i, p in enumerate(
+        sorted((widerface_sample / "val/images").rglob("*.jpg"))[:2])})
+    out = tmp_path / "out"
+    blocked = out / iu.results_txt_name("retinaface")
+    blocked.mkdir(parents=True)  # a folder where the results file goes
+    code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", out,
+                             "--workers", "0", "--device", "cpu", "--exist_ok", "true"], capsys)
+    assert code == config.EXIT_ERROR and "Traceback" not in err
+    error_lines = [line for line in err.splitlines() if "inference.py: error:" in line]
+    assert len(error_lines) == 1 and blocked.name in error_lines[0], err
+    assert list(json.loads((out / "detections.json").read_text())) == ["0.jpg", "1.jpg"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_code"] == 1 and f"cannot write {blocked}" in summary["error"] and summary["processed"] == 2

@@ -680,11 +680,22 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
             summary.timings[key] = float(detector.timings.get(key, 0.0))
         ordered = [runner.results[i] for i in sorted(runner.results)]
         named = [(r.name, r.detections) for r in ordered]
-        write_results_txt(output / results_txt_name(args.experiment_name), named)
-        write_detections_json(output / DETECTIONS_JSON, named)
-        _atomic_write_text(output / SUMMARY_JSON, json.dumps(summary.to_dict(), indent=1))
-        if close_error is not None and loop_error is None:
-            raise close_error
+        # each results file on its own: one that cannot be written (disk full, permissions) does not
+        # cost the others, and summary.json (written last) records it
+        write_error = None
+        for path, write in ((output / results_txt_name(args.experiment_name), write_results_txt),
+                            (output / DETECTIONS_JSON, write_detections_json)):
+            try:
+                write(path, named)
+            except OSError as error:
+                write_error = write_error or error
+                summary.error = summary.error or f"cannot write {path}: {error.strerror or error}"
+        try:
+            _atomic_write_text(output / SUMMARY_JSON, json.dumps(summary.to_dict(), indent=1))
+        except OSError as error:
+            write_error = write_error or error
+        if loop_error is None and (close_error or write_error) is not None:
+            raise close_error or write_error
     return InferenceRun(ordered, summary)
 
 
