@@ -737,7 +737,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                     result["syncs_per_step"] = sync_sites(lambda: public_steps(
                         config, device, host_f32, list(targets), size, args.seed, sync_debug_clock(device), 3),
                         toggle=False)
-                elif not variant.compile and not variant.graph:
+                elif not (variant.compile or variant.graph or variant.cuda_graphs):  # set-up would count
                     result["syncs_per_step"] = our_syncs(variant, [(pinned_images, pinned_targets)])
         except Exception as error:
             record_failure(result, errors, f"{spec} {variant.name}", error)
