@@ -467,6 +467,8 @@ def _negative_value_hint(message: str, argv: Sequence[str]) -> str:
 #: repeat for their own callers (utils.checkpoint.checkpoint_for_run, utils.inference_utils.run_inference)
 WEIGHTS_CONFLICT = "give either --weights or --model_weight, not both"
 NO_INFERENCE_INPUT = "no input: pass --inference_dir DIR (a folder of images, searched recursively, or one image)"
+CUDA_GRAPHS_WITH_COMPILE = ("--cuda_graphs true and --compile are alternatives (each takes the kernel launches off "
+                            "the host); choose one")
 
 
 def check_option_combinations(script: str, args: argparse.Namespace) -> None:
@@ -477,8 +479,7 @@ def check_option_combinations(script: str, args: argparse.Namespace) -> None:
     if script == INFERENCE and not args.inference_dir:
         raise UsageError(NO_INFERENCE_INPUT)
     if script == TRAIN and args.cuda_graphs and args.compile:
-        raise UsageError("--cuda_graphs true and --compile are alternatives (each takes the kernel launches off "
-                         "the host); choose one")
+        raise UsageError(CUDA_GRAPHS_WITH_COMPILE)
     for flag in ("pred_dir", "gt_dir", "results_dir", "results_json", "dataset", "inference_dir",
                  "inference_save_folder"):
         value = getattr(args, flag, None)

@@ -1070,3 +1070,7 @@ def test_cuda_graphs_option_on_the_cpu_with_compile_and_with_several_processes(w
     ctx = SimpleNamespace(info=SimpleNamespace(device=torch.device("cuda"), distributed=True))
     with pytest.raises(tu.TrainingSetupError, match="leave it false under torchrun with several processes"):
         tu.graph_training_network(ctx, parse_args("train", ["--cuda_graphs", "true"]), None)
+    inherited = parse_args("train", ["--cuda_graphs", "true"])
+    inherited.compile = "inductor"  # as a --resume of a compiled run takes it over
+    with pytest.raises(tu.TrainingSetupError, match="--cuda_graphs true and --compile are alternatives"):
+        tu.graph_training_network(ctx, inherited, None)

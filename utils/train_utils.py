@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
-from config import architecture_overrides, one_line
+from config import CUDA_GRAPHS_WITH_COMPILE, architecture_overrides, one_line
 from layers.multibox_loss import LOSS_TERMS, MultiBoxLoss, PaddedTargets, pad_targets
 from layers.prior_box import prior_boxes
 from models.retinaface import ModelConfig, RetinaFace
@@ -326,16 +326,18 @@ def graph_training_network(ctx: TrainContext, args: argparse.Namespace, autocast
                            ) -> list[str]:
     """``--cuda_graphs true``: make ``ctx.model`` a :class:`utils.graphed_training.GraphedTrainingNetwork`
     of the network (captured for batches of ``--batch_size`` at ``--im_size``). Returns notes for
-    the log; raises :class:`TrainingSetupError` with several processes or ``--compile``."""
+    the log; raises :class:`TrainingSetupError` with ``--compile`` (which the command line refuses
+    too, but a resume can inherit) or several processes."""
     from utils.graphed_training import GraphedTrainingNetwork
 
     info = ctx.info
     if info.device.type != "cuda":
         return ["note: --cuda_graphs true ignored on the CPU (CUDA graphs need a GPU)"]
-    if info.distributed or getattr(args, "compile", None):
-        raise TrainingSetupError("--cuda_graphs true trains one process on one GPU, without --compile; "
-                                 + ("leave it false under torchrun with several processes" if info.distributed
-                                    else "choose one of the two"))
+    if getattr(args, "compile", None):
+        raise TrainingSetupError(CUDA_GRAPHS_WITH_COMPILE)
+    if info.distributed:
+        raise TrainingSetupError("--cuda_graphs true trains one process on one GPU: leave it false under torchrun "
+                                 "with several processes")
     shape = (args.batch_size, 3, args.im_size, args.im_size)
     started = time.perf_counter()
     ctx.model = GraphedTrainingNetwork(ctx.model, shape, ctx.channels_last, autocast_dtype)
