@@ -46,8 +46,8 @@ def read_reports(paths: Sequence[str]) -> list[dict[str, Any]]:
                 raise SystemExit(f"{path}:{number}: not a JSON line ({error})") from None
             if isinstance(record, dict) and record.get("benchmark") in SECTIONS:
                 reports.append({**record, "_file": path})
-    for report in reports:
-        unsummarised = [c for c in report.get("configs", []) if report["benchmark"] == "train" and "summary" not in c]
+    for report in (r for r in reports if r["benchmark"] == "train"):
+        unsummarised = [c for c in report.get("configs", []) if "summary" not in c]
         if unsummarised:  # a config cut short by an interruption, from before benchmark_train summarised those
             if str(REPO) not in sys.path:
                 sys.path.insert(0, str(REPO))

@@ -49,6 +49,7 @@ from utils.errors import unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
 from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, UnreadableInputError,
                                 find_images, make_loader, os_error_reason, start_loader)
+from utils.progress import progress_bar
 
 MASK_SUBFOLDERS = ("masks", "faces", "heads", "head_masks")
 RESULT_SUBFOLDERS = ("result_images", *MASK_SUBFOLDERS, "aligned")
@@ -392,11 +393,6 @@ class InferenceRun:
     summary: InferenceSummary
 
 
-def _progress(total: int, enabled: bool | None):
-    from utils.progress import progress_bar  # noqa: PLC0415
-    return progress_bar(total, "inference", enabled is not False)
-
-
 def _warn(bar, message: str) -> None:
     bar.write(f"warning: {message}", file=sys.stderr)
 
@@ -628,7 +624,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
 
     dataset = ImageFolderDataset(files, root, getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
     loader = make_loader(dataset, batch_size=args.batch_size, workers=args.workers)
-    bar = _progress(len(files), progress)
+    bar = progress_bar(len(files), "inference", progress is not False)  # None: drawn, as True
     bar.write(f"weights: {summary.weights} ({detector.config}) on {device}", file=sys.stderr)
     for name, reason in unreadable:
         _warn(bar, f"skipped {escape_name(name)}: {reason}")
