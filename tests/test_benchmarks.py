@@ -253,6 +253,12 @@ def test_train_benchmark_cpu_smoke(train_run):
     assert in_turn["steps"] == 3 and in_turn["top_ops"]
     for profiled in (config["profile"], in_turn):
         assert 0 < profiled["busy_ms_per_step"] < 10 * several["step_ms"]["median"]
+    # wall seconds per part, set-up included: each row at least its timed window, the parts within the config's
+    for v in config["variants"]:
+        assert v["wall_s"] >= round(v["elapsed_s"], 1) - 0.05, v
+    parts = (config["setup_wall_s"] + config["profile_wall_s"] + sum(v["wall_s"] for v in config["variants"])
+             + sum(v["wall_s"] for v in config["loader_only"].values()))
+    assert 0 < parts <= config["wall_s"] + 0.5
 
 
 def test_graphable_training_step_is_the_train_one_epoch_step(widerface_sample):

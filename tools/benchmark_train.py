@@ -671,6 +671,8 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
     batch, size = int(batch), int(size)
     config = MODELS[name]
     entry.update({"config": spec, "model": name, "batch": batch, "size": size, "variants": []})
+    # wall seconds per part, set-up included (a step cap cut run 7 where the rows' own timings did not say)
+    config_started = time.perf_counter()
     dataset = None
     if args.dataset and (Path(args.dataset) / args.split / "label.txt").is_file():
         dataset = training_dataset(Path(args.dataset), args.split, size, args.seed)
@@ -688,6 +690,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         traceback.print_exc()
     release(device)
     pinned_images, pinned_targets = loader_batch(images, targets, device)
+    entry["setup_wall_s"] = round(time.perf_counter() - config_started, 1)
     fixed_img_per_s: dict[str, float] = {}
     profiled_variant = None
     graphed = []
@@ -717,6 +720,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
             continue
         result: dict[str, Any] = {"variant": variant.name, "mode": "fixed", "precision": variant.precision,
                                   "channels_last": variant.channels_last, "compile": variant.compile}
+        row_started = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
@@ -742,8 +746,10 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         except Exception as error:
             record_failure(result, errors, f"{spec} {variant.name}", error)
         release(device)
+        result["wall_s"] = round(time.perf_counter() - row_started, 1)
         entry["variants"].append(result)
-        print(f"[train] {spec} {variant.name} fixed: {result.get('img_per_s', '-')} img/s", file=sys.stderr, flush=True)
+        print(f"[train] {spec} {variant.name} fixed: {result.get('img_per_s', '-')} img/s ({result['wall_s']} s)",
+              file=sys.stderr, flush=True)
 
     # the fixed batches again with the cores busy (the real pipeline's workers load them so)
     last = next((v for v in reversed(entry["variants"]) if v["mode"] == "fixed" and v["variant"] in fixed_img_per_s),
@@ -792,6 +798,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
     summarise_config(entry)
 
     if args.profile and profiled_variant is not None:
+        profile_started = time.perf_counter()
         # one repeated batch, then (when that row ran) the batches in turn over as many steps as
         # there are batches: device time per step against step time tells a bigger device
         # workload from a host that cannot keep the device busy
@@ -815,6 +822,8 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                 errors.append(f"{spec} {key}: {type(error).__name__}: {error}")
                 traceback.print_exc()
             release(device)
+        entry["profile_wall_s"] = round(time.perf_counter() - profile_started, 1)
+    entry["wall_s"] = round(time.perf_counter() - config_started, 1)
 
 
 def extra_fixed_row(spec: str, variant, mode: str, measure: Callable[[], dict[str, Any]], fixed: float | None,
@@ -823,6 +832,7 @@ def extra_fixed_row(spec: str, variant, mode: str, measure: Callable[[], dict[st
     result, peak memory and the ratio to ``fixed`` (the plain fixed-batch img/s of the variant)."""
     result = {"variant": variant.name, "mode": mode, "precision": variant.precision,
               "channels_last": variant.channels_last, "compile": variant.compile, **fields}
+    row_started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
@@ -834,9 +844,10 @@ def extra_fixed_row(spec: str, variant, mode: str, measure: Callable[[], dict[st
     except Exception as error:
         record_failure(result, errors, f"{spec} {variant.name} ({mode})", error)
     release(device)
+    result["wall_s"] = round(time.perf_counter() - row_started, 1)
     entry["variants"].append(result)
     print(f"[train] {spec} {variant.name} {mode}: {result.get('img_per_s', '-')} img/s "
-          f"(x{result.get('ratio_to_fixed', '-')} of fixed)", file=sys.stderr, flush=True)
+          f"(x{result.get('ratio_to_fixed', '-')} of fixed; {result['wall_s']} s)", file=sys.stderr, flush=True)
 
 
 def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.device, config, batch: int, size: int,
@@ -851,6 +862,7 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
     # drained, so that it measures the steady state, not batches prepared during the warm-up
     warmup = args.warmup + 4 * args.workers
     steps = warmup + args.real_iters
+    row_started = time.perf_counter()
     try:
         loader = real_loader(dataset, batch, steps + 1, args.workers, args.seed, device)
         clock = StepClock(warmup, args.real_iters, device)
@@ -858,7 +870,8 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
         for _ in clock:
             pass
         entry.setdefault("loader_only", {})[augment_on] = {**clock.result(batch), "workers": args.workers,
-                                                           "warmup_steps": warmup}
+                                                           "warmup_steps": warmup,
+                                                           "wall_s": round(time.perf_counter() - row_started, 1)}
         for text in args.real_variants:
             variant = parse_variant(text, device)
             if variant.public or variant.graph or ((variant.compile or variant.cuda_graphs) and device.type != "cuda"):
@@ -866,6 +879,7 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
             result = {"variant": variant.name, "mode": "real", "augment_on": augment_on,
                       "precision": variant.precision, "channels_last": variant.channels_last,
                       "compile": variant.compile, "workers": args.workers, "warmup_steps": warmup}
+            row_started = time.perf_counter()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
@@ -878,10 +892,11 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
             except Exception as error:
                 record_failure(result, errors, f"{spec} real ({augment_on}) {variant.name}", error)
             release(device)
+            result["wall_s"] = round(time.perf_counter() - row_started, 1)
             entry["variants"].append(result)
             print(f"[train] {spec} {variant.name} real, augmentation on {augment_on}: "
-                  f"{result.get('img_per_s', '-')} img/s (x{result.get('ratio_to_fixed', '-')} of fixed)",
-                  file=sys.stderr, flush=True)
+                  f"{result.get('img_per_s', '-')} img/s (x{result.get('ratio_to_fixed', '-')} of fixed; "
+                  f"{result['wall_s']} s)", file=sys.stderr, flush=True)
     except Exception as error:
         errors.append(f"{spec} real data pipeline ({augment_on}): {type(error).__name__}: {error}")
         traceback.print_exc()
