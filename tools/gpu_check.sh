@@ -98,7 +98,7 @@ if $SMOKE; then
                     --eval_every 2)
   TRAINED_R50_INFERENCE_ARGS=(--device cpu --threads 1 --models resnet50_cascade --batch_sizes 1 --iters 1 --warmup 0
                               --size 128x96)
-  CLI_ARGS=(--device cpu --rounds 1 --layouts auto,false)
+  CLI_ARGS=(--device cpu --rounds 1 --layouts auto --extra "")  # one test.py process: the wiring
   # compiled variants are skipped on the CPU (a note in the JSON): this checks the step's wiring
   TRAIN_COMPILE_ARGS=(--device cpu --threads 1 --configs mobilenet0.25:2:96 --variants public,fp32,fp32+compile --iters 1
                       --warmup 1)
