@@ -16,7 +16,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import cv2
 import numpy as np
@@ -28,7 +28,7 @@ from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace
 from utils.checkpoint import load_model
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import PUBLIC_PIXEL_OFFSET
-from utils.postprocess import postprocess_to_host
+from utils.postprocess import DeferredPostprocess
 
 ImageInput = Union[np.ndarray, str, Path]
 
@@ -212,6 +212,8 @@ class FaceDetector:
             warnings.warn(f"half precision is only used on CUDA; running in float32, not {precision}", stacklevel=2)
         self.dense = DensePath(self.model, self.device, precision=precision, channels_last=channels_last,
                                fuse_bn=fuse_bn, cuda_graphs=cuda_graphs, compile=compile)
+        with self.dense.device_scope():
+            self.deferred = DeferredPostprocess(self.device)
         self.timings: dict[str, float] = defaultdict(float)  # seconds: preprocess, forward, postprocess
 
     @property
@@ -236,28 +238,30 @@ class FaceDetector:
 
     def detect_batch(self, images: Sequence[ImageInput]) -> list[Detections]:
         """Detect faces in ``images`` with as few forward passes as the sizes allow."""
+        return self.submit(images).result()
+
+    def submit(self, images: Sequence[ImageInput]) -> "PendingDetections":
+        """:meth:`detect_batch` in two halves: reads and pre-processes ``images`` and queues their
+        forward passes now; ``result()`` of the returned handle post-processes them. Submitting the
+        next batch before taking this one's result lets a GPU run the next network while the
+        host post-processes (``utils.postprocess.DeferredPostprocess``); the results are the same."""
         started = time.perf_counter()
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
         scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
         inputs = [a if s == 1.0 else resize_image(a, s) for a, s in zip(arrays, scales)]
         self.timings["preprocess"] += time.perf_counter() - started
-        results: list[Detections | None] = [None] * len(inputs)
-        for group in self._groups(inputs):
-            found = self._detect_same_canvas([inputs[i] for i in group], [scales[i] for i in group])
-            for index, detections in zip(group, found):
-                results[index] = detections
-        return results  # type: ignore[return-value]
+        groups = self._groups(inputs)
+        with self.dense.device_scope():  # pinned buffers, events and NMS on this detector's GPU
+            finishers = [self._launch([inputs[i] for i in group], [scales[i] for i in group]) for group in groups]
+        return PendingDetections(self, len(inputs), list(zip(groups, finishers)))
 
     def _groups(self, inputs: Sequence[np.ndarray]) -> list[list[int]]:
         return [list(range(len(inputs)))] if self.pad_batches else same_size_groups(inputs)
 
-    def _detect_same_canvas(self, images: list[np.ndarray], scales: list[float]) -> list[Detections]:
-        """Detections of ``images`` (resized by ``scales`` from the originals) in original pixels."""
-        with self.dense.device_scope():  # pinned buffers, events and NMS on this detector's GPU
-            return self._detect_on_device(images, scales)
-
     @torch.inference_mode()
-    def _detect_on_device(self, images: list[np.ndarray], scales: list[float]) -> list[Detections]:
+    def _launch(self, images: list[np.ndarray], scales: list[float]) -> Callable[[], list[Detections]]:
+        """Queue one forward pass of ``images`` (resized by ``scales`` from the originals, all on
+        one canvas); returns the deferred post-processing of its outputs in original pixels."""
         started = time.perf_counter()
         height, width = padded_size(max(im.shape[0] for im in images), max(im.shape[1] for im in images),
                                     self.pad_to)
@@ -281,26 +285,53 @@ class FaceDetector:
                 slot[:rows, :cols] = image
                 slot[rows:] = mean_row
                 slot[:rows, cols:] = mean_row[cols:]
-        stages = StageClock(cuda)
+        forward = StageClock(cuda)
         self.timings["preprocess"] += time.perf_counter() - started
-        stages.mark()
+        forward.mark()
         boxes, scores, landmarks = self.dense(tensor, sizes=sizes)
         if any(scale != 1.0 for scale in scales):
             # back to original pixels before NMS, whose +1 is one pixel of the original image (as
             # the public test_widerface.py does at 1600/2150)
             inverse = torch.tensor([1.0 / scale for scale in scales], device=boxes.device)[:, None, None]
             boxes, landmarks = boxes * inverse, landmarks * inverse
-        stages.mark()
-        rows, counts = postprocess_to_host(boxes, scores, landmarks, self.confidence_threshold, self.nms_threshold,
-                                           self.top_k, self.keep_top_k, self.pixel_offset)
-        stages.mark()
-        forward, post = stages.seconds()
-        self.timings["forward"] += forward
-        self.timings["postprocess"] += post
-        boxes_np, scores_np, landmarks_np = rows[:, :4], rows[:, 4], rows[:, 5:].reshape(-1, 5, 2)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        return [Detections(boxes_np[a:b], scores_np[a:b], landmarks_np[a:b])
-                for a, b in zip(offsets[:-1], offsets[1:])]
+        forward.mark()
+        finish = self.deferred.defer(boxes, scores, landmarks, confidence_threshold=self.confidence_threshold,
+                                     nms_threshold=self.nms_threshold, top_k=self.top_k,
+                                     keep_top_k=self.keep_top_k, pixel_offset=self.pixel_offset)
+
+        def detections() -> list[Detections]:
+            post = StageClock(cuda)
+            rows, counts = finish(post.mark)
+            self.timings["forward"] += forward.seconds()[0]
+            self.timings["postprocess"] += post.seconds()[0]
+            boxes_np, scores_np, landmarks_np = rows[:, :4], rows[:, 4], rows[:, 5:].reshape(-1, 5, 2)
+            offsets = np.concatenate([[0], np.cumsum(counts)])
+            return [Detections(boxes_np[a:b], scores_np[a:b], landmarks_np[a:b])
+                    for a, b in zip(offsets[:-1], offsets[1:])]
+
+        return detections
+
+
+class PendingDetections:
+    """The detections of one :meth:`FaceDetector.submit` call, post-processed by :meth:`result`."""
+
+    def __init__(self, detector: FaceDetector, count: int,
+                 groups: list[tuple[list[int], Callable[[], list[Detections]]]]) -> None:
+        self.detector = detector
+        self.count = count
+        self.groups: list[tuple[list[int], Callable[[], list[Detections]]]] | None = groups
+
+    def result(self) -> list[Detections]:
+        """The detections of every submitted image, in order (call once)."""
+        if self.groups is None:
+            raise RuntimeError("result() was already taken")
+        results: list[Detections | None] = [None] * self.count
+        with self.detector.dense.device_scope():
+            for group, detections in self.groups:
+                for index, found in zip(group, detections()):
+                    results[index] = found
+        self.groups = None  # the device tensors can go
+        return results  # type: ignore[return-value]
 
 
 class StageClock:

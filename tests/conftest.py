@@ -92,22 +92,23 @@ def one_cpu_thread():
 
 @pytest.fixture
 def detection_fails_on_call(monkeypatch):
-    """``fail(call, error)``: from now on ``FaceDetector.detect_batch`` raises ``error`` on its
-    ``call``-th call (1-based) and works normally otherwise; returns the original method."""
+    """``fail(call, error)``: from now on ``FaceDetector.submit`` (what ``detect_batch`` calls, and
+    test.py's pass directly) raises ``error`` on its ``call``-th call (1-based) and works normally
+    otherwise; returns the original method."""
     from models.detector import FaceDetector
 
-    original = FaceDetector.detect_batch
+    original = FaceDetector.submit
 
     def fail(call: int, error: BaseException):
         calls = []
 
-        def detect_batch(self, images):
+        def submit(self, images):
             calls.append(1)
             if len(calls) == call:
                 raise error
             return original(self, images)
 
-        monkeypatch.setattr(FaceDetector, "detect_batch", detect_batch)
+        monkeypatch.setattr(FaceDetector, "submit", submit)
         return original
 
     return fail

@@ -511,6 +511,12 @@ def test_speed_table_target_verdicts():
             in rows["ResNet-50 cascade 640×480 bs32 end to end"][2])
     assert rows["mobilenet0.25 640×480 end to end"][3] == "**not met**"
     assert "unfaithful" not in rows["mobilenet0.25 640×480 end to end"][2]
+    # streamed with the next network queued ahead: the target counts it, the table shows the serial run beside
+    inference["synthetic"][3].update(stream_images_per_s=5200.0, stream_serial_images_per_s=4100.0)
+    rows = {row[0]: row for row in speed_table.target_rows([inference, train])}
+    assert rows["mobilenet0.25 640×480 end to end"][3] == "met"
+    assert "| 4,000 | 5,200 (serial 4,100) |" in speed_table.render([inference, train])
+    del inference["synthetic"][3]["stream_images_per_s"], inference["synthetic"][3]["stream_serial_images_per_s"]
     assert rows["ResNet-50 cascade batch-1 latency"][3] == "met"
     assert rows["sample WIDER images vs public-style pipeline, sizes seen before"][3] == "met"
     assert not any("new sizes" in name for name in rows)  # not measured: no row

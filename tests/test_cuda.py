@@ -113,6 +113,27 @@ def test_padded_batches_replay_from_one_graph_with_each_batch_s_sizes(mobilenet_
         assert unmatched(actual, expected, max_score_diff=0.01) == []
 
 
+def test_batches_submitted_ahead_keep_their_own_detections_under_graph_replay(mobilenet_weights, widerface_sample):
+    """``submit`` ahead (test.py keeps one batch in flight): batch B replays the same CUDA graph, into
+    the same output buffers, before batch A is post-processed on the side stream; A must still get
+    its own detections (DeferredPostprocess copies the outputs first)."""
+    from models.detector import FaceDetector
+
+    images = _sample_images(widerface_sample)
+    first, second = [images[0]] * 2, [np.ascontiguousarray(images[0][::-1])] * 2  # one shape, other content
+    gpu = FaceDetector(mobilenet_weights, device="cuda", confidence_threshold=0.3, half=True)
+    for _ in range(2):  # eager, capture
+        expected = [gpu.detect_batch(first), gpu.detect_batch(second)]
+    assert gpu.dense.graph_shapes == [(2, *images[0].shape)]
+    for _ in range(3):
+        handles = [gpu.submit(first), gpu.submit(second)]
+        for handle, want in zip(handles, expected):
+            for got, ref in zip(handle.result(), want):
+                np.testing.assert_array_equal(got.boxes, ref.boxes)
+                np.testing.assert_array_equal(got.scores, ref.scores)
+    assert not np.array_equal(expected[0][0].boxes, expected[1][0].boxes)  # the two batches do differ
+
+
 def test_device_augmentation_on_cuda_matches_the_cpu(widerface_sample):
     from utils.data_loaders import dataset_from_root, detection_collate, images_to_network_input
     from utils.device_augment import DeferredTrainTransform, augment

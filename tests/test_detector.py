@@ -54,6 +54,31 @@ def test_batch_of_same_size_images_equals_single_images(detector, widerface_samp
         np.testing.assert_allclose(result.scores, single.scores, atol=1e-5)
 
 
+def test_submitted_batches_finished_later_equal_detect_batch(detector, widerface_sample):
+    """``submit`` queues the forward passes and ``result()`` post-processes them later (test.py
+    keeps one batch in flight): batches submitted ahead, same-size groups and padded passes
+    included, give what ``detect_batch`` gives, in the order of the images."""
+    import cv2
+    paths = sorted((widerface_sample / "val" / "images").rglob("*.jpg"))[:4]
+    images = [cv2.imread(str(p)) for p in paths]
+    flipped = np.ascontiguousarray(images[0][:, ::-1])
+    batches = [[images[0], flipped, images[1]], [images[2], images[3]]]
+    for options in ({}, {"pad_to": 256}):
+        ahead = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.3, **options)
+        expected = [ahead.detect_batch(batch) for batch in batches]
+        handles = [ahead.submit(batch) for batch in batches]  # both queued before either is finished
+        for handle, want in zip(reversed(handles), reversed(expected)):
+            got = handle.result()
+            assert len(got) == len(want)
+            for g, w in zip(got, want):
+                assert len(g) == len(w) > 0
+                np.testing.assert_array_equal(g.boxes, w.boxes)
+                np.testing.assert_array_equal(g.scores, w.scores)
+        with pytest.raises(RuntimeError, match="already taken"):
+            handles[0].result()
+    assert set(ahead.timings) == {"preprocess", "forward", "postprocess"}
+
+
 def test_max_size_maps_boxes_back_to_the_original_image(detector, widerface_sample):
     path = widerface_sample / "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
     full = detector.detect(path)

@@ -529,14 +529,14 @@ def test_pad_to_batches_images_of_different_sizes_with_the_same_aps(sample_run, 
     from models.detector import FaceDetector
 
     canvases = []
-    original = FaceDetector._detect_on_device
+    original = FaceDetector._launch
 
     def recording(self, images, scales):
         found = original(self, images, scales)
         canvases.append((len(images), self.pad_to))
         return found
 
-    monkeypatch.setattr(FaceDetector, "_detect_on_device", recording)
+    monkeypatch.setattr(FaceDetector, "_launch", recording)
     code, out, err = run_cli(test_script, ["--weights", mobilenet_weights, "--dataset", widerface_sample,
                                            "--gt_dir", widerface_gt_dir, "--workers", "0", "--pad_to", "1024",
                                            "--batch_size", "4", "--results_dir", tmp_path / "padded"], tmp_path, capsys)
@@ -870,6 +870,42 @@ def test_prediction_retries_after_out_of_memory_and_fails_clearly_when_an_image_
     with pytest.raises(EvaluationError, match=r"out of memory on .*\.jpg \(\d+x\d+\) even alone"):
         predict_widerface(hopeless, images=images, workers=0, progress=False)
     assert hopeless.releases == 2  # once for the batch, once more for the image that still failed
+
+
+class _QueueingDetector(_MemoryHungryDetector):
+    """A detector with ``submit`` (as FaceDetector): records the order of submits and results;
+    the result of the batch numbered ``oom_result`` runs out of memory once."""
+
+    def __init__(self, oom_result: int) -> None:
+        super().__init__(failures=0)
+        self.oom_result, self.events = oom_result, []
+
+    def submit(self, images):
+        number = sum(event[0] == "submit" for event in self.events) + 1
+        self.events.append(("submit", number))
+
+        class Handle:
+            def result(handle):
+                self.events.append(("result", number))
+                if number == self.oom_result:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return [Detections(np.array([[1, 2, 3, 4]], np.float32), np.array([0.9], np.float32),
+                                   np.zeros((1, 5, 2), np.float32)) for _ in images]
+        return Handle()
+
+
+def test_prediction_keeps_one_batch_in_flight_and_reruns_one_whose_post_processing_ran_out_of_memory(
+        widerface_sample):
+    images = list_val_images(widerface_sample)[:3]
+    queueing = _QueueingDetector(oom_result=2)
+    queueing.batch_size = 1
+    run = predict_widerface(queueing, images=images, workers=0, progress=False)
+    # batch n + 1 is submitted before batch n is finished
+    assert queueing.events == [("submit", 1), ("submit", 2), ("result", 1), ("submit", 3), ("result", 2),
+                               ("result", 3)]
+    assert queueing.calls == 1  # batch 2 again, through detect_batch
+    rows = [run.predictions[im.event][im.stem] for im in images]
+    assert [len(r) for r in rows[:1] + rows[2:]] == [1, 1] and len(rows[1]) == 0  # detect_batch finds none
 
 
 def test_host_out_of_memory_in_opencv_stops_with_one_line_naming_the_image(test_script, widerface_sample,

@@ -175,8 +175,8 @@ def test_same_size_and_padded_batching_match_single_images(widerface_sample, mob
     from models.detector import FaceDetector
 
     passes = []
-    original = FaceDetector._detect_on_device
-    monkeypatch.setattr(FaceDetector, "_detect_on_device",
+    original = FaceDetector._launch
+    monkeypatch.setattr(FaceDetector, "_launch",
                         lambda self, images, scales: passes.append(len(images)) or original(self, images, scales))
     image = cv2.imread(str(widerface_sample / "val/images" / GREETING))
     folder = tmp_path / "in"
@@ -502,6 +502,46 @@ def test_out_of_memory_once_retries_at_full_size_after_freeing(tmp_path):
         assert np.allclose(runner.results[index].detections.boxes, [[10, 10, 20, 20]])  # full size
 
 
+def test_one_batch_in_flight_and_a_post_processing_out_of_memory_reruns_that_batch(tmp_path):
+    """The main loop queues batch n + 1 (``submit``) before it finishes batch n; a batch whose
+    ``result()`` runs out of memory goes through ``detect`` and its fallbacks."""
+    class QueueingDetector:
+        device = None
+
+        def __init__(self):
+            self.events, self.releases = [], 0
+
+        def submit(self, images):
+            number = sum(e[0] == "submit" for e in self.events) + 1
+            self.events.append(("submit", number))
+
+            class Handle:
+                def result(handle):
+                    self.events.append(("result", number))
+                    if number == 2:
+                        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                    return _one_face_each(images)
+            return Handle()
+
+        def detect_batch(self, images):
+            self.events.append(("detect_batch", len(images)))
+            return _one_face_each(images)
+
+        def release_memory(self):
+            self.releases += 1
+
+    detector = QueueingDetector()
+    runner, summary, records = _runner_on_blank_images(detector, tmp_path, ["a.png", "b.png", "c.png"])
+    for record in records:
+        runner.detect_queued([record])
+        assert summary.processed == record.index  # the batch before it is finished, this one is in flight
+    runner.finish_queued()
+    assert detector.events == [("submit", 1), ("submit", 2), ("result", 1), ("submit", 3), ("result", 2),
+                               ("detect_batch", 1), ("result", 3)]
+    assert detector.releases == 1 and summary.processed == 3 and not summary.skipped
+    assert all(np.allclose(runner.results[i].detections.boxes, [[10, 10, 20, 20]]) for i in range(3))
+
+
 def test_ctrl_c_mid_run_writes_partial_results_and_exits_130(widerface_sample, mobilenet_weights, tmp_path,
                                                               monkeypatch, capsys, detection_fails_on_call):
     from models.detector import FaceDetector
@@ -520,7 +560,7 @@ def test_ctrl_c_mid_run_writes_partial_results_and_exits_130(widerface_sample, m
     code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", out,
                              "--workers", "0", "--device", "cpu"], capsys)
     assert code == config.EXIT_ERROR and "--exist_ok" in err
-    monkeypatch.setattr(FaceDetector, "detect_batch", original)
+    monkeypatch.setattr(FaceDetector, "submit", original)
     code, _, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", out,
                              "--workers", "0", "--device", "cpu", "--exist_ok", "true"], capsys)
     assert code == config.EXIT_OK, err

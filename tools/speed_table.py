@@ -121,7 +121,10 @@ def inference_section(report: dict[str, Any]) -> list[str]:
         st = e.get("stages_ms", {})
         syncs = e.get("syncs_per_batch")
         stages = " / ".join(fmt(st.get(k), 2) for k in ("h2d", "network", "postprocess"))
-        rows.append([e["model"], str(e["batch"]), e["variant"], e["images_per_s"], e.get("stream_images_per_s"),
+        streamed = e.get("stream_images_per_s")
+        if e.get("stream_serial_images_per_s") is not None:  # runs since 2026-11-27: queued ahead, then serial
+            streamed = f"{fmt(streamed)} (serial {fmt(e['stream_serial_images_per_s'])})"
+        rows.append([e["model"], str(e["batch"]), e["variant"], e["images_per_s"], streamed,
                      f"{fmt(e['latency_ms']['median'], 2)} / {fmt(e['latency_ms']['p90'], 2)}",
                      stages + (f" ({syncs['count']} syncs)" if syncs else ""), fidelity_cell(e)])
     lines += table(["model", "batch", "variant", "img/s", "img/s streamed", "latency ms (median / p90)",

@@ -30,6 +30,7 @@ of those files, so evaluating the folder again gives the same APs bit for bit.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -320,9 +321,31 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
     from utils.image_loader import ImageFolderDataset, SameSizeBatcher, make_loader, start_loader  # torch
 
     batcher = SameSizeBatcher(batch_size, max_pending, pad_to)
+    submit = getattr(detector, "submit", None)  # FaceDetector: forward passes queued ahead
+    in_flight: list = []  # at most one (batch, handle): its network runs while the previous batch is post-processed
 
     def run(batch: list) -> None:
-        found = _detect_or_retry(detector, [record.image for record in batch], [r.path for r in batch])
+        try:
+            handle = unless_out_of_memory(submit, [record.image for record in batch]) if submit else None
+        except BaseException:  # e.g. Ctrl-C: the batch already submitted is still written
+            with contextlib.suppress(Exception):
+                finish_in_flight()
+            raise
+        finish_in_flight()
+        if handle is None:  # no submit, or out of memory: the batch alone, with the fallbacks
+            write(batch, _detect_or_retry(detector, [record.image for record in batch], [r.path for r in batch]))
+        else:
+            in_flight.append((batch, handle))
+
+    def finish_in_flight() -> None:
+        if in_flight:
+            batch, handle = in_flight.pop()
+            found = unless_out_of_memory(handle.result)
+            if found is None:
+                found = _detect_or_retry(detector, [record.image for record in batch], [r.path for r in batch])
+            write(batch, found)
+
+    def write(batch: list, found: list) -> None:
         for record, detections in zip(batch, found):
             image = images[record.index]
             text, rows = format_prediction_file(image.stem, detections)
@@ -346,6 +369,7 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
                     run(batch)
         for batch in batcher.flush():
             run(batch)
+        finish_in_flight()
     finally:
         bar.close()
     seconds = time.perf_counter() - started

@@ -26,6 +26,7 @@ be listed), 130 interrupted. Names that hold line breaks are escaped in the text
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -413,11 +414,39 @@ class _Runner:
         self.results: dict[int, ImageResult] = {}
         self.segmenter = None
         self.writer = BackgroundWriter(summary.timings)
+        self.in_flight: tuple[list[ImageRecord], Any] | None = None  # (batch, FaceDetector.submit handle)
 
     def skip(self, record: ImageRecord, reason: str) -> None:
         self.summary.skipped.append((record.name, reason))
         _warn(self.bar, f"skipped {escape_name(record.name)}: {reason}")
         self.bar.update(1)
+
+    def detect_queued(self, batch: list[ImageRecord]) -> None:
+        """:meth:`detect` with one batch in flight: this batch's forward passes are queued
+        (``FaceDetector.submit``) before the batch queued earlier is finished (post-processing,
+        masks, drawings, files), so that a GPU computes them meanwhile. Out of memory, or a
+        detector without ``submit``: :meth:`detect` and its fallbacks."""
+        submit = getattr(self.detector, "submit", None)
+        handle = unless_out_of_memory(submit, [r.net_image for r in batch]) if submit is not None else None
+        self.finish_queued()
+        if handle is None:
+            self.detect(batch)
+        else:
+            self.in_flight = (batch, handle)
+
+    def finish_queued(self) -> None:
+        """Finish the batch in flight, if any (its post-processing out of memory: :meth:`detect` again)."""
+        if self.in_flight is None:
+            return
+        batch, handle = self.in_flight
+        self.in_flight = None
+        found = unless_out_of_memory(handle.result)
+        if found is None:
+            self._free_device_memory()
+            self.detect(batch)
+            return
+        for record, detections in zip(batch, found):
+            self.finish(record, detections.rescaled(*record.net_scale))
 
     def detect(self, batch: list[ImageRecord]) -> None:
         """Detect faces in a batch (same-size images go in one forward pass), then finish each."""
@@ -649,14 +678,15 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
                     _warn(bar, f"{escape_name(record.name)}: {note}")
             if batcher is None:
                 if good:
-                    runner.detect(good)
+                    runner.detect_queued(good)
             else:
                 for record in good:
                     for batch in batcher.add(record):
-                        runner.detect(batch)
+                        runner.detect_queued(batch)
         if batcher is not None:
             for batch in batcher.flush():
-                runner.detect(batch)
+                runner.detect_queued(batch)
+        runner.finish_queued()
     except KeyboardInterrupt:
         summary.interrupted = True
     except BaseException as error:  # e.g. a CUDA error or a killed decoding worker: outputs so far are kept
@@ -664,6 +694,9 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         loop_error = error
         raise
     finally:
+        if runner.in_flight is not None:  # stopped part-way (Ctrl-C, an error): the batch already queued still counts
+            with contextlib.suppress(Exception):
+                runner.finish_queued()
         close_error = None
         try:
             runner.close()  # the last image writes can fail here, after the loop

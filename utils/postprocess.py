@@ -11,7 +11,8 @@ evaluated, and must not take the place of a real candidate.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+import contextlib
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -76,6 +77,52 @@ def postprocess_to_host(boxes: torch.Tensor, scores: torch.Tensor, landmarks: to
         host = host[host[:, 16] < keep_top_k]
     counts = np.bincount(host[:, 15].astype(np.int64), minlength=batch).tolist()
     return np.ascontiguousarray(host[:, :15]), counts
+
+
+#: ``finish(mark=None)`` of :meth:`DeferredPostprocess.defer`: the (K, 15) rows and counts of
+#: :func:`postprocess_to_host`; ``mark(name)`` is called where the post-processing starts and ends.
+Finish = Callable[..., tuple[np.ndarray, list[int]]]
+
+
+class DeferredPostprocess:
+    """:func:`postprocess_to_host` of a batch run later, so that the device computes the next
+    batch while the host post-processes this one.
+
+    A caller queues batch ``i + 1``'s network before it calls ``finish()`` of batch ``i``. On CUDA
+    :meth:`defer` copies the dense outputs on the current stream (a CUDA graph writes the next
+    batch into the same output buffers) and records an event; ``finish()`` post-processes on a
+    side stream that waits for that event only, so its host synchronisations (the candidates'
+    count, NMS, the copy to the host) do not also wait for the network queued after it. On the
+    CPU ``finish()`` simply runs :func:`postprocess_to_host`. Same results either way.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        device = torch.device(device)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def defer(self, boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor, **options) -> Finish:
+        """``boxes`` (B, N, 4), ``scores`` (B, N), ``landmarks`` (B, N, 10) as for :func:`postprocess`;
+        ``options``: :func:`postprocess_to_host`'s other arguments."""
+        stream = self.stream
+        if stream is not None:
+            boxes, scores, landmarks = boxes.clone(), scores.clone(), landmarks.clone()
+            ready = torch.cuda.Event()
+            ready.record()
+
+        @torch.inference_mode()
+        def finish(mark: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[int]]:
+            mark = mark or (lambda name: None)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                if stream is not None:
+                    stream.wait_event(ready)
+                mark("start")
+                # the last step copies to the host and waits for this stream: every tensor above
+                # is free to reuse once it returns
+                result = postprocess_to_host(boxes, scores, landmarks, **options)
+                mark("postprocess")
+            return result
+
+        return finish
 
 
 def _survivors(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor, confidence_threshold: float,
