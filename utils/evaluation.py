@@ -325,12 +325,7 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
     in_flight: list = []  # at most one (batch, handle): its network runs while the previous batch is post-processed
 
     def run(batch: list) -> None:
-        try:
-            handle = unless_out_of_memory(submit, [record.image for record in batch]) if submit else None
-        except BaseException:  # e.g. Ctrl-C: the batch already submitted is still written
-            with contextlib.suppress(Exception):
-                finish_in_flight()
-            raise
+        handle = unless_out_of_memory(submit, [record.image for record in batch]) if submit else None
         finish_in_flight()
         if handle is None:  # no submit, or out of memory: the batch alone, with the fallbacks
             write(batch, _detect_or_retry(detector, [record.image for record in batch], [r.path for r in batch]))
@@ -371,6 +366,9 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
             run(batch)
         finish_in_flight()
     finally:
+        if in_flight:  # stopped part-way (Ctrl-C, an error): the batch already submitted is still written
+            with contextlib.suppress(Exception):
+                finish_in_flight()
         bar.close()
     seconds = time.perf_counter() - started
     spent = {k: float(v) - float(before.get(k, 0.0)) for k, v in (timings or {}).items()}
