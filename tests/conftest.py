@@ -128,3 +128,38 @@ def detector_layouts(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(FaceDetector, "__init__", recording_init)
     return layouts
+
+
+class QueueingDetector:
+    """A stand-in for ``FaceDetector``'s ``submit`` / ``result()`` (test.py and inference.py keep one
+    batch in flight): records ``("submit", n)``, ``("result", n)`` and ``("detect_batch", images)``
+    events; the result of submit number ``oom_result`` runs out of memory; ``found(images)`` gives
+    the detections of a batch."""
+
+    device = None
+    timings: dict = {}
+
+    def __init__(self, found, oom_result: int, batch_size: int = 1) -> None:
+        self.found, self.oom_result, self.batch_size = found, oom_result, batch_size
+        self.events: list[tuple[str, int]] = []
+        self.releases = 0
+
+    def submit(self, images):
+        number = sum(event[0] == "submit" for event in self.events) + 1
+        self.events.append(("submit", number))
+        detector = self
+
+        class Handle:
+            def result(self):
+                detector.events.append(("result", number))
+                if number == detector.oom_result:
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return detector.found(images)
+        return Handle()
+
+    def detect_batch(self, images):
+        self.events.append(("detect_batch", len(images)))
+        return self.found(images)
+
+    def release_memory(self) -> None:
+        self.releases += 1

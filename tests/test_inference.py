@@ -17,7 +17,7 @@ import pytest
 
 import config
 import inference
-from tests.conftest import require_installed
+from tests.conftest import QueueingDetector, require_installed
 from utils import face_mask as fm
 from utils import image_loader
 from utils import inference_utils as iu
@@ -505,32 +505,7 @@ def test_out_of_memory_once_retries_at_full_size_after_freeing(tmp_path):
 def test_one_batch_in_flight_and_a_post_processing_out_of_memory_reruns_that_batch(tmp_path):
     """The main loop queues batch n + 1 (``submit``) before it finishes batch n; a batch whose
     ``result()`` runs out of memory goes through ``detect`` and its fallbacks."""
-    class QueueingDetector:
-        device = None
-
-        def __init__(self):
-            self.events, self.releases = [], 0
-
-        def submit(self, images):
-            number = sum(e[0] == "submit" for e in self.events) + 1
-            self.events.append(("submit", number))
-
-            class Handle:
-                def result(handle):
-                    self.events.append(("result", number))
-                    if number == 2:
-                        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-                    return _one_face_each(images)
-            return Handle()
-
-        def detect_batch(self, images):
-            self.events.append(("detect_batch", len(images)))
-            return _one_face_each(images)
-
-        def release_memory(self):
-            self.releases += 1
-
-    detector = QueueingDetector()
+    detector = QueueingDetector(_one_face_each, oom_result=2)
     runner, summary, records = _runner_on_blank_images(detector, tmp_path, ["a.png", "b.png", "c.png"])
     for record in records:
         runner.detect_queued([record])
