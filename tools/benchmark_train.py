@@ -637,6 +637,11 @@ def profile_run(run, device: torch.device, steps: int, rows: int = 25
     return table or str(averages), top, busy_ms
 
 
+def wall_since(started: float) -> float:
+    """Wall seconds since ``started`` (``time.perf_counter()``), to 0.1 s: the ``wall_s`` fields."""
+    return round(time.perf_counter() - started, 1)
+
+
 def summarise_config(entry: dict[str, Any]) -> None:
     """Set ``entry["summary"]`` from the rows measured so far (also for a run interrupted mid-config):
     the fastest fixed-batch variant of ours (``+cuda_graphs`` included, as train.py can train so; the
@@ -690,7 +695,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         traceback.print_exc()
     release(device)
     pinned_images, pinned_targets = loader_batch(images, targets, device)
-    entry["setup_wall_s"] = round(time.perf_counter() - config_started, 1)
+    entry["setup_wall_s"] = wall_since(config_started)
     fixed_img_per_s: dict[str, float] = {}
     profiled_variant = None
     graphed = []
@@ -746,7 +751,7 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
         except Exception as error:
             record_failure(result, errors, f"{spec} {variant.name}", error)
         release(device)
-        result["wall_s"] = round(time.perf_counter() - row_started, 1)
+        result["wall_s"] = wall_since(row_started)
         entry["variants"].append(result)
         print(f"[train] {spec} {variant.name} fixed: {result.get('img_per_s', '-')} img/s ({result['wall_s']} s)",
               file=sys.stderr, flush=True)
@@ -822,8 +827,8 @@ def measure_config(spec: str, args: argparse.Namespace, device: torch.device, er
                 errors.append(f"{spec} {key}: {type(error).__name__}: {error}")
                 traceback.print_exc()
             release(device)
-        entry["profile_wall_s"] = round(time.perf_counter() - profile_started, 1)
-    entry["wall_s"] = round(time.perf_counter() - config_started, 1)
+        entry["profile_wall_s"] = wall_since(profile_started)
+    entry["wall_s"] = wall_since(config_started)
 
 
 def extra_fixed_row(spec: str, variant, mode: str, measure: Callable[[], dict[str, Any]], fixed: float | None,
@@ -844,7 +849,7 @@ def extra_fixed_row(spec: str, variant, mode: str, measure: Callable[[], dict[st
     except Exception as error:
         record_failure(result, errors, f"{spec} {variant.name} ({mode})", error)
     release(device)
-    result["wall_s"] = round(time.perf_counter() - row_started, 1)
+    result["wall_s"] = wall_since(row_started)
     entry["variants"].append(result)
     print(f"[train] {spec} {variant.name} {mode}: {result.get('img_per_s', '-')} img/s "
           f"(x{result.get('ratio_to_fixed', '-')} of fixed; {result['wall_s']} s)", file=sys.stderr, flush=True)
@@ -871,7 +876,7 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
             pass
         entry.setdefault("loader_only", {})[augment_on] = {**clock.result(batch), "workers": args.workers,
                                                            "warmup_steps": warmup,
-                                                           "wall_s": round(time.perf_counter() - row_started, 1)}
+                                                           "wall_s": wall_since(row_started)}
         for text in args.real_variants:
             variant = parse_variant(text, device)
             if variant.public or variant.graph or ((variant.compile or variant.cuda_graphs) and device.type != "cuda"):
@@ -892,7 +897,7 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
             except Exception as error:
                 record_failure(result, errors, f"{spec} real ({augment_on}) {variant.name}", error)
             release(device)
-            result["wall_s"] = round(time.perf_counter() - row_started, 1)
+            result["wall_s"] = wall_since(row_started)
             entry["variants"].append(result)
             print(f"[train] {spec} {variant.name} real, augmentation on {augment_on}: "
                   f"{result.get('img_per_s', '-')} img/s (x{result.get('ratio_to_fixed', '-')} of fixed; "
