@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one command a session with a GPU lease runs: the CUDA tests (tests/test_cuda.py), both
 # speed benchmarks with settings that cover every target of the GPU issues, test.py in fresh
-# processes, then the Markdown speed table. Step times on an H100 (2026-11-27, run 7): cuda_tests
-# 67 s, train cut by its then 210 s cap (the ResNet-50 real-pipeline and graph rows lost), matching
-# 12 + 12 s, loader 38 s, inference 193 s, nms 16 s (run 8); trained_r50 (run 8): 121 s training,
-# 107 s inference, ~15 s NMS. The machine was ready within 20 s of the 15-minute lease.
+# processes, then the Markdown speed table. Step times on an H100 (2026-11-27, runs 7 to 10):
+# cuda_tests 67-96 s, train 262 s (cut by its 260 s cap in the ResNet-50 config, run 9), matching
+# 12 + 12 s, loader 38 s, inference 193 s (run 7; run 9 cut it at 118 s, inside the sample section),
+# nms 16 s; trained_r50 (runs 8 and 10): 121-136 s training, 107 s inference, ~15 s NMS. The
+# machine was ready within 30 s of the 15-minute lease.
 # Each step is capped (timeout --signal=INT: an interrupted benchmark still writes what it
 # measured); GPU_CHECK_DEADLINE caps the whole call.
 #
@@ -18,9 +19,8 @@
 # skipped (logged; exit status 1). Set it below the device call's timeout_s: on 2026-11-27 (run 7)
 # the default steps of then summed to 551 s and the call's 560 s limit cut the nms step and the table.
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests train nms inference table"), in this order:
+# Steps (GPU_CHECK_STEPS, default "cuda_tests nms inference train table"), in this order:
 #   cuda_tests   tests/test_cuda.py
-#   train        tools/benchmark_train.py: fixed batches, the real pipeline, profiles
 #   matching     tools/benchmark_matching.py: the loss's anchor matching of 8 real batches against the
 #                padded-batch baseline, mobilenet0.25 bs32@640 and ResNet-50 bs24@840 with per-image
 #                anchors (into train.jsonl); not a default step since run 8 (the same in three H100 runs)
@@ -30,6 +30,8 @@
 #   nms          tools/benchmark_nms.py: post-processing of a batch of 32 per NMS chunk size (into
 #                inference.jsonl; the trained_r50 step runs it on the trained cascade too)
 #   inference    tools/benchmark_inference.py: every inference target, the sample images, new sizes
+#   train        tools/benchmark_train.py: fixed batches, the real pipeline, profiles (after inference
+#                since run 9, which measured every training row but cut inference's sample section)
 #   cli          tools/benchmark_cli.py: test.py on the sample in fresh processes per --channels_last and --pad_to
 #                setting (one round) against one public-style pass
 #   trained_r50  the ResNet-50 cascade trained from scratch on the sample (tools/overfit_check.py),
@@ -66,8 +68,8 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-DEFAULT_STEPS="cuda_tests train nms inference table"
-KNOWN_STEPS=" cuda_tests train matching loader nms inference cli trained_r50 train_compile compile table "
+DEFAULT_STEPS="cuda_tests nms inference train table"
+KNOWN_STEPS=" cuda_tests nms inference train matching loader cli trained_r50 train_compile compile table "
 SMOKE=false
 case "$#:${1:-}" in
   0:) ;;
@@ -143,7 +145,7 @@ else
   TRAIN_COMPILE_ARGS=(--device cuda --configs resnet50:24:840,mobilenet0.25:32:640 --variants public,bf16,bf16+compile
                       --real_variants "" --busy_processes 0 --fixed_batches 0 --iters 30 --warmup 3)
   TRAIN_COMPILE_LIMIT=240
-  TESTS_LIMIT=120; INFERENCE_LIMIT=240; TRAIN_LIMIT=260; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
+  TESTS_LIMIT=150; INFERENCE_LIMIT=240; TRAIN_LIMIT=260; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
 fi
 
 status=0
@@ -219,7 +221,14 @@ log "== steps:$STEPS${DEADLINE:+(deadline $DEADLINE s)}"
 
 # tests/test_cuda.py skips itself without CUDA (the smoke run); a failure here does not stop the benchmarks
 wanted cuda_tests && step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
-# training first: its rows are what a lease cut short must not lose
+# post-processing per NMS chunk size (published mobilenet0.25), into inference.jsonl (8 files come back)
+wanted nms && needs_shared nms && step nms 90 "$PY" tools/benchmark_nms.py "${NMS_ARGS[@]}" \
+  --sample_images "$SAMPLE/val/images" --weights "$WEIGHTS" --out "$OUT/inference.jsonl"
+wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
+  --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
+# training after inference (run 9 measured every training row of both configs but one, and the
+# deadline then cut inference's sample section); a deadline cuts the last step, and the benchmark
+# writes what it measured when interrupted: the ResNet-50 config's last rows go first
 wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
 if wanted matching && needs_shared matching; then
@@ -229,12 +238,6 @@ if wanted matching && needs_shared matching; then
 fi
 wanted loader && needs_shared loader && step loader 90 "$PY" tools/benchmark_loader.py "${LOADER_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --out "$OUT/train.jsonl"
-# post-processing per NMS chunk size (published mobilenet0.25), into inference.jsonl (8 files come back); before
-# inference: a deadline cuts the last step, and inference writes what it measured when interrupted
-wanted nms && needs_shared nms && step nms 90 "$PY" tools/benchmark_nms.py "${NMS_ARGS[@]}" \
-  --sample_images "$SAMPLE/val/images" --weights "$WEIGHTS" --out "$OUT/inference.jsonl"
-wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
-  --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
 # the product's own command line in fresh processes, as a user meets a data set: test.py on the
 # sample (every size new to the process) per --channels_last setting against one public-style pass
 wanted cli && needs_shared cli && step cli "$CLI_LIMIT" "$PY" tools/benchmark_cli.py "${CLI_ARGS[@]}" \
