@@ -63,7 +63,8 @@ def train_run(tmp_path_factory, widerface_sample):
     out = tmp_path_factory.mktemp("bench") / "train.jsonl"
     argv = ["--device", "cpu", "--threads", "1", "--configs", "mobilenet0.25:2:128", "--iters", "2",
             "--warmup", "1", "--workers", "1", "--busy_processes", "1", "--fixed_batches", "3",
-            "--variants", "public,fp32+cuda_graphs,fp32", "--dataset", str(widerface_sample),
+            "--variants", "public,fp32+cuda_graphs,fp32", "--real_variants", "fp32,fp32+inline",
+            "--dataset", str(widerface_sample),
             "--split", "val", "--profile", "--profile_steps", "1", "--out", str(out)]
     report, line = run_main(bt.main, argv)
     return report, line, out
@@ -219,7 +220,12 @@ def test_train_benchmark_cpu_smoke(train_run):
     assert config["config"] == "mobilenet0.25:2:128" and config["fixed_batch"].startswith("real")
     modes = {(v["variant"], v["mode"]): v for v in config["variants"]}
     assert set(modes) == {("public", "fixed"), ("fp32", "fixed"), ("fp32", "fixed, busy processes"),
-                          ("fp32", "fixed, 3 batches in turn"), ("fp32", "real")}
+                          ("fp32", "fixed, 3 batches in turn"), ("fp32", "real"), ("fp32+inline", "real")}
+    # +inline: batches prepared when their step starts (the baseline of the side stream), rated
+    # against its variant's fixed batches
+    inline = bt.parse_variant("bf16+cuda_graphs+inline", torch.device("cuda"))
+    assert not inline.prepare_ahead and inline.cuda_graphs and inline.fixed_name == "bf16+cuda_graphs"
+    assert bt.parse_variant("bf16+cuda_graphs", torch.device("cuda")).prepare_ahead
     # train.py --cuda_graphs true as a variant: CUDA only, skipped with a note here
     assert any(n.startswith("mobilenet0.25:2:128 fp32+cuda_graphs: skipped on the CPU") for n in report["notes"])
     assert bt.parse_variant("bf16+cuda_graphs", torch.device("cuda")).cuda_graphs
@@ -233,7 +239,7 @@ def test_train_benchmark_cpu_smoke(train_run):
     assert len(several["most_faces_per_batch"]) == 3 and len(set(several["most_faces_per_batch"])) > 1
     assert several["ratio_to_fixed"] > 0 and several["data_wait_share"] < 0.05
     real = [v for v in config["variants"] if v["mode"] == "real"]
-    assert sorted(v["augment_on"] for v in real) == ["device", "workers"]
+    assert sorted(v["augment_on"] for v in real) == ["device", "device", "workers", "workers"]
     assert all(0 <= v["data_wait_share"] < 1 for v in real)
     assert modes[("fp32", "fixed")]["data_wait_share"] < 0.05  # a repeated batch is never waited for
     for v in config["variants"]:

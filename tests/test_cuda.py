@@ -154,6 +154,50 @@ def test_device_augmentation_on_cuda_matches_the_cpu(widerface_sample):
     assert difference.max() <= 2 and difference.mean() < 0.05
 
 
+def test_batches_prepared_ahead_on_a_side_stream_equal_batches_prepared_inline(widerface_sample, monkeypatch):
+    """train_one_epoch's batches (``prepared_batches``) with augmentation on the device: prepared
+    on a side stream during the step before, without host syncs, they equal the batches prepared
+    on the main stream. The side stream is held up before each batch's work, so a main stream that
+    did not wait for it would read unfinished inputs."""
+    import utils.data_loaders
+    from layers.multibox_loss import PaddedTargets, pad_targets
+    from utils.data_loaders import dataset_from_root, detection_collate
+    from utils.device_augment import DeferredTrainTransform
+    from utils.train_utils import prepared_batches
+
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(640, rng=0))
+    batches = []
+    for start in range(0, len(dataset), 2):
+        images, targets = detection_collate([dataset[i] for i in range(start, start + 2)])
+        padded = pad_targets(targets)
+        batches.append((images.pin_memory(), PaddedTargets(padded.targets.pin_memory(), padded.valid.pin_memory())))
+
+    def on_host(prepared) -> list[torch.Tensor]:
+        return [t.cpu() for t in (prepared.inputs, *prepared.targets) if t is not None]
+
+    inline = [on_host(prepared) for prepared in prepared_batches(batches, CUDA, True, ahead=False)]
+    original = utils.data_loaders.images_to_network_input
+
+    def held_up(images, device=None):
+        torch.cuda._sleep(20_000_000)  # tens of milliseconds on the stream the batch is prepared on
+        return original(images, device)
+
+    monkeypatch.setattr(utils.data_loaders, "images_to_network_input", held_up)
+    ahead = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for prepared in prepared_batches(batches, CUDA, True, ahead=True):
+            assert prepared.inputs.is_contiguous(memory_format=torch.channels_last)
+            ahead.append([t.clone() for t in (prepared.inputs, *prepared.targets) if t is not None])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(ahead) == len(inline) == 5
+    for got, want in zip(ahead, inline):
+        assert len(got) == len(want) == 4  # inputs, targets, valid, faces
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-3)
+
+
 @pytest.mark.parametrize("augment_on", ["workers", "device"])
 def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_on):
     import train

@@ -21,7 +21,10 @@ What one run measures, per config
   default cuDNN TF32), ``bf16`` / ``fp16`` autocast; modifiers ``nchw`` / ``cl`` (memory format,
   default channels_last on CUDA as train.py does), ``compile`` (``torch.compile`` of the model) and
   ``cuda_graphs`` (``train.py --cuda_graphs true``: the network's forward and backward passes
-  replayed from CUDA graphs, ``utils.graphed_training``; CUDA only).
+  replayed from CUDA graphs, ``utils.graphed_training``; CUDA only). ``train_one_epoch`` prepares
+  each batch on a side stream during the step before (``utils.train_utils.prepared_batches``);
+  ``inline`` prepares it on the main stream when its step starts, as before 2026-11-27 (a real-row
+  baseline for that overlap, rated against its variant's fixed batches).
 * ``fixed, CUDA graph`` (variants with ``+graph``, fp32 / bf16, CUDA only): the same step
   (``training_step``) captured once in a CUDA graph and replayed: what a step costs when the host
   launches nothing. train.py does not run this way; the row measures the headroom of doing so,
@@ -397,12 +400,13 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
     cuda = device.type == "cuda"
     if tokens == ["public"]:
         return SimpleNamespace(name="public", public=True, precision="fp32", channels_last=False, compile=False,
-                               graph=False, cuda_graphs=False)
+                               graph=False, cuda_graphs=False, prepare_ahead=True, fixed_name="public")
     if not tokens or tokens[0] not in ("fp32", "bf16", "fp16"):
         raise SystemExit(f"train variant {text!r}: 'public' or fp32/bf16/fp16 [+nchw|+cl] [+compile|+cuda_graphs] "
-                         "[+graph]")
+                         "[+graph] [+inline]")
     variant = SimpleNamespace(name=text.strip(), public=False, precision=tokens[0], channels_last=cuda, compile=False,
-                              graph=False, cuda_graphs=False)
+                              graph=False, cuda_graphs=False, prepare_ahead=True,
+                              fixed_name="+".join(t for t in text.strip().split("+") if t.lower() != "inline"))
     for token in tokens[1:]:
         if token in ("nchw", "cl"):
             variant.channels_last = token == "cl"
@@ -412,6 +416,8 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
             variant.graph = True
         elif token == "cuda_graphs":
             variant.cuda_graphs = True
+        elif token == "inline":  # each batch prepared on the main stream when its step starts (before 2026-11-27)
+            variant.prepare_ahead = False
         else:
             raise SystemExit(f"train variant {text!r}: unknown modifier {token!r}")
     if variant.graph and (variant.precision == "fp16" or variant.compile or variant.cuda_graphs):
@@ -468,7 +474,8 @@ def run_ours(config, variant, device: torch.device, batches: Iterable, steps: in
                        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0), scaler=scaler,
                        loader=clock if clock is not None else batches, sampler=SimpleNamespace(set_epoch=lambda *a: None),
                        priors=prior_boxes((size, size), config.num_anchor, device), iters_per_epoch=steps, epochs=1,
-                       seed=seed, autocast_dtype=dtype, channels_last=variant.channels_last)
+                       seed=seed, autocast_dtype=dtype, channels_last=variant.channels_last,
+                       prepare_ahead=variant.prepare_ahead)
     if clock is not None:
         clock.source = batches
     train_one_epoch(ctx, 0)
@@ -890,8 +897,8 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
             try:
                 clock = StepClock(warmup, args.real_iters, device)
                 result.update(run_ours(config, variant, device, loader, steps, batch, size, args.seed, clock))
-                if variant.name in fixed_img_per_s:
-                    result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.name])
+                if variant.fixed_name in fixed_img_per_s:  # +inline: against the fixed batches of its variant
+                    result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.fixed_name])
                 if device.type == "cuda":
                     result["max_memory_allocated_mib"] = rnd(torch.cuda.max_memory_allocated(device) / 2 ** 20)
             except Exception as error:

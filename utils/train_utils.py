@@ -919,6 +919,7 @@ class TrainContext:
     seed: int
     autocast_dtype: torch.dtype | None = None
     channels_last: bool = False
+    prepare_ahead: bool = True  # CUDA: each batch copied and augmented on a side stream during the step before
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
@@ -1157,11 +1158,70 @@ class _WaitClock:
             self.seconds += time.perf_counter() - started
 
 
+class PreparedBatch(NamedTuple):
+    """A training batch on the device: ``inputs`` float32 ``(B, 3, S, S)`` network input (BGR minus
+    the mean, channels_last when asked), ``targets`` its padded faces, ``report`` the loader's
+    :class:`LoadReport` (None for batches without one)."""
+
+    inputs: torch.Tensor
+    targets: PaddedTargets
+    report: "LoadReport | None"
+
+
+def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ahead: bool = True
+                     ) -> Iterator[PreparedBatch]:
+    """The loader's ``(images, targets[, LoadReport])`` batches as :class:`PreparedBatch` on ``device``:
+    host-to-device copies, :func:`~utils.data_loaders.images_to_network_input` (with ``--augment_on
+    device`` the photometric distortion, padding, flip and resize) and :func:`pad_targets`.
+
+    With ``ahead`` on CUDA, batch N+1 is prepared on a side stream before batch N is handed out, so
+    its copies and augmentation run on the GPU while step N's kernels do; the main stream waits only
+    for that batch's event. Without it (and on the CPU) each batch is prepared on the main stream
+    when its step starts, as before. Either way the batches and their values are the same."""
+    from utils.data_loaders import images_to_network_input
+
+    def prepare(batch) -> PreparedBatch:
+        inputs = images_to_network_input(batch[0], device=device)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return PreparedBatch(inputs, pad_targets(batch[1], device), batch[2] if len(batch) > 2 else None)
+
+    if not (ahead and device.type == "cuda"):
+        for batch in batches:
+            yield prepare(batch)
+        return
+    main = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+
+    def launch(batch) -> tuple[PreparedBatch, torch.cuda.Event]:
+        with torch.cuda.stream(side):
+            prepared = prepare(batch)
+        return prepared, side.record_event()
+
+    def hand_out(launched: tuple[PreparedBatch, torch.cuda.Event]) -> PreparedBatch:
+        prepared, ready = launched
+        main.wait_event(ready)
+        # made on the side stream, used on the main one: the allocator must not reuse them before
+        # the main stream is done with them
+        for tensor in (prepared.inputs, *prepared.targets):
+            if tensor is not None:
+                tensor.record_stream(main)
+        return prepared
+
+    pending = None
+    for batch in batches:
+        launched = launch(batch)
+        if pending is not None:
+            yield hand_out(pending)
+        pending = launched
+    if pending is not None:
+        yield hand_out(pending)
+
+
 def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> bool:
     """Train ``epoch`` (0-based) from its batch ``skip_batches``; returns True when
     ``--max_iters`` was reached or a stop was requested (Ctrl-C). Raises
     :class:`TrainingDivergedError` on a NaN/inf loss."""
-    from utils.data_loaders import images_to_network_input
     from utils.image_loader import start_loader
 
     args, info = ctx.args, ctx.info
@@ -1181,14 +1241,10 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
         # on one thread (no cores x workers threads) and cannot inherit a locked pool mutex
         batches = _WaitClock(start_loader(ctx.loader) if isinstance(ctx.loader, DataLoader) else ctx.loader)
         window_wall, window_wait = time.perf_counter(), 0.0
-        for batch_index, batch in enumerate(batches, start=skip_batches):
-            images, targets = batch[0], batch[1]
-            if len(batch) > 2:  # the LoadReport of build_train_loader's batches
-                ctx.note_load_report(batch[2])
-            inputs = images_to_network_input(images, device=info.device)
-            if ctx.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            padded = pad_targets(targets, info.device)
+        prepared = prepared_batches(batches, info.device, ctx.channels_last, ahead=ctx.prepare_ahead)
+        for batch_index, (inputs, padded, report) in enumerate(prepared, start=skip_batches):
+            if report is not None:  # the LoadReport of build_train_loader's batches
+                ctx.note_load_report(report)
             with autocast:
                 outputs = ctx.model(inputs)
             losses = ctx.criterion(ctx.model, outputs, ctx.priors, padded)
