@@ -417,6 +417,75 @@ def test_dense_disagreement_finds_what_nms_hides():
     assert not off["passed"] and off["disagreeing"] == 1 and off["min_iou"] < 0.9
 
 
+def test_nms_near_ties_explain_flipped_choices_and_threshold_overlaps_but_not_moved_faces():
+    """Per image, the detections without a counterpart are sorted out: two near-equal candidates of
+    one face whose order flips, and a box whose "+1 pixel" overlap with a kept one crosses the NMS
+    threshold (0.403 against 0.397), are NMS near-ties; a face moved by 3 px is not."""
+    from tools.fidelity import nms_near_ties, unmatched
+    from utils.postprocess import postprocess_to_host
+
+    def iou_plus_one_offset(target: float) -> float:  # x shift of a 100 x 100 box for a "+1 pixel" IoU
+        return 101 * (1 - target) / (1 + target)
+
+    reference = torch.tensor([[[100.0, 100.0, 120.0, 125.0], [102.0, 101.0, 122.0, 126.0],  # one face, two priors
+                               [300.0, 300.0, 330.0, 340.0],                               # the face that moves
+                               [500.0, 0.0, 600.0, 100.0], [500.0 + iou_plus_one_offset(0.403), 0.0,
+                                                             600.0 + iou_plus_one_offset(0.403), 100.0],
+                               [50.0, 400.0, 80.0, 440.0], [0.0, 0.0, 5.0, 5.0]]])
+    candidate = reference.clone()
+    candidate[0, 2] += 3.0
+    candidate[0, 4, 0::2] = reference[0, 3, 0::2] + iou_plus_one_offset(0.397)
+    ref_scores = torch.tensor([[0.9822, 0.9821, 0.8, 0.95, 0.70, 0.9, 0.01]])
+    cand_scores = torch.tensor([[0.9820, 0.9823, 0.8, 0.95, 0.70, 0.9, 0.01]])
+    landmarks = torch.zeros(1, 7, 10)
+    dense = [(reference, ref_scores, landmarks), (candidate, cand_scores, landmarks)]
+    rows = [[postprocess_to_host(*outputs, 0.3, 0.4)[0]] for outputs in dense]
+    assert len(rows[0][0]) == 4 and len(rows[1][0]) == 5  # the reference suppressed the box at IoU 0.403
+    assert len(unmatched(rows[0][0], rows[1][0], max_score_diff=0.005)) == 2   # the first face's prior, the moved face
+    assert len(unmatched(rows[1][0], rows[0][0], max_score_diff=0.005)) == 3   # its other prior, moved, the 0.397 box
+
+    found = nms_near_ties(rows[0], rows[1], dense[0], dense[1], max_score_diff=0.005, max_landmark_diff=1.0)
+    assert found["unmatched"] == 5 and found["near_ties"] == 3
+    assert sorted(u.split(",")[0] for u in found["unexplained"]) == ["[300.0", "[303.0"]  # the moved face, both ways
+    assert all("its prior differs on the other side" in u for u in found["unexplained"])
+    # a clear winner is no near-tie: a box suppressed at IoU 0.6 by one scoring 0.95 in the reference is
+    # kept by the candidate, where its suppressor moved away
+    boxes = torch.tensor([[[0.0, 0.0, 100.0, 100.0], [25.0, 0.0, 125.0, 100.0]]])
+    moved = boxes.clone()
+    moved[0, 0] += 300.0
+    scores, landmarks = torch.tensor([[0.95, 0.70]]), torch.zeros(1, 2, 10)
+    dense = [(boxes, scores, landmarks), (moved, scores, landmarks)]
+    rows = [[postprocess_to_host(*outputs, 0.3, 0.4)[0]] for outputs in dense]
+    clear = nms_near_ties(rows[0], rows[1], dense[0], dense[1], max_score_diff=0.005, max_landmark_diff=1.0)
+    assert clear["unmatched"] == 3 and clear["near_ties"] == 0
+    assert any("[25.0, 0.0, 125.0, 100.0, 0.7]: suppressed by a detection scoring 0.9500 at IoU 0.6" in u
+               for u in clear["unexplained"])
+
+
+def test_failed_fidelity_rows_say_how_many_differences_nms_near_ties_explain(monkeypatch, mobilenet_weights, tmp_path):
+    """The benchmark sorts the differences of a variant that fails the fidelity rule (here every
+    comparison is marked failed, so the sorting runs on identical outputs: nothing to explain), and
+    the speed table prints the count."""
+    from tools import speed_table
+
+    real_compare = bi.compare
+
+    def failing(*args, **kwargs):
+        return {**real_compare(*args, **kwargs), "passed": False}
+
+    monkeypatch.setattr(bi, "compare", failing)
+    argv = ["--device", "cpu", "--threads", "1", "--models", "mobilenet0.25", "--batch_sizes", "1",
+            "--variants", "ref,fp32", "--iters", "1", "--warmup", "0", "--weights", f"mobilenet0.25={mobilenet_weights}",
+            "--sample_images", "", "--out", str(tmp_path / "inference.jsonl")]
+    report, _ = run_main(bi.main, argv)
+    (row,) = [e for e in report["synthetic"] if e["variant"] == "fp32"]
+    assert row["fidelity"]["nms_near_ties"] == {"unmatched": 0, "near_ties": 0, "unexplained": []}
+    cell = speed_table.fidelity_cell({"fidelity": {**row["fidelity"], "unmatched_reference": 1,
+                                                   "unmatched_candidate": 1, "compared": 750,
+                                                   "nms_near_ties": {"unmatched": 2, "near_ties": 2}}})
+    assert cell.startswith("**FAIL** (2/750 unmatched, 2 of them NMS near-ties)")
+
+
 def test_nms_benchmark_chunks_give_the_detections_of_one_call(mobilenet_weights, widerface_sample, tmp_path):
     """tools/benchmark_nms.py: the published mobilenet0.25 at the evaluation threshold gives more
     candidates than the chunk, so the chunked calls really run; their detections equal one call's."""

@@ -95,7 +95,7 @@ from models.dense_path import DensePath  # noqa: E402
 from models.detector import StageClock, cudnn_autotuning, resolve_device, same_size_groups  # noqa: E402
 from models.retinaface import ModelConfig, RetinaFace, preprocess  # noqa: E402
 from tools import check_inputs, shared_root  # noqa: E402
-from tools.fidelity import dense_disagreement, unmatched  # noqa: E402
+from tools.fidelity import dense_disagreement, nms_near_ties, unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
 from utils.postprocess import DeferredPostprocess, postprocess_to_host  # noqa: E402
@@ -620,6 +620,11 @@ def measure_synthetic(args: argparse.Namespace, device: torch.device, variants: 
                             dense_disagreement(reference_dense, dense_outputs, max_score_diff=score_tol,
                                                max_landmark_diff=landmark_tol)
                             if reference_dense is not None else None)
+                        if not entry["fidelity"]["passed"] and reference_dense is not None:
+                            entry["fidelity"]["nms_near_ties"] = nms_near_ties(
+                                reference_rows, fidelity_rows, reference_dense, dense_outputs,
+                                max_score_diff=score_tol, max_landmark_diff=landmark_tol,
+                                nms_threshold=engine.nms_threshold)
                     counter = iter(range(1 << 30))
 
                     def run(marks):  # reads `engine` when called: `engine = None` below frees it

@@ -97,7 +97,9 @@ def fidelity_cell(entry: dict[str, Any]) -> str:
     if not fid:
         return "reference" if entry.get("variant") == "ref" else "–"
     bad = fid["unmatched_reference"] + fid["unmatched_candidate"]
-    cell = f"{'ok' if fid['passed'] else '**FAIL**'} ({bad}/{fid['compared']} unmatched)"
+    ties = fid.get("nms_near_ties")  # reports since 2026-11-27: how many of them NMS near-ties explain
+    explained = f", {ties['near_ties']} of them NMS near-ties" if ties else ""
+    cell = f"{'ok' if fid['passed'] else '**FAIL**'} ({bad}/{fid['compared']} unmatched{explained})"
     dense = entry.get("dense_fidelity")
     if dense:  # before NMS, prior by prior (reports since 2026-11-26 evening)
         cell += f"; per prior {'ok' if dense['passed'] else 'FAIL'} ({dense['disagreeing']}/{dense['priors']})"
