@@ -1192,6 +1192,7 @@ def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ah
         return
     main = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
+    side.wait_stream(main)  # what the main stream made before (weights, cached constants) comes first
 
     def launch(batch) -> tuple[PreparedBatch, torch.cuda.Event]:
         with torch.cuda.stream(side):
