@@ -1165,7 +1165,7 @@ class PreparedBatch(NamedTuple):
 
     inputs: torch.Tensor
     targets: PaddedTargets
-    report: "LoadReport | None"
+    report: LoadReport | None
 
 
 def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ahead: bool = True
