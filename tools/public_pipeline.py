@@ -26,13 +26,24 @@ VARIANCES = (0.1, 0.2)
 
 
 def python_loop_priors(height: int, width: int, min_sizes, steps=(8, 16, 32)) -> torch.Tensor:
-    """Priors (N, 4) normalised (cx, cy, w, h) in level -> row -> column -> size order."""
+    """Priors (N, 4) normalised (cx, cy, w, h) in level -> row -> column -> size order.
+
+    Built the way the public ``PriorBox.forward`` builds them, because its cost is part of the
+    baseline: per anchor, the size terms, a one-element list for each centre coordinate and a
+    product over the two. A leaner loop giving the same values (one list extension per anchor)
+    ran 2.4-2.8x faster per sample WIDER image on a 2-core CPU, which understated the public time."""
+    feature_maps = [(math.ceil(height / step), math.ceil(width / step)) for step in steps]
     anchors = []
-    for step, sizes in zip(steps, min_sizes):
-        for row, col in itertools.product(range(math.ceil(height / step)), range(math.ceil(width / step))):
-            for size in sizes:
-                anchors += [(col + 0.5) * step / width, (row + 0.5) * step / height, size / width, size / height]
-    return torch.tensor(anchors, dtype=torch.float32).view(-1, 4)
+    for level, (rows, cols) in enumerate(feature_maps):
+        step = steps[level]
+        for row, col in itertools.product(range(rows), range(cols)):
+            for size in min_sizes[level]:
+                size_x, size_y = size / width, size / height
+                centres_x = [x * step / width for x in [col + 0.5]]
+                centres_y = [y * step / height for y in [row + 0.5]]
+                for cy, cx in itertools.product(centres_y, centres_x):
+                    anchors += [cx, cy, size_x, size_y]
+    return torch.Tensor(anchors).view(-1, 4)
 
 
 def public_decode(loc: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
