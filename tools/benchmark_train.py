@@ -31,7 +31,8 @@ What one run measures, per config
   and stays out of the summary and the targets.
 * ``public``: the public Pytorch_Retinaface training step written from its protocol: float32
   input prepared on the host (as its DataLoader delivers it) copied per step, targets copied per
-  image, fp32 NCHW, the loss with a per-image ``match`` (Python loop over faces), hard-negative
+  image, fp32 NCHW, the loss with a per-image ``match`` (Python loop over faces; each image's
+  targets copied into host tensors, the batch's then copied back to the device), hard-negative
   mining by two sorts, host syncs (``max(num_pos.sum(), 1)``, ``.item()`` of the three losses for
   the per-iteration log line). Same model, optimizer (SGD 0.9, wd 5e-4) and batch as ours.
 * ``real``: the same steps fed by the real pipeline (``WiderFaceDataset`` + ``TrainTransform`` +
@@ -162,9 +163,11 @@ class PublicStyleLoss:
         loc_data, conf_data, landm_data = stage.loc.float(), stage.conf.float(), stage.landm.float()
         num, num_priors = loc_data.shape[:2]
         device = loc_data.device
-        loc_t = torch.zeros(num, num_priors, 4, device=device)
-        conf_t = torch.zeros(num, num_priors, dtype=torch.long, device=device)
-        landm_t = torch.zeros(num, num_priors, 10, device=device)
+        # as the public code: the targets are gathered in host tensors, each image's matched on the
+        # device and copied into them, then the whole batch is copied back to the device
+        loc_t = torch.empty(num, num_priors, 4)
+        conf_t = torch.empty(num, num_priors, dtype=torch.long)
+        landm_t = torch.empty(num, num_priors, 10)
         anchors = stage.anchors.float()
         for idx in range(num):
             truths = targets[idx]
@@ -175,6 +178,9 @@ class PublicStyleLoss:
                                        self.threshold, self.variances, self.claim_invalid)
             if matched is not None:
                 loc_t[idx], conf_t[idx], landm_t[idx] = matched
+            else:
+                loc_t[idx], conf_t[idx], landm_t[idx] = 0, 0, 0
+        loc_t, conf_t, landm_t = loc_t.to(device), conf_t.to(device), landm_t.to(device)
 
         zeros = torch.tensor(0, device=device)
         pos1 = conf_t > zeros
