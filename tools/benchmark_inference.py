@@ -29,8 +29,9 @@ distribution (and the post-processing load) looks like a detector's, not like co
 together, as ``FaceDetector`` does), ``FaceDetector.detect`` itself, and the public-style per-image
 pipeline (tools/public_pipeline.py: CPU mean subtraction, forward, Python prior loop, decode,
 NumPy NMS; on CUDA the forward and decode run on the GPU like the public detect.py, timed in
-PyTorch's default precision as the public scripts run: cuDNN TF32 on). All start from decoded images; disk reading (``read_image``) is timed separately. The speed-up is
-public ms/img over ours, from this one run. These passes repeat sizes already run, so cuDNN
+PyTorch's default precision as the public scripts run: cuDNN TF32 on). All start from decoded
+images; disk reading (``read_image``) is timed separately. The speed-up is public ms/img over
+ours, from this one run. These passes repeat sizes already run, so cuDNN
 autotuning and CUDA graphs are warm. *new sizes* (``--sample_new_size_passes``) times one pass
 over images of sizes not run before (the sample images minus a few bottom rows), as a single pass
 over a data set of many sizes meets them: the public-style pipeline with cuDNN autotuning on, as the public
