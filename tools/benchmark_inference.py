@@ -200,34 +200,30 @@ def rnd(value: float | None, digits: int = 4) -> float | None:
 
 
 @contextlib.contextmanager
-def public_precision(device: torch.device):
-    """PyTorch's default float32 settings inside the block, whatever they are outside (CUDA only):
-    cuDNN convolutions in TF32, matmuls in full float32. The public scripts set neither, so this is
-    how they run on a GPU."""
+def tf32_flags(device: torch.device, convolutions: bool, matmuls: bool):
+    """TF32 for cuDNN convolutions and for matmuls on or off inside the block (CUDA only;
+    restored after)."""
     if device.type != "cuda":
         yield
         return
     old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = convolutions, matmuls
     try:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
-@contextlib.contextmanager
 def tf32_mode(device: torch.device, enabled: bool):
     """TF32 convolutions and matmuls on or off inside the block (CUDA only; restored after)."""
-    if device.type != "cuda":
-        yield
-        return
-    old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = enabled
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+    return tf32_flags(device, enabled, enabled)
+
+
+def public_precision(device: torch.device):
+    """PyTorch's default float32 settings inside the block, whatever they are outside: cuDNN
+    convolutions in TF32, matmuls in full float32. The public scripts set neither, so this is how
+    they run on a GPU."""
+    return tf32_flags(device, True, False)
 
 
 def release(device: torch.device) -> None:
