@@ -28,7 +28,7 @@ from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace
 from utils.checkpoint import load_model
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import PUBLIC_PIXEL_OFFSET
-from utils.postprocess import DeferredPostprocess
+from utils.postprocess import DeferredPostprocess, Finish
 
 ImageInput = Union[np.ndarray, str, Path]
 
@@ -252,16 +252,25 @@ class FaceDetector:
         self.timings["preprocess"] += time.perf_counter() - started
         groups = self._groups(inputs)
         with self.dense.device_scope():  # pinned buffers, events and NMS on this detector's GPU
-            finishers = [self._launch([inputs[i] for i in group], [scales[i] for i in group]) for group in groups]
-        return PendingDetections(self, len(inputs), list(zip(groups, finishers)))
+            launched = [self._launch([inputs[i] for i in group], [scales[i] for i in group]) for group in groups]
+            # the groups' post-processing runs as one: one threshold, NMS and copy to the host for
+            # all their images (on CUDA the device is waited for twice in all, not twice per group)
+            finish = self.deferred.defer_groups([outputs for outputs, _ in launched],
+                                                confidence_threshold=self.confidence_threshold,
+                                                nms_threshold=self.nms_threshold, top_k=self.top_k,
+                                                keep_top_k=self.keep_top_k, pixel_offset=self.pixel_offset)
+        return PendingDetections(self, len(inputs), [i for group in groups for i in group], finish,
+                                 [clock for _, clock in launched])
 
     def _groups(self, inputs: Sequence[np.ndarray]) -> list[list[int]]:
         return [list(range(len(inputs)))] if self.pad_batches else same_size_groups(inputs)
 
     @torch.inference_mode()
-    def _launch(self, images: list[np.ndarray], scales: list[float]) -> Callable[[], list[Detections]]:
+    def _launch(self, images: list[np.ndarray], scales: list[float]
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], StageClock]:
         """Queue one forward pass of ``images`` (resized by ``scales`` from the originals, all on
-        one canvas); returns the deferred post-processing of its outputs in original pixels."""
+        one canvas); returns its dense outputs in original pixels (boxes (B, N, 4), scores (B, N),
+        landmarks (B, N, 10)) and the clock that marks the pass."""
         started = time.perf_counter()
         height, width = padded_size(max(im.shape[0] for im in images), max(im.shape[1] for im in images),
                                     self.pad_to)
@@ -295,42 +304,36 @@ class FaceDetector:
             inverse = torch.tensor([1.0 / scale for scale in scales], device=boxes.device)[:, None, None]
             boxes, landmarks = boxes * inverse, landmarks * inverse
         forward.mark()
-        finish = self.deferred.defer(boxes, scores, landmarks, confidence_threshold=self.confidence_threshold,
-                                     nms_threshold=self.nms_threshold, top_k=self.top_k,
-                                     keep_top_k=self.keep_top_k, pixel_offset=self.pixel_offset)
-
-        def detections() -> list[Detections]:
-            post = StageClock(cuda)
-            rows, counts = finish(post.mark)
-            self.timings["forward"] += forward.seconds()[0]
-            self.timings["postprocess"] += post.seconds()[0]
-            boxes_np, scores_np, landmarks_np = rows[:, :4], rows[:, 4], rows[:, 5:].reshape(-1, 5, 2)
-            offsets = np.concatenate([[0], np.cumsum(counts)])
-            return [Detections(boxes_np[a:b], scores_np[a:b], landmarks_np[a:b])
-                    for a, b in zip(offsets[:-1], offsets[1:])]
-
-        return detections
+        return (boxes, scores, landmarks), forward
 
 
 class PendingDetections:
     """The detections of one :meth:`FaceDetector.submit` call, post-processed by :meth:`result`."""
 
-    def __init__(self, detector: FaceDetector, count: int,
-                 groups: list[tuple[list[int], Callable[[], list[Detections]]]]) -> None:
+    def __init__(self, detector: FaceDetector, count: int, order: list[int], finish: Finish,
+                 forward_clocks: list[StageClock]) -> None:
         self.detector = detector
         self.count = count
-        self.groups: list[tuple[list[int], Callable[[], list[Detections]]]] | None = groups
+        self.order = order  # the submitted index of each image, in the order of the finished rows
+        self.finish: Finish | None = finish
+        self.forward_clocks = forward_clocks
 
     def result(self) -> list[Detections]:
         """The detections of every submitted image, in order (call once)."""
-        if self.groups is None:
+        if self.finish is None:
             raise RuntimeError("result() was already taken")
+        detector = self.detector
+        with detector.dense.device_scope():
+            post = StageClock(detector.device.type == "cuda")
+            rows, counts = self.finish(post.mark)
+            detector.timings["forward"] += sum(clock.seconds()[0] for clock in self.forward_clocks)
+            detector.timings["postprocess"] += post.seconds()[0]
+        self.finish = None  # the device tensors can go
+        boxes, scores, landmarks = rows[:, :4], rows[:, 4], rows[:, 5:].reshape(-1, 5, 2)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         results: list[Detections | None] = [None] * self.count
-        with self.detector.dense.device_scope():
-            for group, detections in self.groups:
-                for index, found in zip(group, detections()):
-                    results[index] = found
-        self.groups = None  # the device tensors can go
+        for index, start, stop in zip(self.order, offsets[:-1], offsets[1:]):
+            results[index] = Detections(boxes[start:stop], scores[start:stop], landmarks[start:stop])
         return results  # type: ignore[return-value]
 
 

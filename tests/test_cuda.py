@@ -256,6 +256,35 @@ def test_postprocess_waits_for_the_device_only_for_candidates_and_counts():
     np.testing.assert_allclose(rows, expected_rows, rtol=0, atol=1e-3)
 
 
+def test_batches_of_different_sizes_are_post_processed_together_with_two_waits():
+    """postprocess_groups_to_host on CUDA merges the batches by default: three batches of
+    different prior counts wait for the device twice in all (the candidates, the copy), and give
+    the CPU's rows and counts of one call per batch."""
+    from utils.postprocess import postprocess_groups_to_host, postprocess_to_host
+
+    generator = torch.Generator().manual_seed(1)
+    groups = []
+    for batch, priors in ((2, 1500), (1, 700), (3, 1100)):
+        corners = torch.rand(batch, priors, 2, generator=generator) * 600
+        boxes = torch.cat([corners, corners + 8 + torch.rand(batch, priors, 2, generator=generator) * 60], dim=2)
+        groups.append((boxes, torch.rand(batch, priors, generator=generator),
+                       torch.rand(batch, priors, 10, generator=generator) * 600))
+    expected = [postprocess_to_host(*group, 0.6, 0.4) for group in groups]
+    on_device = [tuple(t.to(CUDA) for t in group) for group in groups]
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            rows, counts = postprocess_groups_to_host(on_device, 0.6, 0.4)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 2, [f"{w.filename}:{w.lineno}" for w in syncs]
+    assert counts == [count for _, group_counts in expected for count in group_counts] and sum(counts) > 100
+    np.testing.assert_allclose(rows, np.concatenate([group_rows for group_rows, _ in expected]), rtol=0, atol=1e-3)
+
+
 def _train_pair(common: list[str], name: str) -> dict[str, dict]:
     """train.py with ``common`` options, once launching every kernel and once with --cuda_graphs true."""
     import train

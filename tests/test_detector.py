@@ -79,6 +79,34 @@ def test_submitted_batches_finished_later_equal_detect_batch(detector, widerface
     assert set(ahead.timings) == {"preprocess", "forward", "postprocess"}
 
 
+def test_size_groups_post_processed_together_equal_images_alone(detector, widerface_sample, monkeypatch):
+    """One ``detect_batch`` of images in three sizes post-processes its size groups together (on
+    CUDA by default; forced here): every image gets the detections it gets alone, in its order."""
+    import cv2
+    import utils.postprocess as postprocess_module
+
+    original = postprocess_module.postprocess_groups_to_host
+    merged = []
+
+    def merging(groups, *args, **kwargs):
+        merged.append(len(groups))
+        return original(groups, *args, **kwargs, merge=True)
+
+    monkeypatch.setattr(postprocess_module, "postprocess_groups_to_host", merging)
+    paths = sorted((widerface_sample / "val" / "images").rglob("*.jpg"))[:3]
+    images = [cv2.imread(str(p)) for p in paths]
+    batch = [images[0], images[1], np.ascontiguousarray(images[0][:, ::-1]), images[2]]
+    assert len({im.shape for im in batch}) == 3
+    found = detector.detect_batch(batch)
+    assert merged == [3]
+    for image, got in zip(batch, found):
+        alone = detector.detect(image)
+        assert len(got) == len(alone) > 0
+        np.testing.assert_array_equal(got.boxes, alone.boxes)
+        np.testing.assert_array_equal(got.scores, alone.scores)
+        np.testing.assert_array_equal(got.landmarks, alone.landmarks)
+
+
 def test_max_size_maps_boxes_back_to_the_original_image(detector, widerface_sample):
     path = widerface_sample / "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
     full = detector.detect(path)

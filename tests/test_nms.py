@@ -194,3 +194,48 @@ def test_postprocess_to_host_equals_postprocess_and_a_copy(keep_top_k):
         assert counts == [40, 0, 40]
     else:
         assert min(counts[0], counts[2]) > 40
+
+
+@pytest.mark.parametrize("top_k, keep_top_k", [(5000, 750), (None, None), (150, 40)])
+def test_post_processing_batches_of_different_sizes_together_equals_one_call_per_batch(top_k, keep_top_k,
+                                                                                      monkeypatch):
+    """postprocess_groups_to_host with ``merge=True`` (its CUDA way, forced here): batches with
+    different prior counts (so different top-k widths, and a batch narrower than ``top_k``), an
+    image without candidates, a box that is not finite and negative coordinates give the rows and
+    counts of one postprocess_to_host call per batch, in order; NMS runs in chunks across batches."""
+    from utils.postprocess import postprocess_groups_to_host, postprocess_to_host
+
+    rng = np.random.default_rng(11)
+    groups = []
+    for index, (batch, priors) in enumerate([(2, 600), (1, 120), (3, 900)]):
+        per_image = [random_detections(10 * index + image, priors) for image in range(batch)]
+        boxes = torch.from_numpy(np.stack([b for b, _ in per_image])) - 50.0
+        scores = torch.from_numpy(np.stack([s for _, s in per_image]))
+        landmarks = torch.from_numpy(rng.uniform(-50, 300, (batch, priors, 10)).astype(np.float32))
+        groups.append((boxes, scores, landmarks))
+    groups[2][1][1] = 0.0  # no candidate in the second image of the last batch
+    groups[0][0][0, 3] = torch.tensor([1.0, 2.0, float("inf"), 4.0])
+    groups[0][1][0, 3] = 0.99
+    options = dict(confidence_threshold=0.3, nms_threshold=0.4, top_k=top_k, keep_top_k=keep_top_k, nms_chunk=700)
+    expected_rows, expected_counts = [], []
+    for group in groups:
+        rows, counts = postprocess_to_host(*group, **options)
+        expected_rows.append(rows)
+        expected_counts += counts
+    import utils.postprocess as module
+    calls = []
+    monkeypatch.setattr(module, "postprocess_to_host", lambda *a, **k: calls.append(1) or postprocess_to_host(*a, **k))
+    for merge, per_batch_calls in ((True, 0), (False, 3)):
+        calls.clear()
+        rows, counts = postprocess_groups_to_host(groups, **options, merge=merge)
+        assert len(calls) == per_batch_calls
+        assert counts == expected_counts and counts[4] == 0 and len(counts) == 6
+        np.testing.assert_array_equal(rows, np.concatenate(expected_rows))
+    assert np.isfinite(rows).all() and (rows[:, :4] < 0).any()
+    if keep_top_k == 40:
+        assert max(counts) == 40
+    single_rows, single_counts = postprocess_groups_to_host(groups[:1], **options, merge=True)
+    assert single_counts == expected_counts[:2]
+    np.testing.assert_array_equal(single_rows, expected_rows[0])
+    empty_rows, empty_counts = postprocess_groups_to_host([], **options)
+    assert empty_rows.shape == (0, 15) and empty_counts == []

@@ -12,10 +12,11 @@ evaluated, and must not take the place of a real candidate.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from utils.nms import PUBLIC_PIXEL_OFFSET, batched_nms
 
@@ -65,9 +66,55 @@ def postprocess_to_host(boxes: torch.Tensor, scores: torch.Tensor, landmarks: to
     rows ``[x1, y1, x2, y2, score, 10 landmark coordinates]`` by image then score, and the number of
     rows of each image. The keep-top-k cut and the counts are made on the host, so on CUDA the
     device is waited for twice (candidates, the copy) instead of three times."""
-    batch = scores.shape[0]
-    image_index, boxes, scores, landmarks = _survivors(boxes, scores, landmarks, confidence_threshold,
-                                                       nms_threshold, top_k, pixel_offset, nms_chunk)
+    survivors = _survivors(boxes, scores, landmarks, confidence_threshold, nms_threshold, top_k, pixel_offset,
+                           nms_chunk)
+    return _to_host(*survivors, batch=scores.shape[0], keep_top_k=keep_top_k)
+
+
+def postprocess_groups_to_host(groups: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                               confidence_threshold: float, nms_threshold: float, top_k: int | None = 5000,
+                               keep_top_k: int | None = 750, pixel_offset: float = PUBLIC_PIXEL_OFFSET,
+                               nms_chunk: int | None = None, merge: bool | None = None
+                               ) -> tuple[np.ndarray, list[int]]:
+    """:func:`postprocess_to_host` of several batches, whose images differ in size (so in their
+    number of priors): ``groups`` of (boxes (B_g, N_g, 4), scores (B_g, N_g), landmarks (B_g, N_g,
+    10)) on one device. Rows and counts are those of the batches' images in order, the same as one
+    call per batch gives.
+
+    ``merge`` (default: on CUDA) runs the threshold, NMS and copy to the host once for all the
+    batches: the device is waited for twice in all instead of twice per batch (H100 run 7: one
+    call for ten sample images took 4.0 ms, eight calls for the same images by size 13.3 ms).
+    On the CPU, with nothing to wait for, the gathers and padding that merging adds cost more than
+    they save (3.6-4.0 against 3.0-3.6 ms per sample image, three runs), so each batch runs alone.
+    """
+    if merge is None:
+        merge = bool(groups) and groups[0][1].device.type == "cuda"
+    if len(groups) < 2 or not merge:
+        parts = [postprocess_to_host(*group, confidence_threshold, nms_threshold, top_k, keep_top_k, pixel_offset,
+                                     nms_chunk) for group in groups]
+        if len(parts) == 1:
+            return parts[0]
+        rows = [part_rows for part_rows, _ in parts] or [np.zeros((0, 15), dtype=np.float32)]
+        return np.concatenate(rows), [count for _, counts in parts for count in counts]
+    tops = []
+    for boxes, scores, landmarks in groups:
+        top_scores, top_index = _top_candidates(boxes, scores, top_k)
+        tops.append((top_scores, _take(boxes, top_index), _take(landmarks, top_index)))
+    width = max(top_scores.shape[1] for top_scores, _, _ in tops)
+    # every batch's candidates padded to the widest top-k; a padded score is -inf, under any threshold
+    top_scores = torch.cat([F.pad(t, (0, width - t.shape[1]), value=float("-inf")) for t, _, _ in tops])
+    top_boxes = torch.cat([F.pad(b, (0, 0, 0, width - b.shape[1])) for _, b, _ in tops])
+    top_landmarks = torch.cat([F.pad(m, (0, 0, 0, width - m.shape[1])) for _, _, m in tops])
+    image_index, rank = torch.nonzero(top_scores > confidence_threshold, as_tuple=True)
+    survivors = _nms_survivors(image_index, top_boxes[image_index, rank], top_scores[image_index, rank],
+                               top_landmarks[image_index, rank], nms_threshold, pixel_offset, nms_chunk)
+    return _to_host(*survivors, batch=top_scores.shape[0], keep_top_k=keep_top_k)
+
+
+def _to_host(image_index: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor,
+             batch: int, keep_top_k: int | None) -> tuple[np.ndarray, list[int]]:
+    """Survivors (sorted by image then score) -> (K, 15) host rows after the keep-top-k cut, and
+    the rows of each of the ``batch`` images, in one copy."""
     # image index and rank travel as float32 columns: exact below 2^24
     columns = [boxes.float(), scores.float()[:, None], landmarks.float(), image_index.float()[:, None]]
     if keep_top_k is not None:
@@ -103,9 +150,14 @@ class DeferredPostprocess:
     def defer(self, boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor, **options) -> Finish:
         """``boxes`` (B, N, 4), ``scores`` (B, N), ``landmarks`` (B, N, 10) as for :func:`postprocess`;
         ``options``: :func:`postprocess_to_host`'s other arguments."""
+        return self.defer_groups([(boxes, scores, landmarks)], **options)
+
+    def defer_groups(self, groups: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], **options) -> Finish:
+        """:meth:`defer` of several batches of different image sizes, post-processed together by
+        :func:`postprocess_groups_to_host` (their images' rows and counts in order)."""
         stream = self.stream
         if stream is not None:
-            boxes, scores, landmarks = boxes.clone(), scores.clone(), landmarks.clone()
+            groups = [tuple(t.clone() for t in group) for group in groups]
             ready = torch.cuda.Event()
             ready.record()
 
@@ -118,7 +170,7 @@ class DeferredPostprocess:
                 mark("start")
                 # the last step copies to the host and waits for this stream: every tensor above
                 # is free to reuse once it returns
-                result = postprocess_to_host(boxes, scores, landmarks, **options)
+                result = postprocess_groups_to_host(groups, **options)
                 mark("postprocess")
             return result
 
@@ -130,21 +182,37 @@ def _survivors(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tenso
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Threshold, top-k and NMS on the device: (image_index (K,), boxes (K, 4), scores (K,),
     landmarks (K, 10)) of the survivors, by image then decreasing score."""
+    top_scores, top_index = _top_candidates(boxes, scores, top_k)              # (B, k)
+    image_index, rank = torch.nonzero(top_scores > confidence_threshold, as_tuple=True)
+    prior_index = top_index[image_index, rank]
+    return _nms_survivors(image_index, boxes[image_index, prior_index], top_scores[image_index, rank],
+                          landmarks[image_index, prior_index], nms_threshold, pixel_offset, nms_chunk)
+
+
+def _top_candidates(boxes: torch.Tensor, scores: torch.Tensor, top_k: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) best scores of each image, sorted, and their prior indices (k: ``top_k``, at most N)."""
     num_priors = scores.shape[1]
     k = num_priors if top_k is None else min(top_k, num_priors)
     # a box that is not finite, or a NaN score (topk ranks NaN first), takes no top-k place
     scores = scores.masked_fill(~torch.isfinite(boxes).all(dim=2) | scores.isnan(), float("-inf"))
-    top_scores, top_index = scores.topk(k, dim=1, sorted=True)              # (B, k)
-    image_index, rank = torch.nonzero(top_scores > confidence_threshold, as_tuple=True)
-    prior_index = top_index[image_index, rank]
-    candidate_scores = top_scores[image_index, rank]
-    candidate_boxes = boxes[image_index, prior_index]
-    candidate_landmarks = landmarks[image_index, prior_index]
+    return scores.topk(k, dim=1, sorted=True)
 
-    keep = batched_nms(candidate_boxes, candidate_scores, image_index, nms_threshold, pixel_offset, nms_chunk)
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) ``values`` at the (B, k) prior ``index`` of each image -> (B, k, C)."""
+    return values.gather(1, index[..., None].expand(-1, -1, values.shape[2]))
+
+
+def _nms_survivors(image_index: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor,
+                   nms_threshold: float, pixel_offset: float, nms_chunk: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NMS within each image of the candidates (K,) / (K, 4) / (K,) / (K, 10), which are ordered by
+    image then decreasing score; the survivors in the same order."""
+    keep = batched_nms(boxes, scores, image_index, nms_threshold, pixel_offset, nms_chunk)
     # keep is sorted by score over the whole batch; regroup by image (stable keeps score order).
     keep = keep[torch.sort(image_index[keep], stable=True).indices]
-    return image_index[keep], candidate_boxes[keep], candidate_scores[keep], candidate_landmarks[keep]
+    return image_index[keep], boxes[keep], scores[keep], landmarks[keep]
 
 
 def _counts(image_index: torch.Tensor, batch: int) -> torch.Tensor:
