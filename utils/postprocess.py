@@ -140,7 +140,7 @@ class DeferredPostprocess:
     batch into the same output buffers) and records an event; ``finish()`` post-processes on a
     side stream that waits for that event only, so its host synchronisations (the candidates'
     count, NMS, the copy to the host) do not also wait for the network queued after it. On the
-    CPU ``finish()`` simply runs :func:`postprocess_to_host`. Same results either way.
+    CPU ``finish()`` simply runs the post-processing. Same results either way.
     """
 
     def __init__(self, device: torch.device | str) -> None:
