@@ -89,18 +89,19 @@ def postprocess_groups_to_host(groups: Sequence[tuple[torch.Tensor, torch.Tensor
     """
     if merge is None:
         merge = bool(groups) and groups[0][1].device.type == "cuda"
-    if len(groups) < 2 or not merge:
+    if len(groups) == 1:
+        return postprocess_to_host(*groups[0], confidence_threshold, nms_threshold, top_k, keep_top_k, pixel_offset,
+                                   nms_chunk)
+    if not merge:
         parts = [postprocess_to_host(*group, confidence_threshold, nms_threshold, top_k, keep_top_k, pixel_offset,
                                      nms_chunk) for group in groups]
-        if len(parts) == 1:
-            return parts[0]
         rows = [part_rows for part_rows, _ in parts] or [np.zeros((0, 15), dtype=np.float32)]
         return np.concatenate(rows), [count for _, counts in parts for count in counts]
-    tops = []
+    tops = []  # per batch: (B_g, k_g) sorted scores, their (B_g, k_g, 4) boxes and (B_g, k_g, 10) landmarks
     for boxes, scores, landmarks in groups:
-        top_scores, top_index = _top_candidates(boxes, scores, top_k)
-        tops.append((top_scores, _take(boxes, top_index), _take(landmarks, top_index)))
-    width = max(top_scores.shape[1] for top_scores, _, _ in tops)
+        scores_k, index_k = _top_candidates(boxes, scores, top_k)
+        tops.append((scores_k, _take(boxes, index_k), _take(landmarks, index_k)))
+    width = max(scores_k.shape[1] for scores_k, _, _ in tops)
     # every batch's candidates padded to the widest top-k; a padded score is -inf, under any threshold
     top_scores = torch.cat([F.pad(t, (0, width - t.shape[1]), value=float("-inf")) for t, _, _ in tops])
     top_boxes = torch.cat([F.pad(b, (0, 0, 0, width - b.shape[1])) for _, b, _ in tops])
