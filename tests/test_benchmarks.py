@@ -154,6 +154,31 @@ def test_new_size_pass_of_other_models_times_both_layouts():
     assert len(seen) == 2 + 2 * (3 + 1) * 2
 
 
+def test_sample_section_times_face_detector_in_nhwc_where_its_default_is_nchw():
+    """mobilenet0.25 on CUDA runs NCHW by default (new sizes); sizes run before are the NHWC case,
+    so the sample section times FaceDetector both ways there, and the table lists every row."""
+    mobilenet, resnet = (RetinaFace(ModelConfig(network=name), pretrained=False) for name in ("mobilenet0.25",
+                                                                                              "resnet18"))
+    cuda_settings = bi.api_settings_for(mobilenet, torch.device("cuda"))  # layout choice only: no GPU needed
+    assert list(cuda_settings) == ["face_detector_api", "face_detector_api_padded", "face_detector_api_nhwc",
+                                   "face_detector_api_padded_nhwc"]
+    assert cuda_settings["face_detector_api_padded_nhwc"] == {"pad_batches": True, "pad_to": 128, "channels_last": True}
+    assert cuda_settings["face_detector_api_nhwc"] == {"channels_last": True}
+    for model, device in ((mobilenet, "cpu"), (resnet, "cuda"), (resnet, "cpu")):  # NHWC already
+        assert list(bi.api_settings_for(model, torch.device(device))) == ["face_detector_api",
+                                                                         "face_detector_api_padded"]
+    rows = {key: {"settings": f"FaceDetector({key})", "ms_per_img": ms, "images_per_s": 1000 / ms,
+                  "speedup_vs_public": 40 / ms, "fidelity": {"passed": True, "compared": 5, "unmatched_reference": 0,
+                                                             "unmatched_candidate": 0}}
+            for key, ms in zip(cuda_settings, (4.0, 3.0, 2.0, 1.0))}
+    report = {"benchmark": "inference", "env": {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11"}, "synthetic": [],
+              "sample": {"images": 10, "distinct_sizes": 8, "confidence_threshold": 0.02,
+                         "public_style": {"ms_per_img": 40.0, "images_per_s": 25.0}, "variants": [], **rows}}
+    rendered = speed_table.render([report])
+    for key in cuda_settings:
+        assert f"FaceDetector.detect (FaceDetector({key}))" in rendered
+
+
 def test_new_size_copies_never_repeat_a_size():
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((40, 30), (41, 30), (40, 30), (9, 8))]

@@ -146,8 +146,8 @@ def inference_section(report: dict[str, Any]) -> list[str]:
         for v in sample.get("variants", []):
             rows.append([f"ours {v['variant']}", v.get("ms_per_img"), v.get("images_per_s"),
                          v.get("speedup_vs_public"), v.get("error") or with_stages(v)])
-        for api in (sample.get("face_detector_api"), sample.get("face_detector_api_padded")):
-            if api:
+        for key, api in sample.items():  # face_detector_api, _padded, and their _nhwc rows where measured
+            if key.startswith("face_detector_api") and api:
                 rows.append([f"FaceDetector.detect ({api['settings']})", api["ms_per_img"], api["images_per_s"],
                              api["speedup_vs_public"], with_stages(api)])
         lines += table(["pipeline", "ms/img", "img/s", "× public-style", "fidelity vs fp32 ref / steps ms"], rows)
