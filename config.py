@@ -316,6 +316,10 @@ OPTIONS: tuple[Option, ...] = (
     _opt("--amp", type=str2bool, default=True, scripts={TRAIN},
          help="automatic mixed precision on CUDA (bf16 where supported, else fp16 with a "
               "GradScaler); ignored on the CPU"),
+    _opt("--amp_dtype", type=str, choices=("auto", "bf16", "fp16"), default="auto", scripts={TRAIN},
+         help="autocast type of --amp true: auto (bf16 where the GPU supports it, else fp16), bf16, or "
+              "fp16 with a GradScaler (PyTorch hands BatchNorm of fp16 inputs to cuDNN and of bf16 inputs to "
+              "its own kernels; README, Training)"),
     _opt("--sync_bn", type=str2bool, default=False, scripts={TRAIN},
          help="SyncBatchNorm across processes in multi-GPU (CUDA) runs"),
     _opt("--log_every", type=positive_int, default=20, scripts={TRAIN},

@@ -198,8 +198,8 @@ def test_batches_prepared_ahead_on_a_side_stream_equal_batches_prepared_inline(w
             torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("augment_on", ["workers", "device"])
-def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_on):
+@pytest.mark.parametrize(("augment_on", "amp_dtype"), [("workers", "auto"), ("device", "fp16")])
+def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_on, amp_dtype):
     import train
 
     monkeypatch.chdir(tmp_path)
@@ -208,10 +208,12 @@ def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_
         summary = train.run(["--dataset", str(widerface_sample), "--train_split", "val", "--experiment_name", "gpu",
                              "--network", "mobilenet0.25", "--pretrained", "false", "--batch_size", "4",
                              "--workers", "2", "--eval_every", "0", "--device", "cuda", "--max_iters", "6",
-                             "--log_every", "2", "--augment_on", augment_on])
+                             "--log_every", "2", "--augment_on", augment_on, "--amp_dtype", amp_dtype])
     assert summary["step"] == 6
     assert all(np.isfinite(loss) for _, loss in summary["loss_history"])
     assert (tmp_path / "experiments/gpu/ckpt/last.pth").is_file()
+    log = (tmp_path / "experiments/gpu/log/logs.txt").read_text()
+    assert ("amp float16 with loss scaling" in log) == (amp_dtype == "fp16")
 
 
 def test_priors_built_on_the_gpu_equal_the_cpu_ones():

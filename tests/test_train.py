@@ -1074,3 +1074,29 @@ def test_cuda_graphs_option_on_the_cpu_with_compile_and_with_several_processes(w
     inherited.compile = "inductor"  # as a --resume of a compiled run takes it over
     with pytest.raises(tu.TrainingSetupError, match="--cuda_graphs true and --compile are alternatives"):
         tu.graph_training_network(ctx, inherited, None)
+
+
+def test_amp_dtype_chooses_the_autocast_type_and_the_loss_scaler(capsys):
+    """--amp_dtype: bf16 trains without loss scaling, fp16 with a GradScaler; on the CPU there is no
+    autocast whatever the choice, and an unknown type fails with one line."""
+    import warnings
+
+    cuda = torch.device("cuda")  # the choice only: no GPU needed to read it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "GradScaler is enabled, but CUDA is not available" on this machine
+        fp16, fp16_scaler = tu.autocast_settings(cuda, True, "fp16")
+        bf16, bf16_scaler = tu.autocast_settings(cuda, True, "bf16")
+    assert fp16 == torch.float16 and bf16 == torch.bfloat16 and not bf16_scaler.is_enabled()
+    assert fp16_scaler.is_enabled() == torch.cuda.is_available()  # GradScaler turns itself off without CUDA
+    for amp_dtype in ("auto", "bf16", "fp16"):
+        dtype, scaler = tu.autocast_settings(torch.device("cpu"), True, amp_dtype)
+        assert dtype is None and not scaler.is_enabled()
+    assert tu.autocast_settings(cuda, False, "fp16")[0] is None
+    with pytest.raises(ValueError, match="amp_dtype"):
+        tu.autocast_settings(cuda, True, "fp8")
+    assert parse_args("train", ["--amp_dtype", "fp16"]).amp_dtype == "fp16"
+    assert parse_args("train", []).amp_dtype == "auto"
+    with pytest.raises(SystemExit):
+        parse_args("train", ["--amp_dtype", "fp8"])
+    assert "--amp_dtype: invalid choice: 'fp8'" in capsys.readouterr().err
+    assert tu.describe_amp(fp16, cuda, True) == "float16 with loss scaling"

@@ -427,8 +427,8 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
         else:
             raise SystemExit(f"train variant {text!r}: unknown modifier {token!r}")
     if variant.graph and (variant.precision == "fp16" or variant.compile or variant.cuda_graphs):
-        raise SystemExit(f"train variant {text!r}: graph is for fp32 / bf16 without compile (fp16 needs the "
-                         "loss scaler's host-side checks)")
+        raise SystemExit(f"train variant {text!r}: graph is for fp32 / bf16 without compile (the whole-step "
+                         "graph leaves fp16's loss scaler out)")
     if variant.cuda_graphs and variant.compile:
         raise SystemExit(f"train variant {text!r}: cuda_graphs and compile are alternatives (as in train.py)")
     return variant

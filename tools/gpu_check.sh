@@ -117,11 +117,12 @@ else
   # ResNet-50 weights it says nothing; trained_r50 times it on trained weights)
   INFERENCE_ARGS=(--device cuda --batch_sizes 1,32 --variants ref,fp16,tf32+graph,fp16+graph --iters 20
                   --sample_variants ref,fp16,fp16+graph --sample_iters 5)
-  # bf16+cuda_graphs: train.py --cuda_graphs true (listed before bf16, which the busy-core, batches-in-turn
-  # and profile rows then use, as before); +inline: each batch prepared when its step starts, the
+  # bf16+cuda_graphs: train.py --cuda_graphs true; fp16: train.py --amp_dtype fp16 (cuDNN's BatchNorm
+  # instead of PyTorch's, README Training); both listed before bf16, which the busy-core, batches-in-turn
+  # and profile rows then use, as before; +inline: each batch prepared when its step starts, the
   # baseline of preparing it on a side stream during the step before (run 9 prepared inline)
   TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840
-              --variants public,bf16+cuda_graphs,bf16,bf16+graph --real_variants bf16,bf16+cuda_graphs,bf16+cuda_graphs+inline
+              --variants public,bf16+cuda_graphs,fp16,bf16,bf16+graph --real_variants bf16,bf16+cuda_graphs,bf16+cuda_graphs+inline
               --iters 30 --warmup 3 --profile)
   # the ResNet-50 cascade target is bf16 at batch 32: compiled against the same variant uncompiled
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32 --variants bf16+graph,bf16+compile+graph)

@@ -468,11 +468,19 @@ def describe_amp(dtype: torch.dtype | None, device: torch.device, amp: bool) -> 
     return f"{name} with loss scaling" if dtype == torch.float16 else name
 
 
-def autocast_settings(device: torch.device, amp: bool) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """Autocast dtype (bf16 where supported, else fp16; ``None`` on the CPU or without ``amp``)
-    and a GradScaler that is enabled only for fp16."""
+#: ``--amp_dtype`` values; None: chosen by the GPU.
+AMP_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_settings(device: torch.device, amp: bool, amp_dtype: str = "auto"
+                      ) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """Autocast dtype (``amp_dtype``: ``auto`` is bf16 where the GPU supports it, else fp16;
+    ``bf16``; ``fp16``; ``None`` on the CPU or without ``amp``) and a GradScaler that is enabled
+    only for fp16 (with the fused SGD step it adds no host synchronisation)."""
+    if amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
     if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = AMP_DTYPES[amp_dtype] or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return None, torch.amp.GradScaler(device.type, enabled=False)
 
@@ -1642,7 +1650,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             dist.barrier()
         config = model.config
         cuda = info.device.type == "cuda"
-        autocast_dtype, scaler = autocast_settings(info.device, args.amp)
+        autocast_dtype, scaler = autocast_settings(info.device, args.amp, args.amp_dtype)
         wrapped = wrap_model(model, info, sync_bn=args.sync_bn, channels_last=cuda, compile_backend=args.compile)
         if args.compile:
             notes.append(f"torch.compile (backend {args.compile}): the first training step compiles the model; "
