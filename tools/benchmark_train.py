@@ -434,18 +434,10 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
     return variant
 
 
-def autocast_dtype(variant, device: torch.device) -> torch.dtype | None:
-    if variant.precision == "fp32":
-        return None
-    if device.type != "cuda":
-        return None  # train_utils.autocast_settings: no autocast on the CPU
-    return torch.bfloat16 if variant.precision == "bf16" else torch.float16
-
-
 def build_training(config, variant, device: torch.device, seed: int, public: bool = False):
     """Fresh model (same init for every variant), wrapped like train.py; optimizer (``public``:
     plain ``torch.optim.SGD`` as the public code builds it, not our fused one); scaler."""
-    from utils.train_utils import DistInfo, build_optimizer, wrap_model
+    from utils.train_utils import DistInfo, autocast_settings, build_optimizer, wrap_model
     torch.manual_seed(seed)
     model = RetinaFace(config)
     if variant.compile:
@@ -458,8 +450,9 @@ def build_training(config, variant, device: torch.device, seed: int, public: boo
     hyper = SimpleNamespace(lr=1e-3, momentum=0.9, weight_decay=5e-4)
     optimizer = (torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
                                  weight_decay=hyper.weight_decay) if public else build_optimizer(model, hyper))
-    dtype = autocast_dtype(variant, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # train.py's own choice (--amp, --amp_dtype): no autocast on the CPU, a GradScaler for fp16
+    amp = variant.precision != "fp32"
+    dtype, scaler = autocast_settings(device, amp, variant.precision if amp else "auto")
     return model, runner, optimizer, scaler, dtype
 
 
