@@ -272,6 +272,16 @@ def test_train_benchmark_cpu_smoke(train_run):
         assert v["step_ms"]["n"] == 2
     assert all(v["ratio_to_fixed"] > 0 and v["workers"] == 1 for v in real)
     assert config["loader_only"]["workers"]["img_per_s"] > 0 and config["loader_only"]["device"]["img_per_s"] > 0
+    # what preparing a loader batch costs the device: with augmentation on the workers the copy holds the
+    # two uint8 128 px images (and the padded targets); on the device it holds the crops, whose sides
+    # are at least 0.3 of the sample images' short sides (>= 521 px), so more bytes
+    preparation = {mode: config["loader_only"][mode]["preparation"] for mode in ("workers", "device")}
+    for prep in preparation.values():
+        assert 1 <= prep["batches"] == prep["copy_ms"]["n"] == prep["pixels_ms"]["n"] <= bt.PREPARATION_BATCHES
+        assert prep["copy_ms"]["median"] > 0 and prep["pixels_ms"]["median"] > 0
+    images_mb = 2 * 3 * 128 * 128 / 2 ** 20
+    assert images_mb <= preparation["workers"]["mb_per_batch"] < images_mb + 0.05
+    assert preparation["device"]["mb_per_batch"] > 2 * 3 * 156 * 156 / 2 ** 20
     # the public-style step computes the same loss as MultiBoxLoss (protocol difference off)
     assert config["loss_check"]["protocol_rel_diff"] < 1e-5
     summary = config["summary"]
@@ -404,7 +414,8 @@ def test_speed_table_renders_both_benchmarks(inference_run, train_run, tmp_path)
     assert out.read_text().strip() == text.strip()
     for expected in ("### Inference", "### Training", "### Targets of the issue", torch.__version__,
                      "python tools/benchmark_inference.py", "python tools/benchmark_train.py", "public-style",
-                     "mobilenet0.25:2:128", "– (CPU run)"):
+                     "mobilenet0.25:2:128", "– (CPU run)", "preparing one loader batch for a step",
+                     "augmentation on workers: copy ", "augmentation on device: copy "):
         assert expected in text, expected
     tables, current = [], []
     for row in text.splitlines() + [""]:

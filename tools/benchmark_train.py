@@ -39,7 +39,11 @@ What one run measures, per config
   DataLoader with ``--workers`` workers, pinned memory, non-blocking copies; built like
   ``train_utils.build_train_loader``; the dataset is repeated to fill the steps) for
   ``--real_variants``; reported with its ratio to the same variant's fixed-batch img/s, and the
-  loader alone (no training) for comparison. Their warm-up is ``--warmup`` + 4 x workers steps,
+  loader alone (no training) for comparison; with it, ``preparation``: what preparing one of the
+  loader's last batches for a step costs the device when nothing else runs (the host-to-device copy
+  with the padded targets, then ``images_to_network_input``, with ``--augment_on device`` the
+  augmentation: the work ``train_utils.prepared_batches`` adds to each step). Their warm-up is
+  ``--warmup`` + 4 x workers steps,
   so that batches prefetched during the warm-up (prefetch_factor 4) do not flatter the window,
   and they time ``--real_iters`` steps (at least 60 on CUDA: 15 mobilenet0.25 steps last a third
   of a second, where one late batch weighs). ``data_wait_share``: the part of the window the
@@ -71,6 +75,7 @@ Prints ONE JSON line; ``--out FILE`` appends it.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import multiprocessing
 import os
@@ -861,6 +866,58 @@ def extra_fixed_row(spec: str, variant, mode: str, measure: Callable[[], dict[st
           f"(x{result.get('ratio_to_fixed', '-')} of fixed; {result['wall_s']} s)", file=sys.stderr, flush=True)
 
 
+PREPARATION_BATCHES = 8
+
+
+class TimeMarks:
+    """Marks on ``device``'s current stream (CUDA events) or on the wall clock (CPU): call to
+    record one; after a synchronisation ``intervals()`` gives the seconds between consecutive marks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[Any] = []
+
+    def __call__(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        pairs = zip(self.marks, self.marks[1:])
+        return [first.elapsed_time(second) / 1000 if self.cuda else second - first for first, second in pairs]
+
+
+def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) -> dict[str, Any]:
+    """What preparing each of the loader's ``batches`` (``(images, PaddedTargets, ...)``, pinned on
+    CUDA) for a training step costs the device, one batch at a time with nothing else running:
+    ``copy_ms`` the host-to-device copy of the images and the padded targets, ``pixels_ms``
+    :func:`~utils.data_loaders.images_to_network_input` of the copied batch (float conversion and
+    mean, and with ``--augment_on device`` the augmentation), ``mb_per_batch`` the bytes copied.
+    Times from CUDA events (wall clock on the CPU); stats over the batches, in ms."""
+    from utils.data_loaders import images_to_network_input
+
+    copy_s, pixels_s, megabytes = [], [], []
+    for images, targets, *_ in batches:
+        synchronize(device)
+        mark = TimeMarks(device)
+        mark()
+        moved = images.to(device, non_blocking=True)
+        pad_targets(targets, device)
+        mark()
+        images_to_network_input(moved)
+        mark()
+        synchronize(device)
+        copy, pixels = mark.intervals()
+        copy_s.append(copy)
+        pixels_s.append(pixels)
+        megabytes.append((images.nbytes + sum(t.nbytes for t in targets if t is not None)) / 2 ** 20)
+    return {"batches": len(copy_s), "copy_ms": stats(copy_s), "pixels_ms": stats(pixels_s),
+            "mb_per_batch": rnd(float(np.median(megabytes))) if megabytes else None}
+
+
 def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.device, config, batch: int, size: int,
                           augment_on: str, fixed_img_per_s: dict[str, float], errors: list[str],
                           entry: dict[str, Any]) -> None:
@@ -878,11 +935,12 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
         loader = real_loader(dataset, batch, steps + 1, args.workers, args.seed, device)
         clock = StepClock(warmup, args.real_iters, device)
         clock.source = loader
-        for _ in clock:
-            pass
+        last_batches = collections.deque(clock, maxlen=PREPARATION_BATCHES)
         entry.setdefault("loader_only", {})[augment_on] = {**clock.result(batch), "workers": args.workers,
                                                            "warmup_steps": warmup,
+                                                           "preparation": preparation_times(last_batches, device),
                                                            "wall_s": wall_since(row_started)}
+        del last_batches
         for text in args.real_variants:
             variant = parse_variant(text, device)
             if variant.public or variant.graph or ((variant.compile or variant.cuda_graphs) and device.type != "cuda"):

@@ -296,6 +296,15 @@ def train_section(report: dict[str, Any]) -> list[str]:
             unit = "device" if report.get("env", {}).get("device_type") == "cuda" else "CPU"
             checks.append(f"- {c['config']} {c['profile']['variant']}, profiled ({unit} time of all ops, "
                           f"against the step ms above): " + "; ".join(busy))
+        preparation = [f"augmentation on {augment_on}: copy {fmt(prep['copy_ms'].get('median'))} ms + "
+                       f"{'augmentation' if augment_on == 'device' else 'conversion'} "
+                       f"{fmt(prep['pixels_ms'].get('median'))} ms ({fmt(prep.get('mb_per_batch'))} MB copied)"
+                       for augment_on, loader in (c.get("loader_only") or {}).items()
+                       if (prep := loader.get("preparation")) and prep.get("batches")]
+        if preparation:
+            checks.append(f"- {c['config']}, preparing one loader batch for a step on an otherwise idle device "
+                          "(median over the last batches of the loader-only pass; against the step ms above): "
+                          + "; ".join(preparation))
     return lines + checks + ([""] if checks else [])
 
 

@@ -259,6 +259,11 @@ class DeferredBatch:
     def image_size(self) -> int:
         return int(self.row_index.shape[1])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the batch's tensors: what pinning and the host-to-device copy move."""
+        return sum(getattr(self, name).nbytes for name in self._TENSORS)
+
     def _map(self, fn) -> "DeferredBatch":
         values = {name: fn(getattr(self, name)) for name in self._TENSORS}
         return DeferredBatch(sizes=self.sizes, use_hsv_list=self.use_hsv_list, **values)
