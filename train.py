@@ -5,11 +5,12 @@
         --backbone_weights weights/mobilenetV1X0.25_pretrain.tar --dataset data/widerface
     torchrun --nproc_per_node=4 train.py ...        # one process per GPU (DDP)
 
-All logic lives in ``utils/train_utils.py``; this file only parses the options. Exit status:
-0 done; 3 finished, but some training images were unreadable (each skipped and named in the log)
-or a periodic validation failed (logged; training went on); 1 the run could not start or the
-loss diverged (one line on stderr); 2 bad option; 130 interrupted (Ctrl-C; a one-process run
-first saves ``last.pth`` at the step reached).
+All logic lives in ``utils/train_utils.py`` and the modules it builds on (``utils/train_data.py``,
+``utils/lr_schedule.py``, ``utils/train_state.py``, ``utils/distributed.py``); this file only
+parses the options. Exit status: 0 done; 3 finished, but some training images were unreadable
+(each skipped and named in the log) or a periodic validation failed (logged; training went on);
+1 the run could not start or the loss diverged (one line on stderr); 2 bad option; 130
+interrupted (Ctrl-C; a one-process run first saves ``last.pth`` at the step reached).
 """
 from __future__ import annotations
 
@@ -43,8 +44,7 @@ def _train(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, An
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    from utils.errors import CheckpointError  # noqa: PLC0415
-    from utils.train_utils import TrainingDivergedError, TrainingSetupError  # noqa: PLC0415
+    from utils.errors import CheckpointError, TrainingDivergedError, TrainingSetupError  # noqa: PLC0415
 
     def run_and_report(args: argparse.Namespace) -> int:
         summary = _train(args, argv)

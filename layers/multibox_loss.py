@@ -116,7 +116,7 @@ def pad_targets(targets: Sequence[torch.Tensor] | PaddedTargets, device: torch.d
     (the list's tensors usually come from the DataLoader) and moved to ``device`` with the index
     of the real rows (``faces``, computed on the host from the mask; three copies). An already
     padded batch (the training DataLoader pads in its workers:
-    :func:`utils.train_utils.collate_with_report`) is only moved to ``device``.
+    :func:`utils.train_data.collate_with_report`) is only moved to ``device``.
     """
     if isinstance(targets, PaddedTargets):
         if device is None:

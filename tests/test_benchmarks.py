@@ -953,7 +953,7 @@ def test_per_image_collate_of_the_loader_benchmark_keeps_what_training_batches_h
     from layers.multibox_loss import pad_targets
     from tools.benchmark_loader import collate_per_image
     from utils.data_loaders import dataset_from_root
-    from utils.train_utils import EpochSeededDataset, collate_with_report, train_transform
+    from utils.train_data import EpochSeededDataset, collate_with_report, train_transform
 
     dataset = EpochSeededDataset(dataset_from_root(widerface_sample, "val", train_transform(96, 0)), 0, report=True)
     samples = [dataset[(index, 0)] for index in range(4)]

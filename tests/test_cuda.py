@@ -163,7 +163,7 @@ def test_batches_prepared_ahead_on_a_side_stream_equal_batches_prepared_inline(w
     from layers.multibox_loss import PaddedTargets, pad_targets
     from utils.data_loaders import dataset_from_root, detection_collate
     from utils.device_augment import DeferredTrainTransform
-    from utils.train_utils import prepared_batches
+    from utils.train_data import prepared_batches
 
     dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(640, rng=0))
     batches = []

@@ -22,6 +22,10 @@ from layers.multibox_loss import MultiBoxLoss, loss_keys, match_anchors, pad_tar
 from layers.prior_box import prior_boxes
 from models.retinaface import ModelConfig, RetinaFace
 from utils.box_utils import point_form
+import utils.distributed as distributed
+import utils.lr_schedule as lr_schedule
+import utils.train_data as train_data
+import utils.train_state as train_state
 import utils.train_utils as tu
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -222,26 +226,26 @@ def test_refine_stage2_matches_against_stage1_boxes():
 # Building blocks
 # ---------------------------------------------------------------------------------------------
 def test_schedules():
-    step = tu.LRSchedule("step", total_iters=250 * 10, warmup_iters=10, milestones=[1900, 2200])
+    step = lr_schedule.LRSchedule("step", total_iters=250 * 10, warmup_iters=10, milestones=[1900, 2200])
     assert step(0) == pytest.approx(0.1) and step(9) == pytest.approx(1.0)
     assert step(1899) == 1.0 and step(1900) == pytest.approx(0.1) and step(2200) == pytest.approx(0.01)
-    cosine = tu.LRSchedule("cosine", total_iters=100, warmup_iters=0)
+    cosine = lr_schedule.LRSchedule("cosine", total_iters=100, warmup_iters=0)
     assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(100) == pytest.approx(0.0)
     args = parse_args("train", ["--network", "mobilenet0.25"])
-    assert tu.resolve_epochs_and_steps(args, "mobilenet0.25") == (250, [190, 220])
-    assert tu.resolve_epochs_and_steps(args, "resnet50") == (100, [70, 90])
+    assert lr_schedule.resolve_epochs_and_steps(args, "mobilenet0.25") == (250, [190, 220])
+    assert lr_schedule.resolve_epochs_and_steps(args, "resnet50") == (100, [70, 90])
     args = parse_args("train", ["--epochs", "50"])
-    assert tu.resolve_epochs_and_steps(args, "resnet50") == (50, [35, 45])
+    assert lr_schedule.resolve_epochs_and_steps(args, "resnet50") == (50, [35, 45])
 
 
 def test_sampler_skip_and_shards():
-    full = tu.ResumableSampler(10, seed=3)
+    full = train_data.ResumableSampler(10, seed=3)
     full.set_epoch(2)
     order = [i for i, _ in full]
     assert sorted(order) == list(range(10))
     full.set_epoch(2, skip=4)
     assert [i for i, _ in full] == order[4:] and len(full) == 6
-    shards = [tu.ResumableSampler(11, 2, r, seed=3) for r in range(2)]
+    shards = [train_data.ResumableSampler(11, 2, r, seed=3) for r in range(2)]
     for s in shards:
         s.set_epoch(0)
     assert len(shards[0]) == len(shards[1]) == 6
@@ -325,7 +329,7 @@ def test_training_loader_pads_the_targets_in_its_workers(widerface_sample):
     from utils.data_loaders import images_to_network_input
 
     args = parse_args("train", _run_args(widerface_sample, "pad", "--workers", "2", "--batch_size", "4"))
-    loader, sampler, dataset = tu.build_train_loader(args, tu.DistInfo(), seed=3)
+    loader, sampler, dataset = train_data.build_train_loader(args, distributed.DistInfo(), seed=3)
     sampler.set_epoch(0)
     indices = list(sampler)
     images, padded, report = next(iter(loader))
@@ -355,7 +359,7 @@ class _KeptBatchesProbe:
     whether the newest kept one is this batch's images."""
 
     def __init__(self, keep: int) -> None:
-        self.collate = tu.TrainBatchCollate(keep=keep)
+        self.collate = train_data.TrainBatchCollate(keep=keep)
 
     def __call__(self, batch):
         images, targets, report = self.collate(batch)
@@ -370,7 +374,7 @@ def test_training_collate_keeps_the_last_image_batches_in_workers_only(workers):
     import numpy as np
     from torch.utils.data import DataLoader
 
-    samples = [(np.full((8, 8, 3), i, np.uint8), np.zeros((1, 15), np.float32), tu.LoadReport()) for i in range(10)]
+    samples = [(np.full((8, 8, 3), i, np.uint8), np.zeros((1, 15), np.float32), train_data.LoadReport()) for i in range(10)]
     loader = DataLoader(samples, batch_size=2, num_workers=workers, collate_fn=_KeptBatchesProbe(keep=3))
     batches = list(loader)
     assert [int(images[0, 0, 0, 0]) for images, _, _ in batches] == [0, 2, 4, 6, 8]
@@ -382,8 +386,8 @@ def test_training_collate_keeps_the_last_image_batches_in_workers_only(workers):
 
 
 def _shared_memory_free(monkeypatch, free_bytes: int) -> None:
-    """Make utils.train_utils see ``free_bytes`` free in any folder's file system."""
-    monkeypatch.setattr(tu.shutil, "disk_usage", lambda folder: SimpleNamespace(total=free_bytes, used=0,
+    """Make utils.train_data see ``free_bytes`` free in any folder's file system."""
+    monkeypatch.setattr(train_data.shutil, "disk_usage", lambda folder: SimpleNamespace(total=free_bytes, used=0,
                                                                                 free=free_bytes))
 
 
@@ -391,23 +395,23 @@ def test_shared_memory_plan_keeps_batches_when_they_fit_and_fails_when_not_even_
         tmp_path, monkeypatch):
     args = SimpleNamespace(workers=3, batch_size=2, im_size=100)
     batch = 2 * 3 * 100 * 100
-    _shared_memory_free(monkeypatch, 3 * tu.TRAIN_KEPT_BATCHES * batch)
-    assert tu.shared_memory_keep(args, folder=str(tmp_path)) == tu.TRAIN_KEPT_BATCHES
+    _shared_memory_free(monkeypatch, 3 * train_data.TRAIN_KEPT_BATCHES * batch)
+    assert train_data.shared_memory_keep(args, folder=str(tmp_path)) == train_data.TRAIN_KEPT_BATCHES
     with pytest.raises(tu.TrainingSetupError, match=r"has 1 MiB free, but 2 processes x --workers 3 x 5 batches "
                                                      r"of 0.057 MiB \(--batch_size 2 at --im_size 100\) need 1.7 MiB"):
-        tu.shared_memory_keep(args, processes_on_node=2, folder=str(tmp_path))  # the two share the folder
-    _shared_memory_free(monkeypatch, 3 * tu.TRAIN_KEPT_BATCHES * batch - 1)
-    assert tu.shared_memory_keep(args, folder=str(tmp_path)) == 0
-    _shared_memory_free(monkeypatch, 3 * (tu.TRAIN_PREFETCH_FACTOR + 1) * batch - 1)
+        train_data.shared_memory_keep(args, processes_on_node=2, folder=str(tmp_path))  # the two share the folder
+    _shared_memory_free(monkeypatch, 3 * train_data.TRAIN_KEPT_BATCHES * batch - 1)
+    assert train_data.shared_memory_keep(args, folder=str(tmp_path)) == 0
+    _shared_memory_free(monkeypatch, 3 * (train_data.TRAIN_PREFETCH_FACTOR + 1) * batch - 1)
     with pytest.raises(tu.TrainingSetupError, match=r"at most 2 fit\).*--shm-size"):
-        tu.shared_memory_keep(args, folder=str(tmp_path))
+        train_data.shared_memory_keep(args, folder=str(tmp_path))
     _shared_memory_free(monkeypatch, 1000)
     with pytest.raises(tu.TrainingSetupError, match="use --workers 0 .* or a smaller --batch_size or --im_size"):
-        tu.shared_memory_keep(args, folder=str(tmp_path))
+        train_data.shared_memory_keep(args, folder=str(tmp_path))
     # no workers, or no such folder (not Linux): nothing to check
-    assert tu.shared_memory_keep(SimpleNamespace(workers=0, batch_size=2, im_size=100), folder=str(tmp_path)) \
-        == tu.TRAIN_KEPT_BATCHES
-    assert tu.shared_memory_keep(args, folder=str(tmp_path / "absent")) == tu.TRAIN_KEPT_BATCHES
+    assert train_data.shared_memory_keep(SimpleNamespace(workers=0, batch_size=2, im_size=100), folder=str(tmp_path)) \
+        == train_data.TRAIN_KEPT_BATCHES
+    assert train_data.shared_memory_keep(args, folder=str(tmp_path / "absent")) == train_data.TRAIN_KEPT_BATCHES
 
 
 def test_training_fails_fast_with_one_line_when_shared_memory_is_too_small(widerface_sample, tmp_path,
@@ -415,7 +419,7 @@ def test_training_fails_fast_with_one_line_when_shared_memory_is_too_small(wider
     import train
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tu, "SHARED_MEMORY_DIR", str(tmp_path))
+    monkeypatch.setattr(train_data, "SHARED_MEMORY_DIR", str(tmp_path))
     _shared_memory_free(monkeypatch, 2 ** 19)
     assert train.main(_run_args(widerface_sample, "noshm", "--workers", "2", "--max_iters", "1")) == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
@@ -423,7 +427,7 @@ def test_training_fails_fast_with_one_line_when_shared_memory_is_too_small(wider
     assert not (tmp_path / "experiments/noshm/ckpt/last.pth").exists()
     # room for the prefetched batches only: the run trains, the workers keep nothing, the log says so
     batch = 2 * 3 * 128 * 128
-    _shared_memory_free(monkeypatch, 2 * (tu.TRAIN_PREFETCH_FACTOR + 1) * batch)
+    _shared_memory_free(monkeypatch, 2 * (train_data.TRAIN_PREFETCH_FACTOR + 1) * batch)
     assert train.main(_run_args(widerface_sample, "tightshm", "--workers", "2", "--max_iters", "1")) == 0
     assert "note: little room in" in (tmp_path / "experiments/tightshm/log/logs.txt").read_text()
 
@@ -484,7 +488,7 @@ def test_resume_applies_changed_schedule_options_and_converts_the_step_for_a_new
     train.run(["--resume", "experiments/run/ckpt/last.pth", "--epochs", "4", "--lr", "0.01",
                "--lr_schedule", "cosine", "--max_iters", "24", "--device", "cpu"])
     state = torch.load(tmp_path / "experiments/run/ckpt/last.pth", weights_only=True)
-    schedule = tu.LRSchedule("cosine", total_iters=40, warmup_iters=round(0.5 * 10))
+    schedule = lr_schedule.LRSchedule("cosine", total_iters=40, warmup_iters=round(0.5 * 10))
     assert state["step"] == 24 and state["scheduler"]["base_lrs"] == [0.01]
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.01 * schedule(24))
     log = (tmp_path / "experiments/run/log/logs.txt").read_text()
@@ -531,12 +535,12 @@ def test_ctrl_c_stops_at_the_step_boundary_saves_last_and_the_run_resumes(widerf
 
 
 def test_decay_epoch_notes_name_late_and_coinciding_epochs_and_where_they_come_from():
-    assert tu.decay_epoch_notes([190, 220], 250, given=False) == []
-    assert tu.decay_epoch_notes([3, 3], 5, given=True) == [
+    assert lr_schedule.decay_epoch_notes([190, 220], 250, given=False) == []
+    assert lr_schedule.decay_epoch_notes([3, 3], 5, given=True) == [
         "note: decay epochs [3, 3] coincide (--lr_steps): the lr drops by more than x0.1 at once"]
-    assert tu.decay_epoch_notes([2, 300], 250, given=True) == [
+    assert lr_schedule.decay_epoch_notes([2, 300], 250, given=True) == [
         "note: decay epoch(s) [300] (--lr_steps) fall at or after the end of the 250-epoch run: never applied"]
-    late, same = tu.decay_epoch_notes([2, 2, 4], 4, given=False)
+    late, same = lr_schedule.decay_epoch_notes([2, 2, 4], 4, given=False)
     assert "[4] (the recipe's, scaled to 4 epochs; --lr_steps sets them)" in late and "[2, 2] coincide" in same
 
 
@@ -571,7 +575,7 @@ def test_background_images_train_only_with_empty_image_negatives(widerface_sampl
     blocks = (widerface_sample / "val/label.txt").read_text().split("# ")[1:6]
     # five images, one with its faces (a set without any face cannot train): the one that the first epoch
     # leaves out (5 images, 2 batches of 2), so that both steps see background images only
-    left_out = tu.ResumableSampler(len(blocks), seed=7).indices()[-1]
+    left_out = train_data.ResumableSampler(len(blocks), seed=7).indices()[-1]
     (root / "train/label.txt").write_text("".join(
         "# " + (block if index == left_out else block.splitlines()[0] + "\n") for index, block in enumerate(blocks)))
     losses = {}
@@ -601,7 +605,7 @@ def test_resume_keeps_the_optimizer_kernel_of_this_run():
     checkpoint = {"optimizer": saved.optimizer.state_dict(), "scheduler": saved.scheduler.state_dict(),
                   "scaler": saved.scaler.state_dict(), "step": 1}
     resumed = context(fused=True)
-    tu.load_training_state(resumed, checkpoint)
+    train_state.load_training_state(resumed, checkpoint)
     assert resumed.optimizer.param_groups[0]["fused"] is True
     assert resumed.global_step == 1
     torch.testing.assert_close(resumed.optimizer.state[resumed.param]["momentum_buffer"],
@@ -616,7 +620,7 @@ def test_wrap_model_channels_last_with_and_without_compile(compile_backend):
     """The CUDA set-up (channels_last) on the CPU: a local import in wrap_model once broke it
     for every eager CUDA run (UnboundLocalError on `torch`), which no CPU test reached."""
     model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False))
-    wrapped = tu.wrap_model(model, tu.DistInfo(), channels_last=True, compile_backend=compile_backend)
+    wrapped = tu.wrap_model(model, distributed.DistInfo(), channels_last=True, compile_backend=compile_backend)
     assert tu.unwrap(wrapped) is model
     first_conv = next(p for p in model.parameters() if p.dim() == 4)  # 3 -> 8 channels, 3x3
     assert not first_conv.is_contiguous() and first_conv.is_contiguous(memory_format=torch.channels_last)
@@ -632,7 +636,7 @@ def test_compiled_training_follows_the_eager_run_and_saves_plain_weights(widerfa
     import train
 
     model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False))
-    compiled_model = tu.wrap_model(model, tu.DistInfo(), compile_backend="aot_eager")
+    compiled_model = tu.wrap_model(model, distributed.DistInfo(), compile_backend="aot_eager")
     assert compiled_model is not model and tu.unwrap(compiled_model) is model
     monkeypatch.chdir(tmp_path)
     common = ("--deterministic", "true", "--epochs", "3", "--lr", "0.005", "--max_iters", "3")
@@ -847,12 +851,12 @@ def test_two_process_gloo_ddp(widerface_sample, tmp_path, compile_backend):
 
 def test_recipe_differences_name_the_public_settings():
 
-    default = tu.recipe_differences(SimpleNamespace(batch_size=16, im_size=640), ModelConfig())
+    default = lr_schedule.recipe_differences(SimpleNamespace(batch_size=16, im_size=640), ModelConfig())
     assert "--batch_size 24" in default and "--im_size 840" in default and "--cascade false" in default
     public_mnet = SimpleNamespace(batch_size=32, im_size=640)
-    assert tu.recipe_differences(public_mnet, ModelConfig(network="mobilenet0.25", cascade=False)) is None
+    assert lr_schedule.recipe_differences(public_mnet, ModelConfig(network="mobilenet0.25", cascade=False)) is None
     four_gpus = SimpleNamespace(batch_size=6, im_size=840)  # 4 x 6 = the public global batch of 24
-    assert tu.recipe_differences(four_gpus, ModelConfig(cascade=False), world_size=4) is None
+    assert lr_schedule.recipe_differences(four_gpus, ModelConfig(cascade=False), world_size=4) is None
 
 
 def test_cores_per_process_shares_the_node(monkeypatch):

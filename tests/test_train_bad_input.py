@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train
-import utils.train_utils as tu
+import utils.train_data as train_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_replacement_depends_only_on_seed_epoch_and_index(widerface_sample, tmp_
     dataset = dataset_from_root(root, "train", TrainTransform(64, rng=0))
     bad = [i for i in range(len(dataset)) if str(dataset.image_path(i)) in broken]
     assert len(bad) == 3
-    first, second = tu.EpochSeededDataset(dataset, 7, report=True), tu.EpochSeededDataset(dataset, 7, report=True)
+    first, second = train_data.EpochSeededDataset(dataset, 7, report=True), train_data.EpochSeededDataset(dataset, 7, report=True)
     for index in bad:
         second[(bad[0], 1)]  # another history of known-bad files in this process changes nothing
         image, targets, report = first[(index, 1)]
@@ -93,8 +93,8 @@ def test_replacement_depends_only_on_seed_epoch_and_index(widerface_sample, tmp_
         assert {path for path, _ in report.skipped} <= set(broken)  # only broken files were passed over
     good = next(i for i in range(len(dataset)) if i not in bad)
     image, _, report = first[(good, 1)]
-    assert report == tu.LoadReport()
-    assert len(tu.EpochSeededDataset(dataset, 7)[(bad[0], 1)]) == 2  # without report: plain samples
+    assert report == train_data.LoadReport()
+    assert len(train_data.EpochSeededDataset(dataset, 7)[(bad[0], 1)]) == 2  # without report: plain samples
 
 
 def test_unreadable_training_images_are_skipped_reported_once_and_resume_stays_exact(

@@ -15,14 +15,14 @@ step loses (on the 2-core CPU machine the main thread lost about as much time as
 thread spent). Three ways of batching the same samples are compared in the same run, alternating
 round by round:
 
-* ``padded_kept``: :class:`utils.train_utils.TrainBatchCollate`, what ``train.py`` uses: the
+* ``padded_kept``: :class:`utils.train_data.TrainBatchCollate`, what ``train.py`` uses: the
   workers pad the targets, so a batch is three objects (uint8 images, one padded target tensor
   and its mask, the load report), and keep their image batches alive until the training process
   is done with them, so that unmapping the shared memory falls to them (``keep`` here covers
   every batch a worker prepares in a round, as ``TRAIN_PREFETCH_FACTOR`` + 2 does in training;
   the workers' own unmapping then happens when the round ends, outside the timed window: in
   training it happens in the workers, on their own cores where the machine has one per worker);
-* ``padded``: :func:`utils.train_utils.collate_with_report`, the same batches without keeping;
+* ``padded``: :func:`utils.train_data.collate_with_report`, the same batches without keeping;
 * ``per_image``: the same images and report, the targets left as one tensor per image (how
   training batches were built before, and what the public code's collate returns).
 
@@ -61,7 +61,7 @@ from tools import shared_root  # noqa: E402
 from tools.benchmark_train import RepeatDataset  # noqa: E402
 from utils.data_loaders import dataset_from_root  # noqa: E402
 from utils.image_loader import start_loader  # noqa: E402
-from utils.train_utils import (  # noqa: E402
+from utils.train_data import (  # noqa: E402
     EpochSeededDataset, LoadReport, ResumableSampler, TrainBatchCollate, collate_with_report, train_transform,
 )
 

@@ -22,7 +22,7 @@ What one run measures, per config
   default channels_last on CUDA as train.py does), ``compile`` (``torch.compile`` of the model) and
   ``cuda_graphs`` (``train.py --cuda_graphs true``: the network's forward and backward passes
   replayed from CUDA graphs, ``utils.graphed_training``; CUDA only). ``train_one_epoch`` prepares
-  each batch on a side stream during the step before (``utils.train_utils.prepared_batches``);
+  each batch on a side stream during the step before (``utils.train_data.prepared_batches``);
   ``inline`` prepares it on the main stream when its step starts, as before 2026-11-27 (a real-row
   baseline for that overlap, rated against its variant's fixed batches).
 * ``fixed, CUDA graph`` (variants with ``+graph``, fp32 / bf16, CUDA only): the same step
@@ -37,12 +37,12 @@ What one run measures, per config
   the per-iteration log line). Same model, optimizer (SGD 0.9, wd 5e-4) and batch as ours.
 * ``real``: the same steps fed by the real pipeline (``WiderFaceDataset`` + ``TrainTransform`` +
   DataLoader with ``--workers`` workers, pinned memory, non-blocking copies; built like
-  ``train_utils.build_train_loader``; the dataset is repeated to fill the steps) for
+  ``train_data.build_train_loader``; the dataset is repeated to fill the steps) for
   ``--real_variants``; reported with its ratio to the same variant's fixed-batch img/s, and the
   loader alone (no training) for comparison; with it, ``preparation``: what preparing one of the
   loader's last batches for a step costs the device when nothing else runs (the host-to-device copy
   with the padded targets, then ``images_to_network_input``, with ``--augment_on device`` the
-  augmentation: the work ``train_utils.prepared_batches`` adds to each step). Their warm-up is
+  augmentation: the work ``train_data.prepared_batches`` adds to each step). Their warm-up is
   ``--warmup`` + 4 x workers steps,
   so that batches prefetched during the warm-up (prefetch_factor 4) do not flatter the window,
   and they time ``--real_iters`` steps (at least 60 on CUDA: 15 mobilenet0.25 steps last a third
@@ -242,9 +242,9 @@ class RepeatDataset(Dataset):
 
 def training_dataset(root: Path, split: str, size: int, seed: int, augment_on: str = "workers"):
     """The training set with ``TrainTransform`` (``augment_on="workers"``) or
-    ``DeferredTrainTransform`` (``"device"``), as ``train_utils.build_train_loader`` builds it."""
+    ``DeferredTrainTransform`` (``"device"``), as ``train_data.build_train_loader`` builds it."""
     from utils.data_loaders import dataset_from_root
-    from utils.train_utils import train_transform
+    from utils.train_data import train_transform
     return dataset_from_root(root, split, train_transform(size, seed, augment_on))
 
 
@@ -256,7 +256,7 @@ def real_batch(dataset, batch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
 def loader_batch(images: torch.Tensor, targets: Sequence[torch.Tensor], device: torch.device
                  ) -> tuple[torch.Tensor, PaddedTargets]:
     """A fixed batch in the form the training DataLoader delivers it: the targets padded (as its
-    workers do, ``train_utils.collate_with_report``), everything pinned on CUDA."""
+    workers do, ``train_data.collate_with_report``), everything pinned on CUDA."""
     padded = pad_targets(targets)
     if device.type != "cuda":
         return images, padded
@@ -292,9 +292,9 @@ class ForkSafeLoader:
 
 
 def real_loader(dataset, batch: int, steps: int, workers: int, seed: int, device: torch.device) -> ForkSafeLoader:
-    """The DataLoader of ``train_utils.build_train_loader`` (same sampler, seeding and options)
+    """The DataLoader of ``train_data.build_train_loader`` (same sampler, seeding and options)
     over ``dataset`` repeated to ``steps`` batches."""
-    from utils.train_utils import TRAIN_PREFETCH_FACTOR, EpochSeededDataset, ResumableSampler, TrainBatchCollate
+    from utils.train_data import TRAIN_PREFETCH_FACTOR, EpochSeededDataset, ResumableSampler, TrainBatchCollate
     repeated = RepeatDataset(dataset, batch * steps)
     sampler = ResumableSampler(len(repeated), 1, 0, shuffle=True, seed=seed)
     return ForkSafeLoader(DataLoader(
@@ -442,7 +442,8 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
 def build_training(config, variant, device: torch.device, seed: int, public: bool = False):
     """Fresh model (same init for every variant), wrapped like train.py; optimizer (``public``:
     plain ``torch.optim.SGD`` as the public code builds it, not our fused one); scaler."""
-    from utils.train_utils import DistInfo, autocast_settings, build_optimizer, wrap_model
+    from utils.distributed import DistInfo
+    from utils.train_utils import autocast_settings, build_optimizer, wrap_model
     torch.manual_seed(seed)
     model = RetinaFace(config)
     if variant.compile:
@@ -464,7 +465,8 @@ def build_training(config, variant, device: torch.device, seed: int, public: boo
 def run_ours(config, variant, device: torch.device, batches: Iterable, steps: int, batch: int, size: int,
              seed: int, clock: StepClock | None = None) -> dict[str, Any]:
     """``steps`` optimizer steps of ``train_one_epoch`` over ``batches`` (wrapped in ``clock``)."""
-    from utils.train_utils import TrainContext, DistInfo, train_one_epoch
+    from utils.distributed import DistInfo
+    from utils.train_utils import TrainContext, train_one_epoch
     model, runner, optimizer, scaler, dtype = build_training(config, variant, device, seed)
     if variant.cuda_graphs:
         from utils.graphed_training import GraphedTrainingNetwork
@@ -869,27 +871,6 @@ def extra_fixed_row(spec: str, variant, mode: str, measure: Callable[[], dict[st
 PREPARATION_BATCHES = 8
 
 
-class TimeMarks:
-    """Marks on ``device``'s current stream (CUDA events) or on the wall clock (CPU): call to
-    record one; after a synchronisation ``intervals()`` gives the seconds between consecutive marks."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list[Any] = []
-
-    def __call__(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def intervals(self) -> list[float]:
-        pairs = zip(self.marks, self.marks[1:])
-        return [first.elapsed_time(second) / 1000 if self.cuda else second - first for first, second in pairs]
-
-
 def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) -> dict[str, Any]:
     """What preparing each of the loader's ``batches`` (``(images, PaddedTargets, ...)``, pinned on
     CUDA) for a training step costs the device, one batch at a time with nothing else running:
@@ -897,20 +878,20 @@ def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) ->
     :func:`~utils.data_loaders.images_to_network_input` of the copied batch (float conversion and
     mean, and with ``--augment_on device`` the augmentation), ``mb_per_batch`` the bytes copied.
     Times from CUDA events (wall clock on the CPU); stats over the batches, in ms."""
+    from models.detector import StageClock
     from utils.data_loaders import images_to_network_input
 
     copy_s, pixels_s, megabytes = [], [], []
     for images, targets, *_ in batches:
         synchronize(device)
-        mark = TimeMarks(device)
-        mark()
+        clock = StageClock(device.type == "cuda")
+        clock.mark()
         moved = images.to(device, non_blocking=True)
         pad_targets(targets, device)
-        mark()
+        clock.mark("copy")
         images_to_network_input(moved)
-        mark()
-        synchronize(device)
-        copy, pixels = mark.intervals()
+        clock.mark("pixels")
+        copy, pixels = clock.seconds()
         copy_s.append(copy)
         pixels_s.append(pixels)
         megabytes.append((images.nbytes + sum(t.nbytes for t in targets if t is not None)) / 2 ** 20)

@@ -337,7 +337,7 @@ class WiderFaceDataset(Dataset):
     held in one contiguous array (plus offsets) so forked DataLoader workers share them. Images
     are read with :func:`read_training_image`: an unreadable, empty or truncated file raises
     :class:`~utils.image_io.ImageReadError` when its item is loaded (training replaces such
-    samples, see :class:`utils.train_utils.EpochSeededDataset`); nothing is decoded up front.
+    samples, see :class:`utils.train_data.EpochSeededDataset`); nothing is decoded up front.
 
     Attributes:
         num_degenerate: boxes dropped because ``w <= 0`` or ``h <= 0``.

@@ -8,6 +8,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be found, read or matched to a model; the message says why."""
 
 
+class TrainingSetupError(RuntimeError):
+    """The run cannot start (missing data or weights, bad options); the message says what to do."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN/inf; the message names the step and the last checkpoint saved before it."""
+
+
 CV_NO_MEMORY = -4  # cv::Error::StsNoMem: "(-4:Insufficient memory) Failed to allocate N bytes"
 
 

@@ -2,20 +2,20 @@
 
 Entry point: :func:`train` (``args`` from ``config.parse_args('train', argv)``), built from
 
-- :func:`setup_distributed` / :func:`cleanup_distributed`: single process, or one process per GPU
-  under ``torchrun`` (DDP; NCCL on CUDA, gloo on the CPU; rank 0 logs and saves);
+- :func:`utils.distributed.setup_distributed` / ``cleanup_distributed``: single process, or one
+  process per GPU under ``torchrun`` (DDP; NCCL on CUDA, gloo on the CPU; rank 0 logs and saves);
 - :func:`build_model`: architecture from the options / ``--init_weights`` / ``--resume``,
   ImageNet backbone (``--pretrained``, ``--backbone_weights``);
-- :func:`build_optimizer` (SGD), :func:`build_scheduler` (per-iteration linear warm-up, then
-  x0.1 steps at the reference epochs or cosine), :func:`reference_schedule`;
-- :func:`build_train_loader`: augmentation whose randomness depends only on
+- :func:`build_optimizer` (SGD) and :func:`utils.lr_schedule.build_scheduler` (per-iteration linear
+  warm-up, then x0.1 steps at the reference epochs or cosine);
+- :func:`utils.train_data.build_train_loader`: augmentation whose randomness depends only on
   ``(seed, epoch, image index)`` and a sampler that can skip the first batches of an epoch, so
   ``--resume`` from any iteration continues exactly (any ``--workers``);
 - :func:`train_one_epoch`: autocast (bf16, or fp16 + GradScaler) on CUDA, losses read back
   only every ``--log_every`` iterations (NaN/inf check, logs, TensorBoard, progress bar);
 - :func:`evaluate_widerface`: official easy/medium/hard AP of the images of a val split;
-- :func:`save_training_state` / :func:`load_training_state`: ``last.pth`` / ``best.pth`` with
-  everything ``--resume`` needs, loadable with ``torch.load(weights_only=True)``.
+- :func:`utils.train_state.save_training_state` / ``load_training_state``: ``last.pth`` /
+  ``best.pth`` with everything ``--resume`` needs, loadable with ``torch.load(weights_only=True)``.
 
 Outputs go to ``experiments/<experiment_name>/`` (relative to the working directory):
 ``ckpt/last.pth``, ``ckpt/best.pth``, ``log/logs.txt`` and TensorBoard event files in ``log/``.
@@ -26,30 +26,27 @@ import argparse
 import gc
 import json
 import logging
-import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
 import time
 import urllib.error
 import warnings
-from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader
 
 from config import CUDA_GRAPHS_WITH_COMPILE, architecture_overrides, one_line
-from layers.multibox_loss import LOSS_TERMS, MultiBoxLoss, PaddedTargets, pad_targets
+from layers.multibox_loss import LOSS_TERMS, MultiBoxLoss
 from layers.prior_box import prior_boxes
 from models.retinaface import ModelConfig, RetinaFace
 from utils.checkpoint import (
@@ -58,115 +55,30 @@ from utils.checkpoint import (
     load_state_dict_strict,
     read_checkpoint,
     resolve_weights,
-    save_checkpoint,
     split_checkpoint,
 )
+from utils.distributed import DistInfo, check_ranks_agree, cleanup_distributed, setup_distributed
+from utils.errors import TrainingDivergedError, TrainingSetupError
 from utils.evaluation import EvaluationError
 from utils.image_io import ImageReadError
+from utils.lr_schedule import build_scheduler, decay_epoch_notes, recipe_differences, resolve_epochs_and_steps
 from utils.progress import progress_bar
+from utils.train_data import LoadReport, ResumableSampler, build_train_loader, loader_notes, prepared_batches
+from utils.train_state import load_training_state, plain_value, save_training_state
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MOBILENET_BACKBONE = REPO_ROOT / "weights" / "mobilenetV1X0.25_pretrain.tar"
 
-#: Reference schedules of the public recipe: (epochs, epochs of the x0.1 decays).
-REFERENCE_SCHEDULES = {"mobilenet0.25": (250, (190, 220)), "resnet": (100, (70, 90))}
-#: (batch size over all GPUs, training image size) of the public recipes (data/config.py there)
-REFERENCE_BATCH_AND_SIZE = {"mobilenet0.25": (32, 640), "resnet": (24, 840)}
-
 __all__ = [
-    "TrainingSetupError", "TrainingDivergedError", "DistInfo", "setup_distributed", "cleanup_distributed",
     "seed_everything", "configure_backends", "model_config_from_args", "build_model", "wrap_model",
-    "graph_training_network", "build_optimizer", "reference_schedule", "LRSchedule", "build_scheduler",
-    "EpochSeededDataset", "ResumableSampler", "TrainBatchCollate", "shared_memory_keep", "train_transform",
-    "build_train_loader", "describe_amp", "autocast_settings", "TrainContext", "train_one_epoch",
-    "evaluate_widerface", "capture_rng_state", "restore_rng_state", "save_training_state",
-    "load_training_state", "check_no_run_overwritten", "create_run_folders", "train",
+    "graph_training_network", "build_optimizer", "describe_amp", "AMP_DTYPES", "autocast_settings", "TrainContext",
+    "train_one_epoch", "evaluate_widerface", "check_no_run_overwritten", "create_run_folders", "train",
 ]
 
 
-class TrainingSetupError(RuntimeError):
-    """The run cannot start (missing data or weights, bad options); the message says what to do."""
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/inf; the message names the step and the last checkpoint saved before it."""
-
-
 # --------------------------------------------------------------------------------------------
-# Distributed set-up, seeding, backends
+# Seeding, backends
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DistInfo:
-    """Where this process runs: ``rank``/``world_size`` (1 when not distributed), ``local_rank``
-    (GPU index on this node), ``device``, ``distributed`` (a process group was initialised)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    distributed: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str | None = None, gpu_num: int = 0) -> DistInfo:
-    """The one distributed set-up helper.
-
-    Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment; works across nodes) it joins the
-    process group: NCCL with one GPU per process (``cuda:<LOCAL_RANK>``) when CUDA is available
-    and ``device`` is not ``cpu``, otherwise gloo on the CPU. Without ``torchrun`` it only
-    resolves ``device`` (``cpu``, ``cuda``, ``cuda:N``; default CUDA ``gpu_num`` when available).
-    """
-    from models.detector import resolve_device
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        try:
-            return DistInfo(device=resolve_device(device, gpu_num))
-        except ValueError as error:
-            raise TrainingSetupError(str(error)) from None
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
-    if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise TrainingSetupError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) on "
-                                     f"this node: lower --nproc_per_node")
-        run_device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(run_device)
-        backend = "nccl"
-    else:
-        if device is not None and device.startswith("cuda"):
-            raise TrainingSetupError(f"--device {device} requested but CUDA is not available")
-        run_device = torch.device("cpu")
-        backend = "gloo"
-    if not dist.is_initialized():
-        kwargs = {"device_id": run_device} if use_cuda else {}
-        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                    device=run_device, distributed=True)
-
-
-def check_ranks_agree(info: DistInfo, evaluates: bool, dataset_size: int) -> None:
-    """Every rank must evaluate (or not) and see the same training set: otherwise their
-    collectives mismatch and the job hangs (e.g. a node without the val set)."""
-    values = torch.tensor([int(evaluates), 1 - int(evaluates), dataset_size, -dataset_size], device=info.device)
-    dist.all_reduce(values, op=dist.ReduceOp.MIN)
-    every, none, smallest, largest = values[0].item(), values[1].item(), values[2].item(), -values[3].item()
-    if not (every or none):
-        raise TrainingSetupError("the val set or its ground truth is visible to some processes only: every node "
-                                 "needs --val_dataset and --gt_dir at the same paths (or use --eval_every 0)")
-    if smallest != largest:
-        raise TrainingSetupError(f"the processes see different training sets ({smallest} to {largest} images): "
-                                 "every node needs the same --dataset")
-
-
-def cleanup_distributed(info: DistInfo) -> None:
-    if info.distributed and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def seed_everything(seed: int, rank: int = 0) -> None:
     """Seed torch (same on every rank: identical initial weights) and numpy/python (per rank)."""
     torch.manual_seed(seed)
@@ -352,7 +264,7 @@ def unwrap(model: nn.Module) -> RetinaFace:
 
 
 # --------------------------------------------------------------------------------------------
-# Optimizer and schedule
+# Optimizer and mixed precision
 # --------------------------------------------------------------------------------------------
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """SGD with ``--momentum`` and ``--weight_decay`` on every parameter (defaults 0.9 and 5e-4, the
@@ -362,101 +274,6 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                            fused=fused or None)
-
-
-def reference_schedule(network: str) -> tuple[int, tuple[int, ...]]:
-    """(epochs, decay epochs) of the public recipe: mobilenet0.25 250 epochs, x0.1 at 190 and
-    220; ResNets (the ResNet-50 recipe) 100 epochs, x0.1 at 70 and 90."""
-    return REFERENCE_SCHEDULES["mobilenet0.25" if network == "mobilenet0.25" else "resnet"]
-
-
-def recipe_differences(args: argparse.Namespace, config: Any, world_size: int = 1) -> str | None:
-    """A log line naming where this run leaves the public recipe of its backbone (batch size,
-    image size, cascade), or None."""
-    family = "mobilenet0.25" if config.network == "mobilenet0.25" else "resnet"
-    batch, size = REFERENCE_BATCH_AND_SIZE[family]
-    differences = []
-    if args.batch_size * world_size != batch:
-        differences.append(f"batch {args.batch_size * world_size} (public {batch}: --batch_size {batch // world_size}"
-                           + (f" with {world_size} processes" if world_size > 1 else "") + ")")
-    if args.im_size != size:
-        differences.append(f"image size {args.im_size} (public {size}: --im_size {size})")
-    if config.cascade:
-        differences.append("cascade stage on (the published models are single-stage: --cascade false)")
-    if not differences:
-        return None
-    name = "mobilenet0.25" if family == "mobilenet0.25" else "ResNet"
-    return f"note: differs from the public {name} recipe in " + "; ".join(differences)
-
-
-def resolve_epochs_and_steps(args: argparse.Namespace, network: str) -> tuple[int, list[int]]:
-    """``--epochs`` (default: reference) and the decay epochs: ``--lr_steps`` or the reference
-    points scaled to ``--epochs``."""
-    ref_epochs, ref_steps = reference_schedule(network)
-    epochs = args.epochs or ref_epochs
-    if getattr(args, "lr_steps", None):
-        try:
-            steps = sorted(int(v) for v in str(args.lr_steps).split(",") if v.strip())
-        except ValueError:
-            raise TrainingSetupError(f"--lr_steps must be comma-separated epochs, got {args.lr_steps!r}") from None
-    else:
-        steps = [int(round(s * epochs / ref_epochs)) for s in ref_steps]
-    return epochs, steps
-
-
-def decay_epoch_notes(steps: Sequence[int], epochs: int, given: bool) -> list[str]:
-    """Log notes on step-decay epochs that do not act as ``x0.1`` each: some fall at or after the
-    end of the run (never applied), or several coincide (one drop of more than x0.1). ``given``:
-    they come from ``--lr_steps`` (else from the recipe scaled to ``epochs``)."""
-    origin = "--lr_steps" if given else f"the recipe's, scaled to {epochs} epochs; --lr_steps sets them"
-    notes = []
-    late = [s for s in steps if s >= epochs]
-    if late:
-        notes.append(f"note: decay epoch(s) {late} ({origin}) fall at or after the end of the {epochs}-epoch run: "
-                     "never applied")
-    applied = [s for s in steps if s < epochs]
-    if len(set(applied)) < len(applied):
-        notes.append(f"note: decay epochs {applied} coincide ({origin}): the lr drops by more than x0.1 at once")
-    return notes
-
-
-class LRSchedule:
-    """Learning-rate factor of iteration ``step`` (0-based), used through ``LambdaLR``.
-
-    Linear warm-up ``(step + 1) / warmup_iters`` for the first ``warmup_iters`` iterations, then
-    ``step``: ``gamma ** (number of decay iterations <= step)``, or ``cosine``:
-    ``0.5 * (1 + cos(pi * t))`` with ``t`` going from 0 after the warm-up to 1 at ``total_iters``.
-    Only plain numbers are stored, so the scheduler state loads with ``weights_only=True``.
-    """
-
-    def __init__(self, kind: str, total_iters: int, warmup_iters: int = 0,
-                 milestones: list[int] | tuple[int, ...] = (), gamma: float = 0.1) -> None:
-        if kind not in ("step", "cosine"):
-            raise ValueError(f"unknown schedule {kind!r}")
-        self.kind = kind
-        self.total_iters = int(total_iters)
-        self.warmup_iters = int(warmup_iters)
-        self.milestones = [int(m) for m in milestones]
-        self.gamma = float(gamma)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_iters:
-            return (step + 1) / self.warmup_iters
-        if self.kind == "step":
-            return self.gamma ** sum(1 for m in self.milestones if step >= m)
-        span = max(self.total_iters - self.warmup_iters, 1)
-        t = min(max(step - self.warmup_iters, 0) / span, 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, iters_per_epoch: int,
-                    network: str) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-iteration ``LambdaLR`` with :class:`LRSchedule` (step it after every optimizer step)."""
-    epochs, steps = resolve_epochs_and_steps(args, network)
-    schedule = LRSchedule(args.lr_schedule, total_iters=epochs * iters_per_epoch,
-                          warmup_iters=int(round(args.warmup_epochs * iters_per_epoch)),
-                          milestones=[s * iters_per_epoch for s in steps])
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 def describe_amp(dtype: torch.dtype | None, device: torch.device, amp: bool) -> str:
@@ -483,424 +300,6 @@ def autocast_settings(device: torch.device, amp: bool, amp_dtype: str = "auto"
         dtype = AMP_DTYPES[amp_dtype] or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
         return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return None, torch.amp.GradScaler(device.type, enabled=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------
-class LoadReport(NamedTuple):
-    """What loading a sample (or a batch) ran into: ``skipped`` ``(path, reason)`` of every
-    unreadable image met (the replaced one and any unreadable candidates tried after it),
-    ``replaced`` how many samples were replaced, ``fatal`` when no image of the dataset could be
-    read (the sample is then a blank placeholder)."""
-
-    skipped: tuple[tuple[str, str], ...] = ()
-    replaced: int = 0
-    fatal: bool = False
-
-    @classmethod
-    def merge(cls, reports: Sequence["LoadReport"]) -> "LoadReport":
-        """One report for a batch of samples' reports."""
-        return cls(tuple(item for report in reports for item in report.skipped),
-                   sum(report.replaced for report in reports), any(report.fatal for report in reports))
-
-
-class EpochSeededDataset(Dataset):
-    """Wraps a dataset whose ``transform`` has ``reseed`` (``TrainTransform``): item
-    ``(index, epoch)`` reseeds the transform with ``[seed, epoch, index]`` before loading, so
-    each sample's augmentation depends only on these three numbers (not on worker count,
-    worker scheduling or where a run was resumed).
-
-    An image that cannot be read (:class:`~utils.image_io.ImageReadError`: missing, empty, not an
-    image, truncated) is replaced by the first readable image in a scan of the dataset that starts
-    at an offset drawn from ``[seed, epoch, index]``, augmented with the slot's own seed: the
-    replacement too depends only on these numbers (and on which files are unreadable), so
-    ``--resume`` stays exact. Known unreadable indices are remembered per process, so each file
-    is read once. With ``report=True`` items are ``(image, targets, LoadReport)`` (batch them
-    with :func:`collate_with_report`); otherwise ``(image, targets)``.
-    """
-
-    _MAX_FATAL_EXAMPLES = 3
-
-    def __init__(self, dataset: Dataset, seed: int, report: bool = False) -> None:
-        self.dataset = dataset
-        self.seed = int(seed)
-        self.report = report
-        self._unreadable: dict[int, str] = {}  # index -> reason, known in this process
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def _load(self, index: int, epoch: int, slot: int):
-        transform = getattr(self.dataset, "transform", None)
-        if transform is not None and hasattr(transform, "reseed"):
-            transform.reseed([self.seed, int(epoch), int(slot)])
-        return self.dataset[index]
-
-    def _path(self, index: int) -> str:
-        path = getattr(self.dataset, "image_path", None)
-        return str(path(index)) if path is not None else f"image {index}"
-
-    def _candidates(self, index: int, epoch: int) -> Iterator[int]:
-        """``index``, then every other index once, from an offset drawn from ``[seed, epoch, index]``."""
-        yield index
-        size = len(self.dataset)
-        if size > 1:
-            offset = int(np.random.default_rng([self.seed, epoch, index, 1]).integers(size - 1))
-            for j in range(size - 1):
-                yield (index + 1 + (offset + j) % (size - 1)) % size
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, epoch = int(key[0]), int(key[1])
-        skipped: list[tuple[str, str]] = []
-        for attempt, candidate in enumerate(self._candidates(index, epoch)):
-            problem = self._unreadable.get(candidate)
-            if problem is None:
-                try:
-                    sample = self._load(candidate, epoch, index)
-                except ImageReadError as error:
-                    path, message = self._path(candidate), str(error)
-                    problem = message.removeprefix(f"{path}: ")
-                    self._unreadable[candidate] = problem
-                else:
-                    return (*sample, LoadReport(tuple(skipped), int(attempt > 0))) if self.report else sample
-            skipped.append((self._path(candidate), problem))
-        return self._placeholder(skipped)
-
-    def _placeholder(self, skipped: list[tuple[str, str]]):
-        """No image of the dataset can be read: a blank sample flagged ``fatal`` (the training
-        loop stops with one line), or, without ``report``, the error."""
-        from utils.data_transformer import empty_targets
-
-        if not self.report:
-            raise ImageReadError(f"none of the {len(self.dataset)} images can be read, e.g. "
-                                 f"{skipped[0][0]}: {skipped[0][1]}")
-        blank = np.zeros((8, 8, 3), dtype=np.uint8)
-        transform = getattr(self.dataset, "transform", None)
-        sample = transform(blank, empty_targets()) if transform is not None else (blank, empty_targets())
-        return (*sample, LoadReport(tuple(skipped[:self._MAX_FATAL_EXAMPLES]), 1, fatal=True))
-
-
-def collate_with_report(batch: list) -> tuple[Any, PaddedTargets, LoadReport]:
-    """Batch ``(image, targets, LoadReport)`` samples into ``(images, PaddedTargets, LoadReport)``:
-    the images as :func:`~utils.data_loaders.detection_collate` stacks them, the targets padded
-    (:func:`~layers.multibox_loss.pad_targets`) and the reports of the samples merged.
-
-    Padding here, in the DataLoader worker, sends the main process two target tensors per batch
-    instead of one per image: every tensor a worker returns is a shared-memory file the receiving
-    thread (the pin-memory thread, beside the training loop) opens and maps, and the loop loses
-    about that time (``tools/benchmark_loader.py``).
-    """
-    from utils.data_loaders import detection_collate
-
-    images, targets = detection_collate([(image, target) for image, target, _ in batch])
-    return images, pad_targets(targets), LoadReport.merge([report for _, _, report in batch])
-
-
-#: Batches each training DataLoader worker prepares ahead (the DataLoader's ``prefetch_factor``).
-TRAIN_PREFETCH_FACTOR = 4
-#: Image batches each worker keeps (:class:`TrainBatchCollate`) when shared memory has room.
-TRAIN_KEPT_BATCHES = TRAIN_PREFETCH_FACTOR + 2
-#: Where DataLoader workers hand their batches over on Linux (a tmpfs; Docker gives it 64 MB unless
-#: the container is started with ``--shm-size``).
-SHARED_MEMORY_DIR = "/dev/shm"
-
-
-class TrainBatchCollate:
-    """:func:`collate_with_report` for the training DataLoader, whose workers keep their last
-    ``keep`` image batches alive.
-
-    A batch's images travel in a shared-memory segment, and the process that drops the last
-    reference to it unmaps it and hands its pages back to the system: 6 ms for a batch of 32 at
-    640 px on the 2-core CPU machine, time the training loop loses when that process is the
-    training process (its pin-memory thread, beside the loop). A worker that still holds the
-    batch when the training process is done with it does that work instead, on its own core. So
-    ``keep`` should exceed the batches of one worker in flight (``TRAIN_PREFETCH_FACTOR`` + 2); a
-    smaller ``keep`` only moves less of the work. The cost: shared memory holds up to ``keep``
-    image batches per worker instead of ``TRAIN_PREFETCH_FACTOR``. Outside a worker (``--workers
-    0``) nothing is kept.
-    """
-
-    def __init__(self, keep: int = TRAIN_KEPT_BATCHES) -> None:
-        self.keep = keep
-        self._recent: deque = deque(maxlen=max(keep, 1))
-
-    def __call__(self, batch: list) -> tuple[Any, PaddedTargets, LoadReport]:
-        images, targets, report = collate_with_report(batch)
-        if self.keep > 0 and get_worker_info() is not None:
-            self._recent.append(images)
-        return images, targets, report
-
-
-class ResumableSampler(Sampler):
-    """Distributed, seeded shuffling that can start an epoch after its first samples.
-
-    Every epoch a permutation of the dataset is drawn from ``seed + epoch`` (identical on all
-    ranks), padded by repetition to a multiple of ``num_replicas`` and split round-robin like
-    ``DistributedSampler``. :meth:`set_epoch` ``(epoch, skip)`` drops the first ``skip``
-    samples of this rank (used by ``--resume`` mid-epoch). Yields ``(index, epoch)`` pairs for
-    :class:`EpochSeededDataset`.
-    """
-
-    def __init__(self, dataset_size: int, num_replicas: int = 1, rank: int = 0, shuffle: bool = True,
-                 seed: int = 0) -> None:
-        self.dataset_size = int(dataset_size)
-        self.num_replicas = int(num_replicas)
-        self.rank = int(rank)
-        self.shuffle = shuffle
-        self.seed = int(seed)
-        self.epoch = 0
-        self.skip = 0
-        self.num_samples = math.ceil(self.dataset_size / self.num_replicas)
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch = int(epoch)
-        self.skip = int(skip)
-
-    def indices(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.dataset_size, generator=generator).tolist()
-        else:
-            order = list(range(self.dataset_size))
-        total = self.num_samples * self.num_replicas
-        while len(order) < total:
-            order += order[:total - len(order)]
-        return order[self.rank:total:self.num_replicas]
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        for index in self.indices()[self.skip:]:
-            yield index, self.epoch
-
-    def __len__(self) -> int:
-        return max(self.num_samples - self.skip, 0)
-
-
-def shared_memory_keep(args: argparse.Namespace, processes_on_node: int = 1, folder: str | None = None) -> int:
-    """How many image batches each training DataLoader worker may keep (:class:`TrainBatchCollate`).
-
-    Every worker of the ``processes_on_node`` training processes of this machine has up to
-    ``TRAIN_PREFETCH_FACTOR`` + 1 uint8 batches (``--batch_size`` x 3 x ``--im_size``^2 bytes)
-    in ``folder``, or ``TRAIN_KEPT_BATCHES`` when it keeps them. Returns ``TRAIN_KEPT_BATCHES``
-    when those fit in the free space, 0 when only the prefetched batches fit, and the keeping
-    when ``folder`` (default ``SHARED_MEMORY_DIR``) does not exist (not Linux) or there are no
-    workers.
-
-    Raises:
-        TrainingSetupError: not even the prefetched batches fit; the workers would die of a bus
-            error in the middle of the first epoch.
-    """
-    folder = folder or SHARED_MEMORY_DIR
-    if args.workers <= 0 or not os.path.isdir(folder):
-        return TRAIN_KEPT_BATCHES
-    batch_bytes = args.batch_size * 3 * args.im_size ** 2
-    free = shutil.disk_usage(folder).free
-    workers = processes_on_node * args.workers
-    if free >= workers * TRAIN_KEPT_BATCHES * batch_bytes:
-        return TRAIN_KEPT_BATCHES
-    in_flight = TRAIN_PREFETCH_FACTOR + 1
-    if free >= workers * in_flight * batch_bytes:
-        return 0
-    fit = free // (processes_on_node * in_flight * batch_bytes)
-    processes = f"{processes_on_node} processes x " if processes_on_node > 1 else ""
-    remedy = (f"lower --workers (at most {fit} fit)" if fit else
-              "use --workers 0 (the training process loads the data) or a smaller --batch_size or --im_size")
-    raise TrainingSetupError(
-        f"{folder} has {_mib(free)} free, but {processes}--workers {args.workers} x {in_flight} batches of "
-        f"{_mib(batch_bytes)} (--batch_size {args.batch_size} at --im_size {args.im_size}) need "
-        f"{_mib(workers * in_flight * batch_bytes)} there: {remedy}, or give it more room (Docker: --shm-size=8g)")
-
-
-def _mib(size: int) -> str:
-    mib = size / 2 ** 20
-    return f"{mib:,.0f} MiB" if mib >= 10 else f"{mib:.2g} MiB"
-
-
-def train_transform(im_size: int, seed: int, augment_on: str = "workers"):
-    """The training augmentation of ``--augment_on``: ``TrainTransform`` (``workers``: all of it in
-    the DataLoader workers) or ``DeferredTrainTransform`` (``device``: pixel work on the device)."""
-    from utils.data_transformer import TrainTransform
-    from utils.device_augment import DeferredTrainTransform
-
-    if augment_on not in ("workers", "device"):
-        raise ValueError(f"augment_on must be 'workers' or 'device', got {augment_on!r}")
-    return (DeferredTrainTransform if augment_on == "device" else TrainTransform)(im_size, rng=seed)
-
-
-def build_train_loader(args: argparse.Namespace, info: DistInfo, seed: int
-                       ) -> tuple[DataLoader, ResumableSampler, Dataset]:
-    """DataLoader over ``<dataset>/<train_split>`` with ``TrainTransform(im_size)`` (or its
-    ``DeferredTrainTransform`` with ``--augment_on device``): drop-last batches of
-    ``--batch_size`` per process, pinned memory on CUDA, persistent workers when ``--workers`` > 0.
-    Batches are ``(images, PaddedTargets, LoadReport)`` (:class:`TrainBatchCollate`): unreadable
-    images are replaced (see :class:`EpochSeededDataset`) and reported to the training loop.
-    Raises :class:`TrainingSetupError` for missing data, a label file without images or faces,
-    and fewer images per process than ``--batch_size``."""
-    from utils.data_loaders import dataset_from_root
-
-    try:
-        dataset = dataset_from_root(args.dataset, args.train_split,
-                                    train_transform(args.im_size, seed, getattr(args, "augment_on", "workers")))
-    except (FileNotFoundError, ValueError) as error:
-        raise TrainingSetupError(f"training data: {error}") from None
-    if len(dataset) == 0:
-        raise TrainingSetupError(f"training data: {dataset.label_file} lists no images (expected '# <event>/<name>.jpg' "
-                                 "headers, each followed by its face lines; see data/README.md)")
-    if dataset.num_faces == 0:
-        dropped = [f"{count} {what} dropped" for count, what in ((dataset.num_degenerate, "degenerate box(es)"),
-                                                                 (dataset.num_invalid, "flagged invalid"))
-                   if count]
-        raise TrainingSetupError(
-            f"training data: the labels in {dataset.label_file} hold no faces ({len(dataset)} images"
-            + (f"; {', '.join(dropped)}" if dropped else "") + "): images without faces are valid samples, "
-            "but a training set needs faces in some of them")
-    sampler = ResumableSampler(len(dataset), info.world_size, info.rank, shuffle=True, seed=seed)
-    if sampler.num_samples < args.batch_size:
-        raise TrainingSetupError(
-            f"{len(dataset)} training images give {sampler.num_samples} per process, fewer than "
-            f"--batch_size {args.batch_size}: lower --batch_size")
-    keep = shared_memory_keep(args, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    cuda = info.device.type == "cuda"
-    loader = DataLoader(EpochSeededDataset(dataset, seed, report=True), batch_size=args.batch_size, sampler=sampler,
-                        num_workers=args.workers, collate_fn=TrainBatchCollate(keep), pin_memory=cuda,
-                        drop_last=True, persistent_workers=args.workers > 0,
-                        worker_init_fn=ignore_interrupts_in_worker if args.workers > 0 else None,
-                        prefetch_factor=TRAIN_PREFETCH_FACTOR if args.workers > 0 else None)
-    return loader, sampler, dataset
-
-
-def dataset_notes(dataset: Dataset) -> list[str]:
-    """Log lines about what parsing the training label file dropped (degenerate boxes, faces
-    flagged invalid in the official format)."""
-    label = getattr(dataset, "label_file", "the label file")
-    notes = []
-    if getattr(dataset, "num_degenerate", 0):
-        notes.append(f"dropped {dataset.num_degenerate} degenerate face box(es) (w or h <= 0) in {label}")
-    if getattr(dataset, "num_invalid", 0):
-        notes.append(f"dropped {dataset.num_invalid} face(s) flagged invalid in {label}")
-    return notes
-
-
-# --------------------------------------------------------------------------------------------
-# RNG state and checkpoints
-# --------------------------------------------------------------------------------------------
-def capture_rng_state() -> dict[str, Any]:
-    """torch / CUDA / numpy / python RNG states as tensors, lists and numbers only."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": [int(version), [int(v) for v in internal], gauss_next],
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np_state = state["numpy"]
-    np.random.set_state((np_state["name"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["cached_gaussian"]))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def _plain(value: Any) -> Any:
-    """Options as plain values (weights_only-loadable)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
-def save_training_state(path: Path, ctx: "TrainContext") -> Path:
-    """Write ``path`` atomically: model config + weights, ``optimizer``, ``scheduler``,
-    ``scaler``, ``epoch`` (epoch in progress, 0-based), ``step`` (optimizer steps done),
-    ``iters_per_epoch``, ``seed``, ``rng_state``, ``best_metric`` (best val hard AP or None),
-    ``best_epoch``, ``metrics`` (latest val APs), ``args``."""
-    return save_checkpoint(
-        path, ctx.raw_model,
-        optimizer=ctx.optimizer.state_dict(), scheduler=ctx.scheduler.state_dict(),
-        scaler=ctx.scaler.state_dict(), epoch=ctx.global_step // ctx.iters_per_epoch,
-        step=ctx.global_step, iters_per_epoch=ctx.iters_per_epoch, seed=ctx.seed,
-        rng_state=capture_rng_state(), best_metric=ctx.best_metric, best_epoch=ctx.best_epoch,
-        metrics=dict(ctx.last_metrics), args={k: _plain(v) for k, v in vars(ctx.args).items()})
-
-
-def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> list[str]:
-    """Restore optimizer, scheduler, scaler, step, best metric and RNG states from ``checkpoint``
-    (the model weights are loaded by :func:`build_model`); returns notes for the log.
-
-    The schedule and the optimizer's hyper-parameters stay those of this run's options (the
-    checkpoint's unless given on the command line), so ``--epochs``, ``--lr``, ``--lr_steps`` ...
-    given with ``--resume`` take effect from the step reached; unchanged options continue the run
-    exactly. When the iterations per epoch changed (batch size, data or process count), the step
-    is converted so that the run continues at the same point of its epochs."""
-    notes = []
-    scheduler, optimizer = ctx.scheduler, ctx.optimizer
-    # load_state_dict replaces whole param groups and the schedule's fields: keep this run's
-    # (a CPU checkpoint would otherwise also turn the fused CUDA step off, and the AMP scaler
-    # would then hand its fused-only arguments to the plain step)
-    kept = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-    schedules = [dict(vars(schedule)) for schedule in scheduler.lr_lambdas]
-    base_lrs = list(scheduler.base_lrs)
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    for group, value in zip(optimizer.param_groups, kept):
-        group.update(value)  # lr is set below, from the schedule
-    for schedule, fields in zip(scheduler.lr_lambdas, schedules):
-        vars(schedule).update(fields)
-    scheduler.base_lrs = base_lrs
-    if checkpoint.get("scaler"):
-        ctx.scaler.load_state_dict(checkpoint["scaler"])
-    step = int(checkpoint["step"])
-    saved_iters = int(checkpoint.get("iters_per_epoch", ctx.iters_per_epoch))
-    if saved_iters != ctx.iters_per_epoch:
-        epoch, done = divmod(step, saved_iters)
-        converted = epoch * ctx.iters_per_epoch + min(round(done * ctx.iters_per_epoch / saved_iters),
-                                                      ctx.iters_per_epoch - 1)
-        notes.append(f"resuming with {ctx.iters_per_epoch} iterations per epoch instead of {saved_iters} (batch "
-                     f"size, data or process count changed): step {step} of the checkpoint is step {converted} here, "
-                     f"the same point of epoch {epoch + 1}; the data order does not continue exactly")
-        step = converted
-    ctx.global_step = step
-    scheduler.last_epoch = step
-    for group, base, schedule in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
-        group["lr"] = base * schedule(step)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-    changed = _schedule_changes(checkpoint.get("args"), ctx)
-    if changed:
-        notes.append("resuming with options that differ from the checkpoint's: " + ", ".join(changed)
-                     + f"; from step {step} the learning rate follows this run's schedule")
-    ctx.best_metric = checkpoint.get("best_metric")
-    ctx.best_epoch = checkpoint.get("best_epoch")
-    ctx.last_metrics = dict(checkpoint.get("metrics") or {})
-    if checkpoint.get("rng_state"):
-        restore_rng_state(checkpoint["rng_state"])
-    return notes
-
-
-def _schedule_changes(saved: Mapping[str, Any] | None, ctx: "TrainContext") -> list[str]:
-    """``--name old -> new`` for each option of the schedule or the optimizer that differs
-    between a checkpoint's recorded options and this run's (epochs and decay epochs resolved)."""
-    if not saved:
-        return []
-    args, network = ctx.args, ctx.raw_model.config.network
-    saved_args = argparse.Namespace(**{**vars(args), **saved})
-    changed = [f"--{name} {getattr(saved_args, name)} -> {getattr(args, name)}"
-               for name in ("lr", "lr_schedule", "warmup_epochs", "momentum", "weight_decay")
-               if getattr(saved_args, name) != getattr(args, name)]
-    try:
-        before, after = resolve_epochs_and_steps(saved_args, network), resolve_epochs_and_steps(args, network)
-    except TrainingSetupError:
-        return changed
-    if before[0] != after[0]:
-        changed.append(f"--epochs {before[0]} -> {after[0]}")
-    if before[1] != after[1] and args.lr_schedule == "step":
-        changed.append(f"decay epochs {before[1]} -> {after[1]}")
-    return changed
 
 
 # --------------------------------------------------------------------------------------------
@@ -1048,14 +447,6 @@ class StopRequest:
         self._restore()
 
 
-def ignore_interrupts_in_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` of the training loader: Ctrl-C reaches the workers too (one
-    process group). They ignore it and end with the loader; otherwise forked workers would run the
-    training process's :class:`StopRequest` handler (one message each), and workers started
-    otherwise would exit while the training process may still wait for a batch."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 def _format_duration(seconds: float) -> str:
     """``1d 02:03:04``, ``02:03:04`` or ``03:04`` (minutes and seconds)."""
     seconds = max(int(round(seconds)), 0)
@@ -1164,67 +555,6 @@ class _WaitClock:
             return next(self.iterator)
         finally:
             self.seconds += time.perf_counter() - started
-
-
-class PreparedBatch(NamedTuple):
-    """A training batch on the device: ``inputs`` float32 ``(B, 3, S, S)`` network input (BGR minus
-    the mean, channels_last when asked), ``targets`` its padded faces, ``report`` the loader's
-    :class:`LoadReport` (None for batches without one)."""
-
-    inputs: torch.Tensor
-    targets: PaddedTargets
-    report: LoadReport | None
-
-
-def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ahead: bool = True
-                     ) -> Iterator[PreparedBatch]:
-    """The loader's ``(images, targets[, LoadReport])`` batches as :class:`PreparedBatch` on ``device``:
-    host-to-device copies, :func:`~utils.data_loaders.images_to_network_input` (with ``--augment_on
-    device`` the photometric distortion, padding, flip and resize) and :func:`pad_targets`.
-
-    With ``ahead`` on CUDA, batch N+1 is prepared on a side stream before batch N is handed out, so
-    its copies and augmentation run on the GPU while step N's kernels do; the main stream waits only
-    for that batch's event. Without it (and on the CPU) each batch is prepared on the main stream
-    when its step starts, as before. Either way the batches and their values are the same."""
-    from utils.data_loaders import images_to_network_input
-
-    def prepare(batch) -> PreparedBatch:
-        inputs = images_to_network_input(batch[0], device=device)
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return PreparedBatch(inputs, pad_targets(batch[1], device), batch[2] if len(batch) > 2 else None)
-
-    if not (ahead and device.type == "cuda"):
-        for batch in batches:
-            yield prepare(batch)
-        return
-    main = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(main)  # what the main stream made before (weights, cached constants) comes first
-
-    def launch(batch) -> tuple[PreparedBatch, torch.cuda.Event]:
-        with torch.cuda.stream(side):
-            prepared = prepare(batch)
-        return prepared, side.record_event()
-
-    def hand_out(launched: tuple[PreparedBatch, torch.cuda.Event]) -> PreparedBatch:
-        prepared, ready = launched
-        main.wait_event(ready)
-        # made on the side stream, used on the main one: the allocator must not reuse them before
-        # the main stream is done with them
-        for tensor in (prepared.inputs, *prepared.targets):
-            if tensor is not None:
-                tensor.record_stream(main)
-        return prepared
-
-    pending = None
-    for batch in batches:
-        launched = launch(batch)
-        if pending is not None:
-            yield hand_out(pending)
-        pending = launched
-    if pending is not None:
-        yield hand_out(pending)
 
 
 def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> bool:
@@ -1696,17 +1026,14 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             recipe = recipe_differences(args, config, info.world_size)
             for note in run_folder_notes + notes + ([recipe] if recipe else []):
                 ctx.log(note)
-            ctx.log("options: " + json.dumps({k: _plain(v) for k, v in vars(args).items()}, sort_keys=True))
+            ctx.log("options: " + json.dumps({k: plain_value(v) for k, v in vars(args).items()}, sort_keys=True))
             if resume_ckpt is not None:
                 ctx.log(f"resumed from {args.resume} at step {ctx.global_step}"
                         + (f"; options of the interrupted run: {', '.join(inherited)}" if inherited else ""))
             if val_root is None:
                 ctx.log(f"no validation AP ({no_eval_reason})")
-            for note in dataset_notes(dataset):
+            for note in loader_notes(loader, dataset):
                 ctx.log(note)
-            if args.workers > 0 and not loader.collate_fn.keep:
-                ctx.log(f"note: little room in {SHARED_MEMORY_DIR}: the DataLoader workers do not keep their batches, "
-                        "so the training process unmaps them (slower on a fast GPU; README, Training)")
 
         start_epoch, skip = divmod(ctx.global_step, iters_per_epoch)
         stopped = bool(args.max_iters) and ctx.global_step >= args.max_iters
