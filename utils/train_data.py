@@ -335,8 +335,8 @@ def loader_notes(loader: DataLoader, dataset: Dataset) -> list[str]:
 def ignore_interrupts_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn`` of the training loader: Ctrl-C reaches the workers too (one
     process group). They ignore it and end with the loader; otherwise forked workers would run the
-    training process's :class:`StopRequest` handler (one message each), and workers started
-    otherwise would exit while the training process may still wait for a batch."""
+    training process's :class:`~utils.train_utils.StopRequest` handler (one message each), and
+    workers started otherwise would exit while the training process may still wait for a batch."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

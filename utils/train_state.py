@@ -67,7 +67,7 @@ def save_training_state(path: Path, ctx: "TrainContext") -> Path:
 
 def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> list[str]:
     """Restore optimizer, scheduler, scaler, step, best metric and RNG states from ``checkpoint``
-    (the model weights are loaded by :func:`build_model`); returns notes for the log.
+    (the model weights are loaded by :func:`~utils.train_utils.build_model`); returns notes for the log.
 
     The schedule and the optimizer's hyper-parameters stay those of this run's options (the
     checkpoint's unless given on the command line), so ``--epochs``, ``--lr``, ``--lr_steps`` ...
