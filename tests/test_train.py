@@ -374,7 +374,8 @@ def test_training_collate_keeps_the_last_image_batches_in_workers_only(workers):
     import numpy as np
     from torch.utils.data import DataLoader
 
-    samples = [(np.full((8, 8, 3), i, np.uint8), np.zeros((1, 15), np.float32), train_data.LoadReport()) for i in range(10)]
+    samples = [(np.full((8, 8, 3), i, np.uint8), np.zeros((1, 15), np.float32), train_data.LoadReport())
+               for i in range(10)]
     loader = DataLoader(samples, batch_size=2, num_workers=workers, collate_fn=_KeptBatchesProbe(keep=3))
     batches = list(loader)
     assert [int(images[0, 0, 0, 0]) for images, _, _ in batches] == [0, 2, 4, 6, 8]

@@ -80,7 +80,8 @@ def test_replacement_depends_only_on_seed_epoch_and_index(widerface_sample, tmp_
     dataset = dataset_from_root(root, "train", TrainTransform(64, rng=0))
     bad = [i for i in range(len(dataset)) if str(dataset.image_path(i)) in broken]
     assert len(bad) == 3
-    first, second = train_data.EpochSeededDataset(dataset, 7, report=True), train_data.EpochSeededDataset(dataset, 7, report=True)
+    first = train_data.EpochSeededDataset(dataset, 7, report=True)
+    second = train_data.EpochSeededDataset(dataset, 7, report=True)
     for index in bad:
         second[(bad[0], 1)]  # another history of known-bad files in this process changes nothing
         image, targets, report = first[(index, 1)]
