@@ -98,6 +98,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from config import non_negative_int, positive_int  # noqa: E402
 from layers.multibox_loss import MultiBoxLoss, PaddedTargets, box_iou_batched, pad_targets  # noqa: E402
 from layers.prior_box import prior_boxes  # noqa: E402
+from models.detector import StageClock  # noqa: E402
 from models.retinaface import RetinaFace  # noqa: E402
 from tools.benchmark_inference import (  # noqa: E402
     MODELS, SHARED, finish_report, record_failure, release, report_header, rnd, setup_device, stats, sync_sites,
@@ -878,7 +879,6 @@ def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) ->
     :func:`~utils.data_loaders.images_to_network_input` of the copied batch (float conversion and
     mean, and with ``--augment_on device`` the augmentation), ``mb_per_batch`` the bytes copied.
     Times from CUDA events (wall clock on the CPU); stats over the batches, in ms."""
-    from models.detector import StageClock
     from utils.data_loaders import images_to_network_input
 
     copy_s, pixels_s, megabytes = [], [], []
