@@ -279,6 +279,9 @@ def test_train_benchmark_cpu_smoke(train_run):
     for prep in preparation.values():
         assert 1 <= prep["batches"] == prep["copy_ms"]["n"] == prep["pixels_ms"]["n"] <= bt.PREPARATION_BATCHES
         assert prep["copy_ms"]["median"] > 0 and prep["pixels_ms"]["median"] > 0
+        # on the CPU launching is doing: the host's share lies inside the wall time of the same stage
+        assert prep["pixels_issue_ms"]["n"] == prep["batches"]
+        assert 0 < prep["pixels_issue_ms"]["median"] <= prep["pixels_ms"]["median"]
     images_mb = 2 * 3 * 128 * 128 / 2 ** 20
     assert images_mb <= preparation["workers"]["mb_per_batch"] < images_mb + 0.05
     assert preparation["device"]["mb_per_batch"] > 2 * 3 * 156 * 156 / 2 ** 20
@@ -415,7 +418,7 @@ def test_speed_table_renders_both_benchmarks(inference_run, train_run, tmp_path)
     for expected in ("### Inference", "### Training", "### Targets of the issue", torch.__version__,
                      "python tools/benchmark_inference.py", "python tools/benchmark_train.py", "public-style",
                      "mobilenet0.25:2:128", "– (CPU run)", "preparing one loader batch for a step",
-                     "augmentation on workers: copy ", "augmentation on device: copy "):
+                     "augmentation on workers: copy ", "augmentation on device: copy ", "launched by the host in "):
         assert expected in text, expected
     tables, current = [], []
     for row in text.splitlines() + [""]:

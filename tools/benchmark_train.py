@@ -878,10 +878,13 @@ def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) ->
     ``copy_ms`` the host-to-device copy of the images and the padded targets, ``pixels_ms``
     :func:`~utils.data_loaders.images_to_network_input` of the copied batch (float conversion and
     mean, and with ``--augment_on device`` the augmentation), ``mb_per_batch`` the bytes copied.
-    Times from CUDA events (wall clock on the CPU); stats over the batches, in ms."""
+    Times from CUDA events (wall clock on the CPU); stats over the batches, in ms.
+    ``pixels_issue_ms`` is the host's share of ``pixels_ms``: the wall time until the host has
+    launched that work, without waiting for it. Near ``pixels_ms`` the device waited for the
+    launches (fewer kernels would help); far below it, the device work itself sets the time."""
     from utils.data_loaders import images_to_network_input
 
-    copy_s, pixels_s, megabytes = [], [], []
+    copy_s, pixels_s, issue_s, megabytes = [], [], [], []
     for images, targets, *_ in batches:
         synchronize(device)
         clock = StageClock(device.type == "cuda")
@@ -889,13 +892,16 @@ def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) ->
         moved = images.to(device, non_blocking=True)
         pad_targets(targets, device)
         clock.mark("copy")
+        issued = time.perf_counter()
         images_to_network_input(moved)
+        issue_s.append(time.perf_counter() - issued)
         clock.mark("pixels")
         copy, pixels = clock.seconds()
         copy_s.append(copy)
         pixels_s.append(pixels)
         megabytes.append((images.nbytes + sum(t.nbytes for t in targets if t is not None)) / 2 ** 20)
     return {"batches": len(copy_s), "copy_ms": stats(copy_s), "pixels_ms": stats(pixels_s),
+            "pixels_issue_ms": stats(issue_s),
             "mb_per_batch": rnd(float(np.median(megabytes))) if megabytes else None}
 
 

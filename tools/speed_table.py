@@ -250,6 +250,13 @@ def layout_cell(pipeline: dict[str, Any]) -> str:
     return "–" if value is None else ("NHWC" if value else "NCHW")
 
 
+def issue_note(preparation: dict[str, Any]) -> str:
+    """How long the host took to launch the pixel work of a prepared batch (reports before
+    2026-11-27 lack it)."""
+    median = (preparation.get("pixels_issue_ms") or {}).get("median")
+    return "" if median is None else f", launched by the host in {fmt(median)} ms"
+
+
 def train_section(report: dict[str, Any]) -> list[str]:
     lines = heading(report, "Training (tools/benchmark_train.py)")
     settings = report.get("settings", {})
@@ -298,7 +305,8 @@ def train_section(report: dict[str, Any]) -> list[str]:
                           f"against the step ms above): " + "; ".join(busy))
         preparation = [f"augmentation on {augment_on}: copy {fmt(prep['copy_ms'].get('median'))} ms + "
                        f"{'augmentation' if augment_on == 'device' else 'conversion'} "
-                       f"{fmt(prep['pixels_ms'].get('median'))} ms ({fmt(prep.get('mb_per_batch'))} MB copied)"
+                       f"{fmt(prep['pixels_ms'].get('median'))} ms{issue_note(prep)} "
+                       f"({fmt(prep.get('mb_per_batch'))} MB copied)"
                        for augment_on, loader in (c.get("loader_only") or {}).items()
                        if (prep := loader.get("preparation")) and prep.get("batches")]
         if preparation:
