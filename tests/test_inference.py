@@ -246,6 +246,34 @@ def test_masks_on_rgba_portraits(sample_mask_images, mobilenet_weights, tmp_path
     assert faces >= len(images)
 
 
+def test_native_stderr_filter_drops_only_the_harmless_lines(capfd):
+    harmless = fm.MEDIAPIPE_START_UP_LINES
+    with pytest.raises(RuntimeError, match="inside"):
+        with fm.native_stderr_filtered(harmless):
+            os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
+            print("from python", file=sys.stderr)
+            os.write(2, b"E0000 a native error\n")
+            raise RuntimeError("inside")
+    os.write(2, b"after the block\n")
+    err = capfd.readouterr().err
+    assert "XNNPACK" not in err
+    assert err.splitlines() == ["from python", "E0000 a native error", "after the block"]
+
+
+def test_mask_stage_start_up_writes_nothing_to_stderr():
+    """MediaPipe's native start-up lines (written by a graph's first run, below Python) are filtered
+    out; a fresh process, since some of them come once per process."""
+    require_installed("mediapipe", "the mask stage needs mediapipe (absent on the GPU machines)")
+    script = ("import numpy as np; from utils.face_mask import HeadSegmenter\n"
+              "with HeadSegmenter() as segmenter:\n"
+              "    mask = segmenter.segment(np.full((64, 48, 3), 128, np.uint8))\n"
+              "print(mask.shape)\n")
+    completed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "(64, 48)"
+    assert completed.stderr == ""
+
+
 def test_crop_names_stay_unique_when_images_share_a_stem():
     names = ["face.jpg", "face.png", "face_jpg.png", "x/a.jpg", "a.jpg"]
     stems = iu.crop_stems(names)

@@ -17,14 +17,25 @@ the first instance is created.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Sequence
+import os
+import re
+import sys
+import tempfile
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
 
 MASK_THRESHOLD = 0.1  # selfie-segmentation probability above which a pixel is foreground
 HEAD_SCALE = 4.0      # head box = face box scaled by this factor about its centre
+
+#: The lines MediaPipe's native side writes to the process's stderr when a segmentation graph first
+#: runs (mediapipe 0.10.21, every run alike): harmless, and noise in a batch job's log.
+MEDIAPIPE_START_UP_LINES = re.compile(
+    r"Created TensorFlow Lite XNNPACK delegate for CPU|All log messages before absl::InitializeLog\(\)"
+    r"|Feedback manager requires a model with a single signature inference")
 
 IntBox = tuple[int, int, int, int]
 
@@ -107,6 +118,34 @@ def selfie_segmentation_module():
                            f"solution; the mask stage needs mediapipe==0.10.21") from None
 
 
+@contextlib.contextmanager
+def native_stderr_filtered(harmless: re.Pattern[str]) -> Iterator[None]:
+    """Inside the block, file descriptor 2 (where native libraries write, below ``sys.stderr``)
+    goes to a temporary file; afterwards every line of it that does not match ``harmless`` is
+    written to ``sys.stderr``, so nothing else is lost. Keep the block short: the process's other
+    threads write there too."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
+                    if not harmless.search(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
 class HeadSegmenter:
     """One MediaPipe ``SelfieSegmentation(model_selection=0)`` graph for a whole run.
 
@@ -118,7 +157,12 @@ class HeadSegmenter:
 
     def __init__(self, model_selection: int = 0, threshold: float = MASK_THRESHOLD) -> None:
         self.threshold = threshold
-        self._segmentation = selfie_segmentation_module().SelfieSegmentation(model_selection=model_selection)
+        self._segmentation = None
+        # the graph's first run prints MediaPipe's start-up lines: a blank image takes it here, with
+        # them filtered out (a result does not depend on the images before it: checked on the sample)
+        with native_stderr_filtered(MEDIAPIPE_START_UP_LINES):
+            self._segmentation = selfie_segmentation_module().SelfieSegmentation(model_selection=model_selection)
+            self._segmentation.process(np.zeros((16, 16, 3), np.uint8))
 
     def probabilities(self, image_bgr: np.ndarray) -> np.ndarray:
         """Foreground probability (H, W) float32 of a BGR uint8 image (MediaPipe takes RGB)."""
