@@ -274,6 +274,19 @@ def test_mask_stage_start_up_writes_nothing_to_stderr():
     assert completed.stderr == ""
 
 
+def test_a_mask_does_not_depend_on_the_images_segmented_before_it(sample_mask_images, photos_dir):
+    """What makes the blank first pass of HeadSegmenter harmless: no state from frame to frame."""
+    require_installed("mediapipe", "the mask stage needs mediapipe (absent on the GPU machines)")
+    paths = sorted(sample_mask_images.glob("*.png"))[:2] + sorted(photos_dir.glob("*"))[:1]
+    images = [cv2.imread(str(path)) for path in paths]
+    with fm.HeadSegmenter() as forward, fm.HeadSegmenter() as backward:
+        in_order = [forward.probabilities(image) for image in images]
+        reversed_order = [backward.probabilities(image) for image in images[::-1]][::-1]
+    for first, second in zip(in_order, reversed_order):
+        assert first.shape == second.shape and first.max() > 0.5
+        assert np.array_equal(first, second)
+
+
 def test_crop_names_stay_unique_when_images_share_a_stem():
     names = ["face.jpg", "face.png", "face_jpg.png", "x/a.jpg", "a.jpg"]
     stems = iu.crop_stems(names)
