@@ -157,9 +157,8 @@ class HeadSegmenter:
 
     def __init__(self, model_selection: int = 0, threshold: float = MASK_THRESHOLD) -> None:
         self.threshold = threshold
-        self._segmentation = None
         # the graph's first run prints MediaPipe's start-up lines: a blank image takes it here, with
-        # them filtered out (a result does not depend on the images before it: checked on the sample)
+        # them filtered out (harmless: a result does not depend on the images before it, tested)
         with native_stderr_filtered(MEDIAPIPE_START_UP_LINES):
             self._segmentation = selfie_segmentation_module().SelfieSegmentation(model_selection=model_selection)
             self._segmentation.process(np.zeros((16, 16, 3), np.uint8))
