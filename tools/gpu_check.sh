@@ -11,7 +11,7 @@
 #
 #   GPU_CHECK_DEADLINE=540 bash tools/gpu_check.sh   # on the GPU machine: the lease's first call (9 minutes)
 #   GPU_CHECK_DEADLINE=300 GPU_CHECK_STEPS="trained_r50 table" bash tools/gpu_check.sh   # its second call
-#   bash tools/gpu_check.sh --smoke    # tiny CPU settings, every step's wiring: checks this script anywhere (~80 s, 2 cores)
+#   bash tools/gpu_check.sh --smoke    # tiny CPU settings, every step's wiring: checks this script anywhere (~2 min, 2 cores)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
 # GPU_CHECK_DEADLINE=SECONDS (from the script's start) bounds the whole call: each step's cap is cut to
