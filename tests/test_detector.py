@@ -10,7 +10,7 @@ from tools.fidelity import as_rows, load_reference, unmatched
 @pytest.fixture(scope="module")
 def detector(mobilenet_weights):
     previous = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(2, previous))  # at most 2, and no more than a pytest-xdist worker's share
     yield FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4)
     torch.set_num_threads(previous)
 
