@@ -114,10 +114,13 @@ def epoch_list(value: str) -> str:
 
 
 def parse_scales(text: str | Sequence[int]) -> tuple[int, ...]:
-    """``"500,800,1100"`` (or a sequence) -> ``(500, 800, 1100)``; ``0`` stands for the original
-    image size. Raises ValueError when empty or not integers >= 0."""
+    """``"500,800,1100"`` (or a sequence; spaces also separate) -> ``(500, 800, 1100)``; ``0``
+    stands for the original image size. Raises ValueError when empty, with an empty item
+    (``"500,,800"``) or not integers >= 0."""
     if isinstance(text, str):
-        parts = [p for p in text.replace(" ", ",").split(",") if p]
+        parts = re.split(r"\s*,\s*|\s+", text.strip())
+        if "" in parts:
+            raise ValueError(f"expected comma-separated integers >= 0, got {text!r}")
         try:
             values = tuple(int(p) for p in parts)
         except ValueError:
@@ -293,8 +296,8 @@ OPTIONS: tuple[Option, ...] = (
          help="local ImageNet backbone file (mobilenetV1X0.25_pretrain.tar, or a torchvision "
               "ResNet state dict); implies --pretrained true"),
     _opt("--val_dataset", type=str, default=None, scripts={TRAIN},
-         help="dataset root with val/images and val/label.txt for the periodic WIDER FACE AP "
-              "(default: --dataset when it has a val/ split)"),
+         help="dataset root with val/images (val/label.txt, when present, lists the images) for "
+              "the periodic WIDER FACE AP (default: --dataset when it has a val/ split)"),
     _opt("--eval_every", type=non_negative_int, default=10, scripts={TRAIN},
          help="evaluate easy/medium/hard AP every N epochs and at the end (0 = never)"),
     _opt("--save_every", type=non_negative_int, default=0, scripts={TRAIN},

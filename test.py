@@ -58,7 +58,7 @@ def scale_description(args: argparse.Namespace) -> str:
     from utils.tta import DEFAULT_MAX_SIZE  # noqa: PLC0415
 
     if args.tta:
-        scales = ", ".join(str(s) for s in parse_scales(args.tta_scales))
+        scales = ", ".join(str(s) if s else "original" for s in parse_scales(args.tta_scales))
         return (f"TTA: shorter side {scales} (longer side <= {args.max_size or DEFAULT_MAX_SIZE}) + horizontal "
                 f"flips, box voting at IoU {args.nms_threshold}")
     if args.target_size:
@@ -164,6 +164,8 @@ def test(args: argparse.Namespace) -> int:
     tta_scales = parse_scales(args.tta_scales) if args.tta else ()
     if args.tta and args.target_size:
         print("warning: --target_size is ignored with --tta (see --tta_scales)", file=sys.stderr)
+    if not args.tta and args.tta_scales != build_parser("test").get_default("tta_scales"):
+        print("warning: --tta_scales is ignored without --tta true", file=sys.stderr)
     detector = FaceDetector(weights, device=device, overrides=architecture_overrides(args),
                             confidence_threshold=args.confidence_threshold, nms_threshold=args.nms_threshold,
                             top_k=args.top_k, keep_top_k=args.keep_top_k, target_size=args.target_size,

@@ -19,7 +19,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 from models.detector import Detections
 from utils.evaluation import (EvaluationError, evaluate_predictions, format_aps, list_val_images, load_gt,
                               prediction_rows, predict_widerface, subset_note)
-from utils.metric import read_prediction_dir
+from utils.metric import read_prediction_dir, read_prediction_file
 from tests.conftest import QueueingDetector
 from config import parse_scales
 from utils.tta import TTAConfig, TTADetector, box_voting, flip_detections
@@ -142,10 +142,16 @@ def test_flip_detections_maps_back_and_swaps_landmarks():
 
 def test_parse_scales():
     assert parse_scales("500,800, 1100") == (500, 800, 1100)
+    assert parse_scales(" 500 800 ") == (500, 800)
     assert parse_scales("0,1600") == (0, 1600)
-    for bad in ("", "a,b", "-5"):
+    for bad in ("", "a,b", "-5", "500,,800", "500,", ","):
         with pytest.raises(ValueError):
             parse_scales(bad)
+
+
+def test_scale_description_names_scale_0_original(test_script):
+    args = test_script.build_parser("test").parse_args(["--tta", "true", "--tta_scales", "0,500"])
+    assert test_script.scale_description(args).startswith("TTA: shorter side original, 500 (longer side <= 2150)")
 
 
 def test_prediction_rows_follow_the_public_convention():
@@ -295,6 +301,38 @@ def test_pred_dir_evaluates_the_good_files_and_names_every_bad_one(test_script, 
     assert not (tmp_path / "none").exists()
 
 
+def test_pred_dir_skips_files_naming_images_the_ground_truth_lacks(test_script, widerface_gt_dir, tmp_path,
+                                                                  capsys):
+    """The image of a prediction file is the one its first line names (as the public Python tool
+    reads it). A file naming an image the ground truth lacks (a wrong first line, an extra file) is
+    skipped with file:1 like any bad file; the others are evaluated, exit status 1."""
+    gt = load_gt(widerface_gt_dir)
+    keys = gt.image_keys()[::500][:3]
+    pred = tmp_path / "pred"
+    write_synthetic_predictions(pred, gt, keys)
+    wrong_name = pred / f"{keys[0]}.txt"
+    wrong_name.write_text("something_else\n" + wrong_name.read_text().split("\n", 1)[1])
+    extra = pred / "99--Nothing" / "foo.txt"
+    extra.parent.mkdir()
+    extra.write_text("foo\n0\n")
+    code, out, err = run_cli(test_script, ["--pred_dir", pred, "--gt_dir", widerface_gt_dir, "--results_dir",
+                                           tmp_path / "res"], tmp_path, capsys)
+    event = keys[0].split("/")[0]
+    assert code == 1 and err.strip().splitlines() == [
+        f"test.py: error: skipped {wrong_name}:1: names image {event}/something_else, which the ground truth "
+        "does not have",
+        f"test.py: error: skipped {extra}:1: names image 99--Nothing/foo, which the ground truth does not have",
+        "test.py: error: 2 of 4 prediction files could not be read (named above, listed in results.json): the APs "
+        "cover the other 2 only"], err
+    good: dict[str, dict[str, np.ndarray]] = {}
+    for key in keys[1:]:
+        event, stem = key.split("/")
+        good.setdefault(event, {})[stem] = read_prediction_file(pred / f"{key}.txt")[1]
+    expected = evaluate_predictions(good, gt)
+    assert expected.num_images == 2
+    assert parse_ap_line(out) == {k: pytest.approx(v, abs=1e-6) for k, v in expected.aps.items()}
+
+
 def test_pred_dir_of_a_results_folder_that_holds_an_eval_folder_still_gets_the_hint(test_script, widerface_gt_dir,
                                                                                      tmp_path, capsys):
     """The results folder after a --pred_dir evaluation holds widerface_txt/ and widerface_txt_eval/
@@ -336,7 +374,7 @@ def test_pred_dir_warns_once_about_every_model_run_option_it_ignores(test_script
     assert code == 0 and err == "", err  # --dataset gave the ground truth: nothing ignored
 
 
-@pytest.mark.parametrize("case", ["unknown_image", "missing_pred_dir", "missing_gt", "gt_dir_is_file",
+@pytest.mark.parametrize("case", ["missing_pred_dir", "missing_gt", "gt_dir_is_file",
                                   "pred_dir_one_level_too_high", "pred_dir_is_an_event_folder",
                                   "truncated_gt", "truncated_gt_with_model", "gt_without_variable",
                                   "missing_dataset", "missing_weights", "missing_model_weight", "bad_option",
@@ -369,10 +407,6 @@ def test_errors_are_one_line_without_traceback(case, test_script, widerface_gt_d
                     "--results_dir", tmp_path / "res"]
         message = f"{damaged}: " + ("missing variable 'gt_list'" if case == "gt_without_variable"
                                     else "not a readable MATLAB .mat file")
-    elif case == "unknown_image":
-        (pred / "0--Parade").mkdir(parents=True)
-        (pred / "0--Parade" / "nope.txt").write_text("nope\n0\n")
-        message = "not in the ground truth"
     elif case == "missing_pred_dir":
         message = "prediction folder not found"
     elif case == "missing_gt":
@@ -724,9 +758,11 @@ def test_target_size_1600_maps_boxes_back_and_model_weight_path(sample_run, test
     (ckpt / "best.pth").symlink_to(mobilenet_weights)
     code, out, err = run_cli(test_script, ["--experiment_name", "big", "--model_weight", "best.pth", "--dataset",
                                            dataset, "--gt_dir", widerface_gt_dir, "--target_size", 1600,
-                                           "--max_size", 2150, "--workers", 0], tmp_path, capsys)
+                                           "--max_size", 2150, "--workers", 0, "--tta_scales", 500], tmp_path,
+                             capsys)
     assert code == 0, err
     assert "subset: 2 of 3226 images" in out and "shorter side 1600, longer side <= 2150" in out
+    assert "warning: --tta_scales is ignored without --tta true" in err
     big = read_prediction_dir(tmp_path / "experiments" / "big" / "results" / "widerface_txt")
     original = read_prediction_dir(sample_run["results"] / "widerface_txt")
     for key in keys:

@@ -457,18 +457,22 @@ def test_prediction_dir_with_a_problem_list_skips_and_names_every_bad_file(tmp_p
     write_prediction_file(tmp_path / "ev" / "b.txt", "b", np.zeros((0, 5)))
     (tmp_path / "ev" / "c.txt").write_text("c\n1\n1 2 3 4 nan\n")
     (tmp_path / "ev" / "d.txt").write_text("a\n0\n")  # claims image a, read already
+    (tmp_path / "ev" / "b (copy).txt").write_text("b\n0\n")  # read before b.txt, which is named after b
+    (tmp_path / "ev" / "g.txt").write_text("unknown\n0\n")
     (tmp_path / "other" / "e.txt").parent.mkdir()
     (tmp_path / "other" / "e.txt").write_bytes(b"e\n1\n\xfe 2 3 4 0.5\n")
     (tmp_path / "other" / "f.txt").mkdir()  # not a file: cannot be read
     problems: list[str] = []
-    back = read_prediction_dir(tmp_path, problems)
+    back = read_prediction_dir(tmp_path, problems, known_image=lambda event, stem: stem != "unknown")
     assert {e: sorted(per) for e, per in back.items()} == {"ev": ["a", "b"], "other": []}
     np.testing.assert_array_equal(back["ev"]["a"], _pred([1, 2, 3, 4, 0.5]))
-    assert problems == [f"{tmp_path / 'ev' / 'c.txt'}:3: non-finite value in '1 2 3 4 nan'",
-                        f"{tmp_path / 'ev' / 'd.txt'}:1: image ev/a already read from another file",
+    assert problems == [f"{tmp_path / 'ev' / 'b (copy).txt'}:1: image ev/b is read from b.txt instead",
+                        f"{tmp_path / 'ev' / 'c.txt'}:3: non-finite value in '1 2 3 4 nan'",
+                        f"{tmp_path / 'ev' / 'd.txt'}:1: image ev/a is read from a.txt instead",
+                        f"{tmp_path / 'ev' / 'g.txt'}:1: names image ev/unknown, which the ground truth does not have",
                         f"{tmp_path / 'other' / 'e.txt'}:3: not UTF-8 text (byte 0xfe at column 1)",
                         f"{tmp_path / 'other' / 'f.txt'}: Is a directory"]
-    with pytest.raises(ValueError, match=r"c\.txt:3: non-finite"):  # without the list: the first one raises
+    with pytest.raises(ValueError, match=r"b \(copy\)\.txt:1: image ev/b is read from b\.txt"):  # no list: raises
         read_prediction_dir(tmp_path)
 
 

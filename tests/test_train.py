@@ -497,6 +497,32 @@ def test_resume_applies_changed_schedule_options_and_converts_the_step_for_a_new
     assert log.count("differ from the checkpoint's") == 1  # a new batch size alone changes no option
 
 
+def test_resume_without_experiment_name_continues_in_the_checkpoints_folder(widerface_sample, tmp_path, monkeypatch,
+                                                                             capsys):
+    """From another working directory, ``--resume <run>/ckpt/last.pth`` alone continues <run>
+    (not a new experiments/<name> below the working directory); a relative --dataset taken from
+    the checkpoint that does not resolve there is named as such."""
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    train.run(_run_args(widerface_sample, "run", "--epochs", "2", "--max_iters", "2"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    train.run(["--resume", str(tmp_path / "experiments/run/ckpt/last.pth"), "--max_iters", "3", "--device", "cpu"])
+    assert torch.load(tmp_path / "experiments/run/ckpt/last.pth", weights_only=True)["step"] == 3
+    assert not (elsewhere / "experiments").exists()
+    state = torch.load(tmp_path / "experiments/run/ckpt/last.pth", weights_only=True)
+    state["args"]["dataset"] = "relative/widerface"
+    (elsewhere / "moved/ckpt").mkdir(parents=True)
+    torch.save(state, elsewhere / "moved/ckpt/last.pth")
+    assert train.main(["--resume", "moved/ckpt/last.pth", "--device", "cpu"]) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("train.py: error: training data: dataset folder not found: relative/widerface"), message
+    assert message.endswith("(--dataset relative/widerface was taken from the checkpoint, relative to the folder "
+                            "that run started in: give --dataset)"), message
+
+
 def test_ctrl_c_stops_at_the_step_boundary_saves_last_and_the_run_resumes(widerface_sample, tmp_path, monkeypatch,
                                                                            capfd):
     import multiprocessing
@@ -680,6 +706,16 @@ def test_starting_a_run_again_does_not_overwrite_it(widerface_sample, tmp_path, 
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "already holds a run" in message and "--resume experiments/once/ckpt/last.pth" in message, message
     assert (tmp_path / "experiments/once/ckpt/last.pth").read_bytes() == before
+
+
+def test_a_step_saved_by_save_every_at_an_epoch_end_is_saved_once(widerface_sample, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    train.run(_run_args(widerface_sample, "saves", "--epochs", "1", "--save_every", "5"))  # 5 steps per epoch
+    log = (tmp_path / "experiments/saves/log/logs.txt").read_text()
+    assert re.findall(r"saved checkpoint \S+ \(.*\)", log) == [
+        "saved checkpoint experiments/saves/ckpt/last.pth (epoch 1/1 iter 5/5, step 5)"], log
 
 
 @pytest.mark.parametrize("first_bad_step,options,steps,kept", [

@@ -165,6 +165,22 @@ def test_bad_ground_truth_stops_at_start_up_with_one_line(widerface_sample, tmp_
     assert not (tmp_path / "experiments/gt/ckpt").exists()  # nothing was trained
 
 
+def test_validation_without_a_val_label_file_uses_every_val_image(widerface_sample, tmp_path, monkeypatch, capsys):
+    """val/label.txt is optional for the periodic validation as for test.py: without it every
+    val/images/<event>/*.jpg is detected (here the two left), with a progress line on stderr
+    (not a terminal here)."""
+    root = make_dataset(tmp_path / "ds", widerface_sample, with_val=True)
+    (root / "val/label.txt").unlink()
+    for name in image_names(root / "train")[2:]:
+        (root / "val/images" / name).unlink()
+    monkeypatch.chdir(tmp_path)
+    assert train.main(run_args(root, "nolabel", "--epochs", "1", "--eval_every", "1")) == 0
+    log = (tmp_path / "experiments/nolabel/log/logs.txt").read_text()
+    assert "no validation AP" not in log and "val AP after epoch 1 (step 5)" in log, log
+    assert (tmp_path / "experiments/nolabel/ckpt/best.pth").is_file()
+    assert re.search(r"^validation: 100%.* 2/2 ", capsys.readouterr().err, re.MULTILINE)
+
+
 def test_failed_validation_is_logged_and_training_continues(widerface_sample, tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "ds", widerface_sample, with_val=True)
     bad = root / "val/images" / image_names(root / "val")[0]

@@ -102,7 +102,7 @@ def list_val_images(dataset_root: str | os.PathLike[str]) -> list[ValImage]:
     """
     root = Path(dataset_root)
     if not root.is_dir():
-        raise EvaluationError(f"dataset folder not found: {root} (--dataset must hold val/images/ and val/label.txt)")
+        raise EvaluationError(f"dataset folder not found: {root} (--dataset must hold val/images/<event>/*.jpg)")
     image_root = root / "val" / "images"
     if not image_root.is_dir():
         raise EvaluationError(f"no val/images/ folder in {root} (expected <dataset>/val/images/<event>/*.jpg)")
@@ -273,7 +273,7 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
                       out_dir: str | os.PathLike[str] | None = None, *,
                       images: Sequence[ValImage] | None = None, batch_size: int | None = None,
                       workers: int = 2, progress: bool | None = True, max_pending: int | None = None,
-                      clean: bool = True) -> PredictionRun:
+                      clean: bool = True, progress_label: str = "test") -> PredictionRun:
     """Detect faces in every val image and (with ``out_dir``) write the official prediction files.
 
     Args:
@@ -292,7 +292,7 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
             smaller ones (``utils.image_loader.SameSizeBatcher``).
         workers: DataLoader processes decoding images while the network runs (0: in-process).
         progress: progress bar on stderr (``None``: only on a terminal; not on a terminal, a line
-            every 30 s, :func:`utils.progress.progress_bar`).
+            every 30 s, :func:`utils.progress.progress_bar`), labelled ``progress_label``.
 
     An image that cannot be read (missing, corrupt, truncated ...) does not stop the pass: it is
     recorded in :attr:`PredictionRun.unreadable` and has no prediction file. Out of memory on an
@@ -317,7 +317,7 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
     unreadable: list[tuple[str, str]] = []
 
     from utils.progress import progress_bar  # noqa: PLC0415
-    bar = progress_bar(len(images), "test", progress)
+    bar = progress_bar(len(images), progress_label, progress)
     from utils.image_loader import ImageFolderDataset, SameSizeBatcher, make_loader, start_loader  # torch
 
     batcher = SameSizeBatcher(batch_size, max_pending, pad_to)
@@ -419,20 +419,21 @@ def evaluate_prediction_dir(pred_dir: str | os.PathLike[str],
     """AP of a prediction folder ``<pred_dir>/<event>/<stem>.txt`` (official format), the
     replacement of the public Cython/python evaluation tool.
 
-    A malformed file raises :class:`EvaluationError` naming ``file:line``; with ``problems`` (a
-    list) every malformed or unreadable file is skipped and its one-line message appended, and the
-    other files are evaluated (a subset). A missing folder, a folder without prediction files
-    (with a hint where they are), one where no file could be read, or unknown images raise
-    :class:`EvaluationError`.
+    A malformed file, or one whose first line names an image the ground truth does not have,
+    raises :class:`EvaluationError` naming ``file:line``; with ``problems`` (a list) every such
+    or unreadable file is skipped and its one-line message appended, and the other files are
+    evaluated (a subset). A missing folder, a folder without prediction files (with a hint where
+    they are) or one where no file could be read raise :class:`EvaluationError`.
     """
     path = Path(pred_dir)
     if path.exists() and not path.is_dir():
         raise EvaluationError(f"--pred_dir {path} is a file; it must be the folder holding <event>/<image stem>.txt")
     if not path.is_dir():
         raise EvaluationError(f"prediction folder not found: {path}")
+    gt = load_gt(gt)
     known = len(problems) if problems is not None else 0
     try:
-        predictions = read_prediction_dir(path, problems)
+        predictions = read_prediction_dir(path, problems, known_image=gt.has_image)
     except (OSError, ValueError) as error:
         raise EvaluationError(one_line(error)) from None
     if not any(predictions.values()):

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Union
@@ -402,34 +402,50 @@ def read_prediction_file(path: PathLike) -> tuple[str, np.ndarray]:
     return stem, np.asarray(rows, dtype=np.float64).reshape(-1, 5)
 
 
-def read_prediction_dir(pred_dir: PathLike, problems: list[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+def read_prediction_dir(pred_dir: PathLike, problems: list[str] | None = None,
+                        known_image: Callable[[str, str], bool] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Read a prediction folder ``<pred_dir>/<event>/<image stem>.txt``.
 
     Returns ``{event: {stem: (N, 5) float64 x y w h score}}``; the stem is the one written in the
-    file's first line. Only ``*.txt`` files in event sub-folders are read (other entries are
-    ignored). Raises FileNotFoundError if ``pred_dir`` is not a folder. A malformed or unreadable
-    file, or a second file claiming an image already read, raises ValueError (OSError) naming
-    ``file:line``; with ``problems`` (a list) such a file is skipped instead and that one-line
-    message appended, so that every bad file of the folder is found in one pass.
+    file's first line, as the public Python tool reads it. Only ``*.txt`` files in event
+    sub-folders are read (other entries are ignored). Raises FileNotFoundError if ``pred_dir`` is
+    not a folder. A malformed or unreadable file, a file whose image ``known_image(event, stem)``
+    rejects (e.g. not in the ground truth), or a second file claiming an image already read
+    raises ValueError (OSError) naming ``file:line``; of two files claiming one image, the one
+    named after it is kept. With ``problems`` (a list) such a file is skipped instead and that
+    one-line message appended, so that every bad file of the folder is found in one pass.
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise FileNotFoundError(f"prediction folder not found: {pred_dir}")
+
+    def reject(error: OSError | ValueError, txt: Path) -> None:
+        if problems is None:
+            raise error
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        problems.append(" ".join((reason if reason.startswith(str(txt)) else f"{txt}: {reason}").split()))
+
     out: dict[str, dict[str, np.ndarray]] = {}
     for event_dir in sorted(p for p in pred_dir.iterdir() if p.is_dir()):
         event: dict[str, np.ndarray] = {}
+        read_from: dict[str, Path] = {}
         for txt in sorted(event_dir.glob("*.txt")):
             try:
                 stem, boxes = read_prediction_file(txt)
-                if stem in event:
-                    raise ValueError(f"{txt}:1: image {event_dir.name}/{stem} already read from another file")
+                if known_image is not None and not known_image(event_dir.name, stem):
+                    raise ValueError(f"{txt}:1: names image {event_dir.name}/{stem}, which the ground truth "
+                                     "does not have")
             except (OSError, ValueError) as error:
-                if problems is None:
-                    raise
-                reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-                problems.append(" ".join((reason if reason.startswith(str(txt)) else f"{txt}: {reason}").split()))
+                reject(error, txt)
                 continue
+            first = read_from.get(stem)
+            if first is not None:
+                kept, dropped = (txt, first) if txt.stem == stem != first.stem else (first, txt)
+                reject(ValueError(f"{dropped}:1: image {event_dir.name}/{stem} is read from {kept.name} instead"), dropped)
+                if kept is first:
+                    continue
             event[stem] = boxes
+            read_from[stem] = txt
         out[event_dir.name] = event
     return out
 

@@ -17,7 +17,8 @@ Entry point: :func:`train` (``args`` from ``config.parse_args('train', argv)``),
 - :func:`utils.train_state.save_training_state` / ``load_training_state``: ``last.pth`` /
   ``best.pth`` with everything ``--resume`` needs, loadable with ``torch.load(weights_only=True)``.
 
-Outputs go to ``experiments/<experiment_name>/`` (relative to the working directory):
+Outputs go to ``experiments/<experiment_name>/`` (relative to the working directory; a ``--resume``
+without ``--experiment_name`` continues in the folder of its checkpoint, see :func:`run_folder`):
 ``ckpt/last.pth``, ``ckpt/best.pth``, ``log/logs.txt`` and TensorBoard event files in ``log/``.
 """
 from __future__ import annotations
@@ -649,7 +650,7 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
 # --------------------------------------------------------------------------------------------
 def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: torch.device | str,
                        confidence_threshold: float = 0.02, nms_threshold: float = 0.4,
-                       info: DistInfo | None = None) -> dict[str, float] | None:
+                       info: DistInfo | None = None, progress: bool | None = False) -> dict[str, float] | None:
     """Official WIDER FACE easy/medium/hard AP of ``model`` on the images of ``<val_root>/val``.
 
     Detection at original scale (confidence 0.02, NMS 0.4, no top-k cuts, the public
@@ -661,6 +662,7 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
     other ranks, so that every rank evaluates the same model.
     Distributed (``info``): every rank detects its share of the images, rank 0 gathers them and
     returns the APs; the other ranks return None (no rank waits for one to do all the work).
+    ``progress``: a "validation" bar of this rank's images (see :func:`predict_widerface`).
     """
     from models.detector import cudnn_autotuning
     from utils.evaluation import evaluate_predictions, list_val_images, predict_widerface, protocol_detector
@@ -678,7 +680,8 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
             detector = protocol_detector(unwrap(model), device, confidence_threshold=confidence_threshold,
                                          nms_threshold=nms_threshold)
             images = list_val_images(val_root)[rank::world]
-            predictions = predict_widerface(detector, images=images, workers=0, progress=False).complete_predictions()
+            predictions = predict_widerface(detector, images=images, workers=0, progress=progress,
+                                            progress_label="validation").complete_predictions()
     except VALIDATION_ERRORS as error:
         if world == 1:
             raise
@@ -724,11 +727,11 @@ def _resolve_validation(args: argparse.Namespace) -> tuple[str | None, Path | No
     if not args.eval_every:
         return None, None, "--eval_every 0"
     val_root = args.val_dataset or args.dataset
-    if not (Path(val_root) / "val" / "label.txt").is_file():
+    if not (Path(val_root) / "val" / "images").is_dir():
         if args.val_dataset:
-            raise TrainingSetupError(f"--val_dataset {val_root}: no val/label.txt (expected val/images and "
-                                     f"val/label.txt, see data/README.md)")
-        return None, None, f"no {Path(val_root) / 'val' / 'label.txt'} (set --val_dataset)"
+            raise TrainingSetupError(f"--val_dataset {val_root}: no val/images/ folder (expected "
+                                     f"val/images/<event>/*.jpg, see data/README.md)")
+        return None, None, f"no {Path(val_root) / 'val' / 'images'}/ folder (set --val_dataset)"
     from utils.evaluation import default_gt_dir
 
     gt_dir = Path(args.gt_dir) if args.gt_dir else default_gt_dir(val_root)
@@ -853,7 +856,8 @@ def _evaluate(ctx: TrainContext, epoch: int, val_root: str, gt: Any) -> bool:
     improved = False
     started = time.perf_counter()
     try:
-        aps = evaluate_widerface(ctx.model, val_root, gt, ctx.info.device, info=ctx.info)
+        aps = evaluate_widerface(ctx.model, val_root, gt, ctx.info.device, info=ctx.info,
+                                 progress=ctx.info.is_main)
         failure = None
     except VALIDATION_ERRORS as error:
         aps, failure = None, one_line(error)
@@ -919,6 +923,17 @@ def inherit_resume_options(args: argparse.Namespace, recorded: Mapping[str, Any]
     return taken
 
 
+def run_folder(experiment_name: str, resume: str | None, explicit: set[str] | None) -> Path:
+    """The folder of this run's outputs: ``experiments/<experiment_name>`` (relative to the working
+    directory), except for a ``--resume`` of a ``<run>/ckpt/<file>`` checkpoint without an explicit
+    ``--experiment_name``, which continues in ``<run>`` wherever it is started from."""
+    if resume and explicit is not None and "experiment_name" not in explicit:
+        checkpoint_dir = Path(resume).parent
+        if checkpoint_dir.name == "ckpt":
+            return checkpoint_dir.parent
+    return Path("experiments") / experiment_name
+
+
 def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[str, Any]:
     """Run training as configured by ``args`` (see ``config.py`` and the README's Training section).
 
@@ -958,14 +973,20 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                          if explicit is not None else [])
         seed = int(resume_ckpt.get("seed", args.seed)) if resume_ckpt is not None else int(args.seed)
         # data and ground truth first: a wrong path fails before any download or model build
-        loader, sampler, dataset = build_train_loader(args, info, seed)
+        try:
+            loader, sampler, dataset = build_train_loader(args, info, seed)
+        except TrainingSetupError as error:
+            if "dataset" not in inherited:
+                raise
+            raise TrainingSetupError(f"{error} (--dataset {args.dataset} was taken from the checkpoint, relative to "
+                                     "the folder that run started in: give --dataset)") from None
         val_root, gt_dir, no_eval_reason = _resolve_validation(args)
         gt = None
         if val_root is not None:  # checked on every rank so that a bad set-up stops all of them
             gt = load_validation_ground_truth(val_root, gt_dir)
         if info.distributed:
             check_ranks_agree(info, val_root is not None, len(dataset))
-        exp_dir = Path("experiments") / args.experiment_name
+        exp_dir = run_folder(args.experiment_name, args.resume, explicit)
         run_folder_notes = check_no_run_overwritten(exp_dir, args.resume, resume_ckpt)
         if info.is_main:
             create_run_folders(exp_dir)
@@ -1046,7 +1067,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                 skip = 0
                 epoch_done = ctx.global_step % iters_per_epoch == 0
                 if epoch_done:
-                    ctx.save_last()  # first: a run that dies while evaluating keeps this epoch
+                    if ctx.last_saved_step != ctx.global_step:  # --save_every may have saved this step
+                        ctx.save_last()  # first: a run that dies while evaluating keeps this epoch
                     if (_evaluation_due(args, epoch, val_root, final=epoch + 1 == epochs)
                             and not ctx.stop_requested):
                         improved = _evaluate(ctx, epoch, val_root, gt)
