@@ -288,7 +288,8 @@ OPTIONS: tuple[Option, ...] = (
               "optimizer, LR schedule, AMP scaler, step, RNG states, best metric"),
     _opt("--init_weights", type=str, default=None, scripts={TRAIN},
          help="start from the weights of any detector checkpoint (fine-tuning), e.g. the published "
-              "mobilenet0.25_Final.pth; its architecture is used unless overridden"),
+              "mobilenet0.25_Final.pth, or the names mobilenet0.25 / resnet50 (the published weights, "
+              "downloaded once into the torch hub cache); its architecture is used unless overridden"),
     _opt("--pretrained", type=str2bool, default=True, scripts={TRAIN},
          help="initialise the backbone with ImageNet weights (ResNets: torchvision download; "
               "mobilenet0.25: --backbone_weights or weights/mobilenetV1X0.25_pretrain.tar)"),

@@ -184,7 +184,8 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """Load ImageNet weights from a local file into ``backbone`` (strictly, ``module.`` stripped).
 
     Raises :class:`~utils.errors.CheckpointError` (a ``RuntimeError``) naming ``path`` when the
-    file is not a readable PyTorch state dict, ``RuntimeError`` when its tensors do not fit.
+    file is not a readable PyTorch state dict, ``RuntimeError`` (one line: how many tensors are
+    missing, of another shape or unexpected) when its tensors are not exactly the backbone's.
     """
     from utils.checkpoint import read_checkpoint  # noqa: PLC0415 - utils.checkpoint imports models
     from utils.errors import CheckpointError  # noqa: PLC0415
@@ -196,10 +197,21 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     state_dict = OrderedDict((k[len("module."):] if k.startswith("module.") else k, v)
                              for k, v in state_dict.items())
-    result = backbone.load_state_dict(state_dict, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"backbone weights {path} do not match the {type(backbone).__name__} backbone: "
-                           f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    own = backbone.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    reshaped = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or reshaped or unexpected:
+        found = [f"{len(missing)} of its {len(own)} tensors missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(reshaped)} of another shape (e.g. {reshaped[0]}: {tuple(state_dict[reshaped[0]].shape)} "
+                 f"in the file, {tuple(own[reshaped[0]].shape)} here)" if reshaped else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else ""]
+        detector = any(k.startswith(("body.", "fpn.", "ClassHead.")) for k in state_dict)
+        raise RuntimeError(f"{path} does not hold {type(backbone).__name__} backbone weights: "
+                           + ", ".join(part for part in found if part)
+                           + ("; it looks like a detector checkpoint: fine-tune from it with --init_weights"
+                              if detector else ""))
+    backbone.load_state_dict(state_dict)
 
 
 def fuse_conv_bn(model: nn.Module) -> nn.Module:

@@ -156,6 +156,15 @@ def test_malformed_line_names_file_and_line(tmp_path: Path, fmt: str, text: str,
     assert f"{label}:{bad_line}:" in str(info.value)
 
 
+def test_official_format_count_above_its_face_lines_is_named(tmp_path: Path) -> None:
+    label = tmp_path / "wider_face_train_bbx_gt.txt"
+    label.write_text("a/1.jpg\n3\n1 2 3 4 0 0 0 0 0 0\n5 6 7 8 0 0 0 0 0 0\na/2.jpg\n0\n")
+    with pytest.raises(LabelFormatError) as info:
+        parse_label_file(label)
+    assert str(info.value) == (f"{label}:5: image 'a/1.jpg' (line 1) declares 3 faces but 2 face line(s) follow "
+                               "before 'a/2.jpg'")
+
+
 def test_missing_images_reported_at_construction(tmp_path: Path) -> None:
     names = [f"e/img{i}.jpg" for i in range(8)]
     (tmp_path / "label.txt").write_text("".join(f"# {n}\n1 1 4 4\n" for n in names))

@@ -252,7 +252,7 @@ def test_sampler_skip_and_shards():
     assert set(i for s in shards for i, _ in s) == set(range(11))
 
 
-def test_build_model_backbone_errors(monkeypatch, tmp_path, mobilenet_backbone_weights):
+def test_build_model_backbone_errors(monkeypatch, tmp_path, mobilenet_backbone_weights, mobilenet_weights):
     monkeypatch.setattr(tu, "DEFAULT_MOBILENET_BACKBONE", tmp_path / "absent.tar")
     args = parse_args("train", ["--network", "mobilenet0.25"])
     with pytest.raises(tu.TrainingSetupError, match="--backbone_weights"):
@@ -260,6 +260,16 @@ def test_build_model_backbone_errors(monkeypatch, tmp_path, mobilenet_backbone_w
     args = parse_args("train", ["--network", "mobilenet0.25", "--backbone_weights", str(mobilenet_backbone_weights)])
     model, notes = tu.build_model(args)
     assert "ImageNet" in notes[0]
+    # weights of another backbone, and a detector checkpoint, are named as such in one line
+    args = parse_args("train", ["--network", "resnet18", "--backbone_weights", str(mobilenet_backbone_weights)])
+    with pytest.raises(tu.TrainingSetupError) as info:
+        tu.build_model(args)
+    assert str(info.value).startswith(f"--backbone_weights: {mobilenet_backbone_weights} does not hold ResNet backbone "
+                                      "weights: 120 of its 122 tensors missing (e.g. conv1.weight), 1 of another "
+                                      "shape (e.g. fc.weight: (1000, 256) in the file, (1000, 512) here)")
+    args = parse_args("train", ["--network", "mobilenet0.25", "--backbone_weights", str(mobilenet_weights)])
+    with pytest.raises(tu.TrainingSetupError, match=r"detector checkpoint: fine-tune from it with --init_weights$"):
+        tu.build_model(args)
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
@@ -273,9 +283,10 @@ def test_build_model_backbone_errors(monkeypatch, tmp_path, mobilenet_backbone_w
         tu.build_model(args)
 
 
-def test_init_weights_from_published_checkpoint(mobilenet_weights):
+def test_init_weights_from_published_checkpoint(mobilenet_weights, mobilenet_backbone_weights):
     args = parse_args("train", ["--init_weights", str(mobilenet_weights)])
-    model, _ = tu.build_model(args)
+    model, notes = tu.build_model(args)
+    assert not any("--backbone_weights" in note for note in notes)
     assert model.config == ModelConfig(network="mobilenet0.25", num_anchor=2, cascade=False)
     published = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
     key = "ClassHead.0.conv1x1.weight"
@@ -285,6 +296,10 @@ def test_init_weights_from_published_checkpoint(mobilenet_weights):
     model, notes = tu.build_model(args)
     assert model.config.cascade and model.config.model_version == "tina"
     assert torch.equal(model.state_dict()[key], published[key]) and "newly initialised" in notes[0]
+    args = parse_args("train", ["--init_weights", str(mobilenet_weights), "--backbone_weights",
+                                str(mobilenet_backbone_weights)])
+    _, notes = tu.build_model(args)
+    assert notes[-1] == "note: --backbone_weights ignored: the --init_weights checkpoint holds the backbone"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +419,7 @@ def test_shared_memory_plan_keeps_batches_when_they_fit_and_fails_when_not_even_
     _shared_memory_free(monkeypatch, 3 * train_data.TRAIN_KEPT_BATCHES * batch - 1)
     assert train_data.shared_memory_keep(args, folder=str(tmp_path)) == 0
     _shared_memory_free(monkeypatch, 3 * (train_data.TRAIN_PREFETCH_FACTOR + 1) * batch - 1)
-    with pytest.raises(tu.TrainingSetupError, match=r"at most 2 fit\).*--shm-size"):
+    with pytest.raises(tu.TrainingSetupError, match=r"at most 2 fit\).*\(Docker: --shm-size=2g\)$"):
         train_data.shared_memory_keep(args, folder=str(tmp_path))
     _shared_memory_free(monkeypatch, 1000)
     with pytest.raises(tu.TrainingSetupError, match="use --workers 0 .* or a smaller --batch_size or --im_size"):
@@ -894,6 +909,11 @@ def test_recipe_differences_name_the_public_settings():
     assert lr_schedule.recipe_differences(public_mnet, ModelConfig(network="mobilenet0.25", cascade=False)) is None
     four_gpus = SimpleNamespace(batch_size=6, im_size=840)  # 4 x 6 = the public global batch of 24
     assert lr_schedule.recipe_differences(four_gpus, ModelConfig(cascade=False), world_size=4) is None
+    # a resume keeps the checkpoint's cascade stage whatever --cascade says: no option suggested
+    resumed = lr_schedule.recipe_differences(SimpleNamespace(batch_size=24, im_size=840, resume="last.pth"),
+                                             ModelConfig())
+    assert resumed == ("note: differs from the public ResNet recipe in cascade stage on (the published models "
+                       "are single-stage)")
 
 
 def test_cores_per_process_shares_the_node(monkeypatch):

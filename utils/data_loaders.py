@@ -252,12 +252,15 @@ def parse_wider_labels(file: str | os.PathLike[str]) -> LabelFile:
                 if any(float(t) != 0.0 for t in zeros.split()):
                     raise LabelFormatError(file, n, f"face count is 0 but the next line is not all zeros: {zeros!r}")
                 i += 1
-        for _ in range(count):
+        for face in range(count):
             if i >= len(lines):
                 raise LabelFormatError(
                     file, lines[-1][0], f"end of file: image {path!r} (line {header_line}) declares {count} faces"
                 )
             n, text = lines[i]
+            if len(text.split()) == 1 and not _is_number_line(text):  # the next image's path line
+                raise LabelFormatError(file, n, f"image {path!r} (line {header_line}) declares {count} faces but "
+                                                f"{face} face line(s) follow before {text!r}")
             values = _parse_floats(text.split(), file, n)
             if len(values) not in (4, 10):
                 raise LabelFormatError(

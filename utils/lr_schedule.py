@@ -37,8 +37,9 @@ def recipe_differences(args: argparse.Namespace, config: Any, world_size: int = 
                            + (f" with {world_size} processes" if world_size > 1 else "") + ")")
     if args.im_size != size:
         differences.append(f"image size {args.im_size} (public {size}: --im_size {size})")
-    if config.cascade:
-        differences.append("cascade stage on (the published models are single-stage: --cascade false)")
+    if config.cascade:  # a resume keeps the checkpoint's architecture: no option to suggest then
+        differences.append("cascade stage on (the published models are single-stage"
+                           + ("" if getattr(args, "resume", None) else ": --cascade false") + ")")
     if not differences:
         return None
     name = "mobilenet0.25" if family == "mobilenet0.25" else "ResNet"

@@ -255,7 +255,8 @@ def shared_memory_keep(args: argparse.Namespace, processes_on_node: int = 1, fol
     raise TrainingSetupError(
         f"{folder} has {_mib(free)} free, but {processes}--workers {args.workers} x {in_flight} batches of "
         f"{_mib(batch_bytes)} (--batch_size {args.batch_size} at --im_size {args.im_size}) need "
-        f"{_mib(workers * in_flight * batch_bytes)} there: {remedy}, or give it more room (Docker: --shm-size=8g)")
+        f"{_mib(workers * in_flight * batch_bytes)} there: {remedy}, or give it more room (Docker: "
+        f"--shm-size={math.ceil(workers * in_flight * batch_bytes / 2 ** 30) + 1}g)")
 
 
 def _mib(size: int) -> str:

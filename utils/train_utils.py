@@ -187,6 +187,8 @@ def build_model(args: argparse.Namespace, resume_checkpoint: Mapping[str, Any] |
     if init_state is not None:
         model = RetinaFace(config)
         notes += load_init_weights(model, init_state, str(args.init_weights))
+        if getattr(args, "backbone_weights", None):
+            notes.append("note: --backbone_weights ignored: the --init_weights checkpoint holds the backbone")
         return model, notes
     pretrained, backbone_weights = _backbone_weights(args, config.network)
     try:
@@ -199,7 +201,7 @@ def build_model(args: argparse.Namespace, resume_checkpoint: Mapping[str, Any] |
                 f"could not get the torchvision ImageNet weights of {config.network} ({error}); "
                 "without internet use --pretrained false or --backbone_weights PATH "
                 "(a torchvision state dict of the backbone)") from None
-        raise TrainingSetupError(f"could not load backbone weights {backbone_weights}: {error}") from None
+        raise TrainingSetupError(f"--backbone_weights: {one_line(error)}") from None
     notes.append(f"backbone: {'ImageNet weights ' + (backbone_weights or '(torchvision)') if pretrained else 'random init'}")
     return model, notes
 
