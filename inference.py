@@ -18,7 +18,7 @@ import sys
 from typing import Sequence
 
 from config import run_command_line
-from utils.inference_utils import InferenceError, format_summary, legacy_outputs, run_inference
+from utils.errors import CheckpointError, InferenceError
 
 DESCRIPTION = ("Detect faces in every image under --inference_dir (recursively) and write "
                "<experiment>_inference_results.txt, detections.json and summary.json to "
@@ -54,12 +54,17 @@ def inference(args: argparse.Namespace):
     Raises :class:`utils.inference_utils.InferenceError` or
     :class:`utils.checkpoint.CheckpointError` when the run cannot start.
     """
+    from utils.inference_utils import format_summary, legacy_outputs, run_inference  # noqa: PLC0415 (torch)
+
     run = run_inference(args, collect=True)
     print(format_summary(run.summary))
     return legacy_outputs(run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    # imported once the options are checked: --help and option errors answer without loading torch
+    from utils.inference_utils import format_summary, run_inference  # noqa: PLC0415
+
     run = run_inference(args, collect=False)
     print(format_summary(run.summary))
     return run.summary.exit_code
@@ -67,8 +72,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (see ``--help``)."""
-    from utils.errors import CheckpointError  # noqa: PLC0415
-
     return run_command_line("inference", argv, _run, (InferenceError, CheckpointError, OSError),
                             description=DESCRIPTION, epilog=EPILOG)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from tests.conftest import QueueingDetector, require_installed
 from utils import face_mask as fm
 from utils import image_loader
 from utils import inference_utils as iu
+from utils.image_io import ImageReadError
 
 REPO = Path(__file__).resolve().parents[1]
 GREETING = "49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
@@ -359,6 +361,7 @@ def mixed_folder(widerface_sample, tmp_path) -> Path:
     (folder / "zero.jpg").write_bytes(b"")
     data = (folder / "good.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "damaged.jpg").write_bytes(data[: len(data) // 2] + b"\xff\xd9")  # end marker appended
     (folder / "text.png").write_text("this is not an image\n")
     (folder / "notes.txt").write_text("ignored: not an image extension\n")
     cv2.imwrite(str(folder / "gray.png"), cv2.cvtColor(image, cv2.COLOR_BGR2GRAY))
@@ -377,7 +380,8 @@ def test_mixed_folder_skips_bad_files(mixed_folder, mobilenet_weights, tmp_path,
                                   "--inference_save_folder", out, "--save_img", "true"], capsys)
     assert code == iu.EXIT_SKIPPED == 3
     good = ["gray.png", "good.jpg", "sub/deep16.png", "sub/deeper/UPPER.JPG", "sub/rgba.png", "tiny.bmp"]
-    bad = {"zero.jpg": "empty", "truncated.jpg": "truncated", "text.png": "not a readable image"}
+    bad = {"zero.jpg": "empty", "truncated.jpg": "truncated", "text.png": "not a readable image",
+           "damaged.jpg": "corrupt JPEG data"}
     detections = json.loads((out / "detections.json").read_text())
     assert sorted(detections) == sorted(good)
     reference = detections["good.jpg"]
@@ -451,6 +455,64 @@ def test_truncation_checks(widerface_sample, tmp_path):
     png.write_bytes(png.read_bytes()[:-12])
     assert not image_loader.png_is_complete(png.read_bytes())
     assert image_loader.truncation_reason(png.read_bytes()) == "truncated PNG (no IEND chunk)"
+
+
+def test_damaged_jpeg_data_is_refused_and_harmless_warnings_name_the_file(widerface_sample, tmp_path, capfd):
+    """A JPEG whose segments reach the end marker but whose scan data stops short (cut, with the
+    marker appended) decodes in OpenCV with grey fill and only a libjpeg warning on stderr: it is
+    refused naming the warning. Another warning (extraneous bytes before the end marker) keeps the
+    image and is passed on naming the file."""
+    data = (widerface_sample / "val/images" / GREETING).read_bytes()
+    damaged = data[: len(data) // 2] + b"\xff\xd9"
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(damaged)
+    assert image_loader.truncation_reason(damaged) is None  # the segments look whole
+    with pytest.raises(ImageReadError, match=rf"^{re.escape(str(path))}: corrupt JPEG data \(libjpeg: Corrupt JPEG "
+                                             r"data: premature end of data segment; the rest would be grey\)$"):
+        image_loader.read_complete_image(path)
+    capfd.readouterr()
+    noise = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    encoded = cv2.imencode(".jpg", noise)[1].tobytes()
+    extra = tmp_path / "extra.jpg"
+    extra.write_bytes(encoded[:-2] + b"\x5a" * 64 + b"\xff\xd9")  # bytes after the scan data, before the end marker
+    np.testing.assert_array_equal(image_loader.read_complete_image(extra),
+                                  cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR))
+    assert re.fullmatch(rf"warning: {re.escape(str(extra))}: Corrupt JPEG data: \d+ extraneous bytes before marker "
+                        r"0xd9\n", capfd.readouterr().err)
+
+
+def test_image_loader_workers_ignore_ctrl_c_and_deliver_every_image(widerface_sample, tmp_path):
+    """Ctrl-C reaches the DataLoader workers too (one process group): they ignore it, so the main
+    process decides (inference.py stops at once, and the loader's shutdown does not wait on
+    workers that stopped with images in their queue)."""
+    import multiprocessing
+    import signal
+    import time
+
+    files = sorted((widerface_sample / "val/images").glob("*/*.jpg"))[:4]
+    loader = image_loader.make_loader(image_loader.ImageFolderDataset(files), batch_size=1, workers=1)
+    batches = image_loader.start_loader(loader)
+    names = [record.path for record in next(batches)]
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.5)
+    assert all(worker.is_alive() for worker in workers)
+    names += [record.path for batch in batches for record in batch]
+    assert names == [str(f) for f in files]
+
+
+@pytest.mark.parametrize("argv,status", [(["--help"], 0), (["--inference_dir", "x", "--batch_size", "0"], 2)],
+                         ids=["help", "bad_option"])
+def test_help_and_option_errors_answer_without_importing_torch(argv, status):
+    """Fail fast: the options are checked before the detector's modules (torch) are imported."""
+    program = ("import sys, inference; status = inference.main(sys.argv[1:]); "
+               "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(status)")
+    done = subprocess.run([sys.executable, "-c", program, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == status, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "no torch", done.stdout
 
 
 def test_find_images_recursive_any_case(tmp_path):

@@ -8,6 +8,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be found, read or matched to a model; the message says why."""
 
 
+class InferenceError(RuntimeError):
+    """An inference run cannot start (or go on); the message is one line meant for the user."""
+
+
 class TrainingSetupError(RuntimeError):
     """The run cannot start (missing data or weights, bad options); the message says what to do."""
 

@@ -1,7 +1,7 @@
 """Finding image files and decoding them in DataLoader worker processes.
 
 Shared by ``inference.py`` and ``test.py``: recursive discovery of image files, detection of
-truncated JPEG/PNG files (which OpenCV would decode silently with grey fill), per-file error
+truncated JPEG/PNG files and damaged JPEG data (which OpenCV would decode with grey fill), per-file error
 records instead of exceptions (a bad file never stops a batch job), a DataLoader that keeps
 OpenCV's thread pool out of forked workers, and grouping of same-size images into batches.
 """
@@ -11,13 +11,16 @@ import errno
 import math
 import os
 import re
+import signal
 import stat
 import struct
+import sys
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import IO, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -176,13 +179,67 @@ def truncation_reason(data: bytes) -> str | None:
     return None
 
 
+# libjpeg (inside OpenCV) reports damaged entropy-coded data only as a warning on file descriptor
+# 2, then fills the rest of the picture with grey: these warnings mean part of the image is lost
+_JPEG_DAMAGE_WARNING = re.compile(r"premature end|bad huffman code|instead of RST", re.IGNORECASE)
+_stderr_capture: tuple[int, IO[bytes]] | None = None  # (pid, temporary file): one per process
+
+
+def _capture_file() -> IO[bytes]:
+    """A temporary file of this process for native stderr (not inherited: forked DataLoader
+    workers would share its offset)."""
+    global _stderr_capture
+    if _stderr_capture is None or _stderr_capture[0] != os.getpid():
+        _stderr_capture = (os.getpid(), tempfile.TemporaryFile())
+    return _stderr_capture[1]
+
+
+def decode_jpeg_checked(data: bytes, path: str | Path) -> np.ndarray:
+    """:func:`~utils.image_io.decode_image` of JPEG bytes that raises :class:`ImageReadError`
+    when libjpeg warns that the scan data is damaged (corrupt bytes, or a file cut short with
+    an end marker appended), which OpenCV would decode with grey fill. Other libjpeg warnings
+    (e.g. extraneous bytes before a marker, harmless) are written to stderr naming ``path``;
+    other lines written to stderr meanwhile (other threads) are passed on unchanged."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no file descriptor 2: nothing to read the warnings from
+        return decode_image(data, path)
+    capture = _capture_file()
+    sys.stderr.flush()
+    os.dup2(capture.fileno(), 2)
+    try:
+        image = decode_image(data, path)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    fd = capture.fileno()  # file-descriptor calls: a Python file object would not see the native writes
+    size = os.lseek(fd, 0, os.SEEK_END)
+    if not size:
+        return image
+    lines = os.pread(fd, size, 0).decode(errors="replace").splitlines()
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    damage = next((line.strip() for line in lines if _JPEG_DAMAGE_WARNING.search(line)), None)
+    passed_on = [f"warning: {path}: {line.strip()}" if "JPEG" in line else line for line in lines
+                 if line.strip() and not _JPEG_DAMAGE_WARNING.search(line)]
+    if passed_on:
+        sys.stderr.write("\n".join(passed_on) + "\n")
+        sys.stderr.flush()
+    if damage is not None:
+        raise ImageReadError(f"{path}: corrupt JPEG data (libjpeg: {damage}; the rest would be grey)")
+    return image
+
+
 def read_complete_image(path: str | Path) -> np.ndarray:
-    """:func:`~utils.image_io.read_image` that also refuses a JPEG/PNG cut short (OpenCV would
-    decode it with grey fill); the file is read once. :class:`ImageReadError` names the reason."""
+    """:func:`~utils.image_io.read_image` that also refuses a JPEG/PNG cut short or a JPEG whose
+    scan data is damaged (OpenCV would decode either with grey fill, see
+    :func:`decode_jpeg_checked`); the file is read once. :class:`ImageReadError` names the reason."""
     data = read_image_bytes(path)
     problem = truncation_reason(data)
     if problem is not None:
         raise ImageReadError(f"{path}: {problem}")
+    if data.startswith(b"\xff\xd8"):
+        return decode_jpeg_checked(data, path)
     return decode_image(data, path)
 
 
@@ -310,8 +367,18 @@ def collate_records(batch: list[ImageRecord]) -> list[ImageRecord]:
     return list(batch)
 
 
+def ignore_interrupts_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C reaches the workers too (one process group). They
+    ignore it and end with the loader. A worker that stopped on it instead would exit without
+    closing its queue and wait, up to DataLoader's join timeout, for the main process to read the
+    images it still holds (seconds per worker); forked training workers would also run the
+    training process's :class:`~utils.train_utils.StopRequest` handler (one message each)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset: ImageFolderDataset, batch_size: int = 1, workers: int = 2) -> DataLoader:
-    """A DataLoader decoding images in ``workers`` processes (0: in this process), in order.
+    """A DataLoader decoding images in ``workers`` processes (0: in this process), in order;
+    Ctrl-C stops the main process only (:func:`ignore_interrupts_in_worker`).
 
     Iterate it with :func:`start_loader`, which keeps OpenCV's thread pool out of the forked
     workers.
@@ -319,7 +386,7 @@ def make_loader(dataset: ImageFolderDataset, batch_size: int = 1, workers: int =
     workers = min(workers, len(dataset))
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                       collate_fn=collate_records, prefetch_factor=2 if workers else None,
-                      persistent_workers=False)
+                      persistent_workers=False, worker_init_fn=ignore_interrupts_in_worker if workers else None)
 
 
 def start_loader(loader: DataLoader) -> Iterator[list[ImageRecord]]:

@@ -46,7 +46,7 @@ import torch
 
 from config import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, NO_INFERENCE_INPUT, build_parser
 from utils.checkpoint import checkpoint_for_run, resolve_weights
-from utils.errors import unless_out_of_memory
+from utils.errors import InferenceError, unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
 from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, UnreadableInputError,
                                 find_images, make_loader, os_error_reason, start_loader)
@@ -57,10 +57,6 @@ RESULT_SUBFOLDERS = ("result_images", *MASK_SUBFOLDERS, "aligned")
 RESULTS_TXT_SUFFIX = "_inference_results.txt"
 DETECTIONS_JSON = "detections.json"
 SUMMARY_JSON = "summary.json"
-
-
-class InferenceError(RuntimeError):
-    """A run cannot start (or go on); the message is one line meant for the user."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +350,8 @@ def format_summary(summary: InferenceSummary) -> str:
     lines.append("ms/img: " + ", ".join(f"{key} {ms[key]:.1f}" for key in TIMING_KEYS)
                  + " (load runs in DataLoader workers and write on background threads, both overlapping "
                    "the network)")
-    lines.append(f"throughput: {summary.images_per_s:.2f} images/s ({summary.processed} images in "
+    lines.append(f"throughput: {summary.images_per_s:.2f} images/s ({summary.processed} "
+                 f"image{'' if summary.processed == 1 else 's'} in "
                  f"{summary.wall_s:.2f} s on {summary.device}; model load {summary.model_load_s:.2f} s)")
     lines.append(f"weights: {summary.weights}")
     lines.append(f"results: {summary.output_folder}")

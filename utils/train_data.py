@@ -16,7 +16,6 @@ import argparse
 import math
 import os
 import shutil
-import signal
 from collections import deque
 from typing import Any, Iterator, NamedTuple, Sequence
 
@@ -28,6 +27,7 @@ from layers.multibox_loss import PaddedTargets, pad_targets
 from utils.distributed import DistInfo
 from utils.errors import TrainingSetupError
 from utils.image_io import ImageReadError
+from utils.image_loader import ignore_interrupts_in_worker
 
 __all__ = ["LoadReport", "EpochSeededDataset", "collate_with_report", "TRAIN_PREFETCH_FACTOR", "TRAIN_KEPT_BATCHES",
            "SHARED_MEMORY_DIR", "TrainBatchCollate", "ResumableSampler", "shared_memory_keep", "train_transform",
@@ -331,14 +331,6 @@ def loader_notes(loader: DataLoader, dataset: Dataset) -> list[str]:
         notes.append(f"note: little room in {SHARED_MEMORY_DIR}: the DataLoader workers do not keep their batches, "
                      "so the training process unmaps them (slower on a fast GPU; README, Training)")
     return notes
-
-
-def ignore_interrupts_in_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn`` of the training loader: Ctrl-C reaches the workers too (one
-    process group). They ignore it and end with the loader; otherwise forked workers would run the
-    training process's :class:`~utils.train_utils.StopRequest` handler (one message each), and
-    workers started otherwise would exit while the training process may still wait for a batch."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class PreparedBatch(NamedTuple):
