@@ -441,7 +441,8 @@ def read_prediction_dir(pred_dir: PathLike, problems: list[str] | None = None,
             first = read_from.get(stem)
             if first is not None:
                 kept, dropped = (txt, first) if txt.stem == stem != first.stem else (first, txt)
-                reject(ValueError(f"{dropped}:1: image {event_dir.name}/{stem} is read from {kept.name} instead"), dropped)
+                message = f"{dropped}:1: image {event_dir.name}/{stem} is read from {kept.name} instead"
+                reject(ValueError(message), dropped)
                 if kept is first:
                     continue
             event[stem] = boxes
