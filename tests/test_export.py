@@ -89,6 +89,20 @@ def test_cascade_and_iou_head_export_equal_the_pytorch_model(tmp_path):
     assert expected[1].std() > 1e-3  # scores vary over the priors: the comparison is not of constants
 
 
+def test_check_images_that_cannot_be_read_are_named_and_left_out(published_onnx_file, mobilenet_weights,
+                                                                 widerface_sample, tmp_path):
+    from tools.export_onnx import check_export
+    from utils.checkpoint import load_model
+
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    report = check_export(published_onnx_file, load_model(str(mobilenet_weights), {}),
+                          [empty, widerface_sample / "val/images" / GREETING])
+    assert report["images"]["unreadable"] == [f"{empty}: empty file"]
+    assert report["images"]["checked"] == 1 and report["images"]["detections_compared"] > 0
+    assert report["passed"]
+
+
 def test_command_line_errors_are_one_line(tmp_path, capsys):
     assert main(["--weights", str(tmp_path / "missing.pth")]) == 1
     assert main(["--weights", "mobilenet0.25", "--check_images", str(tmp_path / "none")]) == 1

@@ -515,6 +515,21 @@ def test_help_and_option_errors_answer_without_importing_torch(argv, status):
     assert done.stdout.strip().splitlines()[-1] == "no torch", done.stdout
 
 
+def test_output_folders_of_earlier_runs_inside_the_input_are_not_searched(widerface_sample, mobilenet_weights, tmp_path,
+                                                                          capsys):
+    folder = tmp_path / "photos"
+    _small_face_image(widerface_sample, folder / "a.jpg")
+    first = ["--weights", mobilenet_weights, "--inference_dir", folder, "--save_img", "true", "--workers", 0]
+    assert run_main([*first, "--inference_save_folder", folder / "out_v1"], capsys)[0] == 0
+    assert (folder / "out_v1" / "result_images" / "a.jpg").is_file()
+    code, stdout, err = run_main([*first, "--inference_save_folder", folder / "out_v2"], capsys)
+    assert code == 0, err
+    assert list(json.loads((folder / "out_v2" / "detections.json").read_text())) == ["a.jpg"]
+    summary = json.loads((folder / "out_v2" / "summary.json").read_text())
+    assert summary["notes"] == [{"file": "out_v1/", "note": iu.EARLIER_RESULTS_NOTE}]
+    assert f"out_v1/: {iu.EARLIER_RESULTS_NOTE}" in err
+
+
 def test_find_images_recursive_any_case(tmp_path):
     for name in ("a.JPG", "b.jpeg", "c.Png", "d.bmp", "e.WEBP", "f.txt", "sub/g.jpg", "out/h.jpg"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

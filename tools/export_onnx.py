@@ -21,7 +21,8 @@ Score threshold and NMS have data-dependent shapes and stay outside the graph:
 After exporting, the model is run with onnxruntime and compared with PyTorch: the decoded outputs
 of every prior on a synthetic image of an odd size, and, with ``--check_images``, the final
 detections on real images (score >= 0.5, both ways: IoU >= 0.98, score within 0.005, landmarks
-within 1 px). The exit status is 1 when the check fails. Needs ``pip install -r
+within 1 px). The exit status is 1 when the check fails, 3 when it passes but some of the
+``--check_images`` could not be read (each named on stderr). Needs ``pip install -r
 requirements-export.txt`` (onnx, onnxscript, onnxruntime).
 """
 from __future__ import annotations
@@ -47,8 +48,8 @@ from models.net import fuse_conv_bn  # noqa: E402
 from models.retinaface import BGR_MEAN, RetinaFace, preprocess  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
 from utils.checkpoint import CheckpointError, load_model, resolve_weights  # noqa: E402
-from utils.image_io import ImageReadError, read_image  # noqa: E402
-from utils.image_loader import find_images  # noqa: E402
+from utils.image_io import ImageReadError  # noqa: E402
+from utils.image_loader import find_images, read_complete_image  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
 
 INPUT_NAME = "images"
@@ -158,7 +159,8 @@ def check_export(path: str | Path, model: RetinaFace, images: Sequence[Path] = (
       differences (pixels for boxes/landmarks); passes within 0.05 px + 0.1 % of the coordinate
       (float32 rounding grows with the coordinates in deep untrained networks) and 1e-4 in score.
     - ``images``: final detections on real images against :class:`FaceDetector` (confidence 0.02,
-      NMS 0.4), both ways, as :func:`tools.fidelity.unmatched` counts them.
+      NMS 0.4), both ways, as :func:`tools.fidelity.unmatched` counts them; an image that cannot
+      be read is listed in ``unreadable`` (``path: reason``) and left out.
     """
     session = onnx_session(path)
     generator = np.random.default_rng(seed)
@@ -184,9 +186,13 @@ def check_export(path: str | Path, model: RetinaFace, images: Sequence[Path] = (
     if images:
         detector = FaceDetector(model=model, device="cpu", confidence_threshold=CHECK_CONFIDENCE,
                                 nms_threshold=CHECK_NMS)
-        compared, problems = 0, {}
+        compared, problems, unreadable = 0, {}, []
         for image_path in images:
-            image = read_image(image_path)
+            try:
+                image = read_complete_image(image_path)
+            except ImageReadError as error:
+                unreadable.append(one_line(error))
+                continue
             found = detector.detect(image)
             ours = as_rows(found.boxes, found.scores, found.landmarks)
             exported = onnx_detections(session, image, CHECK_CONFIDENCE, CHECK_NMS)
@@ -194,8 +200,8 @@ def check_export(path: str | Path, model: RetinaFace, images: Sequence[Path] = (
             issues = unmatched(ours, exported) + unmatched(exported, ours)
             if issues:
                 problems[str(image_path)] = issues[:3]
-        report["images"] = {"checked": len(images), "detections_compared": compared, "mismatches": problems,
-                            "passed": not problems}
+        report["images"] = {"checked": len(images) - len(unreadable), "detections_compared": compared,
+                            "mismatches": problems, "unreadable": unreadable, "passed": not problems}
     report["passed"] = outputs_ok and report.get("images", {}).get("passed", True)
     return report
 
@@ -238,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = load_model(args.weights, architecture_overrides(args))
         output = Path(args.output) if args.output else default_output(args.weights)
         started = time.perf_counter()
+        print(f"exporting {args.weights} to {output} (opset {args.opset}) ...", flush=True)
         export_onnx(model, output, opset=args.opset)
         size_mb = output.stat().st_size / 2**20
         opset = written_opset(output)
@@ -250,6 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("  output boxes (batch, N, 4) x1y1x2y2 px, scores (batch, N), landmarks (batch, N, 10) px")
         if not args.check:
             return 0
+        print("checking it with onnxruntime against PyTorch ...", flush=True)
         report = check_export(output, model, check_images)
     except (ExportError, CheckpointError, ImageReadError, OSError) as error:
         print(f"export_onnx.py: error: {one_line(error)}", file=sys.stderr)
@@ -265,7 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(images['mismatches'])} images with mismatches" + (" - ok" if images["passed"] else " - FAILED"))
         for name, issues in images["mismatches"].items():
             print(f"  {name}: {'; '.join(issues)}")
-    return 0 if report["passed"] else 1
+        for problem in images["unreadable"]:
+            print(f"export_onnx.py: error: skipped {problem}", file=sys.stderr)
+    if not report["passed"]:
+        return 1
+    return 3 if report.get("images", {}).get("unreadable") else 0
 
 
 if __name__ == "__main__":

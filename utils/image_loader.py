@@ -54,10 +54,13 @@ def os_error_reason(error: OSError) -> str:
 
 
 def find_images(root: str | Path, exclude: Iterable[str | Path] = (),
-                unreadable: list[tuple[str, str]] | None = None) -> list[Path]:
+                unreadable: list[tuple[str, str]] | None = None, marker_files: Sequence[str] = (),
+                marked: list[str] | None = None) -> list[Path]:
     """Image files under ``root`` (recursively; jpg, jpeg, png, bmp, webp in any letter case),
     sorted by relative path. ``root`` may also be a single image file. Folders in ``exclude``
-    (e.g. the output folder inside the input folder) are not searched.
+    (e.g. the output folder inside the input folder) are not searched, nor are sub-folders that
+    hold every file of ``marker_files`` (e.g. the results of an earlier run); these are appended
+    to ``marked`` as ``"<relative path>/"`` when it is a list.
 
     With a list ``unreadable``, a sub-folder that cannot be listed (permission denied ...) is
     appended to it as ``("<relative path>/", reason)`` and the search goes on, and ``root`` itself
@@ -86,6 +89,10 @@ def find_images(root: str | Path, exclude: Iterable[str | Path] = (),
             path = os.path.join(folder, name)
             real = os.path.realpath(path)
             if real in excluded:
+                continue
+            if marker_files and all(os.path.isfile(os.path.join(path, marker)) for marker in marker_files):
+                if marked is not None:
+                    marked.append(relative_name(path, root) + "/")
                 continue
             if real in above[folder]:
                 problems.append((relative_name(path, root) + "/", "symbolic link loop"))

@@ -57,6 +57,8 @@ RESULT_SUBFOLDERS = ("result_images", *MASK_SUBFOLDERS, "aligned")
 RESULTS_TXT_SUFFIX = "_inference_results.txt"
 DETECTIONS_JSON = "detections.json"
 SUMMARY_JSON = "summary.json"
+EARLIER_RESULTS_NOTE = (f"not searched: it holds an earlier run's {DETECTIONS_JSON} and {SUMMARY_JSON} (its images "
+                        "are outputs)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,16 +596,21 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     check_input(root)
     output = Path(args.inference_save_folder)
     unreadable: list[tuple[str, str]] = []
+    earlier_results: list[str] = []
     try:
-        # the output folder (when inside the input) and, when it is the input folder itself, the
-        # result sub-folders of earlier runs there are outputs, not inputs
+        # the output folder (when inside the input), the result sub-folders of earlier runs there
+        # (when it is the input folder itself) and other output folders of earlier runs below the
+        # input folder (drawn images would be detected again) are outputs, not inputs
         files = find_images(root, exclude=[output, *(output / name for name in RESULT_SUBFOLDERS)],
-                            unreadable=unreadable)
+                            unreadable=unreadable, marker_files=(DETECTIONS_JSON, SUMMARY_JSON),
+                            marked=earlier_results)
     except UnreadableInputError as error:
         raise InferenceError(error.strerror) from None
     if not files:
         also = (f" ({len(unreadable)} folder(s) could not be read, e.g. {unreadable[0][0]}: "
                 f"{unreadable[0][1]})" if unreadable else "")
+        also += (f" ({len(earlier_results)} folder(s) of earlier results not searched, e.g. {earlier_results[0]})"
+                 if earlier_results else "")
         kinds = ", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)
         if root.is_file():
             raise InferenceError(f"--inference_dir {root} is a file but not an image ({kinds}); "
@@ -654,6 +661,9 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     bar.write(f"weights: {summary.weights} ({detector.config}) on {device}", file=sys.stderr)
     for name, reason in unreadable:
         _warn(bar, f"skipped {escape_name(name)}: {reason}")
+    for name in earlier_results:
+        summary.notes.append((name, EARLIER_RESULTS_NOTE))
+        _warn(bar, f"{escape_name(name)}: {EARLIER_RESULTS_NOTE}")
     runner = _Runner(args, detector, output, dataset.names, collect, summary, bar)
     # --pad_to groups by canvas too: the detector runs each call's images in one padded pass
     grouped = args.infer_imsize_same or detector.pad_to > 1
