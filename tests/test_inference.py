@@ -661,6 +661,24 @@ def test_ctrl_c_mid_run_writes_partial_results_and_exits_130(widerface_sample, m
     assert json.loads((out / "summary.json").read_text())["interrupted"] is False
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"batch_sise": 4}, "unknown inference option(s): batch_sise (did you mean batch_size?)"),
+    ({"confidence_threshold": 5.0}, "confidence_threshold=5.0: expected a number in [0, 1], got '5.0'"),
+    ({"num_anchor": 4}, "num_anchor=4: expected one of 2, 3"),
+    ({"weights": "a.pth", "model_weight": "best.pth"}, config.WEIGHTS_CONFLICT),
+    ({"inference_dir": None}, config.NO_INFERENCE_INPUT),
+], ids=["typo", "out_of_range", "choice", "conflict", "no_input"])
+def test_python_api_checks_options_as_the_command_line_does(tmp_path, options, message):
+    """A hand-made namespace gets the command line's checks: a misspelt option would otherwise be
+    ignored silently and a value out of range would run."""
+    args = argparse.Namespace(**{"inference_dir": str(tmp_path), **options})
+    with pytest.raises(iu.InferenceError) as info:
+        iu.run_inference(args, collect=False, progress=False)
+    assert str(info.value) == message
+    converted = iu.complete_args(argparse.Namespace(inference_dir=str(tmp_path), batch_size="4", channels_last="auto"))
+    assert converted.batch_size == 4 and converted.channels_last is None  # strings converted as on the command line
+
+
 def test_unexpected_error_mid_run_keeps_outputs_and_reports_it(widerface_sample, mobilenet_weights, tmp_path,
                                                              detection_fails_on_call):
     # e.g. a CUDA error or a killed decoding worker: the error propagates (exit status 1), and

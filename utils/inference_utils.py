@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import json
 import os
@@ -44,7 +45,8 @@ import cv2
 import numpy as np
 import torch
 
-from config import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, NO_INFERENCE_INPUT, build_parser
+from config import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, UsageError, build_parser,
+                    check_option_combinations, one_line)
 from utils.checkpoint import checkpoint_for_run, resolve_weights
 from utils.errors import InferenceError, unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
@@ -570,10 +572,35 @@ def check_input(root: Path) -> None:
 
 def complete_args(args: Any = None, **overrides: Any) -> argparse.Namespace:
     """``args`` with every inference option present (missing ones get their defaults), so a
-    notebook can pass a hand-made ``Namespace(inference_dir=..., weights=...)``."""
-    full = build_parser("inference").parse_args([])
-    for key, value in {**vars(args or argparse.Namespace()), **overrides}.items():
+    notebook can pass a hand-made ``Namespace(inference_dir=..., weights=...)``.
+
+    The values given are checked as the command line checks them (strings are converted, e.g.
+    ``batch_size="4"``); an unknown option name (a typo would otherwise be ignored) or a value
+    the command line refuses raises :class:`InferenceError`."""
+    parser = build_parser("inference")
+    full = parser.parse_args([])
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    given = {**vars(args or argparse.Namespace()), **overrides}
+    unknown = sorted(set(given) - set(actions))
+    if unknown:
+        close = {name: difflib.get_close_matches(name, list(actions), n=1) for name in unknown}
+        raise InferenceError("unknown inference option(s): " + ", ".join(
+            name + (f" (did you mean {close[name][0]}?)" if close[name] else "") for name in unknown))
+    for key, value in given.items():
+        action = actions[key]
+        if value is not None and (action.type is not None or action.choices):
+            try:
+                converted = action.type(value if isinstance(value, bool) else str(value)) if action.type else value
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+                raise InferenceError(f"{key}={value!r}: {one_line(error) or 'invalid value'}") from None
+            if action.choices and converted not in action.choices:
+                raise InferenceError(f"{key}={value!r}: expected one of {', '.join(map(str, action.choices))}")
+            value = converted if isinstance(value, str) else value
         setattr(full, key, value)
+    try:
+        check_option_combinations("inference", full)
+    except UsageError as error:
+        raise InferenceError(str(error)) from None
     return full
 
 
@@ -589,9 +616,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     from models.detector import FaceDetector, resolve_device, use_device  # noqa: PLC0415 (keeps imports light)
     from config import architecture_overrides  # noqa: PLC0415
 
-    args = complete_args(args)
-    if not args.inference_dir:
-        raise InferenceError(NO_INFERENCE_INPUT)
+    args = complete_args(args)  # raises InferenceError without --inference_dir
     root = Path(args.inference_dir)
     check_input(root)
     output = Path(args.inference_save_folder)
