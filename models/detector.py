@@ -193,6 +193,11 @@ class FaceDetector:
                  pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> None:
         if (weights is None) == (model is None):
             raise ValueError("give exactly one of weights or model")
+        for name, value in (("confidence_threshold", confidence_threshold), ("nms_threshold", nms_threshold)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be a positive number of images, got {batch_size}")
         self.device = resolve_device(device)
         self.model = (model if model is not None else load_model(weights, overrides)).to(self.device)
         self.confidence_threshold = confidence_threshold

@@ -966,3 +966,24 @@ def test_per_image_collate_of_the_loader_benchmark_keeps_what_training_batches_h
     assert isinstance(per_image, list) and len(per_image) == 4
     from_list = pad_targets(per_image)
     assert torch.equal(from_list.targets, padded.targets) and torch.equal(from_list.valid, padded.valid)
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("benchmark_cpu", ["--weights", "/nonexistent.pth"], "--weights: file not found: /nonexistent.pth"),
+    ("benchmark_cpu", ["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
+    ("benchmark_cpu", ["--onnx", "/nonexistent.onnx"], "--onnx: file not found: /nonexistent.onnx"),
+    ("benchmark_metric", ["--gt_dir", "/nonexistent"], "--gt_dir: folder not found: /nonexistent"),
+    ("benchmark_augmentation", ["--dataset", "/nonexistent"], "--dataset: no val/label.txt in /nonexistent"),
+    ("benchmark_inference", ["--device", "cpu", "--batch_sizes", "0"],
+     "--batch_sizes '0': expected comma-separated positive integers"),
+    ("benchmark_cli", ["--device", "cpu", "--dataset", "/nonexistent"],
+     "--dataset: no val/images/ folder in /nonexistent"),
+])
+def test_benchmark_argument_errors_are_one_line_before_any_work(module, argv, message, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(f"tools.{module}").main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f".py: error: {message}"), err  # the program name is argv[0]

@@ -121,6 +121,12 @@ def test_mismatch_names_the_keys(tmp_path, mobilenet_weights):
     torch.save(state, tmp_path / "broken.pth")
     with pytest.raises(CheckpointError, match=r"missing 1 \['ssh2.conv3X3.0.weight'\].*unexpected 1 \['extra.weight'\]"):
         load_model(tmp_path / "broken.pth")
+    # also the backbone's first key: named as missing, the architecture still recognised from the others
+    state = torch.load(mobilenet_weights, map_location="cpu", weights_only=True)
+    del state["body.stage1.0.0.weight"]
+    torch.save(state, tmp_path / "no_first_key.pth")
+    with pytest.raises(CheckpointError, match=r"missing 1 \['body.stage1.0.0.weight'\]"):
+        load_model(tmp_path / "no_first_key.pth")
     # a flag that contradicts the weights is a clear error, not a partial load
     with pytest.raises(CheckpointError, match="shape mismatch"):
         load_model(mobilenet_weights, overrides={"num_anchor": 3})

@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--im_size", type=positive_int, default=640)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if not (args.dataset / args.split / "label.txt").is_file():
+        parser.error(f"--dataset: no {args.split}/label.txt in {args.dataset}")
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)

@@ -114,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (Path(args.dataset) / "val" / "images").is_dir():
+        parser.error(f"--dataset: no val/images/ folder in {args.dataset}")
     # the child processes run in the repository root: paths as the caller meant them
     args.dataset = str(Path(args.dataset).resolve())
     args.weights = str(Path(args.weights).resolve())

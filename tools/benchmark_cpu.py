@@ -31,6 +31,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from config import positive_int  # noqa: E402
 from models.detector import FaceDetector  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
 from tools import shared_root  # noqa: E402
@@ -42,15 +43,21 @@ SHARED = shared_root()
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", default=str(SHARED / "weights/mobilenet0.25_Final.pth"))
-    parser.add_argument("--images", default=str(SHARED / "data/widerface_sample/val/images"))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--weights", default=str(SHARED / "weights/mobilenet0.25_Final.pth"),
+                        help="detector checkpoint (default: the shared published mobilenet0.25)")
+    parser.add_argument("--images", default=str(SHARED / "data/widerface_sample/val/images"),
+                        help="folder of images (default: the shared sample WIDER FACE images)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch and OpenCV threads (default 2)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="alternating timing rounds, best kept (default 3)")
     parser.add_argument("--onnx", default=None, help="the same weights exported by tools/export_onnx.py")
     parser.add_argument("--nchw", action="store_true", help="also time our pipeline with the network in NCHW")
     parser.add_argument("--pad_to", type=int, default=0, help="also time our pipeline with --pad_to N canvases")
     parser.add_argument("--pad_batch", type=int, default=1, help="images per padded batch (with --pad_to)")
     args = parser.parse_args(argv)
+    for option, path in (("--weights", args.weights), ("--onnx", args.onnx)):
+        if path is not None and not Path(path).is_file():
+            parser.error(f"{option}: file not found: {path}")
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)
     paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -1064,11 +1064,15 @@ def setup_device(name: str | None, threads: int | None) -> torch.device:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    batch_sizes = [b.strip() for b in args.batch_sizes.split(",") if b.strip()]
+    if not batch_sizes or not all(b.isdigit() and int(b) > 0 for b in batch_sizes):
+        parser.error(f"--batch_sizes {args.batch_sizes!r}: expected comma-separated positive integers")
     device = setup_device(args.device, args.threads)
     cuda = device.type == "cuda"
     args.models = model_names(args.models, "--models")
-    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    args.batch_sizes = [int(b) for b in batch_sizes]
     args.stream = args.stream == "on"
     args.width, args.height = (int(v) for v in args.size.lower().split("x"))
     args.weights = parse_weights(args.weights)

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--write_predictions", default=None, metavar="DIR",
                         help="also write the synthetic predictions as a WIDER FACE prediction folder")
     args = parser.parse_args(argv)
+    if not Path(args.gt_dir).is_dir():
+        parser.error(f"--gt_dir: folder not found: {args.gt_dir}")
 
     import torch
 

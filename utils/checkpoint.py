@@ -190,10 +190,11 @@ _RESNET_BY_BLOCKS = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): 
 
 def infer_model_config(state_dict: Mapping[str, torch.Tensor]) -> ModelConfig:
     """Architecture of a state dict in our key layout, read from its key names and shapes."""
-    if "body.stage1.0.0.weight" in state_dict:
+    # by prefix, not by one key: a file missing any single key then reaches the strict load, which names it
+    if any(key.startswith("body.stage1.") for key in state_dict):
         network = "mobilenet0.25"
-    elif "body.layer1.0.conv1.weight" in state_dict:
-        bottleneck = "body.layer1.0.conv3.weight" in state_dict
+    elif any(key.startswith("body.layer1.") for key in state_dict):
+        bottleneck = any(key.startswith("body.layer1.0.conv3.") for key in state_dict)
         blocks = len({key.split(".")[2] for key in state_dict if key.startswith("body.layer3.")})
         network = _RESNET_BY_BLOCKS.get((bottleneck, blocks))
         if network is None:
