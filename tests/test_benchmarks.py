@@ -986,4 +986,4 @@ def test_benchmark_argument_errors_are_one_line_before_any_work(module, argv, me
         importlib.import_module(f"tools.{module}").main(argv)
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].endswith(f".py: error: {message}"), err  # the program name is argv[0]
+    assert err.strip().splitlines()[-1].endswith(f": error: {message}"), err  # after the program name (argv[0])
