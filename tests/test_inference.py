@@ -262,6 +262,25 @@ def test_native_stderr_filter_drops_only_the_harmless_lines(capfd):
     assert err.splitlines() == ["from python", "E0000 a native error", "after the block"]
 
 
+def test_captured_native_stderr_nests_and_starts_empty_after_an_error(capfd):
+    from utils.native_stderr import captured_native_stderr
+
+    with captured_native_stderr() as outer:
+        os.write(2, b"outer 1\n")
+        with captured_native_stderr() as inner:
+            os.write(2, b"inner\n")
+        os.write(2, b"outer 2\n")
+    assert outer == ["outer 1", "outer 2"] and inner == ["inner"]
+    with pytest.raises(RuntimeError):
+        with captured_native_stderr() as failed:
+            os.write(2, b"before the error\n")
+            raise RuntimeError("inside")
+    with captured_native_stderr() as after:
+        pass
+    assert failed == ["before the error"] and after == []
+    assert capfd.readouterr().err == ""
+
+
 def test_mask_stage_start_up_writes_nothing_to_stderr():
     """MediaPipe's native start-up lines (written by a graph's first run, below Python) are filtered
     out; a fresh process, since some of them come once per process."""

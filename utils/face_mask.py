@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import re
 import sys
-import tempfile
 from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
+
+from utils.native_stderr import captured_native_stderr
 
 MASK_THRESHOLD = 0.1  # selfie-segmentation probability above which a pixel is foreground
 HEAD_SCALE = 4.0      # head box = face box scaled by this factor about its centre
@@ -121,29 +121,18 @@ def selfie_segmentation_module():
 @contextlib.contextmanager
 def native_stderr_filtered(harmless: re.Pattern[str]) -> Iterator[None]:
     """Inside the block, file descriptor 2 (where native libraries write, below ``sys.stderr``)
-    goes to a temporary file; afterwards every line of it that does not match ``harmless`` is
-    written to ``sys.stderr``, so nothing else is lost. Keep the block short: the process's other
-    threads write there too."""
-    sys.stderr.flush()
+    is captured (:func:`utils.native_stderr.captured_native_stderr`); afterwards every line of it
+    that does not match ``harmless`` is written to ``sys.stderr``, so nothing else is lost. Keep
+    the block short: the process's other threads write there too."""
+    lines: list[str] = []
     try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2: nothing to filter
-        yield
-        return
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
+        with captured_native_stderr() as lines:
             yield
-        finally:
+    finally:
+        kept = [line for line in lines if not harmless.search(line)]
+        if kept:
+            sys.stderr.write("\n".join(kept) + "\n")
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
-                    if not harmless.search(line)]
-            if kept:
-                sys.stderr.write("".join(kept))
-                sys.stderr.flush()
 
 
 class HeadSegmenter:

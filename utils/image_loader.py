@@ -15,12 +15,11 @@ import signal
 import stat
 import struct
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from models.padding_mask import padded_size
 from utils.errors import is_opencv_error, is_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, decode_image, read_image_bytes
+from utils.native_stderr import captured_native_stderr
 
 DEFAULT_MAX_PIXELS = 36_000_000  # larger images are downscaled for the network (with a warning)
 
@@ -189,49 +189,25 @@ def truncation_reason(data: bytes) -> str | None:
 # libjpeg (inside OpenCV) reports damaged entropy-coded data only as a warning on file descriptor
 # 2, then fills the rest of the picture with grey: these warnings mean part of the image is lost
 _JPEG_DAMAGE_WARNING = re.compile(r"premature end|bad huffman code|instead of RST", re.IGNORECASE)
-_stderr_capture: tuple[int, IO[bytes]] | None = None  # (pid, temporary file): one per process
-
-
-def _capture_file() -> IO[bytes]:
-    """A temporary file of this process for native stderr (not inherited: forked DataLoader
-    workers would share its offset)."""
-    global _stderr_capture
-    if _stderr_capture is None or _stderr_capture[0] != os.getpid():
-        _stderr_capture = (os.getpid(), tempfile.TemporaryFile())
-    return _stderr_capture[1]
 
 
 def decode_jpeg_checked(data: bytes, path: str | Path) -> np.ndarray:
     """:func:`~utils.image_io.decode_image` of JPEG bytes that raises :class:`ImageReadError`
-    when libjpeg warns that the scan data is damaged (corrupt bytes, or a file cut short with
-    an end marker appended), which OpenCV would decode with grey fill. Other libjpeg warnings
-    (e.g. extraneous bytes before a marker, harmless) are written to stderr naming ``path``;
-    other lines written to stderr meanwhile (other threads) are passed on unchanged."""
+    when libjpeg warns that the scan data is damaged (e.g. a file cut short with an end marker
+    appended), which OpenCV would decode with grey fill. Other libjpeg warnings (e.g. extraneous
+    bytes before a marker, often harmless) are written to stderr naming ``path``; other lines
+    written to stderr meanwhile (other threads) are passed on unchanged."""
+    lines: list[str] = []
     try:
-        saved = os.dup(2)
-    except OSError:  # no file descriptor 2: nothing to read the warnings from
-        return decode_image(data, path)
-    capture = _capture_file()
-    sys.stderr.flush()
-    os.dup2(capture.fileno(), 2)
-    try:
-        image = decode_image(data, path)
+        with captured_native_stderr() as lines:
+            image = decode_image(data, path)
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    fd = capture.fileno()  # file-descriptor calls: a Python file object would not see the native writes
-    size = os.lseek(fd, 0, os.SEEK_END)
-    if not size:
-        return image
-    lines = os.pread(fd, size, 0).decode(errors="replace").splitlines()
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
+        passed_on = [f"warning: {path}: {line.strip()}" if "JPEG" in line else line for line in lines
+                     if line.strip() and not _JPEG_DAMAGE_WARNING.search(line)]
+        if passed_on:
+            sys.stderr.write("\n".join(passed_on) + "\n")
+            sys.stderr.flush()
     damage = next((line.strip() for line in lines if _JPEG_DAMAGE_WARNING.search(line)), None)
-    passed_on = [f"warning: {path}: {line.strip()}" if "JPEG" in line else line for line in lines
-                 if line.strip() and not _JPEG_DAMAGE_WARNING.search(line)]
-    if passed_on:
-        sys.stderr.write("\n".join(passed_on) + "\n")
-        sys.stderr.flush()
     if damage is not None:
         raise ImageReadError(f"{path}: corrupt JPEG data (libjpeg: {damage}; the rest would be grey)")
     return image
