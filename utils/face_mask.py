@@ -17,16 +17,14 @@ the first instance is created.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-import sys
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
 
-from utils.native_stderr import captured_native_stderr
+from utils.native_stderr import native_stderr_filtered
 
 MASK_THRESHOLD = 0.1  # selfie-segmentation probability above which a pixel is foreground
 HEAD_SCALE = 4.0      # head box = face box scaled by this factor about its centre
@@ -116,23 +114,6 @@ def selfie_segmentation_module():
     except AttributeError:
         raise RuntimeError(f"mediapipe {getattr(mp, '__version__', '?')} has no legacy selfie segmentation "
                            f"solution; the mask stage needs mediapipe==0.10.21") from None
-
-
-@contextlib.contextmanager
-def native_stderr_filtered(harmless: re.Pattern[str]) -> Iterator[None]:
-    """Inside the block, file descriptor 2 (where native libraries write, below ``sys.stderr``)
-    is captured (:func:`utils.native_stderr.captured_native_stderr`); afterwards every line of it
-    that does not match ``harmless`` is written to ``sys.stderr``, so nothing else is lost. Keep
-    the block short: the process's other threads write there too."""
-    lines: list[str] = []
-    try:
-        with captured_native_stderr() as lines:
-            yield
-    finally:
-        kept = [line for line in lines if not harmless.search(line)]
-        if kept:
-            sys.stderr.write("\n".join(kept) + "\n")
-            sys.stderr.flush()
 
 
 class HeadSegmenter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from typing import IO, Iterator
@@ -58,3 +59,23 @@ def captured_native_stderr() -> Iterator[list[str]]:
         else:
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)
+
+
+@contextlib.contextmanager
+def native_stderr_filtered(harmless: re.Pattern[str]) -> Iterator[None]:
+    """Inside the block, file descriptor 2 is captured (:func:`captured_native_stderr`);
+    afterwards every line of it that does not match ``harmless`` is written to ``sys.stderr``, so
+    nothing else is lost. Keep the block short: the process's other threads write there too."""
+    lines: list[str] = []
+    try:
+        with captured_native_stderr() as lines:
+            yield
+    finally:
+        write_lines([line for line in lines if not harmless.search(line)])
+
+
+def write_lines(lines: list[str]) -> None:
+    """Write captured ``lines`` (if any) to ``sys.stderr``, one per line."""
+    if lines:
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
