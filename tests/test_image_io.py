@@ -2,7 +2,10 @@ import cv2
 import numpy as np
 import pytest
 
+import struct
+
 from utils.image_io import ImageReadError, as_bgr_uint8, read_image
+from utils.image_loader import read_complete_image
 
 
 def test_arrays_of_every_layout_become_bgr_uint8():
@@ -30,6 +33,31 @@ def test_files_are_read_like_imread_color(tmp_path):
     cv2.imwrite(str(tmp_path / "deep.png"), gray16)
     assert read_image(tmp_path / "deep.png").shape == (8, 10, 3)
     assert read_image(tmp_path / "deep.png").dtype == np.uint8
+
+
+def jpeg_with_exif_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """``jpeg`` with an EXIF segment (APP1) right after its start marker whose one tag is Orientation."""
+    ifd = struct.pack("<H", 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    payload = b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + ifd
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    return jpeg[:2] + app1 + jpeg[2:]
+
+
+@pytest.mark.parametrize("orientation,upright", [(1, lambda a: a), (3, lambda a: np.rot90(a, 2)),
+                                                 (6, lambda a: np.rot90(a, -1)), (8, lambda a: np.rot90(a, 1))])
+def test_exif_orientation_is_applied_as_imread_does(tmp_path, orientation, upright):
+    # Phones store portraits sideways with an Orientation tag; cv2.imread (the public pipeline's reader)
+    # turns them upright, so every reader of ours must too, or the detections differ.
+    image = np.zeros((16, 32, 3), np.uint8)
+    image[:8, :16] = (0, 0, 255)  # a red quarter marks the top-left corner
+    ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 100])
+    assert ok
+    path = tmp_path / "phone.jpg"
+    path.write_bytes(jpeg_with_exif_orientation(encoded.tobytes(), orientation))
+    expected = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(expected, upright(cv2.imdecode(encoded, cv2.IMREAD_COLOR)))
+    np.testing.assert_array_equal(read_image(path), expected)
+    np.testing.assert_array_equal(read_complete_image(path), expected)
 
 
 @pytest.mark.parametrize("content,message", [(b"", "empty file"), (b"not an image", "not a readable image")])
