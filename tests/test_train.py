@@ -512,6 +512,43 @@ def test_resume_applies_changed_schedule_options_and_converts_the_step_for_a_new
     assert log.count("differ from the checkpoint's") == 1  # a new batch size alone changes no option
 
 
+def test_options_a_resume_ignores_are_not_recorded_and_a_finished_run_trains_nothing(widerface_sample, tmp_path,
+                                                                                     monkeypatch):
+    """``--network``/``--cascade``/``--seed``/``--init_weights`` given with ``--resume`` are ignored,
+    and the checkpoint and the logged options keep the run's own values (a later resume does not
+    report them again); a resume of a run at the end of its schedule trains and saves nothing."""
+    import json
+
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    train.run(_run_args(widerface_sample, "run", "--epochs", "2", "--max_iters", "2"))
+    last = tmp_path / "experiments/run/ckpt/last.pth"
+    train.run(["--resume", str(last), "--max_iters", "3", "--device", "cpu", "--network", "resnet50",
+               "--cascade", "false", "--seed", "7", "--init_weights", "mobilenet0.25"])
+    state = torch.load(last, weights_only=True)
+    assert state["step"] == 3 and state["model_config"]["network"] == "mobilenet0.25"
+    assert (state["args"]["network"], state["args"]["cascade"], state["args"]["seed"],
+            state["args"]["init_weights"]) == ("mobilenet0.25", True, 42, None)
+    log = (tmp_path / "experiments/run/log/logs.txt").read_text()
+    logged = [json.loads(line.split("options: ", 1)[1]) for line in log.splitlines() if " options: " in line]
+    assert len(logged) == 2 and logged[-1]["network"] == "mobilenet0.25" and logged[-1]["seed"] == 42
+    assert log.count("ignoring {") == 1 and "'network': 'resnet50'" in log
+
+    train.run(["--resume", str(last), "--device", "cpu"])  # on to the end of its 2 epochs (10 steps)
+    log = (tmp_path / "experiments/run/log/logs.txt").read_text()
+    assert log.count("ignoring {") == 1 and torch.load(last, weights_only=True)["step"] == 10
+    finished = last.read_bytes()
+    events = sorted((tmp_path / "experiments/run/log").glob("events.out.tfevents.*"))
+    summary = train.run(["--resume", str(last), "--device", "cpu"])
+    assert summary["step"] == 10 and summary["loss_history"] == []
+    assert last.read_bytes() == finished
+    assert sorted((tmp_path / "experiments/run/log").glob("events.out.tfevents.*")) == events
+    log_lines = (tmp_path / "experiments/run/log/logs.txt").read_text().strip().splitlines()
+    assert log_lines[-1].endswith(f"nothing to train: {last} is at step 10, the end of its 2 epochs; give a larger "
+                                  "--epochs (or --max_iters) to train on"), log_lines[-1]
+
+
 def test_resume_without_experiment_name_continues_in_the_checkpoints_folder(widerface_sample, tmp_path, monkeypatch,
                                                                              capsys):
     """From another working directory, ``--resume <run>/ckpt/last.pth`` alone continues <run>

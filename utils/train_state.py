@@ -99,7 +99,8 @@ def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> l
                                                       ctx.iters_per_epoch - 1)
         notes.append(f"resuming with {ctx.iters_per_epoch} iterations per epoch instead of {saved_iters} (batch "
                      f"size, data or process count changed): step {step} of the checkpoint is step {converted} here, "
-                     f"the same point of epoch {epoch + 1}; the data order does not continue exactly")
+                     f"the {'start' if done == 0 else 'same point'} of epoch {epoch + 1}; the data order does not "
+                     "continue exactly")
         step = converted
     ctx.global_step = step
     scheduler.last_epoch = step

@@ -683,7 +683,9 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
                                          nms_threshold=nms_threshold)
             images = list_val_images(val_root)[rank::world]
             predictions = predict_widerface(detector, images=images, workers=0, progress=progress,
-                                            progress_label="validation").complete_predictions()
+                                            progress_label="validation" if world == 1 else
+                                            f"validation (rank {rank}'s share: 1/{world} of the images)"
+                                            ).complete_predictions()
     except VALIDATION_ERRORS as error:
         if world == 1:
             raise
@@ -913,7 +915,7 @@ def explicit_options(argv: list[str] | None) -> set[str]:
 
 
 def inherit_resume_options(args: argparse.Namespace, recorded: Mapping[str, Any], explicit: set[str]) -> list[str]:
-    """Take the options of the interrupted run (``recorded``, the checkpoint's ``args``) for every
+    """Take the options of the resumed run (``recorded``, the checkpoint's ``args``) for every
     option not given explicitly, except those in ``_NOT_INHERITED``. Returns the names taken."""
     taken = []
     for name, value in recorded.items():
@@ -923,6 +925,23 @@ def inherit_resume_options(args: argparse.Namespace, recorded: Mapping[str, Any]
             setattr(args, name, value)
             taken.append(name)
     return taken
+
+
+#: options a resume ignores, besides the architecture and the seed: the run keeps its weights
+_RUN_ORIGIN_OPTIONS = ("init_weights", "pretrained", "backbone_weights")
+
+
+def keep_run_options(args: argparse.Namespace, recorded: Mapping[str, Any], config: ModelConfig, seed: int) -> None:
+    """After a resume, set the options it ignores back to the run's own: the architecture of the
+    checkpoint (``config``), the run's ``seed`` and the weights it started from (``recorded``, the
+    checkpoint's ``args``). The checkpoints written next and the logged options then describe the
+    run, and a later resume does not report those options as ignored again."""
+    for name in architecture_overrides(args):
+        setattr(args, name, getattr(config, name))
+    args.seed = seed
+    for name in _RUN_ORIGIN_OPTIONS:
+        if name in recorded and hasattr(args, name):
+            setattr(args, name, recorded[name])
 
 
 def run_folder(experiment_name: str, resume: str | None, explicit: set[str] | None) -> Path:
@@ -936,11 +955,21 @@ def run_folder(experiment_name: str, resume: str | None, explicit: set[str] | No
     return Path("experiments") / experiment_name
 
 
+def _run_summary(ctx: TrainContext, rank: int) -> dict[str, Any]:
+    """What :func:`train` returns (see there)."""
+    best_path = ctx.ckpt_dir / "best.pth"
+    return {"step": ctx.global_step, "epoch": ctx.global_step // ctx.iters_per_epoch,
+            "best_metric": ctx.best_metric, "metrics": dict(ctx.last_metrics),
+            "last": str(ctx.ckpt_dir / "last.pth"), "best": str(best_path) if best_path.is_file() else None,
+            "loss_history": list(ctx.loss_history), "rank": rank, "unreadable_images": dict(ctx.unreadable),
+            "replaced_samples": ctx.replaced_samples, "failed_validations": list(ctx.failed_validations)}
+
+
 def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[str, Any]:
     """Run training as configured by ``args`` (see ``config.py`` and the README's Training section).
 
     With ``--resume`` and ``explicit`` (the option names given on the command line, see
-    :func:`explicit_options`), options not given are taken from the interrupted run, so
+    :func:`explicit_options`), options not given are taken from the resumed run, so
     ``train.py --resume experiments/x/ckpt/last.pth`` alone continues that run.
 
     Returns a summary ``{"step", "epoch", "best_metric", "metrics", "last", "best", "loss_history",
@@ -1028,6 +1057,14 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             if ignored:
                 notes.append(f"note: {' and '.join(ignored)} ignored when resuming (the run keeps its seed {seed} "
                              "and its weights)")
+        if resume_ckpt is not None:
+            keep_run_options(args, resume_ckpt.get("args") or {}, config, seed)
+            if ctx.global_step >= ctx.total_steps:
+                ctx.log(f"nothing to train: {args.resume} is at step {ctx.global_step}, the end of "
+                        + (f"--max_iters {args.max_iters}" if ctx.total_steps < ctx.schedule_steps
+                           else f"its {epochs} epochs")
+                        + "; give a larger --epochs (or --max_iters) to train on")
+                return _run_summary(ctx, info.rank)
         if getattr(args, "cuda_graphs", False):
             notes += graph_training_network(ctx, args, autocast_dtype)
         if args.lr_schedule == "step":
@@ -1052,7 +1089,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             ctx.log("options: " + json.dumps({k: plain_value(v) for k, v in vars(args).items()}, sort_keys=True))
             if resume_ckpt is not None:
                 ctx.log(f"resumed from {args.resume} at step {ctx.global_step}"
-                        + (f"; options of the interrupted run: {', '.join(inherited)}" if inherited else ""))
+                        + (f"; options of the resumed run: {', '.join(inherited)}" if inherited else ""))
             if val_root is None:
                 ctx.log(f"no validation AP ({no_eval_reason})")
             for note in loader_notes(loader, dataset):
@@ -1097,12 +1134,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         ctx.log(f"finished at step {ctx.global_step}{early} after {_format_duration(time.perf_counter() - started)}; "
                 f"checkpoints in {ctx.ckpt_dir}"
                 + (f"; but {' and '.join(problems)}" if problems else ""))
-        best_path = ctx.ckpt_dir / "best.pth"
-        return {"step": ctx.global_step, "epoch": ctx.global_step // iters_per_epoch,
-                "best_metric": ctx.best_metric, "metrics": dict(ctx.last_metrics),
-                "last": str(ctx.ckpt_dir / "last.pth"), "best": str(best_path) if best_path.is_file() else None,
-                "loss_history": list(ctx.loss_history), "rank": info.rank, "unreadable_images": dict(ctx.unreadable),
-                "replaced_samples": ctx.replaced_samples, "failed_validations": list(ctx.failed_validations)}
+        return _run_summary(ctx, info.rank)
     except (TrainingDivergedError, TrainingSetupError) as error:
         if logger is not None:  # into logs.txt only: the console gets train.py's one-line error
             record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, f"error: {error}", None, None)
