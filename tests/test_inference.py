@@ -281,6 +281,38 @@ def test_captured_native_stderr_nests_and_starts_empty_after_an_error(capfd):
     assert capfd.readouterr().err == ""
 
 
+def test_captured_native_stderr_from_several_threads_keeps_each_threads_lines_and_restores_stderr(capfd):
+    """Captures in two threads at once (e.g. a user decoding with read_complete_image in a thread
+    pool) take turns: each gets only its own lines, and file descriptor 2 is restored afterwards
+    (interleaved redirections would leave it pointing at a capture file for good)."""
+    import threading
+    import time
+
+    from utils.native_stderr import captured_native_stderr
+
+    before = os.fstat(2)
+    captured: dict[str, list[str]] = {"a": [], "b": []}
+
+    def capture(name: str) -> None:
+        for i in range(30):
+            with captured_native_stderr() as lines:
+                os.write(2, f"{name} {i}\n".encode())
+                time.sleep(0.001)
+            captured[name] += lines
+
+    threads = [threading.Thread(target=capture, args=(name,)) for name in captured]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    for name, lines in captured.items():
+        assert lines == [f"{name} {i}" for i in range(30)], name
+    os.write(2, b"after the threads\n")
+    assert capfd.readouterr().err == "after the threads\n"
+
+
 def test_mask_stage_start_up_writes_nothing_to_stderr():
     """MediaPipe's native start-up lines (written by a graph's first run, below Python) are filtered
     out; a fresh process, since some of them come once per process."""

@@ -7,10 +7,17 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from typing import IO, Iterator
 
 _process_file: tuple[int, IO[bytes]] | None = None  # (pid, temporary file), reused by this process
 _in_use = False
+# file descriptor 2 is one per process: captures in several threads take turns (re-entrant, for a
+# nested block); interleaved, a thread would restore another's capture file as stderr for good
+_turn = threading.RLock()
+# a fork waits for another thread's capture to end (its child would start with stderr redirected
+# and the turn taken for good); the forking thread's own capture goes on in the child
+os.register_at_fork(before=_turn.acquire, after_in_parent=_turn.release, after_in_child=_turn.release)
 
 
 def _reusable_file() -> IO[bytes]:
@@ -28,7 +35,15 @@ def captured_native_stderr() -> Iterator[list[str]]:
     an exception) the lines written there, by Python or native code, fill the yielded list and
     none reaches the real stderr. Keep the block short: the process's other threads write there
     too. One file per process is reused (no file is opened per call); a nested block gets its own.
+    Blocks in several threads take turns.
     """
+    with _turn:
+        with _captured() as lines:
+            yield lines
+
+
+@contextlib.contextmanager
+def _captured() -> Iterator[list[str]]:
     global _in_use
     lines: list[str] = []
     if sys.stderr is not None:
