@@ -1,8 +1,8 @@
+import struct
+
 import cv2
 import numpy as np
 import pytest
-
-import struct
 
 from utils.image_io import ImageReadError, as_bgr_uint8, read_image
 from utils.image_loader import read_complete_image
