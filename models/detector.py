@@ -11,6 +11,7 @@ right eye, nose, left mouth corner, right mouth corner (the RetinaFace label ord
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
 import warnings
 from collections import defaultdict
@@ -100,6 +101,11 @@ def same_size_groups(images: Sequence[np.ndarray]) -> list[list[int]]:
     for index, image in enumerate(images):
         groups.setdefault(image.shape[:2], []).append(index)
     return list(groups.values())
+
+
+def _check_positive_integer(name: str, value: Any, unit: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive whole {unit}, got {value!r}")
 
 
 def resolve_device(device: str | torch.device | None = None, gpu_num: int = 0) -> torch.device:
@@ -196,8 +202,8 @@ class FaceDetector:
         for name, value in (("confidence_threshold", confidence_threshold), ("nms_threshold", nms_threshold)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be a positive number of images, got {batch_size}")
+        _check_positive_integer("batch_size", batch_size, "number of images")
+        _check_positive_integer("pad_to", pad_to, "number of pixels")
         self.device = resolve_device(device)
         self.model = (model if model is not None else load_model(weights, overrides)).to(self.device)
         self.confidence_threshold = confidence_threshold
@@ -207,8 +213,6 @@ class FaceDetector:
         self.target_size = target_size
         self.max_size = max_size
         self.batch_size = batch_size
-        if int(pad_to) < 1:
-            raise ValueError(f"pad_to must be a positive number of pixels, got {pad_to}")
         self.pad_to = int(pad_to)
         self.pad_batches = pad_batches or self.pad_to > 1
         self.pixel_offset = pixel_offset

@@ -968,14 +968,27 @@ def test_per_image_collate_of_the_loader_benchmark_keeps_what_training_batches_h
     assert torch.equal(from_list.targets, padded.targets) and torch.equal(from_list.valid, padded.valid)
 
 
+def test_benchmark_cpu_takes_a_published_weights_name(tmp_path):
+    """``--weights mobilenet0.25`` is a name FaceDetector fetches, not a missing file: the run gets
+    past the argument check (to the empty image folder here)."""
+    from tools import benchmark_cpu
+
+    with pytest.raises(SystemExit, match=f"no images under {tmp_path}"):
+        benchmark_cpu.main(["--weights", "mobilenet0.25", "--images", str(tmp_path)])
+
+
 @pytest.mark.parametrize("module,argv,message", [
     ("benchmark_cpu", ["--weights", "/nonexistent.pth"], "--weights: file not found: /nonexistent.pth"),
     ("benchmark_cpu", ["--repeats", "0"], "argument --repeats: expected a positive integer, got '0'"),
     ("benchmark_cpu", ["--onnx", "/nonexistent.onnx"], "--onnx: file not found: /nonexistent.onnx"),
+    ("benchmark_cpu", ["--pad_to", "128", "--pad_batch", "0"],
+     "argument --pad_batch: expected a positive integer, got '0'"),
     ("benchmark_metric", ["--gt_dir", "/nonexistent"], "--gt_dir: folder not found: /nonexistent"),
     ("benchmark_augmentation", ["--dataset", "/nonexistent"], "--dataset: no val/label.txt in /nonexistent"),
     ("benchmark_inference", ["--device", "cpu", "--batch_sizes", "0"],
      "--batch_sizes '0': expected comma-separated positive integers"),
+    ("benchmark_inference", ["--device", "cpu", "--batch_sizes", "1,²"],
+     "--batch_sizes '1,²': expected comma-separated positive integers"),
     ("benchmark_cli", ["--device", "cpu", "--dataset", "/nonexistent"],
      "--dataset: no val/images/ folder in /nonexistent"),
 ])

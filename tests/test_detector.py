@@ -176,13 +176,17 @@ def test_needs_exactly_one_source():
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("batch_size", 0, "batch_size must be a positive number of images, got 0"),
-    ("batch_size", -3, "batch_size must be a positive number of images, got -3"),
+    ("batch_size", 0, "batch_size must be a positive whole number of images, got 0"),
+    ("batch_size", -3, "batch_size must be a positive whole number of images, got -3"),
+    ("batch_size", 1.5, "batch_size must be a positive whole number of images, got 1.5"),
+    ("pad_to", 0, "pad_to must be a positive whole number of pixels, got 0"),
+    ("pad_to", 2.5, "pad_to must be a positive whole number of pixels, got 2.5"),
     ("confidence_threshold", 2, "confidence_threshold must be in [0, 1], got 2"),
     ("nms_threshold", -0.1, "nms_threshold must be in [0, 1], got -0.1"),
 ])
 def test_out_of_range_options_are_refused_when_built(option, value, message):
-    # before: batch_size -3 returned no detections, 0 failed later in range(), a threshold of 2 found nothing
+    # before: batch_size -3 returned no detections, 0 failed later in range(), 1.5 failed in detect(), a
+    # threshold of 2 found nothing
     with pytest.raises(ValueError) as info:
         FaceDetector(model=RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)), device="cpu",
                      **{option: value})

@@ -728,6 +728,9 @@ def test_python_api_checks_options_as_the_command_line_does(tmp_path, options, m
     assert str(info.value) == message
     converted = iu.complete_args(argparse.Namespace(inference_dir=str(tmp_path), batch_size="4", channels_last="auto"))
     assert converted.batch_size == 4 and converted.channels_last is None  # strings converted as on the command line
+    defaults = iu.complete_args(argparse.Namespace(inference_dir=str(tmp_path), batch_size=None,
+                                                   confidence_threshold=None))
+    assert defaults.batch_size == 1 and defaults.confidence_threshold == 0.5  # None: not given
 
 
 def test_unexpected_error_mid_run_keeps_outputs_and_reports_it(widerface_sample, mobilenet_weights, tmp_path,

@@ -265,11 +265,21 @@ def test_build_model_backbone_errors(monkeypatch, tmp_path, mobilenet_backbone_w
     with pytest.raises(tu.TrainingSetupError) as info:
         tu.build_model(args)
     assert str(info.value).startswith(f"--backbone_weights: {mobilenet_backbone_weights} does not hold ResNet backbone "
-                                      "weights: 120 of its 122 tensors missing (e.g. conv1.weight), 1 of another "
+                                      "weights: 100 of its 122 tensors missing (e.g. conv1.weight), 1 of another "
                                       "shape (e.g. fc.weight: (1000, 256) in the file, (1000, 512) here)")
     args = parse_args("train", ["--network", "mobilenet0.25", "--backbone_weights", str(mobilenet_weights)])
     with pytest.raises(tu.TrainingSetupError, match=r"detector checkpoint: fine-tune from it with --init_weights$"):
         tu.build_model(args)
+    # a backbone file of PyTorch < 0.4.1 has no BatchNorm counters: loaded, as load_state_dict would
+    import torchvision
+
+    resnet = torchvision.models.resnet18()
+    old_file = {k: v for k, v in resnet.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old_file, tmp_path / "resnet18_old.pth")
+    args = parse_args("train", ["--network", "resnet18", "--cascade", "false",
+                                "--backbone_weights", str(tmp_path / "resnet18_old.pth")])
+    model, _ = tu.build_model(args)
+    assert torch.equal(model.body.conv1.weight, resnet.conv1.weight)
 
     def offline(*a, **k):
         raise urllib.error.URLError("no network")
@@ -545,8 +555,13 @@ def test_options_a_resume_ignores_are_not_recorded_and_a_finished_run_trains_not
     assert last.read_bytes() == finished
     assert sorted((tmp_path / "experiments/run/log").glob("events.out.tfevents.*")) == events
     log_lines = (tmp_path / "experiments/run/log/logs.txt").read_text().strip().splitlines()
-    assert log_lines[-1].endswith(f"nothing to train: {last} is at step 10, the end of its 2 epochs; give a larger "
-                                  "--epochs (or --max_iters) to train on"), log_lines[-1]
+    assert log_lines[-1].endswith(f"nothing to train: {last} is at step 10, at the end of its 2 epochs; give a "
+                                  "larger --epochs to train on"), log_lines[-1]
+    train.run(["--resume", str(last), "--device", "cpu", "--epochs", "3", "--max_iters", "4"])
+    assert last.read_bytes() == finished
+    log_lines = (tmp_path / "experiments/run/log/logs.txt").read_text().strip().splitlines()
+    assert log_lines[-1].endswith("is at step 10, past --max_iters 4; give a larger --max_iters, or leave it out "
+                                  "for the whole schedule"), log_lines[-1]
 
 
 def test_resume_without_experiment_name_continues_in_the_checkpoints_folder(widerface_sample, tmp_path, monkeypatch,
@@ -573,6 +588,11 @@ def test_resume_without_experiment_name_continues_in_the_checkpoints_folder(wide
     assert message.startswith("train.py: error: training data: dataset folder not found: relative/widerface"), message
     assert message.endswith("(--dataset relative/widerface was taken from the checkpoint, relative to the folder "
                             "that run started in: give --dataset)"), message
+    # the hint is for a relative dataset path that is not found, not for every data error of a resume
+    assert train.main(["--resume", str(tmp_path / "experiments/run/ckpt/last.pth"), "--batch_size", "64",
+                       "--device", "cpu"]) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "fewer than --batch_size 64" in message and "taken from the checkpoint" not in message, message
 
 
 def test_ctrl_c_stops_at_the_step_boundary_saves_last_and_the_run_resumes(widerface_sample, tmp_path, monkeypatch,

@@ -31,11 +31,12 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from config import positive_int  # noqa: E402
+from config import non_negative_int, positive_int  # noqa: E402
 from models.detector import FaceDetector  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
 from tools import shared_root  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
+from utils.checkpoint import PUBLISHED_WEIGHTS  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
 
 SHARED = shared_root()
@@ -52,11 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="alternating timing rounds, best kept (default 3)")
     parser.add_argument("--onnx", default=None, help="the same weights exported by tools/export_onnx.py")
     parser.add_argument("--nchw", action="store_true", help="also time our pipeline with the network in NCHW")
-    parser.add_argument("--pad_to", type=int, default=0, help="also time our pipeline with --pad_to N canvases")
-    parser.add_argument("--pad_batch", type=int, default=1, help="images per padded batch (with --pad_to)")
+    parser.add_argument("--pad_to", type=non_negative_int, default=0,
+                        help="also time our pipeline with --pad_to N canvases")
+    parser.add_argument("--pad_batch", type=positive_int, default=1, help="images per padded batch (with --pad_to)")
     args = parser.parse_args(argv)
     for option, path in (("--weights", args.weights), ("--onnx", args.onnx)):
-        if path is not None and not Path(path).is_file():
+        published = option == "--weights" and path in PUBLISHED_WEIGHTS  # FaceDetector fetches those by name
+        if path is not None and not published and not Path(path).is_file():
             parser.error(f"{option}: file not found: {path}")
     torch.set_num_threads(args.threads)
     cv2.setNumThreads(args.threads)

@@ -75,6 +75,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
@@ -1067,7 +1068,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     batch_sizes = [b.strip() for b in args.batch_sizes.split(",") if b.strip()]
-    if not batch_sizes or not all(b.isdigit() and int(b) > 0 for b in batch_sizes):
+    if not batch_sizes or not all(re.fullmatch(r"[0-9]+", b) and int(b) > 0 for b in batch_sizes):
         parser.error(f"--batch_sizes {args.batch_sizes!r}: expected comma-separated positive integers")
     device = setup_device(args.device, args.threads)
     cuda = device.type == "cuda"

@@ -301,17 +301,21 @@ def load_model(weights: str | Path, overrides: Mapping[str, Any] | None = None,
     return model.to(device).eval()
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mis-shaped keys.
-
-    BatchNorm ``num_batches_tracked`` counters absent from files of PyTorch < 0.4.1 are added as 0
-    (what ``nn.Module.load_state_dict`` does for such files; they play no part in evaluation).
-    """
-    expected = model.state_dict()
+def with_batchnorm_counters(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+                            ) -> Mapping[str, torch.Tensor]:
+    """``state_dict`` with the BatchNorm ``num_batches_tracked`` counters of ``expected`` (a
+    module's state dict) that it lacks added as 0: files of PyTorch < 0.4.1 have none, and
+    ``nn.Module.load_state_dict`` fills them in the same way (they play no part in evaluation)."""
     counters = {k: torch.zeros((), dtype=torch.long) for k in expected
                 if k.endswith(".num_batches_tracked") and k not in state_dict}
-    if counters:
-        state_dict = {**state_dict, **counters}
+    return {**state_dict, **counters} if counters else state_dict
+
+
+def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mis-shaped keys;
+    missing BatchNorm counters are added (:func:`with_batchnorm_counters`)."""
+    expected = model.state_dict()
+    state_dict = with_batchnorm_counters(state_dict, expected)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mis_shaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"

@@ -575,8 +575,8 @@ def complete_args(args: Any = None, **overrides: Any) -> argparse.Namespace:
     notebook can pass a hand-made ``Namespace(inference_dir=..., weights=...)``.
 
     The values given are checked as the command line checks them (strings are converted, e.g.
-    ``batch_size="4"``); an unknown option name (a typo would otherwise be ignored) or a value
-    the command line refuses raises :class:`InferenceError`."""
+    ``batch_size="4"``; ``None`` stands for the default); an unknown option name (a typo would
+    otherwise be ignored) or a value the command line refuses raises :class:`InferenceError`."""
     parser = build_parser("inference")
     full = parser.parse_args([])
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
@@ -588,7 +588,9 @@ def complete_args(args: Any = None, **overrides: Any) -> argparse.Namespace:
             name + (f" (did you mean {close[name][0]}?)" if close[name] else "") for name in unknown))
     for key, value in given.items():
         action = actions[key]
-        if value is not None and (action.type is not None or action.choices):
+        if value is None:
+            continue  # the default, as on a command line without the option
+        if action.type is not None or action.choices:
             try:
                 converted = action.type(value if isinstance(value, bool) else str(value)) if action.type else value
             except (argparse.ArgumentTypeError, TypeError, ValueError) as error:

@@ -1007,7 +1007,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         try:
             loader, sampler, dataset = build_train_loader(args, info, seed)
         except TrainingSetupError as error:
-            if "dataset" not in inherited:
+            dataset = Path(args.dataset)
+            if "dataset" not in inherited or dataset.is_absolute() or dataset.exists():
                 raise
             raise TrainingSetupError(f"{error} (--dataset {args.dataset} was taken from the checkpoint, relative to "
                                      "the folder that run started in: give --dataset)") from None
@@ -1060,10 +1061,11 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         if resume_ckpt is not None:
             keep_run_options(args, resume_ckpt.get("args") or {}, config, seed)
             if ctx.global_step >= ctx.total_steps:
-                ctx.log(f"nothing to train: {args.resume} is at step {ctx.global_step}, the end of "
-                        + (f"--max_iters {args.max_iters}" if ctx.total_steps < ctx.schedule_steps
-                           else f"its {epochs} epochs")
-                        + "; give a larger --epochs (or --max_iters) to train on")
+                where = "at" if ctx.global_step == ctx.total_steps else "past"
+                ctx.log(f"nothing to train: {args.resume} is at step {ctx.global_step}, "
+                        + (f"{where} --max_iters {args.max_iters}; give a larger --max_iters, or leave it out for "
+                           "the whole schedule" if ctx.total_steps < ctx.schedule_steps else
+                           f"{where} the end of its {epochs} epochs; give a larger --epochs to train on"))
                 return _run_summary(ctx, info.rank)
         if getattr(args, "cuda_graphs", False):
             notes += graph_training_network(ctx, args, autocast_dtype)
