@@ -310,7 +310,9 @@ class FaceDetector:
         if any(scale != 1.0 for scale in scales):
             # back to original pixels before NMS, whose +1 is one pixel of the original image (as
             # the public test_widerface.py does at 1600/2150)
-            inverse = torch.tensor([1.0 / scale for scale in scales], device=boxes.device)[:, None, None]
+            inverse = torch.tensor([1.0 / scale for scale in scales], pin_memory=boxes.is_cuda)
+            # from pinned memory without blocking: the host does not wait for the forward pass it queued
+            inverse = inverse.to(boxes.device, non_blocking=True)[:, None, None]
             boxes, landmarks = boxes * inverse, landmarks * inverse
         forward.mark()
         return (boxes, scores, landmarks), forward

@@ -973,6 +973,20 @@ def test_recipe_differences_name_the_public_settings():
                        "are single-stage)")
 
 
+def test_single_process_set_up_makes_the_training_gpu_current(monkeypatch):
+    """``--device cuda:1`` or ``--gpu_num 1`` in one process: cuda:1 becomes the current GPU, since
+    CUDA-graph capture (``--cuda_graphs``), streams and events work on the current one."""
+    current = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    assert distributed.setup_distributed("cuda:1").device == torch.device("cuda", 1)
+    assert distributed.setup_distributed(None, 1).device == torch.device("cuda", 1)
+    assert distributed.setup_distributed("cpu").device == torch.device("cpu")
+    assert current == [torch.device("cuda", 1)] * 2
+
+
 def test_cores_per_process_shares_the_node(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -1206,6 +1220,15 @@ def test_amp_dtype_chooses_the_autocast_type_and_the_loss_scaler(capsys):
         bf16, bf16_scaler = tu.autocast_settings(cuda, True, "bf16")
     assert fp16 == torch.float16 and bf16 == torch.bfloat16 and not bf16_scaler.is_enabled()
     assert fp16_scaler.is_enabled() == torch.cuda.is_available()  # GradScaler turns itself off without CUDA
+    # auto: bf16 from compute capability 8 (A100, H100) of the training GPU; fp16 below, where bf16
+    # is only emulated (torch.cuda.is_bf16_supported() says yes there, e.g. on a T4)
+    capabilities = {0: (9, 0), 1: (7, 5)}
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[torch.device(device).index])
+        patch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert tu.autocast_settings(torch.device("cuda", 0), True, "auto")[0] == torch.bfloat16
+        assert tu.autocast_settings(torch.device("cuda", 1), True, "auto")[0] == torch.float16
     for amp_dtype in ("auto", "bf16", "fp16"):
         dtype, scaler = tu.autocast_settings(torch.device("cpu"), True, amp_dtype)
         assert dtype is None and not scaler.is_enabled()

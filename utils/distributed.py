@@ -35,16 +35,20 @@ def setup_distributed(device: str | None = None, gpu_num: int = 0) -> DistInfo:
     Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment; works across nodes) it joins the
     process group: NCCL with one GPU per process (``cuda:<LOCAL_RANK>``) when CUDA is available
     and ``device`` is not ``cpu``, otherwise gloo on the CPU. Without ``torchrun`` it only
-    resolves ``device`` (``cpu``, ``cuda``, ``cuda:N``; default CUDA ``gpu_num`` when available).
+    resolves ``device`` (``cpu``, ``cuda``, ``cuda:N``; default CUDA ``gpu_num`` when available) and
+    makes it the current GPU: what works on the current GPU (CUDA-graph capture, streams, events)
+    then works on the training one.
     """
-    from models.detector import resolve_device
+    from models.detector import resolve_device, use_device
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         try:
-            return DistInfo(device=resolve_device(device, gpu_num))
+            run_device = resolve_device(device, gpu_num)
         except ValueError as error:
             raise TrainingSetupError(str(error)) from None
+        use_device(run_device)
+        return DistInfo(device=run_device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
     if use_cuda:

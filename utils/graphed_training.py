@@ -62,7 +62,8 @@ class GraphedTrainingNetwork(nn.Module):
         saved = [buffer.detach().clone() for buffer in network.buffers()]
         was_training = network.training
         network.train()
-        with autocast:
+        # make_graphed_callables captures on the current GPU: the network's, whatever is current
+        with torch.cuda.device(device) if device.type == "cuda" else nullcontext(), autocast:
             self._present = [[t is not None for t in stage] for stage in network(sample)]
             graphed = torch.cuda.make_graphed_callables(_FlatOutputs(network), (sample,), allow_unused_input=True)
         with torch.no_grad():

@@ -294,13 +294,18 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "bf16": torch.bfloat1
 
 def autocast_settings(device: torch.device, amp: bool, amp_dtype: str = "auto"
                       ) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """Autocast dtype (``amp_dtype``: ``auto`` is bf16 where the GPU supports it, else fp16;
-    ``bf16``; ``fp16``; ``None`` on the CPU or without ``amp``) and a GradScaler that is enabled
-    only for fp16 (with the fused SGD step it adds no host synchronisation)."""
+    """Autocast dtype (``amp_dtype``: ``auto`` is bf16 on GPUs of compute capability 8 or more,
+    where cuDNN has bf16 kernels, else fp16; ``bf16``; ``fp16``; ``None`` on the CPU or without
+    ``amp``) and a GradScaler that is enabled only for fp16 (with the fused SGD step it adds no
+    host synchronisation)."""
     if amp_dtype not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
     if amp and device.type == "cuda":
-        dtype = AMP_DTYPES[amp_dtype] or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        # not torch.cuda.is_bf16_supported(): it also says yes where bf16 is only emulated (V100,
+        # T4), and it asks the current GPU, not necessarily the training one
+        dtype = AMP_DTYPES[amp_dtype]
+        if dtype is None:
+            dtype = torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
         return dtype, torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     return None, torch.amp.GradScaler(device.type, enabled=False)
 
