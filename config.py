@@ -318,10 +318,10 @@ OPTIONS: tuple[Option, ...] = (
               "instead of every kernel, which sets the pace of mobilenet0.25's step (README, Training). "
               "Not with --compile or several processes; ignored on the CPU"),
     _opt("--amp", type=str2bool, default=True, scripts={TRAIN},
-         help="automatic mixed precision on CUDA (bf16 where supported, else fp16 with a "
-              "GradScaler); ignored on the CPU"),
+         help="automatic mixed precision on CUDA (bf16 on GPUs of compute capability 8 or more, else fp16 "
+              "with a GradScaler); ignored on the CPU"),
     _opt("--amp_dtype", type=str, choices=("auto", "bf16", "fp16"), default="auto", scripts={TRAIN},
-         help="autocast type of --amp true: auto (bf16 where the GPU supports it, else fp16), bf16, or "
+         help="autocast type of --amp true: auto (bf16 from compute capability 8, else fp16), bf16, or "
               "fp16 with a GradScaler (PyTorch hands BatchNorm of fp16 inputs to cuDNN and of bf16 inputs to "
               "its own kernels; README, Training)"),
     _opt("--sync_bn", type=str2bool, default=False, scripts={TRAIN},
