@@ -278,15 +278,18 @@ def hard_negative_mask(cls_loss: torch.Tensor, positive: torch.Tensor, neg_pos_r
     return (rank < num_neg) & ~positive
 
 
-def _batch_counts(counts: torch.Tensor) -> torch.Tensor:
-    """``counts`` of this process, or their mean over the processes of a distributed run."""
+def loss_denominators(counts: torch.Tensor) -> torch.Tensor:
+    """What each process divides its loss terms by: ``counts`` (positives) of the whole batch, at
+    least 1 as in the public loss, over the number of processes of a distributed run (DDP averages
+    their gradients, so the shares add up to one division by the whole batch's count). The floor
+    applies to the whole batch's count: on 2 processes, 1 positive in all gives 0.5 each, not 1."""
+    world = 1
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
         if world > 1:
             counts = counts.detach().clone()
             torch.distributed.all_reduce(counts)
-            return counts / world
-    return counts
+    return counts.clamp(min=1.0) / world
 
 
 class MultiBoxLoss(nn.Module):
@@ -370,7 +373,7 @@ class MultiBoxLoss(nn.Module):
         matched = _gather_faces(padded, match.face_index)  # (B, N, 15)
         has_landm = positive & (matched[..., 14] > 0)
         landm_f = has_landm.float()
-        denom, landm_denom = _batch_counts(torch.stack([num_pos, landm_f.sum()])).clamp(min=1.0)
+        denom, landm_denom = loss_denominators(torch.stack([num_pos, landm_f.sum()]))
         matched_boxes = matched[..., :4]
         # Encode only where positive; elsewhere use the anchor itself (finite, masked out anyway).
         safe_boxes = torch.where(positive.unsqueeze(-1), matched_boxes, point_form(anchors).expand_as(matched_boxes))

@@ -1058,6 +1058,26 @@ def test_distributed_loss_is_normalised_by_the_whole_batch(tmp_path):
     assert relative_error(per_image_mean, whole_batch) > 0.05
 
 
+def test_loss_denominators_floor_the_whole_batchs_count_not_each_processs_share(monkeypatch):
+    """The public loss divides by max(positives of the batch, 1). On 2 processes each divides by
+    half of that: with 1 landmark positive in the whole batch, 0.5 each (before: the share 0.5 was
+    raised to 1, halving that face's landmark gradient against one process)."""
+    from layers.multibox_loss import loss_denominators
+
+    assert torch.equal(loss_denominators(torch.tensor([3.0, 0.0])), torch.tensor([3.0, 1.0]))  # one process
+    other_process = torch.tensor([2.0, 0.0])  # positives, landmark positives of the other rank
+
+    def all_reduce(counts):
+        counts += other_process
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    assert torch.equal(loss_denominators(torch.tensor([3.0, 1.0])), torch.tensor([2.5, 0.5]))
+    other_process = torch.tensor([0.0, 0.0])
+    assert torch.equal(loss_denominators(torch.tensor([0.0, 0.0])), torch.tensor([0.5, 0.5]))
+
+
 def test_two_process_evaluation_shares_the_images_and_equals_one_process(widerface_sample, tmp_path):
     from utils.checkpoint import load_model
     from utils.metric import load_ground_truth
