@@ -272,7 +272,7 @@ class FaceDetector:
                                  [clock for _, clock in launched])
 
     def _groups(self, inputs: Sequence[np.ndarray]) -> list[list[int]]:
-        return [list(range(len(inputs)))] if self.pad_batches else same_size_groups(inputs)
+        return [list(range(len(inputs)))] if self.pad_batches and inputs else same_size_groups(inputs)
 
     @torch.inference_mode()
     def _launch(self, images: list[np.ndarray], scales: list[float]

@@ -299,6 +299,7 @@ def test_padded_batches_give_every_image_its_detections_alone(detector, widerfac
     padded = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.02, nms_threshold=0.4,
                           batch_size=len(images), **options)
     assert padded._groups(images) == [[0, 1, 2, 3]]  # one pass (pad_to implies pad_batches)
+    assert padded.detect_batch([]) == []  # as without padding (an empty group used to fail in max())
     for together, alone in zip(padded.detect(images), [detector.detect(im) for im in images]):
         a = as_rows(alone.boxes, alone.scores, alone.landmarks)
         b = as_rows(together.boxes, together.scores, together.landmarks)

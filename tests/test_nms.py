@@ -113,6 +113,25 @@ def test_postprocess_drops_boxes_that_are_not_finite():
     torch.testing.assert_close(found.boxes, expected.boxes, rtol=0, atol=0)
 
 
+def test_a_huge_finite_box_changes_no_other_detection():
+    """An untrained network's box can be finite but 1e17 px and more (exp of a large offset): the
+    batched NMS offsets images apart by the coordinate range, which such a box must not blow up
+    (it made every other box zero-width: no suppression in its image or its neighbours)."""
+    boxes = torch.zeros(2, 4, 4)
+    boxes[0, :3] = torch.tensor([[10.0, 10.0, 50.0, 50.0], [11.0, 10.0, 51.0, 50.0], [300.0, 300.0, 340.0, 340.0]])
+    boxes[1, :3] = torch.tensor([[20.0, 20.0, 60.0, 60.0], [21.0, 21.0, 61.0, 61.0], [22.0, 20.0, 62.0, 60.0]])
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.0], [0.9, 0.8, 0.7, 0.0]])
+    landmarks = torch.zeros(2, 4, 10)
+    args = dict(confidence_threshold=0.5, nms_threshold=0.4)
+    expected = postprocess(boxes, scores, landmarks, **args)
+    assert expected.counts == [2, 1]
+    boxes[1, 3] = torch.tensor([-1e20, 0.0, 5.0, 40.0])
+    scores[1, 3] = 0.6
+    found = postprocess(boxes, scores, landmarks, **args)
+    assert found.counts == [2, 2]  # the huge box is one more detection of its image, nothing else changes
+    torch.testing.assert_close(found.boxes[:3], expected.boxes, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_batched_nms_equals_per_group_nms_with_negative_coordinates(seed):
     from utils.nms import batched_nms

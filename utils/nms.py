@@ -79,10 +79,16 @@ def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor,
     return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
+#: pixels; far beyond any image, small enough that float64 keeps a pixel's precision after the offsets
+_COORDINATE_BOUND = 1e7
+
+
 def _offset_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float,
                 pixel_offset: float) -> torch.Tensor:
     """One torchvision NMS call over all groups (offset apart, see :func:`batched_nms`)."""
-    shifted = with_pixel_offset(boxes.double(), pixel_offset)
+    # coordinates bounded first: one finite but huge box of an untrained network (exp of a large
+    # offset, 1e17 px and more) would set an offset that rounds every other box to zero width
+    shifted = with_pixel_offset(boxes.double().clamp(-_COORDINATE_BOUND, _COORDINATE_BOUND), pixel_offset)
     low = shifted.min()
     offsets = groups.to(shifted) * (shifted.max() - low + 1) - low
     return ops.nms(shifted + offsets[:, None], scores.double(), iou_threshold)
