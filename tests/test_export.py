@@ -126,3 +126,23 @@ def test_cpu_benchmark_times_the_exported_model_in_the_same_rounds(published_onn
     assert report["onnx_detections_score_ge_0.5_unmatched_vs_ours"] == 0
     assert report["detections_score_ge_0.5_unmatched_between_pipelines"] == 0
     assert report["nchw_ms_per_img"] > 0 and report["nchw_detections_score_ge_0.5_unmatched_vs_ours"] == 0
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("unsupported operator"), KeyboardInterrupt()],
+                         ids=["error", "ctrl_c"])
+def test_a_failed_or_interrupted_export_leaves_no_partial_file(tmp_path, monkeypatch, failure):
+    """The file is written under a .partial name and renamed when complete; an error (ExportError)
+    or a Ctrl-C in the middle removes it, and no earlier file of that name is touched."""
+    from tools.export_onnx import ExportError
+
+    def export_that_stops(graph, args, path, **options):
+        Path(path).write_bytes(b"half an onnx file")
+        raise failure
+
+    monkeypatch.setattr(torch.onnx, "export", export_that_stops)
+    output = tmp_path / "model.onnx"
+    output.write_bytes(b"earlier export")
+    with pytest.raises(ExportError if isinstance(failure, Exception) else KeyboardInterrupt):
+        export_onnx(RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)), output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert output.read_bytes() == b"earlier export"

@@ -111,10 +111,11 @@ def export_onnx(model: RetinaFace, output: str | Path, opset: int = DEFAULT_OPSE
         torch.onnx.export(graph, (example,), str(partial), dynamo=True, input_names=[INPUT_NAME],
                           output_names=list(OUTPUT_NAMES), dynamic_shapes=(dims,), opset_version=opset,
                           external_data=False, verbose=False)
+        partial.replace(output)
     except Exception as error:
-        partial.unlink(missing_ok=True)
         raise ExportError(f"ONNX export failed: {one_line(error)[:500]}") from error
-    partial.replace(output)
+    finally:
+        partial.unlink(missing_ok=True)  # after a failure or Ctrl-C (gone already after the rename)
     return output
 
 
