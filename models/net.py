@@ -187,7 +187,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     file is not a readable PyTorch state dict, ``RuntimeError`` (one line: how many tensors are
     missing, of another shape or unexpected) when its tensors are not exactly the backbone's.
     """
-    from utils.checkpoint import read_checkpoint, with_batchnorm_counters  # noqa: PLC0415 - it imports models
+    from utils.checkpoint import key_mismatch, read_checkpoint, with_batchnorm_counters  # noqa: PLC0415 (cycle)
     from utils.errors import CheckpointError  # noqa: PLC0415
 
     checkpoint = read_checkpoint(path)  # one clear CheckpointError for text, truncated or foreign files
@@ -199,9 +199,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
                              for k, v in state_dict.items())
     own = backbone.state_dict()
     state_dict = with_batchnorm_counters(state_dict, own)  # files of PyTorch < 0.4.1 (older downloads)
-    missing = [k for k in own if k not in state_dict]
-    reshaped = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    unexpected = [k for k in state_dict if k not in own]
+    missing, reshaped, unexpected = key_mismatch(state_dict, own)
     if missing or reshaped or unexpected:
         found = [f"{len(missing)} of its {len(own)} tensors missing (e.g. {missing[0]})" if missing else "",
                  f"{len(reshaped)} of another shape (e.g. {reshaped[0]}: {tuple(state_dict[reshaped[0]].shape)} "

@@ -311,15 +311,23 @@ def with_batchnorm_counters(state_dict: Mapping[str, torch.Tensor], expected: Ma
     return {**state_dict, **counters} if counters else state_dict
 
 
+def key_mismatch(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+                 ) -> tuple[list[str], list[str], list[str]]:
+    """The keys that keep ``state_dict`` from loading strictly into a module whose state dict is
+    ``expected``: ``(missing, mis_shaped, unexpected)``, each in its dict's order."""
+    missing = [k for k in expected if k not in state_dict]
+    mis_shaped = [k for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    unexpected = [k for k in state_dict if k not in expected]
+    return missing, mis_shaped, unexpected
+
+
 def load_state_dict_strict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """``load_state_dict(strict=True)`` with an error naming missing/unexpected/mis-shaped keys;
     missing BatchNorm counters are added (:func:`with_batchnorm_counters`)."""
     expected = model.state_dict()
     state_dict = with_batchnorm_counters(state_dict, expected)
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mis_shaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    missing, mis_shaped_keys, unexpected = key_mismatch(state_dict, expected)
+    mis_shaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}" for k in mis_shaped_keys]
     if missing or unexpected or mis_shaped:
         def show(keys: list[str]) -> str:
             return f"{len(keys)} {keys[:6]}{' ...' if len(keys) > 6 else ''}"
