@@ -30,6 +30,9 @@ EPILOG = ("exit status: 0 all images processed; 3 finished, but some files were 
           "readable, missing weights, unavailable device, output folder already holds results without "
           "--exist_ok or cannot be created or written); 2 invalid option; 130 interrupted.")
 
+MASKS_NOT_WRITTEN = ("inference.py: warning: --mask true computes the masks but only --save_mask true writes them "
+                     "(the Python inference() returns them)")
+
 
 def inference(args: argparse.Namespace):
     """Run inference as configured by ``args`` and return the original project's 5-tuple.
@@ -65,6 +68,8 @@ def _run(args: argparse.Namespace) -> int:
     # imported once the options are checked: --help and option errors answer without loading torch
     from utils.inference_utils import format_summary, run_inference  # noqa: PLC0415
 
+    if args.mask and not args.save_mask:
+        print(MASKS_NOT_WRITTEN, file=sys.stderr)
     run = run_inference(args, collect=False)
     print(format_summary(run.summary))
     return run.summary.exit_code

@@ -225,6 +225,17 @@ def test_priors_built_on_the_gpu_equal_the_cpu_ones():
                                    prior_boxes(size, anchors, normalized=True), rtol=0, atol=0)
 
 
+def test_export_works_on_a_cpu_copy_of_a_cuda_model():
+    from models.retinaface import ModelConfig, RetinaFace
+    from tools.export_onnx import on_cpu
+
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)).to(CUDA)
+    copy = on_cpu(model)
+    assert next(model.parameters()).is_cuda and not next(copy.parameters()).is_cuda
+    for (name, mine), (_, theirs) in zip(model.state_dict().items(), copy.state_dict().items()):
+        assert torch.equal(mine.cpu(), theirs), name
+
+
 def test_postprocess_waits_for_the_device_only_for_candidates_and_counts():
     """Post-processing of a batch on CUDA reads back two things: the candidates above the
     threshold (nonzero) and the per-image counts (``postprocess``) or the detections with their

@@ -146,3 +146,24 @@ def test_a_failed_or_interrupted_export_leaves_no_partial_file(tmp_path, monkeyp
         export_onnx(RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)), output)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
     assert output.read_bytes() == b"earlier export"
+
+
+def test_export_and_check_leave_the_callers_model_where_it_is(published_onnx_file, mobilenet_weights, monkeypatch):
+    """Exporting works on a CPU copy of a model on another device; ``nn.Module.cpu`` (in place)
+    is never called on the caller's model. Here the model is on the CPU already, so any call is an
+    unneeded in-place move; tests/test_cuda.py checks a CUDA model."""
+    from tools.export_onnx import check_export
+    from utils.checkpoint import load_model
+
+    def moved(*args, **kwargs):
+        raise AssertionError("the caller's model was moved in place")
+
+    def export(graph, args, path, **options):
+        Path(path).write_bytes(b"graph")
+
+    model = load_model(str(mobilenet_weights), {})
+    monkeypatch.setattr(model, "cpu", moved)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.onnx, "export", export)  # the graph is built, not traced
+        assert export_onnx(model, published_onnx_file.with_name("unused.onnx")).read_bytes() == b"graph"
+    assert check_export(published_onnx_file, model)["passed"]

@@ -1142,3 +1142,44 @@ def test_a_results_file_that_cannot_be_written_does_not_cost_the_others(widerfac
     assert list(json.loads((out / "detections.json").read_text())) == ["0.jpg", "1.jpg"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit_code"] == 1 and f"cannot write {blocked}" in summary["error"] and summary["processed"] == 2
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs resource.setrlimit (POSIX)")
+def test_an_image_write_that_fails_part_way_leaves_the_earlier_file_whole(tmp_path):
+    """A file size limit stands in for a full disk: the write of a large PNG stops part-way. The
+    earlier file of that name stays whole, no partial file is left, and the error names the file.
+    Run in a child process, so the limit does not reach pytest's own files."""
+    target = tmp_path / "result_images" / "photo.png"
+    target.parent.mkdir()
+    earlier = np.full((8, 8, 3), 200, np.uint8)
+    assert cv2.imwrite(str(target), earlier)
+    limit = 64 * 1024
+    script = f"""
+import resource, sys
+import numpy as np
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from utils.inference_utils import write_image
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)  # about 480 KB as PNG
+try:
+    write_image({str(target)!r}, noise)
+except OSError as error:
+    print(error)
+"""
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip() == f"cannot write {target}: file too large"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["photo.png"]
+    np.testing.assert_array_equal(cv2.imread(str(target)), earlier)
+
+
+def test_mask_without_save_mask_on_the_command_line_warns_that_nothing_is_written(sample_mask_images,
+                                                                                  mobilenet_weights, tmp_path, capsys):
+    require_installed("mediapipe", "the mask stage needs mediapipe (absent on the GPU machines)")
+    image = sample_mask_images / "sideface_0003.png"
+    common = ["--weights", mobilenet_weights, "--inference_dir", image, "--workers", "0", "--device", "cpu"]
+    code, _, err = run_main(common + ["--inference_save_folder", tmp_path / "a", "--mask", "true"], capsys)
+    assert code == config.EXIT_OK and err.splitlines().count(inference.MASKS_NOT_WRITTEN) == 1
+    assert not (tmp_path / "a" / "masks").exists()
+    code, _, err = run_main(common + ["--inference_save_folder", tmp_path / "b", "--save_mask", "true"], capsys)
+    assert code == config.EXIT_OK and "warning" not in err and (tmp_path / "b" / "masks").is_dir()

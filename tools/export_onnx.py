@@ -28,6 +28,8 @@ requirements-export.txt`` (onnx, onnxscript, onnxruntime).
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -84,6 +86,14 @@ class DetectionGraph(nn.Module):
         return self.network.decode_detections(self.network(preprocess(images, mean=self.mean)), priors)
 
 
+def on_cpu(model: nn.Module) -> nn.Module:
+    """``model`` itself when all its tensors are on the CPU, else a CPU copy: exporting and checking
+    leave a caller's CUDA model where it is (``nn.Module.cpu`` would move it in place)."""
+    if all(tensor.device.type == "cpu" for tensor in itertools.chain(model.parameters(), model.buffers())):
+        return model
+    return copy.deepcopy(model).cpu()
+
+
 def _require_packages() -> None:
     missing = []
     for name in ("onnx", "onnxscript", "onnxruntime"):
@@ -101,7 +111,7 @@ def export_onnx(model: RetinaFace, output: str | Path, opset: int = DEFAULT_OPSE
     _require_packages()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    graph = DetectionGraph(model.cpu()).eval()
+    graph = DetectionGraph(on_cpu(model)).eval()
     # distinct example sizes, none of them 1: torch.export gives equal or unit sizes one symbol / a constant
     example = torch.zeros(2, 96, 128, 3, dtype=torch.uint8)
     dims = {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("height", min=2),
@@ -164,6 +174,7 @@ def check_export(path: str | Path, model: RetinaFace, images: Sequence[Path] = (
       be read is listed in ``unreadable`` (``path: reason``) and left out.
     """
     session = onnx_session(path)
+    model = on_cpu(model)
     generator = np.random.default_rng(seed)
     # smooth random content: a noise image scaled up, so the network sees edges and blobs
     small = generator.integers(0, 256, size=(2, 22, 33, 3), dtype=np.uint8)
@@ -171,7 +182,7 @@ def check_export(path: str | Path, model: RetinaFace, images: Sequence[Path] = (
         torch.from_numpy(im).permute(2, 0, 1)[None].float(), size=(173, 259), mode="bilinear")[0]
         .permute(1, 2, 0).round().to(torch.uint8)) for im in small])
     with torch.inference_mode():
-        expected = DetectionGraph(model.cpu()).eval()(torch.from_numpy(synthetic))
+        expected = DetectionGraph(model).eval()(torch.from_numpy(synthetic))
     got = run_onnx(session, synthetic)
     expected = [e.numpy() for e in expected]
     same_shapes = all(g.shape == e.shape for g, e in zip(got, expected))

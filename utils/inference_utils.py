@@ -146,14 +146,30 @@ def remove_created_folders(created: Iterable[Path]) -> None:
             break
 
 
+def write_file(path: Path, data: bytes | np.ndarray) -> None:
+    """Write ``data`` to ``path`` under the name ``<name>.partial``, renamed when complete: a
+    write that fails part-way (disk full, a file size limit, Ctrl-C) leaves no truncated file,
+    and an earlier file of that name stays whole. Raises OSError naming ``path``."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(memoryview(data))
+        os.replace(partial, path)
+    except OSError as error:
+        raise OSError(f"cannot write {escape_name(str(path))}: {os_error_reason(error)}") from None
+    finally:
+        partial.unlink(missing_ok=True)  # after a failure (gone already after the rename)
+
+
 def write_image(path: str | Path, image: np.ndarray) -> None:
-    """``cv2.imwrite`` that creates folders, works with non-ASCII paths and raises on failure."""
+    """``cv2.imwrite`` that creates folders, works with non-ASCII paths, writes through
+    :func:`write_file` and raises on failure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ok, encoded = cv2.imencode(path.suffix or ".png", image)
     if not ok:
-        raise OSError(f"could not encode {path}")
-    encoded.tofile(str(path))
+        raise OSError(f"could not encode {escape_name(str(path))}")
+    write_file(path, encoded)
 
 
 class BackgroundWriter:
@@ -195,9 +211,7 @@ class BackgroundWriter:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_file(path, text.encode("utf-8"))
 
 
 _LINE_BREAKS = re.compile(r"[\\\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
@@ -752,7 +766,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
                 write(path, named)
             except OSError as error:
                 write_error = write_error or error
-                summary.error = summary.error or f"cannot write {path}: {error.strerror or error}"
+                summary.error = summary.error or str(error)  # write_file's "cannot write PATH: reason"
         try:
             _atomic_write_text(output / SUMMARY_JSON, json.dumps(summary.to_dict(), indent=1))
         except OSError as error:
