@@ -11,6 +11,7 @@ import os
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -862,6 +863,47 @@ def test_tta_detector_runs_flips_and_scales(widerface_sample, mobilenet_weights)
     inside = ((centres[:, None, 0] > reference[None, :, 0]) & (centres[:, None, 0] < reference[None, :, 2])
               & (centres[:, None, 1] > reference[None, :, 1]) & (centres[:, None, 1] < reference[None, :, 3]))
     assert inside.any(axis=1).all()
+
+
+def test_tta_on_images_without_faces_writes_count_zero_files(widerface_sample, mobilenet_weights, tmp_path):
+    """When no pass of an image finds a face, the merge is empty (the WIDER FACE file still says 0),
+    and the images around it keep their faces."""
+    from models.detector import FaceDetector
+
+    merged = box_voting(torch.zeros(0, 4), torch.zeros(0), 0.4, torch.zeros(0, 10))
+    assert [tuple(t.shape) for t in merged] == [(0, 4), (0,), (0, 10), (0,)]
+    key = "49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
+    root = small_dataset(tmp_path, widerface_sample, [key])
+    for name, image in (("blank", np.full((200, 300, 3), 128, np.uint8)), ("dot", np.zeros((1, 1, 3), np.uint8))):
+        assert cv2.imwrite(str(root / "val/images/49--Greeting" / f"{name}.png"), image)
+    with open(root / "val/label.txt", "a") as labels:
+        labels.write("# 49--Greeting/blank.png\n# 49--Greeting/dot.png\n")
+    detector = FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4)
+    tta = TTADetector(detector, TTAConfig(scales=(300, 0), max_size=1024))
+    run = predict_widerface(tta, root, tmp_path / "txt", batch_size=2, workers=0, progress=False)
+    assert run.num_images == 3
+    folder = tmp_path / "txt" / "49--Greeting"
+    for name in ("blank", "dot"):
+        assert (folder / f"{name}.txt").read_text() == f"{name}\n0\n"
+    assert int((folder / "49_Greeting_peoplegreeting_49_56.txt").read_text().splitlines()[1]) > 10
+
+
+def test_tta_check_names_an_unreadable_image_in_one_line(widerface_sample, widerface_gt_dir, mobilenet_weights,
+                                                        tmp_path, capsys):
+    from tools import tta_check
+
+    keys = ["49--Greeting/49_Greeting_peoplegreeting_49_56.jpg",
+            "12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg"]
+    root = small_dataset(tmp_path, widerface_sample, keys)
+    broken = root / "val/images" / keys[0]
+    broken.unlink()
+    broken.write_bytes(b"")
+    argv = ["--weights", str(mobilenet_weights), "--dataset", str(root), "--gt_dir", str(widerface_gt_dir),
+            "--scales", "0", "--device", "cpu"]
+    assert tta_check.main(argv) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"tta_check.py: error: {broken}: empty file"
+    assert tta_check.main(argv[:2] + ["--dataset", str(tmp_path / "none")]) == 1
+    assert capsys.readouterr().err.startswith("tta_check.py: error: ")
 
 
 def test_tta_raises_sample_hard_ap(sample_run, test_script, widerface_sample, widerface_gt_dir, mobilenet_weights,

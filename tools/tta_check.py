@@ -26,10 +26,12 @@ import torch  # noqa: E402
 from torchvision import ops  # noqa: E402
 
 from models.detector import Detections  # noqa: E402
-from utils.evaluation import (check_images_in_gt, default_gt_dir, evaluate_predictions,  # noqa: E402
-                              list_val_images, load_gt, prediction_rows, protocol_detector)
-from utils.image_io import read_image  # noqa: E402
-from config import parse_scales  # noqa: E402
+from utils.errors import CheckpointError  # noqa: E402
+from utils.evaluation import (EvaluationError, check_images_in_gt, default_gt_dir,  # noqa: E402
+                              evaluate_predictions, list_val_images, load_gt, prediction_rows,
+                              protocol_detector)
+from utils.image_io import ImageReadError, read_image  # noqa: E402
+from config import one_line, parse_scales  # noqa: E402
 from utils.tta import DEFAULT_MAX_SIZE, DEFAULT_SCALES, TTAConfig, TTADetector  # noqa: E402
 
 
@@ -70,7 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_size", type=int, default=DEFAULT_MAX_SIZE)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
+    try:
+        return measure(args)
+    except (EvaluationError, CheckpointError, ImageReadError, OSError) as error:
+        print(f"tta_check.py: error: {one_line(error)}", file=sys.stderr)
+        return 1
 
+
+def measure(args: argparse.Namespace) -> int:
+    """Run every pass on every image, then print the table (see the module docstring)."""
     images = list_val_images(args.dataset)
     gt = load_gt(args.gt_dir or default_gt_dir(args.dataset))
     check_images_in_gt(images, gt)

@@ -112,8 +112,8 @@ def box_voting(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
     """
     boxes = boxes.float().reshape(-1, 4)
     scores = scores.float().reshape(-1)
-    if landmarks is not None:
-        landmarks = landmarks.float().reshape(len(boxes), -1)
+    if landmarks is not None:  # (N, L); (N, 5, 2) is flattened. -1 alone cannot size the L of N = 0
+        landmarks = landmarks.float().flatten(1) if landmarks.dim() > 1 else landmarks.float().reshape(len(boxes), -1)
     if len(boxes) == 0:
         empty_landmarks = None if landmarks is None else landmarks[:0]
         return boxes[:0], scores[:0], empty_landmarks, torch.zeros(0, dtype=torch.int64, device=boxes.device)
