@@ -201,7 +201,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     state_dict = with_batchnorm_counters(state_dict, own)  # files of PyTorch < 0.4.1 (older downloads)
     missing, reshaped, unexpected = key_mismatch(state_dict, own)
     if missing or reshaped or unexpected:
-        found = [f"{len(missing)} of its {len(own)} tensors missing (e.g. {missing[0]})" if missing else "",
+        # counters are filled in when absent, so they are never missing: not counted among the tensors either
+        needed = sum(not k.endswith(".num_batches_tracked") for k in own)
+        found = [f"{len(missing)} of its {needed} tensors missing (e.g. {missing[0]})" if missing else "",
                  f"{len(reshaped)} of another shape (e.g. {reshaped[0]}: {tuple(state_dict[reshaped[0]].shape)} "
                  f"in the file, {tuple(own[reshaped[0]].shape)} here)" if reshaped else "",
                  f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else ""]

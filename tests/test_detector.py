@@ -376,6 +376,8 @@ def test_pad_to_rounds_canvases_and_batcher_fills_batches_with_smaller_canvases(
 
 def test_compiled_dense_path_equals_eager(mobilenet_weights):
     """torch.compile of preprocess + network + decode (CPU inductor here; CUDA in tools/gpu_check.sh)."""
+    from torch._dynamo.utils import counters
+
     from models.dense_path import DensePath
     from utils.checkpoint import load_model
 
@@ -383,8 +385,10 @@ def test_compiled_dense_path_equals_eager(mobilenet_weights):
     images = torch.randint(0, 256, (2, 64, 96, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     compiled = DensePath(model, torch.device("cpu"), compile=True)
     eager = DensePath(model, torch.device("cpu"))
+    counters.clear()
     for got, want in zip(compiled(images), eager(images)):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert counters["stats"]["unique_graphs"] >= 1  # the compiled path did go through torch.compile
     sizes = torch.tensor([[64, 96], [41, 77]])  # a padded batch: the masking hooks run inside the compiled code
     padded_got, padded_want = compiled(images, sizes=sizes), eager(images, sizes=sizes)
     assert torch.isinf(padded_want[1][1]).sum() > 0  # the second image's padding priors are left out

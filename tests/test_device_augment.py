@@ -145,14 +145,23 @@ def test_deferred_batch_moves_all_its_tensors(widerface_sample):
 
 
 def test_training_with_device_augmentation(widerface_sample, tmp_path, monkeypatch):
+    """--augment_on device trains, and its batches are augmented in the main process (the device)."""
     import train
 
+    augmented = []
+    network_input = DeferredBatch.network_input
+
+    def counted(batch, *args, **kwargs):
+        augmented.append(len(batch.sizes))
+        return network_input(batch, *args, **kwargs)
+
+    monkeypatch.setattr(DeferredBatch, "network_input", counted)
     monkeypatch.chdir(tmp_path)
     summary = train.run(["--dataset", str(widerface_sample), "--train_split", "val", "--experiment_name", "dev",
                          "--network", "mobilenet0.25", "--pretrained", "false", "--im_size", "96",
                          "--batch_size", "2", "--workers", "1", "--eval_every", "0", "--device", "cpu",
                          "--augment_on", "device", "--max_iters", "3", "--log_every", "1"])
-    assert summary["step"] == 3
+    assert summary["step"] == 3 and augmented == [2, 2, 2]
     assert (tmp_path / "experiments/dev/ckpt/last.pth").is_file()
 
 

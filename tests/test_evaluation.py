@@ -541,15 +541,18 @@ def test_pred_dir_of_the_written_folder_gives_identical_aps(sample_run, test_scr
 
 def test_channels_last_false_runs_nchw_with_the_same_aps(sample_run, test_script, widerface_sample,
                                                          widerface_gt_dir, mobilenet_weights, tmp_path, capsys,
-                                                         detector_layouts):
+                                                         detector_layouts, monkeypatch):
     """``--channels_last false`` (the NCHW layout) reaches the detector and detects the same faces."""
+    import utils.progress
+
+    monkeypatch.setattr(utils.progress, "LOG_INTERVAL", 1e9)  # no time-driven lines on a slow machine
     code, out, err = run_cli(test_script, ["--weights", mobilenet_weights, "--dataset", widerface_sample,
                                            "--gt_dir", widerface_gt_dir, "--workers", "0", "--channels_last", "false",
                                            "--results_dir", tmp_path / "nchw"], tmp_path, capsys)
     assert code == 0, err
     assert detector_layouts == [False]
-    # stderr is not a terminal here: the progress bar is a line at the start and one at the end (then
-    # one every 30 s), not carriage-return redraws
+    # stderr is not a terminal here: the progress bar is a line at the start and one at the end (and
+    # one every LOG_INTERVAL seconds), not carriage-return redraws
     assert "\r" not in err
     progress = [line for line in err.splitlines() if line.startswith("test:")]
     assert len(progress) == 2 and " 0/10 " in progress[0] and "100%" in progress[1] and " 10/10 " in progress[1], err

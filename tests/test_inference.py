@@ -871,6 +871,11 @@ def permissions_enforced() -> bool:
             locked.chmod(0o700)
 
 
+#: as root (CI's containers) these skip; the tests beside them refuse access by mocks and run everywhere
+needs_enforced_permissions = pytest.mark.skipif(not permissions_enforced(),
+                                                reason="folder permissions are not enforced (root)")
+
+
 def _count_model_use(monkeypatch):
     """Counts of FaceDetector constructions and detect_batch calls (the real ones still run)."""
     from models.detector import FaceDetector
@@ -941,7 +946,7 @@ def test_output_folder_that_cannot_take_files_stops_before_any_image(case, wider
     assert not (out / "summary.json").exists() and "Traceback" not in err
 
 
-@pytest.mark.skipif(not permissions_enforced(), reason="folder permissions are not enforced (root)")
+@needs_enforced_permissions
 def test_output_folder_without_write_permission(widerface_sample, mobilenet_weights, tmp_path, capsys):
     folder = tmp_path / "in"
     _small_face_image(widerface_sample, folder / "a.jpg")
@@ -1009,7 +1014,7 @@ def test_unreadable_input_folder_is_permission_denied_not_no_images(tmp_path, mo
     assert err.strip() == f"inference.py: error: cannot read input folder {folder}: permission denied"
 
 
-@pytest.mark.skipif(not permissions_enforced(), reason="folder permissions are not enforced (root)")
+@needs_enforced_permissions
 def test_folder_without_read_permission_is_listed(tmp_path):
     (tmp_path / "locked").mkdir()
     (tmp_path / "locked" / "a.jpg").write_bytes(b"x")

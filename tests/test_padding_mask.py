@@ -79,6 +79,17 @@ def test_dense_path_checks_the_sizes_and_skips_the_mask_when_nothing_is_padded()
     for bad in ([[65, 64], [64, 64]], [[64, 64]], [[0, 64], [64, 64]]):
         with pytest.raises(ValueError, match="within"):
             dense(images, sizes=torch.tensor(bad))
+    masked = []
+    active = dense.padding_mask.active
+
+    def counted(*args, **kwargs):
+        masked.append(args)
+        return active(*args, **kwargs)
+
+    dense.padding_mask.active = counted
     full = dense(images, sizes=torch.tensor([[64, 64], [64, 64]]))
+    assert masked == []  # the masking hooks were never installed
     assert all(torch.equal(a, b) for a, b in zip(full, dense(images)))
     assert torch.isfinite(full[1]).all()
+    dense(images, sizes=torch.tensor([[64, 64], [40, 64]]))
+    assert len(masked) == 1  # a padded batch is masked
