@@ -47,7 +47,10 @@ def test_batch_of_same_size_images_equals_single_images(detector, widerface_samp
     image = cv2.imread(str(path))
     flipped = np.ascontiguousarray(image[:, ::-1])
     batched = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.3, batch_size=2)
+    passes = []
+    batched.dense.network.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
     together = batched.detect([image, flipped])
+    assert passes == [2] and len(together) == 2 and min(len(found) for found in together) >= 5
     for single_image, result in zip([image, flipped], together):
         single = batched.detect(single_image)
         np.testing.assert_allclose(result.boxes, single.boxes, atol=1e-3)
