@@ -640,6 +640,23 @@ def test_ctrl_c_stops_at_the_step_boundary_saves_last_and_the_run_resumes(widerf
     assert summary["step"] == 10
 
 
+def test_warmup_notes_say_when_the_warm_up_swallows_part_of_the_schedule():
+    schedule = [lr_schedule.LRSchedule("cosine", total_iters=20, warmup_iters=50)(step) for step in range(20)]
+    assert schedule[-1] == pytest.approx(0.4)  # what the note says: 2 of 5 warm-up epochs run
+    assert lr_schedule.warmup_notes(5, 2, "cosine") == [
+        "note: the warm-up (--warmup_epochs 5) lasts the whole 2-epoch run: the lr ends at 40% of --lr; the cosine "
+        "decay never starts"]
+    assert lr_schedule.warmup_notes(1, 1, "step", [1]) == [
+        "note: the warm-up (--warmup_epochs 1) lasts the whole 1-epoch run: the lr reaches --lr only at the last step"]
+    step = lr_schedule.LRSchedule("step", total_iters=100, warmup_iters=90, milestones=[80, 90])
+    assert step(89) == 1.0 and step(90) == pytest.approx(0.01)  # up to --lr inside the decayed phase, then down
+    assert lr_schedule.warmup_notes(9, 10, "step", [8, 9]) == [
+        "note: decay epoch(s) [8] fall inside the 9-epoch warm-up (--warmup_epochs): the lr rises to --lr until the "
+        "warm-up ends, then drops by them at once"]
+    assert lr_schedule.warmup_notes(1, 250, "step", [190, 220]) == lr_schedule.warmup_notes(0, 1, "step") == []
+    assert lr_schedule.warmup_notes(9, 10, "cosine", [8, 9]) == []
+
+
 def test_decay_epoch_notes_name_late_and_coinciding_epochs_and_where_they_come_from():
     assert lr_schedule.decay_epoch_notes([190, 220], 250, given=False) == []
     assert lr_schedule.decay_epoch_notes([3, 3], 5, given=True) == [
@@ -1268,3 +1285,34 @@ def test_amp_dtype_chooses_the_autocast_type_and_the_loss_scaler(capsys):
         parse_args("train", ["--amp_dtype", "fp8"])
     assert "--amp_dtype: invalid choice: 'fp8'" in capsys.readouterr().err
     assert tu.describe_amp(fp16, cuda, True) == "float16 with loss scaling"
+
+
+def test_a_resume_replaces_the_tensorboard_steps_logged_after_last_pth(widerface_sample, tmp_path, monkeypatch):
+    """A run that dies after logging steps 4 and 5 but saving last.pth at step 3 (an epoch end) is
+    resumed from step 3: TensorBoard shows each step once, with the resumed run's values."""
+    import train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    step = torch.optim.lr_scheduler.LambdaLR.step
+    calls = []
+
+    def step_then_die(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 7:  # the constructor steps once: training step 6, after steps 4 and 5 were logged
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_die)
+    # 3 iterations per epoch: last.pth at step 3; 0.5 warm-up epochs: another lr at each of the first steps
+    argv = _run_args(widerface_sample, "tb", "--epochs", "4", "--batch_size", "3", "--lr", "0.001")
+    with pytest.raises(RuntimeError, match="killed"):
+        train.run(argv)
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    assert torch.load(tmp_path / "experiments/tb/ckpt/last.pth", weights_only=True)["step"] == 3
+    train.run(["--resume", "experiments/tb/ckpt/last.pth", "--device", "cpu", "--lr", "0.002", "--max_iters", "6"])
+    events = EventAccumulator(str(tmp_path / "experiments/tb/log"))
+    events.Reload()
+    lr = events.Scalars("train/lr")
+    assert [event.step for event in lr] == [1, 2, 3, 4, 5, 6]
+    assert lr[3].value == pytest.approx(0.002) and lr[2].value == pytest.approx(0.001)  # step 4: the resumed run's

@@ -295,3 +295,47 @@ def test_labels_without_any_face_stop_at_start_up_with_one_line(widerface_sample
                                   f"{dropped}): images without faces are valid samples, but a training set needs "
                                   "faces in some of them")
     assert not (tmp_path / "experiments/nofaces").exists()  # stopped before anything was created
+
+
+def test_a_validation_missed_by_a_stop_runs_when_the_run_is_resumed(widerface_sample, tmp_path, monkeypatch,
+                                                                     capsys):
+    """last.pth is saved before an epoch's validation: a Ctrl-C in the last step of the run (or a
+    process killed while validating) leaves that validation undone. The stop says so (exit 130,
+    not "finished"), and the resume runs it before anything else, even with no step left to train."""
+    import signal
+
+    root = make_dataset(tmp_path / "ds", widerface_sample, with_val=True)
+    (root / "val/label.txt").unlink()
+    for name in image_names(root / "train")[2:]:
+        (root / "val/images" / name).unlink()  # two val images: a short validation
+    monkeypatch.chdir(tmp_path)
+    step = torch.optim.lr_scheduler.LambdaLR.step
+    calls = []
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 11:  # the constructor steps once: Ctrl-C in training step 10, the last of epoch 2
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_ctrl_c)
+    assert train.main(run_args(root, "cut", "--epochs", "2", "--eval_every", "1")) == 130
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    log_file = tmp_path / "experiments/cut/log/logs.txt"
+    log = log_file.read_text()
+    assert "val AP after epoch 1 (step 5)" in log and "val AP after epoch 2" not in log
+    assert ("interrupted (Ctrl-C) at step 10, before the validation after epoch 2: continue with --resume "
+            "experiments/cut/ckpt/last.pth") in log
+    saved = torch.load(tmp_path / "experiments/cut/ckpt/last.pth", weights_only=True)
+    assert (saved["step"], saved["validated_step"]) == (10, 5)
+
+    assert train.main(["--resume", "experiments/cut/ckpt/last.pth", "--device", "cpu"]) == 0
+    resumed = log_file.read_text()[len(log):]
+    assert ("the validation after epoch 2 (step 10) did not run before the run stopped: running it first"
+            in resumed) and "val AP after epoch 2 (step 10)" in resumed and "nothing to train" not in resumed
+    saved = torch.load(tmp_path / "experiments/cut/ckpt/last.pth", weights_only=True)
+    assert (saved["step"], saved["validated_step"]) == (10, 10) and saved["metrics"]
+    # done now: another resume has nothing to do
+    capsys.readouterr()
+    assert train.main(["--resume", "experiments/cut/ckpt/last.pth", "--device", "cpu"]) == 0
+    assert "nothing to train" in log_file.read_text().splitlines()[-1]

@@ -12,7 +12,7 @@ import torch
 from utils.errors import TrainingSetupError
 
 __all__ = ["REFERENCE_SCHEDULES", "REFERENCE_BATCH_AND_SIZE", "reference_schedule", "recipe_differences",
-           "resolve_epochs_and_steps", "decay_epoch_notes", "LRSchedule", "build_scheduler"]
+           "resolve_epochs_and_steps", "decay_epoch_notes", "warmup_notes", "LRSchedule", "build_scheduler"]
 
 #: Reference schedules of the public recipe: (epochs, epochs of the x0.1 decays).
 REFERENCE_SCHEDULES = {"mobilenet0.25": (250, (190, 220)), "resnet": (100, (70, 90))}
@@ -75,6 +75,24 @@ def decay_epoch_notes(steps: Sequence[int], epochs: int, given: bool) -> list[st
     if len(set(applied)) < len(applied):
         notes.append(f"note: decay epochs {applied} coincide ({origin}): the lr drops by more than x0.1 at once")
     return notes
+
+
+def warmup_notes(warmup_epochs: float, epochs: int, kind: str, steps: Sequence[int] = ()) -> list[str]:
+    """Log notes on a warm-up that swallows part of the schedule: it lasts the whole run (the lr
+    never reaches ``--lr``), or step-decay epochs fall inside it (the warm-up ignores them, as the
+    public recipe's does: the lr rises to ``--lr``, then drops by all of them at once)."""
+    if warmup_epochs <= 0:
+        return []
+    if warmup_epochs >= epochs:
+        reached = ("reaches --lr only at the last step" if warmup_epochs == epochs else
+                   f"ends at {epochs / warmup_epochs:.0%} of --lr")
+        return [f"note: the warm-up (--warmup_epochs {warmup_epochs:g}) lasts the whole {epochs}-epoch run: the lr "
+                f"{reached}" + ("; the cosine decay never starts" if kind == "cosine" else "")]
+    inside = [s for s in steps if s < warmup_epochs] if kind == "step" else []
+    if inside:
+        return [f"note: decay epoch(s) {inside} fall inside the {warmup_epochs:g}-epoch warm-up (--warmup_epochs): "
+                "the lr rises to --lr until the warm-up ends, then drops by them at once"]
+    return []
 
 
 class LRSchedule:

@@ -55,14 +55,16 @@ def save_training_state(path: Path, ctx: "TrainContext") -> Path:
     """Write ``path`` atomically: model config + weights, ``optimizer``, ``scheduler``,
     ``scaler``, ``epoch`` (epoch in progress, 0-based), ``step`` (optimizer steps done),
     ``iters_per_epoch``, ``seed``, ``rng_state``, ``best_metric`` (best val hard AP or None),
-    ``best_epoch``, ``metrics`` (latest val APs), ``args``."""
+    ``best_epoch``, ``metrics`` (latest val APs), ``validated_step`` (the step of the last
+    validation, or None), ``args``."""
     return save_checkpoint(
         path, ctx.raw_model,
         optimizer=ctx.optimizer.state_dict(), scheduler=ctx.scheduler.state_dict(),
         scaler=ctx.scaler.state_dict(), epoch=ctx.global_step // ctx.iters_per_epoch,
         step=ctx.global_step, iters_per_epoch=ctx.iters_per_epoch, seed=ctx.seed,
         rng_state=capture_rng_state(), best_metric=ctx.best_metric, best_epoch=ctx.best_epoch,
-        metrics=dict(ctx.last_metrics), args={k: plain_value(v) for k, v in vars(ctx.args).items()})
+        metrics=dict(ctx.last_metrics), validated_step=ctx.validated_step,
+        args={k: plain_value(v) for k, v in vars(ctx.args).items()})
 
 
 def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> list[str]:
@@ -92,6 +94,8 @@ def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> l
     if checkpoint.get("scaler"):
         ctx.scaler.load_state_dict(checkpoint["scaler"])
     step = int(checkpoint["step"])
+    # checkpoints written before validated_step was saved: as if the validation due at their step had run
+    validated_here = checkpoint.get("validated_step", step) == step
     saved_iters = int(checkpoint.get("iters_per_epoch", ctx.iters_per_epoch))
     if saved_iters != ctx.iters_per_epoch:
         epoch, done = divmod(step, saved_iters)
@@ -103,6 +107,7 @@ def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> l
                      "continue exactly")
         step = converted
     ctx.global_step = step
+    ctx.validated_step = step if validated_here else None
     scheduler.last_epoch = step
     for group, base, schedule in zip(optimizer.param_groups, base_lrs, scheduler.lr_lambdas):
         group["lr"] = base * schedule(step)

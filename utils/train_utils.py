@@ -62,7 +62,8 @@ from utils.distributed import DistInfo, check_ranks_agree, cleanup_distributed, 
 from utils.errors import TrainingDivergedError, TrainingSetupError
 from utils.evaluation import EvaluationError
 from utils.image_io import ImageReadError
-from utils.lr_schedule import build_scheduler, decay_epoch_notes, recipe_differences, resolve_epochs_and_steps
+from utils.lr_schedule import (build_scheduler, decay_epoch_notes, recipe_differences, resolve_epochs_and_steps,
+                               warmup_notes)
 from utils.progress import progress_bar
 from utils.train_data import LoadReport, ResumableSampler, build_train_loader, loader_notes, prepared_batches
 from utils.train_state import load_training_state, plain_value, save_training_state
@@ -339,6 +340,7 @@ class TrainContext:
     best_metric: float | None = None
     best_epoch: int | None = None
     last_metrics: dict[str, float] = field(default_factory=dict)
+    validated_step: int | None = None  # the step of the last validation run (or failed); saved in checkpoints
     exp_dir: Path = Path("experiments/retinaface")
     logger: logging.Logger | None = None
     writer: Any = None
@@ -856,6 +858,26 @@ def _evaluation_due(args: argparse.Namespace, epoch: int, val_root: str | None, 
     return val_root is not None and ((epoch + 1) % args.eval_every == 0 or final)
 
 
+def pending_validation(ctx: TrainContext, val_root: str | None) -> int | None:
+    """The epoch (0-based) whose end-of-epoch validation is due at ``ctx.global_step`` but has not
+    run: the run stopped in between (Ctrl-C in the epoch's last step, a process killed while
+    validating). ``last.pth`` is saved before the validation, so a resume finds it here."""
+    epoch, done = divmod(ctx.global_step, ctx.iters_per_epoch)
+    if ctx.global_step == 0 or done or epoch > ctx.epochs or ctx.validated_step == ctx.global_step:
+        return None
+    return epoch - 1 if _evaluation_due(ctx.args, epoch - 1, val_root, final=epoch == ctx.epochs) else None
+
+
+def _validate_and_save(ctx: TrainContext, epoch: int, val_root: str, gt: Any) -> None:
+    """The validation after epoch ``epoch`` (0-based), then ``last.pth`` with its metrics, and
+    ``best.pth`` when the hard AP improved."""
+    improved = _evaluate(ctx, epoch, val_root, gt)
+    ctx.save_last()
+    if improved and ctx.info.is_main:
+        save_training_state(ctx.ckpt_dir / "best.pth", ctx)
+        ctx.log(f"saved {ctx.ckpt_dir / 'best.pth'} (hard AP {ctx.best_metric:.4f})")
+
+
 def _evaluate(ctx: TrainContext, epoch: int, val_root: str, gt: Any) -> bool:
     """Validation AP after epoch ``epoch`` (0-based); returns True when the best improved.
 
@@ -864,6 +886,7 @@ def _evaluate(ctx: TrainContext, epoch: int, val_root: str, gt: Any) -> bool:
     on every rank; training continues (this epoch has no AP and cannot become ``best.pth``)."""
     improved = False
     started = time.perf_counter()
+    ctx.validated_step = ctx.global_step  # a failed validation counts as run: it is logged, not repeated
     try:
         aps = evaluate_widerface(ctx.model, val_root, gt, ctx.info.device, info=ctx.info,
                                  progress=ctx.info.is_main)
@@ -1065,7 +1088,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                              "and its weights)")
         if resume_ckpt is not None:
             keep_run_options(args, resume_ckpt.get("args") or {}, config, seed)
-            if ctx.global_step >= ctx.total_steps:
+            if ctx.global_step >= ctx.total_steps and pending_validation(ctx, val_root) is None:
                 where = "at" if ctx.global_step == ctx.total_steps else "past"
                 ctx.log(f"nothing to train: {args.resume} is at step {ctx.global_step}, "
                         + (f"{where} --max_iters {args.max_iters}; give a larger --max_iters, or leave it out for "
@@ -1076,12 +1099,16 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             notes += graph_training_network(ctx, args, autocast_dtype)
         if args.lr_schedule == "step":
             notes += decay_epoch_notes(steps, epochs, given=bool(getattr(args, "lr_steps", None)))
+        notes += warmup_notes(args.warmup_epochs, epochs, args.lr_schedule, steps)
         if info.device.type == "cpu" and explicit and "gpu_num" in explicit and not args.device:
             notes.append(f"note: --gpu_num {args.gpu_num} given, but CUDA is not available: training on the CPU "
                          "(--device cuda makes this an error)")
         if info.is_main:
             from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(log_dir=str(exp_dir / "log"))
+            # a resume drops the events the stopped run logged after last.pth (TensorBoard hides events
+            # of steps >= purge_step written before this writer's start): one value per step
+            writer = SummaryWriter(log_dir=str(exp_dir / "log"),
+                                   purge_step=ctx.global_step + 1 if resume_ckpt is not None else None)
             ctx.writer = writer
             ctx.log(f"training {config} on {info.device} x{info.world_size} process(es); "
                     f"{len(dataset)} images ({dataset.num_faces} faces), {iters_per_epoch} iterations/epoch of "
@@ -1102,6 +1129,11 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             for note in loader_notes(loader, dataset):
                 ctx.log(note)
 
+        missed = pending_validation(ctx, val_root) if resume_ckpt is not None else None
+        if missed is not None:
+            ctx.log(f"the validation after epoch {missed + 1} (step {ctx.global_step}) did not run before the run "
+                    "stopped: running it first")
+            _validate_and_save(ctx, missed, val_root, gt)
         start_epoch, skip = divmod(ctx.global_step, iters_per_epoch)
         stopped = bool(args.max_iters) and ctx.global_step >= args.max_iters
         epoch = start_epoch
@@ -1117,17 +1149,17 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                         ctx.save_last()  # first: a run that dies while evaluating keeps this epoch
                     if (_evaluation_due(args, epoch, val_root, final=epoch + 1 == epochs)
                             and not ctx.stop_requested):
-                        improved = _evaluate(ctx, epoch, val_root, gt)
-                        ctx.save_last()  # with the new metrics and best
-                        if improved and info.is_main:
-                            save_training_state(ctx.ckpt_dir / "best.pth", ctx)
-                            ctx.log(f"saved {ctx.ckpt_dir / 'best.pth'} (hard AP {ctx.best_metric:.4f})")
+                        _validate_and_save(ctx, epoch, val_root, gt)
                 epoch += 1
             if ctx.last_saved_step != ctx.global_step:
                 ctx.save_last()
-        if ctx.stop_requested and ctx.global_step < ctx.total_steps:  # not when the last step was done anyway
-            ctx.log(f"interrupted (Ctrl-C) at step {ctx.global_step}: continue with --resume "
-                    f"{ctx.ckpt_dir / 'last.pth'}")
+        skipped_validation = pending_validation(ctx, val_root)
+        # not when the last step and its validation were done anyway
+        if ctx.stop_requested and (ctx.global_step < ctx.total_steps or skipped_validation is not None):
+            ctx.log(f"interrupted (Ctrl-C) at step {ctx.global_step}"
+                    + (f", before the validation after epoch {skipped_validation + 1}"
+                       if skipped_validation is not None else "")
+                    + f": continue with --resume {ctx.ckpt_dir / 'last.pth'}")
             raise KeyboardInterrupt
         if info.distributed:
             dist.barrier()
