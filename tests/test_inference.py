@@ -23,6 +23,7 @@ from utils import face_mask as fm
 from utils import image_loader
 from utils import inference_utils as iu
 from utils.image_io import ImageReadError
+from utils.names import escape_name, unescape_name
 
 REPO = Path(__file__).resolve().parents[1]
 GREETING = "49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
@@ -530,6 +531,11 @@ def test_damaged_jpeg_data_is_refused_and_harmless_warnings_name_the_file(widerf
                                   cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR))
     assert re.fullmatch(rf"warning: {re.escape(str(extra))}: Corrupt JPEG data: \d+ extraneous bytes before marker "
                         r"0xd9\n", capfd.readouterr().err)
+    odd = tmp_path / "two\nlines.jpg"  # the warning stays one line, the name escaped as in the results files
+    odd.write_bytes(extra.read_bytes())
+    image_loader.read_complete_image(odd)
+    assert re.fullmatch(rf"warning: {re.escape(escape_name(str(odd)))}: Corrupt JPEG data: \d+ extraneous bytes "
+                        r"before marker 0xd9\n", capfd.readouterr().err)
 
 
 def test_image_loader_workers_ignore_ctrl_c_and_deliver_every_image(widerface_sample, tmp_path):
@@ -1102,9 +1108,9 @@ def test_names_with_line_breaks_stay_one_line_in_the_text_results(widerface_samp
     assert sorted(detections) == sorted(odd)  # JSON keeps the real names
     lines = (out / "x_inference_results.txt").read_text().split("\n")[:-1]
     names = [line for line in lines if not line[:1].isdigit()]
-    assert names == [iu.escape_name(name) for name in sorted(odd)]
+    assert names == [escape_name(name) for name in sorted(odd)]
     assert names == ["\\\\\\leading backslash.jpg", "\\new\\nline.jpg", "plain\\inside.jpg"]
-    assert [iu.unescape_name(name) for name in names] == sorted(odd)
+    assert [unescape_name(name) for name in names] == sorted(odd)
     assert len(lines) == len(odd) + sum(len(faces) for faces in detections.values())
     assert "  skipped \\bad\\nempty.jpg: empty file" in stdout.splitlines()
     summary = json.loads((out / "summary.json").read_text())

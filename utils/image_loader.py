@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from models.padding_mask import padded_size
 from utils.errors import is_opencv_error, is_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, decode_image, read_image_bytes
+from utils.names import escape_name
 from utils.native_stderr import captured_native_stderr, write_lines
 
 DEFAULT_MAX_PIXELS = 36_000_000  # larger images are downscaled for the network (with a warning)
@@ -201,7 +202,7 @@ def decode_jpeg_checked(data: bytes, path: str | Path) -> np.ndarray:
         with captured_native_stderr() as lines:
             image = decode_image(data, path)
     finally:
-        write_lines([f"warning: {path}: {line.strip()}" if "JPEG" in line else line for line in lines
+        write_lines([f"warning: {escape_name(str(path))}: {line.strip()}" if "JPEG" in line else line for line in lines
                      if line.strip() and not _JPEG_DAMAGE_WARNING.search(line)])
     damage = next((line.strip() for line in lines if _JPEG_DAMAGE_WARNING.search(line)), None)
     if damage is not None:

@@ -31,7 +31,6 @@ import difflib
 import errno
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -52,6 +51,7 @@ from utils.errors import InferenceError, unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
 from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, UnreadableInputError,
                                 find_images, make_loader, os_error_reason, start_loader)
+from utils.names import escape_name
 from utils.progress import progress_bar
 
 MASK_SUBFOLDERS = ("masks", "faces", "heads", "head_masks")
@@ -212,31 +212,6 @@ class BackgroundWriter:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     write_file(path, text.encode("utf-8"))
-
-
-_LINE_BREAKS = re.compile(r"[\\\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
-
-
-def escape_name(name: str) -> str:
-    """``name`` as one line of text: unchanged unless it holds a line break (any character
-    ``str.splitlines`` splits at) or starts with a backslash; then the line starts with ``\\``,
-    backslashes are doubled and the breaks are written ``\\n``, ``\\r`` or ``\\xHH`` / ``\\uHHHH``
-    (like ``sha256sum`` writes such names). :func:`unescape_name` reverses it."""
-    if not name.startswith("\\") and not any(ch != "\\" for ch in _LINE_BREAKS.findall(name)):
-        return name
-    named = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
-    return "\\" + _LINE_BREAKS.sub(
-        lambda m: named.get(m.group(), f"\\x{ord(m.group()):02x}" if ord(m.group()) < 256 else f"\\u{ord(m.group()):04x}"),
-        name)
-
-
-def unescape_name(line: str) -> str:
-    """The image name written as ``line`` by :func:`escape_name`."""
-    if not line.startswith("\\"):
-        return line
-    return re.sub(r"\\(\\|n|r|x[0-9a-f]{2}|u[0-9a-f]{4})",
-                  lambda m: {"\\": "\\", "n": "\n", "r": "\r"}.get(m.group(1)) or chr(int(m.group(1)[1:], 16)),
-                  line[1:])
 
 
 def format_results_txt(results: Iterable[tuple[str, Any]]) -> str:
