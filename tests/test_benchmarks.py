@@ -771,6 +771,7 @@ def test_cli_benchmark_times_test_py_against_the_public_pass(widerface_sample, m
     assert report["benchmark"] == "cli" and report["errors"] == [] and report["rounds"] == 2
     public = report["public_style"]
     assert public["images"] == 10 and public["sizes"] == 8 and public["ms_per_img"] > 0
+    assert len(public["rounds_ms_per_img"]) == 2 and public["ms_per_img"] == min(public["rounds_ms_per_img"])
     runs = {t["pipeline"]: t for t in report["test_py"]}
     # two settings, not three (two fresh processes fewer: ~30 s of CI's 2 cores); --channels_last auto
     # is test.py's default, run in tests/test_evaluation.py
@@ -804,7 +805,7 @@ def test_cli_benchmark_interrupted_still_writes_what_it_measured(monkeypatch, tm
         done.append(options)
         return {"pipeline": " ".join(["test.py", *options]), "channels_last": options[-1], "ms_per_img": 10.0}
 
-    monkeypatch.setattr(benchmark_cli, "measure_public", lambda args: {"ms_per_img": 40.0})
+    monkeypatch.setattr(benchmark_cli, "measure_public", lambda args: {"pipeline": "public-style", "ms_per_img": 40.0})
     monkeypatch.setattr(benchmark_cli, "measure_test_py", measure)
     out = tmp_path / "cli.jsonl"
     report = benchmark_cli.main(["--device", "cpu", "--layouts", "auto,true,false", "--out", str(out)])

@@ -7,14 +7,15 @@ A data set of many image sizes (WIDER val) reaches a fresh process size after si
 cold-start cost (CUDA context, cuDNN plans or autotuning per new input shape, graph capture) is
 paid inside the pass. This benchmark runs, each in a new process, one pass of the public-style
 pipeline (``tools/public_pipeline.py``: cuDNN autotuning on, as the public ``test_widerface.py``
-sets it) and then ``test.py`` on the same images for each ``--channels_last`` setting and each
+sets it) and ``test.py`` on the same images for each ``--channels_last`` setting and each
 ``--extra`` set of options (default: ``--pad_to 128 --batch_size 8``, padded batches of few canvas
 shapes, so that fewer shapes are new to the process). The public pass times decoding and
 detection after the model is loaded; test.py's ``seconds`` is its own pass (decoding in workers,
 detection, writing the prediction files), also after loading. ``process_s`` is each process's
 whole wall time, start-up and evaluation included. Process timings are noisy: ``--rounds``
-(default 2) runs the settings again in reverse order, and each setting reports its fastest round
-(all rounds are kept in ``rounds_ms_per_img``). An interrupt (tools/gpu_check.sh's time limit)
+(default 2) runs the public pass and the settings again in reverse order (the public pass first,
+then last: a cold page cache or GPU start falls on each side once), and each of them, the public
+pass included, reports its fastest round (all rounds are kept in ``rounds_ms_per_img``). An interrupt (tools/gpu_check.sh's time limit)
 still prints what was measured.
 
 Prints ONE JSON line (device, torch version, date, command, the measurements); ``--out FILE``
@@ -61,7 +62,8 @@ def measure_public(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def fastest_rounds(runs: list[dict[str, Any]], public_ms: float | None) -> list[dict[str, Any]]:
-    """One entry per setting (first-seen order): its fastest round, with every round's ms/img."""
+    """One entry per pipeline (first-seen order): its fastest round, with every round's ms/img
+    and its speed-up over ``public_ms`` (None without it)."""
     best: dict[str, dict[str, Any]] = {}
     for run in runs:
         kept = best.setdefault(run["pipeline"], {**run, "rounds_ms_per_img": []})
@@ -130,23 +132,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     notes: list[str] = []
     errors: list[str] = []
     runs: list[dict[str, Any]] = []
+    public_runs: list[dict[str, Any]] = []
     started = time.perf_counter()
     try:
-        try:
-            report["public_style"] = measure_public(args)
-        except Exception as error:
-            errors.append(f"public-style: {type(error).__name__}: {error}")
         with tempfile.TemporaryDirectory() as scratch:
-            order = list(enumerate(settings(args)))
+            order: list[tuple[int, list[str] | None]] = [(-1, None)] + list(enumerate(settings(args)))
             for round_index in range(args.rounds):
                 for index, options in order if round_index % 2 == 0 else order[::-1]:
                     try:
-                        runs.append(measure_test_py(args, options, Path(scratch) / f"{index}_{round_index}"))
+                        if options is None:
+                            public_runs.append(measure_public(args))
+                        else:
+                            runs.append(measure_test_py(args, options, Path(scratch) / f"{index}_{round_index}"))
                     except Exception as error:
-                        errors.append(f"{shlex.join(['test.py', *options])}: {type(error).__name__}: {error}")
+                        name = "public-style" if options is None else shlex.join(["test.py", *options])
+                        errors.append(f"{name}: {type(error).__name__}: {error}")
     except KeyboardInterrupt:  # timeout --signal=INT in tools/gpu_check.sh: keep what was measured
         report["interrupted"] = True
         notes.append("interrupted (SIGINT): partial results")
+    public = fastest_rounds(public_runs, None)
+    report["public_style"] = {k: v for k, v in public[0].items() if k != "speedup_vs_public"} if public else None
     report["test_py"] = fastest_rounds(runs, (report["public_style"] or {}).get("ms_per_img"))
     return finish_report(report, notes, errors, started, args.out)
 

@@ -90,7 +90,9 @@ def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidenc
     (default: the CPU). As in the public ``detect.py``, the input is prepared on the host and
     copied, the priors are built on the host and copied, decoding runs on the device and
     everything after it in NumPy. ``timings``, when given, accumulates seconds per step
-    (forward, priors, decode, nms). ``top_k`` / ``keep_top_k`` ``None``: no cut (the public
+    (forward, priors, decode, nms); on CUDA it waits for the forward pass to end the "forward"
+    step, which the public code does not (its Python prior loop overlaps the GPU's work), so
+    timed passes leave it out. ``top_k`` / ``keep_top_k`` ``None``: no cut (the public
     ``test_widerface.py``). ``resize`` != 1: as ``test_widerface.py`` at 1600/2150, the float32
     image is resized (bilinear) and the boxes are divided by ``resize`` before NMS.
     """
@@ -113,7 +115,8 @@ def public_style_detect(model: torch.nn.Module, image_bgr: np.ndarray, confidenc
     with torch.no_grad():
         stage = model(tensor)[0]
         loc, conf, landmarks = stage.loc, torch.softmax(stage.conf, dim=-1), stage.landm
-        synchronize()
+        if timings is not None:  # only to split the time: the public code builds its priors while the GPU works
+            synchronize()
         after_forward = clock()
         priors = python_loop_priors(height, width, model.config.min_sizes).to(device)
         after_priors = clock()

@@ -180,8 +180,8 @@ def cli_section(report: dict[str, Any]) -> list[str]:
     lines = heading(report, "Command line in fresh processes (tools/benchmark_cli.py)")
     lines += [f"One pass over {report.get('dataset')} per process, every image size new to the process: the "
               "public-style pipeline (cuDNN autotuning on, as its test_widerface.py) and test.py per "
-              "setting (--channels_last, padded batches); ms/img of the pass after loading the model, "
-              "process s the whole process.", ""]
+              "setting (--channels_last, padded batches); ms/img of the pass after loading the model (each "
+              "the fastest of its rounds), process s the whole process.", ""]
     public = report.get("public_style") or {}
     rows = [["public-style one pass", public.get("ms_per_img"), 1.0, public.get("process_s"), "–"]] if public else []
     rows += [[t["pipeline"], t["ms_per_img"], t.get("speedup_vs_public"), t["process_s"],
