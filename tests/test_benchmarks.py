@@ -940,6 +940,9 @@ def test_augmentation_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):
     result = benchmark_augmentation.main(["--dataset", str(widerface_sample), "--rounds", "4", "--im_size", "128"])
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert result["ours_ms_per_img"] > 0 and result["public_reconstruction_ms_per_img"] > 0
+    assert result["ours_with_cpu_conversion_ms_per_img"] > 0
+    assert result["speedup_with_conversion_on_both_sides"] == pytest.approx(
+        result["public_reconstruction_ms_per_img"] / result["ours_with_cpu_conversion_ms_per_img"], abs=0.01)
     assert set(result["worker_ms_per_img"]) == {"workers", "device"}
     assert all(v > 0 for v in result["worker_images_per_s"].values())
 

@@ -34,7 +34,9 @@ What one run measures, per config
   image, fp32 NCHW, the loss with a per-image ``match`` (Python loop over faces; each image's
   targets copied into host tensors, the batch's then copied back to the device), hard-negative
   mining by two sorts, host syncs (``max(num_pos.sum(), 1)``, ``.item()`` of the three losses for
-  the per-iteration log line). Same model, optimizer (SGD 0.9, wd 5e-4) and batch as ours.
+  the per-iteration log line). Same model, optimizer (SGD 0.9, wd 5e-4) and batch as ours. Not
+  reproduced: the public ResNet-50 config (``ngpu: 4``) wraps the model in ``nn.DataParallel``
+  even on one GPU, a little host time per step that would only slow the public side.
 * ``real``: the same steps fed by the real pipeline (``WiderFaceDataset`` + ``TrainTransform`` +
   DataLoader with ``--workers`` workers, pinned memory, non-blocking copies; built like
   ``train_data.build_train_loader``; the dataset is repeated to fill the steps) for
