@@ -48,11 +48,20 @@ def bool_or_auto(value: str | bool | None) -> bool | None:
         raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}") from None
 
 
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+def _checked_int(value: str, accept: Callable[[int], bool], expected: str) -> int:
+    """``int(value)`` when ``accept`` takes it, else an argparse error ``expected <expected>`` (also
+    for text that is no integer, e.g. ``1.5``, which argparse would name by this function's name)."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}") from None
+    if not accept(number):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
     return number
+
+
+def positive_int(value: str) -> int:
+    return _checked_int(value, lambda n: n > 0, "a positive integer")
 
 
 #: the smallest training image: one cell of the coarsest feature map (stride 32)
@@ -60,11 +69,8 @@ MIN_IM_SIZE = 32
 
 
 def training_image_size(value: str) -> int:
-    number = int(value)
-    if number < MIN_IM_SIZE:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {MIN_IM_SIZE} (the coarsest feature map has "
-                                         f"stride 32), got {value!r}")
-    return number
+    return _checked_int(value, lambda n: n >= MIN_IM_SIZE,
+                        f"an integer >= {MIN_IM_SIZE} (the coarsest feature map has stride 32)")
 
 
 def experiment_name(value: str) -> str:
@@ -76,10 +82,7 @@ def experiment_name(value: str) -> str:
 
 
 def non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
+    return _checked_int(value, lambda n: n >= 0, "an integer >= 0")
 
 
 def _checked_float(value: str, accept: Callable[[float], bool], expected: str, unparsable: str | None = None) -> float:
@@ -142,10 +145,7 @@ def scale_list(value: str) -> str:
 
 
 def probability(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
-    return number
+    return _checked_float(value, lambda x: 0.0 <= x <= 1.0, "a number in [0, 1]")
 
 
 def compile_backend(value: str | bool | None) -> str | None:
@@ -192,7 +192,9 @@ def _opt(*flags: str, scripts=ALL, defaults: dict[str, Any] | None = None, **kwa
 OPTIONS: tuple[Option, ...] = (
     # --- run and device -------------------------------------------------------------------
     _opt("--experiment_name", type=experiment_name, default="retinaface",
-         help="experiment folder experiments/<name>/ (checkpoints, logs, results)"),
+         help="experiment folder experiments/<name>/: train.py writes its checkpoints and logs there; "
+              "test.py and inference.py take its checkpoint when no --weights is given, and inference.py "
+              "names its <name>_inference_results.txt after it"),
     _opt("--gpu_num", type=non_negative_int, default=0,
          help="CUDA device index used when CUDA is available (default: 0)"),
     _opt("--device", type=device_name, default=None,
@@ -217,7 +219,8 @@ OPTIONS: tuple[Option, ...] = (
               "repeated sizes; false: always launch kernel by kernel)"),
     # --- weights ---------------------------------------------------------------------------
     _opt("--model_weight", type=str, default=None, scripts={TEST, INFERENCE},
-         help="checkpoint file name inside experiments/<experiment_name>/ckpt/ (e.g. best.pth)"),
+         help="checkpoint file name inside experiments/<experiment_name>/ckpt/ (e.g. best.pth); without it "
+              "and --weights: test.py takes last.pth, else best.pth; inference.py best.pth, else last.pth"),
     _opt("--weights", type=str, default=None, scripts={TEST, INFERENCE},
          help="'mobilenet0.25' or 'resnet50' for the published Pytorch_Retinaface weights "
               "(downloaded once into the torch hub cache), or a path to any checkpoint"),
@@ -341,7 +344,7 @@ OPTIONS: tuple[Option, ...] = (
          help="resize the shorter side to this size (e.g. 1600 with --max_size 2150)"),
     _opt("--tta", type=str2bool, default=False, scripts={TEST},
          help="multi-scale + horizontal-flip test-time augmentation: every --tta_scales shorter side "
-              "(longer side capped at --max_size, default 2150), each also mirrored, detections "
+              "(longer side capped at --max_size, 2150 if not given), each also mirrored, detections "
               "merged by score-weighted box voting at the --nms_threshold IoU"),
     _opt("--tta_scales", type=scale_list, default="500,800,1100,1400,1700", scripts={TEST},
          help="comma-separated shorter-side sizes of the --tta passes (the RetinaFace paper's "
@@ -488,8 +491,13 @@ def check_option_combinations(script: str, args: argparse.Namespace) -> None:
         raise UsageError(NO_INFERENCE_INPUT)
     if script == TRAIN and args.cuda_graphs and args.compile:
         raise UsageError(CUDA_GRAPHS_WITH_COMPILE)
+    if script == TRAIN and args.backbone_weights is not None and not args.pretrained:
+        raise UsageError("--backbone_weights loads ImageNet weights and --pretrained false asks for none: give one "
+                         "of them")
+    # an empty path would otherwise mean "not given" (the default) to the code that reads it
     for flag in ("pred_dir", "gt_dir", "results_dir", "results_json", "dataset", "inference_dir",
-                 "inference_save_folder"):
+                 "inference_save_folder", "weights", "model_weight", "resume", "init_weights", "backbone_weights",
+                 "val_dataset", "train_split"):
         value = getattr(args, flag, None)
         if value is not None and not str(value).strip():
             raise UsageError(f"--{flag} is empty")

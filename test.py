@@ -16,8 +16,9 @@ in ``config.py``; the work is done by :mod:`utils.evaluation` and :mod:`utils.tt
 
 Bad input does not stop the batch: a val image that cannot be read (or, with ``--pred_dir``, a
 malformed prediction file) is named on stderr, the other images are evaluated (as a subset), the
-results say how many files were left out, and the exit status is 1. Exit status: 0 done, 1 error
-(one line on stderr, or files left out), 2 bad option, 130 interrupted.
+results say how many files were left out, and the exit status is 3 (as train.py's and
+inference.py's). Exit status: 0 done, 3 finished with files left out, 1 error (one line on
+stderr), 2 bad option, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -27,15 +28,15 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from config import EXIT_ERROR, EXIT_OK, architecture_overrides, build_parser, parse_scales, run_command_line
+from config import EXIT_OK, EXIT_SKIPPED, architecture_overrides, build_parser, parse_scales, run_command_line
 
 PROG = "test.py"
 
 DESCRIPTION = ("Evaluate a RetinaFace checkpoint on WIDER FACE val (easy/medium/hard AP, official "
                "protocol), or an existing prediction folder with --pred_dir.")
-EPILOG = ("exit status: 0 done; 1 error (missing dataset, ground truth or weights, results folder not "
-          "writable), or some val images / prediction files could not be read (each is named, the others "
-          "are evaluated as a subset); 2 invalid option; 130 interrupted. A val set with only part of the "
+EPILOG = ("exit status: 0 done; 3 finished, but some val images / prediction files could not be read (each "
+          "is named, the others are evaluated as a subset); 1 error (missing dataset, ground truth or weights, "
+          "results folder not writable, no file readable); 2 invalid option; 130 interrupted. A val set with only part of the "
           "3226 images is evaluated on those images only (reported as a subset).")
 #: the options that --pred_dir uses (--dataset too when it locates the ground truth); the others
 #: only matter when a model is run
@@ -98,8 +99,9 @@ def ignored_with_pred_dir(args: argparse.Namespace) -> list[str]:
 
 def _report(result, results_dir: Path, args: argparse.Namespace, *, seconds: float | None,
             num_images: int | None, details: list[str], unreadable: list[str], inputs: str) -> int:
-    """Print the APs, write the result files; returns the exit status: 1 when ``unreadable`` (one
-    line per ``inputs`` file left out, e.g. "val images") is not empty."""
+    """Print the APs, write the result files; returns the exit status: 3 (finished, files skipped,
+    as train.py and inference.py) when ``unreadable`` (one line per ``inputs`` file left out, e.g.
+    "val images") is not empty."""
     from utils.evaluation import format_aps, subset_note, write_results  # noqa: PLC0415
 
     note = subset_note(result)
@@ -114,7 +116,7 @@ def _report(result, results_dir: Path, args: argparse.Namespace, *, seconds: flo
         return EXIT_OK
     report_error(f"{len(unreadable)} of {len(unreadable) + result.num_images} {inputs} could not be read "
                  f"(named above, listed in results.json): the APs cover the other {result.num_images} only")
-    return EXIT_ERROR
+    return EXIT_SKIPPED
 
 
 def evaluate_folder(args: argparse.Namespace) -> int:
@@ -148,6 +150,7 @@ def test(args: argparse.Namespace) -> int:
     from utils.evaluation import (PREDICTION_FOLDER, EvaluationError, check_images_in_gt,  # noqa: PLC0415
                                   default_gt_dir, evaluate_predictions, list_val_images, load_gt,
                                   predict_widerface, remove_results)
+    from utils.inference_utils import moot_option_warnings  # noqa: PLC0415
     from utils.tta import DEFAULT_MAX_SIZE, TTAConfig, TTADetector  # noqa: PLC0415
 
     results_dir = results_folder(args)
@@ -166,6 +169,8 @@ def test(args: argparse.Namespace) -> int:
         print("warning: --target_size is ignored with --tta (see --tta_scales)", file=sys.stderr)
     if not args.tta and args.tta_scales != build_parser("test").get_default("tta_scales"):
         print("warning: --tta_scales is ignored without --tta true", file=sys.stderr)
+    for warning in moot_option_warnings(args, device):
+        print(f"warning: {warning}", file=sys.stderr)
     detector = FaceDetector(weights, device=device, overrides=architecture_overrides(args),
                             confidence_threshold=args.confidence_threshold, nms_threshold=args.nms_threshold,
                             top_k=args.top_k, keep_top_k=args.keep_top_k, target_size=args.target_size,

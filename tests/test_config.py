@@ -41,6 +41,11 @@ def test_booleans_and_architecture_overrides():
     ("test", ["--confidence_threshold", "1.5"], "expected a number in [0, 1]"),
     ("inference", ["--device", "gpu"], "expected cpu, cuda or cuda:N"),
     ("inference", ["--batch_size", "0"], "expected a positive integer"),
+    ("inference", ["--batch_size", "1.5"], "argument --batch_size: expected a positive integer, got '1.5'"),
+    ("train", ["--workers", "two"], "argument --workers: expected an integer >= 0, got 'two'"),
+    ("train", ["--im_size", "big"], "argument --im_size: expected an integer >= 32"),
+    ("test", ["--confidence_threshold", "abc"], "argument --confidence_threshold: expected a number in [0, 1], got 'abc'"),
+    ("test", ["--confidence_threshold", "nan"], "expected a number in [0, 1], got 'nan'"),
     ("inference", ["--epochs", "3"], "unrecognized arguments"),
     ("test", ["--tta_scales", "abc"], "expected comma-separated integers >= 0"),
     ("test", ["--tta_scales=-5,0"], "expected comma-separated integers >= 0"),
@@ -63,6 +68,15 @@ def test_bad_values_are_rejected_with_a_clear_message(script, argv, message, cap
     ("inference", ["--weights", "w.pth"], "no input: pass --inference_dir"),
     ("test", ["--pred_dir", ""], "--pred_dir is empty"),
     ("test", ["--weights", "w.pth", "--results_json", " "], "--results_json is empty"),
+    # an empty path would mean "not given": a resume would start a new run, --weights "" another checkpoint
+    ("train", ["--resume", ""], "--resume is empty"),
+    ("train", ["--init_weights", " "], "--init_weights is empty"),
+    ("train", ["--train_split", ""], "--train_split is empty"),
+    ("train", ["--val_dataset", ""], "--val_dataset is empty"),
+    ("inference", ["--weights", "", "--inference_dir", "x"], "--weights is empty"),
+    ("test", ["--model_weight", ""], "--model_weight is empty"),
+    ("train", ["--pretrained", "false", "--backbone_weights", "b.tar"],
+     "--backbone_weights loads ImageNet weights and --pretrained false asks for none"),
 ])
 def test_option_combinations_exit_2_with_one_line_before_any_work(script, argv, message, capsys, tmp_path,
                                                                   monkeypatch):

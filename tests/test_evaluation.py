@@ -22,7 +22,7 @@ from utils.evaluation import (EvaluationError, evaluate_predictions, format_aps,
                               prediction_rows, predict_widerface, subset_note)
 from utils.metric import read_prediction_dir, read_prediction_file
 from tests.conftest import QueueingDetector
-from config import parse_scales
+from config import EXIT_SKIPPED, parse_scales
 from utils.tta import TTAConfig, TTADetector, box_voting, flip_detections
 
 SAMPLE_IMAGES = 10
@@ -259,7 +259,7 @@ def test_nan_ap_of_an_empty_setting_is_printed_not_fatal(test_script, widerface_
 def test_pred_dir_evaluates_the_good_files_and_names_every_bad_one(test_script, widerface_gt_dir, tmp_path, capsys):
     """Batch rule: malformed prediction files (bad line, not UTF-8, count line disagreeing with the
     box lines) are each named with file:line on stderr and left out; the good files are evaluated
-    as a subset, the results list the bad files, exit status 1. None readable: one clear error."""
+    as a subset, the results list the bad files, exit status 3. None readable: one clear error, 1."""
     gt = load_gt(widerface_gt_dir)
     keys = gt.image_keys()[::400][:5]
     pred = tmp_path / "pred"
@@ -275,7 +275,7 @@ def test_pred_dir_evaluates_the_good_files_and_names_every_bad_one(test_script, 
     bad[2].write_text(f"{stems[2]}\n3\n1 2 3 4 0.5\n")
     code, out, err = run_cli(test_script, ["--pred_dir", pred, "--gt_dir", widerface_gt_dir, "--results_dir",
                                            tmp_path / "res", "--results_json", tmp_path / "ap.json"], tmp_path, capsys)
-    assert code == 1 and "Traceback" not in err, err
+    assert code == EXIT_SKIPPED and "Traceback" not in err, err
     lines = err.strip().splitlines()
     assert lines[:3] == [f"test.py: error: skipped {bad[0]}:4: expected 'x y w h score', got '1 2 3'",
                          f"test.py: error: skipped {bad[1]}:3: not UTF-8 text (byte 0xff at column 9)",
@@ -306,7 +306,7 @@ def test_pred_dir_skips_files_naming_images_the_ground_truth_lacks(test_script, 
                                                                   capsys):
     """The image of a prediction file is the one its first line names (as the public Python tool
     reads it). A file naming an image the ground truth lacks (a wrong first line, an extra file) is
-    skipped with file:1 like any bad file; the others are evaluated, exit status 1."""
+    skipped with file:1 like any bad file; the others are evaluated, exit status 3."""
     gt = load_gt(widerface_gt_dir)
     keys = gt.image_keys()[::500][:3]
     pred = tmp_path / "pred"
@@ -319,7 +319,7 @@ def test_pred_dir_skips_files_naming_images_the_ground_truth_lacks(test_script, 
     code, out, err = run_cli(test_script, ["--pred_dir", pred, "--gt_dir", widerface_gt_dir, "--results_dir",
                                            tmp_path / "res"], tmp_path, capsys)
     event = keys[0].split("/")[0]
-    assert code == 1 and err.strip().splitlines() == [
+    assert code == EXIT_SKIPPED and err.strip().splitlines() == [
         f"test.py: error: skipped {wrong_name}:1: names image {event}/something_else, which the ground truth "
         "does not have",
         f"test.py: error: skipped {extra}:1: names image 99--Nothing/foo, which the ground truth does not have",
@@ -699,7 +699,7 @@ def _break_images(dataset: Path, keys: list[str]) -> list[Path]:
 def test_unreadable_val_images_are_named_and_the_others_evaluated(test_script, widerface_sample, widerface_gt_dir,
                                                                  mobilenet_weights, tmp_path, capsys):
     """Batch rule: the run goes past unreadable images, names each on stderr, evaluates the images
-    read (subset), lists the unreadable ones in the results and exits 1."""
+    read (subset), lists the unreadable ones in the results and exits 3 (files skipped)."""
     keys = ["0--Parade/0_Parade_marchingband_1_311.jpg", "12--Group/12_Group_Group_12_Group_Group_12_935.jpg",
             "49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"]
     dataset = small_dataset(tmp_path, widerface_sample, keys)
@@ -710,7 +710,7 @@ def test_unreadable_val_images_are_named_and_the_others_evaluated(test_script, w
     code, out, err = run_cli(test_script, ["--weights", mobilenet_weights, "--dataset", dataset, "--gt_dir",
                                            widerface_gt_dir, "--workers", 1, "--results_dir", tmp_path / "res"],
                              tmp_path, capsys)
-    assert code == 1 and "Traceback" not in err, err
+    assert code == EXIT_SKIPPED and "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("test.py: ")]
     assert len(lines) == 3 and [line.startswith(f"test.py: error: cannot read {path}: ")
                                 for path, line in zip(broken, lines)] == [True, True], err
@@ -999,3 +999,10 @@ def test_opencv_allocation_failure_counts_as_out_of_memory():
     assert not is_out_of_memory(other.value)
     with pytest.raises(cv2.error):
         unless_out_of_memory(cv2.cvtColor, np.zeros((4, 4, 2), np.uint8), cv2.COLOR_BGR2GRAY)
+
+
+def test_half_on_the_cpu_is_named_as_unused(test_script, widerface_sample, mobilenet_weights, tmp_path, capsys):
+    code, _, err = run_cli(test_script, ["--weights", mobilenet_weights, "--dataset", widerface_sample, "--device",
+                                         "cpu", "--half", "true", "--workers", 0, "--target_size", 160, "--max_size",
+                                         160, "--results_dir", tmp_path / "res"], tmp_path, capsys)
+    assert code == 0 and "warning: --half is only used on CUDA; running in float32" in err.splitlines(), err

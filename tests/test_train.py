@@ -1316,3 +1316,18 @@ def test_a_resume_replaces_the_tensorboard_steps_logged_after_last_pth(widerface
     lr = events.Scalars("train/lr")
     assert [event.step for event in lr] == [1, 2, 3, 4, 5, 6]
     assert lr[3].value == pytest.approx(0.002) and lr[2].value == pytest.approx(0.001)  # step 4: the resumed run's
+
+
+def test_options_that_other_options_make_moot_get_a_note():
+    argv = ["--lr_schedule", "cosine", "--lr_steps", "5,8", "--amp", "false", "--amp_dtype", "fp16",
+            "--eval_every", "0", "--val_dataset", "v", "--gt_dir", "g"]
+    args = parse_args("train", argv)
+    assert tu.ignored_option_notes(args, tu.explicit_options(argv)) == [
+        "note: --lr_steps ignored: --lr_schedule cosine has no decay epochs",
+        "note: --amp_dtype ignored: --amp false trains in float32",
+        "note: --val_dataset ignored: --eval_every 0 turns validation off",
+        "note: --gt_dir ignored: --eval_every 0 turns validation off"]
+    # taken from a resumed run's checkpoint (not given), or in effect: no note
+    assert tu.ignored_option_notes(args, set()) == []
+    used = ["--lr_steps", "5,8", "--amp_dtype", "fp16", "--val_dataset", "v"]
+    assert tu.ignored_option_notes(parse_args("train", used), tu.explicit_options(used)) == []

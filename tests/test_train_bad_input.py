@@ -237,7 +237,8 @@ def test_backbone_weights_that_are_no_state_dict_give_one_line(widerface_sample,
     else:
         torch.save(torch.zeros(3), weights)
     monkeypatch.chdir(tmp_path)
-    argv = [*run_args(widerface_sample, "bw", "--train_split", "val"), "--backbone_weights", str(weights)]
+    argv = [*run_args(widerface_sample, "bw", "--train_split", "val", "--pretrained", "true"),
+            "--backbone_weights", str(weights)]
     assert train.main(argv) == 1
     message = error_line(capsys)
     assert message.startswith("train.py: error: backbone weights: ") and str(weights) in message, message

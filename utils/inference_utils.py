@@ -104,6 +104,23 @@ def _check_writable(folder: Path) -> None:
         raise InferenceError(f"output folder {folder} is not writable: {os_error_reason(error)}") from None
 
 
+def moot_option_warnings(args: argparse.Namespace, device: torch.device,
+                         needs: dict[str, str] | None = None) -> list[str]:
+    """Warnings for options that do nothing in this run: ``--half`` and ``--gpu_num`` on the CPU,
+    and each option (a value of ``needs``) given without the switch it serves (its key)."""
+    warnings_ = []
+    if getattr(args, "half", False) and device.type != "cuda":
+        warnings_.append("--half is only used on CUDA; running in float32")
+    if getattr(args, "gpu_num", 0) and device.type == "cpu" and getattr(args, "device", None) is None:
+        warnings_.append(f"--gpu_num {args.gpu_num} given, but CUDA is not available: running on the CPU "
+                         "(--device cuda makes this an error)")
+    for switch, option in (needs or {}).items():
+        default = build_parser("inference").get_default(option)
+        if not getattr(args, switch, False) and getattr(args, option, default) != default:
+            warnings_.append(f"--{option} is ignored without --{switch} true")
+    return warnings_
+
+
 def prepare_output_folder(folder: str | Path, subfolders: Iterable[str] = ()) -> list[Path]:
     """Create ``folder`` (with its parents) and check that files can be written in it and in those of
     ``subfolders`` that already exist (e.g. ``result_images`` of an earlier run with ``--exist_ok``),
@@ -684,8 +701,8 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     # --pad_to groups by canvas too: the detector runs each call's images in one padded pass
     grouped = args.infer_imsize_same or detector.pad_to > 1
     batcher = SameSizeBatcher(args.batch_size, pad_to=detector.pad_to) if grouped else None
-    if args.half and device.type != "cuda":
-        _warn(bar, "--half is only used on CUDA; running in float32")
+    for warning in moot_option_warnings(args, device, {"save_aligned": "aligned_size"}):
+        _warn(bar, warning)
     loop_started = time.perf_counter()
     loop_error: BaseException | None = None
     try:

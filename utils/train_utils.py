@@ -733,6 +733,16 @@ def load_validation_ground_truth(val_root: str | Path, gt_dir: str | Path) -> An
     return gt
 
 
+def ignored_option_notes(args: argparse.Namespace, explicit: set[str] | None) -> list[str]:
+    """Log notes for options given on the command line that other options of the run make moot."""
+    moot = [("lr_steps", args.lr_schedule != "step", f"--lr_schedule {args.lr_schedule} has no decay epochs"),
+            ("amp_dtype", not args.amp, "--amp false trains in float32"),
+            ("val_dataset", not args.eval_every, "--eval_every 0 turns validation off"),
+            ("gt_dir", not args.eval_every, "--eval_every 0 turns validation off")]
+    return [f"note: --{name} ignored: {reason}" for name, ignored, reason in moot
+            if explicit and name in explicit and ignored]
+
+
 def _resolve_validation(args: argparse.Namespace) -> tuple[str | None, Path | None, str]:
     """(val root, gt dir, reason when evaluation is off)."""
     if not args.eval_every:
@@ -1100,6 +1110,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         if args.lr_schedule == "step":
             notes += decay_epoch_notes(steps, epochs, given=bool(getattr(args, "lr_steps", None)))
         notes += warmup_notes(args.warmup_epochs, epochs, args.lr_schedule, steps)
+        notes += ignored_option_notes(args, explicit)
         if info.device.type == "cpu" and explicit and "gpu_num" in explicit and not args.device:
             notes.append(f"note: --gpu_num {args.gpu_num} given, but CUDA is not available: training on the CPU "
                          "(--device cuda makes this an error)")
