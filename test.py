@@ -36,8 +36,8 @@ DESCRIPTION = ("Evaluate a RetinaFace checkpoint on WIDER FACE val (easy/medium/
                "protocol), or an existing prediction folder with --pred_dir.")
 EPILOG = ("exit status: 0 done; 3 finished, but some val images / prediction files could not be read (each "
           "is named, the others are evaluated as a subset); 1 error (missing dataset, ground truth or weights, "
-          "results folder not writable, no file readable); 2 invalid option; 130 interrupted. A val set with only part of the "
-          "3226 images is evaluated on those images only (reported as a subset).")
+          "results folder not writable, no file readable); 2 invalid option; 130 interrupted. A val set with "
+          "only part of the 3226 images is evaluated on those images only (reported as a subset).")
 #: the options that --pred_dir uses (--dataset too when it locates the ground truth); the others
 #: only matter when a model is run
 PRED_DIR_OPTIONS = frozenset({"pred_dir", "gt_dir", "results_dir", "results_json"})

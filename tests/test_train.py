@@ -271,7 +271,8 @@ def test_build_model_backbone_errors(monkeypatch, tmp_path, mobilenet_backbone_w
     file_keys = {k.removeprefix("module.") for k in torch.load(mobilenet_backbone_weights, map_location="cpu",
                                                                 weights_only=True)["state_dict"]}
     missing = [k for k in resnet_keys if k not in file_keys]
-    assert (len(missing), len(resnet_keys)) == (100, 102) and set(resnet_keys) - set(missing) == {"fc.weight", "fc.bias"}
+    assert (len(missing), len(resnet_keys)) == (100, 102)
+    assert set(resnet_keys) - set(missing) == {"fc.weight", "fc.bias"}
     assert str(info.value).startswith(f"--backbone_weights: {mobilenet_backbone_weights} does not hold ResNet backbone "
                                       f"weights: {len(missing)} of its {len(resnet_keys)} tensors missing (e.g. "
                                       "conv1.weight), 1 of another shape (e.g. fc.weight: (1000, 256) in the file, "

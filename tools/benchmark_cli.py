@@ -15,8 +15,8 @@ detection, writing the prediction files), also after loading. ``process_s`` is e
 whole wall time, start-up and evaluation included. Process timings are noisy: ``--rounds``
 (default 2) runs the public pass and the settings again in reverse order (the public pass first,
 then last: a cold page cache or GPU start falls on each side once), and each of them, the public
-pass included, reports its fastest round (all rounds are kept in ``rounds_ms_per_img``). An interrupt (tools/gpu_check.sh's time limit)
-still prints what was measured.
+pass included, reports its fastest round (all rounds are kept in ``rounds_ms_per_img``). An
+interrupt (tools/gpu_check.sh's time limit) still prints what was measured.
 
 Prints ONE JSON line (device, torch version, date, command, the measurements); ``--out FILE``
 appends it to FILE; ``tools/speed_table.py`` renders it.

@@ -202,7 +202,8 @@ def decode_jpeg_checked(data: bytes, path: str | Path) -> np.ndarray:
         with captured_native_stderr() as lines:
             image = decode_image(data, path)
     finally:
-        write_lines([f"warning: {escape_name(str(path))}: {line.strip()}" if "JPEG" in line else line for line in lines
+        name = escape_name(str(path))
+        write_lines([f"warning: {name}: {line.strip()}" if "JPEG" in line else line for line in lines
                      if line.strip() and not _JPEG_DAMAGE_WARNING.search(line)])
     damage = next((line.strip() for line in lines if _JPEG_DAMAGE_WARNING.search(line)), None)
     if damage is not None:
