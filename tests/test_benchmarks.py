@@ -886,6 +886,10 @@ def test_gpu_check_refuses_unknown_arguments_and_steps_and_a_machine_without_cud
         result = subprocess.run(["bash", "tools/gpu_check.sh", "--smoke"], cwd=REPO_ROOT, capture_output=True,
                                 text=True, timeout=120, env={**env, "GPU_CHECK_DEADLINE": deadline})
         assert result.returncode == 2 and f"at least 60 (got '{deadline}')" in result.stderr
+    # a leading zero is decimal (bash arithmetic would read 0540 as octal 352, and 090 as an error)
+    result = subprocess.run(["bash", "tools/gpu_check.sh", "--smoke"], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=120, env={**env, "GPU_CHECK_DEADLINE": "090", "GPU_CHECK_STEPS": "table"})
+    assert "(deadline 90 s)" in result.stdout and "error" not in result.stderr, result.stdout + result.stderr
     assert run("--help").returncode == 0
     if not torch.cuda.is_available():  # the benchmarks would only record errors
         result = run()
@@ -1013,3 +1017,39 @@ def test_benchmark_argument_errors_are_one_line_before_any_work(module, argv, me
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].endswith(f": error: {message}"), err  # after the program name (argv[0])
+
+
+def test_speed_table_survives_cut_reports(tmp_path, capsys):
+    """What an interrupted or killed GPU step leaves: a cut JSON line (left out with a warning, the
+    rest rendered), a sample section without its "best" (taken from the timed faithful variants),
+    and a training config whose fastest fixed variant (fp16) has no real-pipeline row of its own."""
+    env = {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda", "torch": "2.11.0"}
+    sample = {"images": 10, "distinct_sizes": 8, "confidence_threshold": 0.02, "public_style": {"ms_per_img": 400.0},
+              "variants": [{"variant": "ref", "ms_per_img": 40.0, "speedup_vs_public": 10.0,
+                            "fidelity": {"passed": True}},
+                           {"variant": "fp16+graph", "ms_per_img": 8.0, "speedup_vs_public": 50.0,
+                            "fidelity": {"passed": True}},
+                           {"variant": "bf16+graph", "ms_per_img": 4.0, "speedup_vs_public": 100.0,
+                            "fidelity": {"passed": False}}],
+              "face_detector_api": {"settings": "FaceDetector()", "ms_per_img": 10.0, "speedup_vs_public": 40.0,
+                                    "fidelity": {"passed": True}}}
+    inference = {"benchmark": "inference", "env": env, "date": "2026-01-01", "command": "x", "synthetic": [],
+                 "sample": sample}
+    train_entry = {"config": "resnet50:24:840", "variants": [
+        {"variant": "public", "mode": "fixed", "img_per_s": 80.0},
+        {"variant": "fp16", "mode": "fixed", "img_per_s": 260.0},
+        {"variant": "bf16+cuda_graphs", "mode": "fixed", "img_per_s": 237.0},
+        {"variant": "bf16+cuda_graphs", "mode": "real", "augment_on": "workers", "img_per_s": 234.0},
+        {"variant": "bf16+cuda_graphs+inline", "mode": "real", "augment_on": "workers", "img_per_s": 220.0}]}
+    bt.summarise_config(train_entry)
+    assert train_entry["summary"]["best_fixed_variant"] == "fp16"
+    assert train_entry["summary"]["real_ratio_to_fixed"] == {"workers": pytest.approx(0.9, abs=0.001)}  # 234 / 260
+    train = {"benchmark": "train", "env": env, "date": "2026-01-01", "command": "y", "configs": [train_entry]}
+    path = tmp_path / "gpu.jsonl"
+    path.write_text(json.dumps(inference) + "\n" + json.dumps(train)[:200] + "\n")
+    reports = speed_table.read_reports([str(path)])
+    assert [r["benchmark"] for r in reports] == ["inference"]
+    assert f"{path}:2: not a JSON line, left out" in capsys.readouterr().err
+    rows = {row[0]: row for row in speed_table.target_rows(reports + [train])}
+    assert rows["sample WIDER images vs public-style pipeline, sizes seen before"][2] == "50.0× (fp16+graph)"
+    assert rows["resnet50:24:840 real data pipeline vs fixed batches"][2] == "0.900"

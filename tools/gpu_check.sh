@@ -10,16 +10,17 @@
 # measured); GPU_CHECK_DEADLINE caps the whole call.
 #
 #   GPU_CHECK_DEADLINE=540 bash tools/gpu_check.sh   # on the GPU machine: the lease's first call (9 minutes)
-#   GPU_CHECK_DEADLINE=300 GPU_CHECK_STEPS="trained_r50 table" bash tools/gpu_check.sh   # its second call
+#   GPU_CHECK_DEADLINE=<left-40> GPU_CHECK_STEPS="trained_r50 table" bash tools/gpu_check.sh   # its second call
+#                                  (left: the device seconds the lease still has; timeout_s <left-20>)
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings, every step's wiring: checks this script anywhere (~2 min, 2 cores)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
 #
 # GPU_CHECK_DEADLINE=SECONDS (from the script's start) bounds the whole call: each step's cap is cut to
-# what is left before the deadline less 30 s kept for the table, and a step with under 20 s left is
-# skipped (logged; exit status 1). Set it below the device call's timeout_s: on 2026-11-27 (run 7)
+# what is left before the deadline less 30 s kept for the table, and a step with under 20 s left (the
+# table: 5 s) is skipped (logged; exit status 1). Set it below the device call's timeout_s: on 2026-11-27 (run 7)
 # the default steps of then summed to 551 s and the call's 560 s limit cut the nms step and the table.
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests nms inference train table"), in this order:
+# Steps (GPU_CHECK_STEPS, default "cuda_tests inference train table"), in this order:
 #   cuda_tests   tests/test_cuda.py
 #   matching     tools/benchmark_matching.py: the loss's anchor matching of 8 real batches against the
 #                padded-batch baseline, mobilenet0.25 bs32@640 and ResNet-50 bs24@840 with per-image
@@ -28,9 +29,10 @@
 #                DataLoader (pinned, 14 workers), targets padded in the workers against one tensor per
 #                image (into train.jsonl); not a default step since run 8 (measured in two H100 runs)
 #   nms          tools/benchmark_nms.py: post-processing of a batch of 32 per NMS chunk size (into
-#                inference.jsonl; the trained_r50 step runs it on the trained cascade too)
+#                inference.jsonl; the trained_r50 step runs it on the trained cascade too); not a default
+#                step since run 10 (the same in runs 8 and 9; the first call's time goes to training)
 #   inference    tools/benchmark_inference.py: every inference target, the sample images, new sizes
-#   train        tools/benchmark_train.py: fixed batches, the real pipeline, profiles (after inference
+#   train        tools/benchmark_train.py: fixed batches, the real pipeline (after inference
 #                since run 9, which measured every training row but cut inference's sample section)
 #   cli          tools/benchmark_cli.py: test.py on the sample in fresh processes per --channels_last and --pad_to
 #                setting (one round) against one public-style pass
@@ -46,7 +48,7 @@
 #
 # Writes under $OUT (default ./bench_out): gpu_check.log (everything printed, the CUDA test report
 # included), inference.jsonl, cli.jsonl, train.jsonl (one JSON line per run, appended),
-# train_profile.txt (torch.profiler tables), inference_trained_r50.jsonl, inference_compile.jsonl,
+# train_profile.txt (torch.profiler tables; --smoke only since run 10), inference_trained_r50.jsonl, inference_compile.jsonl,
 # train_compile.jsonl, speed_table.md. Exit status: 0 when every step succeeded.
 #
 # Data: $RETINAFACE_SHARED with data/widerface_sample/ and weights/mobilenet0.25_Final.pth
@@ -68,12 +70,12 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-DEFAULT_STEPS="cuda_tests nms inference train table"
+DEFAULT_STEPS="cuda_tests inference train table"
 KNOWN_STEPS=" cuda_tests nms inference train matching loader cli trained_r50 train_compile compile table "
 SMOKE=false
 case "$#:${1:-}" in
   0:) ;;
-  1:--smoke) SMOKE=true; DEFAULT_STEPS+=" matching loader cli" ;;  # the smoke run checks the other steps' wiring too
+  1:--smoke) SMOKE=true; DEFAULT_STEPS+=" nms matching loader cli" ;;  # the smoke run checks the other steps' wiring too
   1:-h|1:--help) sed -n '2,/^set -uo pipefail/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   *) echo "gpu_check.sh: unknown arguments: $* (only --smoke; steps go in GPU_CHECK_STEPS)" >&2; exit 2 ;;
 esac
@@ -86,9 +88,13 @@ for name in $STEPS; do
 done
 DEADLINE="${GPU_CHECK_DEADLINE:-}"
 TABLE_RESERVE=30  # seconds kept for the table (and the step killed by the deadline) before the deadline
-if [ -n "$DEADLINE" ] && ! [[ "$DEADLINE" =~ ^[0-9]+$ && "$DEADLINE" -ge 60 ]]; then
-  echo "gpu_check.sh: GPU_CHECK_DEADLINE must be a whole number of seconds, at least 60 (got '$DEADLINE')" >&2
-  exit 2
+if [ -n "$DEADLINE" ]; then
+  # 10#: 0540 is 540 (bash arithmetic would read it as octal 352, and 090 as an error)
+  if ! [[ "$DEADLINE" =~ ^[0-9]+$ ]] || (( 10#$DEADLINE < 60 )); then
+    echo "gpu_check.sh: GPU_CHECK_DEADLINE must be a whole number of seconds, at least 60 (got '$DEADLINE')" >&2
+    exit 2
+  fi
+  DEADLINE=$((10#$DEADLINE))
 fi
 if $SMOKE; then
   INFERENCE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0
@@ -118,12 +124,14 @@ else
   INFERENCE_ARGS=(--device cuda --batch_sizes 1,32 --variants ref,fp16,tf32+graph,fp16+graph --iters 20
                   --sample_variants ref,fp16,fp16+graph --sample_iters 5)
   # bf16+cuda_graphs: train.py --cuda_graphs true; fp16: train.py --amp_dtype fp16 (cuDNN's BatchNorm
-  # instead of PyTorch's, README Training); both listed before bf16, which the busy-core, batches-in-turn
-  # and profile rows then use, as before; +inline: each batch prepared when its step starts, the
-  # baseline of preparing it on a side stream during the step before (run 9 prepared inline)
+  # instead of PyTorch's, README Training); +inline: each batch prepared when its step starts, the
+  # baseline of preparing it on a side stream during the step before (run 9 prepared inline). Trimmed
+  # to fit the first call (a review of run 9's times: both configs' rows of then needed ~330 s): no
+  # bf16 real rows, no whole-step graph headroom, busy-core or batches-in-turn rows, no profile (all
+  # measured in runs 1-9)
   TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840
-              --variants public,bf16+cuda_graphs,fp16,bf16,bf16+graph --real_variants bf16,bf16+cuda_graphs,bf16+cuda_graphs+inline
-              --iters 30 --warmup 3 --profile)
+              --variants public,bf16+cuda_graphs,fp16,bf16 --real_variants bf16+cuda_graphs,bf16+cuda_graphs+inline
+              --busy_processes 0 --fixed_batches 0 --iters 30 --warmup 3)
   # the ResNet-50 cascade target is bf16 at batch 32: compiled against the same variant uncompiled
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32 --variants bf16+graph,bf16+compile+graph)
   # trained_r50: the ResNet-50 cascade from scratch on the sample listed 40 times, 1000 steps of 16 at 640
@@ -159,7 +167,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
   if [ -n "$DEADLINE" ]; then  # SECONDS: since the script started
     local left=$((DEADLINE - SECONDS - TABLE_RESERVE))
     [ "$name" = table ] && left=$((DEADLINE - SECONDS))
-    if [ "$left" -lt 20 ]; then
+    if [ "$left" -lt "$([ "$name" = table ] && echo 5 || echo 20)" ]; then
       log "== $name: skipped, ${left} s left before GPU_CHECK_DEADLINE=$DEADLINE (after ${SECONDS} s)"
       status=1
       return
@@ -254,12 +262,13 @@ if wanted trained_r50 && needs_shared trained_r50; then
   step trained_r50_train "$TRAINED_R50_LIMIT" "$PY" tools/overfit_check.py "${TRAINED_R50_ARGS[@]}" \
     --dataset "$SAMPLE" --gt_dir "$SAMPLE/ground_truth" --min_hard_ap 0 --save "$TRAINED/resnet50_cascade.pth"
   if [ -f "$TRAINED/resnet50_cascade.pth" ]; then
-    step trained_r50_inference "$TRAINED_R50_LIMIT" "$PY" tools/benchmark_inference.py "${TRAINED_R50_INFERENCE_ARGS[@]}" \
-      --weights "resnet50_cascade=$TRAINED/resnet50_cascade.pth" --sample_images "$SAMPLE/val/images" \
-      --sample_weights "" --out "$OUT/inference_trained_r50.jsonl"
+    # NMS first (~15 s): in run 10 the inference step took the deadline and the NMS step was skipped
     step trained_r50_nms 90 "$PY" tools/benchmark_nms.py "${NMS_ARGS[@]}" --model resnet50_cascade \
       --weights "$TRAINED/resnet50_cascade.pth" --sample_images "$SAMPLE/val/images" \
       --out "$OUT/inference_trained_r50.jsonl"
+    step trained_r50_inference "$TRAINED_R50_LIMIT" "$PY" tools/benchmark_inference.py "${TRAINED_R50_INFERENCE_ARGS[@]}" \
+      --weights "resnet50_cascade=$TRAINED/resnet50_cascade.pth" --sample_images "$SAMPLE/val/images" \
+      --sample_weights "" --out "$OUT/inference_trained_r50.jsonl"
   else
     log "== trained_r50_inference: skipped (training left no weights)"; status=1
   fi
