@@ -128,6 +128,31 @@ def detection_fails_on_call(monkeypatch):
 
 
 @pytest.fixture
+def after_training_step(monkeypatch):
+    """``after(number, action)``: from now on ``action()`` runs right after training step
+    ``number`` (1-based) of train.py's loop, which steps its ``LambdaLR`` once per training step
+    (and once when it is built); returns ``restore()``, which puts the plain method back (for a
+    resume in the same test)."""
+    import torch
+
+    original = torch.optim.lr_scheduler.LambdaLR.step
+
+    def after(number: int, action):
+        calls = []
+
+        def step(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            calls.append(1)
+            if len(calls) == number + 1:
+                action()
+
+        monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+        return lambda: monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", original)
+
+    return after
+
+
+@pytest.fixture
 def detector_layouts(monkeypatch) -> list[bool]:
     """The ``channels_last`` setting of every ``FaceDetector`` built from now on, in order."""
     from models.detector import FaceDetector

@@ -604,39 +604,35 @@ def test_resume_without_experiment_name_continues_in_the_checkpoints_folder(wide
 
 
 def test_ctrl_c_stops_at_the_step_boundary_saves_last_and_the_run_resumes(widerface_sample, tmp_path, monkeypatch,
-                                                                           capfd):
+                                                                           capfd, after_training_step):
     import multiprocessing
     import signal
 
     import train
 
     monkeypatch.chdir(tmp_path)
-    step = torch.optim.lr_scheduler.LambdaLR.step
-    calls, workers_alive = [], []
+    workers_alive = []
 
-    def step_then_ctrl_c(self, *args, **kwargs):
-        step(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == 4:  # the constructor steps once; Ctrl-C in the third training step, the worker gets it too
-            workers = multiprocessing.active_children()
-            assert workers
-            for worker in workers:
-                os.kill(worker.pid, signal.SIGINT)
-            for worker in workers:  # one that did not ignore it would end within this wait
-                worker.join(timeout=2.0)
-            workers_alive.append(all(worker.is_alive() for worker in workers))  # they ignore it
-            signal.raise_signal(signal.SIGINT)
+    def ctrl_c():  # the worker gets it too
+        workers = multiprocessing.active_children()
+        assert workers
+        for worker in workers:
+            os.kill(worker.pid, signal.SIGINT)
+        for worker in workers:  # one that did not ignore it would end within this wait
+            worker.join(timeout=2.0)
+        workers_alive.append(all(worker.is_alive() for worker in workers))  # they ignore it
+        signal.raise_signal(signal.SIGINT)
 
-    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_ctrl_c)
+    restore = after_training_step(3, ctrl_c)
     before = signal.getsignal(signal.SIGINT)
     code = train.main(_run_args(widerface_sample, "stop", "--epochs", "2", "--workers", "1"))
     assert code == 130 and signal.getsignal(signal.SIGINT) is before
     assert capfd.readouterr().err.count("stopping after this step") == 1  # not from the worker too
     state = torch.load(tmp_path / "experiments/stop/ckpt/last.pth", weights_only=True)
-    assert state["step"] == 3 and len(calls) == 4 and workers_alive == [True]
+    assert state["step"] == 3 and workers_alive == [True]
     log = (tmp_path / "experiments/stop/log/logs.txt").read_text()
     assert "interrupted (Ctrl-C) at step 3: continue with --resume experiments/stop/ckpt/last.pth" in log
-    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    restore()
     summary = train.run(["--resume", "experiments/stop/ckpt/last.pth", "--device", "cpu"])
     assert summary["step"] == 10
 
@@ -1288,28 +1284,24 @@ def test_amp_dtype_chooses_the_autocast_type_and_the_loss_scaler(capsys):
     assert tu.describe_amp(fp16, cuda, True) == "float16 with loss scaling"
 
 
-def test_a_resume_replaces_the_tensorboard_steps_logged_after_last_pth(widerface_sample, tmp_path, monkeypatch):
+def test_a_resume_replaces_the_tensorboard_steps_logged_after_last_pth(widerface_sample, tmp_path, monkeypatch,
+                                                                       after_training_step):
     """A run that dies after logging steps 4 and 5 but saving last.pth at step 3 (an epoch end) is
     resumed from step 3: TensorBoard shows each step once, with the resumed run's values."""
     import train
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.chdir(tmp_path)
-    step = torch.optim.lr_scheduler.LambdaLR.step
-    calls = []
 
-    def step_then_die(self, *args, **kwargs):
-        step(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == 7:  # the constructor steps once: training step 6, after steps 4 and 5 were logged
-            raise RuntimeError("killed")
+    def die():
+        raise RuntimeError("killed")
 
-    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_die)
+    restore = after_training_step(6, die)  # steps 4 and 5 were logged
     # 3 iterations per epoch: last.pth at step 3; 0.5 warm-up epochs: another lr at each of the first steps
     argv = _run_args(widerface_sample, "tb", "--epochs", "4", "--batch_size", "3", "--lr", "0.001")
     with pytest.raises(RuntimeError, match="killed"):
         train.run(argv)
-    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    restore()
     assert torch.load(tmp_path / "experiments/tb/ckpt/last.pth", weights_only=True)["step"] == 3
     train.run(["--resume", "experiments/tb/ckpt/last.pth", "--device", "cpu", "--lr", "0.002", "--max_iters", "6"])
     events = EventAccumulator(str(tmp_path / "experiments/tb/log"))

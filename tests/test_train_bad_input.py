@@ -299,7 +299,7 @@ def test_labels_without_any_face_stop_at_start_up_with_one_line(widerface_sample
 
 
 def test_a_validation_missed_by_a_stop_runs_when_the_run_is_resumed(widerface_sample, tmp_path, monkeypatch,
-                                                                     capsys):
+                                                                     capsys, after_training_step):
     """last.pth is saved before an epoch's validation: a Ctrl-C in the last step of the run (or a
     process killed while validating) leaves that validation undone. The stop says so (exit 130,
     not "finished"), and the resume runs it before anything else, even with no step left to train."""
@@ -310,18 +310,9 @@ def test_a_validation_missed_by_a_stop_runs_when_the_run_is_resumed(widerface_sa
     for name in image_names(root / "train")[2:]:
         (root / "val/images" / name).unlink()  # two val images: a short validation
     monkeypatch.chdir(tmp_path)
-    step = torch.optim.lr_scheduler.LambdaLR.step
-    calls = []
-
-    def step_then_ctrl_c(self, *args, **kwargs):
-        step(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == 11:  # the constructor steps once: Ctrl-C in training step 10, the last of epoch 2
-            signal.raise_signal(signal.SIGINT)
-
-    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step_then_ctrl_c)
+    restore = after_training_step(10, lambda: signal.raise_signal(signal.SIGINT))  # the last step of epoch 2
     assert train.main(run_args(root, "cut", "--epochs", "2", "--eval_every", "1")) == 130
-    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    restore()
     log_file = tmp_path / "experiments/cut/log/logs.txt"
     log = log_file.read_text()
     assert "val AP after epoch 1 (step 5)" in log and "val AP after epoch 2" not in log
