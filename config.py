@@ -482,6 +482,24 @@ CUDA_GRAPHS_WITH_COMPILE = ("--cuda_graphs true and --compile are alternatives (
                             "the host); choose one")
 
 
+def moot_option_warnings(args: argparse.Namespace, device: Any,
+                         needs: dict[str, str] | None = None) -> list[str]:
+    """Warnings for options that do nothing in this run on ``device`` (a ``torch.device``):
+    ``--half`` and ``--gpu_num`` on the CPU, and each option (a value of ``needs``) given without
+    the switch it serves (its key)."""
+    found = []
+    if getattr(args, "half", False) and device.type != "cuda":
+        found.append("--half is only used on CUDA; running in float32")
+    if getattr(args, "gpu_num", 0) and device.type == "cpu" and getattr(args, "device", None) is None:
+        found.append(f"--gpu_num {args.gpu_num} given, but CUDA is not available: running on the CPU "
+                     "(--device cuda makes this an error)")
+    for switch, option in (needs or {}).items():
+        default = build_parser("inference").get_default(option)
+        if not getattr(args, switch, False) and getattr(args, option, default) != default:
+            found.append(f"--{option} is ignored without --{switch} true")
+    return found
+
+
 def check_option_combinations(script: str, args: argparse.Namespace) -> None:
     """Raise :class:`UsageError` for options that are valid alone but not together, or a missing
     option a command-line run needs (the Python APIs fill in their own)."""

@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from config import EXIT_OK, EXIT_SKIPPED, architecture_overrides, build_parser, parse_scales, run_command_line
+from config import (EXIT_OK, EXIT_SKIPPED, architecture_overrides, build_parser, moot_option_warnings, parse_scales,
+                    run_command_line)
 
 PROG = "test.py"
 
@@ -150,7 +151,6 @@ def test(args: argparse.Namespace) -> int:
     from utils.evaluation import (PREDICTION_FOLDER, EvaluationError, check_images_in_gt,  # noqa: PLC0415
                                   default_gt_dir, evaluate_predictions, list_val_images, load_gt,
                                   predict_widerface, remove_results)
-    from utils.inference_utils import moot_option_warnings  # noqa: PLC0415
     from utils.tta import DEFAULT_MAX_SIZE, TTAConfig, TTADetector  # noqa: PLC0415
 
     results_dir = results_folder(args)

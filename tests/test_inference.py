@@ -1202,12 +1202,12 @@ def test_options_that_do_nothing_in_a_run_are_named():
     cpu = torch.device("cpu")
     moot = config.parse_args("inference", ["--inference_dir", "x", "--half", "true", "--gpu_num", "2",
                                            "--aligned_size", "64"])
-    assert iu.moot_option_warnings(moot, cpu, {"save_aligned": "aligned_size"}) == [
+    assert config.moot_option_warnings(moot, cpu, {"save_aligned": "aligned_size"}) == [
         "--half is only used on CUDA; running in float32",
         "--gpu_num 2 given, but CUDA is not available: running on the CPU (--device cuda makes this an error)",
         "--aligned_size is ignored without --save_aligned true"]
     used = config.parse_args("inference", ["--inference_dir", "x", "--save_aligned", "true", "--aligned_size", "64",
                                            "--device", "cpu", "--gpu_num", "2"])
-    assert iu.moot_option_warnings(used, cpu, {"save_aligned": "aligned_size"}) == []
-    assert iu.moot_option_warnings(used, torch.device("cuda", 2)) == []  # --half and --gpu_num in effect on a GPU
+    assert config.moot_option_warnings(used, cpu, {"save_aligned": "aligned_size"}) == []
+    assert config.moot_option_warnings(used, torch.device("cuda", 2)) == []  # --half and --gpu_num in effect on a GPU
 

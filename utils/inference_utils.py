@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from config import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, UsageError, build_parser,
-                    check_option_combinations, one_line)
+                    check_option_combinations, moot_option_warnings, one_line)
 from utils.checkpoint import checkpoint_for_run, resolve_weights
 from utils.errors import InferenceError, unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
@@ -102,23 +102,6 @@ def _check_writable(folder: Path) -> None:
         os.unlink(name)
     except OSError as error:
         raise InferenceError(f"output folder {folder} is not writable: {os_error_reason(error)}") from None
-
-
-def moot_option_warnings(args: argparse.Namespace, device: torch.device,
-                         needs: dict[str, str] | None = None) -> list[str]:
-    """Warnings for options that do nothing in this run: ``--half`` and ``--gpu_num`` on the CPU,
-    and each option (a value of ``needs``) given without the switch it serves (its key)."""
-    warnings_ = []
-    if getattr(args, "half", False) and device.type != "cuda":
-        warnings_.append("--half is only used on CUDA; running in float32")
-    if getattr(args, "gpu_num", 0) and device.type == "cpu" and getattr(args, "device", None) is None:
-        warnings_.append(f"--gpu_num {args.gpu_num} given, but CUDA is not available: running on the CPU "
-                         "(--device cuda makes this an error)")
-    for switch, option in (needs or {}).items():
-        default = build_parser("inference").get_default(option)
-        if not getattr(args, switch, False) and getattr(args, option, default) != default:
-            warnings_.append(f"--{option} is ignored without --{switch} true")
-    return warnings_
 
 
 def prepare_output_folder(folder: str | Path, subfolders: Iterable[str] = ()) -> list[Path]:
