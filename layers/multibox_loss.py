@@ -54,7 +54,8 @@ Cascade (the semantics of :meth:`models.retinaface.RetinaFace.stage_predictions`
   decoded boxes, one set per image ``(B, N, 4)``: faces are matched against those boxes (same
   thresholds) and the targets are encoded relative to them.
 * ``residual``: both stages use the priors, so matching is done once and shared; stage 2's
-  offsets are stage-1 + stage-2 outputs (as ``stage_predictions`` returns them).
+  box offsets are stage-1 + stage-2 outputs, its landmark offsets its own (as
+  ``stage_predictions`` returns them).
 
 Returned dict (all 0-dim float32 tensors on the device; nothing is synchronised)
 -------------------------------------------------------------------------------

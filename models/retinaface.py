@@ -37,8 +37,8 @@ class ModelConfig:
     - ``cascade``: add a second detection stage on the same FPN features.
     - ``cascade_mode``: ``refine`` - stage 2 regresses boxes and landmarks from the (detached)
       stage-1 decoded boxes and is classified against them; ``residual`` - the original
-      project's formulation: stage-2 offsets are added to stage-1 offsets, both relative to the
-      anchors.
+      project's formulation: stage-2 box offsets are added to stage-1 box offsets, both relative
+      to the anchors; stage-2 landmark offsets are its own (relative to the anchors).
     - ``model_version``: ``retina``, or ``tina`` with a per-anchor IoU head; the face score is
       then sqrt(class probability * predicted IoU).
     - ``out_channels``: FPN/SSH width; ``None`` = 64 for mobilenet0.25, 256 for ResNets.
@@ -208,9 +208,9 @@ class RetinaFace(nn.Module):
             if self.config.cascade_mode == "refine":
                 refined = center_size(decode(first.loc.detach().float(), priors, self.config.variances))
                 predictions.append(StagePrediction(refined, *second))
-            else:
-                predictions.append(StagePrediction(priors, first.loc + second.loc, second.conf,
-                                                   first.landm + second.landm, second.iou))
+            else:  # the original project adds the box offsets only: its stage-2 landmarks stand alone
+                predictions.append(StagePrediction(priors, first.loc + second.loc, second.conf, second.landm,
+                                                   second.iou))
         return predictions
 
     def decode_detections(self, outputs: list[StageOutput], priors: torch.Tensor

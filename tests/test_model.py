@@ -5,6 +5,7 @@ import torch
 
 from layers.prior_box import num_priors, prior_boxes
 from models.retinaface import ModelConfig, RetinaFace
+from utils.box_utils import decode_landm
 
 VARIANTS = list(itertools.product(
     ["mobilenet0.25", "resnet18", "resnet50"], [2, 3], [(False, "refine"), (True, "refine"), (True, "residual")],
@@ -98,9 +99,12 @@ def test_cascade_semantics():
             from utils.box_utils import center_size, decode
             torch.testing.assert_close(second.anchors, center_size(decode(outputs[0].loc, priors)))
             assert second.loc is outputs[1].loc
-        else:
+        else:  # as the original project's forward: box offsets summed, stage-2 landmarks on their own
             assert second.anchors is priors
             torch.testing.assert_close(second.loc, outputs[0].loc + outputs[1].loc)
+            assert second.landm is outputs[1].landm
+            _, _, landmarks = model.decode_detections(outputs, priors)
+            torch.testing.assert_close(landmarks, decode_landm(outputs[1].landm, priors))
         # test-time scores come from the last stage
         _, scores, _ = model.decode_detections(outputs, priors)
         torch.testing.assert_close(scores, torch.softmax(outputs[1].conf, -1)[..., 1])
