@@ -49,6 +49,7 @@ from models.detector import FaceDetector  # noqa: E402
 from models.net import fuse_conv_bn  # noqa: E402
 from models.retinaface import BGR_MEAN, RetinaFace, preprocess  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
+from utils.atomic_file import atomic_path  # noqa: E402
 from utils.checkpoint import CheckpointError, load_model, resolve_weights  # noqa: E402
 from utils.image_io import ImageReadError  # noqa: E402
 from utils.image_loader import find_images, read_complete_image  # noqa: E402
@@ -116,16 +117,13 @@ def export_onnx(model: RetinaFace, output: str | Path, opset: int = DEFAULT_OPSE
     example = torch.zeros(2, 96, 128, 3, dtype=torch.uint8)
     dims = {0: torch.export.Dim("batch", min=1), 1: torch.export.Dim("height", min=2),
             2: torch.export.Dim("width", min=2)}
-    partial = output.with_name(output.name + ".partial")
     try:
-        torch.onnx.export(graph, (example,), str(partial), dynamo=True, input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), dynamic_shapes=(dims,), opset_version=opset,
-                          external_data=False, verbose=False)
-        partial.replace(output)
+        with atomic_path(output) as partial:  # removed after a failure or Ctrl-C
+            torch.onnx.export(graph, (example,), str(partial), dynamo=True, input_names=[INPUT_NAME],
+                              output_names=list(OUTPUT_NAMES), dynamic_shapes=(dims,), opset_version=opset,
+                              external_data=False, verbose=False)
     except Exception as error:
         raise ExportError(f"ONNX export failed: {one_line(error)[:500]}") from error
-    finally:
-        partial.unlink(missing_ok=True)  # after a failure or Ctrl-C (gone already after the rename)
     return output
 
 

@@ -15,10 +15,8 @@ missing or unexpected key raises :class:`CheckpointError` naming them.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 import urllib.error
 import warnings
 from collections import OrderedDict
@@ -29,6 +27,7 @@ import torch
 
 from config import WEIGHTS_CONFLICT
 from models.retinaface import ModelConfig, RetinaFace
+from utils.atomic_file import atomic_path
 from utils.errors import CheckpointError
 
 CHECKPOINT_FORMAT = "retinaface-toolkit"
@@ -55,22 +54,9 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, **extra: Any) -> P
     model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     payload = {"format": CHECKPOINT_FORMAT, "format_version": FORMAT_VERSION,
                "model_config": model.config.to_dict(), "model": model.state_dict(), **extra}
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp's 0600 would hide the file from a shared group
-        torch.save(payload, tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+    with atomic_path(path, suffix=".tmp") as partial:
+        torch.save(payload, partial)
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # torch.save < 1.6

@@ -46,6 +46,7 @@ import torch
 
 from config import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, UsageError, build_parser,
                     check_option_combinations, moot_option_warnings, one_line)
+from utils.atomic_file import atomic_path
 from utils.checkpoint import checkpoint_for_run, resolve_weights
 from utils.errors import InferenceError, unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
@@ -150,15 +151,11 @@ def write_file(path: Path, data: bytes | np.ndarray) -> None:
     """Write ``data`` to ``path`` under the name ``<name>.partial``, renamed when complete: a
     write that fails part-way (disk full, a file size limit, Ctrl-C) leaves no truncated file,
     and an earlier file of that name stays whole. Raises OSError naming ``path``."""
-    partial = path.with_name(path.name + ".partial")
     try:
-        with open(partial, "wb") as handle:
-            handle.write(memoryview(data))
-        os.replace(partial, path)
+        with atomic_path(path) as partial:
+            partial.write_bytes(memoryview(data))
     except OSError as error:
         raise OSError(f"cannot write {escape_name(str(path))}: {os_error_reason(error)}") from None
-    finally:
-        partial.unlink(missing_ok=True)  # after a failure (gone already after the rename)
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
