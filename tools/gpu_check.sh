@@ -17,8 +17,8 @@
 #
 # GPU_CHECK_DEADLINE=SECONDS (from the script's start) bounds the whole call: each step's cap is cut to
 # what is left before the deadline less 30 s kept for the table, and a step with under 20 s left (the
-# table: 5 s) is skipped (logged; exit status 1). Set it below the device call's timeout_s: on 2026-11-27 (run 7)
-# the default steps of then summed to 551 s and the call's 560 s limit cut the nms step and the table.
+# table: 5 s) is skipped (logged; exit status 1). Set it below the device call's timeout_s: on 2026-11-27
+# (run 7) the default steps of then summed to 551 s and the call's 560 s limit cut the nms step and the table.
 #
 # Steps (GPU_CHECK_STEPS, default "cuda_tests inference train table"), in this order:
 #   cuda_tests   tests/test_cuda.py
@@ -48,8 +48,8 @@
 #
 # Writes under $OUT (default ./bench_out): gpu_check.log (everything printed, the CUDA test report
 # included), inference.jsonl, cli.jsonl, train.jsonl (one JSON line per run, appended),
-# train_profile.txt (torch.profiler tables; --smoke only since run 10), inference_trained_r50.jsonl, inference_compile.jsonl,
-# train_compile.jsonl, speed_table.md. Exit status: 0 when every step succeeded.
+# train_profile.txt (torch.profiler tables; --smoke only since run 10), inference_trained_r50.jsonl,
+# inference_compile.jsonl, train_compile.jsonl, speed_table.md. Exit status: 0 when every step succeeded.
 #
 # Data: $RETINAFACE_SHARED with data/widerface_sample/ and weights/mobilenet0.25_Final.pth
 # (default ./.gpu_shared when it exists, else ../shared). The GPU machine only receives the
@@ -165,9 +165,9 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...
   local name=$1 limit=$2 kill_after=30
   shift 2
   if [ -n "$DEADLINE" ]; then  # SECONDS: since the script started
-    local left=$((DEADLINE - SECONDS - TABLE_RESERVE))
-    [ "$name" = table ] && left=$((DEADLINE - SECONDS))
-    if [ "$left" -lt "$([ "$name" = table ] && echo 5 || echo 20)" ]; then
+    local left=$((DEADLINE - SECONDS - TABLE_RESERVE)) floor=20
+    [ "$name" = table ] && { left=$((DEADLINE - SECONDS)); floor=5; }  # the table takes about a second
+    if [ "$left" -lt "$floor" ]; then
       log "== $name: skipped, ${left} s left before GPU_CHECK_DEADLINE=$DEADLINE (after ${SECONDS} s)"
       status=1
       return
