@@ -216,6 +216,33 @@ def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_
     assert ("amp float16 with loss scaling" in log) == (amp_dtype == "fp16")
 
 
+def test_fp16_training_skips_overflow_steps_without_touching_the_optimizer():
+    """fp16's GradScaler skips a step whose gradients overflow; the SGD train.py builds for it must
+    leave weights and momentum alone then (the fused kernel allocated the momentum buffers and left
+    them unwritten: the H200 benchmark's fp16 training went NaN within 33 steps, 2026-11-27)."""
+    from types import SimpleNamespace
+
+    from models.retinaface import ModelConfig, RetinaFace
+    from utils.train_utils import autocast_settings, build_optimizer
+
+    torch.manual_seed(0)
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)).to(CUDA)
+    dtype, scaler = autocast_settings(CUDA, True, "fp16")
+    assert dtype == torch.float16 and scaler.is_enabled()
+    optimizer = build_optimizer(model, SimpleNamespace(lr=1e-3, momentum=0.9, weight_decay=5e-4),
+                                loss_scaling=scaler.is_enabled())
+    before = {name: value.detach().clone() for name, value in model.named_parameters()}
+    with torch.autocast("cuda", dtype=dtype):
+        outputs = model(torch.randn(2, 3, 128, 128, device=CUDA))
+    scaler.scale(sum(stage.conf.float().sum() for stage in outputs)).backward()
+    next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 15 and not optimizer.state
+    for name, value in model.named_parameters():
+        assert torch.equal(value, before[name]), name
+
+
 def test_priors_built_on_the_gpu_equal_the_cpu_ones():
     from layers.prior_box import prior_boxes
 

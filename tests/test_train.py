@@ -1249,6 +1249,38 @@ def test_cuda_graphs_option_on_the_cpu_with_compile_and_with_several_processes(w
         tu.graph_training_network(ctx, inherited, None)
 
 
+def test_loss_scaled_training_skips_an_overflow_step_entirely(monkeypatch):
+    """With fp16's GradScaler, build_optimizer must not pick the fused SGD step: on a step the scaler
+    skips (inf in a gradient), the fused kernel allocates the momentum buffers without writing them
+    and the next step reads that memory (fp16 training went NaN on an H200). The plain step leaves
+    weights and state untouched. On this CPU machine the parameters are made to look like CUDA ones
+    while the optimizer is built (torch's fused SGD runs on the CPU too); the step itself runs on
+    the CPU with a CPU GradScaler."""
+    args = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    def overflow_step(loss_scaling: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+            optimizer = tu.build_optimizer(model, args, loss_scaling=loss_scaling)
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+        model.weight.grad[0, 0] = float("inf")
+        scaler.step(optimizer)
+        scaler.update()
+        unchanged = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+        return optimizer, unchanged, scaler.get_scale()
+
+    fused, unchanged, scale = overflow_step(loss_scaling=False)
+    assert fused.param_groups[0]["fused"] and unchanged and scale == 2.0 ** 15
+    assert fused.state, "torch's fused SGD now leaves skipped steps alone: fusing under fp16 may be safe again"
+    plain, unchanged, scale = overflow_step(loss_scaling=True)
+    assert not plain.param_groups[0]["fused"] and unchanged and scale == 2.0 ** 15
+    assert not plain.state  # no momentum buffer until a step is taken
+
+
 def test_amp_dtype_chooses_the_autocast_type_and_the_loss_scaler(capsys):
     """--amp_dtype: bf16 trains without loss scaling, fp16 with a GradScaler; on the CPU there is no
     autocast whatever the choice, and an unknown type fails with one line."""

@@ -457,11 +457,12 @@ def build_training(config, variant, device: torch.device, seed: int, public: boo
     runner = wrap_model(model, DistInfo(device=device), channels_last=variant.channels_last,
                         compile_backend="inductor" if variant.compile else None)
     hyper = SimpleNamespace(lr=1e-3, momentum=0.9, weight_decay=5e-4)
-    optimizer = (torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
-                                 weight_decay=hyper.weight_decay) if public else build_optimizer(model, hyper))
     # train.py's own choice (--amp, --amp_dtype): no autocast on the CPU, a GradScaler for fp16
     amp = variant.precision != "fp32"
     dtype, scaler = autocast_settings(device, amp, variant.precision if amp else "auto")
+    optimizer = (torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
+                                 weight_decay=hyper.weight_decay) if public
+                 else build_optimizer(model, hyper, loss_scaling=scaler.is_enabled()))
     return model, runner, optimizer, scaler, dtype
 
 

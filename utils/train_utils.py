@@ -270,12 +270,19 @@ def unwrap(model: nn.Module) -> RetinaFace:
 # --------------------------------------------------------------------------------------------
 # Optimizer and mixed precision
 # --------------------------------------------------------------------------------------------
-def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, args: argparse.Namespace, loss_scaling: bool = False
+                    ) -> torch.optim.Optimizer:
     """SGD with ``--momentum`` and ``--weight_decay`` on every parameter (defaults 0.9 and 5e-4, the
     public recipe); the fused CUDA kernel when the parameters are on a GPU (one launch for all of
-    them)."""
+    them), unless ``loss_scaling`` (fp16 with an enabled GradScaler).
+
+    Why not fused with loss scaling: the scaler then leaves the overflow check to the fused kernel,
+    which skips the update but has already allocated the momentum buffers, uninitialised, on the
+    first step; the next step reads that memory. fp16 training diverged (NaN loss within 33 steps,
+    H200, torch 2.11, 2026-11-27), and the CPU kernel of torch 2.14 leaves the same garbage. The
+    plain step (foreach) skips an overflow step entirely, as the scaler intends."""
     params = list(model.parameters())
-    fused = bool(params) and all(p.is_cuda for p in params)
+    fused = not loss_scaling and bool(params) and all(p.is_cuda for p in params)
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                            fused=fused or None)
 
@@ -297,8 +304,8 @@ def autocast_settings(device: torch.device, amp: bool, amp_dtype: str = "auto"
                       ) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
     """Autocast dtype (``amp_dtype``: ``auto`` is bf16 on GPUs of compute capability 8 or more,
     where cuDNN has bf16 kernels, else fp16; ``bf16``; ``fp16``; ``None`` on the CPU or without
-    ``amp``) and a GradScaler that is enabled only for fp16 (with the fused SGD step it adds no
-    host synchronisation)."""
+    ``amp``) and a GradScaler that is enabled only for fp16 (give :func:`build_optimizer` its
+    ``is_enabled()``: the fused SGD step mishandles the steps the scaler skips)."""
     if amp_dtype not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
     if amp and device.type == "cuda":
@@ -1079,7 +1086,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         raw_model = unwrap(wrapped)
         iters_per_epoch = len(sampler) // args.batch_size
         epochs, steps = resolve_epochs_and_steps(args, config.network)
-        optimizer = build_optimizer(raw_model, args)
+        optimizer = build_optimizer(raw_model, args, loss_scaling=scaler.is_enabled())
         scheduler = build_scheduler(optimizer, args, iters_per_epoch, config.network)
         criterion = MultiBoxLoss(config, landmark_loss=args.landmark_loss,
                                  empty_image_negatives=args.empty_image_negatives)
