@@ -315,11 +315,12 @@ OPTIONS: tuple[Option, ...] = (
     _opt("--compile", type=compile_backend, default=None, scripts={TRAIN},
          help="torch.compile the model for training: false (default), true (inductor) or a backend "
               "name; the first step compiles (a minute or more), evaluation runs uncompiled"),
-    _opt("--cuda_graphs", type=str2bool, default=False, scripts={TRAIN},
-         help="on one CUDA GPU, replay the network's forward and backward passes from CUDA graphs "
-              "captured at start-up (the loss and the optimizer stay eager): the host launches two graphs "
-              "instead of every kernel, which sets the pace of mobilenet0.25's step (README, Training). "
-              "Not with --compile or several processes; ignored on the CPU"),
+    _opt("--cuda_graphs", type=bool_or_auto, default=None, metavar="{auto,true,false}", scripts={TRAIN},
+         help="replay the network's forward and backward passes from CUDA graphs captured at start-up "
+              "(the loss and the optimizer stay eager): the host launches two graphs instead of every "
+              "kernel, which sets the pace of mobilenet0.25's step (README, Training). auto (default): on "
+              "when one process trains on a CUDA GPU without --compile; true: required (not with --compile "
+              "or several processes; ignored on the CPU); false: off"),
     _opt("--amp", type=str2bool, default=True, scripts={TRAIN},
          help="automatic mixed precision on CUDA (bf16 on GPUs of compute capability 8 or more, else fp16 "
               "with a GradScaler); ignored on the CPU"),

@@ -1281,6 +1281,34 @@ def test_loss_scaled_training_skips_an_overflow_step_entirely(monkeypatch):
     assert not plain.state  # no momentum buffer until a step is taken
 
 
+def test_cuda_graphs_auto_graphs_one_process_on_a_gpu_without_compile(monkeypatch):
+    """--cuda_graphs auto (the default) graphs the network exactly when --cuda_graphs true would be
+    accepted on a GPU: one process, no --compile; elsewhere it leaves the model alone without a
+    note. false never graphs. (The capture itself is replaced here: it needs CUDA.)"""
+    import utils.graphed_training as graphed_training
+
+    monkeypatch.setattr(graphed_training, "GraphedTrainingNetwork",
+                        lambda network, shape, channels_last, dtype: ("graphed", network, shape))
+    assert parse_args("train", []).cuda_graphs is None
+    for device, distributed, options, graphed in (
+            ("cuda", False, [], True),
+            ("cuda", False, ["--cuda_graphs", "auto", "--batch_size", "8", "--im_size", "320"], True),
+            ("cuda", True, [], False),
+            ("cuda", False, ["--compile", "true"], False),
+            ("cuda", False, ["--cuda_graphs", "false"], False),
+            ("cpu", False, [], False)):
+        ctx = SimpleNamespace(info=SimpleNamespace(device=torch.device(device), distributed=distributed),
+                              model="network", channels_last=True)
+        args = parse_args("train", options)
+        notes = tu.graph_training_network(ctx, args, None)
+        assert (ctx.model != "network") == graphed, (device, distributed, options)
+        if graphed:
+            assert ctx.model == ("graphed", "network", (args.batch_size, 3, args.im_size, args.im_size))
+            assert len(notes) == 1 and notes[0].startswith("CUDA graphs: the network's forward and backward")
+        else:
+            assert notes == []
+
+
 def test_amp_dtype_chooses_the_autocast_type_and_the_loss_scaler(capsys):
     """--amp_dtype: bf16 trains without loss scaling, fp16 with a GradScaler; on the CPU there is no
     autocast whatever the choice, and an unknown type fails with one line."""

@@ -4,13 +4,15 @@
 # processes, then the Markdown speed table. Step times on an H100 (2026-11-27, runs 7 to 10):
 # cuda_tests 67-96 s, train 262 s (cut by its 260 s cap in the ResNet-50 config, run 9), matching
 # 12 + 12 s, loader 38 s, inference 193 s (run 7; run 9 cut it at 118 s, inside the sample section),
-# nms 16 s; trained_r50 (runs 8 and 10): 121-136 s training, 107 s inference, ~15 s NMS. The
-# machine was ready within 30 s of the 15-minute lease.
+# nms 16 s; trained_r50 (runs 8 and 10): 121-136 s training, 107 s inference, ~15 s NMS. On an H200
+# (2026-11-27, H200 runs 1 and 2): cuda_tests 135 s (15 tests), inference 172 s (complete), train cut
+# at 189 s by the deadline (mobilenet0.25's config about 110 s); trained_r50 111 + 13 + 100 s. The
+# machine was ready within 35 s of the 15-minute lease.
 # Each step is capped (timeout --signal=INT: an interrupted benchmark still writes what it
 # measured); GPU_CHECK_DEADLINE caps the whole call.
 #
 #   GPU_CHECK_DEADLINE=540 bash tools/gpu_check.sh   # on the GPU machine: the lease's first call (9 minutes)
-#   GPU_CHECK_DEADLINE=<left-40> GPU_CHECK_STEPS="trained_r50 table" bash tools/gpu_check.sh   # its second call
+#   GPU_CHECK_DEADLINE=<left-40> GPU_CHECK_STEPS="inference table" bash tools/gpu_check.sh   # its second call
 #                                  (left: the device seconds the lease still has; timeout_s <left-20>)
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings, every step's wiring: checks this script anywhere (~2 min, 2 cores)
 #   GPU_CHECK_STEPS="train table" bash tools/gpu_check.sh   # only some steps (a rerun of what failed)
@@ -20,7 +22,7 @@
 # table: 5 s) is skipped (logged; exit status 1). Set it below the device call's timeout_s: on 2026-11-27
 # (run 7) the default steps of then summed to 551 s and the call's 560 s limit cut the nms step and the table.
 #
-# Steps (GPU_CHECK_STEPS, default "cuda_tests inference train table"), in this order:
+# Steps (GPU_CHECK_STEPS, default "cuda_tests train table"), in this order:
 #   cuda_tests   tests/test_cuda.py
 #   matching     tools/benchmark_matching.py: the loss's anchor matching of 8 real batches against the
 #                padded-batch baseline, mobilenet0.25 bs32@640 and ResNet-50 bs24@840 with per-image
@@ -31,9 +33,10 @@
 #   nms          tools/benchmark_nms.py: post-processing of a batch of 32 per NMS chunk size (into
 #                inference.jsonl; the trained_r50 step runs it on the trained cascade too); not a default
 #                step since run 10 (the same in runs 8 and 9; the first call's time goes to training)
-#   inference    tools/benchmark_inference.py: every inference target, the sample images, new sizes
-#   train        tools/benchmark_train.py: fixed batches, the real pipeline (after inference
-#                since run 9, which measured every training row but cut inference's sample section)
+#   inference    tools/benchmark_inference.py: every inference target, the sample images, new sizes;
+#                not a default step since H200 run 1 (measured complete there; the first call's time
+#                goes to the training rows that run lost)
+#   train        tools/benchmark_train.py: fixed batches, the real pipeline
 #   cli          tools/benchmark_cli.py: test.py on the sample in fresh processes per --channels_last and --pad_to
 #                setting (one round) against one public-style pass
 #   trained_r50  the ResNet-50 cascade trained from scratch on the sample (tools/overfit_check.py),
@@ -70,12 +73,12 @@ export RETINAFACE_SHARED PYTHONUNBUFFERED=1
 SAMPLE="$RETINAFACE_SHARED/data/widerface_sample"
 WEIGHTS="$RETINAFACE_SHARED/weights/mobilenet0.25_Final.pth"
 
-DEFAULT_STEPS="cuda_tests inference train table"
+DEFAULT_STEPS="cuda_tests train table"
 KNOWN_STEPS=" cuda_tests nms inference train matching loader cli trained_r50 train_compile compile table "
 SMOKE=false
 case "$#:${1:-}" in
   0:) ;;
-  1:--smoke) SMOKE=true; DEFAULT_STEPS+=" nms matching loader cli" ;;  # the smoke run checks the other steps' wiring too
+  1:--smoke) SMOKE=true; DEFAULT_STEPS+=" inference nms matching loader cli" ;;  # the smoke run checks the other steps' wiring too
   1:-h|1:--help) sed -n '2,/^set -uo pipefail/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   *) echo "gpu_check.sh: unknown arguments: $* (only --smoke; steps go in GPU_CHECK_STEPS)" >&2; exit 2 ;;
 esac
@@ -155,7 +158,7 @@ else
   TRAIN_COMPILE_ARGS=(--device cuda --configs resnet50:24:840,mobilenet0.25:32:640 --variants public,bf16,bf16+compile
                       --real_variants "" --busy_processes 0 --fixed_batches 0 --iters 30 --warmup 3)
   TRAIN_COMPILE_LIMIT=240
-  TESTS_LIMIT=150; INFERENCE_LIMIT=240; TRAIN_LIMIT=260; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
+  TESTS_LIMIT=180; INFERENCE_LIMIT=240; TRAIN_LIMIT=300; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
 fi
 
 status=0
@@ -236,9 +239,9 @@ wanted nms && needs_shared nms && step nms 90 "$PY" tools/benchmark_nms.py "${NM
   --sample_images "$SAMPLE/val/images" --weights "$WEIGHTS" --out "$OUT/inference.jsonl"
 wanted inference && step inference "$INFERENCE_LIMIT" "$PY" tools/benchmark_inference.py "${INFERENCE_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --sample_weights "$WEIGHTS" --out "$OUT/inference.jsonl"
-# training after inference (run 9 measured every training row of both configs but one, and the
-# deadline then cut inference's sample section); a deadline cuts the last step, and the benchmark
-# writes what it measured when interrupted: the ResNet-50 config's last rows go first
+# training after inference when both run (run 9 measured every training row of both configs but
+# one, and the deadline then cut inference's sample section); a deadline cuts the last step, and the
+# benchmark writes what it measured when interrupted: the ResNet-50 config's last rows go first
 wanted train && step train "$TRAIN_LIMIT" "$PY" tools/benchmark_train.py "${TRAIN_ARGS[@]}" \
   --dataset "$SAMPLE" --split val --profile_out "$OUT/train_profile.txt" --out "$OUT/train.jsonl"
 if wanted matching && needs_shared matching; then

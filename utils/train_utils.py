@@ -240,13 +240,19 @@ def wrap_model(model: RetinaFace, info: DistInfo, sync_bn: bool = False, channel
 
 def graph_training_network(ctx: TrainContext, args: argparse.Namespace, autocast_dtype: torch.dtype | None
                            ) -> list[str]:
-    """``--cuda_graphs true``: make ``ctx.model`` a :class:`utils.graphed_training.GraphedTrainingNetwork`
-    of the network (captured for batches of ``--batch_size`` at ``--im_size``). Returns notes for
-    the log; raises :class:`TrainingSetupError` with ``--compile`` (which the command line refuses
-    too, but a resume can inherit) or several processes."""
+    """``--cuda_graphs``: make ``ctx.model`` a :class:`utils.graphed_training.GraphedTrainingNetwork`
+    of the network (captured for batches of ``--batch_size`` at ``--im_size``). ``auto`` (None) does
+    so when one process trains on a CUDA GPU without ``--compile``, and leaves the model as it is
+    otherwise; ``false`` never. Returns notes for the log; ``true`` raises :class:`TrainingSetupError`
+    with ``--compile`` (which the command line refuses too, but a resume can inherit) or several
+    processes."""
     from utils.graphed_training import GraphedTrainingNetwork
 
     info = ctx.info
+    requested = getattr(args, "cuda_graphs", None)
+    if requested is False or (requested is None and (info.device.type != "cuda" or info.distributed
+                                                      or getattr(args, "compile", None))):
+        return []
     if info.device.type != "cuda":
         return ["note: --cuda_graphs true ignored on the CPU (CUDA graphs need a GPU)"]
     if getattr(args, "compile", None):
@@ -1112,8 +1118,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                            "the whole schedule" if ctx.total_steps < ctx.schedule_steps else
                            f"{where} the end of its {epochs} epochs; give a larger --epochs to train on"))
                 return _run_summary(ctx, info.rank)
-        if getattr(args, "cuda_graphs", False):
-            notes += graph_training_network(ctx, args, autocast_dtype)
+        notes += graph_training_network(ctx, args, autocast_dtype)
         if args.lr_schedule == "step":
             notes += decay_epoch_notes(steps, epochs, given=bool(getattr(args, "lr_steps", None)))
         notes += warmup_notes(args.warmup_epochs, epochs, args.lr_schedule, steps)
