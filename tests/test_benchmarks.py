@@ -1040,10 +1040,11 @@ def test_speed_table_survives_cut_reports(tmp_path, capsys):
         {"variant": "fp16", "mode": "fixed", "img_per_s": 260.0},
         {"variant": "bf16+cuda_graphs", "mode": "fixed", "img_per_s": 237.0},
         {"variant": "bf16+cuda_graphs", "mode": "real", "augment_on": "workers", "img_per_s": 234.0},
-        {"variant": "bf16+cuda_graphs+inline", "mode": "real", "augment_on": "workers", "img_per_s": 220.0}]}
+        {"variant": "bf16+cuda_graphs+inline", "mode": "real", "augment_on": "workers", "img_per_s": 250.0}]}
     bt.summarise_config(train_entry)
     assert train_entry["summary"]["best_fixed_variant"] == "fp16"
-    assert train_entry["summary"]["real_ratio_to_fixed"] == {"workers": pytest.approx(0.9, abs=0.001)}  # 234 / 260
+    # 234 / 260: the faster +inline row is not how train.py prepares its batches
+    assert train_entry["summary"]["real_ratio_to_fixed"] == {"workers": pytest.approx(0.9, abs=0.001)}
     train = {"benchmark": "train", "env": env, "date": "2026-01-01", "command": "y", "configs": [train_entry]}
     path = tmp_path / "gpu.jsonl"
     path.write_text(json.dumps(inference) + "\n" + json.dumps(train)[:200] + "\n")

@@ -1282,26 +1282,30 @@ def test_loss_scaled_training_skips_an_overflow_step_entirely(monkeypatch):
 
 
 def test_cuda_graphs_auto_graphs_one_process_on_a_gpu_without_compile(monkeypatch):
-    """--cuda_graphs auto (the default) graphs the network exactly when --cuda_graphs true would be
-    accepted on a GPU: one process, no --compile; elsewhere it leaves the model alone without a
-    note. false never graphs. (The capture itself is replaced here: it needs CUDA.)"""
+    """--cuda_graphs auto (the default) graphs the network when --cuda_graphs true would be accepted
+    on a GPU (one process, no --compile) and the training is not fp16 with loss scaling; elsewhere
+    it leaves the model alone without a note. false never graphs. (The capture itself is replaced
+    here: it needs CUDA.)"""
     import utils.graphed_training as graphed_training
 
     monkeypatch.setattr(graphed_training, "GraphedTrainingNetwork",
                         lambda network, shape, channels_last, dtype: ("graphed", network, shape))
     assert parse_args("train", []).cuda_graphs is None
-    for device, distributed, options, graphed in (
+    for device, several_processes, options, graphed in (
             ("cuda", False, [], True),
+            ("cuda", False, ["--amp_dtype", "fp16"], False),
+            ("cuda", False, ["--amp_dtype", "fp16", "--cuda_graphs", "true"], True),
             ("cuda", False, ["--cuda_graphs", "auto", "--batch_size", "8", "--im_size", "320"], True),
             ("cuda", True, [], False),
             ("cuda", False, ["--compile", "true"], False),
             ("cuda", False, ["--cuda_graphs", "false"], False),
             ("cpu", False, [], False)):
-        ctx = SimpleNamespace(info=SimpleNamespace(device=torch.device(device), distributed=distributed),
+        ctx = SimpleNamespace(info=SimpleNamespace(device=torch.device(device), distributed=several_processes),
                               model="network", channels_last=True)
         args = parse_args("train", options)
-        notes = tu.graph_training_network(ctx, args, None)
-        assert (ctx.model != "network") == graphed, (device, distributed, options)
+        dtype = torch.float16 if args.amp_dtype == "fp16" else torch.bfloat16
+        notes = tu.graph_training_network(ctx, args, dtype)
+        assert (ctx.model != "network") == graphed, (device, several_processes, options)
         if graphed:
             assert ctx.model == ("graphed", "network", (args.batch_size, 3, args.im_size, args.im_size))
             assert len(notes) == 1 and notes[0].startswith("CUDA graphs: the network's forward and backward")

@@ -7,7 +7,7 @@
 # nms 16 s; trained_r50 (runs 8 and 10): 121-136 s training, 107 s inference, ~15 s NMS. On an H200
 # (2026-11-27, H200 runs 1 and 2): cuda_tests 135 s (15 tests), inference 172 s (complete), train cut
 # at 189 s by the deadline (mobilenet0.25's config about 110 s); trained_r50 111 + 13 + 100 s. The
-# machine was ready within 35 s of the 15-minute lease.
+# first call held the machine 34 s longer than its command ran (start-up included) of the 15 minutes.
 # Each step is capped (timeout --signal=INT: an interrupted benchmark still writes what it
 # measured); GPU_CHECK_DEADLINE caps the whole call.
 #

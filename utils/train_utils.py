@@ -242,16 +242,18 @@ def graph_training_network(ctx: TrainContext, args: argparse.Namespace, autocast
                            ) -> list[str]:
     """``--cuda_graphs``: make ``ctx.model`` a :class:`utils.graphed_training.GraphedTrainingNetwork`
     of the network (captured for batches of ``--batch_size`` at ``--im_size``). ``auto`` (None) does
-    so when one process trains on a CUDA GPU without ``--compile``, and leaves the model as it is
-    otherwise; ``false`` never. Returns notes for the log; ``true`` raises :class:`TrainingSetupError`
-    with ``--compile`` (which the command line refuses too, but a resume can inherit) or several
-    processes."""
+    so when one process trains on a CUDA GPU without ``--compile`` in bf16 or float32, and leaves the
+    model as it is otherwise (fp16's loss scaling: the plain SGD step it needs waits for the host
+    every step, and graphs under fp16 have not run on a GPU yet); ``false`` never. Returns notes
+    for the log; ``true`` raises :class:`TrainingSetupError` with ``--compile`` (which the command
+    line refuses too, but a resume can inherit) or several processes."""
     from utils.graphed_training import GraphedTrainingNetwork
 
     info = ctx.info
     requested = getattr(args, "cuda_graphs", None)
     if requested is False or (requested is None and (info.device.type != "cuda" or info.distributed
-                                                      or getattr(args, "compile", None))):
+                                                      or getattr(args, "compile", None)
+                                                      or autocast_dtype == torch.float16)):
         return []
     if info.device.type != "cuda":
         return ["note: --cuda_graphs true ignored on the CPU (CUDA graphs need a GPU)"]
