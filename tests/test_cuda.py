@@ -218,8 +218,9 @@ def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_
 
 def test_fp16_training_skips_overflow_steps_without_touching_the_optimizer():
     """fp16's GradScaler skips a step whose gradients overflow; the SGD train.py builds for it must
-    leave weights and momentum alone then (the fused kernel allocated the momentum buffers and left
-    them unwritten: the H200 benchmark's fp16 training went NaN within 33 steps, 2026-11-27)."""
+    leave weights and momentum alone then (the fused kernel allocates the momentum buffers and
+    leaves them unwritten, most likely why the H200 benchmark's fp16 training went NaN within 33
+    steps, 2026-11-27)."""
     from types import SimpleNamespace
 
     from models.retinaface import ModelConfig, RetinaFace

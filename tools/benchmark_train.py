@@ -975,7 +975,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated MODEL:BATCH:SIZE")
     parser.add_argument("--variants", default=None,
                         help="fixed-batch variants (default CUDA: public,fp32,bf16,bf16+cuda_graphs, the last "
-                             "train.py's default there; CPU: public,fp32)")
+                             "being train.py's default there; CPU: public,fp32)")
     parser.add_argument("--real_variants", default=None,
                         help="variants fed by the real data pipeline (default: the last of --variants; '' = none)")
     parser.add_argument("--iters", type=positive_int, default=None, help="timed steps (default 20 CUDA, 2 CPU)")

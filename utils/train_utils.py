@@ -286,9 +286,10 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace, loss_scaling: bo
 
     Why not fused with loss scaling: the scaler then leaves the overflow check to the fused kernel,
     which skips the update but has already allocated the momentum buffers, uninitialised, on the
-    first step; the next step reads that memory. fp16 training diverged (NaN loss within 33 steps,
-    H200, torch 2.11, 2026-11-27), and the CPU kernel of torch 2.14 leaves the same garbage. The
-    plain step (foreach) skips an overflow step entirely, as the scaler intends."""
+    first step; the next step reads that memory (the CPU kernel of torch 2.14 does so, see
+    tests/test_train.py). fp16 training diverged on an H200 (NaN loss within 33 steps, torch 2.11,
+    2026-11-27), most likely this way. The plain step (foreach) skips an overflow step entirely, as
+    the scaler intends, at the cost of reading the scaler's overflow flag on the host."""
     params = list(model.parameters())
     fused = not loss_scaling and bool(params) and all(p.is_cuda for p in params)
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
