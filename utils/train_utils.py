@@ -250,18 +250,18 @@ def graph_training_network(ctx: TrainContext, args: argparse.Namespace, autocast
     from utils.graphed_training import GraphedTrainingNetwork
 
     info = ctx.info
-    requested = getattr(args, "cuda_graphs", None)
-    if requested is False or (requested is None and (info.device.type != "cuda" or info.distributed
-                                                      or getattr(args, "compile", None)
-                                                      or autocast_dtype == torch.float16)):
+    requested = getattr(args, "cuda_graphs", None)  # None: auto, which skips silently what true refuses
+    if requested is False or (requested is None and autocast_dtype == torch.float16):
         return []
     if info.device.type != "cuda":
-        return ["note: --cuda_graphs true ignored on the CPU (CUDA graphs need a GPU)"]
-    if getattr(args, "compile", None):
-        raise TrainingSetupError(CUDA_GRAPHS_WITH_COMPILE)
-    if info.distributed:
-        raise TrainingSetupError("--cuda_graphs true trains one process on one GPU: leave it false under torchrun "
-                                 "with several processes")
+        return [] if requested is None else ["note: --cuda_graphs true ignored on the CPU (CUDA graphs need a GPU)"]
+    refusal = (CUDA_GRAPHS_WITH_COMPILE if getattr(args, "compile", None) else
+               "--cuda_graphs true trains one process on one GPU: leave it false under torchrun with several "
+               "processes" if info.distributed else None)
+    if refusal is not None:
+        if requested is None:
+            return []
+        raise TrainingSetupError(refusal)
     shape = (args.batch_size, 3, args.im_size, args.im_size)
     started = time.perf_counter()
     ctx.model = GraphedTrainingNetwork(ctx.model, shape, ctx.channels_last, autocast_dtype)
