@@ -289,6 +289,10 @@ def test_train_benchmark_cpu_smoke(train_run):
     images_mb = 2 * 3 * 128 * 128 / 2 ** 20
     assert images_mb <= preparation["workers"]["mb_per_batch"] < images_mb + 0.05
     assert preparation["device"]["mb_per_batch"] > 2 * 3 * 156 * 156 / 2 ** 20
+    # the device augmentation of a batch, profiled: the resize products are among its ops
+    assert "pixels_profile" not in preparation["workers"]
+    pixels_profile = preparation["device"]["pixels_profile"]
+    assert 0 < pixels_profile["busy_ms"] and any(op["name"] == "aten::bmm" for op in pixels_profile["top"])
     # the public-style step computes the same loss as MultiBoxLoss (protocol difference off)
     assert config["loss_check"]["protocol_rel_diff"] < 1e-5
     summary = config["summary"]

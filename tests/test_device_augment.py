@@ -136,7 +136,7 @@ def test_deferred_batch_moves_all_its_tensors(widerface_sample):
     moved = batch.to("meta")
     tensors = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
                if isinstance(getattr(batch, f.name), torch.Tensor)}
-    assert len(tensors) >= 8
+    assert len(tensors) >= 7  # pixels, shapes, tables, use_hsv, resize_order, tap_index, tap_weight
     for name, tensor in tensors.items():
         copy = getattr(moved, name)
         assert copy.device.type == "meta" and copy.shape == tensor.shape and copy.dtype == tensor.dtype, name
@@ -172,5 +172,68 @@ def test_large_batches_are_augmented_in_chunks_with_the_same_result(widerface_sa
     batch, _ = detection_collate([dataset[i] for i in range(6)])
     whole = augment(batch)
     largest = max(max(size) for size in batch.sizes)
-    monkeypatch.setattr(device_augment, "MAX_CANVAS_PIXELS", 2 * largest ** 2)  # two images per chunk at most
+    monkeypatch.setattr(device_augment, "MAX_CANVAS_PIXELS", 2 * largest ** 2)  # two images per group at most
+    monkeypatch.setattr(device_augment, "MAX_PHOTOMETRIC_PIXELS", largest ** 2)  # an image per chunk or so
+    assert len(device_augment.resize_groups([max(batch.sizes[i]) for i in batch.resize_order_list], 64)) >= 3
     assert (augment(batch) - whole).abs().max() <= 1  # the canvas size only changes float summation order
+
+
+def _partition_cost(sides: list[int], groups: list[tuple[int, int]], size: int, penalty: float) -> float:
+    return sum((stop - first) * (size * sides[stop - 1] ** 2 + size ** 2 * sides[stop - 1]) + penalty
+               for first, stop in groups)
+
+
+def test_resize_groups_are_the_cheapest_partition(monkeypatch):
+    import itertools
+    import utils.device_augment as device_augment
+    from utils.device_augment import resize_groups
+
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        sides = sorted(rng.integers(20, 300, rng.integers(1, 9)).tolist())
+        bound = 3 * max(sides) ** 2 if trial % 3 == 0 else 48 << 20  # some partitions forced by the bound
+        monkeypatch.setattr(device_augment, "MAX_CANVAS_PIXELS", bound)
+        penalty = device_augment.GROUP_SAVING * _partition_cost(sides, [(0, len(sides))], 96, 0.0)
+        groups = resize_groups(sides, 96)
+        assert groups[0][0] == 0 and groups[-1][1] == len(sides)
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+        allowed = []  # every partition into consecutive runs that respects the canvas bound
+        for cuts in itertools.product([False, True], repeat=len(sides) - 1):
+            bounds = [0] + [i + 1 for i, cut in enumerate(cuts) if cut] + [len(sides)]
+            partition = list(zip(bounds, bounds[1:]))
+            if all(stop - first == 1 or (stop - first) * sides[stop - 1] ** 2 <= bound for first, stop in partition):
+                allowed.append(partition)
+        assert groups in allowed
+        cheapest = min(_partition_cost(sides, p, 96, penalty) for p in allowed)
+        assert _partition_cost(sides, groups, 96, penalty) == pytest.approx(cheapest)
+    assert resize_groups([50] * 8, 96) == [(0, 8)]  # equal sides: one canvas
+    assert len(resize_groups([40] * 8 + [400] * 8, 96)) == 2
+
+
+def test_grouped_resize_equals_one_canvas(widerface_sample, monkeypatch):
+    import utils.device_augment as device_augment
+
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(80, rng=7))
+    batch, _ = detection_collate([dataset[i] for i in range(len(dataset))])
+    sides = [max(batch.sizes[i]) for i in batch.resize_order_list]
+    assert sides == sorted(sides) and sorted(batch.resize_order_list) == list(range(len(batch)))
+    monkeypatch.setattr(device_augment, "GROUP_SAVING", 0.0)
+    assert len(device_augment.resize_groups(sides, 80)) > 1
+    grouped = augment(batch)
+    monkeypatch.setattr(device_augment, "GROUP_SAVING", 1e9)
+    assert device_augment.resize_groups(sides, 80) == [(0, len(batch))]
+    difference = (augment(batch) - grouped).abs()
+    assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-4
+
+
+def test_colour_tables_match_the_conversions():
+    from utils.device_augment import _hsv_conversion_tables
+
+    rng = np.random.default_rng(1)
+    colours = torch.from_numpy(rng.integers(0, 256, (50_000, 3), dtype=np.uint8))
+    colours[:, 0] %= 180  # a valid hue for the HSV -> BGR direction
+    to_hsv, to_bgr = _hsv_conversion_tables(torch.device("cpu"))
+    codes = torch.nn.functional.pad(colours, (0, 1)).view(torch.int32).view(-1)
+    for table, convert in ((to_hsv, bgr_to_hsv), (to_bgr, hsv_to_bgr)):
+        looked_up = table.index_select(0, codes).view(torch.uint8).view(-1, 4)
+        assert torch.equal(looked_up[:, :3], convert(colours)) and not looked_up[:, 3].any()

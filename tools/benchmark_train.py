@@ -44,8 +44,8 @@ What one run measures, per config
   loader alone (no training) for comparison; with it, ``preparation``: what preparing one of the
   loader's last batches for a step costs the device when nothing else runs (the host-to-device copy
   with the padded targets, then ``images_to_network_input``, with ``--augment_on device`` the
-  augmentation: the work ``train_data.prepared_batches`` adds to each step). Their warm-up is
-  ``--warmup`` + 4 x workers steps,
+  augmentation: the work ``train_data.prepared_batches`` adds to each step; there also a profile
+  of one batch's augmentation, ``pixels_profile``). Their warm-up is ``--warmup`` + 4 x workers steps,
   so that batches prefetched during the warm-up (prefetch_factor 4) do not flatter the window,
   and they time ``--real_iters`` steps (at least 60 on CUDA: 15 mobilenet0.25 steps last a third
   of a second, where one late batch weighs). ``data_wait_share``: the part of the window the
@@ -889,10 +889,14 @@ def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) ->
     Times from CUDA events (wall clock on the CPU); stats over the batches, in ms.
     ``pixels_issue_ms`` is the host's share of ``pixels_ms``: the wall time until the host has
     launched that work, without waiting for it. Near ``pixels_ms`` the device waited for the
-    launches (fewer kernels would help); far below it, the device work itself sets the time."""
+    launches (fewer kernels would help); far below it, the device work itself sets the time.
+    With the augmentation on the device, ``pixels_profile`` is ``torch.profiler``'s view of the
+    last batch's ``pixels`` work: the device's busy time (CPU time on the CPU) and the top ops."""
     from utils.data_loaders import images_to_network_input
+    from utils.device_augment import DeferredBatch
 
     copy_s, pixels_s, issue_s, megabytes = [], [], [], []
+    moved = None
     for images, targets, *_ in batches:
         synchronize(device)
         clock = StageClock(device.type == "cuda")
@@ -908,9 +912,18 @@ def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) ->
         copy_s.append(copy)
         pixels_s.append(pixels)
         megabytes.append((images.nbytes + sum(t.nbytes for t in targets if t is not None)) / 2 ** 20)
-    return {"batches": len(copy_s), "copy_ms": stats(copy_s), "pixels_ms": stats(pixels_s),
-            "pixels_issue_ms": stats(issue_s),
-            "mb_per_batch": rnd(float(np.median(megabytes))) if megabytes else None}
+    result = {"batches": len(copy_s), "copy_ms": stats(copy_s), "pixels_ms": stats(pixels_s),
+              "pixels_issue_ms": stats(issue_s),
+              "mb_per_batch": rnd(float(np.median(megabytes))) if megabytes else None}
+    if isinstance(moved, DeferredBatch):
+        def run(clock: StepClock) -> None:
+            clock.source = [moved, moved]
+            for batch in clock:
+                images_to_network_input(batch)
+
+        _, top, busy_ms = profile_run(run, device, steps=1, rows=12)
+        result["pixels_profile"] = {"busy_ms": rnd(busy_ms), "top": top}
+    return result
 
 
 def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.device, config, batch: int, size: int,

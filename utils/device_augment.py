@@ -7,7 +7,7 @@ worker spends 7.90 ms on decoding, ``TrainTransform`` and batching, against 3.47
 :class:`DeferredTrainTransform`, which leaves it the decoding and an array slice (one core of the
 2-core CPU machine, sample WIDER images, 640 px, ``python tools/benchmark_augmentation.py``,
 2026-11-26). Inside ``TrainTransform`` the resize dominates (Lanczos draws alone cost 11-15 ms);
-here it runs for the whole batch as two matrix products on the device. The photometric step
+here it runs batched on the device as two matrix products per group of similar sizes. The photometric step
 works on the real pixels only (the flat buffer, not the padded canvas) with table lookups:
 per-image 256-entry tables and two whole-colour tables for BGR<->HSV (made once per device from
 the exact formulas below), a few passes over the pixels instead of some fifty.
@@ -29,6 +29,7 @@ Flow: ``dataset[i]`` -> ``(DeferredImage, targets)``; :func:`utils.data_loaders.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple, Sequence
@@ -206,6 +207,8 @@ class DeferredTrainTransform(TrainTransform):
 # A batch, pinned and moved as a few tensors
 # --------------------------------------------------------------------------------------------
 def _stack_taps(taps: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, weight)`` pairs of (S, T_i) -> int64 and float32 (len(taps), S, max T_i), zero
+    weights in the padding."""
     width = max(index.shape[1] for index, _ in taps)
     size = taps[0][0].shape[0]
     index = np.zeros((len(taps), size, width), dtype=np.int64)
@@ -223,7 +226,10 @@ class DeferredBatch:
 
     pixels (sum h*w*3,) uint8; shapes (B, 2) int64 (h, w) and ``sizes`` the same as a list;
     tables (B, 4, 256) uint8; use_hsv (B,) bool and ``use_hsv_list`` the same on the host;
-    row_index/col_index (B, S, T) int64, row_weight/col_weight (B, S, T) float32.
+    resize_order (B,) int64 and ``resize_order_list`` the same on the host: the images by
+    increasing side (``max(h, w)``), the order :func:`augment` resizes them in;
+    tap_index (2, B, S, T) int64 and tap_weight (2, B, S, T) float32: the resize taps of the output
+    rows (``[0]``) and columns (``[1]``) of the images in ``resize_order``.
     """
 
     pixels: torch.Tensor
@@ -231,13 +237,13 @@ class DeferredBatch:
     sizes: list[tuple[int, int]]
     tables: torch.Tensor
     use_hsv: torch.Tensor
-    row_index: torch.Tensor
-    row_weight: torch.Tensor
-    col_index: torch.Tensor
-    col_weight: torch.Tensor
     use_hsv_list: list[bool]
+    resize_order: torch.Tensor
+    resize_order_list: list[int]
+    tap_index: torch.Tensor
+    tap_weight: torch.Tensor
 
-    _TENSORS = ("pixels", "shapes", "tables", "use_hsv", "row_index", "row_weight", "col_index", "col_weight")
+    _TENSORS = ("pixels", "shapes", "tables", "use_hsv", "resize_order", "tap_index", "tap_weight")
 
     @classmethod
     def collate(cls, images: Sequence[DeferredImage]) -> "DeferredBatch":
@@ -245,19 +251,20 @@ class DeferredBatch:
             raise ValueError("empty batch")
         sizes = [(int(d.pixels.shape[0]), int(d.pixels.shape[1])) for d in images]
         pixels = torch.from_numpy(np.concatenate([d.pixels.reshape(-1) for d in images]))
-        row_index, row_weight = _stack_taps([d.rows for d in images])
-        col_index, col_weight = _stack_taps([d.cols for d in images])
+        order = sorted(range(len(sizes)), key=lambda i: max(sizes[i]))
+        tap_index, tap_weight = _stack_taps([images[i].rows for i in order] + [images[i].cols for i in order])
+        use_hsv = [d.use_hsv for d in images]
         return cls(pixels, torch.tensor(sizes, dtype=torch.int64), sizes,
-                   torch.from_numpy(np.stack([d.tables for d in images])),
-                   torch.tensor([d.use_hsv for d in images]), row_index, row_weight, col_index, col_weight,
-                   [d.use_hsv for d in images])
+                   torch.from_numpy(np.stack([d.tables for d in images])), torch.tensor(use_hsv), use_hsv,
+                   torch.tensor(order, dtype=torch.int64), order,
+                   tap_index.unflatten(0, (2, len(images))), tap_weight.unflatten(0, (2, len(images))))
 
     def __len__(self) -> int:
         return len(self.sizes)
 
     @property
     def image_size(self) -> int:
-        return int(self.row_index.shape[1])
+        return int(self.tap_index.shape[2])
 
     @property
     def nbytes(self) -> int:
@@ -266,7 +273,8 @@ class DeferredBatch:
 
     def _map(self, fn) -> "DeferredBatch":
         values = {name: fn(getattr(self, name)) for name in self._TENSORS}
-        return DeferredBatch(sizes=self.sizes, use_hsv_list=self.use_hsv_list, **values)
+        return DeferredBatch(sizes=self.sizes, use_hsv_list=self.use_hsv_list,
+                             resize_order_list=self.resize_order_list, **values)
 
     def pin_memory(self) -> "DeferredBatch":
         """Called by a ``pin_memory=True`` DataLoader."""
@@ -286,7 +294,7 @@ class DeferredBatch:
 # --------------------------------------------------------------------------------------------
 # Pixel work on the device
 # --------------------------------------------------------------------------------------------
-def table_rows(image_ids: torch.Tensor, channels: int = 3) -> torch.Tensor:
+def table_rows(image_ids: torch.Tensor, channels: int = 4) -> torch.Tensor:
     """(P,) image of every pixel -> (P, C) int32 start of each pixel channel's table in the
     flattened (n, C, 256) tables of :func:`apply_tables` (made once, used for every lookup)."""
     offsets = torch.arange(channels, device=image_ids.device, dtype=torch.int32) * 256
@@ -294,13 +302,10 @@ def table_rows(image_ids: torch.Tensor, channels: int = 3) -> torch.Tensor:
 
 
 def apply_tables(pixels: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``pixels`` uint8 (P, C) of several images through each image's 256-entry tables:
-    ``tables`` (n, 256) for every channel or (n, C, 256) one per channel; ``rows`` from
-    :func:`table_rows`. Returns uint8 (P, C)."""
-    if tables.dim() == 2:
-        tables = tables[:, None, :].expand(tables.shape[0], pixels.shape[-1], 256)
-    index = pixels.to(torch.int32) + rows
-    return tables.reshape(-1).index_select(0, index.reshape(-1)).view(pixels.shape)
+    """``pixels`` uint8 (P, C) of several images through each image's 256-entry tables
+    ``tables`` (n, C, 256), ``rows`` from :func:`table_rows`. Returns uint8 (P, C)."""
+    index = torch.add(rows, pixels)  # int32: one pass, no separate conversion
+    return tables.reshape(-1).index_select(0, index.view(-1)).view(pixels.shape)
 
 
 def bgr_to_hsv(images: torch.Tensor) -> torch.Tensor:
@@ -337,100 +342,151 @@ def hsv_to_bgr(images: torch.Tensor) -> torch.Tensor:
     return torch.round(bgr * 255).clamp_(0, 255).to(torch.uint8)
 
 
-def _dense_weights(index: torch.Tensor, weight: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, S, T) taps -> dense (B, S, width) resize matrices."""
-    dense = torch.zeros(*index.shape[:2], width, dtype=torch.float32, device=index.device)
-    return dense.scatter_add_(2, index, weight)
-
-
-#: Canvas pixels (images x side^2) augmented at once: bounds the canvas, its float copy and the
-#: integer and float temporaries of the photometric step (about 60 bytes per real pixel) for
-#: batches of large photos; a batch of 32 WIDER images (sides <= 1024) is one chunk.
+#: Real pixels whose photometric step runs at once: bounds its integer temporaries (about 40 bytes
+#: per pixel); a batch of 32 WIDER crops (sides <= 1024) is one chunk.
+MAX_PHOTOMETRIC_PIXELS = 24 << 20
+#: Canvas pixels (images x side^2) of one resize group: bounds the float canvas and the products'
+#: intermediates for batches of large photos; 32 WIDER crops (sides <= 1024) fit in one group.
 MAX_CANVAS_PIXELS = 48 << 20
+#: An extra resize group must save this share of the resize work of one canvas for the whole batch
+#: (a group costs six kernel launches plus one per image).
+GROUP_SAVING = 0.03
 
 
 def augment(batch: DeferredBatch, mean: Sequence[float] = RGB_MEAN_BGR,
             resize_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Photometric distortion, padding to a square, flip and resize of ``batch`` where its
     tensors are; returns float32 (B, 3, S, S) BGR minus ``mean``. No host synchronisation.
-    The resize matrix products run in ``resize_dtype`` (default float16 on CUDA, else float32)."""
+
+    The photometric step runs on the real pixels (:func:`photometric`). The resize runs on
+    groups of images of similar sides (:func:`resize_groups`), each group on a canvas as large as
+    its largest image, as two batched matrix products in ``resize_dtype`` (default float16 on
+    CUDA, else float32)."""
     device = batch.pixels.device
     dtype = resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     mean_u8, mean_f32 = _mean_tensors(device, tuple(float(m) for m in mean))
-    outputs = []
-    start, offset = 0, 0
+    colours = photometric(batch)
+    count, size = len(batch), batch.image_size
+    starts = np.cumsum([0] + [h * w for h, w in batch.sizes]).tolist()
+    order = batch.resize_order_list
+    sides = [max(batch.sizes[image]) for image in order]
+    resized = torch.empty((count, size, 3, size), dtype=dtype, device=device)   # rows, channels, columns
+    for first, stop in resize_groups(sides, size):
+        side = sides[stop - 1]
+        planes = torch.empty((stop - first, side, 3, side), dtype=dtype, device=device)
+        planes.copy_(mean_u8.view(1, 1, 3, 1).expand_as(planes))
+        for slot, image in enumerate(order[first:stop]):  # each image top-left on a canvas of the mean colour
+            height, width = batch.sizes[image]
+            pixels = colours[starts[image]:starts[image + 1], :3].view(height, width, 3)
+            planes[slot, :height, :, :width] = pixels.transpose(1, 2)
+        _resize(planes, batch.tap_index[:, first:stop], batch.tap_weight[:, first:stop], resized[first:stop])
+    resized.round_().clamp_(0, 255)
+    out = torch.empty((count, 3, size, size), dtype=torch.float32, device=device)
+    return out.index_copy_(0, batch.resize_order, torch.sub(resized.permute(0, 2, 1, 3), mean_f32))
+
+
+def resize_groups(sides: Sequence[int], size: int) -> list[tuple[int, int]]:
+    """Ranges ``[first, stop)`` of the images sorted by side (:meth:`DeferredBatch.collate`'s
+    ``resize_order``) that are resized together, on a canvas of their largest side ``M``.
+
+    A group's products cost ``count * (size * M^2 + size^2 * M)``. The partition minimises that
+    summed over groups, plus :data:`GROUP_SAVING` of the one-group cost per group, with at most
+    :data:`MAX_CANVAS_PIXELS` canvas pixels per group (a larger image is a group of its own)."""
+    ordered = sorted(sides)
+    count = len(ordered)
+
+    def work(first: int, stop: int) -> float:
+        side = ordered[stop - 1]
+        return (stop - first) * (size * side * side + size * size * side)
+
+    penalty = GROUP_SAVING * work(0, count)
+    best = [0.0] + [math.inf] * count      # best[i]: cheapest partition of the first i images
+    cut = [0] * (count + 1)
+    for stop in range(1, count + 1):
+        for first in range(stop - 1, -1, -1):
+            if first < stop - 1 and (stop - first) * ordered[stop - 1] ** 2 > MAX_CANVAS_PIXELS:
+                break
+            cost = best[first] + work(first, stop) + penalty
+            if cost < best[stop]:
+                best[stop], cut[stop] = cost, first
+    groups, stop = [], count
+    while stop > 0:
+        groups.append((cut[stop], stop))
+        stop = cut[stop]
+    return groups[::-1]
+
+
+def _resize(planes: torch.Tensor, tap_index: torch.Tensor, tap_weight: torch.Tensor, out: torch.Tensor) -> None:
+    """``planes`` (n, M, 3, M) (rows, channels, columns) and the (2, n, S, T) taps of the output
+    rows and columns -> ``out`` (n, S, 3, S), in ``planes``' dtype: ``W_y @ plane @ W_x^T``.
+
+    uint8 values are exact in float16; its 11-bit weights keep the result within a level."""
+    count, side = planes.shape[0], planes.shape[1]
+    size = out.shape[1]
+    dense = torch.zeros((*tap_index.shape[:3], side), dtype=torch.float32, device=planes.device)
+    weights_y, weights_x = dense.scatter_add_(3, tap_index, tap_weight).to(planes.dtype)  # (n, S, M) each
+    rows = torch.bmm(weights_y, planes.view(count, side, 3 * side))                        # (n, S, 3M)
+    torch.bmm(rows.view(count, 3 * size, side), weights_x.transpose(1, 2), out=out.view(count, 3 * size, size))
+
+
+def photometric(batch: DeferredBatch) -> torch.Tensor:
+    """The photometric step of every image, each with its own tables, on the real pixels only
+    (the flat buffer), in chunks of at most :data:`MAX_PHOTOMETRIC_PIXELS`.
+
+    Returns uint8 (P, 4): B, G, R and a zero byte, so that a pixel read as int32 is its colour
+    code (:func:`_hsv_conversion_tables`) without arithmetic."""
+    chunks, start, offset = [], 0, 0
     while start < len(batch):
-        stop, side = start + 1, max(batch.sizes[start])
-        while stop < len(batch) and (stop + 1 - start) * max(side, *batch.sizes[stop]) ** 2 <= MAX_CANVAS_PIXELS:
-            side = max(side, *batch.sizes[stop])
+        stop, total = start + 1, batch.sizes[start][0] * batch.sizes[start][1]
+        while stop < len(batch) and total + batch.sizes[stop][0] * batch.sizes[stop][1] <= MAX_PHOTOMETRIC_PIXELS:
+            total += batch.sizes[stop][0] * batch.sizes[stop][1]
             stop += 1
-        outputs.append(_augment_images(batch, start, stop, offset, side, mean_u8, dtype) - mean_f32)
-        offset += sum(h * w * 3 for h, w in batch.sizes[start:stop])
+        chunks.append(_photometric_images(batch, start, stop, batch.pixels[offset:offset + total * 3].view(total, 3)))
+        offset += total * 3
         start = stop
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
-def _augment_images(batch: DeferredBatch, start: int, stop: int, offset: int, side: int, mean_u8: torch.Tensor,
-                    dtype: torch.dtype) -> torch.Tensor:
-    """Images ``start:stop`` of ``batch`` (their pixels from ``offset`` in the flat buffer) on a
-    ``side`` x ``side`` canvas -> float32 (n, 3, S, S) values 0..255."""
-    device = batch.pixels.device
+def _photometric_images(batch: DeferredBatch, start: int, stop: int, pixels: torch.Tensor) -> torch.Tensor:
+    """Images ``start:stop`` of ``batch``, their (P, 3) uint8 pixels -> (P, 4) after the step."""
+    device = pixels.device
     count = stop - start
-    sizes = batch.sizes[start:stop]
-    total = sum(h * w for h, w in sizes)
-    # the photometric step on the real pixels only (the flat buffer), each with its image's tables
-    pixels = batch.pixels[offset:offset + total * 3].view(total, 3)
-    shapes = batch.shapes[start:stop]
     image_ids = torch.repeat_interleave(torch.arange(count, device=device, dtype=torch.int32),
-                                        shapes[:, 0] * shapes[:, 1], output_size=total)
-    tables = batch.tables[start:stop]
+                                        batch.shapes[start:stop].prod(1), output_size=pixels.shape[0])
     rows = table_rows(image_ids)
-    pixels = apply_tables(pixels, tables[:, 0], rows)
+    before, hue, saturation, after = batch.tables[start:stop].unbind(1)          # (n, 256) each
+    identity = _device_constants(device).identity.expand(count, 256)  # keeps the zero byte (and V) as they are
+    pixels = apply_tables(torch.nn.functional.pad(pixels, (0, 1)), torch.stack([before] * 3 + [identity], 1), rows)
     if any(batch.use_hsv_list[start:stop]):
         to_hsv, to_bgr = _hsv_conversion_tables(device)
-        identity = _device_constants(device).identity.expand(count, 256)
-        hsv = apply_tables(to_hsv.index_select(0, _colour_codes(pixels)),
-                           torch.stack([tables[:, 1], tables[:, 2], identity], dim=1), rows)
-        pixels = torch.where(batch.use_hsv[start:stop][image_ids.long()][:, None],
-                             to_bgr.index_select(0, _colour_codes(hsv)), pixels)
-    pixels = apply_tables(pixels, tables[:, 3], rows)
-
-    # each image top-left on a canvas of the mean colour (TrainTransform pads after the photometric step)
-    canvas = mean_u8.expand(count, side, side, 3).clone()
-    first = 0
-    for slot, (height, width) in enumerate(sizes):
-        canvas[slot, :height, :width] = pixels[first:first + height * width].view(height, width, 3)
-        first += height * width
-
-    # uint8 values are exact in float16; its 11-bit weights keep the result within a level
-    # (n, S, M) weights of the output rows and columns, (n, 3, M, M) planes -> (n, 3, S, S)
-    weights_y = _dense_weights(batch.row_index[start:stop], batch.row_weight[start:stop], side).to(dtype)
-    weights_x = _dense_weights(batch.col_index[start:stop], batch.col_weight[start:stop], side).to(dtype)
-    planes = canvas.permute(0, 3, 1, 2).to(dtype)
-    resized = weights_y[:, None] @ planes @ weights_x[:, None].transpose(-1, -2)
-    return resized.float().round_().clamp_(0, 255)
-
-
-def _colour_codes(pixels: torch.Tensor) -> torch.Tensor:
-    """(P, 3) uint8 -> (P,) int32 ``c0 << 16 | c1 << 8 | c2``: the row of a whole-colour table."""
-    values = pixels.to(torch.int32)
-    return (values[:, 0] << 16) | (values[:, 1] << 8) | values[:, 2]
+        codes = pixels.view(torch.int32).view(-1)
+        hsv = to_hsv.index_select(0, codes).view(torch.uint8).view(-1, 4)
+        hsv = apply_tables(hsv, torch.stack([hue, saturation, identity, identity], 1), rows)
+        converted = to_bgr.index_select(0, hsv.view(torch.int32).view(-1))
+        use_hsv = batch.use_hsv[start:stop].index_select(0, image_ids)
+        pixels = torch.where(use_hsv, converted, codes).view(torch.uint8).view(-1, 4)
+    return apply_tables(pixels, torch.stack([after] * 3 + [identity], 1), rows)
 
 
 @lru_cache(maxsize=None)
 def _hsv_conversion_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`bgr_to_hsv` of every BGR colour ((2^24, 3) uint8, 48 MB) and :func:`hsv_to_bgr` of
-    every HSV colour with H < 180 ((180 * 2^16, 3) uint8, 35 MB), made once per device in chunks.
-    Two lookups per pixel replace some fifty elementwise passes over the batch."""
-    def table(count: int, convert) -> torch.Tensor:
-        out = torch.empty((count, 3), dtype=torch.uint8, device=device)
-        for first in range(0, count, 1 << 20):
-            codes = torch.arange(first, min(first + (1 << 20), count), device=device, dtype=torch.int32)
-            colours = torch.stack([codes >> 16, (codes >> 8) & 255, codes & 255], dim=-1).to(torch.uint8)
-            out[first:first + len(codes)] = convert(colours)
-        return out
+    """:func:`bgr_to_hsv` and :func:`hsv_to_bgr` of every colour, as (2^24,) int32 tables (64 MB
+    each) made once per device in chunks. Entry ``c0 | c1 << 8 | c2 << 16`` holds the converted
+    colour's bytes ``(c0', c1', c2', 0)``: on a little-endian machine both the index and the
+    entry are the colour's 4 bytes read as one int32. Hues >= 180 do not occur in HSV input; their
+    entries are unused. Two lookups per pixel replace some fifty elementwise passes."""
+    if sys.byteorder != "little":
+        raise RuntimeError("the device augmentation's colour tables need a little-endian machine")
 
-    return table(1 << 24, bgr_to_hsv), table(180 << 16, hsv_to_bgr)
+    def table(convert) -> torch.Tensor:
+        out = torch.zeros((1 << 24, 4), dtype=torch.uint8, device=device)
+        for first in range(0, 1 << 24, 1 << 20):
+            codes = torch.arange(first, first + (1 << 20), device=device, dtype=torch.int32)
+            colours = torch.stack([codes & 255, (codes >> 8) & 255, codes >> 16], dim=-1).to(torch.uint8)
+            out[first:first + len(codes), :3] = convert(colours)
+        return out.view(torch.int32).view(-1)
+
+    return table(bgr_to_hsv), table(hsv_to_bgr)
 
 
 class _DeviceConstants(NamedTuple):
