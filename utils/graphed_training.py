@@ -64,7 +64,8 @@ class GraphedTrainingNetwork(nn.Module):
         network.train()
         # make_graphed_callables captures on the current GPU: the network's, whatever is current
         with torch.cuda.device(device) if device.type == "cuda" else nullcontext(), autocast:
-            self._present = [[t is not None for t in stage] for stage in network(sample)]
+            with torch.no_grad():  # which outputs exist; no activations kept for a backward pass
+                self._present = [[t is not None for t in stage] for stage in network(sample)]
             graphed = torch.cuda.make_graphed_callables(_FlatOutputs(network), (sample,), allow_unused_input=True)
         with torch.no_grad():
             for buffer, value in zip(network.buffers(), saved):
