@@ -7,10 +7,10 @@ worker spends 7.90 ms on decoding, ``TrainTransform`` and batching, against 3.47
 :class:`DeferredTrainTransform`, which leaves it the decoding and an array slice (one core of the
 2-core CPU machine, sample WIDER images, 640 px, ``python tools/benchmark_augmentation.py``,
 2026-11-26). Inside ``TrainTransform`` the resize dominates (Lanczos draws alone cost 11-15 ms);
-here it runs batched on the device as two matrix products per group of similar sizes. The photometric step
-works on the real pixels only (the flat buffer, not the padded canvas) with table lookups:
-per-image 256-entry tables and two whole-colour tables for BGR<->HSV (made once per device from
-the exact formulas below), a few passes over the pixels instead of some fifty.
+here it runs batched on the device, two matrix products per group of images of similar sizes.
+The photometric step works on the real pixels only (the flat buffer, not the padded canvas) with
+table lookups: per-image 256-entry tables and two whole-colour tables for BGR<->HSV (made once
+per device from the exact formulas below), a few passes over the pixels instead of some fifty.
 
 Same recipe, same random draws: :class:`DeferredTrainTransform` draws the parameters exactly like
 :class:`TrainTransform` (same generator calls) and computes the targets with the same function,
@@ -344,7 +344,7 @@ def hsv_to_bgr(images: torch.Tensor) -> torch.Tensor:
 
 #: Real pixels whose photometric step runs at once: bounds its integer temporaries (about 40 bytes
 #: per pixel); a batch of 32 WIDER crops (sides <= 1024) is one chunk.
-MAX_PHOTOMETRIC_PIXELS = 24 << 20
+MAX_PHOTOMETRIC_PIXELS = 32 << 20
 #: Canvas pixels (images x side^2) of one resize group: bounds the float canvas and the products'
 #: intermediates for batches of large photos; 32 WIDER crops (sides <= 1024) fit in one group.
 MAX_CANVAS_PIXELS = 48 << 20
