@@ -127,6 +127,14 @@ def test_float16_resize_stays_within_a_level(widerface_sample):
     assert (exact - half).abs().max() <= 1
 
 
+def test_augmentation_ignores_the_callers_autocast(widerface_sample):
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=4))
+    batch, _ = detection_collate([dataset[i] for i in range(3)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = augment(batch)
+    assert inside.dtype == torch.float32 and torch.equal(inside, augment(batch))
+
+
 def test_deferred_batch_moves_all_its_tensors(widerface_sample):
     dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=0))
     batch, _ = detection_collate([dataset[i] for i in range(3)])
@@ -136,7 +144,7 @@ def test_deferred_batch_moves_all_its_tensors(widerface_sample):
     moved = batch.to("meta")
     tensors = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
                if isinstance(getattr(batch, f.name), torch.Tensor)}
-    assert len(tensors) >= 7  # pixels, shapes, tables, use_hsv, resize_order, tap_index, tap_weight
+    assert len(tensors) >= 7  # pixels, shapes, tables, use_hsv, resize_slots, tap_index, tap_weight
     for name, tensor in tensors.items():
         copy = getattr(moved, name)
         assert copy.device.type == "meta" and copy.shape == tensor.shape and copy.dtype == tensor.dtype, name
@@ -174,6 +182,7 @@ def test_large_batches_are_augmented_in_chunks_with_the_same_result(widerface_sa
     largest = max(max(size) for size in batch.sizes)
     monkeypatch.setattr(device_augment, "MAX_CANVAS_PIXELS", 2 * largest ** 2)  # two images per group at most
     monkeypatch.setattr(device_augment, "MAX_PHOTOMETRIC_PIXELS", largest ** 2)  # an image per chunk or so
+    assert sum(h * w for h, w in batch.sizes) > 2 * largest ** 2  # so three photometric chunks at least
     assert len(device_augment.resize_groups([max(batch.sizes[i]) for i in batch.resize_order_list], 64)) >= 3
     assert (augment(batch) - whole).abs().max() <= 1  # the canvas size only changes float summation order
 

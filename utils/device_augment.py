@@ -226,10 +226,10 @@ class DeferredBatch:
 
     pixels (sum h*w*3,) uint8; shapes (B, 2) int64 (h, w) and ``sizes`` the same as a list;
     tables (B, 4, 256) uint8; use_hsv (B,) bool and ``use_hsv_list`` the same on the host;
-    resize_order (B,) int64 and ``resize_order_list`` the same on the host: the images by
-    increasing side (``max(h, w)``), the order :func:`augment` resizes them in;
+    ``resize_order_list``: the images by increasing side (``max(h, w)``), the order :func:`augment`
+    resizes them in, and resize_slots (B,) int64 the place of each image in that order;
     tap_index (2, B, S, T) int64 and tap_weight (2, B, S, T) float32: the resize taps of the output
-    rows (``[0]``) and columns (``[1]``) of the images in ``resize_order``.
+    rows (``[0]``) and columns (``[1]``) of the images in ``resize_order_list``.
     """
 
     pixels: torch.Tensor
@@ -238,12 +238,12 @@ class DeferredBatch:
     tables: torch.Tensor
     use_hsv: torch.Tensor
     use_hsv_list: list[bool]
-    resize_order: torch.Tensor
+    resize_slots: torch.Tensor
     resize_order_list: list[int]
     tap_index: torch.Tensor
     tap_weight: torch.Tensor
 
-    _TENSORS = ("pixels", "shapes", "tables", "use_hsv", "resize_order", "tap_index", "tap_weight")
+    _TENSORS = ("pixels", "shapes", "tables", "use_hsv", "resize_slots", "tap_index", "tap_weight")
 
     @classmethod
     def collate(cls, images: Sequence[DeferredImage]) -> "DeferredBatch":
@@ -254,9 +254,11 @@ class DeferredBatch:
         order = sorted(range(len(sizes)), key=lambda i: max(sizes[i]))
         tap_index, tap_weight = _stack_taps([images[i].rows for i in order] + [images[i].cols for i in order])
         use_hsv = [d.use_hsv for d in images]
+        slots = torch.empty(len(order), dtype=torch.int64)
+        slots[order] = torch.arange(len(order))
         return cls(pixels, torch.tensor(sizes, dtype=torch.int64), sizes,
                    torch.from_numpy(np.stack([d.tables for d in images])), torch.tensor(use_hsv), use_hsv,
-                   torch.tensor(order, dtype=torch.int64), order,
+                   slots, order,
                    tap_index.unflatten(0, (2, len(images))), tap_weight.unflatten(0, (2, len(images))))
 
     def __len__(self) -> int:
@@ -342,7 +344,7 @@ def hsv_to_bgr(images: torch.Tensor) -> torch.Tensor:
     return torch.round(bgr * 255).clamp_(0, 255).to(torch.uint8)
 
 
-#: Real pixels whose photometric step runs at once: bounds its integer temporaries (about 40 bytes
+#: Real pixels whose photometric step runs at once: bounds its integer temporaries (about 50 bytes
 #: per pixel); a batch of 32 WIDER crops (sides <= 1024) is one chunk.
 MAX_PHOTOMETRIC_PIXELS = 32 << 20
 #: Canvas pixels (images x side^2) of one resize group: bounds the float canvas and the products'
@@ -356,7 +358,9 @@ GROUP_SAVING = 0.03
 def augment(batch: DeferredBatch, mean: Sequence[float] = RGB_MEAN_BGR,
             resize_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Photometric distortion, padding to a square, flip and resize of ``batch`` where its
-    tensors are; returns float32 (B, 3, S, S) BGR minus ``mean``. No host synchronisation.
+    tensors are; returns float32 (B, 3, S, S) BGR minus ``mean``. No host synchronisation (with
+    deterministic algorithms on, PyTorch's deterministic ``scatter_add_`` on CUDA syncs). Runs
+    outside any autocast region the caller is in.
 
     The photometric step runs on the real pixels (:func:`photometric`). The resize runs on
     groups of images of similar sides (:func:`resize_groups`), each group on a canvas as large as
@@ -365,6 +369,13 @@ def augment(batch: DeferredBatch, mean: Sequence[float] = RGB_MEAN_BGR,
     device = batch.pixels.device
     dtype = resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     mean_u8, mean_f32 = _mean_tensors(device, tuple(float(m) for m in mean))
+    with torch.autocast(device.type, enabled=False):  # the resize's dtype is chosen here
+        return _augment(batch, dtype, mean_u8, mean_f32)
+
+
+def _augment(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, mean_f32: torch.Tensor
+             ) -> torch.Tensor:
+    device = batch.pixels.device
     colours = photometric(batch)
     count, size = len(batch), batch.image_size
     starts = np.cumsum([0] + [h * w for h, w in batch.sizes]).tolist()
@@ -382,12 +393,12 @@ def augment(batch: DeferredBatch, mean: Sequence[float] = RGB_MEAN_BGR,
         _resize(planes, batch.tap_index[:, first:stop], batch.tap_weight[:, first:stop], resized[first:stop])
     resized.round_().clamp_(0, 255)
     out = torch.empty((count, 3, size, size), dtype=torch.float32, device=device)
-    return out.index_copy_(0, batch.resize_order, torch.sub(resized.permute(0, 2, 1, 3), mean_f32))
+    return torch.sub(resized.index_select(0, batch.resize_slots).permute(0, 2, 1, 3), mean_f32, out=out)
 
 
 def resize_groups(sides: Sequence[int], size: int) -> list[tuple[int, int]]:
     """Ranges ``[first, stop)`` of the images sorted by side (:meth:`DeferredBatch.collate`'s
-    ``resize_order``) that are resized together, on a canvas of their largest side ``M``.
+    ``resize_order_list``) that are resized together, on a canvas of their largest side ``M``.
 
     A group's products cost ``count * (size * M^2 + size^2 * M)``. The partition minimises that
     summed over groups, plus :data:`GROUP_SAVING` of the one-group cost per group, with at most
@@ -465,6 +476,7 @@ def _photometric_images(batch: DeferredBatch, start: int, stop: int, pixels: tor
         converted = to_bgr.index_select(0, hsv.view(torch.int32).view(-1))
         use_hsv = batch.use_hsv[start:stop].index_select(0, image_ids)
         pixels = torch.where(use_hsv, converted, codes).view(torch.uint8).view(-1, 4)
+        del codes, hsv, converted, use_hsv  # not alive during the last lookup
     return apply_tables(pixels, torch.stack([after] * 3 + [identity], 1), rows)
 
 
