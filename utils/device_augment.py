@@ -269,6 +269,11 @@ class DeferredBatch:
         return int(self.tap_index.shape[2])
 
     @property
+    def pixel_starts(self) -> list[int]:
+        """Where each image's pixels start in ``pixels`` (in pixels, not bytes), and the total last."""
+        return np.cumsum([0] + [h * w for h, w in self.sizes]).tolist()
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the batch's tensors: what pinning and the host-to-device copy move."""
         return sum(getattr(self, name).nbytes for name in self._TENSORS)
@@ -378,7 +383,7 @@ def _augment(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, me
     device = batch.pixels.device
     colours = photometric(batch)
     count, size = len(batch), batch.image_size
-    starts = np.cumsum([0] + [h * w for h, w in batch.sizes]).tolist()
+    starts = batch.pixel_starts
     order = batch.resize_order_list
     sides = [max(batch.sizes[image]) for image in order]
     resized = torch.empty((count, size, 3, size), dtype=dtype, device=device)   # rows, channels, columns
@@ -446,14 +451,14 @@ def photometric(batch: DeferredBatch) -> torch.Tensor:
 
     Returns uint8 (P, 4): B, G, R and a zero byte, so that a pixel read as int32 is its colour
     code (:func:`_hsv_conversion_tables`) without arithmetic."""
-    chunks, start, offset = [], 0, 0
+    starts = batch.pixel_starts
+    chunks, start = [], 0
     while start < len(batch):
-        stop, total = start + 1, batch.sizes[start][0] * batch.sizes[start][1]
-        while stop < len(batch) and total + batch.sizes[stop][0] * batch.sizes[stop][1] <= MAX_PHOTOMETRIC_PIXELS:
-            total += batch.sizes[stop][0] * batch.sizes[stop][1]
+        stop = start + 1
+        while stop < len(batch) and starts[stop + 1] - starts[start] <= MAX_PHOTOMETRIC_PIXELS:
             stop += 1
-        chunks.append(_photometric_images(batch, start, stop, batch.pixels[offset:offset + total * 3].view(total, 3)))
-        offset += total * 3
+        pixels = batch.pixels[starts[start] * 3:starts[stop] * 3].view(-1, 3)
+        chunks.append(_photometric_images(batch, start, stop, pixels))
         start = stop
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
