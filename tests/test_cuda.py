@@ -198,8 +198,9 @@ def test_batches_prepared_ahead_on_a_side_stream_equal_batches_prepared_inline(w
             torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize(("augment_on", "amp_dtype"), [("workers", "auto"), ("device", "fp16")])
-def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_on, amp_dtype):
+@pytest.mark.parametrize(("augment_on", "amp_dtype", "cuda_graphs"),
+                         [("workers", "auto", "auto"), ("device", "fp16", "auto"), ("workers", "fp16", "true")])
+def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_on, amp_dtype, cuda_graphs):
     import train
 
     monkeypatch.chdir(tmp_path)
@@ -208,19 +209,23 @@ def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_
         summary = train.run(["--dataset", str(widerface_sample), "--train_split", "val", "--experiment_name", "gpu",
                              "--network", "mobilenet0.25", "--pretrained", "false", "--batch_size", "4",
                              "--workers", "2", "--eval_every", "0", "--device", "cuda", "--max_iters", "6",
-                             "--log_every", "2", "--augment_on", augment_on, "--amp_dtype", amp_dtype])
+                             "--log_every", "2", "--augment_on", augment_on, "--amp_dtype", amp_dtype,
+                             "--cuda_graphs", cuda_graphs])
     assert summary["step"] == 6
     assert all(np.isfinite(loss) for _, loss in summary["loss_history"])
     assert (tmp_path / "experiments/gpu/ckpt/last.pth").is_file()
     log = (tmp_path / "experiments/gpu/log/logs.txt").read_text()
     assert ("amp float16 with loss scaling" in log) == (amp_dtype == "fp16")
+    # auto graphs bf16 (the GPUs of these leases) but not fp16 yet; true graphs fp16 too
+    assert ("CUDA graphs:" in log) == (amp_dtype == "auto" or cuda_graphs == "true")
 
 
 def test_fp16_training_skips_overflow_steps_without_touching_the_optimizer():
-    """fp16's GradScaler skips a step whose gradients overflow; the SGD train.py builds for it must
-    leave weights and momentum alone then (the fused kernel allocates the momentum buffers and
-    leaves them unwritten, most likely why the H200 benchmark's fp16 training went NaN within 33
-    steps, 2026-11-27)."""
+    """fp16's GradScaler skips a step whose gradients overflow; the fused SGD train.py builds must
+    leave weights and momentum alone then (torch's fused kernel alone leaves the momentum buffers of
+    a skipped first step unwritten, most likely why the H200 benchmark's fp16 training went NaN
+    within 33 steps, 2026-11-27; build_optimizer creates them zeroed). The scaled steps, skipped or
+    not, never wait for the host."""
     from types import SimpleNamespace
 
     from models.retinaface import ModelConfig, RetinaFace
@@ -230,18 +235,34 @@ def test_fp16_training_skips_overflow_steps_without_touching_the_optimizer():
     model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)).to(CUDA)
     dtype, scaler = autocast_settings(CUDA, True, "fp16")
     assert dtype == torch.float16 and scaler.is_enabled()
-    optimizer = build_optimizer(model, SimpleNamespace(lr=1e-3, momentum=0.9, weight_decay=5e-4),
-                                loss_scaling=scaler.is_enabled())
+    optimizer = build_optimizer(model, SimpleNamespace(lr=1e-3, momentum=0.9, weight_decay=5e-4))
+    assert optimizer.param_groups[0]["fused"]
     before = {name: value.detach().clone() for name, value in model.named_parameters()}
-    with torch.autocast("cuda", dtype=dtype):
-        outputs = model(torch.randn(2, 3, 128, 128, device=CUDA))
-    scaler.scale(sum(stage.conf.float().sum() for stage in outputs)).backward()
-    next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
-    scaler.step(optimizer)
-    scaler.update()
-    assert scaler.get_scale() == 2.0 ** 15 and not optimizer.state
+
+    def scaled_step(overflow: bool) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype):
+            outputs = model(torch.randn(2, 3, 128, 128, device=CUDA))
+        scaler.scale(sum(stage.conf.float().sum() for stage in outputs)).backward()
+        if overflow:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            scaler.step(optimizer)
+            scaler.update()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    scaled_step(overflow=True)
+    assert scaler.get_scale() == 2.0 ** 15
     for name, value in model.named_parameters():
         assert torch.equal(value, before[name]), name
+        assert not optimizer.state[value]["momentum_buffer"].any(), name
+    scaled_step(overflow=False)
+    assert scaler.get_scale() == 2.0 ** 15
+    moved = [name for name, value in model.named_parameters() if not torch.equal(value, before[name])]
+    assert moved and all(torch.isfinite(value).all() for value in model.parameters())
+    assert all(torch.isfinite(buffer["momentum_buffer"]).all() for buffer in optimizer.state.values())
 
 
 def test_priors_built_on_the_gpu_equal_the_cpu_ones():

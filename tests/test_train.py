@@ -4,6 +4,7 @@ Everything runs on the CPU with tiny inputs; the runs use the shared 10-image sa
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -1249,36 +1250,61 @@ def test_cuda_graphs_option_on_the_cpu_with_compile_and_with_several_processes(w
         tu.graph_training_network(ctx, inherited, None)
 
 
-def test_loss_scaled_training_skips_an_overflow_step_entirely(monkeypatch):
-    """With fp16's GradScaler, build_optimizer must not pick the fused SGD step: on a step the scaler
-    skips (inf in a gradient), the fused kernel allocates the momentum buffers without writing them
-    and the next step reads that memory (fp16 training went NaN on an H200). The plain step leaves
-    weights and state untouched. On this CPU machine the parameters are made to look like CUDA ones
-    while the optimizer is built (torch's fused SGD runs on the CPU too); the step itself runs on
-    the CPU with a CPU GradScaler."""
+def test_loss_scaled_fused_sgd_skips_an_overflow_step_entirely(monkeypatch):
+    """fp16's GradScaler with build_optimizer's fused SGD (CUDA parameters): a step the scaler skips
+    (inf in a gradient) must leave weights and momentum alone, and the steps after it must equal
+    plain SGD's (foreach, unscaled) on the batches it did take. torch's fused kernel alone fails this
+    on a skipped first step: it allocates the momentum buffers without writing them and the next
+    step reads that memory (fp16 training went NaN on an H200); build_optimizer creates them zeroed.
+    The parameters look like CUDA ones while the optimizer is built (torch's fused SGD runs on the
+    CPU too); the steps run on the CPU with a CPU GradScaler."""
     args = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=5e-4)
+    torch.manual_seed(0)
+    batches = [torch.randn(3, 4) for _ in range(4)]
+    initial = torch.nn.Linear(4, 2)
 
-    def overflow_step(loss_scaling: bool):
-        torch.manual_seed(0)
-        model = torch.nn.Linear(4, 2)
+    def fused_sgd(build):
+        model = copy.deepcopy(initial)
         with monkeypatch.context() as patch:
             patch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-            optimizer = tu.build_optimizer(model, args, loss_scaling=loss_scaling)
-        before = [p.detach().clone() for p in model.parameters()]
-        scaler = torch.amp.GradScaler("cpu")
-        scaler.scale(model(torch.randn(3, 4)).sum()).backward()
-        model.weight.grad[0, 0] = float("inf")
+            optimizer = build(model)
+        assert optimizer.param_groups[0]["fused"]
+        return model, optimizer
+
+    def scaled_step(model, optimizer, scaler, batch, overflow):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(model(batch).pow(2).sum()).backward()
+        if overflow:
+            model.weight.grad[0, 0] = float("inf")
         scaler.step(optimizer)
         scaler.update()
-        unchanged = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
-        return optimizer, unchanged, scaler.get_scale()
 
-    fused, unchanged, scale = overflow_step(loss_scaling=False)
-    assert fused.param_groups[0]["fused"] and unchanged and scale == 2.0 ** 15
-    assert fused.state, "torch's fused SGD now leaves skipped steps alone: fusing under fp16 may be safe again"
-    plain, unchanged, scale = overflow_step(loss_scaling=True)
-    assert not plain.param_groups[0]["fused"] and unchanged and scale == 2.0 ** 15
-    assert not plain.state  # no momentum buffer until a step is taken
+    # torch's fused SGD on its own: a skipped first step leaves momentum buffers behind, unwritten
+    model, optimizer = fused_sgd(lambda m: torch.optim.SGD(m.parameters(), lr=args.lr, momentum=args.momentum,
+                                                          weight_decay=args.weight_decay, fused=True))
+    scaled_step(model, optimizer, torch.amp.GradScaler("cpu"), batches[0], overflow=True)
+    assert optimizer.state, "torch's fused SGD now leaves skipped steps alone: the zeroed buffers may go"
+
+    model, optimizer = fused_sgd(lambda m: tu.build_optimizer(m, args))
+    reference = copy.deepcopy(initial)
+    plain = torch.optim.SGD(reference.parameters(), lr=args.lr, momentum=args.momentum,
+                            weight_decay=args.weight_decay, foreach=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaled_step(model, optimizer, scaler, batches[0], overflow=True)
+    assert scaler.get_scale() == 2.0 ** 15
+    for param, start in zip(model.parameters(), initial.parameters()):
+        assert torch.equal(param, start)
+        assert torch.equal(optimizer.state[param]["momentum_buffer"], torch.zeros_like(param))
+    for batch in batches[1:]:
+        scaled_step(model, optimizer, scaler, batch, overflow=False)
+        plain.zero_grad(set_to_none=True)
+        reference(batch).pow(2).sum().backward()
+        plain.step()
+        for param, want in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(param, want, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(optimizer.state[param]["momentum_buffer"],
+                                       plain.state[want]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(model.weight, initial.weight)
 
 
 def test_cuda_graphs_auto_graphs_one_process_on_a_gpu_without_compile(monkeypatch):

@@ -462,7 +462,7 @@ def build_training(config, variant, device: torch.device, seed: int, public: boo
     dtype, scaler = autocast_settings(device, amp, variant.precision if amp else "auto")
     optimizer = (torch.optim.SGD(model.parameters(), lr=hyper.lr, momentum=hyper.momentum,
                                  weight_decay=hyper.weight_decay) if public
-                 else build_optimizer(model, hyper, loss_scaling=scaler.is_enabled()))
+                 else build_optimizer(model, hyper))
     return model, runner, optimizer, scaler, dtype
 
 

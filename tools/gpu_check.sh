@@ -127,13 +127,15 @@ else
   INFERENCE_ARGS=(--device cuda --batch_sizes 1,32 --variants ref,fp16,tf32+graph,fp16+graph --iters 20
                   --sample_variants ref,fp16,fp16+graph --sample_iters 5)
   # bf16+cuda_graphs: train.py --cuda_graphs true; fp16: train.py --amp_dtype fp16 (cuDNN's BatchNorm
-  # instead of PyTorch's, README Training); +inline: each batch prepared when its step starts, the
+  # instead of PyTorch's, README Training), with and without graphs (bf16 without graphs is no longer
+  # a row: measured in every lease before); +inline: each batch prepared when its step starts, the
   # baseline of preparing it on a side stream during the step before (run 9 prepared inline). Trimmed
   # to fit the first call (a review of run 9's times: both configs' rows of then needed ~330 s): no
   # bf16 real rows, no whole-step graph headroom, busy-core or batches-in-turn rows, no profile (all
   # measured in runs 1-9)
   TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840
-              --variants public,bf16+cuda_graphs,fp16,bf16 --real_variants bf16+cuda_graphs,bf16+cuda_graphs+inline
+              --variants public,bf16+cuda_graphs,fp16+cuda_graphs,fp16
+              --real_variants bf16+cuda_graphs,bf16+cuda_graphs+inline
               --busy_processes 0 --fixed_batches 0 --iters 30 --warmup 3)
   # the ResNet-50 cascade target is bf16 at batch 32: compiled against the same variant uncompiled
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32 --variants bf16+graph,bf16+compile+graph)

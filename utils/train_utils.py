@@ -243,10 +243,10 @@ def graph_training_network(ctx: TrainContext, args: argparse.Namespace, autocast
     """``--cuda_graphs``: make ``ctx.model`` a :class:`utils.graphed_training.GraphedTrainingNetwork`
     of the network (captured for batches of ``--batch_size`` at ``--im_size``). ``auto`` (None) does
     so when one process trains on a CUDA GPU without ``--compile`` in bf16 or float32, and leaves the
-    model as it is otherwise (fp16's loss scaling: the plain SGD step it needs waits for the host
-    every step, and graphs under fp16 have not run on a GPU yet); ``false`` never. Returns notes
-    for the log; ``true`` raises :class:`TrainingSetupError` with ``--compile`` (which the command
-    line refuses too, but a resume can inherit) or several processes."""
+    model as it is otherwise (graphs under fp16 with loss scaling have not run on a GPU yet: ``true``
+    takes them); ``false`` never. Returns notes for the log; ``true`` raises
+    :class:`TrainingSetupError` with ``--compile`` (which the command line refuses too, but a resume
+    can inherit) or several processes."""
     from utils.graphed_training import GraphedTrainingNetwork
 
     info = ctx.info
@@ -278,22 +278,27 @@ def unwrap(model: nn.Module) -> RetinaFace:
 # --------------------------------------------------------------------------------------------
 # Optimizer and mixed precision
 # --------------------------------------------------------------------------------------------
-def build_optimizer(model: nn.Module, args: argparse.Namespace, loss_scaling: bool = False
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """SGD with ``--momentum`` and ``--weight_decay`` on every parameter (defaults 0.9 and 5e-4, the
     public recipe); the fused CUDA kernel when the parameters are on a GPU (one launch for all of
-    them), unless ``loss_scaling`` (fp16 with an enabled GradScaler).
+    them), with its momentum buffers created as zeros here.
 
-    Why not fused with loss scaling: the scaler then leaves the overflow check to the fused kernel,
-    which skips the update but has already allocated the momentum buffers, uninitialised, on the
-    first step; the next step reads that memory (the CPU kernel of torch 2.14 does so, see
-    tests/test_train.py). fp16 training diverged on an H200 (NaN loss within 33 steps, torch 2.11,
-    2026-11-27), most likely this way. The plain step (foreach) skips an overflow step entirely, as
-    the scaler intends, at the cost of reading the scaler's overflow flag on the host."""
+    Why zeros first: on its first step the fused kernel allocates the buffers and writes them in
+    the update, so a first step that fp16's GradScaler skips (inf in a gradient) leaves them
+    uninitialised and the next step reads that memory (the CPU kernel of torch 2.14 does so, see
+    tests/test_train.py; fp16 training went NaN within 33 steps on an H200, torch 2.11, 2026-11-27,
+    most likely this way). With the buffers present every step is the kernel's later-step update,
+    ``buffer = momentum * buffer + gradient``, which gives the first step the same ``buffer =
+    gradient`` and which a skipped step leaves alone. The scaler then hands its overflow flag to the
+    kernel, so fp16 steps never wait for the host."""
     params = list(model.parameters())
-    fused = not loss_scaling and bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                           fused=fused or None)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                fused=fused or None)
+    if fused and args.momentum:
+        for param in params:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+    return optimizer
 
 
 def describe_amp(dtype: torch.dtype | None, device: torch.device, amp: bool) -> str:
@@ -313,8 +318,7 @@ def autocast_settings(device: torch.device, amp: bool, amp_dtype: str = "auto"
                       ) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
     """Autocast dtype (``amp_dtype``: ``auto`` is bf16 on GPUs of compute capability 8 or more,
     where cuDNN has bf16 kernels, else fp16; ``bf16``; ``fp16``; ``None`` on the CPU or without
-    ``amp``) and a GradScaler that is enabled only for fp16 (give :func:`build_optimizer` its
-    ``is_enabled()``: the fused SGD step mishandles the steps the scaler skips)."""
+    ``amp``) and a GradScaler that is enabled only for fp16."""
     if amp_dtype not in AMP_DTYPES:
         raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)}, got {amp_dtype!r}")
     if amp and device.type == "cuda":
@@ -1095,7 +1099,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         raw_model = unwrap(wrapped)
         iters_per_epoch = len(sampler) // args.batch_size
         epochs, steps = resolve_epochs_and_steps(args, config.network)
-        optimizer = build_optimizer(raw_model, args, loss_scaling=scaler.is_enabled())
+        optimizer = build_optimizer(raw_model, args)
         scheduler = build_scheduler(optimizer, args, iters_per_epoch, config.network)
         criterion = MultiBoxLoss(config, landmark_loss=args.landmark_loss,
                                  empty_image_negatives=args.empty_image_negatives)
