@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from utils.data_loaders import dataset_from_root, detection_collate, images_to_network_input
-from utils.data_transformer import INTERPOLATIONS, AugmentParams, PhotometricParams, TrainTransform
-from utils.device_augment import (
-    DeferredBatch, DeferredTrainTransform, augment, bgr_to_hsv, hsv_to_bgr, resize_taps,
+from utils.data_transformer import (
+    INTERPOLATIONS, AugmentParams, PhotometricParams, TrainTransform, empty_targets, photometric_distort,
 )
+from utils.device_augment import DeferredBatch, DeferredTrainTransform, augment, photometric, resize_taps
 
 INTERPOLATION_NAMES = {cv2.INTER_LINEAR: "linear", cv2.INTER_CUBIC: "cubic", cv2.INTER_AREA: "area",
                        cv2.INTER_NEAREST: "nearest", cv2.INTER_LANCZOS4: "lanczos4"}
@@ -51,20 +51,53 @@ def test_resize_taps_reject_bad_arguments():
         resize_taps(20, 10, 99)
 
 
-def test_hsv_conversions_match_opencv():
-    rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (100_000, 1, 3), dtype=np.uint8)
-    special = np.array([[0, 0, 0], [255, 255, 255], [128, 128, 128], [255, 0, 0], [0, 255, 0], [0, 0, 255],
-                        [255, 255, 0], [0, 255, 255], [255, 0, 255], [1, 0, 0], [0, 1, 1]], np.uint8)[:, None]
-    pixels = np.concatenate([pixels, special])
-    np.testing.assert_array_equal(bgr_to_hsv(torch.from_numpy(pixels)).numpy(),
-                                  cv2.cvtColor(pixels, cv2.COLOR_BGR2HSV))
-    hsv = pixels.copy()
-    hsv[..., 0] %= 180
-    expected = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR).astype(int)
-    ours = hsv_to_bgr(torch.from_numpy(hsv)).numpy().astype(int)
-    assert np.abs(ours - expected).max() <= 1
-    assert (ours != expected).any(-1).mean() < 1e-3  # float rounding ties only
+def _looked_up(table: torch.Tensor, image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) ``image`` through a (2^24,) int32 colour table."""
+    codes = torch.from_numpy(np.pad(image, ((0, 0), (0, 0), (0, 1)))).view(torch.int32).view(-1)
+    looked_up = table.index_select(0, codes).view(torch.uint8).view(*image.shape[:2], 4)
+    assert not looked_up[..., 3].any()
+    return looked_up[..., :3].numpy()
+
+
+def test_colour_tables_give_opencvs_conversions():
+    """On rows that OpenCV converts with its vectorised code alone (a multiple of 32 pixels wide)
+    the tables give its result for every pixel; in the last ``width % 32`` pixels of a row its
+    scalar code rounds HSV->BGR where the vectorised code truncates, and the tables differ there."""
+    from utils.device_augment import _hsv_conversion_tables
+
+    to_hsv, to_bgr = _hsv_conversion_tables(torch.device("cpu"))
+    rng = np.random.default_rng(1)
+    colours = rng.integers(0, 256, (100, 640, 3), dtype=np.uint8)
+    colours[0, :8] = [[0, 0, 0], [255, 255, 255], [128, 128, 128], [255, 0, 0], [0, 255, 0], [0, 0, 255],
+                      [1, 0, 0], [0, 1, 1]]
+    np.testing.assert_array_equal(_looked_up(to_hsv, colours), cv2.cvtColor(colours, cv2.COLOR_BGR2HSV))
+    colours[..., 0] %= 180  # a valid hue for the HSV -> BGR direction
+    np.testing.assert_array_equal(_looked_up(to_bgr, colours), cv2.cvtColor(colours, cv2.COLOR_HSV2BGR))
+    narrow = np.ascontiguousarray(colours[:, :20])
+    differs = _looked_up(to_bgr, narrow) != cv2.cvtColor(narrow, cv2.COLOR_HSV2BGR)
+    assert 0.2 < differs.mean() < 0.5  # OpenCV's scalar path: each fractional channel rounded
+
+
+def test_photometric_step_matches_opencv_on_the_sample(widerface_sample):
+    """The photometric step of whole sample images against TrainTransform's (OpenCV LUT and
+    cvtColor): no bias, and differences only in the last ``width % 32`` pixels of a row (see
+    above). The HSV->BGR formula that rounds was 0.2-0.3 levels too bright on average."""
+    paths = sorted((widerface_sample / "val" / "images").rglob("*.jpg"))[:4]
+    settings = [PhotometricParams(True, brightness=-10.0, contrast=0.7, saturation=1.4, hue=-12),
+                PhotometricParams(False, brightness=20.5, contrast=1.3, saturation=0.6, hue=17),
+                PhotometricParams(False, saturation=1.2)]
+    transform = DeferredTrainTransform(64)
+    for path in paths:
+        image = cv2.imread(str(path))
+        height, width = image.shape[:2]
+        for params in settings:
+            deferred, _ = transform.apply(image, empty_targets(), AugmentParams(None, params))
+            batch, _ = detection_collate([(deferred, empty_targets())])
+            ours = photometric(batch)[:, :3].reshape(height, width, 3).numpy().astype(int)
+            difference = ours - photometric_distort(image, params).astype(int)
+            tail = width % 32
+            assert not difference[:, :width - tail].any(), (path.name, params)
+            assert np.abs(difference).max() <= 1 and abs(difference.mean()) < 0.01, (path.name, params)
 
 
 def _forced_params():
@@ -101,10 +134,11 @@ def test_deferred_pixels_match_train_transform_for_every_branch(sample_image):
     ours = images_to_network_input(batch)
     reference = images_to_network_input(detection_collate([(im, np.zeros((0, 15))) for im in expected_images])[0])
     assert ours.shape == reference.shape == (len(expected_images), 3, 96, 96)
-    difference = (ours - reference).abs()
-    per_image = difference.flatten(1).amax(1)
-    assert per_image.max() <= 3, per_image.tolist()  # a level from the HSV round trip, one from the resize
-    assert difference.mean() < 0.3
+    difference = ours - reference
+    per_image = difference.abs().flatten(1).amax(1)
+    assert per_image.max() <= 2, per_image.tolist()  # a level from the HSV round trip, one from the resize
+    # no bias: with OpenCV's rounding HSV formula in place of its vectorised code, 0.12 and +0.11
+    assert difference.abs().mean() < 0.08 and abs(difference.mean()) < 0.05
 
 
 def test_deferred_transform_matches_train_transform_on_the_sample(widerface_sample):
@@ -115,8 +149,10 @@ def test_deferred_transform_matches_train_transform_on_the_sample(widerface_samp
         batch, deferred_targets = detection_collate([device[i] for i in range(len(device))])
         for expected, ours in zip(targets, deferred_targets):  # same random draws, same geometry
             assert torch.equal(expected, ours)
-        difference = (images_to_network_input(batch) - images_to_network_input(images)).abs()
-        assert difference.max() <= 3 and difference.mean() < 0.5, (difference.max(), difference.mean())
+        difference = images_to_network_input(batch) - images_to_network_input(images)
+        # before the colour tables came from OpenCV: up to 3 levels, 0.27 on average, all of it too bright
+        assert difference.abs().max() <= 2 and difference.abs().mean() < 0.1, (difference.abs().max(), difference)
+        assert abs(difference.mean()) < 0.05, difference.mean()
 
 
 def test_float16_resize_stays_within_a_level(widerface_sample):
@@ -233,16 +269,3 @@ def test_grouped_resize_equals_one_canvas(widerface_sample, monkeypatch):
     assert device_augment.resize_groups(sides, 80) == [(0, len(batch))]
     difference = (augment(batch) - grouped).abs()
     assert difference.max() <= 1 and (difference > 0).float().mean() < 1e-4
-
-
-def test_colour_tables_match_the_conversions():
-    from utils.device_augment import _hsv_conversion_tables
-
-    rng = np.random.default_rng(1)
-    colours = torch.from_numpy(rng.integers(0, 256, (50_000, 3), dtype=np.uint8))
-    colours[:, 0] %= 180  # a valid hue for the HSV -> BGR direction
-    to_hsv, to_bgr = _hsv_conversion_tables(torch.device("cpu"))
-    codes = torch.nn.functional.pad(colours, (0, 1)).view(torch.int32).view(-1)
-    for table, convert in ((to_hsv, bgr_to_hsv), (to_bgr, hsv_to_bgr)):
-        looked_up = table.index_select(0, codes).view(torch.uint8).view(-1, 4)
-        assert torch.equal(looked_up[:, :3], convert(colours)) and not looked_up[:, 3].any()

@@ -280,7 +280,8 @@ def test_pred_dir_evaluates_the_good_files_and_names_every_bad_one(test_script, 
     assert lines[:3] == [f"test.py: error: skipped {bad[0]}:4: expected 'x y w h score', got '1 2 3'",
                          f"test.py: error: skipped {bad[1]}:3: not UTF-8 text (byte 0xff at column 9)",
                          f"test.py: error: skipped {bad[2]}:2: the count line says 3 boxes but 1 box lines follow "
-                         f"(the official MATLAB tool would read 3, the public Python tool 1)"], err
+                         f"(the official MATLAB tool would look for 3 box lines and fail on the file, the "
+                         f"public Python tool read 1)"], err
     assert lines[3:] == ["test.py: error: 3 of 5 prediction files could not be read (named above, listed in "
                          "results.json): the APs cover the other 2 only"]
     assert "subset: 2 of 3226 images, not comparable with full-val numbers" in out

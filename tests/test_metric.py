@@ -435,9 +435,14 @@ def test_prediction_file_errors(tmp_path):
     bad.write_text("x\n2\n1 2 3 4 0.5\n1 2 three 4 0.5\n")
     with pytest.raises(ValueError, match=r"x\.txt:4"):
         read_prediction_file(bad)
-    bad.write_text("x\n2\n1 2 3 4 0.5\n")  # MATLAB would read 2 boxes, the Python tool 1: neither is safe
-    with pytest.raises(ValueError, match=r"x\.txt:2: the count line says 2 boxes but 1 box lines follow "
-                                         r"\(the official MATLAB tool would read 2, the public Python tool 1\)"):
+    bad.write_text("x\n2\n1 2 3 4 0.5\n")  # MATLAB fails on the file, the Python tool reads 1: neither is safe
+    with pytest.raises(ValueError, match=r"x\.txt:2: the count line says 2 boxes but 1 box lines follow \(the "
+                                         r"official MATLAB tool would look for 2 box lines and fail on the file, "
+                                         r"the public Python tool read 1\)"):
+        read_prediction_file(bad)
+    bad.write_text("x\n1\n1 2 3 4 0.5\n5 6 7 8 0.4\n")  # MATLAB reads the first box, the Python tool both
+    with pytest.raises(ValueError, match=r"\(the official MATLAB tool would read the first 1, the public Python "
+                                         r"tool read 2\)"):
         read_prediction_file(bad)
     bad.write_text("x\n1\n1 2 3 4\n")
     with pytest.raises(ValueError, match=r"x\.txt:3"):

@@ -10,16 +10,18 @@ worker spends 7.90 ms on decoding, ``TrainTransform`` and batching, against 3.47
 here it runs batched on the device, two matrix products per group of images of similar sizes.
 The photometric step works on the real pixels only (the flat buffer, not the padded canvas) with
 table lookups: per-image 256-entry tables and two whole-colour tables for BGR<->HSV (made once
-per device from the exact formulas below), a few passes over the pixels instead of some fifty.
+per device by OpenCV), a few passes over the pixels instead of some fifty.
 
 Same recipe, same random draws: :class:`DeferredTrainTransform` draws the parameters exactly like
 :class:`TrainTransform` (same generator calls) and computes the targets with the same function,
-so targets are identical. Pixels follow OpenCV's definitions: the photometric step uses the same
-lookup tables and OpenCV's 8-bit BGR<->HSV formulas; the resize is ``W_y @ image @ W_x^T`` with
-the weights OpenCV's ``resize`` uses for each of the five interpolations (half-pixel centres,
-replicated borders, cubic a = -0.75, Lanczos-4, area averaging when shrinking), rounded to uint8
-values like OpenCV's output. OpenCV computes in fixed point (and may call IPP), so a pixel can
-differ: by at most 3 levels, 0.3 on average, on the sample images (the tests bound it).
+so targets are identical. Pixels follow OpenCV: the photometric step uses the same lookup tables
+and OpenCV's own BGR<->HSV conversions of every colour (:func:`_hsv_conversion_tables`); the
+resize is ``W_y @ image @ W_x^T`` with the weights OpenCV's ``resize`` uses for each of the five
+interpolations (half-pixel centres, replicated borders, cubic a = -0.75, Lanczos-4, area averaging
+when shrinking), rounded to uint8 values like OpenCV's output. OpenCV's resize computes in fixed
+point (and may call IPP), and its HSV->BGR conversion rounds the last pixels of a row differently
+from the rest, so a pixel can differ: by at most 2 levels, 0.05 on average and without a bias
+beyond 0.05 on the sample images (the tests bound it).
 
 Flow: ``dataset[i]`` -> ``(DeferredImage, targets)``; :func:`utils.data_loaders.detection_collate`
 -> ``(DeferredBatch, targets)``; the DataLoader pins it (``DeferredBatch.pin_memory``);
@@ -32,7 +34,7 @@ import math
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -41,8 +43,10 @@ import torch
 from utils.data_transformer import (
     _IDENTITY_LUT, RGB_MEAN_BGR, AugmentParams, TrainTransform, _check_image, photometric_tables,
 )
-#: OpenCV's 8-bit HSV conversion: fixed point with 12 fractional bits.
-_HSV_SHIFT = 12
+#: Width of the image of colours that OpenCV converts into the colour tables: rows this wide (a
+#: multiple of every SIMD width) go through its vectorised path only, as an image's rows do but
+#: for their last few pixels.
+_TABLE_ROW = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,40 +319,6 @@ def apply_tables(pixels: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor)
     return tables.reshape(-1).index_select(0, index.view(-1)).view(pixels.shape)
 
 
-def bgr_to_hsv(images: torch.Tensor) -> torch.Tensor:
-    """``cv2.cvtColor(image, cv2.COLOR_BGR2HSV)`` for uint8 (..., 3) tensors: H in 0..179,
-    S and V in 0..255, with OpenCV's fixed-point rounding."""
-    b, g, r = images.to(torch.int32).unbind(-1)
-    v = torch.maximum(torch.maximum(b, g), r)
-    vmin = torch.minimum(torch.minimum(b, g), r)
-    diff = v - vmin
-    half = 1 << (_HSV_SHIFT - 1)
-    tables = _device_constants(images.device)
-    s_table, h_table = tables.s_divisor, tables.h_divisor
-    s = (diff * s_table[v] + half) >> _HSV_SHIFT
-    h = torch.where(v == r, g - b, torch.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * h_table[diff] + half) >> _HSV_SHIFT
-    h = torch.where(h < 0, h + 180, h)
-    return torch.stack([h, s, v], dim=-1).to(torch.uint8)
-
-
-def hsv_to_bgr(images: torch.Tensor) -> torch.Tensor:
-    """``cv2.cvtColor(image, cv2.COLOR_HSV2BGR)`` for uint8 (..., 3) tensors (OpenCV's float
-    formula: sector of H * 6 / 180, rounded to the nearest integer)."""
-    h, s, v = images.to(torch.float32).unbind(-1)
-    s = s * (1.0 / 255)
-    v = v * (1.0 / 255)
-    h = torch.remainder(h * (6.0 / 180), 6.0)
-    sector = torch.floor(h)
-    f = h - sector
-    sector = sector.to(torch.int64).clamp_(0, 5)
-    values = torch.stack([v, v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))], dim=-1)  # (..., 4)
-    pick = _device_constants(images.device).hsv_sectors[sector]                              # (..., 3)
-    bgr = torch.gather(values, -1, pick)
-    bgr = torch.where((s == 0)[..., None], v[..., None].expand_as(bgr), bgr)
-    return torch.round(bgr * 255).clamp_(0, 255).to(torch.uint8)
-
-
 #: Real pixels whose photometric step runs at once: bounds its integer temporaries (about 50 bytes
 #: per pixel); a batch of 32 WIDER crops (sides <= 1024) is one chunk.
 MAX_PHOTOMETRIC_PIXELS = 32 << 20
@@ -471,7 +441,7 @@ def _photometric_images(batch: DeferredBatch, start: int, stop: int, pixels: tor
                                         batch.shapes[start:stop].prod(1), output_size=pixels.shape[0])
     rows = table_rows(image_ids)
     before, hue, saturation, after = batch.tables[start:stop].unbind(1)          # (n, 256) each
-    identity = _device_constants(device).identity.expand(count, 256)  # keeps the zero byte (and V) as they are
+    identity = _identity_table(device).expand(count, 256)  # keeps the zero byte (and V) as they are
     pixels = apply_tables(torch.nn.functional.pad(pixels, (0, 1)), torch.stack([before] * 3 + [identity], 1), rows)
     if any(batch.use_hsv_list[start:stop]):
         to_hsv, to_bgr = _hsv_conversion_tables(device)
@@ -487,44 +457,36 @@ def _photometric_images(batch: DeferredBatch, start: int, stop: int, pixels: tor
 
 @lru_cache(maxsize=None)
 def _hsv_conversion_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`bgr_to_hsv` and :func:`hsv_to_bgr` of every colour, as (2^24,) int32 tables (64 MB
-    each) made once per device in chunks. Entry ``c0 | c1 << 8 | c2 << 16`` holds the converted
-    colour's bytes ``(c0', c1', c2', 0)``: on a little-endian machine both the index and the
-    entry are the colour's 4 bytes read as one int32. Hues >= 180 do not occur in HSV input; their
-    entries are unused. Two lookups per pixel replace some fifty elementwise passes."""
+    """``cv2.COLOR_BGR2HSV`` and ``cv2.COLOR_HSV2BGR`` of every colour, as (2^24,) int32 tables
+    (64 MB each), made once per device by OpenCV itself on rows of :data:`_TABLE_ROW` colours.
+    Entry ``c0 | c1 << 8 | c2 << 16`` holds the converted colour's bytes ``(c0', c1', c2', 0)``:
+    on a little-endian machine both the index and the entry are the colour's 4 bytes read as one
+    int32. Hues >= 180 do not occur in HSV input; their entries are unused.
+
+    Why OpenCV and not its formula: its vectorised HSV->BGR path truncates where its scalar path
+    (rows narrower than a vector, the last pixels of a row) rounds, so the formula, which rounds,
+    was a third of a level brighter than ``TrainTransform`` on average (2026-11-28). These tables
+    give what the vectorised path gives, as it does for all but the last few pixels of each row of
+    an image (OpenCV 4.11 on x86-64: up to 31); the conversion to HSV is exact in both paths."""
     if sys.byteorder != "little":
         raise RuntimeError("the device augmentation's colour tables need a little-endian machine")
+    codes = np.arange(1 << 24, dtype=np.uint32).view(np.uint8).reshape(-1, _TABLE_ROW, 4)
 
-    def table(convert) -> torch.Tensor:
-        out = torch.zeros((1 << 24, 4), dtype=torch.uint8, device=device)
-        for first in range(0, 1 << 24, 1 << 20):
-            codes = torch.arange(first, first + (1 << 20), device=device, dtype=torch.int32)
-            colours = torch.stack([codes & 255, (codes >> 8) & 255, codes >> 16], dim=-1).to(torch.uint8)
-            out[first:first + len(codes), :3] = convert(colours)
-        return out.view(torch.int32).view(-1)
+    def table(conversion: int) -> torch.Tensor:
+        out = np.zeros(((1 << 24) // _TABLE_ROW, _TABLE_ROW, 4), dtype=np.uint8)
+        for first in range(0, len(codes), 256):  # 1 Mi colours at a time (12 MB temporaries)
+            colours = np.ascontiguousarray(codes[first:first + 256, :, :3])
+            out[first:first + 256, :, :3] = cv2.cvtColor(colours, conversion)
+        return torch.from_numpy(out.reshape(-1).view(np.int32)).to(device)
 
-    return table(bgr_to_hsv), table(hsv_to_bgr)
-
-
-class _DeviceConstants(NamedTuple):
-    s_divisor: torch.Tensor    # (256,) int32: OpenCV's round((255 << 12) / v), 0 for v = 0
-    h_divisor: torch.Tensor    # (256,) int32: OpenCV's round((180 << 12) / (6 d)), 0 for d = 0
-    hsv_sectors: torch.Tensor  # (6, 3) int64: per hue sector, which of (v, p, q, t) are B, G, R
-    identity: torch.Tensor     # (256,) uint8
+    return table(cv2.COLOR_BGR2HSV), table(cv2.COLOR_HSV2BGR)
 
 
 @lru_cache(maxsize=None)
-def _device_constants(device: torch.device) -> _DeviceConstants:
-    """Made once per device: a new tensor per batch would be a blocking host-to-device copy."""
-    i = np.arange(256, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        s_divisor = np.where(i > 0, np.round((255 << _HSV_SHIFT) / i), 0)
-        h_divisor = np.where(i > 0, np.round((180 << _HSV_SHIFT) / (6 * i)), 0)
-    sectors = [[1, 3, 0], [1, 0, 2], [3, 0, 1], [0, 2, 1], [0, 1, 3], [2, 1, 0]]
-    return _DeviceConstants(torch.tensor(s_divisor, dtype=torch.int32, device=device),
-                            torch.tensor(h_divisor, dtype=torch.int32, device=device),
-                            torch.tensor(sectors, dtype=torch.int64, device=device),
-                            torch.arange(256, dtype=torch.uint8, device=device))
+def _identity_table(device: torch.device) -> torch.Tensor:
+    """(256,) uint8 ``0..255``, made once per device: a new tensor per batch would be a blocking
+    host-to-device copy."""
+    return torch.arange(256, dtype=torch.uint8, device=device)
 
 
 @lru_cache(maxsize=None)

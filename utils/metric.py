@@ -395,10 +395,13 @@ def read_prediction_file(path: PathLike) -> tuple[str, np.ndarray]:
             raise ValueError(f"{path}:{lineno}: non-finite value in {line!r}")
         rows.append(row)
     if count != len(rows):
-        # the official tools disagree on such a file: MATLAB's read_pred reads `count` boxes, the
-        # public Python tool ignores the count and reads every line; neither reading is safe
+        # the official tools disagree on such a file: MATLAB's read_pred reads `count` box lines (and
+        # fails on the file when fewer follow), the public Python tool ignores the count and reads
+        # every line; neither reading is safe
+        matlab = (f"read the first {count}" if count < len(rows) else
+                  f"look for {count} box lines and fail on the file")
         raise ValueError(f"{path}:2: the count line says {count} boxes but {len(rows)} box lines follow (the "
-                         f"official MATLAB tool would read {count}, the public Python tool {len(rows)})")
+                         f"official MATLAB tool would {matlab}, the public Python tool read {len(rows)})")
     return stem, np.asarray(rows, dtype=np.float64).reshape(-1, 5)
 
 
