@@ -465,7 +465,7 @@ def _hsv_conversion_tables(device: torch.device) -> tuple[torch.Tensor, torch.Te
 
     Why OpenCV and not its formula: its vectorised HSV->BGR path truncates where its scalar path
     (rows narrower than a vector, the last pixels of a row) rounds, so the formula, which rounds,
-    was a third of a level brighter than ``TrainTransform`` on average (2026-11-28). These tables
+    was a third of a level brighter than ``TrainTransform`` on average (2026-11-27). These tables
     give what the vectorised path gives, as it does for all but the last few pixels of each row of
     an image (OpenCV 4.11 on x86-64: up to 31); the conversion to HSV is exact in both paths."""
     if sys.byteorder != "little":
