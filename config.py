@@ -266,7 +266,7 @@ OPTIONS: tuple[Option, ...] = (
          help="where the pixel work of the augmentation runs: 'workers' (OpenCV in the DataLoader "
               "workers) or 'device' (workers only decode and crop; photometric distortion, flip and "
               "resize run batched on the training device; same random draws and targets, pixels within "
-              "3 levels; for GPUs that the CPU cores cannot keep fed)"),
+              "2 levels; for GPUs that the CPU cores cannot keep fed)"),
     _opt("--landmark_loss", type=str2bool, default=True, scripts={TRAIN},
          help="train the landmark head (true/false)"),
     _opt("--empty_image_negatives", type=non_negative_int, default=0, scripts={TRAIN},
