@@ -318,13 +318,15 @@ def test_mask_stage_start_up_writes_nothing_to_stderr():
     """MediaPipe's native start-up lines (written by a graph's first run, below Python) are filtered
     out; a fresh process, since some of them come once per process."""
     require_installed("mediapipe", "the mask stage needs mediapipe (absent on the GPU machines)")
-    script = ("import numpy as np; from utils.face_mask import HeadSegmenter\n"
+    script = ("import numpy as np; from utils.face_mask import HeadSegmenter, SegmenterPool\n"
               "with HeadSegmenter() as segmenter:\n"
               "    mask = segmenter.segment(np.full((64, 48, 3), 128, np.uint8))\n"
-              "print(mask.shape)\n")
+              "with SegmenterPool(2) as pool:  # more graphs, run on threads of their own\n"
+              "    masks = pool.segment_all([np.full((32, 40, 3), 128, np.uint8)] * 3)\n"
+              "print(mask.shape, [m.shape for m in masks])\n")
     completed = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.strip() == "(64, 48)"
+    assert completed.stdout.strip() == "(64, 48) [(32, 40), (32, 40), (32, 40)]"
     assert completed.stderr == ""
 
 
@@ -339,6 +341,43 @@ def test_a_mask_does_not_depend_on_the_images_segmented_before_it(sample_mask_im
     for first, second in zip(in_order, reversed_order):
         assert first.shape == second.shape and first.max() > 0.5
         assert np.array_equal(first, second)
+
+
+def test_segmenter_pool_gives_one_graphs_masks_on_several_threads(photos_dir, mobilenet_weights, monkeypatch):
+    """The mask stage's SegmenterPool shares an image's head crops out between its graphs: the masks
+    and boxes equal those of one HeadSegmenter, in the faces' order, and more than one thread
+    segmented them."""
+    import threading
+
+    from models.detector import FaceDetector
+
+    require_installed("mediapipe", "the mask stage needs mediapipe (absent on the GPU machines)")
+    detector = FaceDetector(str(mobilenet_weights), device="cpu", confidence_threshold=0.5)
+    images = [cv2.imread(str(path)) for path in sorted(photos_dir.glob("*"))[:3]]
+    detections = [detector.detect_batch([image])[0] for image in images]
+    assert sum(len(found) for found in detections) >= 10
+    threads = set()
+    segment = fm.HeadSegmenter.segment
+
+    def recorded(self, image):
+        threads.add(threading.current_thread().name)
+        return segment(self, image)
+
+    with fm.HeadSegmenter() as one:
+        expected = [fm.masks_of_faces(image, found.boxes, one) for image, found in zip(images, detections)]
+    monkeypatch.setattr(fm.HeadSegmenter, "segment", recorded)
+    with fm.SegmenterPool(3) as pool:
+        assert pool.threads == 3 and fm.masks_of_faces(images[0], np.zeros((0, 4)), pool) == []
+        for image, found, want in zip(images, detections, expected):
+            got = fm.masks_of_faces(image, found.boxes, pool)
+            assert len(got) == len(want) == len(found)
+            for parts, reference in zip(got, want):
+                assert parts["head_box"] == reference["head_box"] and parts["face_box"] == reference["face_box"]
+                assert np.array_equal(parts["head_mask"], reference["head_mask"])
+                assert np.array_equal(parts["face_mask"], reference["face_mask"])
+    assert len([name for name in threads if name.startswith("mask")]) >= 2, threads
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.segment_all([images[0]])
 
 
 def test_crop_names_stay_unique_when_images_share_a_stem():

@@ -354,7 +354,7 @@ def format_summary(summary: InferenceSummary) -> str:
 
 @dataclass
 class FaceMaskResult:
-    """Mask-stage output of one face (see :func:`utils.face_mask.face_and_head_masks`)."""
+    """Mask-stage output of one face (see :func:`utils.face_mask.masks_of_faces`)."""
 
     face_box: tuple[int, int, int, int]   # in head-crop coordinates
     head_box: tuple[int, int, int, int]   # in image coordinates
@@ -508,15 +508,14 @@ class _Runner:
         self.bar.update(1)
 
     def masks(self, record: ImageRecord, detections: Any) -> list[FaceMaskResult]:
-        from utils.face_mask import HeadSegmenter, face_and_head_masks  # noqa: PLC0415
+        from utils.face_mask import SegmenterPool, masks_of_faces  # noqa: PLC0415
 
         if self.segmenter is None:
-            self.segmenter = HeadSegmenter()  # one graph for the whole run
-        image, out = record.image, []
+            self.segmenter = SegmenterPool()  # graphs for the whole run, one per core (at most 8)
+        out = []
         stem = self.stems[record.name]
         extension = Path(record.name).suffix
-        for index, box in enumerate(detections.boxes):
-            parts = face_and_head_masks(image, box, self.segmenter)
+        for index, parts in enumerate(masks_of_faces(record.image, detections.boxes, self.segmenter)):
             out.append(FaceMaskResult(parts["face_box"], parts["head_box"], parts["face_mask"], parts["head_mask"]))
             if self.args.save_mask:
                 base = f"{stem}_{index}"
