@@ -150,7 +150,7 @@ def test_device_augmentation_on_cuda_matches_the_cpu(widerface_sample):
         torch.cuda.set_sync_debug_mode(0)
     assert ours.device.type == "cuda"
     difference = (ours.cpu() - expected).abs()
-    # float16 resize products (a level at most) and float rounding ties of the HSV step on the GPU
+    # float16 resize products (a level at most; the colour steps are the same table lookups on both)
     assert difference.max() <= 2 and difference.mean() < 0.05
 
 
@@ -243,7 +243,8 @@ def test_fp16_training_skips_overflow_steps_without_touching_the_optimizer():
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=dtype):
             outputs = model(torch.randn(2, 3, 128, 128, device=CUDA))
-        scaler.scale(sum(stage.conf.float().sum() for stage in outputs)).backward()
+        # a mean: summed logits give fp16 gradients beyond 65504 at the scale of 2^15 (an overflow step)
+        scaler.scale(sum(stage.conf.float().mean() for stage in outputs)).backward()
         if overflow:
             next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
         torch.cuda.set_sync_debug_mode("error")

@@ -736,6 +736,39 @@ def test_resume_keeps_the_optimizer_kernel_of_this_run():
     resumed.scaler.update()
 
 
+def test_resume_into_a_fused_step_gives_every_parameter_a_momentum_buffer():
+    """A checkpoint without momentum buffers (a --momentum 0 run; parameters that never had a
+    gradient) resumed into fused SGD with momentum: load_state_dict drops the zeroed buffers that
+    build_optimizer made, and the fused kernel would take its first-step path again (unwritten
+    buffers after a step the scaler skips) or fail on a mix of buffers and none."""
+    def context(momentum, fused):
+        params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+        optimizer = torch.optim.SGD(params, lr=0.1, momentum=momentum, fused=fused)
+        return SimpleNamespace(params=params, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu"),
+                               iters_per_epoch=4, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+
+    for momentum, graded in ((0.0, 2), (0.9, 1)):  # no buffers at all; a buffer for the first parameter only
+        saved = context(momentum, fused=None)
+        sum(p.sum() for p in saved.params[:graded]).backward()
+        saved.optimizer.step()
+        checkpoint = {"optimizer": saved.optimizer.state_dict(), "scheduler": saved.scheduler.state_dict(),
+                      "scaler": saved.scaler.state_dict(), "step": 1}
+        resumed = context(0.9, fused=True)
+        train_state.load_training_state(resumed, checkpoint)
+        buffers = [resumed.optimizer.state[p].get("momentum_buffer") for p in resumed.params]
+        assert all(buffer is not None for buffer in buffers), momentum
+        for buffer, param in zip(buffers, saved.params):
+            want = saved.optimizer.state[param].get("momentum_buffer")
+            torch.testing.assert_close(buffer, torch.zeros_like(param) if want is None else want)
+        before = [buffer.clone() for buffer in buffers]
+        resumed.scaler.scale(sum((p * 2).sum() for p in resumed.params)).backward()
+        resumed.params[0].grad[0] = float("inf")
+        resumed.scaler.step(resumed.optimizer)  # skipped: the buffers stay as they were
+        resumed.scaler.update()
+        after = [resumed.optimizer.state[p]["momentum_buffer"] for p in resumed.params]
+        assert all(torch.equal(a, b) for a, b in zip(after, before)), momentum
+
+
 @pytest.mark.parametrize("compile_backend", [None, "aot_eager"])
 def test_wrap_model_channels_last_with_and_without_compile(compile_backend):
     """The CUDA set-up (channels_last) on the CPU: a local import in wrap_model once broke it

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Sequence
 
 import cv2
@@ -209,6 +209,7 @@ class SegmenterPool:
             return self._segmenters[0].segment_all(images_bgr)
         shares = [self._executor.submit(segmenter.segment_all, images_bgr[k::count])
                   for k, segmenter in enumerate(self._segmenters[:count])]
+        wait(shares)  # all of them, also when one fails: no graph may still be busy when this returns
         masks: list[np.ndarray] = [None] * len(images_bgr)  # type: ignore[list-item]
         for k, share in enumerate(shares):
             masks[k::count] = share.result()

@@ -76,6 +76,8 @@ def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> l
     given with ``--resume`` take effect from the step reached; unchanged options continue the run
     exactly. When the iterations per epoch changed (batch size, data or process count), the step
     is converted so that the run continues at the same point of its epochs."""
+    from utils.train_utils import zero_missing_momentum_buffers  # here: train_utils imports this module
+
     notes = []
     scheduler, optimizer = ctx.scheduler, ctx.optimizer
     # load_state_dict replaces whole param groups and the schedule's fields: keep this run's
@@ -88,6 +90,7 @@ def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> l
     scheduler.load_state_dict(checkpoint["scheduler"])
     for group, value in zip(optimizer.param_groups, kept):
         group.update(value)  # lr is set below, from the schedule
+    zero_missing_momentum_buffers(optimizer)
     for schedule, fields in zip(scheduler.lr_lambdas, schedules):
         vars(schedule).update(fields)
     scheduler.base_lrs = base_lrs
