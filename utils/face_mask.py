@@ -249,9 +249,3 @@ def masks_of_faces(image: np.ndarray, face_boxes: Sequence[Sequence[float]],
                     "face": head_crop[fy1:fy2, fx1:fx2],
                     "head_mask": head_mask, "face_mask": face_mask_from_head_mask(head_mask, face_box, head)})
     return out
-
-
-def face_and_head_masks(image: np.ndarray, face_box: Sequence[float], segmenter: HeadSegmenter | SegmenterPool,
-                        scale: float = HEAD_SCALE) -> dict[str, object]:
-    """:func:`masks_of_faces` of one face."""
-    return masks_of_faces(image, [face_box], segmenter, scale)[0]
