@@ -15,7 +15,8 @@ cut to ``keep_top_k`` by the detector) and merges them with :func:`box_voting`:
 This is the ``bbox_vote`` merge of the SSH / S3FD / insightface RetinaFace evaluation scripts,
 written with ``torchvision.ops`` and tensor scatter operations instead of a Python loop. (Those
 scripts also drop a kept box that absorbed nothing but itself; ``min_votes=2`` does that, the
-default ``min_votes=1`` keeps it.)
+default ``min_votes=1`` keeps it.) How the pipeline around the merge (scales, pooling after each
+pass's NMS, no 750 cap) differs from insightface's ``test_widerface.py``: README, Evaluation.
 
 Scales: the shorter side is resized to each of ``scales`` unless the longer side would then
 exceed ``max_size`` (then the longer side becomes ``max_size``), exactly like the single-scale
