@@ -17,7 +17,8 @@ from utils.lr_schedule import resolve_epochs_and_steps
 if TYPE_CHECKING:
     from utils.train_utils import TrainContext
 
-__all__ = ["capture_rng_state", "restore_rng_state", "plain_value", "save_training_state", "load_training_state"]
+__all__ = ["capture_rng_state", "restore_rng_state", "plain_value", "save_training_state", "load_training_state",
+           "zero_missing_momentum_buffers"]
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -67,6 +68,20 @@ def save_training_state(path: Path, ctx: "TrainContext") -> Path:
         args={k: plain_value(v) for k, v in vars(ctx.args).items()})
 
 
+def zero_missing_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter of a fused SGD group with momentum a momentum buffer, zeros where it has
+    none (:func:`utils.train_utils.build_optimizer` says why). Also after a resume:
+    ``load_state_dict`` replaces the state with the checkpoint's, which has no buffers after a
+    ``--momentum 0`` run and none for parameters that never had a gradient; the fused kernel would
+    then take its first-step path again, or fail on a mix of buffers and none."""
+    for group in optimizer.param_groups:
+        if group.get("fused") and group["momentum"]:
+            for param in group["params"]:
+                state = optimizer.state[param]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
 def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> list[str]:
     """Restore optimizer, scheduler, scaler, step, best metric and RNG states from ``checkpoint``
     (the model weights are loaded by :func:`~utils.train_utils.build_model`); returns notes for the log.
@@ -76,8 +91,6 @@ def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> l
     given with ``--resume`` take effect from the step reached; unchanged options continue the run
     exactly. When the iterations per epoch changed (batch size, data or process count), the step
     is converted so that the run continues at the same point of its epochs."""
-    from utils.train_utils import zero_missing_momentum_buffers  # here: train_utils imports this module
-
     notes = []
     scheduler, optimizer = ctx.scheduler, ctx.optimizer
     # load_state_dict replaces whole param groups and the schedule's fields: keep this run's

@@ -66,15 +66,16 @@ from utils.lr_schedule import (build_scheduler, decay_epoch_notes, recipe_differ
                                warmup_notes)
 from utils.progress import progress_bar
 from utils.train_data import LoadReport, ResumableSampler, build_train_loader, loader_notes, prepared_batches
-from utils.train_state import load_training_state, plain_value, save_training_state
+from utils.train_state import (
+    load_training_state, plain_value, save_training_state, zero_missing_momentum_buffers,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MOBILENET_BACKBONE = REPO_ROOT / "weights" / "mobilenetV1X0.25_pretrain.tar"
 
 __all__ = [
     "seed_everything", "configure_backends", "model_config_from_args", "build_model", "wrap_model",
-    "graph_training_network", "build_optimizer", "zero_missing_momentum_buffers", "describe_amp", "AMP_DTYPES",
-    "autocast_settings", "TrainContext",
+    "graph_training_network", "build_optimizer", "describe_amp", "AMP_DTYPES", "autocast_settings", "TrainContext",
     "train_one_epoch", "evaluate_widerface", "check_no_run_overwritten", "create_run_folders", "train",
 ]
 
@@ -298,20 +299,6 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
                                 fused=fused or None)
     zero_missing_momentum_buffers(optimizer)
     return optimizer
-
-
-def zero_missing_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
-    """Give every parameter of a fused SGD group with momentum a momentum buffer, zeros where it has
-    none (:func:`build_optimizer` says why). Also after a resume: ``load_state_dict`` replaces the
-    state with the checkpoint's, which has no buffers after a ``--momentum 0`` run and none for
-    parameters that never had a gradient; the fused kernel would then take its first-step path
-    again, or fail on a mix of buffers and none."""
-    for group in optimizer.param_groups:
-        if group.get("fused") and group["momentum"]:
-            for param in group["params"]:
-                state = optimizer.state[param]
-                if state.get("momentum_buffer") is None:
-                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def describe_amp(dtype: torch.dtype | None, device: torch.device, amp: bool) -> str:
