@@ -709,29 +709,33 @@ def test_background_images_train_only_with_empty_image_negatives(widerface_sampl
     assert all(loss > 0 for loss in losses[16])
 
 
+def _optimizer_context(sizes: tuple[int, ...], momentum: float, fused: bool | None) -> SimpleNamespace:
+    """The parts of a TrainContext that load_training_state touches, for parameters of ``sizes``."""
+    params = [torch.nn.Parameter(torch.ones(size)) for size in sizes]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=momentum, fused=fused)
+    return SimpleNamespace(params=params, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu"), iters_per_epoch=4,
+                           scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
+
+
+def _checkpoint_of(context: SimpleNamespace) -> dict:
+    return {"optimizer": context.optimizer.state_dict(), "scheduler": context.scheduler.state_dict(),
+            "scaler": context.scaler.state_dict(), "step": 1}
+
+
 def test_resume_keeps_the_optimizer_kernel_of_this_run():
     # a checkpoint of an unfused run (e.g. on the CPU) resumed where the step is fused (CUDA):
     # load_state_dict would bring back fused=None, and a GradScaler then passes fused-only
     # arguments to the plain step ("Expected grad_scale and found_inf to be None")
-
-    def context(fused):
-        param = torch.nn.Parameter(torch.ones(3))
-        optimizer = torch.optim.SGD([param], lr=0.1, momentum=0.9, fused=fused)
-        return SimpleNamespace(param=param, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu"), iters_per_epoch=4,
-                               scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
-
-    saved = context(fused=None)
-    saved.param.sum().backward()
+    saved = _optimizer_context((3,), 0.9, fused=None)
+    saved.params[0].sum().backward()
     saved.optimizer.step()
-    checkpoint = {"optimizer": saved.optimizer.state_dict(), "scheduler": saved.scheduler.state_dict(),
-                  "scaler": saved.scaler.state_dict(), "step": 1}
-    resumed = context(fused=True)
-    train_state.load_training_state(resumed, checkpoint)
+    resumed = _optimizer_context((3,), 0.9, fused=True)
+    train_state.load_training_state(resumed, _checkpoint_of(saved))
     assert resumed.optimizer.param_groups[0]["fused"] is True
     assert resumed.global_step == 1
-    torch.testing.assert_close(resumed.optimizer.state[resumed.param]["momentum_buffer"],
-                               saved.optimizer.state[saved.param]["momentum_buffer"])
-    resumed.scaler.scale((resumed.param * 2).sum()).backward()
+    torch.testing.assert_close(resumed.optimizer.state[resumed.params[0]]["momentum_buffer"],
+                               saved.optimizer.state[saved.params[0]]["momentum_buffer"])
+    resumed.scaler.scale((resumed.params[0] * 2).sum()).backward()
     resumed.scaler.step(resumed.optimizer)  # fp16-style scaled step on the fused kernel
     resumed.scaler.update()
 
@@ -741,20 +745,12 @@ def test_resume_into_a_fused_step_gives_every_parameter_a_momentum_buffer():
     gradient) resumed into fused SGD with momentum: load_state_dict drops the zeroed buffers that
     build_optimizer made, and the fused kernel would take its first-step path again (unwritten
     buffers after a step the scaler skips) or fail on a mix of buffers and none."""
-    def context(momentum, fused):
-        params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
-        optimizer = torch.optim.SGD(params, lr=0.1, momentum=momentum, fused=fused)
-        return SimpleNamespace(params=params, optimizer=optimizer, scaler=torch.amp.GradScaler("cpu"),
-                               iters_per_epoch=4, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0))
-
     for momentum, graded in ((0.0, 2), (0.9, 1)):  # no buffers at all; a buffer for the first parameter only
-        saved = context(momentum, fused=None)
+        saved = _optimizer_context((3, 2), momentum, fused=None)
         sum(p.sum() for p in saved.params[:graded]).backward()
         saved.optimizer.step()
-        checkpoint = {"optimizer": saved.optimizer.state_dict(), "scheduler": saved.scheduler.state_dict(),
-                      "scaler": saved.scaler.state_dict(), "step": 1}
-        resumed = context(0.9, fused=True)
-        train_state.load_training_state(resumed, checkpoint)
+        resumed = _optimizer_context((3, 2), 0.9, fused=True)
+        train_state.load_training_state(resumed, _checkpoint_of(saved))
         buffers = [resumed.optimizer.state[p].get("momentum_buffer") for p in resumed.params]
         assert all(buffer is not None for buffer in buffers), momentum
         for buffer, param in zip(buffers, saved.params):
