@@ -249,7 +249,7 @@ OPTIONS: tuple[Option, ...] = (
               "all, as the public test_widerface.py)"),
     _opt("--keep_top_k", type=positive_int, default=750, scripts={TEST, INFERENCE}, defaults={TEST: None},
          help="detections kept per image after NMS (inference default 750; test default: all, as the "
-              "public test_widerface.py)"),
+              "public test_widerface.py; with --tta: merged boxes, default 750 as insightface)"),
     _opt("--max_size", type=positive_int, default=None, scripts={TEST, INFERENCE},
          help="cap the longer image side at this many pixels (boxes are mapped back); "
               "default: original scale"),
@@ -344,11 +344,13 @@ OPTIONS: tuple[Option, ...] = (
     _opt("--target_size", type=positive_int, default=None, scripts={TEST},
          help="resize the shorter side to this size (e.g. 1600 with --max_size 2150)"),
     _opt("--tta", type=str2bool, default=False, scripts={TEST},
-         help="multi-scale + horizontal-flip test-time augmentation: every --tta_scales shorter side "
-              "(longer side capped at --max_size, 2150 if not given), each also mirrored, detections "
-              "merged by score-weighted box voting at the --nms_threshold IoU"),
+         help="multi-scale + horizontal-flip test-time augmentation as insightface's test_widerface.py: "
+              "every --tta_scales pass, each also mirrored, the raw candidates of all passes merged by "
+              "score-weighted box voting at the --nms_threshold IoU (--target_size, --max_size and --top_k "
+              "do not apply)"),
     _opt("--tta_scales", type=scale_list, default="500,800,1100,1400,1700", scripts={TEST},
-         help="comma-separated shorter-side sizes of the --tta passes (the RetinaFace paper's "
+         help="comma-separated --tta pass sizes: the shorter side at a base scale that makes it 800 "
+              "(the longer side 1200 where that is smaller), times size/800 (the RetinaFace paper's "
               "test scales; 0 = original size)"),
     _opt("--results_dir", type=str, default=None, scripts={TEST},
          help="folder for widerface_txt/ (prediction files), results.txt, results.json and "

@@ -57,12 +57,12 @@ def results_folder(args: argparse.Namespace) -> Path:
 
 
 def scale_description(args: argparse.Namespace) -> str:
-    from utils.tta import DEFAULT_MAX_SIZE  # noqa: PLC0415
+    from utils.tta import BASE_MAX_SIZE, BASE_SIZE  # noqa: PLC0415
 
     if args.tta:
         scales = ", ".join(str(s) if s else "original" for s in parse_scales(args.tta_scales))
-        return (f"TTA: shorter side {scales} (longer side <= {args.max_size or DEFAULT_MAX_SIZE}) + horizontal "
-                f"flips, box voting at IoU {args.nms_threshold}")
+        return (f"TTA: passes {scales} (x size/{BASE_SIZE} of the scale that makes the shorter side {BASE_SIZE}, "
+                f"longer side <= {BASE_MAX_SIZE}) + horizontal flips, box voting at IoU {args.nms_threshold}")
     if args.target_size:
         cap = f", longer side <= {args.max_size}" if args.max_size else ""
         return f"shorter side {args.target_size}{cap}"
@@ -151,7 +151,7 @@ def test(args: argparse.Namespace) -> int:
     from utils.evaluation import (PREDICTION_FOLDER, EvaluationError, check_images_in_gt,  # noqa: PLC0415
                                   default_gt_dir, evaluate_predictions, list_val_images, load_gt,
                                   predict_widerface, remove_results)
-    from utils.tta import DEFAULT_MAX_SIZE, TTAConfig, TTADetector  # noqa: PLC0415
+    from utils.tta import MAX_MERGED, TTAConfig, TTADetector  # noqa: PLC0415
 
     results_dir = results_folder(args)
     check_outputs(args, results_dir, model_run=True)
@@ -165,8 +165,9 @@ def test(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, args.gpu_num)
     use_device(device)
     tta_scales = parse_scales(args.tta_scales) if args.tta else ()
-    if args.tta and args.target_size:
-        print("warning: --target_size is ignored with --tta (see --tta_scales)", file=sys.stderr)
+    for option in ("target_size", "max_size", "top_k"):
+        if args.tta and getattr(args, option):
+            print(f"warning: --{option} is ignored with --tta (see --tta_scales)", file=sys.stderr)
     if not args.tta and args.tta_scales != build_parser("test").get_default("tta_scales"):
         print("warning: --tta_scales is ignored without --tta true", file=sys.stderr)
     for warning in moot_option_warnings(args, device):
@@ -178,7 +179,7 @@ def test(args: argparse.Namespace) -> int:
                             half=args.half and device.type == "cuda", channels_last=args.channels_last,
                             cuda_graphs=args.cuda_graphs, pad_to=max(1, args.pad_to))
     if args.tta:
-        detector = TTADetector(detector, TTAConfig(scales=tta_scales, max_size=args.max_size or DEFAULT_MAX_SIZE))
+        detector = TTADetector(detector, TTAConfig(scales=tta_scales, keep_top_k=args.keep_top_k or MAX_MERGED))
     setting = scale_description(args)
     print(f"weights: {weights}  device: {device}  scale: {setting}  confidence > {args.confidence_threshold}  "
           f"NMS IoU {args.nms_threshold}  images: {len(images)}")
@@ -195,7 +196,8 @@ def test(args: argparse.Namespace) -> int:
     stages = ", ".join(f"{k} {v:.3f} s" for k, v in run.timings.items())
     details = [f"weights: {weights}", f"device: {device}", f"scale: {setting}",
                f"confidence threshold: {args.confidence_threshold}", f"NMS threshold: {args.nms_threshold}",
-               f"top-k before / after NMS: {args.top_k or 'all'} / {args.keep_top_k or 'all'}",
+               (f"merged boxes kept per image: {args.keep_top_k or MAX_MERGED}" if args.tta else
+                f"top-k before / after NMS: {args.top_k or 'all'} / {args.keep_top_k or 'all'}"),
                f"predictions: {run.out_dir}"] + ([f"detector time: {stages}"] if stages else [])
     return _report(result, results_dir, args, seconds=run.seconds, num_images=run.num_images, details=details,
                    unreadable=[f"{path}: {reason}" for path, reason in run.unreadable], inputs="val images")

@@ -83,6 +83,14 @@ def resize_scale(height: int, width: int, target_size: int | None = None, max_si
     return 1.0
 
 
+def resized_shape(height: int, width: int, scale: float) -> tuple[int, int]:
+    """(height, width) of an image of ``height`` x ``width`` pixels after :func:`resize_image` by
+    ``scale``: each side rounded as ``cv2.resize`` rounds it, at least 1 pixel."""
+    if scale == 1.0:
+        return height, width
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
     """``image`` (H, W, 3) resized by ``scale`` to float32, as the public test_widerface.py does
     (``cv2.resize`` with ``fx = fy = scale``, bilinear, no rounding to uint8 levels). A side that
@@ -90,7 +98,7 @@ def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
     height, width = image.shape[:2]
     if round(height * scale) >= 1 and round(width * scale) >= 1:
         return cv2.resize(np.float32(image), None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    size = resized_shape(height, width, scale)[::-1]
     return cv2.resize(np.float32(image), size, interpolation=cv2.INTER_LINEAR)
 
 
@@ -156,8 +164,8 @@ class FaceDetector:
         device: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
         overrides: architecture options for checkpoints that do not record them.
         confidence_threshold, nms_threshold, top_k, keep_top_k: post-processing (see
-            ``utils/postprocess.py``; ``None``: no limit); the defaults are the public demo's
-            except the threshold. NMS runs in original-image pixels.
+            ``utils/postprocess.py``; ``None``: no limit, and for ``nms_threshold`` no NMS); the
+            defaults are the public demo's except the threshold. NMS runs in original-image pixels.
         target_size, max_size: test-time resize (see :func:`resize_scale`); default original size.
         batch_size: images per :meth:`detect_batch` call made by :meth:`detect` (``detect_batch``
             itself runs all the images it is given, one forward pass per size group).
@@ -191,7 +199,7 @@ class FaceDetector:
 
     def __init__(self, weights: str | Path | None = None, *, model: RetinaFace | None = None,
                  device: str | torch.device | None = None, overrides: Mapping[str, Any] | None = None,
-                 confidence_threshold: float = 0.5, nms_threshold: float = 0.4, top_k: int | None = 5000,
+                 confidence_threshold: float = 0.5, nms_threshold: float | None = 0.4, top_k: int | None = 5000,
                  keep_top_k: int | None = 750, target_size: int | None = None, max_size: int | None = None,
                  batch_size: int = 1, pad_batches: bool = False, pad_to: int = 1, half: bool = False,
                  precision: str | None = None, channels_last: bool | None = None, fuse_bn: bool = True,
@@ -200,7 +208,7 @@ class FaceDetector:
         if (weights is None) == (model is None):
             raise ValueError("give exactly one of weights or model")
         for name, value in (("confidence_threshold", confidence_threshold), ("nms_threshold", nms_threshold)):
-            if not 0.0 <= value <= 1.0:
+            if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         _check_positive_integer("batch_size", batch_size, "number of images")
         _check_positive_integer("pad_to", pad_to, "number of pixels")
@@ -245,18 +253,26 @@ class FaceDetector:
 
     __call__ = detect
 
-    def detect_batch(self, images: Sequence[ImageInput]) -> list[Detections]:
-        """Detect faces in ``images`` with as few forward passes as the sizes allow."""
-        return self.submit(images).result()
+    def detect_batch(self, images: Sequence[ImageInput], scales: Sequence[float] | None = None
+                     ) -> list[Detections]:
+        """Detect faces in ``images`` with as few forward passes as the sizes allow (``scales``: as
+        for :meth:`submit`)."""
+        return self.submit(images, scales).result()
 
-    def submit(self, images: Sequence[ImageInput]) -> "PendingDetections":
+    def submit(self, images: Sequence[ImageInput], scales: Sequence[float] | None = None) -> "PendingDetections":
         """:meth:`detect_batch` in two halves: reads and pre-processes ``images`` and queues their
         forward passes now; ``result()`` of the returned handle post-processes them. Submitting the
         next batch before taking this one's result lets a GPU run the next network while the
-        host post-processes (``utils.postprocess.DeferredPostprocess``); the results are the same."""
+        host post-processes (``utils.postprocess.DeferredPostprocess``); the results are the same.
+
+        ``scales``: the resize factor of each image (:func:`resize_image`) instead of the one
+        ``target_size``/``max_size`` give it; the detections are in original pixels either way."""
         started = time.perf_counter()
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
-        scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
+        if scales is None:
+            scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
+        elif len(scales) != len(arrays):
+            raise ValueError(f"{len(scales)} scales given for {len(arrays)} images")
         inputs = [a if s == 1.0 else resize_image(a, s) for a, s in zip(arrays, scales)]
         self.timings["preprocess"] += time.perf_counter() - started
         groups = self._groups(inputs)

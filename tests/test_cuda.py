@@ -266,6 +266,23 @@ def test_fp16_training_skips_overflow_steps_without_touching_the_optimizer():
     assert all(torch.isfinite(buffer["momentum_buffer"]).all() for buffer in optimizer.state.values())
 
 
+def test_tta_merge_on_the_gpu_equals_the_cpu(mobilenet_weights, widerface_sample):
+    """TTA votes on the detector's device: the GPU merge of the same raw candidates is the CPU's."""
+    from models.detector import FaceDetector
+    from utils.tta import TTAConfig, TTADetector
+
+    image = cv2.imread(str(widerface_sample / "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"))
+    options = dict(confidence_threshold=0.02, nms_threshold=0.4)
+    cpu = TTADetector(FaceDetector(mobilenet_weights, device="cpu", **options), TTAConfig(scales=(500, 800)))
+    gpu = TTADetector(FaceDetector(mobilenet_weights, device=CUDA, **options), TTAConfig(scales=(500, 800)))
+    parts = [found for _, _, found in cpu.run_passes([image])[0]]
+    want, got = cpu.merge(parts), gpu.merge(parts)
+    assert len(want) > 20 and len(got) == len(want)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
+    np.testing.assert_allclose(got.boxes, want.boxes, rtol=1e-5, atol=1e-3)
+    assert len(gpu.detect(image)) > 20  # the whole pipeline runs on the GPU
+
+
 def test_priors_built_on_the_gpu_equal_the_cpu_ones():
     from layers.prior_box import prior_boxes
 

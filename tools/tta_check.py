@@ -3,11 +3,12 @@
     python tools/tta_check.py --weights /path/mobilenet0.25_Final.pth \\
         --dataset data/widerface_sample [--gt_dir ...] [--scales 0,500,800,1100,1400,1700]
 
-Every (scale, flip) pass is run once per image; the variants below are merged from those cached
-passes with :class:`utils.tta.TTADetector`'s merge (box voting, or plain NMS for comparison) and
-evaluated with the official protocol (a subset when the val set is partial). Prints one row per
-variant: APs, hard-AP gain over single scale, and the network seconds its passes cost. The
-``paper`` row is what ``test.py --tta true`` computes with its default scales.
+Every (scale, flip) pass is run once per image and keeps its raw candidates (no NMS); the
+variants below are merged from those cached passes with :class:`utils.tta.TTADetector`'s merge
+(insightface's box voting, or plain NMS for comparison) and evaluated with the official protocol
+(a subset when the val set is partial). Prints one row per variant: APs, hard-AP gain over single
+scale, and the network seconds its passes cost. The first row is ``test.py``'s default (original
+size, NMS); the ``paper`` row is what ``test.py --tta true`` computes with its default scales.
 """
 from __future__ import annotations
 
@@ -32,22 +33,22 @@ from utils.evaluation import (EvaluationError, check_images_in_gt, default_gt_di
                               protocol_detector)
 from utils.image_io import ImageReadError, read_image  # noqa: E402
 from config import one_line, parse_scales  # noqa: E402
-from utils.tta import DEFAULT_MAX_SIZE, DEFAULT_SCALES, TTAConfig, TTADetector  # noqa: E402
+from utils.tta import DEFAULT_SCALES, TTAConfig, TTADetector  # noqa: E402
 
 
 def variants(all_scales: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], bool, str, int]]:
     """name -> (scales, flip, merge ('vote' or 'nms'), min_votes), restricted to measured scales."""
     paper = DEFAULT_SCALES
     table = {
-        "single (original size)": ((0,), False, "vote", 1),
-        "original + flip": ((0,), True, "vote", 1),
-        "paper (500..1700) + flip [--tta]": (paper, True, "vote", 1),
-        "paper, no flip": (paper, False, "vote", 1),
-        "paper + flip, NMS merge": (paper, True, "nms", 1),
-        "paper + flip, min_votes 2": (paper, True, "vote", 2),
-        "paper + original + flip": ((0,) + paper, True, "vote", 1),
-        "500,800,1100 + flip": ((500, 800, 1100), True, "vote", 1),
-        "original,1100,1400 + flip": ((0, 1100, 1400), True, "vote", 1),
+        "single (original size), NMS": ((0,), False, "nms", 2),
+        "original + flip": ((0,), True, "vote", 2),
+        "paper (500..1700) + flip [--tta]": (paper, True, "vote", 2),
+        "paper, no flip": (paper, False, "vote", 2),
+        "paper + flip, NMS merge": (paper, True, "nms", 2),
+        "paper + flip, single-box groups kept": (paper, True, "vote", 1),
+        "paper + original + flip": ((0,) + paper, True, "vote", 2),
+        "500,800,1100 + flip": ((500, 800, 1100), True, "vote", 2),
+        "original,1100,1400 + flip": ((0, 1100, 1400), True, "vote", 2),
     }
     return {name: v for name, v in table.items() if set(v[0]) <= set(all_scales)}
 
@@ -69,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gt_dir", default=None)
     parser.add_argument("--scales", default="0," + ",".join(map(str, DEFAULT_SCALES)),
                         help="shorter sides to measure (0 = original size)")
-    parser.add_argument("--max_size", type=int, default=DEFAULT_MAX_SIZE)
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     try:
@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace) -> int:
     # passes[(scale, flipped)][image index] -> Detections; seconds[scale] for both flips
     passes: dict[tuple[int, bool], list[Detections]] = defaultdict(list)
     seconds: dict[int, float] = defaultdict(float)
-    runners = {s: TTADetector(detector, TTAConfig(scales=(s,), max_size=args.max_size)) for s in scales}
+    runners = {s: TTADetector(detector, TTAConfig(scales=(s,))) for s in scales}
     for n, image in enumerate(images, 1):
         array = read_image(image.path)
         for scale, runner in runners.items():
@@ -101,8 +101,8 @@ def measure(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
 
     merger = TTADetector(detector, TTAConfig(scales=(0,)))
-    print(f"{len(images)} images, thresholds: confidence 0.02, NMS/vote IoU 0.4, longer side <= {args.max_size}")
-    print(f"{'variant':36s} {'easy':>8s} {'medium':>8s} {'hard':>8s} {'d hard':>8s} {'seconds':>8s}")
+    print(f"{len(images)} images, thresholds: confidence 0.02, NMS/vote IoU 0.4")
+    print(f"{'variant':38s} {'easy':>8s} {'medium':>8s} {'hard':>8s} {'d hard':>8s} {'seconds':>8s}")
     base_hard = None
     for name, (chosen, flip, merge, min_votes) in variants(scales).items():
         keys = [(s, f) for s in chosen for f in ((False, True) if flip else (False,))]
@@ -110,9 +110,7 @@ def measure(args: argparse.Namespace) -> int:
         predictions: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
         for i, image in enumerate(images):
             parts = [passes[k][i] for k in keys]
-            if len(parts) == 1:
-                merged = parts[0]
-            elif merge == "nms":
+            if merge == "nms":
                 merged = nms_merge(parts, 0.4, detector.keep_top_k)
             else:
                 merged = merger.merge(parts)
@@ -120,7 +118,7 @@ def measure(args: argparse.Namespace) -> int:
         result = evaluate_predictions(predictions, gt)
         base_hard = result.hard if base_hard is None else base_hard
         cost = sum(seconds[s] for s in chosen) / (1 if flip else 2)
-        print(f"{name:36s} {result.easy:8.4f} {result.medium:8.4f} {result.hard:8.4f} "
+        print(f"{name:38s} {result.easy:8.4f} {result.medium:8.4f} {result.hard:8.4f} "
               f"{result.hard - base_hard:+8.4f} {cost:8.1f}")
     if len(images) < gt.num_images:
         print(f"subset: {len(images)} of {gt.num_images} images, not comparable with full-val numbers")

@@ -264,7 +264,7 @@ def _detect_or_retry(detector: Any, images: list[np.ndarray], paths: list) -> li
         if single is None:
             height, width = image.shape[:2]
             raise EvaluationError(f"out of memory on {path} ({width}x{height}) even alone; use a smaller "
-                                  "--max_size / --target_size (or fewer --tta_scales) or a device with more memory")
+                                  "--max_size / --target_size (with --tta: smaller --tta_scales) or a device with more memory")
         found += single
     return found
 

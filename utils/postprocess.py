@@ -5,6 +5,8 @@ Runs on the tensors' device for the whole batch at once; only the final detectio
 Semantics follow the public RetinaFace pipeline: keep scores ``> confidence_threshold``, the
 ``top_k`` best of those enter NMS (IoU ``> nms_threshold`` suppresses, +1 pixel areas), and the
 ``keep_top_k`` best survivors are returned (``None``: no limit, as the public WIDER FACE test).
+``nms_threshold=None`` skips NMS: every candidate above the threshold is returned (the raw
+candidates that test-time augmentation pools, ``utils/tta.py``).
 A box that is not finite (the exp of an untrained or diverged network's offsets overflows) is
 dropped before top-k, as if its score were under the threshold: it cannot be drawn, written or
 evaluated, and must not take the place of a real candidate.
@@ -36,7 +38,7 @@ class BatchDetections(NamedTuple):
 
 
 def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor,
-                confidence_threshold: float, nms_threshold: float, top_k: int | None = 5000,
+                confidence_threshold: float, nms_threshold: float | None, top_k: int | None = 5000,
                 keep_top_k: int | None = 750, pixel_offset: float = PUBLIC_PIXEL_OFFSET,
                 nms_chunk: int | None = None) -> BatchDetections:
     """Select the final detections of each image.
@@ -59,7 +61,7 @@ def postprocess(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tens
 
 
 def postprocess_to_host(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor,
-                        confidence_threshold: float, nms_threshold: float, top_k: int | None = 5000,
+                        confidence_threshold: float, nms_threshold: float | None, top_k: int | None = 5000,
                         keep_top_k: int | None = 750, pixel_offset: float = PUBLIC_PIXEL_OFFSET,
                         nms_chunk: int | None = None) -> tuple[np.ndarray, list[int]]:
     """:func:`postprocess` with the detections brought to the host in one copy: (K, 15) float32
@@ -72,7 +74,7 @@ def postprocess_to_host(boxes: torch.Tensor, scores: torch.Tensor, landmarks: to
 
 
 def postprocess_groups_to_host(groups: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                               confidence_threshold: float, nms_threshold: float, top_k: int | None = 5000,
+                               confidence_threshold: float, nms_threshold: float | None, top_k: int | None = 5000,
                                keep_top_k: int | None = 750, pixel_offset: float = PUBLIC_PIXEL_OFFSET,
                                nms_chunk: int | None = None, merge: bool | None = None
                                ) -> tuple[np.ndarray, list[int]]:
@@ -179,7 +181,7 @@ class DeferredPostprocess:
 
 
 def _survivors(boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor, confidence_threshold: float,
-               nms_threshold: float, top_k: int | None, pixel_offset: float, nms_chunk: int | None
+               nms_threshold: float | None, top_k: int | None, pixel_offset: float, nms_chunk: int | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Threshold, top-k and NMS on the device: (image_index (K,), boxes (K, 4), scores (K,),
     landmarks (K, 10)) of the survivors, by image then decreasing score."""
@@ -206,10 +208,12 @@ def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _nms_survivors(image_index: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, landmarks: torch.Tensor,
-                   nms_threshold: float, pixel_offset: float, nms_chunk: int | None
+                   nms_threshold: float | None, pixel_offset: float, nms_chunk: int | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """NMS within each image of the candidates (K,) / (K, 4) / (K,) / (K, 10), which are ordered by
-    image then decreasing score; the survivors in the same order."""
+    image then decreasing score; the survivors in the same order (``nms_threshold=None``: all)."""
+    if nms_threshold is None:
+        return image_index, boxes, scores, landmarks
     keep = batched_nms(boxes, scores, image_index, nms_threshold, pixel_offset, nms_chunk)
     # keep is sorted by score over the whole batch; regroup by image (stable keeps score order).
     keep = keep[torch.sort(image_index[keep], stable=True).indices]

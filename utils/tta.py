@@ -1,27 +1,28 @@
 """Test-time augmentation for WIDER FACE evaluation: several scales, horizontal flips, box voting.
 
-The RetinaFace paper evaluates with flips and the shorter image side at 500, 800, 1100, 1400 and
-1700 pixels. :class:`TTADetector` runs a :class:`models.detector.FaceDetector` once per scale on
-each image and on its mirror image (both in one forward pass, they have the same size), maps the
-mirrored detections back, pools every pass's detections (each pass already thresholded, NMS'd and
-cut to ``keep_top_k`` by the detector) and merges them with :func:`box_voting`:
+:class:`TTADetector` runs the multi-scale + flip protocol of insightface's RetinaFace evaluation
+(``detection/retinaface/test_widerface.py``, mode 1 with ``retinaface.py``'s ``bbox_vote``, which
+produced the paper's TTA figures) around a :class:`models.detector.FaceDetector`:
 
-* the pooled boxes go through greedy NMS in score order; a box is *absorbed* by the first
-  (highest-scoring) kept box it overlaps with IoU ``>= vote_threshold`` (``+1`` pixel areas, the
-  WIDER FACE convention) — every box, kept ones included (a kept box absorbs itself);
-* each kept box is replaced by the score-weighted mean of the boxes (and landmarks) it absorbed,
-  and keeps its own, i.e. the highest, score.
+* scales (:func:`pyramid_scale`): per image, the base scale makes the shorter side 800 pixels,
+  or the longer side 1200 if it would otherwise round to more; each pass ``s`` of ``scales``
+  (500, 800, 1100, 1400, 1700) runs at ``base * s / 800`` (``0``: the original size). There is no
+  other cap: a 1024 x 683 image runs its 1700 pass at 2549 x 1700 pixels;
+* every pass runs on the image and on its mirror image (both in one forward pass, they have the
+  same size) and keeps all its *raw candidates*: scores above the detector's confidence
+  threshold, no top-k, no NMS; boxes are clipped to the resized image, mirrored ones mapped back
+  (landmarks: left/right swapped), all divided by the scale;
+* the candidates of all passes are pooled and merged by :func:`box_voting`: greedy NMS in score
+  order, a box is *absorbed* by the first kept box it overlaps with IoU ``>= vote_threshold``
+  (``+1`` pixel areas, the WIDER FACE convention; a kept box absorbs itself); each kept box becomes
+  the score-weighted mean of the boxes (and landmarks) it absorbed and keeps its own, i.e. the
+  highest, score; a kept box that absorbed nothing but itself is dropped, except the last
+  (lowest-scoring) one; at most 750 merged boxes per image.
 
-This is the ``bbox_vote`` merge of the SSH / S3FD / insightface RetinaFace evaluation scripts,
-written with ``torchvision.ops`` and tensor scatter operations instead of a Python loop. (Those
-scripts also drop a kept box that absorbed nothing but itself; ``min_votes=2`` does that, the
-default ``min_votes=1`` keeps it.) How the pipeline around the merge (scales, pooling after each
-pass's NMS, no 750 cap) differs from insightface's ``test_widerface.py``: README, Evaluation.
-
-Scales: the shorter side is resized to each of ``scales`` unless the longer side would then
-exceed ``max_size`` (then the longer side becomes ``max_size``), exactly like the single-scale
-``--target_size/--max_size`` setting (:func:`models.detector.resize_scale`); a scale of ``0``
-is the original size (longer side still capped at ``max_size``).
+The coordinates follow this project's decoding (continuous pixels, ``x -> width - x`` mirrors,
+clipping to ``[0, width]``), where insightface's pixel-index boxes use ``width - 1 - x`` and
+``[0, width - 1]``. The merge is written with ``torchvision.ops`` and tensor scatter operations
+instead of insightface's Python loop; the network is whichever the detector holds.
 
     detector = FaceDetector(weights, confidence_threshold=0.02, nms_threshold=0.4)
     tta = TTADetector(detector, TTAConfig(scales=(500, 800, 1100)))
@@ -39,19 +40,22 @@ import numpy as np
 import torch
 from torchvision import ops
 
+from models.detector import Detections, resize_scale, resized_shape
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import with_pixel_offset
 
 if TYPE_CHECKING:  # for annotations only
-    from models.detector import Detections, FaceDetector, ImageInput
+    from models.detector import FaceDetector, ImageInput
 
-__all__ = ["DEFAULT_SCALES", "DEFAULT_MAX_SIZE", "TTAConfig", "TTADetector", "box_voting",
-           "flip_detections"]
+__all__ = ["DEFAULT_SCALES", "TTAConfig", "TTADetector", "box_voting", "clip_detections", "flip_detections",
+           "pyramid_scale"]
 
-#: Shorter-side scales of the RetinaFace paper's test protocol.
+#: Shorter-side sizes of the passes of the RetinaFace paper's test protocol.
 DEFAULT_SCALES: tuple[int, ...] = (500, 800, 1100, 1400, 1700)
-#: Cap of the longer side (the published "1600/2150" setting's cap).
-DEFAULT_MAX_SIZE = 2150
+#: insightface's base resize: shorter side 800, unless the longer side would pass 1200.
+BASE_SIZE, BASE_MAX_SIZE = 800, 1200
+#: insightface's cap on the merged boxes of an image.
+MAX_MERGED = 750
 #: Landmark order after a horizontal flip: left/right eyes and mouth corners swap.
 _FLIP_LANDMARKS = (1, 0, 2, 4, 3)
 #: Upper bound of the (kept x pooled) IoU block computed at once in :func:`box_voting`.
@@ -60,30 +64,49 @@ _IOU_BLOCK = 1 << 22
 
 @dataclass(frozen=True)
 class TTAConfig:
-    """Test-time augmentation settings.
+    """Test-time augmentation settings; the defaults are insightface's protocol (module docstring).
 
-    scales: shorter-side sizes (one pass each, two with ``flip``); 0 = original size.
-    max_size: cap of the longer side at every scale (``None``: no cap).
+    scales: pass sizes, the shorter side each pass would have at the base scale (one pass each,
+        two with ``flip``); 0 = original size.
     flip: also run each scale on the horizontally mirrored image.
     vote_threshold: IoU from which pooled boxes are merged (``None``: the detector's NMS
         threshold).
-    min_votes: drop merged boxes supported by fewer pooled boxes than this (1 keeps all).
-    keep_top_k: merged detections kept per image (``None``: the detector's ``keep_top_k``).
+    min_votes: drop merged boxes supported by fewer pooled boxes than this (1 keeps all) ...
+    keep_last: ... except the last (lowest-scoring) one, as insightface's ``bbox_vote`` does.
+    keep_top_k: merged detections kept per image (``None``: all).
     """
 
     scales: tuple[int, ...] = DEFAULT_SCALES
-    max_size: int | None = DEFAULT_MAX_SIZE
     flip: bool = True
     vote_threshold: float | None = None
-    min_votes: int = 1
-    keep_top_k: int | None = None
+    min_votes: int = 2
+    keep_last: bool = True
+    keep_top_k: int | None = MAX_MERGED
 
     @property
     def num_passes(self) -> int:
         return len(self.scales) * (2 if self.flip else 1)
 
 
-def flip_detections(detections: Detections, width: int) -> Detections:
+def pyramid_scale(height: int, width: int, size: int) -> float:
+    """Resize factor of the pass ``size`` (a shorter side at the base scale; 0: original size) of
+    a ``height`` x ``width`` image: ``size / 800`` times the scale that makes the shorter side 800,
+    or the longer side 1200 where the shorter-side rule would round it to more (insightface's
+    ``test_widerface.py``, in its order of operations)."""
+    if size == 0:
+        return 1.0
+    return float(size) / BASE_SIZE * resize_scale(height, width, BASE_SIZE, BASE_MAX_SIZE)
+
+
+def clip_detections(detections: Detections, width: float, height: float) -> Detections:
+    """``detections`` with their boxes clipped to ``[0, width] x [0, height]`` (landmarks unchanged)."""
+    boxes = detections.boxes.copy()
+    np.clip(boxes[:, 0::2], 0.0, width, out=boxes[:, 0::2])
+    np.clip(boxes[:, 1::2], 0.0, height, out=boxes[:, 1::2])
+    return type(detections)(boxes, detections.scores, detections.landmarks)
+
+
+def flip_detections(detections: Detections, width: float) -> Detections:
     """Detections found on a horizontally mirrored image of width ``width``, in the coordinates
     of the unmirrored image (continuous pixel coordinates: ``x -> width - x``)."""
     boxes = detections.boxes.copy()
@@ -96,7 +119,7 @@ def flip_detections(detections: Detections, width: int) -> Detections:
 
 def box_voting(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
                landmarks: torch.Tensor | None = None, *, pixel_offset: float = 1.0,
-               min_votes: int = 1, keep_top_k: int | None = None
+               min_votes: int = 1, keep_last: bool = False, keep_top_k: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Merge overlapping detections by score-weighted box voting (see the module docstring).
 
@@ -104,8 +127,9 @@ def box_voting(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
         boxes: ``(N, 4)`` x1, y1, x2, y2; scores: ``(N,)``; landmarks: optional ``(N, L)``.
         iou_threshold: boxes overlapping a kept box with IoU ``>=`` this are merged into it.
         pixel_offset: 1.0 for ``+1`` pixel areas (WIDER FACE / public NMS), 0.0 continuous.
-        min_votes: keep only merged boxes built from at least this many input boxes.
-        keep_top_k: keep at most this many merged boxes (highest scores).
+        min_votes: keep only merged boxes built from at least this many input boxes ...
+        keep_last: ... and the lowest-scoring merged box whatever its votes (insightface).
+        keep_top_k: keep at most this many merged boxes (highest scores), after ``min_votes``.
 
     Returns:
         ``(boxes (K, 4), scores (K,), landmarks (K, L) or None, votes (K,) int64)`` sorted by
@@ -123,19 +147,7 @@ def box_voting(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
     # "> the next double below t" is ">= t" for them.
     keep = ops.nms(shifted, scores, math.nextafter(float(iou_threshold), -math.inf))  # by score
     num_kept = len(keep)
-    # Owner of every box: the first kept box (in score order) overlapping it with IoU >= t.
-    owner = torch.empty(len(boxes), dtype=torch.int64, device=boxes.device)
-    chunk = max(1, _IOU_BLOCK // max(num_kept, 1))
-    kept_boxes = shifted[keep]
-    for start in range(0, len(boxes), chunk):
-        iou = ops.box_iou(kept_boxes, shifted[start:start + chunk])            # (K, n)
-        hits = iou >= iou_threshold
-        first = hits.to(torch.uint8).argmax(dim=0)                               # first True
-        # Float rounding can leave a suppressed box without any hit: give it its best overlap.
-        none = ~hits.any(dim=0)
-        if none.any():
-            first[none] = iou[:, none].argmax(dim=0)
-        owner[start:start + chunk] = first
+    owner = _owners(shifted, keep, iou_threshold)
     owner[keep] = torch.arange(num_kept, device=boxes.device)                   # kept: itself
     weights = scores.unsqueeze(1)
     weight_sum = torch.zeros(num_kept, 1, device=boxes.device).index_add_(0, owner, weights)
@@ -147,20 +159,54 @@ def box_voting(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
     votes = torch.bincount(owner, minlength=num_kept)
     selected = torch.arange(num_kept, device=boxes.device)
     if min_votes > 1:
-        selected = selected[votes >= min_votes]
+        enough = votes >= min_votes
+        enough[-1] |= keep_last
+        selected = selected[enough]
     if keep_top_k is not None:
         selected = selected[:keep_top_k]
     return (voted_boxes[selected], scores[keep][selected],
             None if voted_landmarks is None else voted_landmarks[selected], votes[selected])
 
 
-class TTADetector:
-    """Multi-scale + flip detector around a :class:`models.detector.FaceDetector`.
+def _owners(shifted: torch.Tensor, keep: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """(N,) index into ``keep`` of the first kept box (in score order) that overlaps each of the
+    (N, 4) ``shifted`` boxes with IoU ``>= iou_threshold`` (the kept boxes' own entries are the
+    caller's to set).
 
-    Each scale runs through a shallow copy of ``detector`` with ``target_size``/``max_size``
-    set (same network, thresholds, device, precision and ``timings``). ``detect``/``detect_batch``
-    mirror the FaceDetector methods and return :class:`models.detector.Detections` in
-    original-image pixels.
+    The boxes are taken in chunks of neighbours by ``x1``, each compared with the kept boxes
+    whose x range meets the chunk's; the others have no intersection with it, so IoU 0. On the
+    crowded sample image (97,776 candidates of 10 passes, 2,799 kept) :func:`box_voting` took
+    0.5 s on the 2-core CPU, 0.3 s of it NMS, against 3.0 s comparing every pair (same output)."""
+    owner = torch.zeros(len(shifted), dtype=torch.int64, device=shifted.device)
+    kept_boxes = shifted[keep]
+    chunk = max(1, _IOU_BLOCK // max(len(keep), 1))
+    by_x1 = torch.argsort(shifted[:, 0])
+    for start in range(0, len(shifted), chunk):
+        rows = by_x1[start:start + chunk]
+        boxes = shifted[rows]
+        meets = (kept_boxes[:, 0] < boxes[:, 2].max()) & (kept_boxes[:, 2] > boxes[:, 0].min())
+        near = torch.nonzero(meets | (iou_threshold <= 0))[:, 0]  # IoU 0 >= a threshold <= 0
+        if len(near) == 0:  # only kept boxes of zero width (their owner is set by the caller)
+            continue
+        iou = ops.box_iou(kept_boxes[near], boxes)                                # (k, n)
+        hits = iou >= iou_threshold
+        first = hits.to(torch.uint8).argmax(dim=0)                               # first True
+        # Float rounding can leave a suppressed box without any hit: give it its best overlap.
+        none = ~hits.any(dim=0)
+        if none.any():
+            first[none] = iou[:, none].argmax(dim=0)
+        owner[rows] = near[first]
+    return owner
+
+
+class TTADetector:
+    """Multi-scale + flip detector around a :class:`models.detector.FaceDetector` (the protocol
+    of the module docstring).
+
+    The passes run through a shallow copy of ``detector`` without NMS or top-k cuts (same
+    network, confidence threshold, device, precision and ``timings``); its NMS threshold is the
+    default voting IoU. ``detect``/``detect_batch`` mirror the FaceDetector methods and return
+    :class:`models.detector.Detections` in original-image pixels.
     """
 
     def __init__(self, detector: FaceDetector, config: TTAConfig | None = None) -> None:
@@ -170,12 +216,10 @@ class TTADetector:
             raise ValueError("TTA needs at least one scale")
         self.vote_threshold = (detector.nms_threshold if self.config.vote_threshold is None
                                else self.config.vote_threshold)
-        self.keep_top_k = detector.keep_top_k if self.config.keep_top_k is None else self.config.keep_top_k
-        self._passes = []
-        for size in self.config.scales:
-            scaled = copy.copy(detector)
-            scaled.target_size, scaled.max_size = (int(size) or None), self.config.max_size
-            self._passes.append(scaled)
+        if self.vote_threshold is None:
+            raise ValueError("TTA needs a voting IoU: give the detector an NMS threshold or TTAConfig.vote_threshold")
+        self._candidates = copy.copy(detector)
+        self._candidates.nms_threshold = self._candidates.top_k = self._candidates.keep_top_k = None
 
     @property
     def timings(self) -> dict[str, float]:
@@ -202,31 +246,35 @@ class TTADetector:
         return [self.merge([found for _, _, found in parts]) for parts in self.run_passes(images)]
 
     def run_passes(self, images: Sequence[ImageInput]) -> list[list[tuple[int, bool, Detections]]]:
-        """Per image, ``(scale, flipped, detections)`` of every pass, in original-image pixels
-        (not merged). A scale's original and mirrored images share one forward pass."""
+        """Per image, ``(scale, flipped, candidates)`` of every pass: its raw candidates (no NMS),
+        clipped to the resized image, in original-image pixels, not merged. A scale's original and
+        mirrored images share one forward pass."""
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
         inputs = list(arrays)
         if self.config.flip:
             inputs += [np.ascontiguousarray(a[:, ::-1]) for a in arrays]
         pooled: list[list[tuple[int, bool, Detections]]] = [[] for _ in arrays]
-        for size, scaled in zip(self.config.scales, self._passes):
-            found = scaled.detect_batch(inputs)  # same-size images share a forward pass
-            for index, array in enumerate(arrays):
-                pooled[index].append((size, False, found[index]))
+        for size in self.config.scales:
+            scales = [pyramid_scale(a.shape[0], a.shape[1], size) for a in arrays]
+            found = self._candidates.detect_batch(inputs, scales * (2 if self.config.flip else 1))
+            for index, (array, scale) in enumerate(zip(arrays, scales)):
+                # the resized image's extent in original pixels (a side was rounded to whole pixels)
+                height, width = (side / scale for side in resized_shape(*array.shape[:2], scale))
+                pooled[index].append((size, False, clip_detections(found[index], width, height)))
                 if self.config.flip:
-                    flipped = flip_detections(found[len(arrays) + index], array.shape[1])
-                    pooled[index].append((size, True, flipped))
+                    mirrored = clip_detections(found[len(arrays) + index], width, height)
+                    pooled[index].append((size, True, flip_detections(mirrored, width)))
         return pooled
 
     def merge(self, parts: Sequence[Detections]) -> Detections:
-        """Box voting over the detections of several passes of one image."""
-        kind = type(parts[0])
-        boxes = torch.from_numpy(np.concatenate([p.boxes.reshape(-1, 4) for p in parts]))
-        scores = torch.from_numpy(np.concatenate([p.scores.reshape(-1) for p in parts]))
-        landmarks = torch.from_numpy(np.concatenate([p.landmarks.reshape(-1, 10) for p in parts]))
+        """Box voting over the candidates of several passes of one image, on the detector's device."""
+        device = getattr(self.detector, "device", "cpu")
+        boxes, scores, landmarks = (torch.from_numpy(np.concatenate([getattr(p, name).reshape(-1, width)
+                                                                     for p in parts])).to(device)
+                                    for name, width in (("boxes", 4), ("scores", 1), ("landmarks", 10)))
         pixel_offset = getattr(self.detector, "pixel_offset", 1.0)
+        config = self.config
         boxes, scores, landmarks, _ = box_voting(boxes, scores, self.vote_threshold, landmarks,
-                                                 pixel_offset=pixel_offset, min_votes=self.config.min_votes,
-                                                 keep_top_k=self.keep_top_k)
-        return kind(boxes.numpy().astype(np.float32), scores.numpy().astype(np.float32),
-                    landmarks.numpy().astype(np.float32).reshape(-1, 5, 2))
+                                                 pixel_offset=pixel_offset, min_votes=config.min_votes,
+                                                 keep_last=config.keep_last, keep_top_k=config.keep_top_k)
+        return Detections(boxes.cpu().numpy(), scores.cpu().numpy(), landmarks.cpu().numpy().reshape(-1, 5, 2))
