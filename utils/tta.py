@@ -254,9 +254,13 @@ class TTADetector:
         if self.config.flip:
             inputs += [np.ascontiguousarray(a[:, ::-1]) for a in arrays]
         pooled: list[list[tuple[int, bool, Detections]]] = [[] for _ in arrays]
-        for size in self.config.scales:
-            scales = [pyramid_scale(a.shape[0], a.shape[1], size) for a in arrays]
-            found = self._candidates.detect_batch(inputs, scales * (2 if self.config.flip else 1))
+        scales_of = {size: [pyramid_scale(a.shape[0], a.shape[1], size) for a in arrays] for size in self.config.scales}
+        copies = 2 if self.config.flip else 1
+        # every size's forward passes are queued before the first is post-processed: on a GPU the
+        # host resizes the next size's images while the network runs the previous one
+        pending = [self._candidates.submit(inputs, scales_of[size] * copies) for size in self.config.scales]
+        for size, handle in zip(self.config.scales, pending):
+            found, scales = handle.result(), scales_of[size]
             for index, (array, scale) in enumerate(zip(arrays, scales)):
                 # the resized image's extent in original pixels (a side was rounded to whole pixels)
                 height, width = (side / scale for side in resized_shape(*array.shape[:2], scale))
