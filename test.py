@@ -61,8 +61,9 @@ def scale_description(args: argparse.Namespace) -> str:
 
     if args.tta:
         scales = ", ".join(str(s) if s else "original" for s in parse_scales(args.tta_scales))
-        return (f"TTA: passes {scales} (x size/{BASE_SIZE} of the scale that makes the shorter side {BASE_SIZE}, "
-                f"longer side <= {BASE_MAX_SIZE}) + horizontal flips, box voting at IoU {args.nms_threshold}")
+        return (f"TTA: passes {scales} (each x size/{BASE_SIZE} of the base scale: shorter side {BASE_SIZE}, or "
+                f"longer side {BASE_MAX_SIZE} where that is smaller) + horizontal flips, box voting at IoU "
+                f"{args.nms_threshold}")
     if args.target_size:
         cap = f", longer side <= {args.max_size}" if args.max_size else ""
         return f"shorter side {args.target_size}{cap}"
@@ -182,7 +183,7 @@ def test(args: argparse.Namespace) -> int:
         detector = TTADetector(detector, TTAConfig(scales=tta_scales, keep_top_k=args.keep_top_k or MAX_MERGED))
     setting = scale_description(args)
     print(f"weights: {weights}  device: {device}  scale: {setting}  confidence > {args.confidence_threshold}  "
-          f"NMS IoU {args.nms_threshold}  images: {len(images)}")
+          f"{'vote' if args.tta else 'NMS'} IoU {args.nms_threshold}  images: {len(images)}")
     remove_results(results_dir, args.results_json)  # a run that stops part-way leaves no stale numbers
     run = predict_widerface(detector, images=images, out_dir=results_dir / PREDICTION_FOLDER,
                             batch_size=args.batch_size, workers=args.workers, progress=True)
@@ -195,7 +196,8 @@ def test(args: argparse.Namespace) -> int:
           f"detections -> {run.out_dir}/")
     stages = ", ".join(f"{k} {v:.3f} s" for k, v in run.timings.items())
     details = [f"weights: {weights}", f"device: {device}", f"scale: {setting}",
-               f"confidence threshold: {args.confidence_threshold}", f"NMS threshold: {args.nms_threshold}",
+               f"confidence threshold: {args.confidence_threshold}",
+               f"{'box-voting IoU' if args.tta else 'NMS threshold'}: {args.nms_threshold}",
                (f"merged boxes kept per image: {args.keep_top_k or MAX_MERGED}" if args.tta else
                 f"top-k before / after NMS: {args.top_k or 'all'} / {args.keep_top_k or 'all'}"),
                f"predictions: {run.out_dir}"] + ([f"detector time: {stages}"] if stages else [])

@@ -83,23 +83,18 @@ def resize_scale(height: int, width: int, target_size: int | None = None, max_si
     return 1.0
 
 
-def resized_shape(height: int, width: int, scale: float) -> tuple[int, int]:
-    """(height, width) of an image of ``height`` x ``width`` pixels after :func:`resize_image` by
-    ``scale``: each side rounded as ``cv2.resize`` rounds it, at least 1 pixel."""
-    if scale == 1.0:
-        return height, width
-    return max(1, round(height * scale)), max(1, round(width * scale))
-
-
-def resize_image(image: np.ndarray, scale: float) -> np.ndarray:
+def resize_image(image: np.ndarray, scale: float, *, to_float: bool = True) -> np.ndarray:
     """``image`` (H, W, 3) resized by ``scale`` to float32, as the public test_widerface.py does
-    (``cv2.resize`` with ``fx = fy = scale``, bilinear, no rounding to uint8 levels). A side that
-    would round to 0 pixels (a 1-pixel-high banner under ``max_size``) is kept at 1 pixel."""
+    (``cv2.resize`` with ``fx = fy = scale``, bilinear, no rounding to uint8 levels); with
+    ``to_float=False`` in the image's own type (uint8: rounded, as insightface's evaluation
+    resizes). A side that would round to 0 pixels (a 1-pixel-high banner under ``max_size``) is
+    kept at 1 pixel."""
     height, width = image.shape[:2]
+    source = np.float32(image) if to_float else image
     if round(height * scale) >= 1 and round(width * scale) >= 1:
-        return cv2.resize(np.float32(image), None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
-    size = resized_shape(height, width, scale)[::-1]
-    return cv2.resize(np.float32(image), size, interpolation=cv2.INTER_LINEAR)
+        return cv2.resize(source, None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(source, size, interpolation=cv2.INTER_LINEAR)
 
 
 def same_size_groups(images: Sequence[np.ndarray]) -> list[list[int]]:
@@ -253,26 +248,18 @@ class FaceDetector:
 
     __call__ = detect
 
-    def detect_batch(self, images: Sequence[ImageInput], scales: Sequence[float] | None = None
-                     ) -> list[Detections]:
-        """Detect faces in ``images`` with as few forward passes as the sizes allow (``scales``: as
-        for :meth:`submit`)."""
-        return self.submit(images, scales).result()
+    def detect_batch(self, images: Sequence[ImageInput]) -> list[Detections]:
+        """Detect faces in ``images`` with as few forward passes as the sizes allow."""
+        return self.submit(images).result()
 
-    def submit(self, images: Sequence[ImageInput], scales: Sequence[float] | None = None) -> "PendingDetections":
+    def submit(self, images: Sequence[ImageInput]) -> "PendingDetections":
         """:meth:`detect_batch` in two halves: reads and pre-processes ``images`` and queues their
         forward passes now; ``result()`` of the returned handle post-processes them. Submitting the
         next batch before taking this one's result lets a GPU run the next network while the
-        host post-processes (``utils.postprocess.DeferredPostprocess``); the results are the same.
-
-        ``scales``: the resize factor of each image (:func:`resize_image`) instead of the one
-        ``target_size``/``max_size`` give it; the detections are in original pixels either way."""
+        host post-processes (``utils.postprocess.DeferredPostprocess``); the results are the same."""
         started = time.perf_counter()
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
-        if scales is None:
-            scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
-        elif len(scales) != len(arrays):
-            raise ValueError(f"{len(scales)} scales given for {len(arrays)} images")
+        scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
         inputs = [a if s == 1.0 else resize_image(a, s) for a, s in zip(arrays, scales)]
         self.timings["preprocess"] += time.perf_counter() - started
         groups = self._groups(inputs)

@@ -121,24 +121,6 @@ def test_max_size_maps_boxes_back_to_the_original_image(detector, widerface_samp
     assert capped.boxes[:, 2].max() > 640  # coordinates are in the original (1024 px wide) image
 
 
-def test_given_scales_replace_the_target_size_rule(detector, widerface_sample):
-    """detect_batch(images, scales) resizes each image by its own factor: the same as a detector
-    whose target_size gives that factor; a scale per image or an error."""
-    import cv2
-    image = cv2.imread(str(widerface_sample / "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"))
-    small = cv2.resize(image, (600, 400))
-    sized = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.3, target_size=300)
-    plain = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.3)
-    scales = [resize_scale(*im.shape[:2], target_size=300) for im in (image, small)]
-    assert scales[0] != scales[1]
-    for given, expected in zip(plain.detect_batch([image, small], scales), sized.detect([image, small])):
-        assert len(expected) >= 3
-        np.testing.assert_array_equal(given.boxes, expected.boxes)
-        np.testing.assert_array_equal(given.scores, expected.scores)
-    with pytest.raises(ValueError, match="1 scales given for 2 images"):
-        plain.detect_batch([image, small], scales[:1])
-
-
 def test_no_nms_returns_every_candidate_above_the_threshold(detector, widerface_sample):
     """nms_threshold=None: all candidates over the confidence threshold, by score, which NMS
     (torchvision, +1 pixel areas) reduces to the usual detections."""

@@ -113,6 +113,12 @@ def test_box_voting_tiny_case():
     assert len(box_voting(boxes, scores, 0.5, keep_top_k=1)[0]) == 1
     empty = box_voting(torch.zeros(0, 4), torch.zeros(0), 0.4)
     assert empty[0].shape == (0, 4) and empty[2] is None
+    # a box that is not finite is left out; the others keep their groups (the lone top box is
+    # not joined by the pair below it)
+    pair = torch.tensor([[100., 100., 110., 110.], [0., 0., 10., 10.], [0., 0., 10., 11.]])
+    broken = torch.cat([pair, torch.tensor([[50., 50., float("nan"), 60.], [0., 0., float("inf"), 5.]])])
+    merged = box_voting(broken, torch.tensor([0.95, 0.9, 0.8, 0.5, 0.4]), 0.4)
+    assert merged[3].tolist() == [1, 2] and merged[0][0].tolist() == [100., 100., 110., 110.]
 
 
 def test_box_voting_matches_greedy_loop_on_random_boxes():
@@ -173,6 +179,23 @@ def test_box_voting_follows_insightface_bbox_vote(seed):
     assert (votes[:-1] >= 2).all()
 
 
+def test_tta_merge_without_a_voting_iou_keeps_every_candidate():
+    """A voting IoU of 0 turns voting off, as in insightface: the pooled candidates by score
+    (not one box averaged over the whole image)."""
+    from types import SimpleNamespace
+
+    def detections(boxes, scores):
+        return Detections(np.array(boxes, np.float32), np.array(scores, np.float32), np.zeros((len(scores), 5, 2),
+                                                                                             np.float32))
+
+    parts = [detections([[0, 0, 10, 10], [50, 50, 70, 70]], [0.5, 0.9]), detections([[1, 1, 11, 11]], [0.7])]
+    for threshold, expected in ((0.0, [0.9, 0.7, 0.5]), (0.4, [0.9, 0.7])):
+        tta = TTADetector(SimpleNamespace(nms_threshold=threshold), TTAConfig(min_votes=1))
+        merged = tta.merge(parts)
+        np.testing.assert_array_equal(merged.scores, np.float32(expected))
+    np.testing.assert_allclose(merged.boxes[1], np.array([0, 0, 10, 10]) + 0.7 / 1.2, rtol=1e-6)  # weighted mean
+
+
 def test_pyramid_scale_follows_insightface_rule():
     """Shorter side 800 unless the longer side then rounds to more than 1200, times size/800."""
     assert pyramid_scale(683, 1024, 800) == 800 / 683          # 1024 * 800/683 = 1199.4 -> 1199
@@ -207,7 +230,7 @@ def test_parse_scales():
 
 def test_scale_description_names_scale_0_original(test_script):
     args = test_script.build_parser("test").parse_args(["--tta", "true", "--tta_scales", "0,500"])
-    assert test_script.scale_description(args).startswith("TTA: passes original, 500 (x size/800 of the scale")
+    assert test_script.scale_description(args).startswith("TTA: passes original, 500 (each x size/800 of the base")
 
 
 def test_prediction_rows_follow_the_public_convention():
@@ -902,9 +925,10 @@ def test_evaluate_model_api_and_batching(sample_run, widerface_sample, widerface
 
 def test_tta_detector_follows_insightface_pipeline(widerface_sample, mobilenet_weights):
     """TTA of one sample image at two small pass sizes against insightface's steps written out
-    here: its scale rule; each pass's raw candidates (no NMS) clipped to the resized image,
-    mirrored ones flipped in resized pixels, divided by the scale; all pooled, sorted by score and
-    merged by its bbox_vote loop."""
+    here: its scale rule; each pass resizes the uint8 image, mirrors the resized one, keeps the
+    raw candidates (no NMS) clipped to the resized image, flips the mirrored ones back in resized
+    pixels, divides by the scale; all pooled, sorted by score and merged by its bbox_vote loop
+    (coordinates continuous: x -> w - x and [0, w] where insightface has w - 1 - x and [0, w - 1])."""
     from models.detector import FaceDetector
     from torchvision import ops
     from utils.image_io import read_image
@@ -925,9 +949,10 @@ def test_tta_detector_follows_insightface_pipeline(widerface_sample, mobilenet_w
         if np.round(base * max(height, width)) > 1200:
             base = 1200 / max(height, width)
         scale = size / 800 * base
-        resized_height, resized_width = cv2.resize(image, None, None, fx=scale, fy=scale).shape[:2]
-        for flipped, found in zip((False, True), raw.detect_batch([image, image[:, ::-1].copy()], [scale, scale])):
-            boxes = np.clip(found.boxes * scale, 0, [resized_width, resized_height] * 2)  # resized pixels
+        resized = cv2.resize(image, None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+        resized_height, resized_width = resized.shape[:2]
+        for flipped, found in zip((False, True), raw.detect_batch([resized, resized[:, ::-1].copy()])):
+            boxes = np.clip(found.boxes, 0, [resized_width, resized_height] * 2)
             if flipped:
                 boxes[:, [0, 2]] = resized_width - boxes[:, [2, 0]]
             pooled.append(np.hstack([boxes / scale, found.scores[:, None]]))
@@ -1007,7 +1032,7 @@ def test_tta_raises_sample_hard_ap(sample_run, test_script, widerface_sample, wi
     assert code == 0, err
     for option in ("max_size", "top_k"):  # insightface's protocol has neither
         assert f"warning: --{option} is ignored with --tta (see --tta_scales)" in err
-    assert "TTA: passes 500, 800, 1100, 1400, 1700 (x size/800 of the scale that makes the shorter side 800" in out
+    assert "TTA: passes 500, 800, 1100, 1400, 1700 (each x size/800 of the base scale: shorter side 800" in out
     tta, single = parse_ap_line(out), parse_ap_line(sample_run["out"])
     assert tta["hard"] > single["hard"] + 0.02, (tta, single)
     assert tta["easy"] > 0.95 and tta["medium"] > 0.9

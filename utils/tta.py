@@ -8,10 +8,11 @@ produced the paper's TTA figures) around a :class:`models.detector.FaceDetector`
   or the longer side 1200 if it would otherwise round to more; each pass ``s`` of ``scales``
   (500, 800, 1100, 1400, 1700) runs at ``base * s / 800`` (``0``: the original size). There is no
   other cap: a 1024 x 683 image runs its 1700 pass at 2549 x 1700 pixels;
-* every pass runs on the image and on its mirror image (both in one forward pass, they have the
-  same size) and keeps all its *raw candidates*: scores above the detector's confidence
-  threshold, no top-k, no NMS; boxes are clipped to the resized image, mirrored ones mapped back
-  (landmarks: left/right swapped), all divided by the scale;
+* every pass resizes the image (``cv2.resize``, ``fx = fy``, bilinear, in uint8 as insightface
+  reads it), runs it and its mirror image (one forward pass) and keeps all its *raw candidates*:
+  scores above the detector's confidence threshold, no top-k, no NMS; boxes are clipped to the
+  resized image, mirrored ones mapped back in resized pixels (landmarks: left/right swapped),
+  then all are divided by the scale;
 * the candidates of all passes are pooled and merged by :func:`box_voting`: greedy NMS in score
   order, a box is *absorbed* by the first kept box it overlaps with IoU ``>= vote_threshold``
   (``+1`` pixel areas, the WIDER FACE convention; a kept box absorbs itself); each kept box becomes
@@ -19,10 +20,13 @@ produced the paper's TTA figures) around a :class:`models.detector.FaceDetector`
   highest, score; a kept box that absorbed nothing but itself is dropped, except the last
   (lowest-scoring) one; at most 750 merged boxes per image.
 
-The coordinates follow this project's decoding (continuous pixels, ``x -> width - x`` mirrors,
-clipping to ``[0, width]``), where insightface's pixel-index boxes use ``width - 1 - x`` and
-``[0, width - 1]``. The merge is written with ``torchvision.ops`` and tensor scatter operations
-instead of insightface's Python loop; the network is whichever the detector holds.
+Adapted to this project: the coordinates follow its decoding (continuous pixels, mirrors
+``x -> width - x``, clipping to ``[0, width]``) where insightface's pixel-index boxes use
+``width - 1 - x`` and ``[0, width - 1]``; the vote's IoU keeps the ``+1`` pixel areas of the
+single-scale NMS (``pixel_offset``: the public ``py_cpu_nms`` convention on these same boxes),
+and the prediction files keep the public Pytorch_Retinaface format. The merge is written with ``torchvision.ops``
+and tensor scatter operations instead of insightface's Python loop, and runs on the detector's
+device; the network is whichever the detector holds.
 
     detector = FaceDetector(weights, confidence_threshold=0.02, nms_threshold=0.4)
     tta = TTADetector(detector, TTAConfig(scales=(500, 800, 1100)))
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -40,7 +45,7 @@ import numpy as np
 import torch
 from torchvision import ops
 
-from models.detector import Detections, resize_scale, resized_shape
+from models.detector import Detections, resize_image, resize_scale
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import with_pixel_offset
 
@@ -58,6 +63,8 @@ BASE_SIZE, BASE_MAX_SIZE = 800, 1200
 MAX_MERGED = 750
 #: Landmark order after a horizontal flip: left/right eyes and mouth corners swap.
 _FLIP_LANDMARKS = (1, 0, 2, 4, 3)
+#: The arrays of a :class:`models.detector.Detections`, in its constructor's order.
+_FIELDS = ("boxes", "scores", "landmarks")
 #: Upper bound of the (kept x pooled) IoU block computed at once in :func:`box_voting`.
 _IOU_BLOCK = 1 << 22
 
@@ -66,8 +73,8 @@ _IOU_BLOCK = 1 << 22
 class TTAConfig:
     """Test-time augmentation settings; the defaults are insightface's protocol (module docstring).
 
-    scales: pass sizes, the shorter side each pass would have at the base scale (one pass each,
-        two with ``flip``); 0 = original size.
+    scales: pass sizes ``s``: each pass resizes by ``base * s / 800`` (:func:`pyramid_scale`;
+        one pass each, two with ``flip``); 0 = original size.
     flip: also run each scale on the horizontally mirrored image.
     vote_threshold: IoU from which pooled boxes are merged (``None``: the detector's NMS
         threshold).
@@ -124,7 +131,8 @@ def box_voting(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
     """Merge overlapping detections by score-weighted box voting (see the module docstring).
 
     Args:
-        boxes: ``(N, 4)`` x1, y1, x2, y2; scores: ``(N,)``; landmarks: optional ``(N, L)``.
+        boxes: ``(N, 4)`` x1, y1, x2, y2; scores: ``(N,)``; landmarks: optional ``(N, L)``. A
+            box or score that is not finite is left out (it has no place in an IoU order).
         iou_threshold: boxes overlapping a kept box with IoU ``>=`` this are merged into it.
         pixel_offset: 1.0 for ``+1`` pixel areas (WIDER FACE / public NMS), 0.0 continuous.
         min_votes: keep only merged boxes built from at least this many input boxes ...
@@ -139,6 +147,10 @@ def box_voting(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float,
     scores = scores.float().reshape(-1)
     if landmarks is not None:  # (N, L); (N, 5, 2) is flattened. -1 alone cannot size the L of N = 0
         landmarks = landmarks.float().flatten(1) if landmarks.dim() > 1 else landmarks.float().reshape(len(boxes), -1)
+    finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+    if not finite.all():
+        boxes, scores = boxes[finite], scores[finite]
+        landmarks = None if landmarks is None else landmarks[finite]
     if len(boxes) == 0:
         empty_landmarks = None if landmarks is None else landmarks[:0]
         return boxes[:0], scores[:0], empty_landmarks, torch.zeros(0, dtype=torch.int64, device=boxes.device)
@@ -218,8 +230,9 @@ class TTADetector:
                                else self.config.vote_threshold)
         if self.vote_threshold is None:
             raise ValueError("TTA needs a voting IoU: give the detector an NMS threshold or TTAConfig.vote_threshold")
-        self._candidates = copy.copy(detector)
-        self._candidates.nms_threshold = self._candidates.top_k = self._candidates.keep_top_k = None
+        self._candidates = copy.copy(detector)  # runs the resized images as they are, keeps every candidate
+        for option in ("target_size", "max_size", "nms_threshold", "top_k", "keep_top_k"):
+            setattr(self._candidates, option, None)
 
     @property
     def timings(self) -> dict[str, float]:
@@ -246,39 +259,44 @@ class TTADetector:
         return [self.merge([found for _, _, found in parts]) for parts in self.run_passes(images)]
 
     def run_passes(self, images: Sequence[ImageInput]) -> list[list[tuple[int, bool, Detections]]]:
-        """Per image, ``(scale, flipped, candidates)`` of every pass: its raw candidates (no NMS),
-        clipped to the resized image, in original-image pixels, not merged. A scale's original and
-        mirrored images share one forward pass."""
+        """Per image, ``(size, flipped, candidates)`` of every pass: its raw candidates (no NMS),
+        clipped to the resized image, in original-image pixels, not merged. A size's image and its
+        mirror share one forward pass."""
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
-        inputs = list(arrays)
-        if self.config.flip:
-            inputs += [np.ascontiguousarray(a[:, ::-1]) for a in arrays]
         pooled: list[list[tuple[int, bool, Detections]]] = [[] for _ in arrays]
-        scales_of = {size: [pyramid_scale(a.shape[0], a.shape[1], size) for a in arrays] for size in self.config.scales}
-        copies = 2 if self.config.flip else 1
-        # every size's forward passes are queued before the first is post-processed: on a GPU the
-        # host resizes the next size's images while the network runs the previous one
-        pending = [self._candidates.submit(inputs, scales_of[size] * copies) for size in self.config.scales]
-        for size, handle in zip(self.config.scales, pending):
-            found, scales = handle.result(), scales_of[size]
-            for index, (array, scale) in enumerate(zip(arrays, scales)):
-                # the resized image's extent in original pixels (a side was rounded to whole pixels)
-                height, width = (side / scale for side in resized_shape(*array.shape[:2], scale))
-                pooled[index].append((size, False, clip_detections(found[index], width, height)))
+        pending = []
+        for size in self.config.scales:
+            # every size's forward passes are queued before the first is post-processed: on a GPU
+            # the host resizes the next size's images while the network runs the previous one
+            started = time.perf_counter()
+            scales = [pyramid_scale(a.shape[0], a.shape[1], size) for a in arrays]
+            resized = [a if s == 1.0 else resize_image(a, s, to_float=False) for a, s in zip(arrays, scales)]
+            if self.config.flip:
+                resized += [np.ascontiguousarray(r[:, ::-1]) for r in resized]
+            self.timings["preprocess"] += time.perf_counter() - started
+            pending.append((size, scales, resized, self._candidates.submit(resized)))
+        for size, scales, resized, handle in pending:
+            found = handle.result()  # in resized pixels
+            for index, scale in enumerate(scales):
+                height, width = resized[index].shape[:2]
+                pooled[index].append((size, False, clip_detections(found[index], width, height).rescaled(scale)))
                 if self.config.flip:
                     mirrored = clip_detections(found[len(arrays) + index], width, height)
-                    pooled[index].append((size, True, flip_detections(mirrored, width)))
+                    pooled[index].append((size, True, flip_detections(mirrored, width).rescaled(scale)))
         return pooled
 
     def merge(self, parts: Sequence[Detections]) -> Detections:
-        """Box voting over the candidates of several passes of one image, on the detector's device."""
+        """Box voting over the candidates of several passes of one image, on the detector's device
+        (a voting IoU of 0 or less: no voting, as in insightface; all candidates by score)."""
+        pooled = Detections(*(np.concatenate([getattr(p, name) for p in parts]) for name in _FIELDS))
+        if self.vote_threshold <= 0:
+            order = np.argsort(-pooled.scores, kind="stable")
+            return Detections(pooled.boxes[order], pooled.scores[order], pooled.landmarks[order])
         device = getattr(self.detector, "device", "cpu")
-        boxes, scores, landmarks = (torch.from_numpy(np.concatenate([getattr(p, name).reshape(-1, width)
-                                                                     for p in parts])).to(device)
-                                    for name, width in (("boxes", 4), ("scores", 1), ("landmarks", 10)))
-        pixel_offset = getattr(self.detector, "pixel_offset", 1.0)
+        boxes, scores, landmarks = (torch.from_numpy(getattr(pooled, name)).to(device) for name in _FIELDS)
         config = self.config
         boxes, scores, landmarks, _ = box_voting(boxes, scores, self.vote_threshold, landmarks,
-                                                 pixel_offset=pixel_offset, min_votes=config.min_votes,
-                                                 keep_last=config.keep_last, keep_top_k=config.keep_top_k)
+                                                 pixel_offset=getattr(self.detector, "pixel_offset", 1.0),
+                                                 min_votes=config.min_votes, keep_last=config.keep_last,
+                                                 keep_top_k=config.keep_top_k)
         return Detections(boxes.cpu().numpy(), scores.cpu().numpy(), landmarks.cpu().numpy().reshape(-1, 5, 2))
