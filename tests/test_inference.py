@@ -380,6 +380,67 @@ def test_segmenter_pool_gives_one_graphs_masks_on_several_threads(photos_dir, mo
         pool.segment_all([images[0]])
 
 
+def test_mask_stage_segments_several_images_at_once_with_one_graphs_masks(sample_mask_images, mobilenet_weights,
+                                                                          tmp_path, monkeypatch):
+    """On the CPU each image's masks are finished before the next image; overlapping the network
+    (as on CUDA), two of the portraits' head crops (one face each) are segmented at once: images
+    are handed to the pool while earlier ones are still being segmented. The
+    masks equal one graph's on each image alone; a segmentation error stops the run, naming it."""
+    import threading
+    import time
+
+    from models.detector import FaceDetector
+
+    require_installed("mediapipe", "the mask stage needs mediapipe (absent on the GPU machines)")
+    paths = sorted(sample_mask_images.glob("*.png"))
+    detector = FaceDetector(str(mobilenet_weights), device="cpu")
+    with fm.HeadSegmenter() as one:
+        expected = {}
+        for path in paths:
+            image = cv2.imread(str(path))
+            expected[path.name] = fm.masks_of_faces(image, detector.detect(image).boxes, one)
+    segment, lock = fm.HeadSegmenter.segment, threading.Lock()
+    running, most = [0], [0]
+
+    def recorded(self, image):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)  # longer than the network's pass over a portrait: the next image arrives meanwhile
+        try:
+            return segment(self, image)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(fm, "mask_threads", lambda: 2)
+    monkeypatch.setattr(fm.HeadSegmenter, "segment", recorded)
+    args = argparse.Namespace(weights=str(mobilenet_weights), inference_dir=str(sample_mask_images),
+                              inference_save_folder=str(tmp_path / "cpu"), mask=True, save_mask=False, workers=0)
+    assert len(iu.run_inference(args, progress=False).results) == len(paths)
+    assert most[0] == 1  # on the CPU each image's masks are waited for
+    monkeypatch.setattr(iu, "masks_overlap_network", lambda device: True)  # as on CUDA
+    args.inference_save_folder = str(tmp_path / "overlapped")
+    run = iu.run_inference(args, progress=False)
+    assert len(run.results) == len(paths) and most[0] == 2  # two images' crops segmented at once
+    for result in run.results:
+        want = expected[result.name]
+        assert len(result.masks) == len(want) >= 1
+        for got, reference in zip(result.masks, want):
+            assert got.head_box == reference["head_box"] and np.array_equal(got.head_mask, reference["head_mask"])
+            assert np.array_equal(got.face_mask, reference["face_mask"])
+
+    def failing(self, image):
+        raise RuntimeError("segmentation failed")
+
+    monkeypatch.setattr(fm.HeadSegmenter, "segment", failing)
+    args.inference_save_folder = str(tmp_path / "failed")
+    with pytest.raises(RuntimeError, match="segmentation failed"):
+        iu.run_inference(args, progress=False)
+    summary = json.loads((tmp_path / "failed" / iu.SUMMARY_JSON).read_text())
+    assert summary["error"] == "RuntimeError: segmentation failed" and summary["processed"] == 0
+
+
 def test_crop_names_stay_unique_when_images_share_a_stem():
     names = ["face.jpg", "face.png", "face_jpg.png", "x/a.jpg", "a.jpg"]
     stems = iu.crop_stems(names)

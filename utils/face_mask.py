@@ -5,8 +5,8 @@ For every detected face:
 - the *head box* is the face box scaled by ``scale`` (4 by default) about its centre and clipped
   to the image (:func:`head_box`);
 - the *head mask* is the selfie segmentation of the head crop, thresholded at 0.1
-  (:class:`HeadSegmenter`; :class:`SegmenterPool` shares an image's faces out between several
-  graphs on threads of their own), as uint8 0/255 of the head crop's size;
+  (:class:`HeadSegmenter`; :class:`SegmenterPool` segments the crops of one image or of several
+  on graphs on threads of their own), as uint8 0/255 of the head crop's size;
 - the *face mask* is the part of the head mask under the face box (:func:`face_mask_from_head_mask`).
   The face box's position inside the head crop is computed from the boxes themselves
   (:func:`face_box_in_head`), so it stays right when the head box was clipped at an image border
@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import math
 import os
+import queue
 import re
-from concurrent.futures import ThreadPoolExecutor, wait
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Sequence
 
 import cv2
@@ -175,48 +178,69 @@ def mask_threads() -> int:
 
 
 class SegmenterPool:
-    """``threads`` :class:`HeadSegmenter` graphs (default :func:`mask_threads`), each segmenting on a
-    thread of its own: :meth:`segment_all` shares the images out between them. MediaPipe runs a
-    graph's inference on one core and releases the GIL meanwhile, so the faces of a crowded image
-    are segmented in parallel (60 head crops of the sample photos: 7.8 ms each on one graph, 4.3
-    ms with two graphs on two threads, 2-core CPU machine, 2026-11-28). The masks are those of one
-    graph: a mask does not depend on the images segmented before it (tested)."""
+    """``threads`` :class:`HeadSegmenter` graphs (default :func:`mask_threads`) on as many threads:
+    every image handed to :meth:`submit` or :meth:`segment_all` is a task that the next free
+    graph takes. MediaPipe runs a graph's inference on one core and releases the GIL meanwhile,
+    so the faces of a crowded image are segmented in parallel (60 head crops of the sample
+    photos: 7.8 ms each on one graph, 4.3 ms with two graphs on two threads, 2-core CPU machine,
+    2026-11-28), and so are the faces of images submitted one after another while the caller goes
+    on (inference.py's mask stage). The masks are those of one graph: a mask does not depend on
+    the images segmented before it (tested)."""
 
     def __init__(self, threads: int | None = None, threshold: float = MASK_THRESHOLD) -> None:
         count = mask_threads() if threads is None else int(threads)
         if count < 1:
             raise ValueError(f"threads must be at least 1, got {threads}")
         self._segmenters: list[HeadSegmenter] = []
+        self._executor: ThreadPoolExecutor | None = None
         try:
             for _ in range(count):
                 self._segmenters.append(HeadSegmenter(threshold=threshold))
         except BaseException:
             self.close()
             raise
-        self._executor = ThreadPoolExecutor(count, thread_name_prefix="mask") if count > 1 else None
+        self._idle: queue.SimpleQueue[HeadSegmenter] = queue.SimpleQueue()
+        for segmenter in self._segmenters:
+            self._idle.put(segmenter)
+        self._executor = ThreadPoolExecutor(count, thread_name_prefix="mask")
+        self._busy_lock = threading.Lock()
+        self.busy_seconds = 0.0  # segmentation time summed over the graphs
 
     @property
     def threads(self) -> int:
         return len(self._segmenters)
 
-    def segment_all(self, images_bgr: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Binary masks (H, W) uint8 0/255 of BGR uint8 images, in order; graph ``k`` segments
-        images ``k, k + n, k + 2n ...`` (each graph on one thread at a time)."""
-        if not self._segmenters:
+    def submit(self, images_bgr: Sequence[np.ndarray]) -> list[Future]:
+        """One future per BGR uint8 image, whose result is its binary mask (H, W) uint8 0/255;
+        the images are segmented by the graphs as they come free, this call returns at once."""
+        if self._executor is None:
             raise RuntimeError("SegmenterPool is closed")
-        count = min(len(self._segmenters), len(images_bgr))
-        if self._executor is None or count < 2:
-            return self._segmenters[0].segment_all(images_bgr)
-        shares = [self._executor.submit(segmenter.segment_all, images_bgr[k::count])
-                  for k, segmenter in enumerate(self._segmenters[:count])]
-        wait(shares)  # all of them, also when one fails: no graph may still be busy when this returns
-        masks: list[np.ndarray] = [None] * len(images_bgr)  # type: ignore[list-item]
-        for k, share in enumerate(shares):
-            masks[k::count] = share.result()
-        return masks
+        return [self._executor.submit(self._segment, image) for image in images_bgr]
+
+    def segment_all(self, images_bgr: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Binary masks (H, W) uint8 0/255 of BGR uint8 images, in order (one image: segmented on
+        the calling thread, by a free graph)."""
+        if self._executor is None:
+            raise RuntimeError("SegmenterPool is closed")
+        if len(images_bgr) == 1:
+            return [self._segment(images_bgr[0])]
+        futures = self.submit(images_bgr)
+        wait(futures)  # all of them, also when one fails: no graph may still be busy when this returns
+        return [future.result() for future in futures]
+
+    def _segment(self, image_bgr: np.ndarray) -> np.ndarray:
+        segmenter = self._idle.get()  # as many graphs as threads: one is free
+        started = time.perf_counter()
+        try:
+            return segmenter.segment(image_bgr)
+        finally:
+            with self._busy_lock:
+                self.busy_seconds += time.perf_counter() - started
+            self._idle.put(segmenter)
 
     def close(self) -> None:
-        executor, self._executor = getattr(self, "_executor", None), None
+        """Wait for the images submitted, then close the graphs."""
+        executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
         segmenters, self._segmenters = self._segmenters, []
@@ -230,6 +254,25 @@ class SegmenterPool:
         self.close()
 
 
+def head_crops(image: np.ndarray, face_boxes: Sequence[Sequence[float]], scale: float = HEAD_SCALE
+               ) -> tuple[list[tuple[int, int, int, int]], list[np.ndarray]]:
+    """The head box (:func:`head_box`) of each face of a BGR image and its crop (a view of ``image``)."""
+    heads = [head_box(face_box, image.shape, scale) for face_box in face_boxes]
+    return heads, [image[hy1:hy2, hx1:hx2] for hx1, hy1, hx2, hy2 in heads]
+
+
+def mask_parts(face_boxes: Sequence[Sequence[float]], heads: Sequence[tuple[int, int, int, int]],
+               crops: Sequence[np.ndarray], head_masks: Sequence[np.ndarray]) -> list[dict[str, object]]:
+    """The dicts of :func:`masks_of_faces` from the faces' head boxes, crops and head masks."""
+    out = []
+    for face_box, head, head_crop, head_mask in zip(face_boxes, heads, crops, head_masks):
+        fx1, fy1, fx2, fy2 = face_in_head = face_box_in_head(face_box, head)
+        out.append({"head_box": head, "face_box": face_in_head, "head": head_crop,
+                    "face": head_crop[fy1:fy2, fx1:fx2],
+                    "head_mask": head_mask, "face_mask": face_mask_from_head_mask(head_mask, face_box, head)})
+    return out
+
+
 def masks_of_faces(image: np.ndarray, face_boxes: Sequence[Sequence[float]],
                    segmenter: HeadSegmenter | SegmenterPool, scale: float = HEAD_SCALE) -> list[dict[str, object]]:
     """Everything the mask stage produces for each face of a BGR image, in the order of
@@ -240,12 +283,5 @@ def masks_of_faces(image: np.ndarray, face_boxes: Sequence[Sequence[float]],
     ``head``/``face`` (BGR crops, views of ``image``), ``head_mask``/``face_mask`` ((h, w) uint8
     0/255, the sizes of the crops).
     """
-    heads = [head_box(face_box, image.shape, scale) for face_box in face_boxes]
-    crops = [image[hy1:hy2, hx1:hx2] for hx1, hy1, hx2, hy2 in heads]
-    out = []
-    for face_box, head, head_crop, head_mask in zip(face_boxes, heads, crops, segmenter.segment_all(crops)):
-        fx1, fy1, fx2, fy2 = face_in_head = face_box_in_head(face_box, head)
-        out.append({"head_box": head, "face_box": face_in_head, "head": head_crop,
-                    "face": head_crop[fy1:fy2, fx1:fx2],
-                    "head_mask": head_mask, "face_mask": face_mask_from_head_mask(head_mask, face_box, head)})
-    return out
+    heads, crops = head_crops(image, face_boxes, scale)
+    return mask_parts(face_boxes, heads, crops, segmenter.segment_all(crops))

@@ -36,6 +36,7 @@ import tempfile
 import time
 import warnings
 from collections import defaultdict, deque
+from concurrent.futures import Future, wait as wait_for
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -338,8 +339,8 @@ def format_summary(summary: InferenceSummary) -> str:
     for name, note in summary.notes:
         lines.append(f"  note {escape_name(name)}: {note}")
     lines.append("ms/img: " + ", ".join(f"{key} {ms[key]:.1f}" for key in TIMING_KEYS)
-                 + " (load runs in DataLoader workers and write on background threads, both overlapping "
-                   "the network)")
+                 + " (load runs in DataLoader workers and write on background threads, overlapping the "
+                   "network; masks: segmentation time summed over its threads)")
     lines.append(f"throughput: {summary.images_per_s:.2f} images/s ({summary.processed} "
                  f"image{'' if summary.processed == 1 else 's'} in "
                  f"{summary.wall_s:.2f} s on {summary.device}; model load {summary.model_load_s:.2f} s)")
@@ -385,6 +386,37 @@ def _warn(bar, message: str) -> None:
     bar.write(f"warning: {message}", file=sys.stderr)
 
 
+def masks_overlap_network(device: torch.device) -> bool:
+    """Whether the mask stage segments an image's head crops while the network runs the next
+    images (on CUDA, where the network leaves the CPU cores free), or finishes each image before
+    the next (on the CPU, where the segmentation threads and PyTorch's would share the cores: on
+    the 2-core machine the 24 photos ran at 4.60 and 4.15 images/s overlapped against 5.52 and
+    5.14 image by image, ``tools/benchmark_masks.py``, 2026-11-28)."""
+    return device.type == "cuda"
+
+
+#: Images of the mask stage waiting for their segmentation, per segmentation thread, before
+#: :meth:`_Runner.finish_masks` waits for the oldest (bounds the images held in memory).
+MAX_PENDING_MASKS_PER_THREAD = 4
+
+
+def _done_future(value: Any) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
+
+
+@dataclass
+class _PendingMasks:
+    """An image of the mask stage: its head boxes, crops and the futures of their masks."""
+
+    record: ImageRecord
+    result: ImageResult
+    heads: list[tuple[int, int, int, int]]
+    crops: list[np.ndarray]
+    futures: list[Any]
+
+
 class _Runner:
     """The main loop of :func:`run_inference` (state shared by its steps)."""
 
@@ -402,6 +434,8 @@ class _Runner:
         self.segmenter = None
         self.writer = BackgroundWriter(summary.timings)
         self.in_flight: tuple[list[ImageRecord], Any] | None = None  # (batch, FaceDetector.submit handle)
+        self.pending_masks: deque[_PendingMasks] = deque()  # images whose head crops are being segmented
+        self.overlap_masks = masks_overlap_network(torch.device(getattr(detector, "device", None) or "cpu"))
 
     def skip(self, record: ImageRecord, reason: str) -> None:
         self.summary.skipped.append((record.name, reason))
@@ -484,38 +518,65 @@ class _Runner:
         return None
 
     def finish(self, record: ImageRecord, detections: Any) -> None:
-        """Masks and image outputs of one image whose detections are known."""
+        """Image outputs of one image whose detections are known; with masks, its head crops go to
+        the segmentation threads and the image is completed by :meth:`finish_masks`."""
         args, image = self.args, record.image
         result = ImageResult(record.name, record.path, tuple(image.shape), detections)
-        if self.mask:
-            started = time.perf_counter()
-            result.masks = self.masks(record, detections)
-            self.summary.timings["masks"] += time.perf_counter() - started
         if args.save_img:
             self.writer.write(self.output / "result_images" / record.name,
                               lambda: draw_detections(image, detections))
         if args.save_aligned:
             self.write_aligned(record, detections)
-        if not self.collect:
-            result.masks = None
-        self.results[record.index] = result
-        for note in record.notes:
-            self.summary.notes.append((record.name, note))
-        self.summary.processed += 1
-        self.summary.faces += len(detections)
-        self.summary.timings["load"] += record.load_s
-        record.image = record.net_image = None
-        self.bar.update(1)
+        if self.mask:
+            self.queue_masks(record, result)
+        else:
+            self.complete(record, result)
 
-    def masks(self, record: ImageRecord, detections: Any) -> list[FaceMaskResult]:
-        from utils.face_mask import SegmenterPool, masks_of_faces  # noqa: PLC0415
+    def queue_masks(self, record: ImageRecord, result: ImageResult) -> None:
+        """Hand the image's head crops to the :class:`utils.face_mask.SegmenterPool` (graphs for the
+        whole run, one per core, at most 8) and complete the images whose masks are ready. With
+        :func:`masks_overlap_network` the network goes on meanwhile and the graphs segment the crops
+        of several images at once; otherwise this image's masks are waited for."""
+        from utils.face_mask import SegmenterPool, head_crops  # noqa: PLC0415
 
         if self.segmenter is None:
-            self.segmenter = SegmenterPool()  # graphs for the whole run, one per core (at most 8)
+            self.segmenter = SegmenterPool()
+        started = time.perf_counter()
+        heads, crops = head_crops(record.image, result.detections.boxes)
+        self.summary.timings["masks"] += time.perf_counter() - started  # the graphs' time: busy_seconds
+        if self.overlap_masks:
+            futures = self.segmenter.submit(crops)
+        else:
+            futures = [_done_future(mask) for mask in self.segmenter.segment_all(crops)]
+        self.pending_masks.append(_PendingMasks(record, result, heads, crops, futures))
+        self.finish_masks()
+
+    def finish_masks(self, wait: bool = False) -> None:
+        """Complete, in order, the queued images whose masks are ready; more than
+        :data:`MAX_PENDING_MASKS_PER_THREAD` images per segmentation thread waiting (or ``wait``):
+        wait for the oldest. A segmentation error is raised here, for the image it belongs to."""
+        from utils.face_mask import mask_parts  # noqa: PLC0415
+
+        limit = 0 if wait or self.segmenter is None else MAX_PENDING_MASKS_PER_THREAD * self.segmenter.threads
+        while self.pending_masks:
+            job = self.pending_masks[0]
+            if len(self.pending_masks) <= limit and not all(future.done() for future in job.futures):
+                return
+            self.pending_masks.popleft()
+            wait_for(job.futures)
+            started = time.perf_counter()
+            head_masks = [future.result() for future in job.futures]
+            record, boxes = job.record, job.result.detections.boxes
+            job.result.masks = self.mask_outputs(record, mask_parts(boxes, job.heads, job.crops, head_masks))
+            self.summary.timings["masks"] += time.perf_counter() - started
+            self.complete(record, job.result)
+
+    def mask_outputs(self, record: ImageRecord, faces: list[dict[str, Any]]) -> list[FaceMaskResult]:
+        """The :class:`FaceMaskResult` of each face; with ``--save_mask`` its crops and masks are written."""
         out = []
         stem = self.stems[record.name]
         extension = Path(record.name).suffix
-        for index, parts in enumerate(masks_of_faces(record.image, detections.boxes, self.segmenter)):
+        for index, parts in enumerate(faces):
             out.append(FaceMaskResult(parts["face_box"], parts["head_box"], parts["face_mask"], parts["head_mask"]))
             if self.args.save_mask:
                 base = f"{stem}_{index}"
@@ -525,6 +586,19 @@ class _Runner:
                                           ("heads", f"{base}{extension}", "head")):
                     self.writer.write(self.output / folder / name, lambda array=parts[key]: array)
         return out
+
+    def complete(self, record: ImageRecord, result: ImageResult) -> None:
+        """Record a finished image (its result, notes and counts) and release its pixels."""
+        if not self.collect:
+            result.masks = None
+        self.results[record.index] = result
+        for note in record.notes:
+            self.summary.notes.append((record.name, note))
+        self.summary.processed += 1
+        self.summary.faces += len(result.detections)
+        self.summary.timings["load"] += record.load_s
+        record.image = record.net_image = None
+        self.bar.update(1)
 
     def write_aligned(self, record: ImageRecord, detections: Any) -> None:
         from utils.face_align import align_face  # noqa: PLC0415
@@ -540,6 +614,7 @@ class _Runner:
         finally:
             if self.segmenter is not None:
                 self.segmenter.close()
+                self.summary.timings["masks"] += self.segmenter.busy_seconds
                 self.segmenter = None
 
 
@@ -706,6 +781,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
             for batch in batcher.flush():
                 runner.detect_queued(batch)
         runner.finish_queued()
+        runner.finish_masks(wait=True)
     except KeyboardInterrupt:
         summary.interrupted = True
     except BaseException as error:  # e.g. a CUDA error or a killed decoding worker: outputs so far are kept
@@ -716,6 +792,9 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         if runner.in_flight is not None:  # stopped part-way (Ctrl-C, an error): the batch already queued still counts
             with contextlib.suppress(Exception):
                 runner.finish_queued()
+        while runner.pending_masks:  # so do the images whose masks are being made (one failed: the others)
+            with contextlib.suppress(Exception):
+                runner.finish_masks(wait=True)
         close_error = None
         try:
             runner.close()  # the last image writes can fail here, after the loop
