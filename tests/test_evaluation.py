@@ -72,21 +72,25 @@ def small_dataset(tmp: Path, sample: Path, keys: list[str]) -> Path:
 # --------------------------------------------------------------------------------------------
 # Box voting, flips, prediction-file convention (synthetic)
 # --------------------------------------------------------------------------------------------
-def loop_box_vote(dets: np.ndarray, threshold: float) -> np.ndarray:
+def loop_box_vote(dets: np.ndarray, threshold: float, insightface: bool = False) -> np.ndarray:
     """Greedy loop reference: the top remaining box takes every remaining box with IoU >= t
-    (+1 areas); the group becomes its score-weighted mean box with the top score."""
+    (+1 areas); the group becomes its score-weighted mean box with the top score. Rows: box,
+    score, number of boxes. ``insightface``: its ``bbox_vote`` as its steps read: a group of one
+    box is dropped unless it empties the pool, and the first 750 groups are kept."""
     dets = dets[np.argsort(-dets[:, 4], kind="stable")]
     out = []
     while len(dets):
         area = (dets[:, 2] - dets[:, 0] + 1) * (dets[:, 3] - dets[:, 1] + 1)
         iw = np.maximum(0, np.minimum(dets[0, 2], dets[:, 2]) - np.maximum(dets[0, 0], dets[:, 0]) + 1)
         ih = np.maximum(0, np.minimum(dets[0, 3], dets[:, 3]) - np.maximum(dets[0, 1], dets[:, 1]) + 1)
-        iou = iw * ih / (area[0] + area - iw * ih)
-        group = iou >= threshold
-        w = dets[group, 4:5]
-        out.append(np.concatenate([(dets[group, :4] * w).sum(0) / w.sum(), [dets[0, 4]], [group.sum()]]))
-        dets = dets[~group]
-    return np.array(out).reshape(-1, 6)
+        group = iw * ih / (area[0] + area - iw * ih) >= threshold
+        taken, dets = dets[group], dets[~group]
+        if insightface and len(taken) == 1 and len(dets):
+            continue
+        w = taken[:, 4:5]
+        out.append(np.concatenate([(taken[:, :4] * w).sum(0) / w.sum(), [taken[0, 4]], [len(taken)]]))
+    out = np.array(out).reshape(-1, 6)
+    return out[:750] if insightface else out
 
 
 def test_box_voting_tiny_case():
@@ -131,27 +135,6 @@ def test_box_voting_matches_greedy_loop_on_random_boxes():
     np.testing.assert_allclose(boxes.numpy(), expected[:, :4], rtol=1e-5, atol=1e-3)
 
 
-def insightface_vote(dets: np.ndarray, threshold: float, max_out: int = 750) -> np.ndarray:
-    """insightface's ``bbox_vote`` as its steps read: the top remaining box takes every remaining
-    box with IoU >= t (+1 areas); a group of one box is dropped unless it empties the pool; the
-    others become their score-weighted mean box with the top score; the first ``max_out`` groups."""
-    dets = dets[np.argsort(-dets[:, 4], kind="stable")]
-    out = []
-    while len(dets):
-        area = (dets[:, 2] - dets[:, 0] + 1) * (dets[:, 3] - dets[:, 1] + 1)
-        iw = np.maximum(0, np.minimum(dets[0, 2], dets[:, 2]) - np.maximum(dets[0, 0], dets[:, 0]) + 1)
-        ih = np.maximum(0, np.minimum(dets[0, 3], dets[:, 3]) - np.maximum(dets[0, 1], dets[:, 1]) + 1)
-        group = iw * ih / (area[0] + area - iw * ih) >= threshold
-        taken, dets = dets[group], dets[~group]
-        if len(taken) == 1:
-            if not len(dets):
-                out.append(taken[0])
-            continue
-        w = taken[:, 4:5]
-        out.append(np.concatenate([(taken[:, :4] * w).sum(0) / w.sum(), [taken[:, 4].max()]]))
-    return np.array(out).reshape(-1, 5)[:max_out]
-
-
 def random_clusters(rng: np.random.Generator, clusters: int, extent: float = 300) -> np.ndarray:
     """(N, 5) jittered boxes around ``clusters`` random centres, 1 to 7 per centre, with scores."""
     dets = []
@@ -170,7 +153,7 @@ def test_box_voting_follows_insightface_bbox_vote(seed):
     the last group, at most 750 groups (seed 3: 2,000 clusters in a wide image, more than 750)."""
     rng = np.random.default_rng(seed)
     dets = random_clusters(rng, 2000, extent=6000) if seed == 3 else random_clusters(rng, 15 + 20 * seed)
-    expected = insightface_vote(dets, 0.4)
+    expected = loop_box_vote(dets, 0.4, insightface=True)
     boxes, scores, _, votes = box_voting(torch.from_numpy(dets[:, :4]), torch.from_numpy(dets[:, 4]), 0.4,
                                          min_votes=2, keep_last=True, keep_top_k=750)
     assert (len(expected) == 750) == (seed == 3)
@@ -958,7 +941,7 @@ def test_tta_detector_follows_insightface_pipeline(widerface_sample, mobilenet_w
             pooled.append(np.hstack([boxes / scale, found.scores[:, None]]))
     pooled = np.concatenate(pooled).astype(np.float64)
     assert sum(len(found) for _, _, found in passes) == len(pooled) > 1000
-    expected = insightface_vote(pooled, 0.4)
+    expected = loop_box_vote(pooled, 0.4, insightface=True)
     merged = tta.detect(image)
     assert 20 < len(merged) < len(pooled)
     np.testing.assert_allclose(merged.scores, expected[:, 4], rtol=1e-6)

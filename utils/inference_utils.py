@@ -414,7 +414,7 @@ class _PendingMasks:
     result: ImageResult
     heads: list[tuple[int, int, int, int]]
     crops: list[np.ndarray]
-    futures: list[Any]
+    futures: list[Future]
 
 
 class _Runner:
