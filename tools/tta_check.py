@@ -8,7 +8,8 @@ variants below are merged from those cached passes with :class:`utils.tta.TTADet
 (insightface's box voting, or plain NMS for comparison) and evaluated with the official protocol
 (a subset when the val set is partial). Prints one row per variant: APs, hard-AP gain over single
 scale, and the network seconds its passes cost. The first row is ``test.py``'s default (original
-size, NMS); the ``paper`` row is what ``test.py --tta true`` computes with its default scales.
+size, NMS; here on boxes clipped to the image); the ``paper`` row is what ``test.py --tta true``
+computes with its default scales.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--gt_dir", default=None)
     parser.add_argument("--scales", default="0," + ",".join(map(str, DEFAULT_SCALES)),
-                        help="shorter sides to measure (0 = original size)")
+                        help="pass sizes to measure (see test.py --tta_scales; 0 = original size)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
     try:
