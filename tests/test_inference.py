@@ -385,7 +385,7 @@ def test_mask_stage_segments_several_images_at_once_with_one_graphs_masks(sample
     """On the CPU each image's masks are finished before the next image; overlapping the network
     (as on CUDA), two of the portraits' head crops (one face each) are segmented at once: images
     are handed to the pool while earlier ones are still being segmented. The
-    masks equal one graph's on each image alone; a segmentation error stops the run, naming it."""
+    masks equal one graph's on each image alone; a segmentation error stops the run, naming the image."""
     import threading
     import time
 
@@ -435,10 +435,44 @@ def test_mask_stage_segments_several_images_at_once_with_one_graphs_masks(sample
 
     monkeypatch.setattr(fm.HeadSegmenter, "segment", failing)
     args.inference_save_folder = str(tmp_path / "failed")
-    with pytest.raises(RuntimeError, match="segmentation failed"):
+    with pytest.raises(RuntimeError, match=f"mask stage failed on {paths[0].name}: segmentation failed"):
         iu.run_inference(args, progress=False)
     summary = json.loads((tmp_path / "failed" / iu.SUMMARY_JSON).read_text())
-    assert summary["error"] == "RuntimeError: segmentation failed" and summary["processed"] == 0
+    assert summary["error"].startswith("RuntimeError: mask stage failed on ") and summary["processed"] == 0
+
+
+def test_interrupted_mask_stage_keeps_the_finished_images_and_waits_for_no_other(sample_mask_images,
+                                                                                mobilenet_weights, tmp_path,
+                                                                                monkeypatch):
+    """Ctrl-C while images wait for their masks (overlapping the network, as on CUDA): the run
+    ends at once as interrupted, the images finished before are kept and summary.json is written;
+    the queued images are given up, their crops not segmented."""
+    import threading
+    import time
+
+    require_installed("mediapipe", "the mask stage needs mediapipe (absent on the GPU machines)")
+    segment, calls, lock = fm.HeadSegmenter.segment, [0], threading.Lock()
+
+    def interrupted_third(self, image):
+        with lock:
+            calls[0] += 1
+            call = calls[0]
+        if call == 3:
+            raise KeyboardInterrupt
+        if call > 3:
+            time.sleep(0.2)
+        return segment(self, image)
+
+    monkeypatch.setattr(fm, "mask_threads", lambda: 1)
+    monkeypatch.setattr(iu, "masks_overlap_network", lambda device: True)
+    monkeypatch.setattr(fm.HeadSegmenter, "segment", interrupted_third)
+    args = argparse.Namespace(weights=str(mobilenet_weights), inference_dir=str(sample_mask_images),
+                              inference_save_folder=str(tmp_path / "out"), mask=True, save_mask=False, workers=0)
+    run = iu.run_inference(args, progress=False)
+    summary = json.loads((tmp_path / "out" / iu.SUMMARY_JSON).read_text())
+    assert run.summary.interrupted and summary["interrupted"] and summary["processed"] == 2
+    assert [len(result.masks) for result in run.results] == [1, 1]
+    assert calls[0] < 10  # the images queued behind the interrupted one were not all segmented
 
 
 def test_crop_names_stay_unique_when_images_share_a_stem():

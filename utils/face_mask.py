@@ -6,7 +6,7 @@ For every detected face:
   to the image (:func:`head_box`);
 - the *head mask* is the selfie segmentation of the head crop, thresholded at 0.1
   (:class:`HeadSegmenter`; :class:`SegmenterPool` segments the crops of one image or of several
-  on graphs on threads of their own), as uint8 0/255 of the head crop's size;
+  with several graphs at once), as uint8 0/255 of the head crop's size;
 - the *face mask* is the part of the head mask under the face box (:func:`face_mask_from_head_mask`).
   The face box's position inside the head crop is computed from the boxes themselves
   (:func:`face_box_in_head`), so it stays right when the head box was clipped at an image border
@@ -180,8 +180,10 @@ def mask_threads() -> int:
 class SegmenterPool:
     """``threads`` :class:`HeadSegmenter` graphs (default :func:`mask_threads`) on as many threads:
     every image handed to :meth:`submit` or :meth:`segment_all` is a task that the next free
-    graph takes. MediaPipe runs a graph's inference on one core and releases the GIL meanwhile,
-    so the faces of a crowded image are segmented in parallel (60 head crops of the sample
+    graph takes (a single image given to :meth:`segment_all` is segmented on the calling thread;
+    not to be called from inside a task: with every graph busy it would wait for itself).
+    MediaPipe runs a graph's inference on one core and releases the GIL meanwhile, so the faces
+    of a crowded image are segmented in parallel (60 head crops of the sample
     photos: 7.8 ms each on one graph, 4.3 ms with two graphs on two threads, 2-core CPU machine,
     2026-11-28), and so are the faces of images submitted one after another while the caller goes
     on (inference.py's mask stage). The masks are those of one graph: a mask does not depend on

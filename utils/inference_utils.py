@@ -340,7 +340,7 @@ def format_summary(summary: InferenceSummary) -> str:
         lines.append(f"  note {escape_name(name)}: {note}")
     lines.append("ms/img: " + ", ".join(f"{key} {ms[key]:.1f}" for key in TIMING_KEYS)
                  + " (load runs in DataLoader workers and write on background threads, overlapping the "
-                   "network; masks: segmentation time summed over its threads)")
+                   "network; masks: segmentation time per graph plus cutting crops and masks)")
     lines.append(f"throughput: {summary.images_per_s:.2f} images/s ({summary.processed} "
                  f"image{'' if summary.processed == 1 else 's'} in "
                  f"{summary.wall_s:.2f} s on {summary.device}; model load {summary.model_load_s:.2f} s)")
@@ -528,6 +528,7 @@ class _Runner:
         if args.save_aligned:
             self.write_aligned(record, detections)
         if self.mask:
+            record.net_image = None  # only the original is cut into head crops
             self.queue_masks(record, result)
         else:
             self.complete(record, result)
@@ -552,9 +553,9 @@ class _Runner:
         self.finish_masks()
 
     def finish_masks(self, wait: bool = False) -> None:
-        """Complete, in order, the queued images whose masks are ready; more than
-        :data:`MAX_PENDING_MASKS_PER_THREAD` images per segmentation thread waiting (or ``wait``):
-        wait for the oldest. A segmentation error is raised here, for the image it belongs to."""
+        """Complete, in order, the queued images whose masks are ready, waiting for the oldest while
+        more than :data:`MAX_PENDING_MASKS_PER_THREAD` images per segmentation thread are queued
+        (``wait``: for all of them). A segmentation error is raised here, naming its image."""
         from utils.face_mask import mask_parts  # noqa: PLC0415
 
         limit = 0 if wait or self.segmenter is None else MAX_PENDING_MASKS_PER_THREAD * self.segmenter.threads
@@ -562,11 +563,14 @@ class _Runner:
             job = self.pending_masks[0]
             if len(self.pending_masks) <= limit and not all(future.done() for future in job.futures):
                 return
+            wait_for(job.futures)  # an interruption here leaves the image queued
             self.pending_masks.popleft()
-            wait_for(job.futures)
             started = time.perf_counter()
-            head_masks = [future.result() for future in job.futures]
             record, boxes = job.record, job.result.detections.boxes
+            try:
+                head_masks = [future.result() for future in job.futures]
+            except Exception as error:
+                raise RuntimeError(f"mask stage failed on {escape_name(record.name)}: {error}") from error
             job.result.masks = self.mask_outputs(record, mask_parts(boxes, job.heads, job.crops, head_masks))
             self.summary.timings["masks"] += time.perf_counter() - started
             self.complete(record, job.result)
@@ -586,6 +590,13 @@ class _Runner:
                                           ("heads", f"{base}{extension}", "head")):
                     self.writer.write(self.output / folder / name, lambda array=parts[key]: array)
         return out
+
+    def drop_pending_masks(self) -> None:
+        """Give up the queued images (an interrupted run): their crops not yet segmented are not."""
+        for job in self.pending_masks:
+            for future in job.futures:
+                future.cancel()
+        self.pending_masks.clear()
 
     def complete(self, record: ImageRecord, result: ImageResult) -> None:
         """Record a finished image (its result, notes and counts) and release its pixels."""
@@ -613,8 +624,10 @@ class _Runner:
             self.writer.close()
         finally:
             if self.segmenter is not None:
+                threads = self.segmenter.threads
                 self.segmenter.close()
-                self.summary.timings["masks"] += self.segmenter.busy_seconds
+                # the graphs' segmentation time per graph: the stage's time when they all work at once
+                self.summary.timings["masks"] += self.segmenter.busy_seconds / threads
                 self.segmenter = None
 
 
@@ -792,7 +805,9 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         if runner.in_flight is not None:  # stopped part-way (Ctrl-C, an error): the batch already queued still counts
             with contextlib.suppress(Exception):
                 runner.finish_queued()
-        while runner.pending_masks:  # so do the images whose masks are being made (one failed: the others)
+        if summary.interrupted:  # Ctrl-C: the images whose masks are not made yet are not waited for
+            runner.drop_pending_masks()
+        while runner.pending_masks:  # an error: the images whose masks are being made count (one failed: the others)
             with contextlib.suppress(Exception):
                 runner.finish_masks(wait=True)
         close_error = None
