@@ -434,11 +434,13 @@ def test_mask_stage_segments_several_images_at_once_with_one_graphs_masks(sample
         raise RuntimeError("segmentation failed")
 
     monkeypatch.setattr(fm.HeadSegmenter, "segment", failing)
-    args.inference_save_folder = str(tmp_path / "failed")
-    with pytest.raises(RuntimeError, match=f"mask stage failed on {paths[0].name}: segmentation failed"):
-        iu.run_inference(args, progress=False)
-    summary = json.loads((tmp_path / "failed" / iu.SUMMARY_JSON).read_text())
-    assert summary["error"].startswith("RuntimeError: mask stage failed on ") and summary["processed"] == 0
+    for overlap in (True, False):
+        monkeypatch.setattr(iu, "masks_overlap_network", lambda device, overlap=overlap: overlap)
+        args.inference_save_folder = str(tmp_path / f"failed_{overlap}")
+        with pytest.raises(RuntimeError, match=f"mask stage failed on {paths[0].name}: segmentation failed"):
+            iu.run_inference(args, progress=False)
+        summary = json.loads((tmp_path / f"failed_{overlap}" / iu.SUMMARY_JSON).read_text())
+        assert summary["error"].startswith("RuntimeError: mask stage failed on ") and summary["processed"] == 0
 
 
 def test_interrupted_mask_stage_keeps_the_finished_images_and_waits_for_no_other(sample_mask_images,

@@ -400,6 +400,10 @@ def masks_overlap_network(device: torch.device) -> bool:
 MAX_PENDING_MASKS_PER_THREAD = 4
 
 
+def _mask_stage_error(record: ImageRecord, error: Exception) -> RuntimeError:
+    return RuntimeError(f"mask stage failed on {escape_name(record.name)}: {error}")
+
+
 def _done_future(value: Any) -> Future:
     future: Future = Future()
     future.set_result(value)
@@ -548,7 +552,10 @@ class _Runner:
         if self.overlap_masks:
             futures = self.segmenter.submit(crops)
         else:
-            futures = [_done_future(mask) for mask in self.segmenter.segment_all(crops)]
+            try:
+                futures = [_done_future(mask) for mask in self.segmenter.segment_all(crops)]
+            except Exception as error:
+                raise _mask_stage_error(record, error) from error
         self.pending_masks.append(_PendingMasks(record, result, heads, crops, futures))
         self.finish_masks()
 
@@ -570,7 +577,7 @@ class _Runner:
             try:
                 head_masks = [future.result() for future in job.futures]
             except Exception as error:
-                raise RuntimeError(f"mask stage failed on {escape_name(record.name)}: {error}") from error
+                raise _mask_stage_error(record, error) from error
             job.result.masks = self.mask_outputs(record, mask_parts(boxes, job.heads, job.crops, head_masks))
             self.summary.timings["masks"] += time.perf_counter() - started
             self.complete(record, job.result)
