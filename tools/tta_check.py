@@ -25,7 +25,6 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torchvision import ops  # noqa: E402
 
 from models.detector import Detections  # noqa: E402
 from utils.errors import CheckpointError  # noqa: E402
@@ -33,6 +32,7 @@ from utils.evaluation import (EvaluationError, check_images_in_gt, default_gt_di
                               evaluate_predictions, list_val_images, load_gt, prediction_rows,
                               protocol_detector)
 from utils.image_io import ImageReadError, read_image  # noqa: E402
+from utils.nms import nms  # noqa: E402
 from config import one_line, parse_scales  # noqa: E402
 from utils.tta import DEFAULT_SCALES, TTAConfig, TTADetector  # noqa: E402
 
@@ -58,9 +58,7 @@ def nms_merge(parts: list[Detections], threshold: float, keep_top_k: int | None)
     boxes = np.concatenate([p.boxes for p in parts])
     scores = np.concatenate([p.scores for p in parts])
     landmarks = np.concatenate([p.landmarks for p in parts])
-    shifted = torch.from_numpy(boxes).clone()
-    shifted[:, 2:] += 1.0
-    keep = ops.nms(shifted, torch.from_numpy(scores), threshold).numpy()[:keep_top_k]
+    keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores), threshold).numpy()[:keep_top_k]  # +1 areas
     return Detections(boxes[keep], scores[keep], landmarks[keep])
 
 

@@ -183,11 +183,11 @@ class SegmenterPool:
     graph takes (a single image given to :meth:`segment_all` is segmented on the calling thread;
     not to be called from inside a task: with every graph busy it would wait for itself).
     MediaPipe runs a graph's inference on one core and releases the GIL meanwhile, so the faces
-    of a crowded image are segmented in parallel (60 head crops of the sample
-    photos: 7.8 ms each on one graph, 4.3 ms with two graphs on two threads, 2-core CPU machine,
-    2026-11-28), and so are the faces of images submitted one after another while the caller goes
-    on (inference.py's mask stage). The masks are those of one graph: a mask does not depend on
-    the images segmented before it (tested)."""
+    of a crowded image are segmented in parallel (60 head crops of the sample photos: 7.8 ms each
+    on one graph, 4.3 ms with two graphs on two threads, 2-core CPU machine, 2026-11-28), and so
+    are the faces of images submitted one after another while the caller goes on (inference.py's
+    mask stage). The masks are those of one graph: a mask does not depend on the images segmented
+    before it (tested)."""
 
     def __init__(self, threads: int | None = None, threshold: float = MASK_THRESHOLD) -> None:
         count = mask_threads() if threads is None else int(threads)
@@ -231,7 +231,7 @@ class SegmenterPool:
         return [future.result() for future in futures]
 
     def _segment(self, image_bgr: np.ndarray) -> np.ndarray:
-        segmenter = self._idle.get()  # as many graphs as threads: one is free
+        segmenter = self._idle.get()  # a task finds one free (as many graphs as threads); the caller may wait
         started = time.perf_counter()
         try:
             return segmenter.segment(image_bgr)

@@ -565,7 +565,7 @@ class _Runner:
         (``wait``: for all of them). A segmentation error is raised here, naming its image."""
         from utils.face_mask import mask_parts  # noqa: PLC0415
 
-        limit = 0 if wait or self.segmenter is None else MAX_PENDING_MASKS_PER_THREAD * self.segmenter.threads
+        limit = 0 if wait else MAX_PENDING_MASKS_PER_THREAD * self.segmenter.threads
         while self.pending_masks:
             job = self.pending_masks[0]
             if len(self.pending_masks) <= limit and not all(future.done() for future in job.futures):
