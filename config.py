@@ -319,7 +319,7 @@ OPTIONS: tuple[Option, ...] = (
          help="replay the network's forward and backward passes from CUDA graphs captured at start-up "
               "(the loss and the optimizer stay eager): the host launches two graphs instead of every "
               "kernel, which sets the pace of mobilenet0.25's step (README, Training). auto (default): on "
-              "when one process trains on a CUDA GPU without --compile in bf16 or float32 (not fp16); "
+              "when one process trains on a CUDA GPU without --compile; "
               "true: required (not with --compile or several processes; ignored on the CPU); false: off"),
     _opt("--amp", type=str2bool, default=True, scripts={TRAIN},
          help="automatic mixed precision on CUDA (bf16 on GPUs of compute capability 8 or more, else fp16 "

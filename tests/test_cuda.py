@@ -216,8 +216,8 @@ def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_
     assert (tmp_path / "experiments/gpu/ckpt/last.pth").is_file()
     log = (tmp_path / "experiments/gpu/log/logs.txt").read_text()
     assert ("amp float16 with loss scaling" in log) == (amp_dtype == "fp16")
-    # auto graphs bf16 (the GPUs of these leases) but not fp16 yet; true graphs fp16 too
-    assert ("CUDA graphs:" in log) == (amp_dtype == "auto" or cuda_graphs == "true")
+    # auto graphs every precision since fp16 with graphs passed here (H200, 2026-11-28)
+    assert "CUDA graphs:" in log
 
 
 def test_fp16_training_skips_overflow_steps_without_touching_the_optimizer():

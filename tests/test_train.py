@@ -1338,8 +1338,8 @@ def test_loss_scaled_fused_sgd_skips_an_overflow_step_entirely(monkeypatch):
 
 def test_cuda_graphs_auto_graphs_one_process_on_a_gpu_without_compile(monkeypatch):
     """--cuda_graphs auto (the default) graphs the network when --cuda_graphs true would be accepted
-    on a GPU (one process, no --compile) and the training is not fp16 with loss scaling; elsewhere
-    it leaves the model alone without a note. false never graphs. (The capture itself is replaced
+    on a GPU (one process, no --compile), in every precision (fp16 with loss scaling since its CUDA
+    test passed on the H200, 2026-11-28); elsewhere it leaves the model alone without a note. false never graphs. (The capture itself is replaced
     here: it needs CUDA.)"""
     import utils.graphed_training as graphed_training
 
@@ -1348,7 +1348,7 @@ def test_cuda_graphs_auto_graphs_one_process_on_a_gpu_without_compile(monkeypatc
     assert parse_args("train", []).cuda_graphs is None
     for device, several_processes, options, graphed in (
             ("cuda", False, [], True),
-            ("cuda", False, ["--amp_dtype", "fp16"], False),
+            ("cuda", False, ["--amp_dtype", "fp16"], True),
             ("cuda", False, ["--amp_dtype", "fp16", "--cuda_graphs", "true"], True),
             ("cuda", False, ["--cuda_graphs", "auto", "--batch_size", "8", "--im_size", "320"], True),
             ("cuda", True, [], False),

@@ -22,9 +22,10 @@ What one run measures, per config
   default channels_last on CUDA as train.py does), ``compile`` (``torch.compile`` of the model) and
   ``cuda_graphs`` (``train.py --cuda_graphs true``: the network's forward and backward passes
   replayed from CUDA graphs, ``utils.graphed_training``; CUDA only). ``train_one_epoch`` prepares
-  each batch on a side stream during the step before (``utils.train_data.prepared_batches``);
-  ``inline`` prepares it on the main stream when its step starts, as before 2026-11-27 (a real-row
-  baseline for that overlap, rated against its variant's fixed batches).
+  each batch on the main stream when its step starts, as train.py does; ``ahead`` prepares it on a
+  side stream during the step before (``utils.train_data.prepared_batches``, train.py's way from
+  2026-11-27 to 2026-11-28; a real-row variant rated against its variant's fixed batches;
+  ``inline`` names the default explicitly).
 * ``fixed, CUDA graph`` (variants with ``+graph``, fp32 / bf16, CUDA only): the same step
   (``training_step``) captured once in a CUDA graph and replayed: what a step costs when the host
   launches nothing. train.py does not run this way; the row measures the headroom of doing so,
@@ -409,18 +410,23 @@ class Cycle:
 # ------------------------------------------------------------------------------------------------
 # Variants and runs
 # ------------------------------------------------------------------------------------------------
+#: Variant modifiers that choose how real batches are prepared (not a fixed-batch variant of their own).
+PREPARATION_TOKENS = frozenset({"ahead", "inline"})
+
+
 def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
     tokens = [t for t in text.strip().lower().split("+") if t]
     cuda = device.type == "cuda"
     if tokens == ["public"]:
         return SimpleNamespace(name="public", public=True, precision="fp32", channels_last=False, compile=False,
-                               graph=False, cuda_graphs=False, prepare_ahead=True, fixed_name="public")
+                               graph=False, cuda_graphs=False, prepare_ahead=False, fixed_name="public")
     if not tokens or tokens[0] not in ("fp32", "bf16", "fp16"):
         raise SystemExit(f"train variant {text!r}: 'public' or fp32/bf16/fp16 [+nchw|+cl] [+compile|+cuda_graphs] "
-                         "[+graph] [+inline]")
+                         "[+graph] [+ahead|+inline]")
     variant = SimpleNamespace(name=text.strip(), public=False, precision=tokens[0], channels_last=cuda, compile=False,
-                              graph=False, cuda_graphs=False, prepare_ahead=True,
-                              fixed_name="+".join(t for t in text.strip().split("+") if t.lower() != "inline"))
+                              graph=False, cuda_graphs=False, prepare_ahead=False,
+                              fixed_name="+".join(t for t in text.strip().split("+")
+                                                  if t.lower() not in PREPARATION_TOKENS))
     for token in tokens[1:]:
         if token in ("nchw", "cl"):
             variant.channels_last = token == "cl"
@@ -430,8 +436,8 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
             variant.graph = True
         elif token == "cuda_graphs":
             variant.cuda_graphs = True
-        elif token == "inline":  # each batch prepared on the main stream when its step starts (before 2026-11-27)
-            variant.prepare_ahead = False
+        elif token in PREPARATION_TOKENS:  # ahead: on a side stream during the step before; inline: the default
+            variant.prepare_ahead = token == "ahead"
         else:
             raise SystemExit(f"train variant {text!r}: unknown modifier {token!r}")
     if variant.graph and (variant.precision == "fp16" or variant.compile or variant.cuda_graphs):
@@ -663,8 +669,9 @@ def summarise_config(entry: dict[str, Any]) -> None:
     """Set ``entry["summary"]`` from the rows measured so far (also for a run interrupted mid-config):
     the fastest fixed-batch variant of ours (``+cuda_graphs`` included, as train.py can train so; the
     whole-step ``fixed, CUDA graph`` rows stay out), its ratio to the public-style step and to the
-    public code's H200 figure, and the real pipeline's ratio to it (rows prepared ``+inline`` stay
-    out: train.py prepares each batch ahead, and those rows are the baseline of that choice)."""
+    public code's H200 figure, and the real pipeline's ratio to it (rows named ``+ahead`` or
+    ``+inline`` stay out: the plain rows are train.py's way, in reports before 2026-11-28 the side
+    stream, since then each batch when its step starts)."""
     rows = entry.get("variants", [])
     ours = [v for v in rows if v["mode"] == "fixed" and v["variant"] != "public" and "img_per_s" in v]
     if not ours:
@@ -683,7 +690,7 @@ def summarise_config(entry: dict[str, Any]) -> None:
     # variants they are (fp16 may win the fixed batches while only bf16 variants run the real pipeline)
     real: dict[str, float] = {}
     for v in rows:
-        if v["mode"] == "real" and "img_per_s" in v and "inline" not in v["variant"].lower().split("+"):
+        if v["mode"] == "real" and "img_per_s" in v and not PREPARATION_TOKENS & set(v["variant"].lower().split("+")):
             real[v["augment_on"]] = max(real.get(v["augment_on"], 0.0), rnd(v["img_per_s"] / best["img_per_s"]))
     if real:
         summary["real_ratio_to_fixed"] = real
@@ -962,7 +969,7 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
             try:
                 clock = StepClock(warmup, args.real_iters, device)
                 result.update(run_ours(config, variant, device, loader, steps, batch, size, args.seed, clock))
-                if variant.fixed_name in fixed_img_per_s:  # +inline: against the fixed batches of its variant
+                if variant.fixed_name in fixed_img_per_s:  # +ahead: against the fixed batches of its variant
                     result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.fixed_name])
                 if device.type == "cuda":
                     result["max_memory_allocated_mib"] = rnd(torch.cuda.max_memory_allocated(device) / 2 ** 20)

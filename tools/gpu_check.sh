@@ -8,6 +8,8 @@
 # (2026-11-27, H200 runs 1 and 2): cuda_tests 135 s (15 tests), inference 172 s (complete), train cut
 # at 189 s by the deadline (mobilenet0.25's config about 110 s); trained_r50 111 + 13 + 100 s. The
 # first call held the machine 34 s longer than its command ran (start-up included) of the 15 minutes.
+# H200, 2026-11-28: cuda_tests 165 s (18 tests), train 274 s (complete), inference 197 s (complete);
+# the first call held the machine 32 s longer than its command ran.
 # Each step is capped (timeout --signal=INT: an interrupted benchmark still writes what it
 # measured); GPU_CHECK_DEADLINE caps the whole call.
 #
@@ -126,16 +128,17 @@ else
   # ResNet-50 weights it says nothing; trained_r50 times it on trained weights)
   INFERENCE_ARGS=(--device cuda --batch_sizes 1,32 --variants ref,fp16,tf32+graph,fp16+graph --iters 20
                   --sample_variants ref,fp16,fp16+graph --sample_iters 5)
-  # bf16+cuda_graphs: train.py --cuda_graphs true; fp16: train.py --amp_dtype fp16 (cuDNN's BatchNorm
-  # instead of PyTorch's, README Training), with and without graphs (bf16 without graphs is no longer
-  # a row: measured in every lease before); +inline: each batch prepared when its step starts, the
-  # baseline of preparing it on a side stream during the step before (run 9 prepared inline). Trimmed
-  # to fit the first call (a review of run 9's times: both configs' rows of then needed ~330 s): no
-  # bf16 real rows, no whole-step graph headroom, busy-core or batches-in-turn rows, no profile (all
-  # measured in runs 1-9)
+  # bf16+cuda_graphs: train.py's default on these GPUs (--cuda_graphs auto); fp16+cuda_graphs:
+  # train.py --amp_dtype fp16 (cuDNN's BatchNorm instead of PyTorch's, README Training), the fastest
+  # fixed batches of the 2026-11-28 lease, now with its real-pipeline rows too; +ahead: each batch
+  # prepared on a side stream during the step before, train.py's way until 2026-11-28 (slower for
+  # mobilenet0.25 in two H200 leases), the baseline of preparing it when its step starts. Trimmed to
+  # fit the first call (2026-11-28: cuda_tests 165 s, train 274 s): no eager fp16 or bf16 rows (both
+  # measured on the H200), no whole-step graph headroom, busy-core or batches-in-turn rows, no
+  # profile (all measured in runs 1-9)
   TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840
-              --variants public,bf16+cuda_graphs,fp16+cuda_graphs,fp16
-              --real_variants bf16+cuda_graphs,bf16+cuda_graphs+inline
+              --variants public,bf16+cuda_graphs,fp16+cuda_graphs
+              --real_variants bf16+cuda_graphs,bf16+cuda_graphs+ahead,fp16+cuda_graphs
               --busy_processes 0 --fixed_batches 0 --iters 30 --warmup 3)
   # the ResNet-50 cascade target is bf16 at batch 32: compiled against the same variant uncompiled
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32 --variants bf16+graph,bf16+compile+graph)

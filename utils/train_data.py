@@ -8,7 +8,8 @@
   :func:`shared_memory_keep` checks that ``/dev/shm`` has room for them;
 - :func:`build_train_loader`: all of the above for ``--dataset``/``--train_split``;
 - :func:`prepared_batches`: host-to-device copies and the network input (with ``--augment_on
-  device`` the augmentation), on CUDA one batch ahead on a side stream.
+  device`` the augmentation), each batch when its step starts (or, on CUDA, one batch ahead on a
+  side stream).
 """
 from __future__ import annotations
 
@@ -343,16 +344,18 @@ class PreparedBatch(NamedTuple):
     report: LoadReport | None
 
 
-def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ahead: bool = True
+def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ahead: bool = False
                      ) -> Iterator[PreparedBatch]:
     """The loader's ``(images, targets[, LoadReport])`` batches as :class:`PreparedBatch` on ``device``:
     host-to-device copies, :func:`~utils.data_loaders.images_to_network_input` (with ``--augment_on
     device`` the photometric distortion, padding, flip and resize) and :func:`pad_targets`.
 
-    With ``ahead`` on CUDA, batch N+1 is prepared on a side stream before batch N is handed out, so
-    its copies and augmentation run on the GPU while step N's kernels do; the main stream waits only
-    for that batch's event. Without it (and on the CPU) each batch is prepared on the main stream
-    when its step starts, as before. Either way the batches and their values are the same."""
+    By default (and always on the CPU) each batch is prepared on the main stream when its step
+    starts: what train.py does. With ``ahead`` on CUDA, batch N+1 is prepared on a side stream before
+    batch N is handed out, so its copies and augmentation can run on the GPU while step N's kernels
+    do; the main stream waits only for that batch's event. On an H200 that was slower for
+    mobilenet0.25 (README, Training: Augmentation on the device); the benchmark keeps it as a
+    variant. Either way the batches and their values are the same."""
     from utils.data_loaders import images_to_network_input
 
     def prepare(batch) -> PreparedBatch:

@@ -244,16 +244,15 @@ def graph_training_network(ctx: TrainContext, args: argparse.Namespace, autocast
                            ) -> list[str]:
     """``--cuda_graphs``: make ``ctx.model`` a :class:`utils.graphed_training.GraphedTrainingNetwork`
     of the network (captured for batches of ``--batch_size`` at ``--im_size``). ``auto`` (None) does
-    so when one process trains on a CUDA GPU without ``--compile`` in bf16 or float32, and leaves the
-    model as it is otherwise (graphs under fp16 with loss scaling have not run on a GPU yet: ``true``
-    takes them); ``false`` never. Returns notes for the log; ``true`` raises
+    so when one process trains on a CUDA GPU without ``--compile`` (bf16, fp16 with loss scaling or
+    float32), and leaves the model as it is otherwise; ``false`` never. Returns notes for the log; ``true`` raises
     :class:`TrainingSetupError` with ``--compile`` (which the command line refuses too, but a resume
     can inherit) or several processes."""
     from utils.graphed_training import GraphedTrainingNetwork
 
     info = ctx.info
     requested = getattr(args, "cuda_graphs", None)  # None: auto, which skips silently what true refuses
-    if requested is False or (requested is None and autocast_dtype == torch.float16):
+    if requested is False:
         return []
     if info.device.type != "cuda":
         return [] if requested is None else ["note: --cuda_graphs true ignored on the CPU (CUDA graphs need a GPU)"]
@@ -355,7 +354,9 @@ class TrainContext:
     seed: int
     autocast_dtype: torch.dtype | None = None
     channels_last: bool = False
-    prepare_ahead: bool = True  # CUDA: each batch copied and augmented on a side stream during the step before
+    # CUDA: each batch copied and augmented on a side stream during the step before (measured slower than
+    # preparing it when its step starts for mobilenet0.25 in two H200 leases; README, Training)
+    prepare_ahead: bool = False
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
