@@ -293,7 +293,7 @@ def test_train_benchmark_cpu_smoke(train_run):
     # train.py --cuda_graphs true as a variant: CUDA only, skipped with a note here
     assert any(n.startswith("mobilenet0.25:2:128 fp32+cuda_graphs: skipped on the CPU") for n in report["notes"])
     assert bt.parse_variant("bf16+cuda_graphs", torch.device("cuda")).cuda_graphs
-    for conflicting in ("bf16+cuda_graphs+compile", "bf16+cuda_graphs+graph"):
+    for conflicting in ("bf16+cuda_graphs+compile", "bf16+cuda_graphs+graph", "bf16+cuda_graphs+ahead+inline"):
         with pytest.raises(SystemExit):
             bt.parse_variant(conflicting, torch.device("cuda"))
     busy = modes[("fp32", "fixed, busy processes")]

@@ -1339,8 +1339,8 @@ def test_loss_scaled_fused_sgd_skips_an_overflow_step_entirely(monkeypatch):
 def test_cuda_graphs_auto_graphs_one_process_on_a_gpu_without_compile(monkeypatch):
     """--cuda_graphs auto (the default) graphs the network when --cuda_graphs true would be accepted
     on a GPU (one process, no --compile), in every precision (fp16 with loss scaling since its CUDA
-    test passed on the H200, 2026-11-28); elsewhere it leaves the model alone without a note. false never graphs. (The capture itself is replaced
-    here: it needs CUDA.)"""
+    tests passed on the H200, 2026-11-28); elsewhere it leaves the model alone without a note. false
+    never graphs. (The capture itself is replaced here: it needs CUDA.)"""
     import utils.graphed_training as graphed_training
 
     monkeypatch.setattr(graphed_training, "GraphedTrainingNetwork",

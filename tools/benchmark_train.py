@@ -440,6 +440,8 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
             variant.prepare_ahead = token == "ahead"
         else:
             raise SystemExit(f"train variant {text!r}: unknown modifier {token!r}")
+    if PREPARATION_TOKENS <= set(tokens):
+        raise SystemExit(f"train variant {text!r}: ahead and inline are alternatives (inline is the default)")
     if variant.graph and (variant.precision == "fp16" or variant.compile or variant.cuda_graphs):
         raise SystemExit(f"train variant {text!r}: graph is for fp32 / bf16 without compile (the whole-step "
                          "graph leaves fp16's loss scaler out)")

@@ -8,8 +8,9 @@
 # (2026-11-27, H200 runs 1 and 2): cuda_tests 135 s (15 tests), inference 172 s (complete), train cut
 # at 189 s by the deadline (mobilenet0.25's config about 110 s); trained_r50 111 + 13 + 100 s. The
 # first call held the machine 34 s longer than its command ran (start-up included) of the 15 minutes.
-# H200, 2026-11-28: cuda_tests 165 s (18 tests), train 274 s (complete), inference 197 s (complete);
-# the first call held the machine 32 s longer than its command ran.
+# H200, 2026-11-28: cuda_tests 165 s (18 tests; 19 since, cap 210 s), train 274 s (complete; more rows
+# since, cap 330 s: the deadline may cut ResNet-50's last real row), inference 197 s (complete); the
+# first call held the machine 32 s longer than its command ran.
 # Each step is capped (timeout --signal=INT: an interrupted benchmark still writes what it
 # measured); GPU_CHECK_DEADLINE caps the whole call.
 #
@@ -133,9 +134,10 @@ else
   # fixed batches of the 2026-11-28 lease, now with its real-pipeline rows too; +ahead: each batch
   # prepared on a side stream during the step before, train.py's way until 2026-11-28 (slower for
   # mobilenet0.25 in two H200 leases), the baseline of preparing it when its step starts. Trimmed to
-  # fit the first call (2026-11-28: cuda_tests 165 s, train 274 s): no eager fp16 or bf16 rows (both
-  # measured on the H200), no whole-step graph headroom, busy-core or batches-in-turn rows, no
-  # profile (all measured in runs 1-9)
+  # fit the first call (2026-11-28: cuda_tests 165 s, train 274 s; the fp16 real rows add about 36 s,
+  # so the step's cap is 330 s): no eager fp16 rows (measured on the H200 on 2026-11-28) or bf16 rows
+  # (mobilenet0.25's on the H200 on 2026-11-27; ResNet-50's on the H100 only), no whole-step graph
+  # headroom, busy-core or batches-in-turn rows, no profile (all measured in runs 1-9)
   TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840
               --variants public,bf16+cuda_graphs,fp16+cuda_graphs
               --real_variants bf16+cuda_graphs,bf16+cuda_graphs+ahead,fp16+cuda_graphs
@@ -163,7 +165,7 @@ else
   TRAIN_COMPILE_ARGS=(--device cuda --configs resnet50:24:840,mobilenet0.25:32:640 --variants public,bf16,bf16+compile
                       --real_variants "" --busy_processes 0 --fixed_batches 0 --iters 30 --warmup 3)
   TRAIN_COMPILE_LIMIT=240
-  TESTS_LIMIT=180; INFERENCE_LIMIT=240; TRAIN_LIMIT=300; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
+  TESTS_LIMIT=210; INFERENCE_LIMIT=240; TRAIN_LIMIT=330; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
 fi
 
 status=0

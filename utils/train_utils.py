@@ -245,9 +245,9 @@ def graph_training_network(ctx: TrainContext, args: argparse.Namespace, autocast
     """``--cuda_graphs``: make ``ctx.model`` a :class:`utils.graphed_training.GraphedTrainingNetwork`
     of the network (captured for batches of ``--batch_size`` at ``--im_size``). ``auto`` (None) does
     so when one process trains on a CUDA GPU without ``--compile`` (bf16, fp16 with loss scaling or
-    float32), and leaves the model as it is otherwise; ``false`` never. Returns notes for the log; ``true`` raises
-    :class:`TrainingSetupError` with ``--compile`` (which the command line refuses too, but a resume
-    can inherit) or several processes."""
+    float32), and leaves the model as it is otherwise; ``false`` never. Returns notes for the log;
+    ``true`` raises :class:`TrainingSetupError` with ``--compile`` (which the command line refuses
+    too, but a resume can inherit) or several processes."""
     from utils.graphed_training import GraphedTrainingNetwork
 
     info = ctx.info
