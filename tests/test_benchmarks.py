@@ -995,6 +995,8 @@ def test_augmentation_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):
         result["public_reconstruction_ms_per_img"] / result["ours_with_cpu_conversion_ms_per_img"], abs=0.01)
     assert set(result["worker_ms_per_img"]) == {"workers", "device"}
     assert all(v > 0 for v in result["worker_images_per_s"].values())
+    device = result["device_batch_ms"]  # the device half of --augment_on device, timed on this core
+    assert device["images"] == 32 and device["pixels"] > 32 * 100 and device["photometric"] > 0 and device["augment"] > 0
 
 
 def test_loader_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):

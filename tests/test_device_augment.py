@@ -100,6 +100,38 @@ def test_photometric_step_matches_opencv_on_the_sample(widerface_sample):
             assert np.abs(difference).max() <= 1 and abs(difference.mean()) < 0.01, (path.name, params)
 
 
+def test_photometric_step_of_a_mixed_batch_equals_each_image_alone(sample_image, monkeypatch):
+    """The batch keeps the images that make the HSV round trip first, those with a table after it
+    leading, and runs those steps on their pixels only: each image's colours equal those it gets
+    alone, in every mix of the steps, also when the batch is cut into several chunks."""
+    import utils.device_augment as device_augment
+
+    settings = [PhotometricParams(False, brightness=20.5, contrast=1.3),              # no HSV
+                PhotometricParams(True, brightness=-10.0, contrast=0.7, saturation=1.4, hue=-12),  # HSV, after
+                PhotometricParams(False, saturation=0.6, hue=17),                     # HSV, no after
+                PhotometricParams(),                                                  # identity
+                PhotometricParams(True, contrast=1.2, hue=5)]                         # HSV, after
+    transform = DeferredTrainTransform(64)
+    crops = [(0, 0, 40 + 7 * i) for i in range(2 * len(settings))]
+    images = [transform.apply(sample_image, empty_targets(), AugmentParams(crop, settings[i % len(settings)]))[0]
+              for i, crop in enumerate(crops)]
+    alone = []
+    for image in images:
+        single, _ = detection_collate([(image, empty_targets())])
+        alone.append(photometric(single))
+    batch, _ = detection_collate([(image, empty_targets()) for image in images])
+    uses_hsv = [settings[i % len(settings)].saturation is not None or settings[i % len(settings)].hue is not None
+                for i in range(len(images))]
+    assert batch.hsv_images == sum(uses_hsv) == 6 and batch.after_images == 4
+    order = batch.photometric_order_list
+    assert all(uses_hsv[i] for i in order[:6]) and not any(uses_hsv[i] for i in order[6:])
+    for chunk_pixels in (device_augment.MAX_PHOTOMETRIC_PIXELS, 3000):  # one chunk; about one image per chunk
+        monkeypatch.setattr(device_augment, "MAX_PHOTOMETRIC_PIXELS", chunk_pixels)
+        colours = photometric(batch)
+        for image, (start, stop) in enumerate(batch.pixel_spans()):
+            assert torch.equal(colours[start:stop], alone[image]), (chunk_pixels, image)
+
+
 def _forced_params():
     """Every branch of the pixel path: crop or pad, flip or not, down- and upscaling, every
     interpolation, with and without the HSV step, both photometric orders."""
@@ -180,7 +212,7 @@ def test_deferred_batch_moves_all_its_tensors(widerface_sample):
     moved = batch.to("meta")
     tensors = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)
                if isinstance(getattr(batch, f.name), torch.Tensor)}
-    assert len(tensors) >= 7  # pixels, shapes, tables, use_hsv, resize_slots, tap_index, tap_weight
+    assert len(tensors) >= 6  # pixels, shapes, tables, resize_slots, tap_index, tap_weight
     for name, tensor in tensors.items():
         copy = getattr(moved, name)
         assert copy.device.type == "meta" and copy.shape == tensor.shape and copy.dtype == tensor.dtype, name

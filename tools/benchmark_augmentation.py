@@ -29,6 +29,11 @@ transform and :func:`utils.data_loaders.detection_collate` of batches of 32 —
 (``device``: crop and geometry only; the pixel work then runs batched on the training device).
 The workers' share bounds the images/s a loader delivers: about ``1000 / ms`` per worker process.
 
+A third measurement times the other half of ``device`` on this core: :func:`utils.device_augment.photometric`
+and the whole :func:`utils.device_augment.augment` of one batch of 32 (the images listed in turn),
+ms per batch (``device_batch_ms``; on a GPU they run there, where ``tools/benchmark_train.py``
+times them).
+
 Prints one JSON line: ms/img of both (median over rounds), their ratio and the environment.
 """
 from __future__ import annotations
@@ -57,7 +62,7 @@ from utils.data_loaders import dataset_from_root, detection_collate  # noqa: E40
 from utils.image_io import read_image  # noqa: E402
 from models.retinaface import preprocess  # noqa: E402
 from utils.data_transformer import RGB_MEAN_BGR, TrainTransform  # noqa: E402
-from utils.device_augment import DeferredTrainTransform  # noqa: E402
+from utils.device_augment import DeferredTrainTransform, augment, photometric  # noqa: E402
 
 DEFAULT_DATASET = shared_root() / "data" / "widerface_sample"
 
@@ -261,6 +266,15 @@ def main(argv: list[str] | None = None) -> dict:
             worker_ms[mode].append(_time_worker(transform, files))
     worker_med = {mode: statistics.median(values) for mode, values in worker_ms.items()}
 
+    deferred = DeferredTrainTransform(args.im_size, rng=args.seed)
+    batch, _ = detection_collate([deferred(read_image(path), targets) for path, targets in files[:32]])
+    device_ms: dict[str, list[float]] = {"photometric": [], "augment": []}
+    for _ in range(max(1, args.rounds // 4)):
+        for name, step in (("photometric", photometric), ("augment", augment)):
+            start = time.perf_counter()
+            step(batch)
+            device_ms[name].append((time.perf_counter() - start) * 1000.0)
+
     result = {
         "benchmark": "augmentation_ms_per_img_one_core",
         "images": len(samples),
@@ -276,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
         "worker_ms_per_img": {mode: round(value, 3) for mode, value in worker_med.items()},
         "worker_images_per_s": {mode: round(1000.0 / value, 1) for mode, value in worker_med.items()},
         "worker_speedup_device_vs_workers": round(worker_med["workers"] / worker_med["device"], 2),
+        "device_batch_ms": {**{name: round(statistics.median(values), 1) for name, values in device_ms.items()},
+                            "images": len(batch), "pixels": batch.pixels.numel() // 3},
         "env": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import sys
+import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -228,8 +229,13 @@ class DeferredBatch:
     """A batch of :class:`DeferredImage`: the pixels of all images in one flat uint8 tensor, the
     rest as small tensors, so pinning and the host-to-device copy are one operation each.
 
-    pixels (sum h*w*3,) uint8; shapes (B, 2) int64 (h, w) and ``sizes`` the same as a list;
-    tables (B, 4, 256) uint8; use_hsv (B,) bool and ``use_hsv_list`` the same on the host;
+    The images' pixels, shapes and tables are stored in ``photometric_order_list``: the images
+    whose colours make the HSV round trip first (those with a table after it leading), so that
+    each step of :func:`photometric` runs on one leading range of the pixels, not on all of them.
+    pixels (sum h*w*3,) uint8, shapes (B, 2) int64 (h, w) and tables (B, 4, 256) uint8 in that
+    order; ``hsv_images`` and ``after_images``: how many images of that order lead with the HSV
+    round trip and with an ``after`` table that is not the identity.
+    ``sizes`` (h, w) and ``use_hsv_list``: per image of the batch, in its own order;
     ``resize_order_list``: the images by increasing side (``max(h, w)``), the order :func:`augment`
     resizes them in, and resize_slots (B,) int64 the place of each image in that order;
     tap_index (2, B, S, T) int64 and tap_weight (2, B, S, T) float32: the resize taps of the output
@@ -240,29 +246,35 @@ class DeferredBatch:
     shapes: torch.Tensor
     sizes: list[tuple[int, int]]
     tables: torch.Tensor
-    use_hsv: torch.Tensor
     use_hsv_list: list[bool]
+    photometric_order_list: list[int]
+    hsv_images: int
+    after_images: int
     resize_slots: torch.Tensor
     resize_order_list: list[int]
     tap_index: torch.Tensor
     tap_weight: torch.Tensor
 
-    _TENSORS = ("pixels", "shapes", "tables", "use_hsv", "resize_slots", "tap_index", "tap_weight")
+    _TENSORS = ("pixels", "shapes", "tables", "resize_slots", "tap_index", "tap_weight")
 
     @classmethod
     def collate(cls, images: Sequence[DeferredImage]) -> "DeferredBatch":
         if not images:
             raise ValueError("empty batch")
         sizes = [(int(d.pixels.shape[0]), int(d.pixels.shape[1])) for d in images]
-        pixels = torch.from_numpy(np.concatenate([d.pixels.reshape(-1) for d in images]))
+        use_hsv = [bool(d.use_hsv) for d in images]
+        has_after = [not np.array_equal(d.tables[3], _IDENTITY_LUT) for d in images]
+        # stable: the HSV images first, within them (and within the others) those with an after table
+        colour_order = sorted(range(len(images)), key=lambda i: (not use_hsv[i], not has_after[i]))
+        after_images = max((slot + 1 for slot, i in enumerate(colour_order) if has_after[i]), default=0)
+        pixels = torch.from_numpy(np.concatenate([images[i].pixels.reshape(-1) for i in colour_order]))
         order = sorted(range(len(sizes)), key=lambda i: max(sizes[i]))
         tap_index, tap_weight = _stack_taps([images[i].rows for i in order] + [images[i].cols for i in order])
-        use_hsv = [d.use_hsv for d in images]
         slots = torch.empty(len(order), dtype=torch.int64)
         slots[order] = torch.arange(len(order))
-        return cls(pixels, torch.tensor(sizes, dtype=torch.int64), sizes,
-                   torch.from_numpy(np.stack([d.tables for d in images])), torch.tensor(use_hsv), use_hsv,
-                   slots, order,
+        return cls(pixels, torch.tensor([sizes[i] for i in colour_order], dtype=torch.int64), sizes,
+                   torch.from_numpy(np.stack([images[i].tables for i in colour_order])), use_hsv,
+                   colour_order, sum(use_hsv), after_images, slots, order,
                    tap_index.unflatten(0, (2, len(images))), tap_weight.unflatten(0, (2, len(images))))
 
     def __len__(self) -> int:
@@ -274,8 +286,17 @@ class DeferredBatch:
 
     @property
     def pixel_starts(self) -> list[int]:
-        """Where each image's pixels start in ``pixels`` (in pixels, not bytes), and the total last."""
-        return np.cumsum([0] + [h * w for h, w in self.sizes]).tolist()
+        """Where the pixels of each image of ``photometric_order_list`` start in ``pixels`` (in
+        pixels, not bytes), and the total last."""
+        return np.cumsum([0] + [h * w for h, w in (self.sizes[i] for i in self.photometric_order_list)]).tolist()
+
+    def pixel_spans(self) -> list[tuple[int, int]]:
+        """``(start, stop)`` of each image's pixels in ``pixels``, in the batch's order."""
+        starts = self.pixel_starts
+        spans = [(0, 0)] * len(self)
+        for slot, image in enumerate(self.photometric_order_list):
+            spans[image] = (starts[slot], starts[slot + 1])
+        return spans
 
     @property
     def nbytes(self) -> int:
@@ -283,9 +304,7 @@ class DeferredBatch:
         return sum(getattr(self, name).nbytes for name in self._TENSORS)
 
     def _map(self, fn) -> "DeferredBatch":
-        values = {name: fn(getattr(self, name)) for name in self._TENSORS}
-        return DeferredBatch(sizes=self.sizes, use_hsv_list=self.use_hsv_list,
-                             resize_order_list=self.resize_order_list, **values)
+        return dataclasses.replace(self, **{name: fn(getattr(self, name)) for name in self._TENSORS})
 
     def pin_memory(self) -> "DeferredBatch":
         """Called by a ``pin_memory=True`` DataLoader."""
@@ -353,7 +372,7 @@ def _augment(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, me
     device = batch.pixels.device
     colours = photometric(batch)
     count, size = len(batch), batch.image_size
-    starts = batch.pixel_starts
+    spans = batch.pixel_spans()
     order = batch.resize_order_list
     sides = [max(batch.sizes[image]) for image in order]
     resized = torch.empty((count, size, 3, size), dtype=dtype, device=device)   # rows, channels, columns
@@ -363,7 +382,8 @@ def _augment(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, me
         planes.copy_(mean_u8.view(1, 1, 3, 1).expand_as(planes))
         for slot, image in enumerate(order[first:stop]):  # each image top-left on a canvas of the mean colour
             height, width = batch.sizes[image]
-            pixels = colours[starts[image]:starts[image + 1], :3].view(height, width, 3)
+            pixel_start, pixel_stop = spans[image]
+            pixels = colours[pixel_start:pixel_stop, :3].view(height, width, 3)
             planes[slot, :height, :, :width] = pixels.transpose(1, 2)
         _resize(planes, batch.tap_index[:, first:stop], batch.tap_weight[:, first:stop], resized[first:stop])
     resized.round_().clamp_(0, 255)
@@ -417,10 +437,11 @@ def _resize(planes: torch.Tensor, tap_index: torch.Tensor, tap_weight: torch.Ten
 
 def photometric(batch: DeferredBatch) -> torch.Tensor:
     """The photometric step of every image, each with its own tables, on the real pixels only
-    (the flat buffer), in chunks of at most :data:`MAX_PHOTOMETRIC_PIXELS`.
+    (the flat buffer, images in ``photometric_order_list``), in chunks of at most
+    :data:`MAX_PHOTOMETRIC_PIXELS`.
 
-    Returns uint8 (P, 4): B, G, R and a zero byte, so that a pixel read as int32 is its colour
-    code (:func:`_hsv_conversion_tables`) without arithmetic."""
+    Returns uint8 (P, 4) in the order of ``pixels``: B, G, R and a zero byte, so that a pixel read
+    as int32 is its colour code (:func:`_hsv_conversion_tables`) without arithmetic."""
     starts = batch.pixel_starts
     chunks, start = [], 0
     while start < len(batch):
@@ -434,7 +455,9 @@ def photometric(batch: DeferredBatch) -> torch.Tensor:
 
 
 def _photometric_images(batch: DeferredBatch, start: int, stop: int, pixels: torch.Tensor) -> torch.Tensor:
-    """Images ``start:stop`` of ``batch``, their (P, 3) uint8 pixels -> (P, 4) after the step."""
+    """Images ``start:stop`` of ``batch.photometric_order_list``, their (P, 3) uint8 pixels -> (P, 4)
+    after the step. The HSV round trip and the ``after`` tables run on the leading pixels of the
+    images that need them (:class:`DeferredBatch`), written in place."""
     device = pixels.device
     count = stop - start
     # each pixel's image: how many images end at or before it. Not repeat_interleave, whose CUDA
@@ -447,16 +470,19 @@ def _photometric_images(batch: DeferredBatch, start: int, stop: int, pixels: tor
     before, hue, saturation, after = batch.tables[start:stop].unbind(1)          # (n, 256) each
     identity = _identity_table(device).expand(count, 256)  # keeps the zero byte (and V) as they are
     pixels = apply_tables(torch.nn.functional.pad(pixels, (0, 1)), torch.stack([before] * 3 + [identity], 1), rows)
-    if any(batch.use_hsv_list[start:stop]):
+    starts = batch.pixel_starts
+    hsv_end = starts[min(max(batch.hsv_images, start), stop)] - starts[start]      # pixels of the chunk
+    after_end = starts[min(max(batch.after_images, start), stop)] - starts[start]
+    if hsv_end:
         to_hsv, to_bgr = _hsv_conversion_tables(device)
-        codes = pixels.view(torch.int32).view(-1)
+        codes = pixels.view(torch.int32).view(-1)[:hsv_end]
         hsv = to_hsv.index_select(0, codes).view(torch.uint8).view(-1, 4)
-        hsv = apply_tables(hsv, torch.stack([hue, saturation, identity, identity], 1), rows)
-        converted = to_bgr.index_select(0, hsv.view(torch.int32).view(-1))
-        use_hsv = batch.use_hsv[start:stop].index_select(0, image_ids)
-        pixels = torch.where(use_hsv, converted, codes).view(torch.uint8).view(-1, 4)
-        del codes, hsv, converted, use_hsv  # not alive during the last lookup
-    return apply_tables(pixels, torch.stack([after] * 3 + [identity], 1), rows)
+        hsv = apply_tables(hsv, torch.stack([hue, saturation, identity, identity], 1), rows[:hsv_end])
+        torch.index_select(to_bgr, 0, hsv.view(torch.int32).view(-1), out=codes)  # the prefix of pixels
+        del codes, hsv  # not alive during the last lookup
+    if after_end:
+        pixels[:after_end] = apply_tables(pixels[:after_end], torch.stack([after] * 3 + [identity], 1), rows[:after_end])
+    return pixels
 
 
 @lru_cache(maxsize=None)
