@@ -125,7 +125,14 @@ def test_inference_benchmark_sample_images_against_public_pipeline(inference_run
     for api in apis:  # FaceDetector's own stage split of a pass, inside its wall time
         assert set(api["stages_ms_per_img"]) == {"preprocess", "forward", "postprocess"}
         assert 0.3 * api["ms_per_img"] < sum(api["stages_ms_per_img"].values()) <= api["ms_per_img"] * 1.001
+    # the same settings with the passes queued ahead (submit), as test.py runs its batches
+    streamed = [sample["face_detector_api_streamed"], sample["face_detector_api_padded_streamed"]]
+    for api, queued in zip(apis, streamed):
+        assert queued["settings"] == api["settings"] and queued["mode"].startswith("submit, 2 passes queued ahead")
+        assert queued["fidelity"]["passed"] and queued["fidelity"]["compared"] == api["fidelity"]["compared"]
+        assert queued["ms_per_img"] > 0 and queued["speedup_vs_public"] > 0
     candidates = list(variants.values()) + [{**api, "variant": api["settings"]} for api in apis]
+    candidates += [{**api, "variant": f"{api['settings']}, {api['mode']}"} for api in streamed]
     assert sample["best"]["variant"] == min(candidates, key=lambda v: v["ms_per_img"])["variant"]
     fresh = sample["new_sizes"]
     assert fresh["passes"] == 1 and fresh["images_per_pass"] == 2 and fresh["public_style"]["cudnn_benchmark"]
