@@ -125,14 +125,9 @@ def test_inference_benchmark_sample_images_against_public_pipeline(inference_run
     for api in apis:  # FaceDetector's own stage split of a pass, inside its wall time
         assert set(api["stages_ms_per_img"]) == {"preprocess", "forward", "postprocess"}
         assert 0.3 * api["ms_per_img"] < sum(api["stages_ms_per_img"].values()) <= api["ms_per_img"] * 1.001
-    # the same settings with the passes queued ahead (submit), as test.py runs its batches
-    streamed = [sample["face_detector_api_streamed"], sample["face_detector_api_padded_streamed"]]
-    for api, queued in zip(apis, streamed):
-        assert queued["settings"] == api["settings"] and queued["mode"].startswith("submit, 2 passes queued ahead")
-        assert queued["fidelity"]["passed"] and queued["fidelity"]["compared"] == api["fidelity"]["compared"]
-        assert queued["ms_per_img"] > 0 and queued["speedup_vs_public"] > 0
+    # passes queued ahead (the _streamed rows) only on CUDA: on the CPU submit runs the network at once
+    assert not [key for key in sample if key.endswith("_streamed")]
     candidates = list(variants.values()) + [{**api, "variant": api["settings"]} for api in apis]
-    candidates += [{**api, "variant": f"{api['settings']}, {api['mode']}"} for api in streamed]
     assert sample["best"]["variant"] == min(candidates, key=lambda v: v["ms_per_img"])["variant"]
     fresh = sample["new_sizes"]
     assert fresh["passes"] == 1 and fresh["images_per_pass"] == 2 and fresh["public_style"]["cudnn_benchmark"]
@@ -143,6 +138,32 @@ def test_inference_benchmark_sample_images_against_public_pipeline(inference_run
     # the layout each pipeline ran: auto is NHWC on the CPU
     assert [o["channels_last"] for o in fresh["ours"]] == [True, True, False, False]
     assert "other_models" not in fresh  # none on the CPU by default
+
+
+def test_passes_submitted_ahead_are_finished_in_order_after_the_next_is_queued():
+    """The _streamed rows' loop: pass i+1 is submitted before pass i is finished (as test.py queues
+    its batches), every pass is finished once, and each pass's own detections come back."""
+    from models.detector import Detections
+
+    calls = []
+
+    class Handle:
+        def __init__(self, index):
+            self.index = index
+
+        def result(self):
+            calls.append(("result", self.index))
+            box = np.array([[self.index, 0, 10, 10]], np.float32)
+            return [Detections(box, np.ones(1, np.float32), np.zeros((1, 5, 2), np.float32))]
+
+    class Detector:
+        def submit(self, images):
+            calls.append(("submit", sum(1 for c in calls if c[0] == "submit")))
+            return Handle(calls[-1][1])
+
+    passes = bi.submitted_ahead(Detector(), [np.zeros((8, 8, 3), np.uint8)], 3)
+    assert calls == [("submit", 0), ("submit", 1), ("result", 0), ("submit", 2), ("result", 1), ("result", 2)]
+    assert [rows[0][0, 0] for rows in passes] == [0, 1, 2] and passes[0][0].shape == (1, 15)
 
 
 def test_new_size_pass_of_other_models_times_both_layouts():

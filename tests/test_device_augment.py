@@ -115,17 +115,23 @@ def test_photometric_step_of_a_mixed_batch_equals_each_image_alone(sample_image,
     crops = [(0, 0, 40 + 7 * i) for i in range(2 * len(settings))]
     images = [transform.apply(sample_image, empty_targets(), AugmentParams(crop, settings[i % len(settings)]))[0]
               for i, crop in enumerate(crops)]
+    # a table after the step without the HSV round trip (the recipe never draws one): it still runs
+    darker = dataclasses.replace(images[0], tables=images[0].tables.copy())
+    darker.tables[3] = (np.arange(256) * 0.8).astype(np.uint8)
+    images.append(darker)
+    uses_hsv = [settings[i % len(settings)].saturation is not None or settings[i % len(settings)].hue is not None
+                for i in range(len(crops))] + [False]
     alone = []
     for image in images:
         single, _ = detection_collate([(image, empty_targets())])
         alone.append(photometric(single))
     batch, _ = detection_collate([(image, empty_targets()) for image in images])
-    uses_hsv = [settings[i % len(settings)].saturation is not None or settings[i % len(settings)].hue is not None
-                for i in range(len(images))]
-    assert batch.hsv_images == sum(uses_hsv) == 6 and batch.after_images == 4
+    assert batch.hsv_images == sum(uses_hsv) == 6 and batch.after_images == 7
     order = batch.photometric_order_list
     assert all(uses_hsv[i] for i in order[:6]) and not any(uses_hsv[i] for i in order[6:])
-    for chunk_pixels in (device_augment.MAX_PHOTOMETRIC_PIXELS, 3000):  # one chunk; about one image per chunk
+    assert order[6] == len(images) - 1  # the one without HSV but with an after table leads the others
+    # one chunk; about one image per chunk; two or three images per chunk (chunks across both boundaries)
+    for chunk_pixels in (device_augment.MAX_PHOTOMETRIC_PIXELS, 3000, 12000):
         monkeypatch.setattr(device_augment, "MAX_PHOTOMETRIC_PIXELS", chunk_pixels)
         colours = photometric(batch)
         for image, (start, stop) in enumerate(batch.pixel_spans()):

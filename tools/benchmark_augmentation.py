@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     deferred = DeferredTrainTransform(args.im_size, rng=args.seed)
     batch, _ = detection_collate([deferred(read_image(path), targets) for path, targets in files[:32]])
+    photometric(batch)  # the first call on a device builds the HSV conversion tables (about 0.7 s on one core)
     device_ms: dict[str, list[float]] = {"photometric": [], "augment": []}
     for _ in range(max(1, args.rounds // 4)):
         for name, step in (("photometric", photometric), ("augment", augment)):

@@ -30,9 +30,9 @@ Flow: ``dataset[i]`` -> ``(DeferredImage, targets)``; :func:`utils.data_loaders.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
-import dataclasses
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
