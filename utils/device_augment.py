@@ -481,7 +481,8 @@ def _photometric_images(batch: DeferredBatch, start: int, stop: int, pixels: tor
         torch.index_select(to_bgr, 0, hsv.view(torch.int32).view(-1), out=codes)  # the prefix of pixels
         del codes, hsv  # not alive during the last lookup
     if after_end:
-        pixels[:after_end] = apply_tables(pixels[:after_end], torch.stack([after] * 3 + [identity], 1), rows[:after_end])
+        after_tables = torch.stack([after] * 3 + [identity], 1)
+        pixels[:after_end] = apply_tables(pixels[:after_end], after_tables, rows[:after_end])
     return pixels
 
 
