@@ -100,7 +100,7 @@ from models.dense_path import DensePath, default_channels_last  # noqa: E402
 from models.detector import StageClock, cudnn_autotuning, resolve_device, same_size_groups  # noqa: E402
 from models.retinaface import ModelConfig, RetinaFace, preprocess  # noqa: E402
 from tools import check_inputs, shared_root  # noqa: E402
-from tools.fidelity import dense_disagreement, nms_near_ties, unmatched  # noqa: E402
+from tools.fidelity import as_rows, dense_disagreement, nms_near_ties, unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
 from utils.postprocess import DeferredPostprocess, postprocess_to_host  # noqa: E402
@@ -771,8 +771,7 @@ def measure_sample(args: argparse.Namespace, device: torch.device, variants: lis
 
             def api():
                 detector.timings.clear()
-                api_rows[:] = [np.concatenate([d.boxes, d.scores[:, None], d.landmarks.reshape(-1, 10)], axis=1)
-                               for d in detector.detect(list(arrays))]
+                api_rows[:] = [as_rows(d.boxes, d.scores, d.landmarks) for d in detector.detect(list(arrays))]
                 api_stages.append(dict(detector.timings))
             wall, _ = timed(api, args.sample_warmup, args.sample_iters, device)
             ms = stats(wall)["median"] / n
@@ -826,8 +825,7 @@ def submitted_ahead(detector: Any, arrays: Sequence[np.ndarray], passes: int) ->
     passes_rows: list[list[np.ndarray]] = []
 
     def finish(handle) -> None:
-        passes_rows.append([np.concatenate([d.boxes, d.scores[:, None], d.landmarks.reshape(-1, 10)], axis=1)
-                            for d in handle.result()])
+        passes_rows.append([as_rows(d.boxes, d.scores, d.landmarks) for d in handle.result()])
     pending = None
     for _ in range(passes):
         handle = detector.submit(list(arrays))
