@@ -449,15 +449,17 @@ def photometric(batch: DeferredBatch) -> torch.Tensor:
         while stop < len(batch) and starts[stop + 1] - starts[start] <= MAX_PHOTOMETRIC_PIXELS:
             stop += 1
         pixels = batch.pixels[starts[start] * 3:starts[stop] * 3].view(-1, 3)
-        chunks.append(_photometric_images(batch, start, stop, pixels))
+        chunks.append(_photometric_images(batch, start, stop, starts, pixels))
         start = stop
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
 
 
-def _photometric_images(batch: DeferredBatch, start: int, stop: int, pixels: torch.Tensor) -> torch.Tensor:
-    """Images ``start:stop`` of ``batch.photometric_order_list``, their (P, 3) uint8 pixels -> (P, 4)
-    after the step. The HSV round trip and the ``after`` tables run on the leading pixels of the
-    images that need them (:class:`DeferredBatch`), written in place."""
+def _photometric_images(batch: DeferredBatch, start: int, stop: int, starts: list[int], pixels: torch.Tensor
+                        ) -> torch.Tensor:
+    """Images ``start:stop`` of ``batch.photometric_order_list`` (``starts``: the batch's
+    :attr:`~DeferredBatch.pixel_starts`), their (P, 3) uint8 pixels -> (P, 4) after the step. The
+    HSV round trip and the ``after`` tables run on the leading pixels of the images that need them
+    (:class:`DeferredBatch`), written in place."""
     device = pixels.device
     count = stop - start
     # each pixel's image: how many images end at or before it. Not repeat_interleave, whose CUDA
@@ -470,7 +472,6 @@ def _photometric_images(batch: DeferredBatch, start: int, stop: int, pixels: tor
     before, hue, saturation, after = batch.tables[start:stop].unbind(1)          # (n, 256) each
     identity = _identity_table(device).expand(count, 256)  # keeps the zero byte (and V) as they are
     pixels = apply_tables(torch.nn.functional.pad(pixels, (0, 1)), torch.stack([before] * 3 + [identity], 1), rows)
-    starts = batch.pixel_starts
     hsv_end = starts[min(max(batch.hsv_images, start), stop)] - starts[start]      # pixels of the chunk
     after_end = starts[min(max(batch.after_images, start), stop)] - starts[start]
     if hsv_end:
