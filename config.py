@@ -267,6 +267,9 @@ OPTIONS: tuple[Option, ...] = (
               "workers) or 'device' (workers only decode and crop; photometric distortion, flip and "
               "resize run batched on the training device; same random draws and targets, pixels within "
               "2 levels; for GPUs that the CPU cores cannot keep fed)"),
+    _opt("--compile_augment", type=str2bool, default=False, scripts={TRAIN},
+         help="with --augment_on device: torch.compile its pixel work into a few fused kernels (the same "
+              "values; the first batches compile, seconds to a minute); false (default): eager kernels"),
     _opt("--landmark_loss", type=str2bool, default=True, scripts={TRAIN},
          help="train the landmark head (true/false)"),
     _opt("--empty_image_negatives", type=non_negative_int, default=0, scripts={TRAIN},
@@ -512,6 +515,9 @@ def check_option_combinations(script: str, args: argparse.Namespace) -> None:
         raise UsageError(NO_INFERENCE_INPUT)
     if script == TRAIN and args.cuda_graphs and args.compile:
         raise UsageError(CUDA_GRAPHS_WITH_COMPILE)
+    if script == TRAIN and args.compile_augment and args.augment_on != "device":
+        raise UsageError("--compile_augment true compiles the pixel work of --augment_on device; "
+                         "add --augment_on device")
     if script == TRAIN and args.backbone_weights is not None and not args.pretrained:
         raise UsageError("--backbone_weights loads ImageNet weights and --pretrained false asks for none: give one "
                          "of them")

@@ -68,7 +68,7 @@ def train_run(tmp_path_factory, widerface_sample):
     argv = ["--device", "cpu", "--threads", "1", "--configs", "mobilenet0.25:2:128", "--iters", "2",
             "--warmup", "1", "--workers", "1", "--busy_processes", "1", "--fixed_batches", "3",
             "--variants", "public,fp32+cuda_graphs,fp32", "--real_variants", "fp32,fp32+ahead",
-            "--dataset", str(widerface_sample),
+            "--augment_on", "workers,device,device+compile", "--dataset", str(widerface_sample),
             "--split", "val", "--profile", "--profile_steps", "1", "--out", str(out)]
     report, line = run_main(bt.main, argv)
     return report, line, out
@@ -331,7 +331,8 @@ def test_train_benchmark_cpu_smoke(train_run):
     assert len(several["most_faces_per_batch"]) == 3 and len(set(several["most_faces_per_batch"])) > 1
     assert several["ratio_to_fixed"] > 0 and several["data_wait_share"] < 0.05
     real = [v for v in config["variants"] if v["mode"] == "real"]
-    assert sorted(v["augment_on"] for v in real) == ["device", "device", "workers", "workers"]
+    assert sorted(v["augment_on"] for v in real) == ["device", "device", "device+compile", "device+compile",
+                                                     "workers", "workers"]
     assert all(0 <= v["data_wait_share"] < 1 for v in real)
     assert modes[("fp32", "fixed")]["data_wait_share"] < 0.05  # a repeated batch is never waited for
     for v in config["variants"]:
@@ -342,7 +343,7 @@ def test_train_benchmark_cpu_smoke(train_run):
     # what preparing a loader batch costs the device: with augmentation on the workers the copy holds the
     # two uint8 128 px images (and the padded targets); on the device it holds the crops, whose sides
     # are at least 0.3 of the sample images' short sides (>= 521 px), so more bytes
-    preparation = {mode: config["loader_only"][mode]["preparation"] for mode in ("workers", "device")}
+    preparation = {mode: config["loader_only"][mode]["preparation"] for mode in ("workers", "device", "device+compile")}
     for prep in preparation.values():
         assert 1 <= prep["batches"] == prep["copy_ms"]["n"] == prep["pixels_ms"]["n"] <= bt.PREPARATION_BATCHES
         assert prep["copy_ms"]["median"] > 0 and prep["pixels_ms"]["median"] > 0
@@ -352,15 +353,17 @@ def test_train_benchmark_cpu_smoke(train_run):
     images_mb = 2 * 3 * 128 * 128 / 2 ** 20
     assert images_mb <= preparation["workers"]["mb_per_batch"] < images_mb + 0.05
     assert preparation["device"]["mb_per_batch"] > 2 * 3 * 156 * 156 / 2 ** 20
-    # the device augmentation of a batch, profiled: the resize products are among its ops
+    # the device augmentation of a batch, profiled: the resize products are among its ops (eager in
+    # the compiled mode too)
     assert "pixels_profile" not in preparation["workers"]
-    pixels_profile = preparation["device"]["pixels_profile"]
-    assert 0 < pixels_profile["busy_ms"] and any(op["name"] == "aten::bmm" for op in pixels_profile["top"])
+    for mode in ("device", "device+compile"):
+        pixels_profile = preparation[mode]["pixels_profile"]
+        assert 0 < pixels_profile["busy_ms"] and any(op["name"] == "aten::bmm" for op in pixels_profile["top"])
     # the public-style step computes the same loss as MultiBoxLoss (protocol difference off)
     assert config["loss_check"]["protocol_rel_diff"] < 1e-5
     summary = config["summary"]
     assert summary["best_fixed_variant"] == "fp32" and summary["speedup_vs_public_style"] > 0
-    assert set(summary["real_ratio_to_fixed"]) == {"workers", "device"}
+    assert set(summary["real_ratio_to_fixed"]) == {"workers", "device", "device+compile"}
     assert config["profile"]["top_ops"] and config["profile"]["variant"] == "fp32"
     # the batches in turn are profiled too, one step per batch at least: busy time per step
     # (CPU time here) is positive and of the order of the step time

@@ -78,6 +78,7 @@ def test_bad_values_are_rejected_with_a_clear_message(script, argv, message, cap
     ("test", ["--model_weight", ""], "--model_weight is empty"),
     ("train", ["--pretrained", "false", "--backbone_weights", "b.tar"],
      "--backbone_weights loads ImageNet weights and --pretrained false asks for none"),
+    ("train", ["--compile_augment", "true"], "--compile_augment true compiles the pixel work of --augment_on device"),
 ])
 def test_option_combinations_exit_2_with_one_line_before_any_work(script, argv, message, capsys, tmp_path,
                                                                   monkeypatch):

@@ -154,6 +154,31 @@ def test_device_augmentation_on_cuda_matches_the_cpu(widerface_sample):
     assert difference.max() <= 2 and difference.mean() < 0.05
 
 
+def test_compiled_device_augmentation_on_cuda_equals_the_eager_kernels(widerface_sample):
+    """``--compile_augment``: the inductor kernels give the eager kernels' network input (float16
+    products on both; the dense weights summed in another order may move a pixel by a level), in
+    channels_last, without host syncs once compiled."""
+    from utils.data_loaders import dataset_from_root, detection_collate, images_to_network_input
+    from utils.device_augment import DeferredTrainTransform
+
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(640, rng=1))
+    batches = [detection_collate([dataset[(start + i) % len(dataset)] for i in range(count)])[0].pin_memory()
+               for start, count in ((0, 10), (3, 7), (5, 1))]
+    for batch in batches:  # compiles (and makes the per-device constants)
+        images_to_network_input(batch, CUDA, channels_last=True, compile_augment=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        compiled = [images_to_network_input(batch, CUDA, channels_last=True, compile_augment=True)
+                    for batch in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for batch, ours in zip(batches, compiled):
+        eager = images_to_network_input(batch, CUDA)
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+        difference = (ours - eager).abs()
+        assert difference.max() <= 1 and difference.mean() < 1e-3, (len(batch), difference.max(), difference.mean())
+
+
 def test_batches_prepared_ahead_on_a_side_stream_equal_batches_prepared_inline(widerface_sample, monkeypatch):
     """train_one_epoch's batches (``prepared_batches``) with augmentation on the device: prepared
     on a side stream during the step before, without host syncs, they equal the batches prepared
@@ -178,9 +203,9 @@ def test_batches_prepared_ahead_on_a_side_stream_equal_batches_prepared_inline(w
     inline = [on_host(prepared) for prepared in prepared_batches(batches, CUDA, True, ahead=False)]
     original = utils.data_loaders.images_to_network_input
 
-    def held_up(images, device=None):
+    def held_up(images, device=None, **options):
         torch.cuda._sleep(20_000_000)  # tens of milliseconds on the stream the batch is prepared on
-        return original(images, device)
+        return original(images, device, **options)
 
     monkeypatch.setattr(utils.data_loaders, "images_to_network_input", held_up)
     ahead = []
@@ -199,7 +224,8 @@ def test_batches_prepared_ahead_on_a_side_stream_equal_batches_prepared_inline(w
 
 
 @pytest.mark.parametrize(("augment_on", "amp_dtype", "cuda_graphs"),
-                         [("workers", "auto", "auto"), ("device", "fp16", "auto"), ("workers", "fp16", "false")])
+                         [("workers", "auto", "auto"), ("device", "fp16", "auto"), ("workers", "fp16", "false"),
+                          ("device+compile", "auto", "auto")])
 def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_on, amp_dtype, cuda_graphs):
     import train
 
@@ -209,8 +235,9 @@ def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_
         summary = train.run(["--dataset", str(widerface_sample), "--train_split", "val", "--experiment_name", "gpu",
                              "--network", "mobilenet0.25", "--pretrained", "false", "--batch_size", "4",
                              "--workers", "2", "--eval_every", "0", "--device", "cuda", "--max_iters", "6",
-                             "--log_every", "2", "--augment_on", augment_on, "--amp_dtype", amp_dtype,
-                             "--cuda_graphs", cuda_graphs])
+                             "--log_every", "2", "--augment_on", augment_on.split("+")[0], "--amp_dtype",
+                             amp_dtype, "--cuda_graphs", cuda_graphs,
+                             "--compile_augment", str(augment_on.endswith("+compile"))])
     assert summary["step"] == 6
     assert all(np.isfinite(loss) for _, loss in summary["loss_history"])
     assert (tmp_path / "experiments/gpu/ckpt/last.pth").is_file()

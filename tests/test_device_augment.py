@@ -226,15 +226,17 @@ def test_deferred_batch_moves_all_its_tensors(widerface_sample):
     assert torch.equal(images_to_network_input(batch.to("cpu"), "cpu"), images_to_network_input(batch))
 
 
-def test_training_with_device_augmentation(widerface_sample, tmp_path, monkeypatch):
-    """--augment_on device trains, and its batches are augmented in the main process (the device)."""
+@pytest.mark.parametrize("compile_augment", [False, True])
+def test_training_with_device_augmentation(widerface_sample, tmp_path, monkeypatch, compile_augment):
+    """--augment_on device trains, and its batches are augmented in the main process (the device),
+    by the compiled kernels with --compile_augment true."""
     import train
 
     augmented = []
     network_input = DeferredBatch.network_input
 
     def counted(batch, *args, **kwargs):
-        augmented.append(len(batch.sizes))
+        augmented.append((len(batch.sizes), kwargs.get("compiled")))
         return network_input(batch, *args, **kwargs)
 
     monkeypatch.setattr(DeferredBatch, "network_input", counted)
@@ -242,9 +244,51 @@ def test_training_with_device_augmentation(widerface_sample, tmp_path, monkeypat
     summary = train.run(["--dataset", str(widerface_sample), "--train_split", "val", "--experiment_name", "dev",
                          "--network", "mobilenet0.25", "--pretrained", "false", "--im_size", "96",
                          "--batch_size", "2", "--workers", "1", "--eval_every", "0", "--device", "cpu",
-                         "--augment_on", "device", "--max_iters", "3", "--log_every", "1"])
-    assert summary["step"] == 3 and augmented == [2, 2, 2]
+                         "--augment_on", "device", "--max_iters", "3", "--log_every", "1",
+                         "--compile_augment", str(compile_augment)])
+    assert summary["step"] == 3 and augmented == [(2, compile_augment)] * 3
     assert (tmp_path / "experiments/dev/ckpt/last.pth").is_file()
+
+
+def test_compiled_augmentation_equals_the_eager_kernels(sample_image, widerface_sample, monkeypatch):
+    """``augment(compiled=True)`` (``--compile_augment``, inductor on the CPU here) gives the eager
+    kernels' values exactly in float32: every mix of the photometric steps (the mixed batch of
+    the test above), a batch of one image, all-nearest taps (one tap per output pixel), several
+    resize groups, whole (not square) images padded, both memory formats."""
+    import utils.device_augment as device_augment
+
+    transform = DeferredTrainTransform(64)
+    settings = [PhotometricParams(False, brightness=20.5, contrast=1.3),
+                PhotometricParams(True, brightness=-10.0, contrast=0.7, saturation=1.4, hue=-12),
+                PhotometricParams(False, saturation=0.6, hue=17), PhotometricParams()]
+    mixed = [transform.apply(sample_image, empty_targets(),
+                             AugmentParams((i, 2 * i, 40 + 9 * i), settings[i % 4], flip=i % 3 == 0,
+                                           interpolation=INTERPOLATIONS[i % len(INTERPOLATIONS)]))[0]
+             for i in range(8)]
+    darker = dataclasses.replace(mixed[0], tables=mixed[0].tables.copy())
+    darker.tables[3] = (np.arange(256) * 0.8).astype(np.uint8)  # after table without the HSV round trip
+    nearest = [transform.apply(sample_image, empty_targets(),
+                               AugmentParams((0, 0, 50 + i), settings[1], interpolation=cv2.INTER_NEAREST))[0]
+               for i in range(2)]
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=7))
+    # whole images padded to a square: below a wide one, right of a tall one (area averaging reads
+    # every row and column next to the padding)
+    wide = transform.apply(sample_image, empty_targets(),
+                           AugmentParams(None, settings[1], flip=True, interpolation=cv2.INTER_AREA))[0]
+    tall = transform.apply(np.ascontiguousarray(sample_image[:, :300]), empty_targets(),
+                           AugmentParams(None, interpolation=cv2.INTER_AREA))[0]
+    assert wide.pixels.shape[1] > wide.pixels.shape[0] and tall.pixels.shape[0] > tall.pixels.shape[1]
+    batches = [mixed + [darker], mixed[1:2], nearest, [wide, tall, mixed[2]],
+               [dataset[i][0] for i in range(len(dataset))]]
+    monkeypatch.setattr(device_augment, "MAX_CANVAS_PIXELS", 3 * 80 ** 2)  # several groups in the mixed batch
+    for index, images in enumerate(batches):
+        batch, _ = detection_collate([(image, empty_targets()) for image in images])
+        eager = augment(batch, resize_dtype=torch.float32)
+        channels_last = index % 2 == 0
+        compiled = augment(batch, resize_dtype=torch.float32, compiled=True, channels_last=channels_last)
+        assert compiled.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert torch.equal(compiled, eager), (index, (compiled - eager).abs().max())
+    assert len(device_augment.resize_groups(sorted(max(image.pixels.shape[:2]) for image in mixed + [darker]), 64)) > 1
 
 
 def test_large_batches_are_augmented_in_chunks_with_the_same_result(widerface_sample, monkeypatch):

@@ -46,7 +46,9 @@ What one run measures, per config
   loader's last batches for a step costs the device when nothing else runs (the host-to-device copy
   with the padded targets, then ``images_to_network_input``, with ``--augment_on device`` the
   augmentation: the work ``train_data.prepared_batches`` adds to each step; there also a profile
-  of one batch's augmentation, ``pixels_profile``). Their warm-up is ``--warmup`` + 4 x workers steps,
+  of one batch's augmentation, ``pixels_profile``). ``--augment_on`` modes: ``workers``, ``device``
+  and ``device+compile`` (train.py ``--augment_on device --compile_augment true``; the first
+  warm-up steps compile). Their warm-up is ``--warmup`` + 4 x workers steps,
   so that batches prefetched during the warm-up (prefetch_factor 4) do not flatter the window,
   and they time ``--real_iters`` steps (at least 60 on CUDA: 15 mobilenet0.25 steps last a third
   of a second, where one late batch weighs). ``data_wait_share``: the part of the window the
@@ -244,12 +246,17 @@ class RepeatDataset(Dataset):
         return self.dataset[index % len(self.dataset)]
 
 
+#: ``--augment_on`` modes of the real pipeline: train.py's ``--augment_on`` (and ``--compile_augment``)
+AUGMENT_MODES = {"workers": ("workers", False), "device": ("device", False), "device+compile": ("device", True)}
+
+
 def training_dataset(root: Path, split: str, size: int, seed: int, augment_on: str = "workers"):
     """The training set with ``TrainTransform`` (``augment_on="workers"``) or
-    ``DeferredTrainTransform`` (``"device"``), as ``train_data.build_train_loader`` builds it."""
+    ``DeferredTrainTransform`` (``"device"``, ``"device+compile"``), as
+    ``train_data.build_train_loader`` builds it."""
     from utils.data_loaders import dataset_from_root
     from utils.train_data import train_transform
-    return dataset_from_root(root, split, train_transform(size, seed, augment_on))
+    return dataset_from_root(root, split, train_transform(size, seed, AUGMENT_MODES[augment_on][0]))
 
 
 def real_batch(dataset, batch: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -475,8 +482,9 @@ def build_training(config, variant, device: torch.device, seed: int, public: boo
 
 
 def run_ours(config, variant, device: torch.device, batches: Iterable, steps: int, batch: int, size: int,
-             seed: int, clock: StepClock | None = None) -> dict[str, Any]:
-    """``steps`` optimizer steps of ``train_one_epoch`` over ``batches`` (wrapped in ``clock``)."""
+             seed: int, clock: StepClock | None = None, compile_augment: bool = False) -> dict[str, Any]:
+    """``steps`` optimizer steps of ``train_one_epoch`` over ``batches`` (wrapped in ``clock``;
+    ``compile_augment``: train.py ``--compile_augment``)."""
     from utils.distributed import DistInfo
     from utils.train_utils import TrainContext, train_one_epoch
     model, runner, optimizer, scaler, dtype = build_training(config, variant, device, seed)
@@ -493,7 +501,7 @@ def run_ours(config, variant, device: torch.device, batches: Iterable, steps: in
                        loader=clock if clock is not None else batches, sampler=SimpleNamespace(set_epoch=lambda *a: None),
                        priors=prior_boxes((size, size), config.num_anchor, device), iters_per_epoch=steps, epochs=1,
                        seed=seed, autocast_dtype=dtype, channels_last=variant.channels_last,
-                       prepare_ahead=variant.prepare_ahead)
+                       prepare_ahead=variant.prepare_ahead, compile_augment=compile_augment)
     if clock is not None:
         clock.source = batches
     train_one_epoch(ctx, 0)
@@ -889,7 +897,8 @@ def extra_fixed_row(spec: str, variant, mode: str, measure: Callable[[], dict[st
 PREPARATION_BATCHES = 8
 
 
-def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) -> dict[str, Any]:
+def preparation_times(batches: Sequence[Sequence[Any]], device: torch.device, compile_augment: bool = False
+                      ) -> dict[str, Any]:
     """What preparing each of the loader's ``batches`` (``(images, PaddedTargets, ...)``, pinned on
     CUDA) for a training step costs the device, one batch at a time with nothing else running:
     ``copy_ms`` the host-to-device copy of the images and the padded targets, ``pixels_ms``
@@ -900,10 +909,16 @@ def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) ->
     launched that work, without waiting for it. Near ``pixels_ms`` the device waited for the
     launches (fewer kernels would help); far below it, the device work itself sets the time.
     With the augmentation on the device, ``pixels_profile`` is ``torch.profiler``'s view of the
-    last batch's ``pixels`` work: the device's busy time (CPU time on the CPU) and the top ops."""
+    last batch's ``pixels`` work: the device's busy time (CPU time on the CPU) and the top ops.
+    ``compile_augment``: the compiled kernels (compiled on the first batch before the timing)."""
     from utils.data_loaders import images_to_network_input
     from utils.device_augment import DeferredBatch
 
+    def network_input(images):
+        return images_to_network_input(images, compile_augment=compile_augment)
+
+    if compile_augment and batches:
+        network_input(batches[0][0].to(device))
     copy_s, pixels_s, issue_s, megabytes = [], [], [], []
     moved = None
     for images, targets, *_ in batches:
@@ -914,7 +929,7 @@ def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) ->
         pad_targets(targets, device)
         clock.mark("copy")
         issued = time.perf_counter()
-        images_to_network_input(moved)
+        network_input(moved)
         issue_s.append(time.perf_counter() - issued)
         clock.mark("pixels")
         copy, pixels = clock.seconds()
@@ -928,7 +943,7 @@ def preparation_times(batches: Iterable[Sequence[Any]], device: torch.device) ->
         def run(clock: StepClock) -> None:
             clock.source = [moved, moved]
             for batch in clock:
-                images_to_network_input(batch)
+                network_input(batch)
 
         _, top, busy_ms = profile_run(run, device, steps=1, rows=12)
         result["pixels_profile"] = {"busy_ms": rnd(busy_ms), "top": top}
@@ -953,9 +968,10 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
         clock = StepClock(warmup, args.real_iters, device)
         clock.source = loader
         last_batches = collections.deque(clock, maxlen=PREPARATION_BATCHES)
+        compile_augment = AUGMENT_MODES[augment_on][1]
+        preparation = preparation_times(list(last_batches), device, compile_augment)
         entry.setdefault("loader_only", {})[augment_on] = {**clock.result(batch), "workers": args.workers,
-                                                           "warmup_steps": warmup,
-                                                           "preparation": preparation_times(last_batches, device),
+                                                           "warmup_steps": warmup, "preparation": preparation,
                                                            "wall_s": wall_since(row_started)}
         del last_batches
         for text in args.real_variants:
@@ -970,7 +986,8 @@ def measure_real_pipeline(spec: str, args: argparse.Namespace, device: torch.dev
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 clock = StepClock(warmup, args.real_iters, device)
-                result.update(run_ours(config, variant, device, loader, steps, batch, size, args.seed, clock))
+                result.update(run_ours(config, variant, device, loader, steps, batch, size, args.seed, clock,
+                                       compile_augment))
                 if variant.fixed_name in fixed_img_per_s:  # +ahead: against the fixed batches of its variant
                     result["ratio_to_fixed"] = rnd(result["img_per_s"] / fixed_img_per_s[variant.fixed_name])
                 if device.type == "cuda":
@@ -1017,7 +1034,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "(their face counts, hence the matching shapes, vary as in the real pipeline; "
                              "0 or 1 = skip)")
     parser.add_argument("--augment_on", default="workers,device",
-                        help="real-pipeline modes (train.py --augment_on): workers, device or both, comma-separated")
+                        help="real-pipeline modes, comma-separated: workers, device (train.py --augment_on) and "
+                             "device+compile (--augment_on device --compile_augment true)")
     parser.add_argument("--dataset", default=str(DEFAULT_DATASET), help="root with <split>/label.txt and images/")
     parser.add_argument("--split", default="val")
     parser.add_argument("--fixed_batch", choices=("real", "synthetic"), default="real",
@@ -1054,8 +1072,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         args.real_variants = [v for v in args.real_variants.split(",") if v]
     args.augment_on = [m.strip() for m in args.augment_on.split(",") if m.strip()]
-    if not set(args.augment_on) <= {"workers", "device"}:
-        raise SystemExit(f"--augment_on {args.augment_on}: choose from workers, device")
+    if not set(args.augment_on) <= set(AUGMENT_MODES):
+        raise SystemExit(f"--augment_on {args.augment_on}: choose from {', '.join(AUGMENT_MODES)}")
     args.iters = args.iters or (20 if cuda else 2)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
     args.real_iters = args.real_iters or (max(args.iters, 60) if cuda else args.iters)

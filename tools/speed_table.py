@@ -255,6 +255,11 @@ def layout_cell(pipeline: dict[str, Any]) -> str:
     return "–" if value is None else ("NHWC" if value else "NCHW")
 
 
+def augment_place(mode: str) -> str:
+    """A benchmark_train ``--augment_on`` mode in words: ``device+compile`` -> ``device, compiled``."""
+    return "device, compiled" if mode == "device+compile" else mode
+
+
 def issue_note(preparation: dict[str, Any]) -> str:
     """How long the host took to launch the pixel work of a prepared batch (reports before
     2026-11-27 lack it)."""
@@ -279,7 +284,8 @@ def train_section(report: dict[str, Any]) -> list[str]:
                 continue
             mem = v.get("max_memory_allocated_mib")
             syncs = v.get("syncs_per_step")
-            mode = f"real, augment on {v['augment_on']}" if v["mode"] == "real" and "augment_on" in v else v["mode"]
+            mode = (f"real, augment on {augment_place(v['augment_on'])}" if v["mode"] == "real" and "augment_on" in v
+                    else v["mode"])
             if v.get("busy_processes"):
                 mode = f"fixed, {v['busy_processes']} busy CPU processes"
             if v.get("most_faces_per_batch"):
@@ -291,7 +297,7 @@ def train_section(report: dict[str, Any]) -> list[str]:
                          v["img_per_s"] / public if public and v.get("img_per_s") else None,
                          v.get("ratio_to_fixed"), syncs["count"] if syncs else "–"])
         for augment_on, loader in (config.get("loader_only") or {}).items():
-            share = "decode + crop" if augment_on == "device" else "decode + augmentation"
+            share = "decode + crop" if augment_on.startswith("device") else "decode + augmentation"
             rows.append([config["config"], "loader only", f"{loader.get('workers')} workers: {share}",
                          loader.get("img_per_s"), loader.get("step_ms", {}).get("median"), None, None, None, "–"])
     lines += table(["config", "variant", "mode", "img/s", "step ms", "peak GiB", "× public-style",
@@ -308,8 +314,8 @@ def train_section(report: dict[str, Any]) -> list[str]:
             unit = "device" if report.get("env", {}).get("device_type") == "cuda" else "CPU"
             checks.append(f"- {c['config']} {c['profile']['variant']}, profiled ({unit} time of all ops, "
                           f"against the step ms above): " + "; ".join(busy))
-        preparation = [f"augmentation on {augment_on}: copy {fmt(prep['copy_ms'].get('median'))} ms + "
-                       f"{'augmentation' if augment_on == 'device' else 'conversion'} "
+        preparation = [f"augmentation on {augment_place(augment_on)}: copy {fmt(prep['copy_ms'].get('median'))} ms + "
+                       f"{'augmentation' if augment_on.startswith('device') else 'conversion'} "
                        f"{fmt(prep['pixels_ms'].get('median'))} ms{issue_note(prep)} "
                        f"({fmt(prep.get('mb_per_batch'))} MB copied)"
                        for augment_on, loader in (c.get("loader_only") or {}).items()
@@ -474,7 +480,7 @@ def target_rows(reports: list[dict[str, Any]]) -> list[list[Any]]:
                          f"public-style here)" if summary else "–", verdict, device])
         for spec, ratios in real_ratios.items():
             value = max(ratios.values()) if ratios else None
-            where = f" (augmentation on {max(ratios, key=ratios.get)})" if len(ratios) > 1 else ""
+            where = f" (augmentation on {augment_place(max(ratios, key=ratios.get))})" if len(ratios) > 1 else ""
             rows.append([f"{spec} real data pipeline vs fixed batches", "≥ 0.90 ×", fmt(value, 2) + where,
                          status(value, TARGETS["real_ratio_to_fixed"]), device])
     return rows

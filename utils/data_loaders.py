@@ -508,16 +508,19 @@ def _targets_tensor(target: np.ndarray | torch.Tensor) -> torch.Tensor:
     return target_t.float().reshape(-1, TARGET_COLUMNS)
 
 
-def images_to_network_input(images: torch.Tensor | DeferredBatch, device: torch.device | str | None = None
-                            ) -> torch.Tensor:
+def images_to_network_input(images: torch.Tensor | DeferredBatch, device: torch.device | str | None = None,
+                            channels_last: bool = False, compile_augment: bool = False) -> torch.Tensor:
     """uint8 ``(B, 3, H, W)`` BGR -> float32 network input on ``device``: the public preprocessing
-    (``float(image) - (104, 117, 123)``, no scaling) run after the transfer, on the accelerator.
-    A :class:`~utils.device_augment.DeferredBatch` is augmented there first."""
+    (``float(image) - (104, 117, 123)``, no scaling) run after the transfer, on the accelerator;
+    in channels_last memory format with ``channels_last``. A
+    :class:`~utils.device_augment.DeferredBatch` is augmented there first (by the compiled kernels
+    with ``compile_augment``: :func:`~utils.device_augment.augment`)."""
     if isinstance(images, DeferredBatch):
-        return images.network_input(device)
+        return images.network_input(device, compiled=compile_augment, channels_last=channels_last)
     if device is not None:
         images = images.to(device=device, non_blocking=True)
-    return preprocess(images, channels_last_input=False)
+    inputs = preprocess(images, channels_last_input=False)
+    return inputs.contiguous(memory_format=torch.channels_last) if channels_last else inputs
 
 
 def normalize_targets(targets: torch.Tensor, width: float, height: float | None = None) -> torch.Tensor:

@@ -344,11 +344,12 @@ class PreparedBatch(NamedTuple):
     report: LoadReport | None
 
 
-def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ahead: bool = False
-                     ) -> Iterator[PreparedBatch]:
+def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ahead: bool = False,
+                     compile_augment: bool = False) -> Iterator[PreparedBatch]:
     """The loader's ``(images, targets[, LoadReport])`` batches as :class:`PreparedBatch` on ``device``:
     host-to-device copies, :func:`~utils.data_loaders.images_to_network_input` (with ``--augment_on
-    device`` the photometric distortion, padding, flip and resize) and :func:`pad_targets`.
+    device`` the photometric distortion, padding, flip and resize; compiled with ``compile_augment``)
+    and :func:`pad_targets`.
 
     By default (and always on the CPU) each batch is prepared on the main stream when its step
     starts: what train.py does. With ``ahead`` on CUDA, batch N+1 is prepared on a side stream before
@@ -359,9 +360,8 @@ def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ah
     from utils.data_loaders import images_to_network_input
 
     def prepare(batch) -> PreparedBatch:
-        inputs = images_to_network_input(batch[0], device=device)
-        if channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs = images_to_network_input(batch[0], device=device, channels_last=channels_last,
+                                         compile_augment=compile_augment)
         return PreparedBatch(inputs, pad_targets(batch[1], device), batch[2] if len(batch) > 2 else None)
 
     if not (ahead and device.type == "cuda"):

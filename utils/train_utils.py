@@ -357,6 +357,7 @@ class TrainContext:
     # CUDA: each batch copied and augmented on a side stream during the step before (measured slower than
     # preparing it when its step starts for mobilenet0.25 in two H200 leases; README, Training)
     prepare_ahead: bool = False
+    compile_augment: bool = False  # --compile_augment: the device augmentation's compiled kernels
     global_step: int = 0
     best_metric: float | None = None
     best_epoch: int | None = None
@@ -611,7 +612,8 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
         # on one thread (no cores x workers threads) and cannot inherit a locked pool mutex
         batches = _WaitClock(start_loader(ctx.loader) if isinstance(ctx.loader, DataLoader) else ctx.loader)
         window_wall, window_wait = time.perf_counter(), 0.0
-        prepared = prepared_batches(batches, info.device, ctx.channels_last, ahead=ctx.prepare_ahead)
+        prepared = prepared_batches(batches, info.device, ctx.channels_last, ahead=ctx.prepare_ahead,
+                                    compile_augment=ctx.compile_augment)
         for batch_index, (inputs, padded, report) in enumerate(prepared, start=skip_batches):
             if report is not None:  # the LoadReport of build_train_loader's batches
                 ctx.note_load_report(report)
@@ -1097,6 +1099,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         if args.compile:
             notes.append(f"torch.compile (backend {args.compile}): the first training step compiles the model; "
                          "evaluation runs it uncompiled")
+        if getattr(args, "compile_augment", False):
+            notes.append("--compile_augment: the first batches compile the augmentation's kernels (torch.compile)")
         raw_model = unwrap(wrapped)
         iters_per_epoch = len(sampler) // args.batch_size
         epochs, steps = resolve_epochs_and_steps(args, config.network)
@@ -1109,7 +1113,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                            optimizer=optimizer, scheduler=scheduler, scaler=scaler, loader=loader,
                            sampler=sampler, priors=priors, iters_per_epoch=iters_per_epoch, epochs=epochs,
                            seed=seed, autocast_dtype=autocast_dtype, channels_last=cuda, exp_dir=exp_dir,
-                           logger=logger)
+                           logger=logger, compile_augment=getattr(args, "compile_augment", False))
         if resume_ckpt is not None:
             notes += load_training_state(ctx, resume_ckpt)
         if resume_ckpt is not None and explicit:
