@@ -318,10 +318,13 @@ def test_train_benchmark_cpu_smoke(train_run):
     assert not bt.parse_variant("bf16+cuda_graphs", torch.device("cuda")).prepare_ahead
     inline = bt.parse_variant("bf16+cuda_graphs+inline", torch.device("cuda"))
     assert not inline.prepare_ahead and inline.fixed_name == "bf16+cuda_graphs"
+    copies = bt.parse_variant("fp16+cuda_graphs+copy_ahead", torch.device("cuda"))
+    assert copies.copy_ahead and not copies.prepare_ahead and copies.fixed_name == "fp16+cuda_graphs"
     # train.py --cuda_graphs true as a variant: CUDA only, skipped with a note here
     assert any(n.startswith("mobilenet0.25:2:128 fp32+cuda_graphs: skipped on the CPU") for n in report["notes"])
     assert bt.parse_variant("bf16+cuda_graphs", torch.device("cuda")).cuda_graphs
-    for conflicting in ("bf16+cuda_graphs+compile", "bf16+cuda_graphs+graph", "bf16+cuda_graphs+ahead+inline"):
+    for conflicting in ("bf16+cuda_graphs+compile", "bf16+cuda_graphs+graph", "bf16+cuda_graphs+ahead+inline",
+                        "bf16+cuda_graphs+copy_ahead+ahead"):
         with pytest.raises(SystemExit):
             bt.parse_variant(conflicting, torch.device("cuda"))
     busy = modes[("fp32", "fixed, busy processes")]
@@ -1028,7 +1031,7 @@ def test_augmentation_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):
     assert all(v > 0 for v in result["worker_images_per_s"].values())
     device = result["device_batch_ms"]  # the device half of --augment_on device, timed on this core
     assert device["images"] == 32 and device["pixels"] > 32 * 100
-    assert device["photometric"] > 0 and device["augment"] > 0
+    assert device["photometric"] > 0 and device["augment"] > 0 and device["augment_compiled"] > 0
 
 
 def test_loader_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):

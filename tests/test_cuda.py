@@ -179,12 +179,14 @@ def test_compiled_device_augmentation_on_cuda_equals_the_eager_kernels(widerface
         assert difference.max() <= 1 and difference.mean() < 1e-3, (len(batch), difference.max(), difference.mean())
 
 
-def test_batches_prepared_ahead_on_a_side_stream_equal_batches_prepared_inline(widerface_sample, monkeypatch):
+@pytest.mark.parametrize("mode", ["ahead", "copy_ahead"])
+def test_batches_prepared_ahead_on_a_side_stream_equal_batches_prepared_inline(widerface_sample, monkeypatch, mode):
     """train_one_epoch's batches (``prepared_batches``) with augmentation on the device: prepared
-    on a side stream during the step before, without host syncs, they equal the batches prepared
-    on the main stream. The side stream is held up before each batch's work, so a main stream that
-    did not wait for it would read unfinished inputs."""
+    (``ahead``) or copied (``copy_ahead``) on a side stream during the step before, without host
+    syncs, they equal the batches prepared on the main stream. The side stream is held up before
+    each batch's work, so a main stream that did not wait for it would read unfinished inputs."""
     import utils.data_loaders
+    import utils.train_data
     from layers.multibox_loss import PaddedTargets, pad_targets
     from utils.data_loaders import dataset_from_root, detection_collate
     from utils.device_augment import DeferredTrainTransform
@@ -201,17 +203,22 @@ def test_batches_prepared_ahead_on_a_side_stream_equal_batches_prepared_inline(w
         return [t.cpu() for t in (prepared.inputs, *prepared.targets) if t is not None]
 
     inline = [on_host(prepared) for prepared in prepared_batches(batches, CUDA, True, ahead=False)]
-    original = utils.data_loaders.images_to_network_input
+    main = torch.cuda.current_stream(CUDA)
+    # the first step on the side stream: the augmentation (ahead) or the targets' copy (copy_ahead)
+    module, name = ((utils.data_loaders, "images_to_network_input") if mode == "ahead"
+                    else (utils.train_data, "pad_targets"))
+    original = getattr(module, name)
 
-    def held_up(images, device=None, **options):
-        torch.cuda._sleep(20_000_000)  # tens of milliseconds on the stream the batch is prepared on
-        return original(images, device, **options)
+    def held_up(*args, **options):
+        if torch.cuda.current_stream(CUDA) != main:
+            torch.cuda._sleep(20_000_000)  # tens of milliseconds on the stream the batch is prepared on
+        return original(*args, **options)
 
-    monkeypatch.setattr(utils.data_loaders, "images_to_network_input", held_up)
+    monkeypatch.setattr(module, name, held_up)
     ahead = []
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for prepared in prepared_batches(batches, CUDA, True, ahead=True):
+        for prepared in prepared_batches(batches, CUDA, True, ahead=mode == "ahead", copy_ahead=mode == "copy_ahead"):
             assert prepared.inputs.is_contiguous(memory_format=torch.channels_last)
             ahead.append([t.clone() for t in (prepared.inputs, *prepared.targets) if t is not None])
     finally:

@@ -31,8 +31,9 @@ The workers' share bounds the images/s a loader delivers: about ``1000 / ms`` pe
 
 A third measurement times the other half of ``device`` on this core: :func:`utils.device_augment.photometric`
 and the whole :func:`utils.device_augment.augment` of one batch of 32 (the images listed in turn),
-ms per batch (``device_batch_ms``; on a GPU they run there, where ``tools/benchmark_train.py``
-times them).
+and ``augment`` by its compiled kernels (``augment_compiled``, ``train.py --compile_augment``;
+compiled before the timing), ms per batch (``device_batch_ms``; on a GPU they run there, where
+``tools/benchmark_train.py`` times them).
 
 Prints one JSON line: ms/img of both (median over rounds), their ratio and the environment.
 """
@@ -269,9 +270,15 @@ def main(argv: list[str] | None = None) -> dict:
     deferred = DeferredTrainTransform(args.im_size, rng=args.seed)
     batch, _ = detection_collate([deferred(read_image(path), targets) for path, targets in files[:32]])
     photometric(batch)  # the first call on a device builds the HSV conversion tables (about 0.7 s on one core)
-    device_ms: dict[str, list[float]] = {"photometric": [], "augment": []}
+
+    def augment_compiled(batch):
+        return augment(batch, compiled=True)
+
+    augment_compiled(batch)  # compiles
+    steps = {"photometric": photometric, "augment": augment, "augment_compiled": augment_compiled}
+    device_ms: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(max(1, args.rounds // 4)):
-        for name, step in (("photometric", photometric), ("augment", augment)):
+        for name, step in steps.items():
             start = time.perf_counter()
             step(batch)
             device_ms[name].append((time.perf_counter() - start) * 1000.0)

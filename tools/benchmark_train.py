@@ -25,7 +25,7 @@ What one run measures, per config
   each batch on the main stream when its step starts, as train.py does; ``ahead`` prepares it on a
   side stream during the step before (``utils.train_data.prepared_batches``, train.py's way from
   2026-11-27 to 2026-11-28; a real-row variant rated against its variant's fixed batches;
-  ``inline`` names the default explicitly).
+  ``copy_ahead`` runs only its host-to-device copies there; ``inline`` names the default explicitly).
 * ``fixed, CUDA graph`` (variants with ``+graph``, fp32 / bf16, CUDA only): the same step
   (``training_step``) captured once in a CUDA graph and replayed: what a step costs when the host
   launches nothing. train.py does not run this way; the row measures the headroom of doing so,
@@ -418,7 +418,7 @@ class Cycle:
 # Variants and runs
 # ------------------------------------------------------------------------------------------------
 #: Variant modifiers that choose how real batches are prepared (not a fixed-batch variant of their own).
-PREPARATION_TOKENS = frozenset({"ahead", "inline"})
+PREPARATION_TOKENS = frozenset({"ahead", "copy_ahead", "inline"})
 
 
 def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
@@ -426,12 +426,13 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
     cuda = device.type == "cuda"
     if tokens == ["public"]:
         return SimpleNamespace(name="public", public=True, precision="fp32", channels_last=False, compile=False,
-                               graph=False, cuda_graphs=False, prepare_ahead=False, fixed_name="public")
+                               graph=False, cuda_graphs=False, prepare_ahead=False, copy_ahead=False,
+                               fixed_name="public")
     if not tokens or tokens[0] not in ("fp32", "bf16", "fp16"):
         raise SystemExit(f"train variant {text!r}: 'public' or fp32/bf16/fp16 [+nchw|+cl] [+compile|+cuda_graphs] "
-                         "[+graph] [+ahead|+inline]")
+                         "[+graph] [+ahead|+copy_ahead|+inline]")
     variant = SimpleNamespace(name=text.strip(), public=False, precision=tokens[0], channels_last=cuda, compile=False,
-                              graph=False, cuda_graphs=False, prepare_ahead=False,
+                              graph=False, cuda_graphs=False, prepare_ahead=False, copy_ahead=False,
                               fixed_name="+".join(t for t in text.strip().split("+")
                                                   if t.lower() not in PREPARATION_TOKENS))
     for token in tokens[1:]:
@@ -443,12 +444,13 @@ def parse_variant(text: str, device: torch.device) -> SimpleNamespace:
             variant.graph = True
         elif token == "cuda_graphs":
             variant.cuda_graphs = True
-        elif token in PREPARATION_TOKENS:  # ahead: on a side stream during the step before; inline: the default
-            variant.prepare_ahead = token == "ahead"
+        elif token in PREPARATION_TOKENS:  # ahead / copy_ahead: on a side stream during the step before
+            variant.prepare_ahead, variant.copy_ahead = token == "ahead", token == "copy_ahead"
         else:
             raise SystemExit(f"train variant {text!r}: unknown modifier {token!r}")
-    if PREPARATION_TOKENS <= set(tokens):
-        raise SystemExit(f"train variant {text!r}: ahead and inline are alternatives (inline is the default)")
+    if len(PREPARATION_TOKENS & set(tokens)) > 1:
+        raise SystemExit(f"train variant {text!r}: ahead, copy_ahead and inline are alternatives (inline is the "
+                         "default)")
     if variant.graph and (variant.precision == "fp16" or variant.compile or variant.cuda_graphs):
         raise SystemExit(f"train variant {text!r}: graph is for fp32 / bf16 without compile (the whole-step "
                          "graph leaves fp16's loss scaler out)")
@@ -501,7 +503,8 @@ def run_ours(config, variant, device: torch.device, batches: Iterable, steps: in
                        loader=clock if clock is not None else batches, sampler=SimpleNamespace(set_epoch=lambda *a: None),
                        priors=prior_boxes((size, size), config.num_anchor, device), iters_per_epoch=steps, epochs=1,
                        seed=seed, autocast_dtype=dtype, channels_last=variant.channels_last,
-                       prepare_ahead=variant.prepare_ahead, compile_augment=compile_augment)
+                       prepare_ahead=variant.prepare_ahead, copy_ahead=variant.copy_ahead,
+                       compile_augment=compile_augment)
     if clock is not None:
         clock.source = batches
     train_one_epoch(ctx, 0)
@@ -679,9 +682,9 @@ def summarise_config(entry: dict[str, Any]) -> None:
     """Set ``entry["summary"]`` from the rows measured so far (also for a run interrupted mid-config):
     the fastest fixed-batch variant of ours (``+cuda_graphs`` included, as train.py can train so; the
     whole-step ``fixed, CUDA graph`` rows stay out), its ratio to the public-style step and to the
-    public code's H200 figure, and the real pipeline's ratio to it (rows named ``+ahead`` or
-    ``+inline`` stay out: the plain rows are train.py's way, in reports before 2026-11-28 the side
-    stream, since then each batch when its step starts)."""
+    public code's H200 figure, and the real pipeline's ratio to it (rows named ``+ahead``,
+    ``+copy_ahead`` or ``+inline`` stay out: the plain rows are train.py's way, in reports before
+    2026-11-28 the side stream, since then each batch when its step starts)."""
     rows = entry.get("variants", [])
     ours = [v for v in rows if v["mode"] == "fixed" and v["variant"] != "public" and "img_per_s" in v]
     if not ours:

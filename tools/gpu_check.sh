@@ -8,13 +8,14 @@
 # (2026-11-27, H200 runs 1 and 2): cuda_tests 135 s (15 tests), inference 172 s (complete), train cut
 # at 189 s by the deadline (mobilenet0.25's config about 110 s); trained_r50 111 + 13 + 100 s. The
 # first call held the machine 34 s longer than its command ran (start-up included) of the 15 minutes.
-# H200, 2026-11-28: cuda_tests 165 s (18 tests; 19 since, cap 210 s), train 274 s (complete; more rows
-# since, cap 330 s: the deadline may cut ResNet-50's last real row), inference 197 s (complete); the
-# first call held the machine 32 s longer than its command ran.
+# H200, 2026-11-28: cuda_tests 165 s (18 tests; 23 since, among them torch.compile of the device
+# augmentation: cap 240 s), train 274 s (complete; other rows since, cap 330 s: the deadline may cut
+# ResNet-50's last real rows), inference 197 s (complete); the first call held the machine 32 s longer
+# than its command ran, the two calls 714 of the 900 s.
 # Each step is capped (timeout --signal=INT: an interrupted benchmark still writes what it
 # measured); GPU_CHECK_DEADLINE caps the whole call.
 #
-#   GPU_CHECK_DEADLINE=540 bash tools/gpu_check.sh   # on the GPU machine: the lease's first call (9 minutes)
+#   GPU_CHECK_DEADLINE=580 bash tools/gpu_check.sh   # on the GPU machine: the lease's first call (timeout_s 600)
 #   GPU_CHECK_DEADLINE=<left-40> GPU_CHECK_STEPS="inference table" bash tools/gpu_check.sh   # its second call
 #                                  (left: the device seconds the lease still has; timeout_s <left-20>)
 #   bash tools/gpu_check.sh --smoke    # tiny CPU settings, every step's wiring: checks this script anywhere (~2 min, 2 cores)
@@ -131,16 +132,18 @@ else
                   --sample_variants ref,fp16,fp16+graph --sample_iters 5)
   # bf16+cuda_graphs: train.py's default on these GPUs (--cuda_graphs auto); fp16+cuda_graphs:
   # train.py --amp_dtype fp16 (cuDNN's BatchNorm instead of PyTorch's, README Training), the fastest
-  # fixed batches of the 2026-11-28 lease, now with its real-pipeline rows too; +ahead: each batch
-  # prepared on a side stream during the step before, train.py's way until 2026-11-28 (slower for
-  # mobilenet0.25 in two H200 leases), the baseline of preparing it when its step starts. Trimmed to
-  # fit the first call (2026-11-28: cuda_tests 165 s, train 274 s; the fp16 real rows add about 36 s,
-  # so the step's cap is 330 s): no eager fp16 rows (measured on the H200 on 2026-11-28) or bf16 rows
-  # (mobilenet0.25's on the H200 on 2026-11-27; ResNet-50's on the H100 only), no whole-step graph
-  # headroom, busy-core or batches-in-turn rows, no profile (all measured in runs 1-9)
+  # fixed batches of the 2026-11-28 lease. Real pipeline in fp16 (the fastest fixed batches are the
+  # yardstick), each batch prepared when its step starts (train.py) and with only its copies made
+  # during the step before (+copy_ahead); augmentation modes: device+compile first (train.py
+  # --compile_augment true, new since the 2026-11-28 lease), then the workers (train.py's default),
+  # then the device's eager kernels: a deadline cuts ResNet-50's last rows. Rows of about 5 s
+  # (mobilenet0.25) and 12.5 s (ResNet-50) each, fixed rows 18-35 s, loader passes 4-5 s (2026-11-28).
+  # Not here: the bf16 real rows and +ahead (side stream for the whole preparation; both measured in
+  # the 2026-11-28 lease), eager fp16 rows, whole-step graph headroom, busy-core and batches-in-turn
+  # rows, the profile (measured in runs 1-9)
   TRAIN_ARGS=(--device cuda --configs mobilenet0.25:32:640,resnet50:24:840
-              --variants public,bf16+cuda_graphs,fp16+cuda_graphs
-              --real_variants bf16+cuda_graphs,bf16+cuda_graphs+ahead,fp16+cuda_graphs
+              --variants public,fp16+cuda_graphs,bf16+cuda_graphs
+              --real_variants fp16+cuda_graphs,fp16+cuda_graphs+copy_ahead --augment_on device+compile,workers,device
               --busy_processes 0 --fixed_batches 0 --iters 30 --warmup 3)
   # the ResNet-50 cascade target is bf16 at batch 32: compiled against the same variant uncompiled
   COMPILE_ARGS=(--device cuda --models resnet50_cascade --batch_sizes 32 --variants bf16+graph,bf16+compile+graph)
@@ -165,7 +168,7 @@ else
   TRAIN_COMPILE_ARGS=(--device cuda --configs resnet50:24:840,mobilenet0.25:32:640 --variants public,bf16,bf16+compile
                       --real_variants "" --busy_processes 0 --fixed_batches 0 --iters 30 --warmup 3)
   TRAIN_COMPILE_LIMIT=240
-  TESTS_LIMIT=210; INFERENCE_LIMIT=240; TRAIN_LIMIT=330; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
+  TESTS_LIMIT=240; INFERENCE_LIMIT=240; TRAIN_LIMIT=330; COMPILE_LIMIT=150; CLI_LIMIT=180; TRAINED_R50_LIMIT=240
 fi
 
 status=0

@@ -319,6 +319,11 @@ class DeferredBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "DeferredBatch":
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """``Tensor.record_stream`` of each tensor: a batch copied on one CUDA stream and read on another."""
+        for name in self._TENSORS:
+            getattr(self, name).record_stream(stream)
+
     def network_input(self, device: torch.device | str | None = None, mean: Sequence[float] = RGB_MEAN_BGR,
                       compiled: bool = False, channels_last: bool = False) -> torch.Tensor:
         """Augmented batch as the network input: float32 ``(B, 3, S, S)``, BGR minus ``mean``, on

@@ -345,7 +345,7 @@ class PreparedBatch(NamedTuple):
 
 
 def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ahead: bool = False,
-                     compile_augment: bool = False) -> Iterator[PreparedBatch]:
+                     compile_augment: bool = False, copy_ahead: bool = False) -> Iterator[PreparedBatch]:
     """The loader's ``(images, targets[, LoadReport])`` batches as :class:`PreparedBatch` on ``device``:
     host-to-device copies, :func:`~utils.data_loaders.images_to_network_input` (with ``--augment_on
     device`` the photometric distortion, padding, flip and resize; compiled with ``compile_augment``)
@@ -356,7 +356,9 @@ def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ah
     batch N is handed out, so its copies and augmentation can run on the GPU while step N's kernels
     do; the main stream waits only for that batch's event. On an H200 that was slower for
     mobilenet0.25 (README, Training: Augmentation on the device); the benchmark keeps it as a
-    variant. Either way the batches and their values are the same."""
+    variant. With ``copy_ahead`` on CUDA only the host-to-device copies of batch N+1 run on the
+    side stream (the copy engine, no kernels), the rest when its step starts. Either way the
+    batches and their values are the same."""
     from utils.data_loaders import images_to_network_input
 
     def prepare(batch) -> PreparedBatch:
@@ -364,7 +366,11 @@ def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ah
                                          compile_augment=compile_augment)
         return PreparedBatch(inputs, pad_targets(batch[1], device), batch[2] if len(batch) > 2 else None)
 
-    if not (ahead and device.type == "cuda"):
+    def copy(batch) -> tuple:
+        targets = pad_targets(batch[1], device)
+        return (batch[0].to(device, non_blocking=True), targets, *batch[2:])
+
+    if not ((ahead or copy_ahead) and device.type == "cuda"):
         for batch in batches:
             yield prepare(batch)
         return
@@ -372,20 +378,22 @@ def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ah
     side = torch.cuda.Stream(device)
     side.wait_stream(main)  # what the main stream made before (weights, cached constants) comes first
 
-    def launch(batch) -> tuple[PreparedBatch, torch.cuda.Event]:
+    def launch(batch) -> tuple[Any, torch.cuda.Event]:
         with torch.cuda.stream(side):
-            prepared = prepare(batch)
-        return prepared, side.record_event()
+            made = prepare(batch) if ahead else copy(batch)
+        return made, side.record_event()
 
-    def hand_out(launched: tuple[PreparedBatch, torch.cuda.Event]) -> PreparedBatch:
-        prepared, ready = launched
+    def hand_out(launched: tuple[Any, torch.cuda.Event]) -> PreparedBatch:
+        made, ready = launched
         main.wait_event(ready)
         # made on the side stream, used on the main one: the allocator must not reuse them before
         # the main stream is done with them
-        for tensor in (prepared.inputs, *prepared.targets):
+        images, targets = made[:2]
+        images.record_stream(main)  # a tensor, or a DeferredBatch's tensors
+        for tensor in targets:
             if tensor is not None:
                 tensor.record_stream(main)
-        return prepared
+        return made if ahead else prepare(made)
 
     pending = None
     for batch in batches:

@@ -357,6 +357,7 @@ class TrainContext:
     # CUDA: each batch copied and augmented on a side stream during the step before (measured slower than
     # preparing it when its step starts for mobilenet0.25 in two H200 leases; README, Training)
     prepare_ahead: bool = False
+    copy_ahead: bool = False  # CUDA: only the host-to-device copies on a side stream, during the step before
     compile_augment: bool = False  # --compile_augment: the device augmentation's compiled kernels
     global_step: int = 0
     best_metric: float | None = None
@@ -613,7 +614,7 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
         batches = _WaitClock(start_loader(ctx.loader) if isinstance(ctx.loader, DataLoader) else ctx.loader)
         window_wall, window_wait = time.perf_counter(), 0.0
         prepared = prepared_batches(batches, info.device, ctx.channels_last, ahead=ctx.prepare_ahead,
-                                    compile_augment=ctx.compile_augment)
+                                    compile_augment=ctx.compile_augment, copy_ahead=ctx.copy_ahead)
         for batch_index, (inputs, padded, report) in enumerate(prepared, start=skip_batches):
             if report is not None:  # the LoadReport of build_train_loader's batches
                 ctx.note_load_report(report)
