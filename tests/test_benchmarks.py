@@ -910,6 +910,10 @@ def test_gpu_check_script_smoke(tmp_path, widerface_sample, mobilenet_weights):
             "train_profile.txt"} <= files
     assert len(files) <= 8  # the GPU tool brings back at most 8 files
     assert "### Targets" in (tmp_path / "out" / "speed_table.md").read_text()
+    # the train step's augmentation modes, the compiled kernels among them (the first rows of a lease)
+    reports = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    (train,) = [report for report in reports if report["benchmark"] == "train"]  # matching, loader: their own
+    assert set(train["configs"][0]["loader_only"]) == {"workers", "device+compile"} and not train["errors"]
 
 
 def test_gpu_check_deadline_cuts_step_caps_and_skips_what_no_longer_fits(tmp_path, widerface_sample,

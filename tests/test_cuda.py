@@ -252,6 +252,7 @@ def test_training_runs_on_cuda(widerface_sample, tmp_path, monkeypatch, augment_
     assert ("amp float16 with loss scaling" in log) == (amp_dtype == "fp16")
     # auto graphs every precision since fp16 with graphs passed here (H200, 2026-11-28)
     assert ("CUDA graphs:" in log) == (cuda_graphs != "false")
+    assert ("--compile_augment: the augmentation's kernels compile" in log) == augment_on.endswith("+compile")
 
 
 def test_fp16_training_skips_overflow_steps_without_touching_the_optimizer():

@@ -3,6 +3,8 @@ against TrainTransform on the sample images."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
+
 import cv2
 import numpy as np
 import pytest
@@ -247,10 +249,34 @@ def test_training_with_device_augmentation(widerface_sample, tmp_path, monkeypat
                          "--augment_on", "device", "--max_iters", "3", "--log_every", "1",
                          "--compile_augment", str(compile_augment)])
     assert summary["step"] == 3 and augmented == [(2, compile_augment)] * 3
+    log = (tmp_path / "experiments/dev/log/logs.txt").read_text()
+    assert ("--compile_augment: the augmentation's kernels compile" in log) == compile_augment
     assert (tmp_path / "experiments/dev/ckpt/last.pth").is_file()
 
 
-def test_compiled_augmentation_equals_the_eager_kernels(sample_image, widerface_sample, monkeypatch):
+@pytest.fixture
+def fresh_compiler(monkeypatch):
+    """torch.compile's caches emptied before and after the test: the compiled cases of other tests
+    (other image sizes) neither count here nor stay behind; no recompile-limit warning given yet."""
+    import torch._dynamo
+
+    import utils.device_augment as device_augment
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(device_augment, "_RECOMPILE_LIMIT_WARNED", [])
+    yield device_augment
+    torch._dynamo.reset()
+
+
+def _compiled_cases(device_augment) -> dict[str, int]:
+    """How many compiled versions each compiled kernel of the device augmentation holds."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    kernels = (device_augment._colour_codes, device_augment._canvas_and_weights, device_augment._finish)
+    return {kernel.__name__: len(_debug_get_cache_entry_list(kernel.__code__)) for kernel in kernels}
+
+
+def test_compiled_augmentation_equals_the_eager_kernels(sample_image, widerface_sample, monkeypatch, fresh_compiler):
     """``augment(compiled=True)`` (``--compile_augment``, inductor on the CPU here) gives the eager
     kernels' values exactly in float32: every mix of the photometric steps (the mixed batch of
     the test above), a batch of one image, all-nearest taps (one tap per output pixel), several
@@ -289,6 +315,56 @@ def test_compiled_augmentation_equals_the_eager_kernels(sample_image, widerface_
         assert compiled.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         assert torch.equal(compiled, eager), (index, (compiled - eager).abs().max())
     assert len(device_augment.resize_groups(sorted(max(image.pixels.shape[:2]) for image in mixed + [darker]), 64)) > 1
+    # compiled, not the eager fallback: every kernel holds compiled versions, and no limit was met
+    assert min(_compiled_cases(device_augment).values()) >= 1 and not device_augment._RECOMPILE_LIMIT_WARNED
+
+
+def test_compiled_augmentation_compiles_a_few_cases_for_varied_batches(widerface_sample, fresh_compiler):
+    """Random batches of 1 to 12 sample crops (every interpolation, flips, photometric draws): the
+    compiled kernels hold 2, 2 and 4 versions at most (one image against several; the last also
+    per memory format), below torch.compile's limit of 8. A group's slice of the batch's tensors
+    (its offset, its strides) and one-tap resizes made 3-4 versions of the canvas kernel here."""
+    device_augment = fresh_compiler
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=11))
+    rng = np.random.default_rng(0)
+    for step in range(24):
+        batch, _ = detection_collate([dataset[int(i)] for i in rng.integers(0, len(dataset), int(rng.integers(1, 13)))])
+        compiled = augment(batch, compiled=True, channels_last=step % 2 == 1)
+        assert torch.equal(compiled, augment(batch)), step
+    cases = _compiled_cases(device_augment)
+    assert min(cases.values()) >= 1, cases
+    assert cases["_colour_codes"] <= 2 and cases["_canvas_and_weights"] <= 2 and cases["_finish"] <= 4, cases
+    assert not device_augment._RECOMPILE_LIMIT_WARNED
+
+
+def test_compiled_augmentation_runs_the_eager_kernels_past_the_recompile_limit(widerface_sample, monkeypatch,
+                                                                              fresh_compiler):
+    """A case beyond torch.compile's recompile limit runs the eager kernels (the same values, one
+    warning), not the compiled formulations eagerly (canvas-sized index tensors)."""
+    import torch._dynamo
+
+    device_augment = fresh_compiler
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=2))
+    several, _ = detection_collate([dataset[i] for i in range(4)])
+    single, _ = detection_collate([dataset[5]])  # one image: a case of its own for the photometric kernel
+    assert torch.equal(augment(several, compiled=True), augment(several))
+    assert _compiled_cases(device_augment)["_colour_codes"] == 1
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    expected = augment(single)
+    eager_kernels, eager_runs = device_augment._augment, []
+
+    def counted(*args):
+        eager_runs.append(len(args[0]))
+        return eager_kernels(*args)
+
+    monkeypatch.setattr(device_augment, "_augment", counted)
+    with pytest.warns(RuntimeWarning, match="recompile limit"):
+        out = augment(single, compiled=True)
+    assert eager_runs == [1] and torch.equal(out, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        assert torch.equal(augment(single, compiled=True), expected)
+    assert eager_runs == [1, 1]
 
 
 def test_large_batches_are_augmented_in_chunks_with_the_same_result(widerface_sample, monkeypatch):

@@ -913,15 +913,17 @@ def preparation_times(batches: Sequence[Sequence[Any]], device: torch.device, co
     launches (fewer kernels would help); far below it, the device work itself sets the time.
     With the augmentation on the device, ``pixels_profile`` is ``torch.profiler``'s view of the
     last batch's ``pixels`` work: the device's busy time (CPU time on the CPU) and the top ops.
-    ``compile_augment``: the compiled kernels (compiled on the first batch before the timing)."""
+    The network input is channels_last on CUDA, as training takes it. ``compile_augment``: the
+    compiled kernels, compiled for every batch's cases before the timing."""
     from utils.data_loaders import images_to_network_input
     from utils.device_augment import DeferredBatch
 
     def network_input(images):
-        return images_to_network_input(images, compile_augment=compile_augment)
+        return images_to_network_input(images, channels_last=device.type == "cuda", compile_augment=compile_augment)
 
-    if compile_augment and batches:
-        network_input(batches[0][0].to(device))
+    if compile_augment:
+        for images, *_ in batches:
+            network_input(images.to(device))
     copy_s, pixels_s, issue_s, megabytes = [], [], [], []
     moved = None
     for images, targets, *_ in batches:

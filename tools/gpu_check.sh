@@ -8,7 +8,7 @@
 # (2026-11-27, H200 runs 1 and 2): cuda_tests 135 s (15 tests), inference 172 s (complete), train cut
 # at 189 s by the deadline (mobilenet0.25's config about 110 s); trained_r50 111 + 13 + 100 s. The
 # first call held the machine 34 s longer than its command ran (start-up included) of the 15 minutes.
-# H200, 2026-11-28: cuda_tests 165 s (18 tests; 23 since, among them torch.compile of the device
+# H200, 2026-11-28: cuda_tests 165 s (18 tests; 22 since, among them torch.compile of the device
 # augmentation: cap 240 s), train 274 s (complete; other rows since, cap 330 s: the deadline may cut
 # ResNet-50's last real rows), inference 197 s (complete); the first call held the machine 32 s longer
 # than its command ran, the two calls 714 of the 900 s.
@@ -107,7 +107,7 @@ if $SMOKE; then
   INFERENCE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0
                   --sample_limit 1 --sample_iters 1 --sample_warmup 0)
   TRAIN_ARGS=(--device cpu --threads 1 --configs mobilenet0.25:2:96 --iters 1 --warmup 1 --workers 1 --profile
-              --profile_steps 1)
+              --profile_steps 1 --augment_on workers,device+compile)
   COMPILE_ARGS=(--device cpu --threads 1 --models mobilenet0.25 --batch_sizes 1 --iters 1 --warmup 0)
   TRAINED_R50_ARGS=(--device cpu --network resnet18 --cascade true --copies 2 --batch_size 4 --im_size 64 --iters 2
                     --eval_every 2)

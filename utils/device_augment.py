@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
@@ -212,9 +213,10 @@ class DeferredTrainTransform(TrainTransform):
 # A batch, pinned and moved as a few tensors
 # --------------------------------------------------------------------------------------------
 def _stack_taps(taps: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(index, weight)`` pairs of (S, T_i) -> int64 and float32 (len(taps), S, max T_i), zero
-    weights in the padding."""
-    width = max(index.shape[1] for index, _ in taps)
+    """``(index, weight)`` pairs of (S, T_i) -> int64 and float32 (len(taps), S, max(2, T_i)), zero
+    weights in the padding (at least two taps: one tap would be a case of its own for the compiled
+    kernels)."""
+    width = max(2, max(index.shape[1] for index, _ in taps))
     size = taps[0][0].shape[0]
     index = np.zeros((len(taps), size, width), dtype=np.int64)
     weight = np.zeros((len(taps), size, width), dtype=np.float32)
@@ -373,8 +375,9 @@ def augment(batch: DeferredBatch, mean: Sequence[float] = RGB_MEAN_BGR, resize_d
     CUDA, else float32).
 
     ``compiled`` (train.py ``--compile_augment``): the same work written for ``torch.compile``
-    (:func:`_augment_compiled`), a few fused kernels instead of some sixty; the same values (the
-    tests compare them). The first batches compile (seconds to a minute, once per process)."""
+    (:func:`_augment_compiled`), a few fused kernels instead of some sixty; the same values in
+    float32 (the tests compare them; within a level in float16, where the dense resize weights are
+    summed in another order). Each kernel compiles when it first meets a case: a few per run."""
     device = batch.pixels.device
     dtype = resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     mean_u8, mean_f32 = _mean_tensors(device, tuple(float(m) for m in mean))
@@ -517,10 +520,13 @@ def _photometric_images(batch: DeferredBatch, start: int, stop: int, starts: lis
 # --------------------------------------------------------------------------------------------
 # Eagerly each step of the photometric lookups and each image's copy onto its canvas is a kernel
 # of its own with its temporaries in memory (about sixty kernels per batch of 32): 3.3 ms of H200
-# time per batch against an 11.8-15.8 ms mobilenet0.25 training step (2026-11-28). Written as
-# per-pixel arithmetic on indices, the photometric step and the canvas become one kernel each
-# under torch.compile (inductor) and the batch's ends one more; eagerly these formulations would
-# materialise canvas-sized index tensors, so :func:`_augment` keeps its own.
+# device time per batch of 32 at 640 px, against 11.8 / 15.8 ms per fixed-batch mobilenet0.25
+# bs32@640 training step in fp16 / bf16 with CUDA graphs (2026-11-28, before the searchsorted and
+# HSV-prefix changes). Written as per-pixel arithmetic on indices, the photometric step and the
+# canvas become one kernel each under torch.compile (inductor) and the batch's ends one more;
+# eagerly these formulations would materialise canvas-sized index tensors, so :func:`_augment`
+# keeps its own. The photometric kernel is not cut into chunks: about 12 bytes of temporaries per
+# pixel (image ids, codes), 120 MB for 10 M pixels (32 WIDER crops).
 def _colour_codes(pixels: torch.Tensor, image_ids: torch.Tensor, tables: torch.Tensor, hsv_images: int,
                   to_hsv: torch.Tensor, to_bgr: torch.Tensor) -> torch.Tensor:
     """The photometric step of :func:`photometric` as one expression: ``pixels`` uint8 (P, 3) in
@@ -536,10 +542,13 @@ def _colour_codes(pixels: torch.Tensor, image_ids: torch.Tensor, tables: torch.T
                 | flat[table + offset + ((code >> 16) & 255)] << 16)
 
     code = looked_up(0, channels[:, 0] | channels[:, 1] << 8 | channels[:, 2] << 16)
-    hsv = to_hsv[code]
+    # pixels without the round trip read entry 0 of the colour tables (one cached line, not a
+    # random read in 64 MB), and their result is not used
+    round_trip = image_ids < hsv_images
+    hsv = to_hsv[torch.where(round_trip, code, 0)]
     hue, saturation = flat[table + 256 + (hsv & 255)], flat[table + 512 + ((hsv >> 8) & 255)]
-    round_trip = to_bgr[hue | saturation << 8 | (hsv & 0xFF0000)]
-    return looked_up(768, torch.where(image_ids < hsv_images, round_trip, code))
+    converted = to_bgr[torch.where(round_trip, hue | saturation << 8 | (hsv & 0xFF0000), 0)]
+    return looked_up(768, torch.where(round_trip, converted, code))
 
 
 def _canvas_and_weights(codes: torch.Tensor, boxes: torch.Tensor, tap_index: torch.Tensor,
@@ -574,30 +583,69 @@ def _finish(resized: torch.Tensor, slots: torch.Tensor, mean_f32: torch.Tensor, 
 
 @lru_cache(maxsize=None)
 def _compiled(function):
-    """``function`` under ``torch.compile`` with dynamic shapes (pixel counts, sides and image
-    counts change from batch to batch), made once per process."""
-    return torch.compile(function, dynamic=True)
+    """``function`` under ``torch.compile`` with dynamic shapes (pixel counts, sides, image and
+    tap counts change from batch to batch), made once per process."""
+    return torch.compile(function, dynamic=True, fullgraph=True)
+
+
+def _static(tensor: torch.Tensor, *dims: int) -> torch.Tensor:
+    """``tensor`` with ``dims`` marked static for torch.compile: sizes that never change (colour
+    channels, table sizes, the output size), which with ``dynamic=True`` would otherwise become
+    symbols that a batch's image or tap count can happen to equal (a compiled case of its own)."""
+    for dim in dims:
+        torch._dynamo.mark_static(tensor, dim)
+    return tensor
+
+
+#: Set once the compiled kernels met more cases than torch.compile keeps (its ``recompile_limit``):
+#: from then on :func:`augment` runs the eager kernels for such batches (a warning says so once).
+_RECOMPILE_LIMIT_WARNED: list[bool] = []
 
 
 def _augment_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, mean_f32: torch.Tensor,
                       channels_last: bool) -> torch.Tensor:
+    """:func:`augment` by the compiled kernels. Each kernel is compiled for a few cases (for
+    instance a resize group of one image, a batch with no image that makes the HSV round trip);
+    should a run meet more of them than torch.compile keeps, the eager kernels take over for those
+    batches instead of the compiled formulations run eagerly, whose index tensors would be as
+    large as the canvases."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return _run_compiled(batch, dtype, mean_u8, mean_f32, channels_last)
+    except FailOnRecompileLimitHit:
+        if not _RECOMPILE_LIMIT_WARNED:
+            _RECOMPILE_LIMIT_WARNED.append(True)
+            warnings.warn("--compile_augment: torch.compile's recompile limit reached; batches of new cases run "
+                          "the eager kernels (same values)", RuntimeWarning, stacklevel=3)
+        out = _augment(batch, dtype, mean_u8, mean_f32)
+        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _run_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, mean_f32: torch.Tensor,
+                  channels_last: bool) -> torch.Tensor:
     device = batch.pixels.device
     pixel_count = batch.pixels.shape[0] // 3
     ends = batch.shapes.prod(1).cumsum(0).to(torch.int32)
     image_ids = torch.searchsorted(ends, torch.arange(pixel_count, device=device, dtype=torch.int32),
                                    right=True, out_int32=True)
     to_hsv, to_bgr = _hsv_conversion_tables(device)
-    codes = _compiled(_colour_codes)(batch.pixels.view(-1, 3), image_ids, batch.tables, batch.hsv_images,
-                                     to_hsv, to_bgr)
+    codes = _compiled(_colour_codes)(_static(batch.pixels.view(-1, 3), 1), image_ids, _static(batch.tables, 1, 2),
+                                     batch.hsv_images, _static(to_hsv, 0), _static(to_bgr, 0))
     count, size = len(batch), batch.image_size
     sides = [max(batch.sizes[image]) for image in batch.resize_order_list]
     resized = torch.empty((count, size, 3, size), dtype=dtype, device=device)
     for first, stop in resize_groups(sides, size):
-        canvas, weights = _compiled(_canvas_and_weights)(
-            codes, batch.resize_boxes[first:stop], batch.tap_index[:, first:stop], batch.tap_weight[:, first:stop],
-            mean_u8, sides[stop - 1], dtype)
+        # copies of the group's rows: a slice's offset and strides would each make a case of their own
+        boxes = _static(batch.resize_boxes[first:stop].clone(), 1)
+        tap_index = _static(batch.tap_index[:, first:stop].clone(), 0, 2)
+        tap_weight = _static(batch.tap_weight[:, first:stop].clone(), 0, 2)
+        canvas, weights = _compiled(_canvas_and_weights)(codes, boxes, tap_index, tap_weight, _static(mean_u8, 0),
+                                                         sides[stop - 1], dtype)
         _resize_products(canvas, weights, resized[first:stop])
-    return _compiled(_finish)(resized, batch.resize_slots, mean_f32, channels_last)
+    return _compiled(_finish)(_static(resized, 1, 2, 3), batch.resize_slots, _static(mean_f32, 0, 1, 2, 3),
+                              channels_last)
 
 
 @lru_cache(maxsize=None)

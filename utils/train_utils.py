@@ -1101,7 +1101,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             notes.append(f"torch.compile (backend {args.compile}): the first training step compiles the model; "
                          "evaluation runs it uncompiled")
         if getattr(args, "compile_augment", False):
-            notes.append("--compile_augment: the first batches compile the augmentation's kernels (torch.compile)")
+            notes.append("--compile_augment: the augmentation's kernels compile (torch.compile) for each new case they "
+                         "meet, most in the first batches")
         raw_model = unwrap(wrapped)
         iters_per_epoch = len(sampler) // args.batch_size
         epochs, steps = resolve_epochs_and_steps(args, config.network)
