@@ -30,6 +30,7 @@ Flow: ``dataset[i]`` -> ``(DeferredImage, targets)``; :func:`utils.data_loaders.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -609,12 +610,16 @@ def _augment_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.T
     should a run meet more of them than torch.compile keeps, the eager kernels take over for those
     batches instead of the compiled formulations run eagerly, whose index tensors would be as
     large as the canvases."""
-    from torch._dynamo.exc import FailOnRecompileLimitHit
+    import torch._dynamo.exc
 
+    config = torch._dynamo.config
+    # older PyTorch releases lack the switch (and the exception): there dynamo itself falls back
+    raise_at_limit = (config.patch(fail_on_recompile_limit_hit=True) if hasattr(config, "fail_on_recompile_limit_hit")
+                      else contextlib.nullcontext())
     try:
-        with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        with torch.no_grad(), raise_at_limit:
             return _run_compiled(batch, dtype, mean_u8, mean_f32, channels_last)
-    except FailOnRecompileLimitHit:
+    except getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ()):
         if not _RECOMPILE_LIMIT_WARNED:
             _RECOMPILE_LIMIT_WARNED.append(True)
             warnings.warn("--compile_augment: torch.compile's recompile limit reached; batches of new cases run "
