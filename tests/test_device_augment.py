@@ -367,6 +367,26 @@ def test_compiled_augmentation_runs_the_eager_kernels_past_the_recompile_limit(w
     assert eager_runs == [1, 1]
 
 
+def test_compile_augment_on_cuda_without_triton_is_a_setup_error(monkeypatch):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from utils.errors import TrainingSetupError
+    from utils.train_utils import compile_augment_notes
+
+    args = SimpleNamespace(compile_augment=True)
+    assert compile_augment_notes(SimpleNamespace(compile_augment=False), torch.device("cuda")) == []
+    assert compile_augment_notes(args, torch.device("cpu"))  # the CPU's kernels are C++, no Triton needed
+    real_find_spec = importlib.util.find_spec
+
+    def without_triton(name, *args):
+        return None if name == "triton" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_triton)
+    with pytest.raises(TrainingSetupError, match="needs Triton on CUDA"):
+        compile_augment_notes(args, torch.device("cuda"))
+
+
 def test_large_batches_are_augmented_in_chunks_with_the_same_result(widerface_sample, monkeypatch):
     import utils.device_augment as device_augment
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -238,6 +239,18 @@ def wrap_model(model: RetinaFace, info: DistInfo, sync_bn: bool = False, channel
     if compile_backend is not None:
         model = torch.compile(model, backend=compile_backend)
     return model
+
+
+def compile_augment_notes(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The log note of ``--compile_augment true``, or :class:`TrainingSetupError` where it cannot
+    run: on CUDA torch.compile's kernels are Triton's, which some PyTorch installations lack."""
+    if not getattr(args, "compile_augment", False):
+        return []
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise TrainingSetupError("--compile_augment true: torch.compile needs Triton on CUDA, and this Python has none "
+                                 "(pip install triton, or train with --compile_augment false)")
+    return ["--compile_augment: the augmentation's kernels compile (torch.compile) for each new case they meet, most "
+            "in the first batches"]
 
 
 def graph_training_network(ctx: TrainContext, args: argparse.Namespace, autocast_dtype: torch.dtype | None
@@ -1100,9 +1113,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         if args.compile:
             notes.append(f"torch.compile (backend {args.compile}): the first training step compiles the model; "
                          "evaluation runs it uncompiled")
-        if getattr(args, "compile_augment", False):
-            notes.append("--compile_augment: the augmentation's kernels compile (torch.compile) for each new case they "
-                         "meet, most in the first batches")
+        notes += compile_augment_notes(args, info.device)
         raw_model = unwrap(wrapped)
         iters_per_epoch = len(sampler) // args.batch_size
         epochs, steps = resolve_epochs_and_steps(args, config.network)
