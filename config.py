@@ -269,8 +269,8 @@ OPTIONS: tuple[Option, ...] = (
               "2 levels; for GPUs that the CPU cores cannot keep fed)"),
     _opt("--compile_augment", type=str2bool, default=False, scripts={TRAIN},
          help="with --augment_on device: torch.compile its pixel work into a few fused kernels (the same "
-              "values on the CPU, within a level on CUDA; each new case compiles when first met, a few per "
-              "run); false (default): eager kernels"),
+              "values on the CPU; on CUDA the float16 resize may differ by a level; each new case compiles "
+              "when first met, a few per run); false (default): eager kernels"),
     _opt("--landmark_loss", type=str2bool, default=True, scripts={TRAIN},
          help="train the landmark head (true/false)"),
     _opt("--empty_image_negatives", type=non_negative_int, default=0, scripts={TRAIN},

@@ -1036,6 +1036,7 @@ def test_augmentation_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):
     device = result["device_batch_ms"]  # the device half of --augment_on device, timed on this core
     assert device["images"] == 32 and device["pixels"] > 32 * 100
     assert device["photometric"] > 0 and device["augment"] > 0 and device["augment_compiled"] > 0
+    assert result["first_compiled_call_s"] > 0
 
 
 def test_loader_benchmark_smoke(widerface_sample, one_cpu_thread, capsys):

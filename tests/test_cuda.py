@@ -158,6 +158,9 @@ def test_compiled_device_augmentation_on_cuda_equals_the_eager_kernels(widerface
     """``--compile_augment``: the inductor kernels give the eager kernels' network input (float16
     products on both; the dense weights summed in another order may move a pixel by a level), in
     channels_last, without host syncs once compiled."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    import utils.device_augment as device_augment
     from utils.data_loaders import dataset_from_root, detection_collate, images_to_network_input
     from utils.device_augment import DeferredTrainTransform
 
@@ -172,6 +175,10 @@ def test_compiled_device_augmentation_on_cuda_equals_the_eager_kernels(widerface
                     for batch in batches]
     finally:
         torch.cuda.set_sync_debug_mode(0)
+    # compiled (each kernel holds versions), not the eager kernels of the recompile-limit fallback
+    for kernel in (device_augment._colour_codes, device_augment._canvas_and_weights, device_augment._finish):
+        assert _debug_get_cache_entry_list(kernel.__code__), kernel.__name__
+    assert not device_augment._RECOMPILE_LIMIT_WARNED
     for batch, ours in zip(batches, compiled):
         eager = images_to_network_input(batch, CUDA)
         assert ours.is_contiguous(memory_format=torch.channels_last)

@@ -340,16 +340,26 @@ def test_compiled_augmentation_compiles_a_few_cases_for_varied_batches(widerface
 def test_compiled_augmentation_runs_the_eager_kernels_past_the_recompile_limit(widerface_sample, monkeypatch,
                                                                               fresh_compiler):
     """A case beyond torch.compile's recompile limit runs the eager kernels (the same values, one
-    warning), not the compiled formulations eagerly (canvas-sized index tensors)."""
+    warning), not the compiled formulations eagerly (canvas-sized index tensors): met in the first
+    kernel (a batch of one image) or after it (a resize group of one image, once the photometric
+    kernel has run)."""
     import torch._dynamo
 
     device_augment = fresh_compiler
     dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=2))
     several, _ = detection_collate([dataset[i] for i in range(4)])
     single, _ = detection_collate([dataset[5]])  # one image: a case of its own for the photometric kernel
-    assert torch.equal(augment(several, compiled=True), augment(several))
-    assert _compiled_cases(device_augment)["_colour_codes"] == 1
+    with monkeypatch.context() as one_group:  # every image in one resize group: no group of one image yet
+        one_group.setattr(device_augment, "GROUP_SAVING", 10.0)
+        assert torch.equal(augment(several, compiled=True), augment(several))
+    assert _compiled_cases(device_augment) == {"_colour_codes": 1, "_canvas_and_weights": 1, "_finish": 1}
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # a group per image: the photometric kernel runs compiled, the canvas kernel meets a new case
+    with monkeypatch.context() as own_groups:
+        own_groups.setattr(device_augment, "MAX_CANVAS_PIXELS", 1)
+        with pytest.warns(RuntimeWarning, match="recompile limit"):
+            assert torch.equal(augment(several, compiled=True), augment(several))
+    monkeypatch.setattr(device_augment, "_RECOMPILE_LIMIT_WARNED", [])
     expected = augment(single)
     eager_kernels, eager_runs = device_augment._augment, []
 

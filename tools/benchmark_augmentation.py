@@ -32,8 +32,9 @@ The workers' share bounds the images/s a loader delivers: about ``1000 / ms`` pe
 A third measurement times the other half of ``device`` on this core: :func:`utils.device_augment.photometric`
 and the whole :func:`utils.device_augment.augment` of one batch of 32 (the images listed in turn),
 and ``augment`` by its compiled kernels (``augment_compiled``, ``train.py --compile_augment``;
-compiled before the timing), ms per batch (``device_batch_ms``; on a GPU they run there, where
-``tools/benchmark_train.py`` times them).
+compiled before the timing: ``first_compiled_call_s``, shorter with inductor's on-disk cache filled,
+``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)`` empties it), ms per batch (``device_batch_ms``; on a GPU
+they run there, where ``tools/benchmark_train.py`` times them).
 
 Prints one JSON line: ms/img of both (median over rounds), their ratio and the environment.
 """
@@ -274,7 +275,9 @@ def main(argv: list[str] | None = None) -> dict:
     def augment_compiled(batch):
         return augment(batch, compiled=True)
 
-    augment_compiled(batch)  # compiles
+    started = time.perf_counter()
+    augment_compiled(batch)  # compiles (what inductor's on-disk cache holds shortens it)
+    first_compiled_s = time.perf_counter() - started
     steps = {"photometric": photometric, "augment": augment, "augment_compiled": augment_compiled}
     device_ms: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(max(1, args.rounds // 4)):
@@ -300,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         "worker_speedup_device_vs_workers": round(worker_med["workers"] / worker_med["device"], 2),
         "device_batch_ms": {**{name: round(statistics.median(values), 1) for name, values in device_ms.items()},
                             "images": len(batch), "pixels": batch.pixels.numel() // 3},
+        "first_compiled_call_s": round(first_compiled_s, 2),
         "env": {
             "python": platform.python_version(),
             "torch": torch.__version__,

@@ -30,7 +30,6 @@ Flow: ``dataset[i]`` -> ``(DeferredImage, targets)``; :func:`utils.data_loaders.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import sys
@@ -606,26 +605,23 @@ _RECOMPILE_LIMIT_WARNED: list[bool] = []
 def _augment_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, mean_f32: torch.Tensor,
                       channels_last: bool) -> torch.Tensor:
     """:func:`augment` by the compiled kernels. Each kernel is compiled for a few cases (for
-    instance a resize group of one image, a batch with no image that makes the HSV round trip);
-    should a run meet more of them than torch.compile keeps, the eager kernels take over for those
-    batches instead of the compiled formulations run eagerly, whose index tensors would be as
-    large as the canvases."""
+    instance a batch or a resize group of one image); should a run meet more of them than
+    torch.compile keeps (its ``recompile_limit``), the eager kernels augment those batches.
+    ``fullgraph=True`` makes dynamo raise there instead of running the compiled formulations
+    eagerly, whose index tensors would be as large as the canvases."""
     import torch._dynamo.exc
 
-    config = torch._dynamo.config
-    # older PyTorch releases lack the switch (and the exception): there dynamo itself falls back
-    raise_at_limit = (config.patch(fail_on_recompile_limit_hit=True) if hasattr(config, "fail_on_recompile_limit_hit")
-                      else contextlib.nullcontext())
     try:
-        with torch.no_grad(), raise_at_limit:
+        with torch.no_grad():
             return _run_compiled(batch, dtype, mean_u8, mean_f32, channels_last)
-    except getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ()):
-        if not _RECOMPILE_LIMIT_WARNED:
-            _RECOMPILE_LIMIT_WARNED.append(True)
-            warnings.warn("--compile_augment: torch.compile's recompile limit reached; batches of new cases run "
-                          "the eager kernels (same values)", RuntimeWarning, stacklevel=3)
-        out = _augment(batch, dtype, mean_u8, mean_f32)
-        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        pass  # the eager kernels run below: inside the handler its traceback would keep the compiled tensors alive
+    if not _RECOMPILE_LIMIT_WARNED:
+        _RECOMPILE_LIMIT_WARNED.append(True)
+        warnings.warn("--compile_augment: torch.compile's recompile limit reached; batches of new cases run the eager "
+                      "kernels (same values; dynamo logs each such batch)", RuntimeWarning, stacklevel=3)
+    out = _augment(batch, dtype, mean_u8, mean_f32)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 def _run_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, mean_f32: torch.Tensor,
