@@ -85,6 +85,17 @@ def non_negative_int(value: str) -> int:
     return _checked_int(value, lambda n: n >= 0, "an integer >= 0")
 
 
+def count_or_all(value: str) -> int:
+    """argparse type of ``--top_k`` / ``--keep_top_k``: a count, or ``0`` / ``all`` for no limit
+    (returned as 0; :func:`detection_limit` turns it into the detector's ``None``)."""
+    return 0 if value.strip().lower() == "all" else _checked_int(value, lambda n: n >= 0, "an integer >= 0 or all")
+
+
+def detection_limit(value: int | None) -> int | None:
+    """A ``--top_k`` / ``--keep_top_k`` value as the detector takes it: 0 (all) and None -> None."""
+    return value or None
+
+
 def _checked_float(value: str, accept: Callable[[float], bool], expected: str, unparsable: str | None = None) -> float:
     """``float(value)`` when ``accept`` takes it, else an argparse error ``expected <expected>``
     (``<unparsable>`` when it is not a number at all)."""
@@ -244,12 +255,13 @@ OPTIONS: tuple[Option, ...] = (
     _opt("--nms_threshold", type=probability, default=0.3, scripts={TEST, INFERENCE},
          defaults={TEST: 0.4},
          help="NMS IoU threshold (test default 0.4, inference default 0.3)"),
-    _opt("--top_k", type=positive_int, default=5000, scripts={TEST, INFERENCE}, defaults={TEST: None},
-         help="highest-scoring candidates per image entering NMS (inference default 5000; test default: "
-              "all, as the public test_widerface.py)"),
-    _opt("--keep_top_k", type=positive_int, default=750, scripts={TEST, INFERENCE}, defaults={TEST: None},
-         help="detections kept per image after NMS (inference default 750; test default: all, as the "
-              "public test_widerface.py; with --tta: merged boxes, default 750 as insightface)"),
+    _opt("--top_k", type=count_or_all, default=5000, scripts={TEST, INFERENCE}, defaults={TEST: None},
+         help="highest-scoring candidates per image entering NMS, 0 or all = no limit (inference default "
+              "5000; test default: all, as the public test_widerface.py)"),
+    _opt("--keep_top_k", type=count_or_all, default=750, scripts={TEST, INFERENCE}, defaults={TEST: None},
+         help="detections kept per image after NMS, 0 or all = no limit (inference default 750; test "
+              "default: all, as the public test_widerface.py; with --tta: merged boxes, default 750 as "
+              "insightface)"),
     _opt("--max_size", type=positive_int, default=None, scripts={TEST, INFERENCE},
          help="cap the longer image side at this many pixels (boxes are mapped back); "
               "default: original scale"),

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from config import (EXIT_OK, EXIT_SKIPPED, architecture_overrides, build_parser, moot_option_warnings, parse_scales,
-                    run_command_line)
+from config import (EXIT_OK, EXIT_SKIPPED, architecture_overrides, build_parser, detection_limit, moot_option_warnings,
+                    parse_scales, run_command_line)
 
 PROG = "test.py"
 
@@ -152,7 +152,7 @@ def test(args: argparse.Namespace) -> int:
     from utils.evaluation import (PREDICTION_FOLDER, EvaluationError, check_images_in_gt,  # noqa: PLC0415
                                   default_gt_dir, evaluate_predictions, list_val_images, load_gt,
                                   predict_widerface, remove_results)
-    from utils.tta import MAX_MERGED, TTAConfig, TTADetector  # noqa: PLC0415
+    from utils.tta import TTAConfig, TTADetector, merged_box_limit  # noqa: PLC0415
 
     results_dir = results_folder(args)
     check_outputs(args, results_dir, model_run=True)
@@ -167,7 +167,7 @@ def test(args: argparse.Namespace) -> int:
     use_device(device)
     tta_scales = parse_scales(args.tta_scales) if args.tta else ()
     for option in ("target_size", "max_size", "top_k"):
-        if args.tta and getattr(args, option):
+        if args.tta and getattr(args, option) is not None:
             print(f"warning: --{option} is ignored with --tta (see --tta_scales)", file=sys.stderr)
     if not args.tta and args.tta_scales != build_parser("test").get_default("tta_scales"):
         print("warning: --tta_scales is ignored without --tta true", file=sys.stderr)
@@ -175,12 +175,13 @@ def test(args: argparse.Namespace) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     detector = FaceDetector(weights, device=device, overrides=architecture_overrides(args),
                             confidence_threshold=args.confidence_threshold, nms_threshold=args.nms_threshold,
-                            top_k=args.top_k, keep_top_k=args.keep_top_k, target_size=args.target_size,
+                            top_k=detection_limit(args.top_k), keep_top_k=detection_limit(args.keep_top_k),
+                            target_size=args.target_size,
                             max_size=args.max_size, batch_size=args.batch_size,
                             half=args.half and device.type == "cuda", channels_last=args.channels_last,
                             cuda_graphs=args.cuda_graphs, pad_to=max(1, args.pad_to))
     if args.tta:
-        detector = TTADetector(detector, TTAConfig(scales=tta_scales, keep_top_k=args.keep_top_k or MAX_MERGED))
+        detector = TTADetector(detector, TTAConfig(scales=tta_scales, keep_top_k=merged_box_limit(args.keep_top_k)))
     setting = scale_description(args)
     print(f"weights: {weights}  device: {device}  scale: {setting}  confidence > {args.confidence_threshold}  "
           f"{'vote' if args.tta else 'NMS'} IoU {args.nms_threshold}  images: {len(images)}")
@@ -198,7 +199,7 @@ def test(args: argparse.Namespace) -> int:
     details = [f"weights: {weights}", f"device: {device}", f"scale: {setting}",
                f"confidence threshold: {args.confidence_threshold}",
                f"{'box-voting IoU' if args.tta else 'NMS threshold'}: {args.nms_threshold}",
-               (f"merged boxes kept per image: {args.keep_top_k or MAX_MERGED}" if args.tta else
+               (f"merged boxes kept per image: {merged_box_limit(args.keep_top_k) or 'all'}" if args.tta else
                 f"top-k before / after NMS: {args.top_k or 'all'} / {args.keep_top_k or 'all'}"),
                f"predictions: {run.out_dir}"] + ([f"detector time: {stages}"] if stages else [])
     return _report(result, results_dir, args, seconds=run.seconds, num_images=run.num_images, details=details,

@@ -92,6 +92,23 @@ def test_option_combinations_exit_2_with_one_line_before_any_work(script, argv, 
     assert len(lines) == 1 and lines[0].startswith(f"{script}.py: error: ") and message in lines[0], lines
 
 
+@pytest.mark.parametrize("script", ["test", "inference"])
+def test_top_k_options_take_all_or_zero_for_no_limit(script, capsys):
+    """--top_k / --keep_top_k: a count, or 0 / all for no cut, which the detector receives as None;
+    under test.py --tta an absent --keep_top_k keeps insightface's 750 merged boxes, 0 keeps all."""
+    from utils.tta import MAX_MERGED, merged_box_limit
+
+    extra = ["--inference_dir", "x"] if script == "inference" else []
+    args = config.build_parser(script).parse_args(extra + ["--top_k", "all", "--keep_top_k", "0"])
+    assert (args.top_k, args.keep_top_k) == (0, 0)
+    assert config.detection_limit(args.top_k) is None and config.detection_limit(args.keep_top_k) is None
+    assert config.detection_limit(40) == 40 and config.detection_limit(None) is None
+    with pytest.raises(SystemExit):
+        config.build_parser(script).parse_args(extra + ["--keep_top_k", "-1"])
+    assert "an integer >= 0 or all" in capsys.readouterr().err
+    assert (merged_box_limit(None), merged_box_limit(0), merged_box_limit(40)) == (MAX_MERGED, None, 40)
+
+
 def test_str2bool():
     assert config.str2bool("TRUE") is True and config.str2bool("no") is False
     with pytest.raises(argparse.ArgumentTypeError):

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from config import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, UsageError, build_parser,
-                    check_option_combinations, moot_option_warnings, one_line)
+                    check_option_combinations, detection_limit, moot_option_warnings, one_line)
 from utils.atomic_file import atomic_path
 from utils.checkpoint import checkpoint_for_run, resolve_weights
 from utils.errors import InferenceError, unless_out_of_memory
@@ -752,7 +752,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
             detector = FaceDetector(
                 weights, device=device, overrides=architecture_overrides(args),
                 confidence_threshold=args.confidence_threshold, nms_threshold=args.nms_threshold,
-                top_k=args.top_k, keep_top_k=args.keep_top_k, max_size=args.max_size,
+                top_k=detection_limit(args.top_k), keep_top_k=detection_limit(args.keep_top_k), max_size=args.max_size,
                 batch_size=args.batch_size, half=args.half, channels_last=getattr(args, "channels_last", None),
                 cuda_graphs=getattr(args, "cuda_graphs", True), pad_to=max(1, getattr(args, "pad_to", 0)))
     except BaseException:

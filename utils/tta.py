@@ -69,6 +69,12 @@ _FIELDS = ("boxes", "scores", "landmarks")
 _IOU_BLOCK = 1 << 22
 
 
+def merged_box_limit(keep_top_k: int | None) -> int | None:
+    """test.py's ``--keep_top_k`` under ``--tta`` as :attr:`TTAConfig.keep_top_k`: not given
+    (None) -> :data:`MAX_MERGED`, 0 (``all``) -> None (no limit), else the count."""
+    return MAX_MERGED if keep_top_k is None else (keep_top_k or None)
+
+
 @dataclass(frozen=True)
 class TTAConfig:
     """Test-time augmentation settings; the defaults are insightface's protocol (module docstring).
