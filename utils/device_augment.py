@@ -226,6 +226,12 @@ def _stack_taps(taps: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Te
     return torch.from_numpy(index), torch.from_numpy(weight)
 
 
+def _pixel_starts(sizes: Sequence[tuple[int, int]], order: Sequence[int]) -> list[int]:
+    """Where each image of ``order`` starts in pixels that hold the images in that order (``(h, w)``
+    ``sizes``), and the total last."""
+    return np.cumsum([0] + [sizes[i][0] * sizes[i][1] for i in order]).tolist()
+
+
 @dataclass
 class DeferredBatch:
     """A batch of :class:`DeferredImage`: the pixels of all images in one flat uint8 tensor, the
@@ -277,8 +283,7 @@ class DeferredBatch:
         tap_index, tap_weight = _stack_taps([images[i].rows for i in order] + [images[i].cols for i in order])
         slots = torch.empty(len(order), dtype=torch.int64)
         slots[order] = torch.arange(len(order))
-        starts = np.cumsum([0] + [sizes[i][0] * sizes[i][1] for i in colour_order])
-        first_pixel = dict(zip(colour_order, starts.tolist()))
+        first_pixel = dict(zip(colour_order, _pixel_starts(sizes, colour_order)))
         boxes = torch.tensor([(first_pixel[i], *sizes[i]) for i in order], dtype=torch.int64)
         return cls(pixels, torch.tensor([sizes[i] for i in colour_order], dtype=torch.int64), sizes,
                    torch.from_numpy(np.stack([images[i].tables for i in colour_order])), use_hsv,
@@ -296,7 +301,7 @@ class DeferredBatch:
     def pixel_starts(self) -> list[int]:
         """Where the pixels of each image of ``photometric_order_list`` start in ``pixels`` (in
         pixels, not bytes), and the total last."""
-        return np.cumsum([0] + [h * w for h, w in (self.sizes[i] for i in self.photometric_order_list)]).tolist()
+        return _pixel_starts(self.sizes, self.photometric_order_list)
 
     def pixel_spans(self) -> list[tuple[int, int]]:
         """``(start, stop)`` of each image's pixels in ``pixels``, in the batch's order."""
