@@ -500,7 +500,8 @@ def test_speed_table_renders_both_benchmarks(inference_run, train_run, tmp_path)
     for expected in ("### Inference", "### Training", "### Targets of the issue", torch.__version__,
                      "python tools/benchmark_inference.py", "python tools/benchmark_train.py", "public-style",
                      "mobilenet0.25:2:128", "– (CPU run)", "preparing one loader batch for a step",
-                     "augmentation on workers: copy ", "augmentation on device: copy ", "launched by the host in "):
+                     "augmentation on workers: copy ", "augmentation on device: copy ", "launched by the host in ",
+                     "augmentation on device, compiled: copy ", "real, augment on device, compiled"):
         assert expected in text, expected
     tables, current = [], []
     for row in text.splitlines() + [""]:
@@ -510,6 +511,17 @@ def test_speed_table_renders_both_benchmarks(inference_run, train_run, tmp_path)
             tables.append(current)
             current = []
     assert len(tables) >= 4 and all(len(set(t)) == 1 for t in tables)  # every row as wide as its header
+
+
+def test_reports_name_the_cuda_allocator_settings(monkeypatch):
+    """PYTORCH_CUDA_ALLOC_CONF changes the timings (expandable segments, say): a report run with it
+    says so in its header and in the table's heading."""
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert "cuda_alloc_conf" not in bi.environment(CPU)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    report = {"env": bi.environment(CPU), "date": "2026-11-28", "command": "python tools/benchmark_train.py"}
+    assert report["env"]["cuda_alloc_conf"] == "expandable_segments:True"
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in "\n".join(speed_table.heading(report, "Training"))
 
 
 def test_dense_disagreement_finds_what_nms_hides():

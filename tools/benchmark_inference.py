@@ -135,6 +135,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["torchvision"] = torchvision.__version__
     except ImportError:  # pragma: no cover
         pass
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):  # the caching allocator's settings change the timings
+        env["cuda_alloc_conf"] = os.environ["PYTORCH_CUDA_ALLOC_CONF"]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda,

@@ -84,6 +84,8 @@ def heading(report: dict[str, Any], title: str) -> list[str]:
     facts = [f"device **{device}**", f"torch {env.get('torch', '?')}"]
     if env.get("cuda"):
         facts.append(f"CUDA {env['cuda']}, cuDNN {env.get('cudnn')}")
+    if env.get("cuda_alloc_conf"):
+        facts.append(f"PYTORCH_CUDA_ALLOC_CONF={env['cuda_alloc_conf']}")
     facts.append(f"date {report.get('date', '?')}")
     lines = [f"### {title}", "", ", ".join(facts), "", f"`{report.get('command', '')}`", ""]
     if report.get("notes"):
