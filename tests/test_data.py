@@ -486,3 +486,18 @@ def test_unreadable_training_files_raise_one_error(tmp_path: Path, content: byte
         read_training_image(path)
     with pytest.raises(ImageReadError, match="file not found"):
         read_training_image(tmp_path / "absent.jpg")
+
+
+def test_launched_one_ahead_hands_each_result_on_after_the_next_launch():
+    from utils.ahead import launched_one_ahead
+
+    events = []
+
+    def launch(item):
+        events.append(("launch", item))
+        return item
+
+    for result in launched_one_ahead(range(3), launch):
+        events.append(("hand on", result))
+    assert events == [("launch", 0), ("launch", 1), ("hand on", 0), ("launch", 2), ("hand on", 1), ("hand on", 2)]
+    assert list(launched_one_ahead([], launch)) == []

@@ -102,6 +102,7 @@ from models.retinaface import ModelConfig, RetinaFace, preprocess  # noqa: E402
 from tools import check_inputs, shared_root  # noqa: E402
 from tools.fidelity import as_rows, dense_disagreement, nms_near_ties, unmatched  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
+from utils.ahead import launched_one_ahead  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
 from utils.postprocess import DeferredPostprocess, postprocess_to_host  # noqa: E402
 
@@ -824,18 +825,8 @@ def submitted_ahead(detector: Any, arrays: Sequence[np.ndarray], passes: int) ->
     before it is finished, as test.py and inference.py queue their batches (one call per batch
     there; here a pass of all the images is one call): the host prepares the next pass while the
     device runs this one. Returns each pass's detections, rows (K, 15) per image."""
-    passes_rows: list[list[np.ndarray]] = []
-
-    def finish(handle) -> None:
-        passes_rows.append([as_rows(d.boxes, d.scores, d.landmarks) for d in handle.result()])
-    pending = None
-    for _ in range(passes):
-        handle = detector.submit(list(arrays))
-        if pending is not None:
-            finish(pending)
-        pending = handle
-    finish(pending)
-    return passes_rows
+    handles = launched_one_ahead(range(passes), lambda _: detector.submit(list(arrays)))
+    return [[as_rows(d.boxes, d.scores, d.landmarks) for d in handle.result()] for handle in handles]
 
 
 def fastest_faithful(section: dict[str, Any]) -> dict[str, Any] | None:

@@ -495,13 +495,7 @@ def _photometric_images(batch: DeferredBatch, start: int, stop: int, starts: lis
     (:class:`DeferredBatch`), written in place."""
     device = pixels.device
     count = stop - start
-    # each pixel's image: how many images end at or before it. Not repeat_interleave, whose CUDA
-    # kernel gives each image one warp: 0.93 ms of the 3.3 ms busy device time of a batch of 32 at
-    # 640 px on the H200 (pixels_profile, 2026-11-28)
-    ends = batch.shapes[start:stop].prod(1).cumsum(0).to(torch.int32)
-    image_ids = torch.searchsorted(ends, torch.arange(pixels.shape[0], device=device, dtype=torch.int32),
-                                   right=True, out_int32=True)
-    rows = table_rows(image_ids)
+    rows = table_rows(_image_ids(batch.shapes[start:stop], pixels.shape[0]))
     before, hue, saturation, after = batch.tables[start:stop].unbind(1)          # (n, 256) each
     identity = _identity_table(device).expand(count, 256)  # keeps the zero byte (and V) as they are
     pixels = apply_tables(torch.nn.functional.pad(pixels, (0, 1)), torch.stack([before] * 3 + [identity], 1), rows)
@@ -632,10 +626,7 @@ def _augment_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.T
 def _run_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, mean_f32: torch.Tensor,
                   channels_last: bool) -> torch.Tensor:
     device = batch.pixels.device
-    pixel_count = batch.pixels.shape[0] // 3
-    ends = batch.shapes.prod(1).cumsum(0).to(torch.int32)
-    image_ids = torch.searchsorted(ends, torch.arange(pixel_count, device=device, dtype=torch.int32),
-                                   right=True, out_int32=True)
+    image_ids = _image_ids(batch.shapes, batch.pixels.shape[0] // 3)
     to_hsv, to_bgr = _hsv_conversion_tables(device)
     codes = _compiled(_colour_codes)(_static(batch.pixels.view(-1, 3), 1), image_ids, _static(batch.tables, 1, 2),
                                      batch.hsv_images, _static(to_hsv, 0), _static(to_bgr, 0))
@@ -652,6 +643,16 @@ def _run_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tenso
         _resize_products(canvas, weights, resized[first:stop])
     return _compiled(_finish)(_static(resized, 1, 2, 3), batch.resize_slots, _static(mean_f32, 0, 1, 2, 3),
                               channels_last)
+
+
+def _image_ids(shapes: torch.Tensor, pixel_count: int) -> torch.Tensor:
+    """(n, 2) ``(h, w)`` of images stored one after another -> (pixel_count,) int32 image of each
+    pixel: how many images end at or before it. Not ``repeat_interleave``, whose CUDA kernel gives
+    each image one warp: 0.93 ms of the 3.3 ms busy device time of a batch of 32 at 640 px on the
+    H200 (``pixels_profile``, 2026-11-28)."""
+    ends = shapes.prod(1).cumsum(0).to(torch.int32)
+    return torch.searchsorted(ends, torch.arange(pixel_count, device=shapes.device, dtype=torch.int32),
+                              right=True, out_int32=True)
 
 
 @lru_cache(maxsize=None)

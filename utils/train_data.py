@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from layers.multibox_loss import PaddedTargets, pad_targets
+from utils.ahead import launched_one_ahead
 from utils.distributed import DistInfo
 from utils.errors import TrainingSetupError
 from utils.image_io import ImageReadError
@@ -395,11 +396,5 @@ def prepared_batches(batches: Any, device: torch.device, channels_last: bool, ah
                 tensor.record_stream(main)
         return made if ahead else prepare(made)
 
-    pending = None
-    for batch in batches:
-        launched = launch(batch)
-        if pending is not None:
-            yield hand_out(pending)
-        pending = launched
-    if pending is not None:
-        yield hand_out(pending)
+    for launched in launched_one_ahead(batches, launch):
+        yield hand_out(launched)
