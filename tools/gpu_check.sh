@@ -243,7 +243,7 @@ needs_shared() {  # needs_shared STEP: whether STEP can run (the sample and the 
 log "== steps:$STEPS${DEADLINE:+(deadline $DEADLINE s)}"
 
 # tests/test_cuda.py skips itself without CUDA (the smoke run); a failure here does not stop the benchmarks
-wanted cuda_tests && step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs
+wanted cuda_tests && step cuda_tests "$TESTS_LIMIT" "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider -rs --durations=12
 # post-processing per NMS chunk size (published mobilenet0.25), into inference.jsonl (8 files come back)
 wanted nms && needs_shared nms && step nms 90 "$PY" tools/benchmark_nms.py "${NMS_ARGS[@]}" \
   --sample_images "$SAMPLE/val/images" --weights "$WEIGHTS" --out "$OUT/inference.jsonl"
