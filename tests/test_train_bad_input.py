@@ -331,3 +331,45 @@ def test_a_validation_missed_by_a_stop_runs_when_the_run_is_resumed(widerface_sa
     capsys.readouterr()
     assert train.main(["--resume", "experiments/cut/ckpt/last.pth", "--device", "cpu"]) == 0
     assert "nothing to train" in log_file.read_text().splitlines()[-1]
+
+
+def test_ctrl_c_during_a_validation_stops_it_and_the_resume_runs_it_first(widerface_sample, tmp_path, monkeypatch,
+                                                                          capfd):
+    """The first Ctrl-C while a validation runs ends it after the images in progress, not after the
+    whole val set (minutes to hours on the full one): last.pth was saved before it, so the stop
+    loses nothing, and the resumed run validates first."""
+    import signal
+
+    import utils.evaluation
+
+    root = make_dataset(tmp_path / "ds", widerface_sample, with_val=True)
+    (root / "val/label.txt").unlink()
+    for name in image_names(root / "train")[3:]:
+        (root / "val/images" / name).unlink()  # three val images
+    monkeypatch.chdir(tmp_path)
+    written = []
+    original = utils.evaluation.format_prediction_file
+
+    def ctrl_c_at_the_first_image(*args):
+        written.append(args[0])
+        if len(written) == 1:
+            signal.raise_signal(signal.SIGINT)
+        return original(*args)
+
+    monkeypatch.setattr(utils.evaluation, "format_prediction_file", ctrl_c_at_the_first_image)
+    assert train.main(run_args(root, "cutval", "--epochs", "2", "--eval_every", "1")) == 130
+    assert len(written) < 3  # the image already queued behind the first one is finished, the third is not run
+    assert "train.py: stopping the validation (last.pth was saved before it" in capfd.readouterr().err
+    log_file = tmp_path / "experiments/cutval/log/logs.txt"
+    log = log_file.read_text()
+    assert "val AP after epoch 1" not in log
+    assert ("interrupted (Ctrl-C) at step 5, before the validation after epoch 1: continue with --resume "
+            "experiments/cutval/ckpt/last.pth") in log
+    saved = torch.load(tmp_path / "experiments/cutval/ckpt/last.pth", weights_only=True)
+    assert saved["step"] == 5 and saved["validated_step"] != 5 and not saved["metrics"]
+
+    monkeypatch.setattr(utils.evaluation, "format_prediction_file", original)
+    assert train.main(["--resume", "experiments/cutval/ckpt/last.pth", "--device", "cpu", "--max_iters", "5"]) == 0
+    resumed = log_file.read_text()[len(log):]
+    assert ("the validation after epoch 1 (step 5) did not run before the run stopped: running it first"
+            in resumed) and "val AP after epoch 1 (step 5)" in resumed

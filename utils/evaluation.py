@@ -38,7 +38,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ from utils.metric import (GT_FILES, NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTru
                           load_ground_truth, plot_pr_curves, read_prediction_dir)
 
 __all__ = [
-    "EvaluationError", "ValImage", "PredictionRun", "PREDICTION_FOLDER", "RESULTS_TXT", "RESULTS_JSON",
+    "EvaluationError", "PredictionStopped", "ValImage", "PredictionRun", "PREDICTION_FOLDER", "RESULTS_TXT", "RESULTS_JSON",
     "PR_CURVES_PNG", "list_val_images", "default_gt_dir", "load_gt", "check_images_in_gt",
     "prediction_rows", "format_prediction_file", "predict_widerface", "evaluate_predictions",
     "evaluate_prediction_dir", "evaluate_model", "format_aps", "subset_note", "write_results",
@@ -67,6 +67,10 @@ NAMED_UNREADABLE = 3
 
 class EvaluationError(RuntimeError):
     """Evaluation cannot run (missing data, bad files); the message is one line for the user."""
+
+
+class PredictionStopped(Exception):
+    """:func:`predict_widerface` ended early because its ``stop`` callback asked it to."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -273,7 +277,8 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
                       out_dir: str | os.PathLike[str] | None = None, *,
                       images: Sequence[ValImage] | None = None, batch_size: int | None = None,
                       workers: int = 2, progress: bool | None = True, max_pending: int | None = None,
-                      clean: bool = True, progress_label: str = "test") -> PredictionRun:
+                      clean: bool = True, progress_label: str = "test",
+                      stop: Callable[[], bool] | None = None) -> PredictionRun:
     """Detect faces in every val image and (with ``out_dir``) write the official prediction files.
 
     Args:
@@ -293,6 +298,8 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
         workers: DataLoader processes decoding images while the network runs (0: in-process).
         progress: progress bar on stderr (``None``: only on a terminal; not on a terminal, a line
             every 30 s, :func:`utils.progress.progress_bar`), labelled ``progress_label``.
+        stop: asked after every image read; once it returns True the pass ends by raising
+            :class:`PredictionStopped` (train.py's Ctrl-C during a validation).
 
     An image that cannot be read (missing, corrupt, truncated ...) does not stop the pass: it is
     recorded in :attr:`PredictionRun.unreadable` and has no prediction file. Out of memory on an
@@ -355,6 +362,8 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
     started = time.perf_counter()
     try:
         for records in start_loader(make_loader(dataset, workers=workers)):
+            if stop is not None and stop():
+                raise PredictionStopped("the pass over the val images was stopped")
             for record in records:
                 if not record.ok:  # listed; the caller decides (subset, or an error after the pass)
                     unreadable.append((record.path, str(record.error)))

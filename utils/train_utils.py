@@ -39,7 +39,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -469,6 +469,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.during = "step"  # or "validation": what the first Ctrl-C stops (its message says so)
         self._previous: Any = None
         self._installed = False
 
@@ -481,8 +482,9 @@ class StopRequest:
     def _on_interrupt(self, signum: int, frame: Any) -> None:
         self.requested = True
         self._restore()
-        print("\ntrain.py: stopping after this step to save last.pth (Ctrl-C again to stop at once)",
-              file=sys.stderr, flush=True)
+        doing = ("stopping the validation (last.pth was saved before it; --resume runs it first)"
+                 if self.during == "validation" else "stopping after this step to save last.pth")
+        print(f"\ntrain.py: {doing} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def _restore(self) -> None:
         if self._installed:
@@ -696,7 +698,8 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
 # --------------------------------------------------------------------------------------------
 def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: torch.device | str,
                        confidence_threshold: float = 0.02, nms_threshold: float = 0.4,
-                       info: DistInfo | None = None, progress: bool | None = False) -> dict[str, float] | None:
+                       info: DistInfo | None = None, progress: bool | None = False,
+                       stop: Callable[[], bool] | None = None) -> dict[str, float] | None:
     """Official WIDER FACE easy/medium/hard AP of ``model`` on the images of ``<val_root>/val``.
 
     Detection at original scale (confidence 0.02, NMS 0.4, no top-k cuts, the public
@@ -709,6 +712,9 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
     Distributed (``info``): every rank detects its share of the images, rank 0 gathers them and
     returns the APs; the other ranks return None (no rank waits for one to do all the work).
     ``progress``: a "validation" bar of this rank's images (see :func:`predict_widerface`).
+    ``stop``: asked after every image; True ends the validation with
+    :class:`utils.evaluation.PredictionStopped` (single-process runs only: the ranks would wait
+    for each other).
     """
     from models.detector import cudnn_autotuning
     from utils.evaluation import evaluate_predictions, list_val_images, predict_widerface, protocol_detector
@@ -728,8 +734,8 @@ def evaluate_widerface(model: nn.Module, val_root: str | Path, gt: Any, device: 
             images = list_val_images(val_root)[rank::world]
             predictions = predict_widerface(detector, images=images, workers=0, progress=progress,
                                             progress_label="validation" if world == 1 else
-                                            f"validation (rank {rank}'s share: 1/{world} of the images)"
-                                            ).complete_predictions()
+                                            f"validation (rank {rank}'s share: 1/{world} of the images)",
+                                            stop=stop if world == 1 else None).complete_predictions()
     except VALIDATION_ERRORS as error:
         if world == 1:
             raise
@@ -919,27 +925,41 @@ def _validate_and_save(ctx: TrainContext, epoch: int, val_root: str, gt: Any) ->
     """The validation after epoch ``epoch`` (0-based), then ``last.pth`` with its metrics, and
     ``best.pth`` when the hard AP improved."""
     improved = _evaluate(ctx, epoch, val_root, gt)
+    if improved is None:  # stopped by Ctrl-C: last.pth, saved before it, says it is still due
+        return
     ctx.save_last()
     if improved and ctx.info.is_main:
         save_training_state(ctx.ckpt_dir / "best.pth", ctx)
         ctx.log(f"saved {ctx.ckpt_dir / 'best.pth'} (hard AP {ctx.best_metric:.4f})")
 
 
-def _evaluate(ctx: TrainContext, epoch: int, val_root: str, gt: Any) -> bool:
-    """Validation AP after epoch ``epoch`` (0-based); returns True when the best improved.
+def _evaluate(ctx: TrainContext, epoch: int, val_root: str, gt: Any) -> bool | None:
+    """Validation AP after epoch ``epoch`` (0-based); returns True when the best improved, None
+    when Ctrl-C stopped it (it stays due: a resumed run runs it first, :func:`pending_validation`).
 
     A validation that fails (an unreadable val image, out of memory, ...; see
     :data:`VALIDATION_ERRORS`) is logged as one line and recorded in ``ctx.failed_validations``
     on every rank; training continues (this epoch has no AP and cannot become ``best.pth``)."""
+    from utils.evaluation import PredictionStopped
+
     improved = False
     started = time.perf_counter()
-    ctx.validated_step = ctx.global_step  # a failed validation counts as run: it is logged, not repeated
+    validated_before, ctx.validated_step = ctx.validated_step, ctx.global_step  # a failed validation counts as run
+    if ctx.interrupt is not None:
+        ctx.interrupt.during = "validation"
     try:
         aps = evaluate_widerface(ctx.model, val_root, gt, ctx.info.device, info=ctx.info,
-                                 progress=ctx.info.is_main)
+                                 progress=ctx.info.is_main, stop=lambda: ctx.stop_requested)
         failure = None
     except VALIDATION_ERRORS as error:
         aps, failure = None, one_line(error)
+    except PredictionStopped:
+        ctx.validated_step = validated_before
+        ctx.model.train()
+        return None
+    finally:
+        if ctx.interrupt is not None:
+            ctx.interrupt.during = "step"
     if ctx.info.distributed:  # rank 0 holds the outcome (the others only detected their share)
         flag = torch.tensor([int(failure is not None)], device=ctx.info.device)
         dist.broadcast(flag, src=0)
