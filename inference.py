@@ -26,9 +26,9 @@ DESCRIPTION = ("Detect faces in every image under --inference_dir (recursively) 
                "face and head masks, --save_aligned writes aligned face crops.")
 EPILOG = ("exit status: 0 all images processed; 3 finished, but some files were skipped "
           "(unreadable, truncated, empty, not an image, or in a folder that cannot be read; listed in "
-          "the summary and summary.json); 1 nothing was run (no images, input not found or not "
-          "readable, missing weights, unavailable device, output folder already holds results without "
-          "--exist_ok or cannot be created or written); 2 invalid option; 130 interrupted.")
+          "the summary and summary.json); 1 nothing was run (no images, none of them readable, input "
+          "not found or not readable, missing weights, unavailable device, output folder already holds "
+          "results without --exist_ok or cannot be created or written); 2 invalid option; 130 interrupted.")
 
 MASKS_NOT_WRITTEN = ("inference.py: warning: --mask true computes the masks but only --save_mask true writes them "
                      "(the Python inference() returns them)")
@@ -72,6 +72,8 @@ def _run(args: argparse.Namespace) -> int:
         print(MASKS_NOT_WRITTEN, file=sys.stderr)
     run = run_inference(args, collect=False)
     print(format_summary(run.summary))
+    if run.summary.error:  # a run that ended without an exception yet failed: none of its files could be read
+        print(f"inference.py: error: {run.summary.error}", file=sys.stderr)
     return run.summary.exit_code
 
 

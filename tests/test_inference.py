@@ -588,6 +588,25 @@ def test_mixed_folder_skips_bad_files(mixed_folder, mobilenet_weights, tmp_path,
         assert (out / "result_images" / name).is_file()
 
 
+def test_a_folder_of_unreadable_files_only_fails_with_one_line(mobilenet_weights, tmp_path, capsys):
+    """Nothing processed is not a partial success (3): status 1, one error line naming a file,
+    each file still listed in the summary."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "text.png").write_text("not an image")
+    (folder / "zero.jpg").write_bytes(b"")
+    out = tmp_path / "out"
+    code, stdout, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder,
+                                  "--inference_save_folder", out], capsys)
+    assert code == iu.EXIT_ERROR == 1
+    assert err.strip().splitlines()[-1].startswith(
+        "inference.py: error: none of the 2 files found could be read (e.g. text.png: ")
+    assert "images: 0 done, 2 skipped of 2" in stdout and "Traceback" not in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exit_code"] == 1 and summary["error"].startswith("none of the 2 files found could be read")
+    assert {s["file"] for s in summary["skipped"]} == {"text.png", "zero.jpg"}
+
+
 def test_channels_last_option_reaches_the_detector(widerface_sample, mobilenet_weights, tmp_path, capsys,
                                                    detector_layouts):
     folder = tmp_path / "in"

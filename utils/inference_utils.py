@@ -15,9 +15,8 @@ Output folder layout (``--inference_save_folder OUT``)::
 
 Exit codes of the command line: :data:`EXIT_OK` (0) every image processed, :data:`EXIT_ERROR`
 (1) nothing was run (no images, missing weights, unavailable device, output folder in use or not
-writable ...) or
-the run stopped on an unexpected error (its outputs so far are written, with the error in
-``summary.json``),
+writable ...), none of the files found could be read, or the run stopped on an unexpected error
+(its outputs so far are written, with the error in ``summary.json``),
 :data:`EXIT_USAGE` (2) bad command-line option, :data:`EXIT_SKIPPED` (3) finished but some
 files were skipped (unreadable, truncated, empty, not images, out of memory, in folders that cannot
 be listed), 130 interrupted. Names that hold line breaks are escaped in the text outputs
@@ -832,6 +831,10 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         # each results file on its own: one that cannot be written (disk full, permissions) does not
         # cost the others, and summary.json (written last) records it
         write_error = None
+        if not (summary.processed or summary.interrupted or summary.error) and summary.skipped:
+            name, reason = summary.skipped[0]
+            summary.error = (f"none of the {summary.total_files} files found could be read "
+                             f"(e.g. {escape_name(name)}: {reason}; all are listed above)")
         for path, write in ((output / results_txt_name(args.experiment_name), write_results_txt),
                             (output / DETECTIONS_JSON, write_detections_json)):
             try:
