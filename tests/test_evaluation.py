@@ -897,13 +897,18 @@ def test_evaluate_model_api_and_batching(sample_run, widerface_sample, widerface
                                [expected.aps[s] for s in ("easy", "medium", "hard")], atol=1e-3)
     assert subset_note(result) == "subset: 2 of 3226 images, not comparable with full-val numbers"
     assert format_aps(result).startswith("Easy AP: ")
-    # stale files of other images are removed from a reused prediction folder
+    # stale prediction files of other images are removed from a reused prediction folder; files
+    # that are not prediction files (first line: their stem) are left alone
     stale = tmp_path / "txt" / "0--Parade" / "old.txt"
     stale.parent.mkdir()
     stale.write_text("old\n0\n")
+    kept = tmp_path / "txt" / "mine" / "todo.txt"
+    kept.parent.mkdir()
+    kept.write_text("my own notes\n")
     detector = FaceDetector(model=model, device="cpu", confidence_threshold=0.02, nms_threshold=0.4)
     run = predict_widerface(detector, dataset, tmp_path / "txt", batch_size=1, workers=0, progress=False)
     assert not stale.exists() and run.num_images == 2 and run.seconds > 0
+    assert kept.read_text() == "my own notes\n"
 
 
 def test_tta_detector_follows_insightface_pipeline(widerface_sample, mobilenet_weights):

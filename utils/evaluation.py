@@ -209,6 +209,17 @@ def format_prediction_file(stem: str, detections: Any) -> tuple[str, np.ndarray]
 # --------------------------------------------------------------------------------------------
 # Running a detector over the val images
 # --------------------------------------------------------------------------------------------
+def _is_prediction_file(path: Path) -> bool:
+    """Whether ``path`` starts like :func:`format_prediction_file`'s text: its stem on the first line."""
+    stem = os.fsencode(path.stem)
+    try:
+        with path.open("rb") as file:
+            first = file.readline(len(stem) + 2)
+    except OSError:
+        return False
+    return first.rstrip(b"\r\n") == stem
+
+
 @dataclass
 class PredictionRun:
     """What :func:`predict_widerface` did.
@@ -288,8 +299,9 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
         dataset_root: ``--dataset`` root (``val/images``, ``val/label.txt``); or give ``images``.
         out_dir: folder for ``<event>/<stem>.txt`` (one file per image, ``0`` boxes when none);
             ``None`` writes nothing. With ``clean``, the prediction files of earlier runs
-            (``<out_dir>/*/*.txt``) are deleted before the first image is run, so that the folder
-            only ever holds files of this run, also when it stops part-way (error, Ctrl-C).
+            (``<out_dir>/*/*.txt`` whose first line is their stem) are deleted before the first
+            image is run, so that the folder holds no predictions but this run's, also when it
+            stops part-way (error, Ctrl-C); other files there are left alone.
         batch_size: images per forward pass (default: the detector's). Images wait in per-size
             groups until a group is full (at most ``max_pending`` images wait; default
             ``4 * batch_size``), so only same-size images share a pass, like FaceDetector does;
@@ -317,7 +329,8 @@ def predict_widerface(detector: Any, dataset_root: str | os.PathLike[str] | None
         out.mkdir(parents=True, exist_ok=True)
         if clean:
             for stale in out.glob("*/*.txt"):
-                stale.unlink()
+                if _is_prediction_file(stale):
+                    stale.unlink()
     timings = getattr(detector, "timings", None)
     before = dict(timings) if timings is not None else {}
     predictions: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
