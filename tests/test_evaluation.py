@@ -438,7 +438,8 @@ def test_pred_dir_warns_once_about_every_model_run_option_it_ignores(test_script
 
 
 @pytest.mark.parametrize("case", ["missing_pred_dir", "missing_gt", "gt_dir_is_file",
-                                  "pred_dir_one_level_too_high", "pred_dir_is_an_event_folder",
+                                  "pred_dir_one_level_too_high", "pred_dir_one_level_too_high_after_an_evaluation",
+                                  "pred_dir_is_an_event_folder",
                                   "truncated_gt", "truncated_gt_with_model", "gt_without_variable",
                                   "missing_dataset", "missing_weights", "missing_model_weight", "bad_option",
                                   "results_dir_is_a_file", "prediction_folder_is_a_file",
@@ -480,12 +481,16 @@ def test_errors_are_one_line_without_traceback(case, test_script, widerface_gt_d
         message = (f"--gt_dir {widerface_gt_dir / 'wider_face_val.mat'} is a file; --gt_dir is the folder holding "
                    f"wider_face_val.mat, wider_easy_val.mat, wider_medium_val.mat, wider_hard_val.mat (did you "
                    f"mean its folder {widerface_gt_dir}?)")
-    elif case in ("pred_dir_one_level_too_high", "pred_dir_is_an_event_folder"):
+    elif case.startswith("pred_dir_one_level_too_high") or case == "pred_dir_is_an_event_folder":
         write_synthetic_predictions(pred / "widerface_txt", load_gt(widerface_gt_dir),
                                     ["0--Parade/0_Parade_marchingband_1_465"])
+        hint = f"{pred / 'widerface_txt'} holds event folders with .txt files: use --pred_dir {pred / 'widerface_txt'}"
         if case == "pred_dir_one_level_too_high":  # the results folder instead of its widerface_txt
-            message = (f"no prediction files in {pred} (expected <event>/<image stem>.txt); {pred / 'widerface_txt'} "
-                       f"holds event folders with .txt files: use --pred_dir {pred / 'widerface_txt'}")
+            message = f"no prediction files in {pred} (expected <event>/<image stem>.txt); {hint}"
+        elif case == "pred_dir_one_level_too_high_after_an_evaluation":  # where --pred_dir runs put their results
+            (pred / "widerface_txt_eval").mkdir()
+            (pred / "widerface_txt_eval" / "results.txt").write_text("predictions: somewhere\nEasy AP: 0.5\n")
+            message = f"none of the 1 prediction files in {pred} could be read; {hint}"
         else:
             argv[1] = pred / "widerface_txt" / "0--Parade"
             message = f"looks like one event folder: use --pred_dir {pred / 'widerface_txt'}"

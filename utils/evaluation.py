@@ -460,11 +460,12 @@ def evaluate_prediction_dir(pred_dir: str | os.PathLike[str],
         raise EvaluationError(one_line(error)) from None
     if not any(predictions.values()):
         skipped = len(problems) - known if problems is not None else 0
+        hint = _prediction_folder_hint(path)
         if skipped:
-            raise EvaluationError(f"none of the {skipped} prediction files in {path} could be read"
-                                  + _prediction_folder_hint(path))
-        raise EvaluationError(f"no prediction files in {path} (expected <event>/<image stem>.txt)"
-                              + _prediction_folder_hint(path))
+            if hint:  # the wrong folder (e.g. results.txt of a --pred_dir run read as predictions): the hint is what helps
+                del problems[known:]
+            raise EvaluationError(f"none of the {skipped} prediction files in {path} could be read" + hint)
+        raise EvaluationError(f"no prediction files in {path} (expected <event>/<image stem>.txt)" + hint)
     return evaluate_predictions(predictions, gt, iou_threshold)
 
 
