@@ -445,7 +445,8 @@ def evaluate_prediction_dir(pred_dir: str | os.PathLike[str],
     raises :class:`EvaluationError` naming ``file:line``; with ``problems`` (a list) every such
     or unreadable file is skipped and its one-line message appended, and the other files are
     evaluated (a subset). A missing folder, a folder without prediction files (with a hint where
-    they are) or one where no file could be read raise :class:`EvaluationError`.
+    they are) or one where no file could be read raise :class:`EvaluationError` (with a hint, the
+    files of the wrong folder are not appended to ``problems``).
     """
     path = Path(pred_dir)
     if path.exists() and not path.is_dir():
