@@ -493,6 +493,33 @@ def _negative_value_hint(message: str, argv: Sequence[str]) -> str:
     return ""
 
 
+#: what an option of another script is called here (the usual mix-ups)
+_OPTION_HERE = {(TRAIN, "--weights"): "--init_weights PATH fine-tunes a checkpoint, --resume PATH "
+                                      "continues its run",
+                (TRAIN, "--model_weight"): "--resume PATH continues a run from its checkpoint",
+                (TEST, "--resume"): "--weights PATH or --model_weight FILE picks the checkpoint",
+                (TEST, "--init_weights"): "--weights PATH or --model_weight FILE picks the checkpoint",
+                (INFERENCE, "--resume"): "--weights PATH or --model_weight FILE picks the checkpoint",
+                (INFERENCE, "--init_weights"): "--weights PATH or --model_weight FILE picks the checkpoint"}
+
+
+def _other_script_hint(script: str, message: str) -> str:
+    """For an unrecognized option that another script takes: which script, and what this one
+    takes instead where the two are often confused (``train.py --weights``)."""
+    if not message.startswith("unrecognized arguments: "):
+        return ""
+    for token in message.split(": ", 1)[1].split():
+        option = token.split("=", 1)[0]
+        if not option.startswith("--"):
+            continue
+        owners = [f"{name}.py" for name in SCRIPTS
+                  if name != script and option in build_parser(name)._option_string_actions]
+        if owners:
+            instead = _OPTION_HERE.get((script, option))
+            return f" ({option} is an option of {' and '.join(owners)}" + (f"; here {instead}" if instead else "") + ")"
+    return ""
+
+
 #: messages of checks that the command line makes before any work (exit 2) and the Python APIs
 #: repeat for their own callers (utils.checkpoint.checkpoint_for_run, utils.inference_utils.run_inference)
 WEIGHTS_CONFLICT = "give either --weights or --model_weight, not both"
@@ -557,7 +584,8 @@ def run_command_line(script: str, argv: Sequence[str] | None, run: Callable[[arg
         args = parser.parse_args(argv)
         check_option_combinations(script, args)
     except UsageError as error:
-        hint = _negative_value_hint(one_line(error), sys.argv[1:] if argv is None else argv)
+        hint = (_negative_value_hint(one_line(error), sys.argv[1:] if argv is None else argv)
+                or _other_script_hint(script, one_line(error)))
         print(f"{parser.prog}: error: {one_line(error)}{hint} (see --help)", file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as done:  # --help

@@ -79,6 +79,11 @@ def test_bad_values_are_rejected_with_a_clear_message(script, argv, message, cap
     ("train", ["--pretrained", "false", "--backbone_weights", "b.tar"],
      "--backbone_weights loads ImageNet weights and --pretrained false asks for none"),
     ("train", ["--compile_augment", "true"], "--compile_augment true compiles the pixel work of --augment_on device"),
+    # another script's option: which script takes it, and what this one takes instead for the usual mix-ups
+    ("train", ["--weights", "w.pth"], "unrecognized arguments: --weights w.pth (--weights is an option of test.py and "
+                                      "inference.py; here --init_weights PATH fine-tunes a checkpoint, --resume PATH"),
+    ("test", ["--resume=w.pth"], "(--resume is an option of train.py; here --weights PATH or --model_weight FILE"),
+    ("inference", ["--inference_dir", "x", "--epochs", "3"], "--epochs 3 (--epochs is an option of train.py) (see"),
 ])
 def test_option_combinations_exit_2_with_one_line_before_any_work(script, argv, message, capsys, tmp_path,
                                                                   monkeypatch):
