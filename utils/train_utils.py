@@ -464,7 +464,8 @@ class TrainContext:
 class StopRequest:
     """Context manager that turns the first Ctrl-C (SIGINT) into a request, ``requested``, that the
     training loop honours at the next step boundary, so that ``last.pth`` can be saved with a
-    consistent state; a second Ctrl-C interrupts at once (the handler before it is back in place).
+    consistent state (a validation, ``during == "validation"``, ends after the images in progress);
+    a second Ctrl-C interrupts at once (the handler before it is back in place).
     Only installed from the main thread (``signal`` allows no other)."""
 
     def __init__(self) -> None:
