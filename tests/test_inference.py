@@ -607,6 +607,26 @@ def test_a_folder_of_unreadable_files_only_fails_with_one_line(mobilenet_weights
     assert {s["file"] for s in summary["skipped"]} == {"text.png", "zero.jpg"}
 
 
+def test_drawing_takes_boxes_far_outside_the_image_and_non_finite_ones():
+    """A barely trained model's boxes can lie billions of pixels away (beyond OpenCV's int32 points)
+    or be NaN: --save_img draws what lies inside the image, as it would for the same box ending
+    just outside it, and does not fail."""
+    from models.detector import Detections
+
+    image = np.full((120, 160, 3), 90, np.uint8)
+
+    def drawn(boxes, landmarks):
+        count = len(boxes)
+        return iu.draw_detections(image, Detections(np.array(boxes, np.float32), np.full(count, 0.9, np.float32),
+                                                    np.array(landmarks, np.float32).reshape(count, 5, 2)))
+
+    far = drawn([[-3e9, 20, 50, 6.5e9], [40, 30, 90, 80]], [[-1e10] * 10, [50, 40] * 5])
+    near = drawn([[-30, 20, 50, 150], [40, 30, 90, 80]], [[-30] * 10, [50, 40] * 5])
+    assert np.array_equal(far, near) and not np.array_equal(far, image)
+    broken = drawn([[np.nan, np.inf, -np.inf, 10]], [[np.nan] * 10])
+    assert broken.shape == image.shape
+
+
 def test_channels_last_option_reaches_the_detector(widerface_sample, mobilenet_weights, tmp_path, capsys,
                                                    detector_layouts):
     folder = tmp_path / "in"

@@ -238,19 +238,33 @@ def write_detections_json(path: str | Path, results: Iterable[tuple[str, Any]]) 
 LANDMARK_COLOURS = ((0, 0, 255), (0, 255, 255), (255, 0, 255), (0, 255, 0), (255, 0, 0))  # BGR
 
 
+#: pixels beyond the image edges where :func:`draw_detections` clamps points (more than its lines'
+#: and landmark dots reach into the image)
+DRAW_MARGIN = 16
+
+
 def draw_detections(image: np.ndarray, detections: Any) -> np.ndarray:
     """A copy of ``image`` (BGR uint8, H x W x 3) with boxes (red), scores and the five landmarks
     drawn, as the public RetinaFace demo draws them. ``detections``: a
     :class:`models.detector.Detections` in the pixels of ``image`` (boxes x1, y1, x2, y2)."""
     canvas = image.copy()
+    height, width = canvas.shape[:2]
+
+    def pixel(x: Any, y: Any) -> tuple[int, int]:
+        # OpenCV takes int32 points: a barely trained model's boxes can lie 1e9 pixels away, or be NaN.
+        # Clamped a margin beyond the image, what is drawn inside it stays the same.
+        point = np.nan_to_num(np.array([x, y], dtype=np.float64), nan=-DRAW_MARGIN)
+        point = np.clip(point, -DRAW_MARGIN, [width + DRAW_MARGIN, height + DRAW_MARGIN])
+        return int(round(point[0])), int(round(point[1]))
+
     for box, score, points in zip(detections.boxes, detections.scores, detections.landmarks):
-        x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+        (x1, y1), (x2, y2) = pixel(box[0], box[1]), pixel(box[2], box[3])
         cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 0, 255), 2)
-        text_x = min(max(x1, 0), max(canvas.shape[1] - 60, 0))  # keep the score readable at borders
-        text_y = min(max(y1, 0) + 12, canvas.shape[0] - 2)
+        text_x = min(max(x1, 0), max(width - 60, 0))  # keep the score readable at borders
+        text_y = min(max(y1, 0) + 12, height - 2)
         cv2.putText(canvas, f"{float(score):.4f}", (text_x, text_y), cv2.FONT_HERSHEY_DUPLEX, 0.5, (255, 255, 255))
         for (x, y), colour in zip(points, LANDMARK_COLOURS):
-            cv2.circle(canvas, (int(round(float(x))), int(round(float(y)))), 1, colour, 4)
+            cv2.circle(canvas, pixel(x, y), 1, colour, 4)
     return canvas
 
 
