@@ -521,7 +521,8 @@ def test_resume_applies_changed_schedule_options_and_converts_the_step_for_a_new
     # extending the finished run: more epochs, another schedule and learning rate, from step 20 on
     train.run(["--resume", "experiments/run/ckpt/last.pth", "--max_iters", "0", "--device", "cpu"])
     train.run(["--resume", "experiments/run/ckpt/last.pth", "--epochs", "4", "--lr", "0.01",
-               "--lr_schedule", "cosine", "--max_iters", "24", "--device", "cpu"])
+               "--lr_schedule", "cosine", "--max_iters", "24", "--device", "cpu", "--landmark_loss", "false",
+               "--workers", "1"])
     state = torch.load(tmp_path / "experiments/run/ckpt/last.pth", weights_only=True)
     schedule = lr_schedule.LRSchedule("cosine", total_iters=40, warmup_iters=round(0.5 * 10))
     assert state["step"] == 24 and state["scheduler"]["base_lrs"] == [0.01]
@@ -529,6 +530,9 @@ def test_resume_applies_changed_schedule_options_and_converts_the_step_for_a_new
     log = (tmp_path / "experiments/run/log/logs.txt").read_text()
     assert "differ from the checkpoint's: --lr 0.005 -> 0.01, --lr_schedule step -> cosine, --epochs 2 -> 4;" in log
     assert log.count("differ from the checkpoint's") == 1  # a new batch size alone changes no option
+    # the run's other options too (not --workers, --max_iters or --device: the session's)
+    assert log.count("resuming with other options than the checkpoint's") == 1
+    assert "resuming with other options than the checkpoint's: --landmark_loss true -> false (from step 20 on)" in log
 
 
 def test_options_a_resume_ignores_are_not_recorded_and_a_finished_run_trains_nothing(widerface_sample, tmp_path,
@@ -571,6 +575,12 @@ def test_options_a_resume_ignores_are_not_recorded_and_a_finished_run_trains_not
     log_lines = (tmp_path / "experiments/run/log/logs.txt").read_text().strip().splitlines()
     assert log_lines[-1].endswith("is at step 10, past --max_iters 4; give a larger --max_iters, or leave it out "
                                   "for the whole schedule"), log_lines[-1]
+    # another batch size: the step it names is the converted one, and the conversion is logged before it
+    train.run(["--resume", str(last), "--device", "cpu", "--batch_size", "1"])
+    assert last.read_bytes() == finished
+    log_lines = (tmp_path / "experiments/run/log/logs.txt").read_text().strip().splitlines()
+    assert "step 10 of the checkpoint is step 20 here" in log_lines[-2], log_lines[-2]
+    assert log_lines[-1].endswith("is at step 20, at the end of its 2 epochs; give a larger --epochs to train on")
 
 
 def test_resume_without_experiment_name_continues_in_the_checkpoints_folder(widerface_sample, tmp_path, monkeypatch,

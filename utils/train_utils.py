@@ -1040,6 +1040,27 @@ def keep_run_options(args: argparse.Namespace, recorded: Mapping[str, Any], conf
             setattr(args, name, recorded[name])
 
 
+#: options whose change on a resume :func:`utils.train_state.load_training_state` reports itself
+#: (the schedule, the optimizer, the iterations per epoch)
+_REPORTED_ON_LOAD = frozenset({"lr", "lr_schedule", "lr_steps", "warmup_epochs", "momentum", "weight_decay", "epochs",
+                               "batch_size"})
+
+
+def other_option_changes(args: argparse.Namespace, recorded: Mapping[str, Any], explicit: set[str]) -> list[str]:
+    """``--name old -> new`` for the options given with a resume that change the run (its data,
+    augmentation, loss ...) other than those of the schedule (reported with the checkpoint's
+    loading), the session's (``--device``, ``--workers`` ...) and those a resume ignores; call it
+    after :func:`keep_run_options`."""
+    ignored = (set(_NOT_INHERITED) | set(_REPORTED_ON_LOAD) | set(architecture_overrides(args))
+               | {"seed", "experiment_name"})
+
+    def written(value: Any) -> str:  # as on the command line
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return [f"--{name} {written(recorded[name])} -> {written(getattr(args, name))}" for name in sorted(explicit - ignored)
+            if name in recorded and hasattr(args, name) and recorded[name] != getattr(args, name)]
+
+
 def run_folder(experiment_name: str, resume: str | None, explicit: set[str] | None) -> Path:
     """The folder of this run's outputs: ``experiments/<experiment_name>`` (relative to the working
     directory), except for a ``--resume`` of a ``<run>/ckpt/<file>`` checkpoint without an explicit
@@ -1157,7 +1178,13 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                              "and its weights)")
         if resume_ckpt is not None:
             keep_run_options(args, resume_ckpt.get("args") or {}, config, seed)
+            changed = other_option_changes(args, resume_ckpt.get("args") or {}, explicit or set())
+            if changed:
+                notes.append(f"resuming with other options than the checkpoint's: {', '.join(changed)} (from step "
+                             f"{ctx.global_step} on)")
             if ctx.global_step >= ctx.total_steps and pending_validation(ctx, val_root) is None:
+                for note in notes:  # e.g. the step converted to this run's iterations per epoch
+                    ctx.log(note)
                 where = "at" if ctx.global_step == ctx.total_steps else "past"
                 ctx.log(f"nothing to train: {args.resume} is at step {ctx.global_step}, "
                         + (f"{where} --max_iters {args.max_iters}; give a larger --max_iters, or leave it out for "
