@@ -218,7 +218,7 @@ OPTIONS: tuple[Option, ...] = (
          help="run the network in fp16 autocast on CUDA (ignored on the CPU)"),
     _opt("--channels_last", type=bool_or_auto, default=None, metavar="{auto,true,false}", scripts={TEST, INFERENCE},
          help="memory format of the network: true NHWC, false NCHW; auto (default): NHWC, except NCHW on "
-              "CUDA for mobilenet0.25, whose NHWC depthwise convolutions cost ~0.5 s per new image size "
+              "CUDA for mobilenet0.25, whose NHWC depthwise convolutions cost ~1 s per new image size "
               "(README, GPU benchmarks)"),
     _opt("--pad_to", type=non_negative_int, default=0, scripts={TEST, INFERENCE},
          help="batch images of different sizes (--batch_size per pass) on canvases rounded up to a "
@@ -314,7 +314,7 @@ OPTIONS: tuple[Option, ...] = (
               "mobilenet0.25: --backbone_weights or weights/mobilenetV1X0.25_pretrain.tar)"),
     _opt("--backbone_weights", type=str, default=None, scripts={TRAIN},
          help="local ImageNet backbone file (mobilenetV1X0.25_pretrain.tar, or a torchvision "
-              "ResNet state dict); implies --pretrained true"),
+              "ResNet state dict); refused with --pretrained false"),
     _opt("--val_dataset", type=str, default=None, scripts={TRAIN},
          help="dataset root with val/images (val/label.txt, when present, lists the images) for "
               "the periodic WIDER FACE AP (default: --dataset when it has a val/ split)"),
