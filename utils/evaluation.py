@@ -50,8 +50,8 @@ from utils.metric import (GT_FILES, NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTru
                           load_ground_truth, plot_pr_curves, read_prediction_dir)
 
 __all__ = [
-    "EvaluationError", "PredictionStopped", "ValImage", "PredictionRun", "PREDICTION_FOLDER", "RESULTS_TXT", "RESULTS_JSON",
-    "PR_CURVES_PNG", "list_val_images", "default_gt_dir", "load_gt", "check_images_in_gt",
+    "EvaluationError", "PredictionStopped", "ValImage", "PredictionRun", "PREDICTION_FOLDER", "RESULTS_TXT",
+    "RESULTS_JSON", "PR_CURVES_PNG", "list_val_images", "default_gt_dir", "load_gt", "check_images_in_gt",
     "prediction_rows", "format_prediction_file", "predict_widerface", "evaluate_predictions",
     "evaluate_prediction_dir", "evaluate_model", "format_aps", "subset_note", "write_results",
     "remove_results", "check_output_path",
@@ -463,7 +463,7 @@ def evaluate_prediction_dir(pred_dir: str | os.PathLike[str],
         skipped = len(problems) - known if problems is not None else 0
         hint = _prediction_folder_hint(path)
         if skipped:
-            if hint:  # the wrong folder (e.g. results.txt of a --pred_dir run read as predictions): the hint is what helps
+            if hint:  # the wrong folder (e.g. a --pred_dir run's results.txt read as predictions): the hint helps
                 del problems[known:]
             raise EvaluationError(f"none of the {skipped} prediction files in {path} could be read" + hint)
         raise EvaluationError(f"no prediction files in {path} (expected <event>/<image stem>.txt)" + hint)

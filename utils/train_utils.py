@@ -1057,7 +1057,8 @@ def other_option_changes(args: argparse.Namespace, recorded: Mapping[str, Any], 
     def written(value: Any) -> str:  # as on the command line
         return str(value).lower() if isinstance(value, bool) else str(value)
 
-    return [f"--{name} {written(recorded[name])} -> {written(getattr(args, name))}" for name in sorted(explicit - ignored)
+    return [f"--{name} {written(recorded[name])} -> {written(getattr(args, name))}"
+            for name in sorted(explicit - ignored)
             if name in recorded and hasattr(args, name) and recorded[name] != getattr(args, name)]
 
 
