@@ -23,18 +23,18 @@ import cv2
 import numpy as np
 import torch
 
-from models.dense_path import DensePath
+from models.dense_path import PRECISIONS, DensePath
 from models.padding_mask import padded_size
 from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace
 from utils.checkpoint import load_model
-from utils.image_io import as_bgr_uint8, read_image
+from utils.image_io import NONE_IMAGE, as_bgr_uint8, read_image
 from utils.nms import PUBLIC_PIXEL_OFFSET
 from utils.postprocess import DeferredPostprocess, Finish
 
 ImageInput = Union[np.ndarray, str, Path]
 
 
-@dataclass
+@dataclass(eq=False)  # arrays: == would be ambiguous; compare the fields with numpy
 class Detections:
     """Faces found in one image, sorted by decreasing score, in original-image pixels."""
 
@@ -111,6 +111,69 @@ def _check_positive_integer(name: str, value: Any, unit: str) -> None:
         raise ValueError(f"{name} must be a positive whole {unit}, got {value!r}")
 
 
+def _fraction_or_none(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] (or None), got {value!r}")
+    return float(value)
+
+
+def _limit_or_none(name: str, value: Any) -> int | None:
+    """A detection count limit: a positive whole number, or None / 0 for no limit (the command
+    line's ``all`` / ``0``)."""
+    if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value == 0):
+        return None
+    _check_positive_integer(name, value, "number of detections (or None / 0: no limit)")
+    return int(value)
+
+
+def _pixels_or_none(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    _check_positive_integer(name, value, "number of pixels (or None)")
+    return int(value)
+
+
+def _positive_count(name: str, value: Any) -> int:
+    _check_positive_integer(name, value, "number of images")
+    return int(value)
+
+
+def _image_list(images: Any, method: str, single_allowed: bool = False) -> list[ImageInput]:
+    """``images`` as a list, or a ``TypeError`` naming the mistake: None (a failed ``cv2.imread``),
+    encoded bytes, one image where a list is expected, or no sequence at all."""
+    if images is None:
+        raise TypeError(NONE_IMAGE)
+    if isinstance(images, (bytes, bytearray)):
+        raise TypeError("encoded image bytes are not decoded here: pass the file's path, or decode them first "
+                        "(cv2.imdecode)")
+    if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim != 4):
+        raise TypeError(f"{method}() takes a list of images (or a (B, H, W, 3) array); for one image use "
+                        "detect(image)")
+    if not isinstance(images, (Sequence, np.ndarray)):
+        kinds = "one image (a BGR numpy array or a path) or a list of them" if single_allowed else "a list of images"
+        raise TypeError(f"{method}() takes {kinds}, got {type(images).__name__}")
+    return list(images)
+
+
+class _Checked:
+    """A :class:`FaceDetector` setting checked by ``check(name, value)`` whenever it is set, in
+    ``__init__`` and after (``detector.confidence_threshold = 0.3`` is allowed; 1.5 is refused)."""
+
+    def __init__(self, check: Any) -> None:
+        self.check = check
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, f"_{name}"
+
+    def __get__(self, instance: Any, owner: type | None = None) -> Any:
+        return self if instance is None else getattr(instance, self.slot)
+
+    def __set__(self, instance: Any, value: Any) -> None:
+        setattr(instance, self.slot, self.check(self.name, value))
+
+
 def resolve_device(device: str | torch.device | None = None, gpu_num: int = 0) -> torch.device:
     """``device`` if given (``cpu``, ``cuda``, ``cuda:N``), else ``cuda:<gpu_num>`` when CUDA is
     available, else the CPU. Raises ``ValueError`` for a CUDA device that does not exist."""
@@ -159,8 +222,9 @@ class FaceDetector:
         device: ``cpu``, ``cuda`` or ``cuda:N`` (default: CUDA when available).
         overrides: architecture options for checkpoints that do not record them.
         confidence_threshold, nms_threshold, top_k, keep_top_k: post-processing (see
-            ``utils/postprocess.py``; ``None``: no limit, and for ``nms_threshold`` no NMS); the
-            defaults are the public demo's except the threshold. NMS runs in original-image pixels.
+            ``utils/postprocess.py``; ``None``: no limit, and for ``nms_threshold`` no NMS; ``0``
+            for ``top_k`` / ``keep_top_k``: no limit, as on the command line); the defaults are the
+            public demo's except the threshold. NMS runs in original-image pixels.
         target_size, max_size: test-time resize (see :func:`resize_scale`); default original size.
         batch_size: images per :meth:`detect_batch` call made by :meth:`detect` (``detect_batch``
             itself runs all the images it is given, one forward pass per size group).
@@ -179,7 +243,7 @@ class FaceDetector:
             mobilenet0.25 below IoU 0.98 of the fp32 result on the sample images, fp16 did not.
         channels_last: NHWC memory format (True) or NCHW (False); default: NHWC, except NCHW
             on CUDA for networks with depthwise convolutions (mobilenet0.25), whose NHWC
-            path costs about half a second per image size not run before
+            path costs about a second per image size not run before
             (``models.dense_path.default_channels_last``).
         fuse_bn: run a copy of the model with BatchNorm folded into the convolutions (same
             outputs up to float rounding, fewer operations). ``self.model`` keeps its weights and
@@ -190,7 +254,18 @@ class FaceDetector:
             CUDA graphs (default on; see ``models/dense_path.py``).
         compile: ``torch.compile`` the network and decoding (compiles once per input shape: for
             inputs of fixed size, e.g. with ``target_size`` and equal aspect ratios).
+
+    The post-processing and resize settings and ``batch_size`` may be changed after construction
+    (they are checked again); a :meth:`submit` uses the values of the moment it is called.
     """
+
+    confidence_threshold = _Checked(_fraction_or_none)
+    nms_threshold = _Checked(_fraction_or_none)
+    top_k = _Checked(_limit_or_none)
+    keep_top_k = _Checked(_limit_or_none)
+    target_size = _Checked(_pixels_or_none)
+    max_size = _Checked(_pixels_or_none)
+    batch_size = _Checked(_positive_count)
 
     def __init__(self, weights: str | Path | None = None, *, model: RetinaFace | None = None,
                  device: str | torch.device | None = None, overrides: Mapping[str, Any] | None = None,
@@ -202,24 +277,26 @@ class FaceDetector:
                  pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> None:
         if (weights is None) == (model is None):
             raise ValueError("give exactly one of weights or model")
-        for name, value in (("confidence_threshold", confidence_threshold), ("nms_threshold", nms_threshold)):
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        _check_positive_integer("batch_size", batch_size, "number of images")
-        _check_positive_integer("pad_to", pad_to, "number of pixels")
-        self.device = resolve_device(device)
-        self.model = (model if model is not None else load_model(weights, overrides)).to(self.device)
-        self.confidence_threshold = confidence_threshold
+        self.confidence_threshold = confidence_threshold  # each checked (_Checked) before any loading
         self.nms_threshold = nms_threshold
         self.top_k = top_k
         self.keep_top_k = keep_top_k
         self.target_size = target_size
         self.max_size = max_size
         self.batch_size = batch_size
-        self.pad_to = int(pad_to)
-        self.pad_batches = pad_batches or self.pad_to > 1
-        self.pixel_offset = pixel_offset
+        _check_positive_integer("pad_to", pad_to, "number of pixels")
         precision = precision or ("fp16" if half else "fp32")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        for name, flag in (("channels_last", channels_last), ("half", half), ("pad_batches", pad_batches)):
+            if flag is not None and not isinstance(flag, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False{' (or None)' if name == 'channels_last' else ''}, "
+                                 f"got {flag!r}")
+        self.device = resolve_device(device)
+        self.model = (model if model is not None else load_model(weights, overrides)).to(self.device)
+        self.pad_to = int(pad_to)
+        self.pad_batches = bool(pad_batches) or self.pad_to > 1
+        self.pixel_offset = pixel_offset
         if precision != "fp32" and self.device.type != "cuda":
             warnings.warn(f"half precision is only used on CUDA; running in float32, not {precision}", stacklevel=2)
         self.dense = DensePath(self.model, self.device, precision=precision, channels_last=channels_last,
@@ -243,6 +320,7 @@ class FaceDetector:
         """Detect faces in one image (returns :class:`Detections`) or a list (returns a list)."""
         if isinstance(images, (np.ndarray, str, Path)):
             return self.detect_batch([images])[0]
+        images = _image_list(images, "detect", single_allowed=True)
         return [d for start in range(0, len(images), self.batch_size)
                 for d in self.detect_batch(images[start:start + self.batch_size])]
 
@@ -256,7 +334,10 @@ class FaceDetector:
         """:meth:`detect_batch` in two halves: reads and pre-processes ``images`` and queues their
         forward passes now; ``result()`` of the returned handle post-processes them. Submitting the
         next batch before taking this one's result lets a GPU run the next network while the
-        host post-processes (``utils.postprocess.DeferredPostprocess``); the results are the same."""
+        host post-processes (``utils.postprocess.DeferredPostprocess``); the results are the same.
+        ``images``: a list (or a (B, H, W, 3) array); one image alone is refused (:meth:`detect`
+        takes it), as iterating it would run its rows or characters as images."""
+        images = _image_list(images, "submit")
         started = time.perf_counter()
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
         scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]

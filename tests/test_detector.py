@@ -201,16 +201,71 @@ def test_needs_exactly_one_source():
     ("batch_size", 1.5, "batch_size must be a positive whole number of images, got 1.5"),
     ("pad_to", 0, "pad_to must be a positive whole number of pixels, got 0"),
     ("pad_to", 2.5, "pad_to must be a positive whole number of pixels, got 2.5"),
-    ("confidence_threshold", 2, "confidence_threshold must be in [0, 1], got 2"),
-    ("nms_threshold", -0.1, "nms_threshold must be in [0, 1], got -0.1"),
+    ("confidence_threshold", 2, "confidence_threshold must be a number in [0, 1] (or None), got 2"),
+    ("confidence_threshold", "0.5", "confidence_threshold must be a number in [0, 1] (or None), got '0.5'"),
+    ("nms_threshold", -0.1, "nms_threshold must be a number in [0, 1] (or None), got -0.1"),
+    ("top_k", -5, "top_k must be a positive whole number of detections (or None / 0: no limit), got -5"),
+    ("keep_top_k", 2.5, "keep_top_k must be a positive whole number of detections (or None / 0: no limit), got 2.5"),
+    ("max_size", 0, "max_size must be a positive whole number of pixels (or None), got 0"),
+    ("target_size", -10, "target_size must be a positive whole number of pixels (or None), got -10"),
+    ("channels_last", "yes", "channels_last must be True or False (or None), got 'yes'"),
+    ("precision", "fp8", "precision must be one of ['bf16', 'fp16', 'fp32'], got 'fp8'"),
 ])
-def test_out_of_range_options_are_refused_when_built(option, value, message):
+def test_out_of_range_options_are_refused_when_built_and_when_set(option, value, message, recwarn):
     # before: batch_size -3 returned no detections, 0 failed later in range(), 1.5 failed in detect(), a
-    # threshold of 2 found nothing
+    # threshold of 2 found nothing, max_size 0 divided by zero, top_k -5 failed in torch.topk
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False))
     with pytest.raises(ValueError) as info:
-        FaceDetector(model=RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)), device="cpu",
-                     **{option: value})
+        FaceDetector(model=model, device="cpu", **{option: value})
     assert str(info.value) == message
+    assert not recwarn.list  # fp8 on the CPU: refused, not first warned about as a half precision
+    if option in ("pad_to", "channels_last", "precision"):
+        return
+    detector = FaceDetector(model=model, device="cpu")
+    with pytest.raises(ValueError) as info:  # changed after construction: the same check
+        setattr(detector, option, value)
+    assert str(info.value) == message
+
+
+def test_a_detection_limit_of_zero_means_no_limit_as_on_the_command_line(detector, widerface_sample):
+    import copy
+
+    image = str(widerface_sample / "val/images/12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg")
+    unlimited = copy.copy(detector)
+    unlimited.top_k, unlimited.keep_top_k = None, None
+    zero = copy.copy(detector)
+    zero.top_k, zero.keep_top_k = 0, 0
+    assert (zero.top_k, zero.keep_top_k) == (None, None)
+    expected, found = unlimited.detect(image), zero.detect(image)
+    assert len(found) == len(expected) > 0
+    np.testing.assert_array_equal(found.boxes, expected.boxes)
+
+
+def test_api_misuse_is_named_instead_of_running_something_else(detector, widerface_sample):
+    import cv2
+
+    path = widerface_sample / "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
+    image = cv2.imread(str(path))
+    # one image where a list is expected: its rows (or a path's characters) would run as images
+    for one in (image, str(path), path):
+        with pytest.raises(TypeError, match=r"submit\(\) takes a list of images .*for one image use detect"):
+            detector.submit(one)
+        with pytest.raises(TypeError, match=r"takes a list of images"):
+            detector.detect_batch(one)
+    assert [len(d) for d in detector.detect_batch(np.stack([image, image]))] == [len(detector.detect(image))] * 2
+    with pytest.raises(TypeError, match="cv2.imread returns None"):
+        detector.detect(None)
+    with pytest.raises(TypeError, match="cv2.imread returns None"):
+        detector.detect([image, None])
+    with pytest.raises(TypeError, match="encoded image bytes are not decoded here"):
+        detector.detect(path.read_bytes())
+    with pytest.raises(TypeError, match=r"detect\(\) takes one image .* or a list of them, got int"):
+        detector.detect(3)
+    # a float image of 0..255 values (np.float32 of a uint8 image) would read as white: refused
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], this one reaches 255; for 0..255 values pass"):
+        detector.detect(image.astype(np.float32))
+    scaled = detector.detect(image.astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(scaled.boxes, detector.detect(image).boxes)
 
 
 # ---------------------------------------------------------------------------------------------

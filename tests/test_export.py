@@ -64,6 +64,22 @@ def test_exported_model_takes_any_batch_and_size(published_onnx, widerface_sampl
     assert (together[1][0] > 0.5).sum() >= 5  # real faces, not an empty comparison
 
 
+def test_onnx_detections_take_images_as_face_detector_does(published_onnx, widerface_sample):
+    """A path, grayscale, BGRA and float-in-[0, 1] images are converted as FaceDetector converts
+    them (before: a float image was cast to uint8 zeros, grayscale failed inside onnxruntime)."""
+    path = widerface_sample / "val" / "images" / GREETING
+    image = cv2.imread(str(path))
+    expected = onnx_detections(published_onnx, image)
+    assert len(expected) >= 5
+    gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    for same in (str(path), path, image.astype(np.float32) / 255.0, cv2.cvtColor(image, cv2.COLOR_BGR2BGRA)):
+        np.testing.assert_array_equal(onnx_detections(published_onnx, same), expected)
+    np.testing.assert_array_equal(onnx_detections(published_onnx, gray),
+                                  onnx_detections(published_onnx, cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)))
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        onnx_detections(published_onnx, image.astype(np.float32))
+
+
 def test_cascade_and_iou_head_export_equal_the_pytorch_model(tmp_path):
     """Stage-2 residual offsets, the IoU head, 3 anchors and folded BatchNorm, against the plain
     (unfolded) model decoded with the cached priors."""
@@ -103,12 +119,24 @@ def test_check_images_that_cannot_be_read_are_named_and_left_out(published_onnx_
     assert report["passed"]
 
 
-def test_command_line_errors_are_one_line(tmp_path, capsys):
+def test_command_line_errors_are_one_line(tmp_path, capsys, mobilenet_weights, monkeypatch):
+    import tools.export_onnx
+
+    def must_not_export(*args, **kwargs):
+        raise AssertionError("the export ran")
+
+    monkeypatch.setattr(tools.export_onnx, "export_onnx", must_not_export)
     assert main(["--weights", str(tmp_path / "missing.pth")]) == 1
     assert main(["--weights", "mobilenet0.25", "--check_images", str(tmp_path / "none")]) == 1
+    # an --output that cannot be written is found before the export's seconds
+    assert main(["--weights", str(mobilenet_weights), "--output", str(tmp_path)]) == 1
+    (tmp_path / "file").write_text("")
+    assert main(["--weights", str(mobilenet_weights), "--output", str(tmp_path / "file" / "m.onnx")]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and all(line.startswith("export_onnx.py: error:") for line in lines), lines
+    assert len(lines) == 4 and all(line.startswith("export_onnx.py: error:") for line in lines), lines
     assert "weights file not found" in lines[0] and "no images found" in lines[1]
+    assert lines[2].endswith(f"--output {tmp_path} is a folder; give a file path (e.g. {tmp_path / 'model.onnx'})")
+    assert lines[3].startswith(f"export_onnx.py: error: cannot write --output {tmp_path / 'file' / 'm.onnx'}: ")
 
 
 def test_cpu_benchmark_times_the_exported_model_in_the_same_rounds(published_onnx_file, mobilenet_weights,

@@ -912,6 +912,10 @@ def test_python_api_checks_options_as_the_command_line_does(tmp_path, options, m
     defaults = iu.complete_args(argparse.Namespace(inference_dir=str(tmp_path), batch_size=None,
                                                    confidence_threshold=None))
     assert defaults.batch_size == 1 and defaults.confidence_threshold == 0.5  # None: not given
+    as_dict = iu.complete_args({"inference_dir": str(tmp_path), "batch_size": "4"})
+    assert as_dict.batch_size == 4 and as_dict.inference_dir == str(tmp_path)
+    with pytest.raises(iu.InferenceError, match="expected an argparse.Namespace or a dict of options, got list"):
+        iu.complete_args([str(tmp_path)])
 
 
 def test_unexpected_error_mid_run_keeps_outputs_and_reports_it(widerface_sample, mobilenet_weights, tmp_path,

@@ -51,7 +51,7 @@ from models.retinaface import BGR_MEAN, RetinaFace, preprocess  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
 from utils.atomic_file import atomic_path  # noqa: E402
 from utils.checkpoint import CheckpointError, load_model, resolve_weights  # noqa: E402
-from utils.image_io import ImageReadError  # noqa: E402
+from utils.image_io import ImageReadError, as_bgr_uint8, read_image  # noqa: E402
 from utils.image_loader import find_images, read_complete_image  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
 
@@ -145,16 +145,32 @@ def onnx_session(path: str | Path, threads: int | None = None):
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def check_output_file(output: Path) -> None:
+    """Raise :class:`ExportError` when ``output`` cannot be written (a folder, a read-only place),
+    before the export's seconds are spent: a probe file is created beside it and removed."""
+    if output.is_dir():
+        raise ExportError(f"--output {output} is a folder; give a file path (e.g. {output / 'model.onnx'})")
+    probe = output.with_name(output.name + ".probe")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ExportError(f"cannot write --output {output}: {error.strerror or error}") from None
+
+
 def run_onnx(session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``boxes``, ``scores``, ``landmarks`` of a uint8 BGR batch (B, H, W, 3)."""
     return tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)}))
 
 
-def onnx_detections(session, image: np.ndarray, confidence_threshold: float = 0.5, nms_threshold: float = 0.4,
-                    top_k: int | None = 5000, keep_top_k: int | None = 750) -> np.ndarray:
-    """Final detections of one uint8 BGR image (H, W, 3) from an exported model, as (K, 15) rows
-    ``x1, y1, x2, y2, score, 10 landmark values`` (pixels), with :class:`FaceDetector`'s
-    post-processing."""
+def onnx_detections(session, image: np.ndarray | str | Path, confidence_threshold: float = 0.5,
+                    nms_threshold: float = 0.4, top_k: int | None = 5000, keep_top_k: int | None = 750) -> np.ndarray:
+    """Final detections of one image from an exported model, as (K, 15) rows ``x1, y1, x2, y2,
+    score, 10 landmark values`` (pixels), with :class:`FaceDetector`'s post-processing. ``image``:
+    a path, or an array as :class:`FaceDetector` takes it (BGR uint8 (H, W, 3); grayscale, BGRA,
+    uint16 and float in [0, 1] are converted the same way)."""
+    image = read_image(image) if isinstance(image, (str, Path)) else as_bgr_uint8(image)
     boxes, scores, landmarks = (torch.from_numpy(a) for a in run_onnx(session, image[None]))
     found = postprocess(boxes, scores, landmarks, confidence_threshold, nms_threshold, top_k, keep_top_k)
     return as_rows(found.boxes.numpy(), found.scores.numpy(), found.landmarks.numpy())
@@ -253,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_images = check_image_paths(args.check_images)
         model = load_model(args.weights, architecture_overrides(args))
         output = Path(args.output) if args.output else default_output(args.weights)
+        check_output_file(output)
         started = time.perf_counter()
         print(f"exporting {args.weights} to {output} (opset {args.opset}) ...", flush=True)
         export_onnx(model, output, opset=args.opset)

@@ -43,20 +43,32 @@ def decode_image(data: bytes, path: str | Path = "<memory>") -> np.ndarray:
     return image
 
 
+#: the message for an image that is None: what ``cv2.imread`` returns for a file it cannot read
+NONE_IMAGE = ("the image is None (cv2.imread returns None for a file it cannot read: pass the path instead to "
+              "get the reason)")
+
+
 def as_bgr_uint8(image: np.ndarray) -> np.ndarray:
     """Validate/convert an in-memory image to BGR uint8 (H, W, 3).
 
     Accepts (H, W) grayscale, (H, W, 1), (H, W, 3) BGR and (H, W, 4) BGRA arrays of dtype uint8,
-    uint16 (reduced to 8 bits) or float in [0, 1].
+    uint16 (reduced to 8 bits) or float in [0, 1]. A float image holding values above 1 (0..255,
+    as ``np.float32(cv2.imread(...))`` gives) is refused rather than read as white.
     """
+    if image is None:
+        raise TypeError(NONE_IMAGE)
     if not isinstance(image, np.ndarray):
         raise TypeError(f"expected a numpy image or a path, got {type(image).__name__}")
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype.kind == "f":
+        highest = float(image.max()) if image.size else 0.0
+        if not highest <= 1.0:  # NaN too
+            raise ValueError(f"a float image must hold values in [0, 1], this one reaches {highest:g}; for "
+                             "0..255 values pass image.astype(np.uint8)")
         image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
     elif image.dtype != np.uint8:
-        raise TypeError(f"unsupported image dtype {image.dtype}")
+        raise TypeError(f"unsupported image dtype {image.dtype} (uint8, uint16 or float in [0, 1])")
     if image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 1):
         image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     elif image.ndim == 3 and image.shape[2] == 4:

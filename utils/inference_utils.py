@@ -38,7 +38,7 @@ from collections import defaultdict, deque
 from concurrent.futures import Future, wait as wait_for
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -665,7 +665,7 @@ def check_input(root: Path) -> None:
 
 def complete_args(args: Any = None, **overrides: Any) -> argparse.Namespace:
     """``args`` with every inference option present (missing ones get their defaults), so a
-    notebook can pass a hand-made ``Namespace(inference_dir=..., weights=...)``.
+    notebook can pass a hand-made ``Namespace(inference_dir=..., weights=...)`` (or a dict).
 
     The values given are checked as the command line checks them (strings are converted, e.g.
     ``batch_size="4"``; ``None`` stands for the default); an unknown option name (a typo would
@@ -673,7 +673,9 @@ def complete_args(args: Any = None, **overrides: Any) -> argparse.Namespace:
     parser = build_parser("inference")
     full = parser.parse_args([])
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
-    given = {**vars(args or argparse.Namespace()), **overrides}
+    if args is not None and not isinstance(args, (argparse.Namespace, Mapping)):
+        raise InferenceError(f"expected an argparse.Namespace or a dict of options, got {type(args).__name__}")
+    given = {**(dict(args) if isinstance(args, Mapping) else vars(args or argparse.Namespace())), **overrides}
     unknown = sorted(set(given) - set(actions))
     if unknown:
         close = {name: difflib.get_close_matches(name, list(actions), n=1) for name in unknown}
