@@ -26,7 +26,7 @@ DESCRIPTION = ("Detect faces in every image under --inference_dir (recursively) 
                "face and head masks, --save_aligned writes aligned face crops.")
 EPILOG = ("exit status: 0 all images processed; 3 finished, but some files were skipped "
           "(unreadable, truncated, empty, not an image, or in a folder that cannot be read; listed in "
-          "the summary and summary.json); 1 nothing was run (no images, none of them readable, input "
+          "the summary and summary.json); 1 nothing was run (no images, none of them processed, input "
           "not found or not readable, missing weights, unavailable device, output folder already holds "
           "results without --exist_ok or cannot be created or written); 2 invalid option; 130 interrupted.")
 

@@ -17,7 +17,7 @@ import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import cv2
 import numpy as np
@@ -111,7 +111,13 @@ def _check_positive_integer(name: str, value: Any, unit: str) -> None:
         raise ValueError(f"{name} must be a positive whole {unit}, got {value!r}")
 
 
+def _scalar(value: Any) -> Any:
+    """A 0-d numpy array or torch tensor as its Python number (other values as they are)."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+
+
 def _fraction_or_none(name: str, value: Any) -> float | None:
+    value = _scalar(value)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
@@ -122,6 +128,7 @@ def _fraction_or_none(name: str, value: Any) -> float | None:
 def _limit_or_none(name: str, value: Any) -> int | None:
     """A detection count limit: a positive whole number, or None / 0 for no limit (the command
     line's ``all`` / ``0``)."""
+    value = _scalar(value)
     if value is None or (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value == 0):
         return None
     _check_positive_integer(name, value, "number of detections (or None / 0: no limit)")
@@ -129,6 +136,7 @@ def _limit_or_none(name: str, value: Any) -> int | None:
 
 
 def _pixels_or_none(name: str, value: Any) -> int | None:
+    value = _scalar(value)
     if value is None:
         return None
     _check_positive_integer(name, value, "number of pixels (or None)")
@@ -136,22 +144,25 @@ def _pixels_or_none(name: str, value: Any) -> int | None:
 
 
 def _positive_count(name: str, value: Any) -> int:
+    value = _scalar(value)
     _check_positive_integer(name, value, "number of images")
     return int(value)
 
 
-def _image_list(images: Any, method: str, single_allowed: bool = False) -> list[ImageInput]:
-    """``images`` as a list, or a ``TypeError`` naming the mistake: None (a failed ``cv2.imread``),
-    encoded bytes, one image where a list is expected, or no sequence at all."""
+def as_image_list(images: Any, method: str, single_allowed: bool = False) -> list[ImageInput]:
+    """``images`` (a list, tuple, generator ... of images, a (B, H, W, 3) array or a 1-D object
+    array of images) as a list, or a ``TypeError`` naming the mistake: None (a failed
+    ``cv2.imread``), encoded bytes, one image where ``method`` takes several, or no iterable."""
     if images is None:
         raise TypeError(NONE_IMAGE)
     if isinstance(images, (bytes, bytearray)):
         raise TypeError("encoded image bytes are not decoded here: pass the file's path, or decode them first "
                         "(cv2.imdecode)")
-    if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim != 4):
+    if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim != 4
+                                           and not (images.ndim == 1 and images.dtype == object)):
         raise TypeError(f"{method}() takes a list of images (or a (B, H, W, 3) array); for one image use "
                         "detect(image)")
-    if not isinstance(images, (Sequence, np.ndarray)):
+    if not isinstance(images, Iterable):
         kinds = "one image (a BGR numpy array or a path) or a list of them" if single_allowed else "a list of images"
         raise TypeError(f"{method}() takes {kinds}, got {type(images).__name__}")
     return list(images)
@@ -320,7 +331,7 @@ class FaceDetector:
         """Detect faces in one image (returns :class:`Detections`) or a list (returns a list)."""
         if isinstance(images, (np.ndarray, str, Path)):
             return self.detect_batch([images])[0]
-        images = _image_list(images, "detect", single_allowed=True)
+        images = as_image_list(images, "detect", single_allowed=True)
         return [d for start in range(0, len(images), self.batch_size)
                 for d in self.detect_batch(images[start:start + self.batch_size])]
 
@@ -337,7 +348,7 @@ class FaceDetector:
         host post-processes (``utils.postprocess.DeferredPostprocess``); the results are the same.
         ``images``: a list (or a (B, H, W, 3) array); one image alone is refused (:meth:`detect`
         takes it), as iterating it would run its rows or characters as images."""
-        images = _image_list(images, "submit")
+        images = as_image_list(images, "submit")
         started = time.perf_counter()
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
         scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]

@@ -234,7 +234,8 @@ def test_a_detection_limit_of_zero_means_no_limit_as_on_the_command_line(detecto
     unlimited = copy.copy(detector)
     unlimited.top_k, unlimited.keep_top_k = None, None
     zero = copy.copy(detector)
-    zero.top_k, zero.keep_top_k = 0, 0
+    zero.top_k, zero.keep_top_k = np.int64(0), torch.tensor(0)  # numpy and torch scalars as Python numbers
+    zero.confidence_threshold = np.float32(detector.confidence_threshold)
     assert (zero.top_k, zero.keep_top_k) == (None, None)
     expected, found = unlimited.detect(image), zero.detect(image)
     assert len(found) == len(expected) > 0
@@ -253,6 +254,7 @@ def test_api_misuse_is_named_instead_of_running_something_else(detector, widerfa
         with pytest.raises(TypeError, match=r"takes a list of images"):
             detector.detect_batch(one)
     assert [len(d) for d in detector.detect_batch(np.stack([image, image]))] == [len(detector.detect(image))] * 2
+    assert len(detector.detect_batch(one for one in [image])) == 1  # any iterable of images, as before
     with pytest.raises(TypeError, match="cv2.imread returns None"):
         detector.detect(None)
     with pytest.raises(TypeError, match="cv2.imread returns None"):
@@ -264,8 +266,13 @@ def test_api_misuse_is_named_instead_of_running_something_else(detector, widerfa
     # a float image of 0..255 values (np.float32 of a uint8 image) would read as white: refused
     with pytest.raises(ValueError, match=r"values in \[0, 1\], this one reaches 255; for 0..255 values pass"):
         detector.detect(image.astype(np.float32))
-    scaled = detector.detect(image.astype(np.float32) / 255.0)
-    np.testing.assert_array_equal(scaled.boxes, detector.detect(image).boxes)
+    scaled = image.astype(np.float32) / 255.0
+    np.testing.assert_array_equal(detector.detect(scaled).boxes, detector.detect(image).boxes)
+    overshoot = cv2.resize(scaled, None, fx=1.5, fy=1.5, interpolation=cv2.INTER_LANCZOS4)
+    assert overshoot.max() > 1.0 and len(detector.detect(overshoot)) > 0  # a resized [0, 1] image: clipped
+    scaled[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="holds NaN"):
+        detector.detect(scaled)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -907,12 +907,17 @@ def test_evaluate_model_api_and_batching(sample_run, widerface_sample, widerface
     stale = tmp_path / "txt" / "0--Parade" / "old.txt"
     stale.parent.mkdir()
     stale.write_text("old\n0\n")
+    # the first line as other tools write it (event folder and .jpg, CRLF, a BOM): as --pred_dir reads it
+    others = {"jpg.txt": "0--Parade/jpg.jpg\r\n0\r\n", "bom.txt": "\ufeffbom\n0\n"}
+    for name, text in others.items():
+        (stale.parent / name).write_bytes(text.encode())
     kept = tmp_path / "txt" / "mine" / "todo.txt"
     kept.parent.mkdir()
     kept.write_text("my own notes\n")
     detector = FaceDetector(model=model, device="cpu", confidence_threshold=0.02, nms_threshold=0.4)
     run = predict_widerface(detector, dataset, tmp_path / "txt", batch_size=1, workers=0, progress=False)
     assert not stale.exists() and run.num_images == 2 and run.seconds > 0
+    assert not any((stale.parent / name).exists() for name in others)
     assert kept.read_text() == "my own notes\n"
 
 

@@ -600,10 +600,10 @@ def test_a_folder_of_unreadable_files_only_fails_with_one_line(mobilenet_weights
                                   "--inference_save_folder", out], capsys)
     assert code == iu.EXIT_ERROR == 1
     assert err.strip().splitlines()[-1].startswith(
-        "inference.py: error: none of the 2 files found could be read (e.g. text.png: ")
+        "inference.py: error: none of the 2 files found could be processed (e.g. text.png: ")
     assert "images: 0 done, 2 skipped of 2" in stdout and "Traceback" not in err
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["exit_code"] == 1 and summary["error"].startswith("none of the 2 files found could be read")
+    assert summary["exit_code"] == 1 and summary["error"].startswith("none of the 2 files found could be processed")
     assert {s["file"] for s in summary["skipped"]} == {"text.png", "zero.jpg"}
 
 
@@ -912,8 +912,8 @@ def test_python_api_checks_options_as_the_command_line_does(tmp_path, options, m
     defaults = iu.complete_args(argparse.Namespace(inference_dir=str(tmp_path), batch_size=None,
                                                    confidence_threshold=None))
     assert defaults.batch_size == 1 and defaults.confidence_threshold == 0.5  # None: not given
-    as_dict = iu.complete_args({"inference_dir": str(tmp_path), "batch_size": "4"})
-    assert as_dict.batch_size == 4 and as_dict.inference_dir == str(tmp_path)
+    as_dict = iu.complete_args({"inference_dir": str(tmp_path), "batch_size": "4", "half": 1})
+    assert as_dict.batch_size == 4 and as_dict.inference_dir == str(tmp_path) and as_dict.half is True
     with pytest.raises(iu.InferenceError, match="expected an argparse.Namespace or a dict of options, got list"):
         iu.complete_args([str(tmp_path)])
 

@@ -522,7 +522,7 @@ def test_resume_applies_changed_schedule_options_and_converts_the_step_for_a_new
     train.run(["--resume", "experiments/run/ckpt/last.pth", "--max_iters", "0", "--device", "cpu"])
     train.run(["--resume", "experiments/run/ckpt/last.pth", "--epochs", "4", "--lr", "0.01",
                "--lr_schedule", "cosine", "--max_iters", "24", "--device", "cpu", "--landmark_loss", "false",
-               "--workers", "1"])
+               "--workers", "1", "--log_every", "2", "--dataset", f"{widerface_sample}/"])
     state = torch.load(tmp_path / "experiments/run/ckpt/last.pth", weights_only=True)
     schedule = lr_schedule.LRSchedule("cosine", total_iters=40, warmup_iters=round(0.5 * 10))
     assert state["step"] == 24 and state["scheduler"]["base_lrs"] == [0.01]
@@ -530,7 +530,8 @@ def test_resume_applies_changed_schedule_options_and_converts_the_step_for_a_new
     log = (tmp_path / "experiments/run/log/logs.txt").read_text()
     assert "differ from the checkpoint's: --lr 0.005 -> 0.01, --lr_schedule step -> cosine, --epochs 2 -> 4;" in log
     assert log.count("differ from the checkpoint's") == 1  # a new batch size alone changes no option
-    # the run's other options too (not --workers, --max_iters or --device: the session's)
+    # the run's other options too (not --workers, --max_iters or --device, the session's, nor --log_every, nor
+    # the same dataset folder written another way)
     assert log.count("resuming with other options than the checkpoint's") == 1
     assert "resuming with other options than the checkpoint's: --landmark_loss true -> false (from step 20 on)" in log
 

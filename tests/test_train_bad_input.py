@@ -368,8 +368,14 @@ def test_ctrl_c_during_a_validation_stops_it_and_the_resume_runs_it_first(widerf
     saved = torch.load(tmp_path / "experiments/cutval/ckpt/last.pth", weights_only=True)
     assert saved["step"] == 5 and saved["validated_step"] != 5 and not saved["metrics"]
 
+    # the resume runs the missed validation first: Ctrl-C there stops it the same way
+    written.clear()
+    resume = ["--resume", "experiments/cutval/ckpt/last.pth", "--device", "cpu", "--max_iters", "5"]
+    assert train.main(resume) == 130 and len(written) < 3
+    assert log_file.read_text().count("interrupted (Ctrl-C) at step 5, before the validation after epoch 1") == 2
+    log = log_file.read_text()
     monkeypatch.setattr(utils.evaluation, "format_prediction_file", original)
-    assert train.main(["--resume", "experiments/cutval/ckpt/last.pth", "--device", "cpu", "--max_iters", "5"]) == 0
+    assert train.main(resume) == 0
     resumed = log_file.read_text()[len(log):]
     assert ("the validation after epoch 1 (step 5) did not run before the run stopped: running it first"
             in resumed) and "val AP after epoch 1 (step 5)" in resumed

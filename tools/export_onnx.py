@@ -31,6 +31,7 @@ import argparse
 import copy
 import itertools
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -147,14 +148,13 @@ def onnx_session(path: str | Path, threads: int | None = None):
 
 def check_output_file(output: Path) -> None:
     """Raise :class:`ExportError` when ``output`` cannot be written (a folder, a read-only place),
-    before the export's seconds are spent: a probe file is created beside it and removed."""
+    before the export's seconds are spent: a probe file of a new name is created beside it and removed."""
     if output.is_dir():
         raise ExportError(f"--output {output} is a folder; give a file path (e.g. {output / 'model.onnx'})")
-    probe = output.with_name(output.name + ".probe")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", suffix=".probe"):
+            pass
     except OSError as error:
         raise ExportError(f"cannot write --output {output}: {error.strerror or error}") from None
 

@@ -47,7 +47,7 @@ from utils.errors import unless_out_of_memory
 from utils.text_file import NotUtf8Error, read_utf8
 
 from utils.metric import (GT_FILES, NUM_VAL_IMAGES, SETTINGS, WiderFaceGroundTruth, WiderFaceResult, evaluate,
-                          load_ground_truth, plot_pr_curves, read_prediction_dir)
+                          load_ground_truth, plot_pr_curves, prediction_stem, read_prediction_dir)
 
 __all__ = [
     "EvaluationError", "PredictionStopped", "ValImage", "PredictionRun", "PREDICTION_FOLDER", "RESULTS_TXT",
@@ -210,14 +210,14 @@ def format_prediction_file(stem: str, detections: Any) -> tuple[str, np.ndarray]
 # Running a detector over the val images
 # --------------------------------------------------------------------------------------------
 def _is_prediction_file(path: Path) -> bool:
-    """Whether ``path`` starts like :func:`format_prediction_file`'s text: its stem on the first line."""
-    stem = os.fsencode(path.stem)
+    """Whether ``path``'s first line names its own image, as prediction files do (ours, the public
+    ``test_widerface.py``'s, and those naming ``<event>/<stem>.jpg``; read as ``--pred_dir`` reads them)."""
     try:
         with path.open("rb") as file:
-            first = file.readline(len(stem) + 2)
-    except OSError:
+            first = file.readline(4096)
+        return prediction_stem(first.decode("utf-8-sig")) == path.stem
+    except (OSError, UnicodeDecodeError):
         return False
-    return first.rstrip(b"\r\n") == stem
 
 
 @dataclass

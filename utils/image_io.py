@@ -43,6 +43,10 @@ def decode_image(data: bytes, path: str | Path = "<memory>") -> np.ndarray:
     return image
 
 
+#: above this a float image is taken for 0..255 values and refused; up to it, values over 1 (what a
+#: cubic or Lanczos resize of a [0, 1] image gives: up to 1.03 on a sample image) are clipped
+FLOAT_IMAGE_MAX = 2.0
+
 #: the message for an image that is None: what ``cv2.imread`` returns for a file it cannot read
 NONE_IMAGE = ("the image is None (cv2.imread returns None for a file it cannot read: pass the path instead to "
               "get the reason)")
@@ -52,8 +56,9 @@ def as_bgr_uint8(image: np.ndarray) -> np.ndarray:
     """Validate/convert an in-memory image to BGR uint8 (H, W, 3).
 
     Accepts (H, W) grayscale, (H, W, 1), (H, W, 3) BGR and (H, W, 4) BGRA arrays of dtype uint8,
-    uint16 (reduced to 8 bits) or float in [0, 1]. A float image holding values above 1 (0..255,
-    as ``np.float32(cv2.imread(...))`` gives) is refused rather than read as white.
+    uint16 (reduced to 8 bits) or float in [0, 1] (clipped: a resized image overshoots a little).
+    A float image holding values above 2 (0..255, as ``np.float32(cv2.imread(...))`` gives) or NaN
+    is refused rather than read as white.
     """
     if image is None:
         raise TypeError(NONE_IMAGE)
@@ -63,8 +68,10 @@ def as_bgr_uint8(image: np.ndarray) -> np.ndarray:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype.kind == "f":
         highest = float(image.max()) if image.size else 0.0
-        if not highest <= 1.0:  # NaN too
-            raise ValueError(f"a float image must hold values in [0, 1], this one reaches {highest:g}; for "
+        if highest != highest:
+            raise ValueError("the float image holds NaN values")
+        if highest > FLOAT_IMAGE_MAX:
+            raise ValueError(f"a float image must hold values in [0, 1], this one reaches {highest:.4g}; for "
                              "0..255 values pass image.astype(np.uint8)")
         image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
     elif image.dtype != np.uint8:

@@ -15,7 +15,7 @@ Output folder layout (``--inference_save_folder OUT``)::
 
 Exit codes of the command line: :data:`EXIT_OK` (0) every image processed, :data:`EXIT_ERROR`
 (1) nothing was run (no images, missing weights, unavailable device, output folder in use or not
-writable ...), none of the files found could be read, or the run stopped on an unexpected error
+writable ...), none of the files found could be processed, or the run stopped on an unexpected error
 (its outputs so far are written, with the error in ``summary.json``),
 :data:`EXIT_USAGE` (2) bad command-line option, :data:`EXIT_SKIPPED` (3) finished but some
 files were skipped (unreadable, truncated, empty, not images, out of memory, in folders that cannot
@@ -249,22 +249,20 @@ def draw_detections(image: np.ndarray, detections: Any) -> np.ndarray:
     :class:`models.detector.Detections` in the pixels of ``image`` (boxes x1, y1, x2, y2)."""
     canvas = image.copy()
     height, width = canvas.shape[:2]
-
-    def pixel(x: Any, y: Any) -> tuple[int, int]:
-        # OpenCV takes int32 points: a barely trained model's boxes can lie 1e9 pixels away, or be NaN.
-        # Clamped a margin beyond the image, what is drawn inside it stays the same.
-        point = np.nan_to_num(np.array([x, y], dtype=np.float64), nan=-DRAW_MARGIN)
-        point = np.clip(point, -DRAW_MARGIN, [width + DRAW_MARGIN, height + DRAW_MARGIN])
-        return int(round(point[0])), int(round(point[1]))
-
-    for box, score, points in zip(detections.boxes, detections.scores, detections.landmarks):
-        (x1, y1), (x2, y2) = pixel(box[0], box[1]), pixel(box[2], box[3])
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 0, 255), 2)
+    # OpenCV takes int32 points: a barely trained model's boxes can lie 1e9 pixels away, or be NaN.
+    # Clamped a margin beyond the image, what is drawn inside it stays the same.
+    points = np.concatenate([np.asarray(detections.boxes, np.float64).reshape(-1, 2, 2),
+                             np.asarray(detections.landmarks, np.float64).reshape(-1, 5, 2)], axis=1)
+    points = np.clip(np.nan_to_num(points, nan=-DRAW_MARGIN), -DRAW_MARGIN,
+                     [width + DRAW_MARGIN, height + DRAW_MARGIN]).round().astype(int).tolist()
+    for face, score in zip(points, detections.scores):
+        (x1, y1), corner = face[0], face[1]
+        cv2.rectangle(canvas, (x1, y1), tuple(corner), (0, 0, 255), 2)
         text_x = min(max(x1, 0), max(width - 60, 0))  # keep the score readable at borders
         text_y = min(max(y1, 0) + 12, height - 2)
         cv2.putText(canvas, f"{float(score):.4f}", (text_x, text_y), cv2.FONT_HERSHEY_DUPLEX, 0.5, (255, 255, 255))
-        for (x, y), colour in zip(points, LANDMARK_COLOURS):
-            cv2.circle(canvas, pixel(x, y), 1, colour, 4)
+        for point, colour in zip(face[2:], LANDMARK_COLOURS):
+            cv2.circle(canvas, tuple(point), 1, colour, 4)
     return canvas
 
 
@@ -692,7 +690,7 @@ def complete_args(args: Any = None, **overrides: Any) -> argparse.Namespace:
                 raise InferenceError(f"{key}={value!r}: {one_line(error) or 'invalid value'}") from None
             if action.choices and converted not in action.choices:
                 raise InferenceError(f"{key}={value!r}: expected one of {', '.join(map(str, action.choices))}")
-            value = converted if isinstance(value, str) else value
+            value = converted  # as the command line would hold it (e.g. half=1 -> True)
         setattr(full, key, value)
     try:
         check_option_combinations("inference", full)
@@ -849,8 +847,8 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         write_error = None
         if not (summary.processed or summary.interrupted or summary.error) and summary.skipped:
             name, reason = summary.skipped[0]
-            summary.error = (f"none of the {summary.total_files} files found could be read "
-                             f"(e.g. {escape_name(name)}: {reason}; all are listed above)")
+            summary.error = (f"none of the {summary.total_files} files found could be processed "
+                             f"(e.g. {escape_name(name)}: {reason}; each is listed in the summary)")
         for path, write in ((output / results_txt_name(args.experiment_name), write_results_txt),
                             (output / DETECTIONS_JSON, write_detections_json)):
             try:

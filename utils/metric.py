@@ -60,6 +60,7 @@ __all__ = [
     "WiderFaceResult",
     "load_ground_truth",
     "write_prediction_file",
+    "prediction_stem",
     "read_prediction_file",
     "read_prediction_dir",
     "boxes_xyxy_to_xywh",
@@ -350,6 +351,13 @@ def write_prediction_file(path: PathLike, image_stem: str, boxes_xywh_score: np.
     path.write_text("\n".join(lines) + "\n")
 
 
+def prediction_stem(first_line: str) -> str:
+    """The image stem a prediction file's first line names: folders and a ``.jpg`` suffix removed,
+    as the public tool does (``0--Parade/0_Parade_marchingband_1_465.jpg`` -> ``0_Parade_marchingband_1_465``)."""
+    stem = first_line.strip().split("/")[-1]
+    return stem[: -len(".jpg")] if stem.endswith(".jpg") else stem
+
+
 def read_prediction_file(path: PathLike) -> tuple[str, np.ndarray]:
     """Read one official-format prediction file -> ``(image stem, (N, 5) float64 x y w h score)``.
 
@@ -362,9 +370,7 @@ def read_prediction_file(path: PathLike) -> tuple[str, np.ndarray]:
     lines = read_utf8(path).splitlines()  # NotUtf8Error (a ValueError) names file:line
     if len(lines) < 2:
         raise ValueError(f"{path}:{len(lines) + 1}: expected the image name and the box count")
-    stem = lines[0].strip().split("/")[-1]
-    if stem.endswith(".jpg"):
-        stem = stem[: -len(".jpg")]
+    stem = prediction_stem(lines[0])
     if not stem:
         raise ValueError(f"{path}:1: empty image name")
     try:

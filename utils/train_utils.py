@@ -1046,20 +1046,28 @@ _REPORTED_ON_LOAD = frozenset({"lr", "lr_schedule", "lr_steps", "warmup_epochs",
                                "batch_size"})
 
 
+#: options that change how fast a run goes or what it logs, not what it computes
+_SPEED_AND_LOGGING = frozenset({"log_every", "save_every", "cuda_graphs", "compile", "compile_augment", "augment_on"})
+
+
 def other_option_changes(args: argparse.Namespace, recorded: Mapping[str, Any], explicit: set[str]) -> list[str]:
-    """``--name old -> new`` for the options given with a resume that change the run (its data,
-    augmentation, loss ...) other than those of the schedule (reported with the checkpoint's
-    loading), the session's (``--device``, ``--workers`` ...) and those a resume ignores; call it
-    after :func:`keep_run_options`."""
+    """``--name old -> new`` for the options given with a resume that change what the run computes
+    (its data, image size, loss, precision ...), other than those of the schedule (reported with
+    the checkpoint's loading), the session's (``--device``, ``--workers`` ...), speed and logging
+    options and those a resume ignores; call it after :func:`keep_run_options`. Paths are compared
+    normalised (``./data/x/`` is ``data/x``)."""
     ignored = (set(_NOT_INHERITED) | set(_REPORTED_ON_LOAD) | set(architecture_overrides(args))
-               | {"seed", "experiment_name"})
+               | _SPEED_AND_LOGGING | {"seed", "experiment_name"})
+
+    def normal(value: Any) -> Any:
+        return os.path.normpath(value) if isinstance(value, str) else value
 
     def written(value: Any) -> str:  # as on the command line
-        return str(value).lower() if isinstance(value, bool) else str(value)
+        return "default" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
     return [f"--{name} {written(recorded[name])} -> {written(getattr(args, name))}"
             for name in sorted(explicit - ignored)
-            if name in recorded and hasattr(args, name) and recorded[name] != getattr(args, name)]
+            if name in recorded and hasattr(args, name) and normal(recorded[name]) != normal(getattr(args, name))]
 
 
 def run_folder(experiment_name: str, resume: str | None, explicit: set[str] | None) -> Path:
@@ -1226,17 +1234,17 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             for note in loader_notes(loader, dataset):
                 ctx.log(note)
 
-        missed = pending_validation(ctx, val_root) if resume_ckpt is not None else None
-        if missed is not None:
-            ctx.log(f"the validation after epoch {missed + 1} (step {ctx.global_step}) did not run before the run "
-                    "stopped: running it first")
-            _validate_and_save(ctx, missed, val_root, gt)
         start_epoch, skip = divmod(ctx.global_step, iters_per_epoch)
         stopped = bool(args.max_iters) and ctx.global_step >= args.max_iters
         epoch = start_epoch
         # under torchrun the ranks would not stop at the same step: Ctrl-C stops them at once
         ctx.interrupt = None if info.distributed else StopRequest()
         with ctx.interrupt or nullcontext():
+            missed = pending_validation(ctx, val_root) if resume_ckpt is not None else None
+            if missed is not None:
+                ctx.log(f"the validation after epoch {missed + 1} (step {ctx.global_step}) did not run before the "
+                        "run stopped: running it first")
+                _validate_and_save(ctx, missed, val_root, gt)
             while not stopped and epoch < epochs and not ctx.stop_requested:
                 stopped = train_one_epoch(ctx, epoch, skip)
                 skip = 0

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from torchvision import ops
 
-from models.detector import Detections, resize_image, resize_scale
+from models.detector import Detections, as_image_list, resize_image, resize_scale
 from utils.image_io import as_bgr_uint8, read_image
 from utils.nms import with_pixel_offset
 
@@ -255,6 +255,7 @@ class TTADetector:
         """As :meth:`models.detector.FaceDetector.detect`: one image -> Detections, a list -> a list."""
         if isinstance(images, (np.ndarray, str, Path)):
             return self.detect_batch([images])[0]
+        images = as_image_list(images, "detect", single_allowed=True)
         size = self.batch_size
         return [d for start in range(0, len(images), size) for d in self.detect_batch(images[start:start + size])]
 
@@ -268,6 +269,7 @@ class TTADetector:
         """Per image, ``(size, flipped, candidates)`` of every pass: its raw candidates (no NMS),
         clipped to the resized image, in original-image pixels, not merged. A size's image and its
         mirror share one forward pass."""
+        images = as_image_list(images, "detect_batch")
         arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
         pooled: list[list[tuple[int, bool, Detections]]] = [[] for _ in arrays]
         pending = []
