@@ -34,7 +34,9 @@ and the whole :func:`utils.device_augment.augment` of one batch of 32 (the image
 and ``augment`` by its compiled kernels (``augment_compiled``, ``train.py --compile_augment``;
 compiled before the timing: ``first_compiled_call_s``, shorter with inductor's on-disk cache filled,
 ``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)`` empties it), ms per batch (``device_batch_ms``; on a GPU
-they run there, where ``tools/benchmark_train.py`` times them).
+they run there, where ``tools/benchmark_train.py`` times them). ``compiled_vs_eager`` counts the
+network-input values in which the compiled kernels differ from the eager ones, over that batch and
+``--compare_batches`` - 1 more batches of 32 drawn with other seeds.
 
 Prints one JSON line: ms/img of both (median over rounds), their ratio and the environment.
 """
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="timed passes over the images per implementation")
     parser.add_argument("--im_size", type=positive_int, default=640)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare_batches", type=positive_int, default=1,
+                        help="batches of 32 on which the compiled augmentation is compared with the eager one")
     args = parser.parse_args(argv)
     if not (args.dataset / args.split / "label.txt").is_file():
         parser.error(f"--dataset: no {args.split}/label.txt in {args.dataset}")
@@ -278,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     augment_compiled(batch)  # compiles (what inductor's on-disk cache holds shortens it)
     first_compiled_s = time.perf_counter() - started
+    compared = [batch] + [detection_collate([DeferredTrainTransform(args.im_size, rng=args.seed + k)(
+        read_image(path), targets) for path, targets in files[:32]])[0] for k in range(1, args.compare_batches)]
+    differences = [(augment_compiled(one) - augment(one)).abs() for one in compared]
     steps = {"photometric": photometric, "augment": augment, "augment_compiled": augment_compiled}
     device_ms: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(max(1, args.rounds // 4)):
@@ -304,6 +311,9 @@ def main(argv: list[str] | None = None) -> dict:
         "device_batch_ms": {**{name: round(statistics.median(values), 1) for name, values in device_ms.items()},
                             "images": len(batch), "pixels": batch.pixels.numel() // 3},
         "first_compiled_call_s": round(first_compiled_s, 2),
+        "compiled_vs_eager": {"batches": len(compared), "values": sum(d.numel() for d in differences),
+                              "differing": sum(int((d > 0).sum()) for d in differences),
+                              "max_difference": max(float(d.max()) for d in differences)},
         "env": {
             "python": platform.python_version(),
             "torch": torch.__version__,
