@@ -377,6 +377,29 @@ def test_compiled_augmentation_runs_the_eager_kernels_past_the_recompile_limit(w
     assert eager_runs == [1, 1]
 
 
+def test_a_compiler_that_fails_is_one_setup_error_line(widerface_sample, monkeypatch):
+    """inductor failing to build its kernels (no C compiler, a Triton error) stops train.py with one
+    line naming --compile_augment, not a compiler traceback."""
+    import torch._inductor.exc
+
+    import utils.device_augment as device_augment
+    from utils.errors import TrainingSetupError
+
+    def failing(function):
+        def run(*args, **kwargs):
+            raise torch._inductor.exc.InductorError(RuntimeError("gcc: not found\nmore detail"), None)
+        return run
+
+    monkeypatch.setattr(device_augment, "_compiled", failing)
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=2))
+    batch, _ = detection_collate([dataset[i] for i in range(2)])
+    with pytest.raises(TrainingSetupError) as info:
+        augment(batch, compiled=True)
+    assert str(info.value) == ("--compile_augment: torch.compile could not compile the augmentation's kernels "
+                               "(InductorError: RuntimeError: gcc: not found); train without --compile_augment, or "
+                               "fix the compiler set-up (a C compiler and Python headers for inductor)")
+
+
 def test_compile_augment_on_cuda_without_triton_is_a_setup_error(monkeypatch):
     import importlib.util
     from types import SimpleNamespace

@@ -609,7 +609,9 @@ def _augment_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.T
     instance a batch or a resize group of one image); should a run meet more of them than
     torch.compile keeps (its ``recompile_limit``), the eager kernels augment those batches.
     ``fullgraph=True`` makes dynamo raise there instead of running the compiled formulations
-    eagerly, whose index tensors would be as large as the canvases."""
+    eagerly, whose index tensors would be as large as the canvases. A compiler that fails (no C
+    compiler, a Triton error) raises :class:`utils.errors.TrainingSetupError`: train.py reports it
+    in one line."""
     import torch._dynamo.exc
 
     try:
@@ -617,12 +619,23 @@ def _augment_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.T
             return _run_compiled(batch, dtype, mean_u8, mean_f32, channels_last)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         pass  # the eager kernels run below: inside the handler its traceback would keep the compiled tensors alive
+    except torch._dynamo.exc.BackendCompilerFailed as error:  # inductor's InductorError too: a compiler set-up
+        from utils.errors import TrainingSetupError
+
+        raise TrainingSetupError(f"--compile_augment: torch.compile could not compile the augmentation's kernels "
+                                 f"({type(error).__name__}: {_first_line(error)}); train without --compile_augment, "
+                                 "or fix the compiler set-up (a C compiler and Python headers for inductor)") from error
     if not _RECOMPILE_LIMIT_WARNED:
         _RECOMPILE_LIMIT_WARNED.append(True)
         warnings.warn("--compile_augment: torch.compile's recompile limit reached; batches of new cases run the eager "
                       "kernels (same values; dynamo logs each such batch)", RuntimeWarning, stacklevel=3)
     out = _augment(batch, dtype, mean_u8, mean_f32)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else "no message"
 
 
 def _run_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, mean_f32: torch.Tensor,
