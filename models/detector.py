@@ -27,7 +27,7 @@ from models.dense_path import PRECISIONS, DensePath
 from models.padding_mask import padded_size
 from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace
 from utils.checkpoint import load_model
-from utils.image_io import NONE_IMAGE, as_bgr_uint8, read_image
+from utils.image_io import NONE_IMAGE, image_as_bgr_uint8
 from utils.nms import PUBLIC_PIXEL_OFFSET
 from utils.postprocess import DeferredPostprocess, Finish
 
@@ -166,6 +166,16 @@ def as_image_list(images: Any, method: str, single_allowed: bool = False) -> lis
         kinds = "one image (a BGR numpy array or a path) or a list of them" if single_allowed else "a list of images"
         raise TypeError(f"{method}() takes {kinds}, got {type(images).__name__}")
     return list(images)
+
+
+def detect_in_batches(detector: Any, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
+    """``detect`` of :class:`FaceDetector` and :class:`utils.tta.TTADetector`: one image ->
+    :class:`Detections`; a list -> a list, run ``detector.batch_size`` images per ``detect_batch``."""
+    if isinstance(images, (np.ndarray, str, Path)):
+        return detector.detect_batch([images])[0]
+    images = as_image_list(images, "detect", single_allowed=True)
+    size = detector.batch_size
+    return [d for start in range(0, len(images), size) for d in detector.detect_batch(images[start:start + size])]
 
 
 class _Checked:
@@ -329,11 +339,7 @@ class FaceDetector:
 
     def detect(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
         """Detect faces in one image (returns :class:`Detections`) or a list (returns a list)."""
-        if isinstance(images, (np.ndarray, str, Path)):
-            return self.detect_batch([images])[0]
-        images = as_image_list(images, "detect", single_allowed=True)
-        return [d for start in range(0, len(images), self.batch_size)
-                for d in self.detect_batch(images[start:start + self.batch_size])]
+        return detect_in_batches(self, images)
 
     __call__ = detect
 
@@ -350,7 +356,7 @@ class FaceDetector:
         takes it), as iterating it would run its rows or characters as images."""
         images = as_image_list(images, "submit")
         started = time.perf_counter()
-        arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
+        arrays = [image_as_bgr_uint8(im) for im in images]
         scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
         inputs = [a if s == 1.0 else resize_image(a, s) for a, s in zip(arrays, scales)]
         self.timings["preprocess"] += time.perf_counter() - started

@@ -52,7 +52,7 @@ from models.retinaface import BGR_MEAN, RetinaFace, preprocess  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
 from utils.atomic_file import atomic_path  # noqa: E402
 from utils.checkpoint import CheckpointError, load_model, resolve_weights  # noqa: E402
-from utils.image_io import ImageReadError, as_bgr_uint8, read_image  # noqa: E402
+from utils.image_io import ImageReadError, image_as_bgr_uint8  # noqa: E402
 from utils.image_loader import find_images, read_complete_image  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
 
@@ -170,7 +170,7 @@ def onnx_detections(session, image: np.ndarray | str | Path, confidence_threshol
     score, 10 landmark values`` (pixels), with :class:`FaceDetector`'s post-processing. ``image``:
     a path, or an array as :class:`FaceDetector` takes it (BGR uint8 (H, W, 3); grayscale, BGRA,
     uint16 and float in [0, 1] are converted the same way)."""
-    image = read_image(image) if isinstance(image, (str, Path)) else as_bgr_uint8(image)
+    image = image_as_bgr_uint8(image)
     boxes, scores, landmarks = (torch.from_numpy(a) for a in run_onnx(session, image[None]))
     found = postprocess(boxes, scores, landmarks, confidence_threshold, nms_threshold, top_k, keep_top_k)
     return as_rows(found.boxes.numpy(), found.scores.numpy(), found.landmarks.numpy())

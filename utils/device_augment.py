@@ -389,9 +389,10 @@ def augment(batch: DeferredBatch, mean: Sequence[float] = RGB_MEAN_BGR, resize_d
     dtype = resize_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     mean_u8, mean_f32 = _mean_tensors(device, tuple(float(m) for m in mean))
     with torch.autocast(device.type, enabled=False):  # the resize's dtype is chosen here
-        if compiled:
-            return _augment_compiled(batch, dtype, mean_u8, mean_f32, channels_last)
-        out = _augment(batch, dtype, mean_u8, mean_f32)
+        out = _augment_compiled(batch, dtype, mean_u8, mean_f32, channels_last) if compiled else None
+        if out is not None:
+            return out
+        out = _augment(batch, dtype, mean_u8, mean_f32)  # eager (also past the recompile limit)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
@@ -604,10 +605,11 @@ _RECOMPILE_LIMIT_WARNED: list[bool] = []
 
 
 def _augment_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.Tensor, mean_f32: torch.Tensor,
-                      channels_last: bool) -> torch.Tensor:
+                      channels_last: bool) -> torch.Tensor | None:
     """:func:`augment` by the compiled kernels. Each kernel is compiled for a few cases (for
     instance a batch or a resize group of one image); should a run meet more of them than
-    torch.compile keeps (its ``recompile_limit``), the eager kernels augment those batches.
+    torch.compile keeps (its ``recompile_limit``), this returns None and :func:`augment` runs the
+    eager kernels for that batch.
     ``fullgraph=True`` makes dynamo raise there instead of running the compiled formulations
     eagerly, whose index tensors would be as large as the canvases. A compiler that fails (no C
     compiler, a Triton error) raises :class:`utils.errors.TrainingSetupError`: train.py reports it
@@ -618,7 +620,7 @@ def _augment_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.T
         with torch.no_grad():
             return _run_compiled(batch, dtype, mean_u8, mean_f32, channels_last)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
-        pass  # the eager kernels run below: inside the handler its traceback would keep the compiled tensors alive
+        pass  # the eager kernels run after this returns: inside the handler its traceback would keep tensors alive
     except torch._dynamo.exc.BackendCompilerFailed as error:  # inductor's InductorError too: a compiler set-up
         from utils.errors import TrainingSetupError
 
@@ -629,8 +631,7 @@ def _augment_compiled(batch: DeferredBatch, dtype: torch.dtype, mean_u8: torch.T
         _RECOMPILE_LIMIT_WARNED.append(True)
         warnings.warn("--compile_augment: torch.compile's recompile limit reached; batches of new cases run the eager "
                       "kernels (same values; dynamo logs each such batch)", RuntimeWarning, stacklevel=3)
-    out = _augment(batch, dtype, mean_u8, mean_f32)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    return None
 
 
 def _first_line(error: BaseException) -> str:

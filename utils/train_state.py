@@ -18,7 +18,13 @@ if TYPE_CHECKING:
     from utils.train_utils import TrainContext
 
 __all__ = ["capture_rng_state", "restore_rng_state", "plain_value", "save_training_state", "load_training_state",
-           "zero_missing_momentum_buffers"]
+           "zero_missing_momentum_buffers", "REPORTED_ON_LOAD"]
+
+#: options of the schedule and the optimizer whose change :func:`load_training_state` reports
+SCHEDULE_OPTIONS = ("lr", "lr_schedule", "warmup_epochs", "momentum", "weight_decay")
+#: every option whose change a resume reports there: those, the epochs and decay epochs it resolves,
+#: and the batch size (a converted step)
+REPORTED_ON_LOAD = frozenset(SCHEDULE_OPTIONS) | {"epochs", "lr_steps", "batch_size"}
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -148,7 +154,7 @@ def _schedule_changes(saved: Mapping[str, Any] | None, ctx: "TrainContext") -> l
     args, network = ctx.args, ctx.raw_model.config.network
     saved_args = argparse.Namespace(**{**vars(args), **saved})
     changed = [f"--{name} {getattr(saved_args, name)} -> {getattr(args, name)}"
-               for name in ("lr", "lr_schedule", "warmup_epochs", "momentum", "weight_decay")
+               for name in SCHEDULE_OPTIONS
                if getattr(saved_args, name) != getattr(args, name)]
     try:
         before, after = resolve_epochs_and_steps(saved_args, network), resolve_epochs_and_steps(args, network)

@@ -68,7 +68,7 @@ from utils.lr_schedule import (build_scheduler, decay_epoch_notes, recipe_differ
 from utils.progress import progress_bar
 from utils.train_data import LoadReport, ResumableSampler, build_train_loader, loader_notes, prepared_batches
 from utils.train_state import (
-    load_training_state, plain_value, save_training_state, zero_missing_momentum_buffers,
+    REPORTED_ON_LOAD, load_training_state, plain_value, save_training_state, zero_missing_momentum_buffers,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -1040,12 +1040,6 @@ def keep_run_options(args: argparse.Namespace, recorded: Mapping[str, Any], conf
             setattr(args, name, recorded[name])
 
 
-#: options whose change on a resume :func:`utils.train_state.load_training_state` reports itself
-#: (the schedule, the optimizer, the iterations per epoch)
-_REPORTED_ON_LOAD = frozenset({"lr", "lr_schedule", "lr_steps", "warmup_epochs", "momentum", "weight_decay", "epochs",
-                               "batch_size"})
-
-
 #: options that change how fast a run goes or what it logs, not what it computes
 _SPEED_AND_LOGGING = frozenset({"log_every", "save_every", "cuda_graphs", "compile", "compile_augment", "augment_on"})
 
@@ -1056,7 +1050,7 @@ def other_option_changes(args: argparse.Namespace, recorded: Mapping[str, Any], 
     the checkpoint's loading), the session's (``--device``, ``--workers`` ...), speed and logging
     options and those a resume ignores; call it after :func:`keep_run_options`. Paths are compared
     normalised (``./data/x/`` is ``data/x``)."""
-    ignored = (set(_NOT_INHERITED) | set(_REPORTED_ON_LOAD) | set(architecture_overrides(args))
+    ignored = (set(_NOT_INHERITED) | REPORTED_ON_LOAD | set(architecture_overrides(args))
                | _SPEED_AND_LOGGING | {"seed", "experiment_name"})
 
     def normal(value: Any) -> Any:

@@ -38,15 +38,14 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from torchvision import ops
 
-from models.detector import Detections, as_image_list, resize_image, resize_scale
-from utils.image_io import as_bgr_uint8, read_image
+from models.detector import Detections, as_image_list, detect_in_batches, resize_image, resize_scale
+from utils.image_io import image_as_bgr_uint8
 from utils.nms import with_pixel_offset
 
 if TYPE_CHECKING:  # for annotations only
@@ -253,11 +252,7 @@ class TTADetector:
 
     def detect(self, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
         """As :meth:`models.detector.FaceDetector.detect`: one image -> Detections, a list -> a list."""
-        if isinstance(images, (np.ndarray, str, Path)):
-            return self.detect_batch([images])[0]
-        images = as_image_list(images, "detect", single_allowed=True)
-        size = self.batch_size
-        return [d for start in range(0, len(images), size) for d in self.detect_batch(images[start:start + size])]
+        return detect_in_batches(self, images)
 
     __call__ = detect
 
@@ -270,7 +265,7 @@ class TTADetector:
         clipped to the resized image, in original-image pixels, not merged. A size's image and its
         mirror share one forward pass."""
         images = as_image_list(images, "detect_batch")
-        arrays = [read_image(im) if isinstance(im, (str, Path)) else as_bgr_uint8(im) for im in images]
+        arrays = [image_as_bgr_uint8(im) for im in images]
         pooled: list[list[tuple[int, bool, Detections]]] = [[] for _ in arrays]
         pending = []
         for size in self.config.scales:
