@@ -55,12 +55,16 @@ def inference(args: argparse.Namespace):
       ``head_masks[i][k]``: ``np.ndarray`` (H, W, 3) uint8 0/255, the head-crop mask.
 
     Raises :class:`utils.inference_utils.InferenceError` or
-    :class:`utils.checkpoint.CheckpointError` when the run cannot start.
+    :class:`utils.checkpoint.CheckpointError` when the run cannot start, and ``InferenceError``
+    when none of the files found could be processed (the command line's exit status 1; the
+    summary, printed first, lists each file with its reason).
     """
     from utils.inference_utils import format_summary, legacy_outputs, run_inference  # noqa: PLC0415 (torch)
 
     run = run_inference(args, collect=True)
     print(format_summary(run.summary))
+    if run.summary.error:  # the run ended without an exception yet failed: no file could be read
+        raise InferenceError(run.summary.error)
     return legacy_outputs(run)
 
 

@@ -27,7 +27,8 @@ from models.dense_path import PRECISIONS, DensePath
 from models.padding_mask import padded_size
 from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace
 from utils.checkpoint import load_model
-from utils.image_io import NONE_IMAGE, image_as_bgr_uint8
+from utils.image_io import NONE_IMAGE
+from utils.image_loader import image_as_bgr_uint8
 from utils.nms import PUBLIC_PIXEL_OFFSET
 from utils.postprocess import DeferredPostprocess, Finish
 

@@ -456,6 +456,24 @@ def test_pad_to_rounds_canvases_and_batcher_fills_batches_with_smaller_canvases(
     assert indices(crowded.flush()) == [[4]]
 
 
+def test_batcher_keeps_small_images_off_a_huge_canvas():
+    """A 36-megapixel canvas topped up with thumbnails would run each of them at 36 megapixels."""
+    from types import SimpleNamespace
+
+    from utils.image_loader import TOP_UP_FREE_PIXELS, TOP_UP_MAX_WASTE, SameSizeBatcher
+
+    def record(index, height, width):  # only the shape is read: no pixels allocated
+        return SimpleNamespace(index=index, net_image=SimpleNamespace(shape=(height, width, 3)))
+
+    huge, quarter, small = (5184, 6912), (2592, 3456), (480, 640)
+    assert huge[0] * huge[1] > TOP_UP_FREE_PIXELS and quarter[0] * quarter[1] * TOP_UP_MAX_WASTE == huge[0] * huge[1]
+    batcher = SameSizeBatcher(batch_size=4, pad_to=64)
+    for index, size in enumerate((small, huge, quarter, small)):
+        assert batcher.add(record(index, *size)) == []
+    # the huge canvas takes the quarter-size image (a quarter of its pixels) but not the small ones
+    assert [[r.index for r in batch] for batch in batcher.flush()] == [[1, 2], [0, 3]]
+
+
 def test_compiled_dense_path_equals_eager(mobilenet_weights):
     """torch.compile of preprocess + network + decode (CPU inductor here; CUDA in tools/gpu_check.sh)."""
     from torch._dynamo.utils import counters

@@ -1,3 +1,4 @@
+import re
 import struct
 
 import cv2
@@ -68,3 +69,32 @@ def test_bad_files_raise_one_clear_error(tmp_path, content, message):
         read_image(path)
     with pytest.raises(ImageReadError, match="not found"):
         read_image(tmp_path / "missing.jpg")
+
+
+def test_the_python_api_reads_paths_as_the_command_line_does(tmp_path):
+    """FaceDetector, TTADetector and onnx_detections read a path as inference.py does: the same files
+    refused for the same reasons (a damaged JPEG used to be detected half grey, a folder was "not found")."""
+    from models.detector import FaceDetector
+    from models.retinaface import ModelConfig, RetinaFace
+    from utils.image_loader import image_as_bgr_uint8, load_record
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    data = cv2.imencode(".jpg", image)[1].tobytes()
+    cases = {"truncated.jpg": data[:len(data) // 2], "damaged.jpg": data[:len(data) // 2] + b"\xff\xd9",
+             "no_end_marker.jpg": data[:-2], "empty.jpg": b""}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    detector = FaceDetector(model=RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False)), device="cpu")
+    for name in [*cases, "folder.jpg", "broken.jpg", "missing.jpg"]:
+        reason = load_record(0, tmp_path / name, name).error
+        assert reason, name
+        with pytest.raises(ImageReadError) as raised:
+            image_as_bgr_uint8(tmp_path / name)
+        assert str(raised.value) == f"{tmp_path / name}: {reason}"
+        with pytest.raises(ImageReadError, match=re.escape(reason)):
+            detector.detect(str(tmp_path / name))
+    (tmp_path / "good.jpg").write_bytes(data)
+    np.testing.assert_array_equal(image_as_bgr_uint8(tmp_path / "good.jpg"), cv2.imdecode(np.frombuffer(data, np.uint8),
+                                                                                          cv2.IMREAD_COLOR))

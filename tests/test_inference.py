@@ -154,6 +154,12 @@ def test_output_folder_that_is_the_input_folder_does_not_read_its_own_results(wi
         assert sorted(json.loads((folder / "detections.json").read_text())) == ["a.jpg"]
     assert (folder / "result_images" / "a.jpg").is_file()
     assert not (folder / "result_images" / "result_images").exists()
+    # a later run reading that folder into another output folder: the first run's drawn images are
+    # outputs too (its detections.json is in the input folder itself, not in result_images/)
+    code, stdout, _ = run_main(argv[:5] + [tmp_path / "later"] + argv[6:], capsys)
+    assert code == config.EXIT_OK
+    assert sorted(json.loads((tmp_path / "later" / "detections.json").read_text())) == ["a.jpg"]
+    assert f"  note result_images/: {iu.EARLIER_OUTPUTS_NOTE}" in stdout.splitlines()
 
 
 def test_fidelity_to_public_pipeline(widerface_sample, mobilenet_weights, tmp_path, capsys):
@@ -484,6 +490,20 @@ def test_crop_names_stay_unique_when_images_share_a_stem():
                      "x/a.jpg": "x/a", "a.jpg": "a"}
 
 
+def test_crop_names_of_very_long_file_names_fit_a_file_name():
+    """A 251-byte name would give 255+ byte crop names (``<stem>_<i>.jpg``), which no file system takes."""
+    long_ascii, long_utf8 = "y" * 251 + ".jpg", "\u00e9" * 126 + ".png"   # 255 and 256 bytes
+    names = [f"d/{long_ascii}", long_utf8, "y" * 251 + ".png", "short.jpg"]
+    stems = iu.crop_stems(names)
+    assert stems["short.jpg"] == "short"
+    cut = [stems[name] for name in names[:3]]
+    assert cut[0].startswith("d/y") and len(set(cut)) == 3
+    for stem in cut:
+        last = stem.rpartition("/")[2]
+        assert len(os.fsencode(last + "_9999.jpeg")) <= 255, last
+        assert len(os.fsencode(last)) >= 255 - 16 - 1  # cut only as far as needed (a 2-byte character may not fit)
+
+
 def test_head_box_scaling_and_clipping():
     assert fm.head_box((40, 40, 60, 60), (200, 200)) == (10, 10, 90, 90)
     assert fm.head_box((0, 0, 20, 20), (100, 100)) == (0, 0, 50, 50)
@@ -605,6 +625,10 @@ def test_a_folder_of_unreadable_files_only_fails_with_one_line(mobilenet_weights
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exit_code"] == 1 and summary["error"].startswith("none of the 2 files found could be processed")
     assert {s["file"] for s in summary["skipped"]} == {"text.png", "zero.jpg"}
+    # the Python entry point fails as the command line does (it returned five empty lists)
+    with pytest.raises(iu.InferenceError, match="none of the 2 files found could be processed"):
+        inference.inference({"weights": mobilenet_weights, "inference_dir": folder,
+                             "inference_save_folder": tmp_path / "out2"})
 
 
 def test_drawing_takes_boxes_far_outside_the_image_and_non_finite_ones():
@@ -770,7 +794,17 @@ def test_find_images_recursive_any_case(tmp_path):
     assert found == ["a.JPG", "b.jpeg", "c.Png", "d.bmp", "e.WEBP", "sub/g.jpg"]
 
 
-def test_find_images_follows_linked_folders_and_reports_loops(tmp_path):
+def test_find_images_leaves_out_hidden_files_and_folders(tmp_path):
+    """macOS resource forks (``._IMG_1.jpg``) are not images; thumbnail folders are not the user's photos."""
+    root = tmp_path / ".photos"  # the input folder itself may be hidden
+    for name in ("a.jpg", "._a.jpg", ".x.png", ".thumbnails/t.jpg", "sub/b.jpg", "sub/.cache/c.jpg"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    assert [image_loader.relative_name(p, root) for p in image_loader.find_images(root)] == ["a.jpg", "sub/b.jpg"]
+    assert image_loader.find_images(root / "._a.jpg") == [root / "._a.jpg"]  # named: taken
+
+
+def test_find_images_follows_linked_folders_and_notes_loops(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     for name in ("elsewhere/b.jpg", "in/a.jpg", "in/sub/c.png"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -780,10 +814,12 @@ def test_find_images_follows_linked_folders_and_reports_loops(tmp_path):
     (root / "sub" / "back").symlink_to(root, target_is_directory=True)  # would walk forever
     (root / "out").symlink_to(elsewhere, target_is_directory=True)  # excluded: the output folder
     unreadable: list[tuple[str, str]] = []
-    found = image_loader.find_images(root, exclude=[elsewhere / "never"], unreadable=unreadable)
+    loops: list[str] = []
+    found = image_loader.find_images(root, exclude=[elsewhere / "never"], unreadable=unreadable, loops=loops)
     assert [image_loader.relative_name(p, root) for p in found] == [
         "a.jpg", "linked/b.jpg", "out/b.jpg", "sub/c.png"]
-    assert unreadable == [("sub/back/", "symbolic link loop")]
+    # a loop loses no image (they are found where it leads back to): noted, not a skipped folder
+    assert unreadable == [] and loops == ["sub/back/"]
     found = image_loader.find_images(root, exclude=[elsewhere])  # the output folder is skipped wherever it is linked
     assert [image_loader.relative_name(p, root) for p in found] == ["a.jpg", "sub/c.png"]
 
@@ -1084,7 +1120,9 @@ def _count_model_use(monkeypatch):
 def _small_face_image(widerface_sample, path: Path) -> Path:
     image = cv2.imread(str(widerface_sample / "val/images" / GREETING))
     path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), cv2.resize(image, None, fx=0.3, fy=0.3, interpolation=cv2.INTER_AREA))
+    # encoded here and written by Python: cv2.imwrite takes no name that is not UTF-8
+    path.write_bytes(cv2.imencode(path.suffix, cv2.resize(image, None, fx=0.3, fy=0.3,
+                                                          interpolation=cv2.INTER_AREA))[1].tobytes())
     return path
 
 
@@ -1294,6 +1332,31 @@ def test_names_with_line_breaks_stay_one_line_in_the_text_results(widerface_samp
     assert "  skipped \\bad\\nempty.jpg: empty file" in stdout.splitlines()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped"] == [{"file": "bad\nempty.jpg", "reason": "empty file"}]
+
+
+def test_names_that_are_not_utf8_and_too_long_for_crop_names_complete_the_run(widerface_sample, mobilenet_weights,
+                                                                               tmp_path, capsys):
+    """A Latin-1 file name (bytes that are not UTF-8) and a 251-byte one: every output is written
+    (the text results with the name escaped, JSON with Python's surrogate escapes), crops included."""
+    folder = tmp_path / "in"
+    latin1 = os.fsdecode(b"caf\xe9.jpg")
+    long_name = "y" * 247 + ".jpg"
+    for name in (latin1, long_name):
+        _small_face_image(widerface_sample, folder / name)
+    out = tmp_path / "out"
+    code, stdout, err = run_main(["--weights", mobilenet_weights, "--experiment_name", "x", "--inference_dir",
+                                  folder, "--inference_save_folder", out, "--workers", "0",
+                                  "--save_aligned", "true", "--save_img", "true"], capsys)
+    assert code == iu.EXIT_OK, err
+    detections = json.loads((out / "detections.json").read_text())
+    assert sorted(detections) == sorted([latin1, long_name]) and all(detections.values())
+    text = (out / "x_inference_results.txt").read_text(encoding="utf-8")   # UTF-8 throughout
+    names = [line for line in text.splitlines() if not line[:1].isdigit()]
+    assert sorted(unescape_name(name) for name in names) == sorted([latin1, long_name])
+    assert (out / "result_images" / latin1).is_file()
+    crops = sorted(path.name for path in (out / "aligned").iterdir())
+    assert len(crops) == sum(len(faces) for faces in detections.values())
+    assert any(name.startswith("caf") for name in crops) and any(name.startswith("yyy") for name in crops)
 
 
 def test_progress_bar_draws_on_a_terminal_and_writes_lines_in_a_log(monkeypatch, capsys):

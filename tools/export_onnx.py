@@ -52,8 +52,8 @@ from models.retinaface import BGR_MEAN, RetinaFace, preprocess  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
 from utils.atomic_file import atomic_path  # noqa: E402
 from utils.checkpoint import CheckpointError, load_model, resolve_weights  # noqa: E402
-from utils.image_io import ImageReadError, image_as_bgr_uint8  # noqa: E402
-from utils.image_loader import find_images, read_complete_image  # noqa: E402
+from utils.image_io import ImageReadError  # noqa: E402
+from utils.image_loader import find_images, image_as_bgr_uint8, read_complete_image  # noqa: E402
 from utils.postprocess import postprocess  # noqa: E402
 
 INPUT_NAME = "images"

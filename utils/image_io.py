@@ -85,8 +85,3 @@ def as_bgr_uint8(image: np.ndarray) -> np.ndarray:
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"empty image of shape {image.shape}")
     return image
-
-
-def image_as_bgr_uint8(image: np.ndarray | str | Path) -> np.ndarray:
-    """A path read with :func:`read_image`, an array converted with :func:`as_bgr_uint8`."""
-    return read_image(image) if isinstance(image, (str, Path)) else as_bgr_uint8(image)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from models.padding_mask import padded_size
 from utils.errors import is_opencv_error, is_out_of_memory
-from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, decode_image, read_image_bytes
+from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, as_bgr_uint8, decode_image, read_image_bytes
 from utils.names import escape_name
 from utils.native_stderr import captured_native_stderr, write_lines
 
@@ -55,17 +55,21 @@ def os_error_reason(error: OSError) -> str:
 
 def find_images(root: str | Path, exclude: Iterable[str | Path] = (),
                 unreadable: list[tuple[str, str]] | None = None, marker_files: Sequence[str] = (),
-                marked: list[str] | None = None) -> list[Path]:
+                marked: list[str] | None = None, loops: list[str] | None = None) -> list[Path]:
     """Image files under ``root`` (recursively; jpg, jpeg, png, bmp, webp in any letter case),
-    sorted by relative path. ``root`` may also be a single image file. Folders in ``exclude``
-    (e.g. the output folder inside the input folder) are not searched, nor are sub-folders that
-    hold every file of ``marker_files`` (e.g. the results of an earlier run); these are appended
-    to ``marked`` as ``"<relative path>/"`` when it is a list.
+    sorted by relative path. ``root`` may also be a single image file. Hidden files and folders
+    (names starting with ``.``: ``.thumbnails/``, macOS's ``._IMG_1.jpg`` resource forks) are not
+    searched, as shells and file browsers leave them out; ``root`` itself may be one. Folders in
+    ``exclude`` (e.g. the output folder inside the input folder) are not searched, nor are
+    sub-folders that hold every file of ``marker_files`` (e.g. the results of an earlier run);
+    these are appended to ``marked`` as ``"<relative path>/"`` when it is a list.
 
     With a list ``unreadable``, a sub-folder that cannot be listed (permission denied ...) is
     appended to it as ``("<relative path>/", reason)`` and the search goes on, and ``root`` itself
     unreadable raises :class:`UnreadableInputError`; without one, such folders are passed over
-    silently (``os.walk``'s default).
+    silently (``os.walk``'s default). A linked sub-folder that leads back to a folder above it (a
+    loop; its images are found there) is not followed, and appended to ``loops`` as
+    ``"<relative path>/"`` when that is a list.
     """
     root = Path(root)
     if root.is_file():
@@ -86,6 +90,8 @@ def find_images(root: str | Path, exclude: Iterable[str | Path] = (),
                                              followlinks=True):
         walked = []
         for name in sorted(subfolders):
+            if name.startswith("."):
+                continue
             path = os.path.join(folder, name)
             real = os.path.realpath(path)
             if real in excluded:
@@ -95,12 +101,13 @@ def find_images(root: str | Path, exclude: Iterable[str | Path] = (),
                     marked.append(relative_name(path, root) + "/")
                 continue
             if real in above[folder]:
-                problems.append((relative_name(path, root) + "/", "symbolic link loop"))
+                if loops is not None:
+                    loops.append(relative_name(path, root) + "/")
                 continue
             above[path] = above[folder] | {real}
             walked.append(name)
         subfolders[:] = walked
-        found.extend(Path(folder) / name for name in files if is_image_file(name))
+        found.extend(Path(folder) / name for name in files if is_image_file(name) and not name.startswith("."))
     if unreadable is not None:
         unreadable.extend(sorted(problems))
     return sorted(found, key=lambda p: relative_name(p, root))
@@ -214,7 +221,11 @@ def decode_jpeg_checked(data: bytes, path: str | Path) -> np.ndarray:
 def read_complete_image(path: str | Path) -> np.ndarray:
     """:func:`~utils.image_io.read_image` that also refuses a JPEG/PNG cut short or a JPEG whose
     scan data is damaged (OpenCV would decode either with grey fill, see
-    :func:`decode_jpeg_checked`); the file is read once. :class:`ImageReadError` names the reason."""
+    :func:`decode_jpeg_checked`); the file is read once. :class:`ImageReadError` names the reason
+    (also for a path that is missing, a broken link, a folder ...: :func:`_file_problem`)."""
+    problem = _file_problem(path)
+    if problem is not None:
+        raise ImageReadError(f"{path}: {problem}")
     data = read_image_bytes(path)
     problem = truncation_reason(data)
     if problem is not None:
@@ -293,6 +304,13 @@ def _file_problem(path: str | Path) -> str | None:
     return None
 
 
+def image_as_bgr_uint8(image: np.ndarray | str | Path) -> np.ndarray:
+    """A path read as inference.py reads it (:func:`read_complete_image`: a truncated or damaged
+    file raises :class:`ImageReadError` with the reason the command line gives), an array
+    converted with :func:`~utils.image_io.as_bgr_uint8`."""
+    return read_complete_image(image) if isinstance(image, (str, Path)) else as_bgr_uint8(image)
+
+
 def downscale_for_memory(image: np.ndarray, max_pixels: int | None) -> tuple[np.ndarray, tuple[float, float]]:
     """``image`` resized (INTER_AREA) to at most ``max_pixels`` pixels, and the (sx, sy) applied."""
     height, width = image.shape[:2]
@@ -309,9 +327,6 @@ def load_record(index: int, path: str | Path, name: str, max_pixels: int | None 
     started = time.perf_counter()
     record = ImageRecord(index=index, name=name, path=str(path))
     try:
-        problem = _file_problem(path)
-        if problem is not None:
-            raise ImageReadError(problem)
         image = read_complete_image(path)
         record.image = image
         record.net_image, record.net_scale = downscale_for_memory(image, max_pixels)
@@ -388,6 +403,12 @@ def start_loader(loader: DataLoader) -> Iterator[list[ImageRecord]]:
         cv2.setNumThreads(previous)
 
 
+#: canvases up to this many pixels (WIDER FACE images: about 1 M) are topped up with any smaller image
+TOP_UP_FREE_PIXELS = 1 << 22
+#: a larger canvas takes only images whose canvas has at least 1 / this of its pixels
+TOP_UP_MAX_WASTE = 4
+
+
 class SameSizeBatcher:
     """Groups records by network-input size into batches of ``batch_size`` (``--infer_imsize_same``).
 
@@ -399,6 +420,9 @@ class SameSizeBatcher:
     group released before it is full is topped up with waiting images of canvases that fit inside
     it (padding is exact), largest first, so that nearly every batch has ``batch_size`` images: a
     batch shape (size and count) new to the process costs cuDNN and CUDA-graph set-up on a GPU.
+    A canvas of more than :data:`TOP_UP_FREE_PIXELS` pixels takes only images whose own canvas is
+    at least a :data:`TOP_UP_MAX_WASTE`-th of it: a few small photos next to a 36-megapixel one
+    would otherwise each run (and take memory) at its size.
     """
 
     def __init__(self, batch_size: int, max_pending: int | None = None, pad_to: int = 1) -> None:
@@ -440,8 +464,11 @@ class SameSizeBatcher:
         return batch
 
     def _top_up(self, batch: list[ImageRecord], canvas: tuple[int, ...]) -> None:
+        area = canvas[0] * canvas[1]
+        smallest = 0 if area <= TOP_UP_FREE_PIXELS else area / TOP_UP_MAX_WASTE
         fitting = sorted((key for key in self.groups if key[0] <= canvas[0] and key[1] <= canvas[1]
-                          and key[2:] == canvas[2:]), key=lambda k: k[0] * k[1], reverse=True)
+                          and key[2:] == canvas[2:] and key[0] * key[1] >= smallest),
+                         key=lambda k: k[0] * k[1], reverse=True)
         for key in fitting:
             waiting = self.groups[key]
             taken = waiting[:self.batch_size - len(batch)]

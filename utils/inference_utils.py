@@ -52,7 +52,7 @@ from utils.errors import InferenceError, unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
 from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, UnreadableInputError,
                                 find_images, make_loader, os_error_reason, start_loader)
-from utils.names import escape_name
+from utils.names import NAME_MAX, escape_name, fit_file_name
 from utils.progress import progress_bar
 
 MASK_SUBFOLDERS = ("masks", "faces", "heads", "head_masks")
@@ -62,6 +62,22 @@ DETECTIONS_JSON = "detections.json"
 SUMMARY_JSON = "summary.json"
 EARLIER_RESULTS_NOTE = (f"not searched: it holds an earlier run's {DETECTIONS_JSON} and {SUMMARY_JSON} (its images "
                         "are outputs)")
+
+
+EARLIER_OUTPUTS_NOTE = (f"not searched: the input folder holds an earlier run's {DETECTIONS_JSON} and {SUMMARY_JSON}, "
+                        "and this is one of that run's output folders")
+
+LINK_LOOP_NOTE = "not searched: a symbolic link to a folder above it (a loop), whose images are searched there"
+
+
+def earlier_output_subfolders(root: str | Path) -> list[Path]:
+    """The output sub-folders (drawn images, masks, crops) of an earlier run written into the
+    input folder ``root`` itself (``--inference_save_folder`` = ``--inference_dir``): its images
+    are outputs, not inputs. Empty unless ``root`` holds that run's result files."""
+    root = Path(root)
+    if not all((root / marker).is_file() for marker in (DETECTIONS_JSON, SUMMARY_JSON)):
+        return []
+    return [root / name for name in RESULT_SUBFOLDERS if (root / name).is_dir()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,10 +282,24 @@ def draw_detections(image: np.ndarray, detections: Any) -> np.ndarray:
     return canvas
 
 
+#: bytes kept free after a crop stem for ``_<face index><extension>`` (up to ``_9999.jpeg``)
+CROP_SUFFIX_BYTES = 16
+
+
+def fit_name_length(stem: str, key: str) -> str:
+    """``stem`` (``<rel dir>/<name>``) whose last part leaves :data:`CROP_SUFFIX_BYTES` of a
+    file name (:data:`utils.names.NAME_MAX` bytes) free; a longer one is cut and ends ``~`` plus 8
+    hex digits of ``key``'s hash (the image's relative path), so that cut names stay apart."""
+    folder, _, name = stem.rpartition("/")
+    name = fit_file_name(name, NAME_MAX - CROP_SUFFIX_BYTES, key)
+    return f"{folder}/{name}" if folder else name
+
+
 def crop_stems(names: Sequence[str]) -> dict[str, str]:
     """``<rel dir>/<stem>`` used to name an image's crops and masks, one per image. When images of
     one folder share a stem (``a.jpg``, ``a.png``) their extension is added (``a_jpg``, ``a_png``),
-    and a number (``a_jpg_2``) when that name is also another image's stem (``a_jpg.png``)."""
+    and a number (``a_jpg_2``) when that name is also another image's stem (``a_jpg.png``). A name
+    too long for a crop's file name is cut (:func:`fit_name_length`)."""
     stems = {name: Path(name).with_suffix("").as_posix() for name in names}
     counts: dict[str, int] = defaultdict(int)
     for stem in stems.values():
@@ -284,7 +314,7 @@ def crop_stems(names: Sequence[str]) -> dict[str, str]:
             while stem in taken:
                 stem, number = f"{base}_{number}", number + 1
             taken.add(stem)
-        result[name] = stem
+        result[name] = fit_name_length(stem, name)
     return result
 
 
@@ -355,8 +385,8 @@ def format_summary(summary: InferenceSummary) -> str:
     lines.append(f"throughput: {summary.images_per_s:.2f} images/s ({summary.processed} "
                  f"image{'' if summary.processed == 1 else 's'} in "
                  f"{summary.wall_s:.2f} s on {summary.device}; model load {summary.model_load_s:.2f} s)")
-    lines.append(f"weights: {summary.weights}")
-    lines.append(f"results: {summary.output_folder}")
+    lines.append(f"weights: {escape_name(summary.weights)}")
+    lines.append(f"results: {escape_name(summary.output_folder)}")
     return "\n".join(lines)
 
 
@@ -717,13 +747,15 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     output = Path(args.inference_save_folder)
     unreadable: list[tuple[str, str]] = []
     earlier_results: list[str] = []
+    link_loops: list[str] = []
     try:
         # the output folder (when inside the input), the result sub-folders of earlier runs there
         # (when it is the input folder itself) and other output folders of earlier runs below the
         # input folder (drawn images would be detected again) are outputs, not inputs
-        files = find_images(root, exclude=[output, *(output / name for name in RESULT_SUBFOLDERS)],
+        files = find_images(root, exclude=[output, *(output / name for name in RESULT_SUBFOLDERS),
+                                           *earlier_output_subfolders(root)],
                             unreadable=unreadable, marker_files=(DETECTIONS_JSON, SUMMARY_JSON),
-                            marked=earlier_results)
+                            marked=earlier_results, loops=link_loops)
     except UnreadableInputError as error:
         raise InferenceError(error.strerror) from None
     if not files:
@@ -777,13 +809,15 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
 
     dataset = ImageFolderDataset(files, root, getattr(args, "max_pixels", DEFAULT_MAX_PIXELS))
     loader = make_loader(dataset, batch_size=args.batch_size, workers=args.workers)
+    print(f"weights: {escape_name(summary.weights)} ({detector.config}) on {device}", file=sys.stderr, flush=True)
     bar = progress_bar(len(files), "inference", progress is not False)  # None: drawn, as True
-    bar.write(f"weights: {summary.weights} ({detector.config}) on {device}", file=sys.stderr)
     for name, reason in unreadable:
         _warn(bar, f"skipped {escape_name(name)}: {reason}")
-    for name in earlier_results:
-        summary.notes.append((name, EARLIER_RESULTS_NOTE))
-        _warn(bar, f"{escape_name(name)}: {EARLIER_RESULTS_NOTE}")
+    for name, note in ([(name, EARLIER_RESULTS_NOTE) for name in earlier_results]
+                       + [(folder.name + "/", EARLIER_OUTPUTS_NOTE) for folder in earlier_output_subfolders(root)]
+                       + [(name, LINK_LOOP_NOTE) for name in link_loops]):
+        summary.notes.append((name, note))
+        _warn(bar, f"{escape_name(name)}: {note}")
     runner = _Runner(args, detector, output, dataset.names, collect, summary, bar)
     # --pad_to groups by canvas too: the detector runs each call's images in one padded pass
     grouped = args.infer_imsize_same or detector.pad_to > 1

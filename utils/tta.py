@@ -45,7 +45,7 @@ import torch
 from torchvision import ops
 
 from models.detector import Detections, as_image_list, detect_in_batches, resize_image, resize_scale
-from utils.image_io import image_as_bgr_uint8
+from utils.image_loader import image_as_bgr_uint8
 from utils.nms import with_pixel_offset
 
 if TYPE_CHECKING:  # for annotations only
