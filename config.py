@@ -577,7 +577,8 @@ def run_command_line(script: str, argv: Sequence[str] | None, run: Callable[[arg
 
     Invalid options (:data:`EXIT_USAGE`) and ``expected_errors`` raised by ``run`` (missing files,
     bad weights, unusable device: :data:`EXIT_ERROR`) are reported as one line on stderr, without
-    a traceback; Ctrl-C gives :data:`EXIT_INTERRUPTED`.
+    a traceback; Ctrl-C gives :data:`EXIT_INTERRUPTED`, SIGTERM where the script turns it into
+    :class:`utils.errors.Terminated` 143.
     """
     parser = build_parser(script, description=description, epilog=epilog, raise_usage_errors=True)
     try:
@@ -595,6 +596,6 @@ def run_command_line(script: str, argv: Sequence[str] | None, run: Callable[[arg
     except expected_errors as error:
         print(f"{parser.prog}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:  # Ctrl-C, or utils.errors.Terminated (SIGTERM), which says what it was
+        print(f"{parser.prog}: {getattr(stop, 'what', 'interrupted')}", file=sys.stderr)
+        return getattr(stop, "exit_status", EXIT_INTERRUPTED)

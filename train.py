@@ -10,7 +10,8 @@ All logic lives in ``utils/train_utils.py`` and the modules it builds on (``util
 parses the options. Exit status: 0 done; 3 finished, but some training images were unreadable
 (each skipped and named in the log) or a periodic validation failed (logged; training went on);
 1 the run could not start or the loss diverged (one line on stderr); 2 bad option; 130
-interrupted (Ctrl-C; a one-process run first saves ``last.pth`` at the step reached).
+interrupted (Ctrl-C; a one-process run first saves ``last.pth`` at the step reached); 143 the
+same for SIGTERM (a batch scheduler's time limit or pre-emption).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ DESCRIPTION = ("Train a RetinaFace detector on a WIDER FACE-style dataset (--dat
                "exactly. Several GPUs: torchrun --nproc_per_node=N train.py ...")
 EPILOG = ("exit status: 0 done; 3 finished, but some training images were unreadable (skipped, named in "
           "logs.txt) or a periodic validation failed (logged, training went on); 1 the run could not start "
-          "or the loss diverged (one line on stderr); 2 invalid option; 130 interrupted")
+          "or the loss diverged (one line on stderr); 2 invalid option; 130 interrupted (Ctrl-C); 143 terminated "
+          "(SIGTERM); both save last.pth at the step reached first (one process)")
 
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -615,38 +615,66 @@ def test_resume_without_experiment_name_continues_in_the_checkpoints_folder(wide
     assert "fewer than --batch_size 64" in message and "taken from the checkpoint" not in message, message
 
 
-def test_ctrl_c_stops_at_the_step_boundary_saves_last_and_the_run_resumes(widerface_sample, tmp_path, monkeypatch,
-                                                                           capfd, after_training_step):
+@pytest.mark.parametrize("signal_name, status, said", [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
+def test_ctrl_c_or_sigterm_stops_at_the_step_boundary_saves_last_and_the_run_resumes(
+        signal_name, status, said, widerface_sample, tmp_path, monkeypatch, capfd, after_training_step):
+    """SIGTERM is what a batch scheduler (SLURM's time limit, pre-emption) or ``docker stop`` sends,
+    to every process of the job: it ended the run at once, losing the steps since the last save."""
     import multiprocessing
     import signal
 
     import train
 
     monkeypatch.chdir(tmp_path)
+    number = getattr(signal, signal_name)
     workers_alive = []
 
-    def ctrl_c():  # the worker gets it too
+    def stop():  # the worker gets it too
         workers = multiprocessing.active_children()
         assert workers
         for worker in workers:
-            os.kill(worker.pid, signal.SIGINT)
+            os.kill(worker.pid, number)
         for worker in workers:  # one that did not ignore it would end within this wait
             worker.join(timeout=2.0)
         workers_alive.append(all(worker.is_alive() for worker in workers))  # they ignore it
-        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(number)
 
-    restore = after_training_step(3, ctrl_c)
-    before = signal.getsignal(signal.SIGINT)
+    restore = after_training_step(3, stop)
+    before = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
     code = train.main(_run_args(widerface_sample, "stop", "--epochs", "2", "--workers", "1"))
-    assert code == 130 and signal.getsignal(signal.SIGINT) is before
-    assert capfd.readouterr().err.count("stopping after this step") == 1  # not from the worker too
+    assert code == status and {n: signal.getsignal(n) for n in before} == before
+    err = capfd.readouterr().err
+    assert err.count("stopping after this step") == 1, err  # not from the worker too
+    assert f"train.py: {said}: stopping after this step" in err
     state = torch.load(tmp_path / "experiments/stop/ckpt/last.pth", weights_only=True)
     assert state["step"] == 3 and workers_alive == [True]
     log = (tmp_path / "experiments/stop/log/logs.txt").read_text()
-    assert "interrupted (Ctrl-C) at step 3: continue with --resume experiments/stop/ckpt/last.pth" in log
+    assert f"interrupted ({said}) at step 3: continue with --resume experiments/stop/ckpt/last.pth" in log
     restore()
     summary = train.run(["--resume", "experiments/stop/ckpt/last.pth", "--device", "cpu"])
     assert summary["step"] == 10
+
+
+def test_a_second_ctrl_c_stops_at_once_and_logs_says_what_last_pth_holds(widerface_sample, tmp_path, monkeypatch,
+                                                                           capfd, after_training_step):
+    """Stopped at once (a second Ctrl-C here; Ctrl-C or SIGTERM under torchrun, whose processes cannot agree on a
+    step to stop at), logs.txt ended without a word about it."""
+    import signal
+
+    import train
+
+    monkeypatch.chdir(tmp_path)
+
+    def twice():
+        signal.raise_signal(signal.SIGINT)  # the request
+        signal.raise_signal(signal.SIGINT)  # at once: KeyboardInterrupt here, in step 7
+
+    after_training_step(7, twice)
+    assert train.main(_run_args(widerface_sample, "stop", "--epochs", "2", "--save_every", "3")) == 130
+    log = (tmp_path / "experiments/stop/log/logs.txt").read_text().splitlines()
+    assert log[-1].endswith("interrupted (Ctrl-C) after step 6, stopped at once; last.pth holds step 6: continue "
+                            "with --resume experiments/stop/ckpt/last.pth"), log[-3:]
+    assert torch.load(tmp_path / "experiments/stop/ckpt/last.pth", weights_only=True)["step"] == 6
 
 
 def test_warmup_notes_say_when_the_warm_up_swallows_part_of_the_schedule():
@@ -1439,6 +1467,36 @@ def test_a_resume_replaces_the_tensorboard_steps_logged_after_last_pth(widerface
     lr = events.Scalars("train/lr")
     assert [event.step for event in lr] == [1, 2, 3, 4, 5, 6]
     assert lr[3].value == pytest.approx(0.002) and lr[2].value == pytest.approx(0.001)  # step 4: the resumed run's
+
+
+def test_a_resume_with_another_batch_size_keeps_the_tensorboard_curves_logged_before_last_pth(
+        widerface_sample, tmp_path, monkeypatch, after_training_step):
+    """Another batch size converts the step (step 6 of 5 iterations per epoch is step 2 of 2); TensorBoard's
+    steps go on from the checkpoint's instead of going back, which replaced steps 3-6 logged before last.pth."""
+    import signal
+
+    import train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    after_training_step(6, lambda: signal.raise_signal(signal.SIGINT))
+    assert train.main(_run_args(widerface_sample, "tb", "--epochs", "3", "--lr", "0.001")) == 130  # 5 it/epoch
+    before = EventAccumulator(str(tmp_path / "experiments/tb/log"))
+    before.Reload()
+    logged = [(event.step, event.value) for event in before.Scalars("train/total")]
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    summary = train.run(["--resume", "experiments/tb/ckpt/last.pth", "--device", "cpu", "--batch_size", "5"])
+    epoch, done = divmod(6, 5)   # the checkpoint's place in its epochs, 2 iterations per epoch here
+    converted = epoch * 2 + round(done * 2 / 5)
+    assert summary["step"] == 3 * 2 and converted == 2
+    assert torch.load(tmp_path / "experiments/tb/ckpt/last.pth", weights_only=True)["tensorboard_offset"] == 6 - converted
+    after = EventAccumulator(str(tmp_path / "experiments/tb/log"))
+    after.Reload()
+    events = [(event.step, event.value) for event in after.Scalars("train/total")]
+    assert events[:6] == logged  # the first run's curve is kept whole
+    assert [step for step, _ in events[6:]] == list(range(7, 7 + 3 * 2 - converted))
 
 
 def test_options_that_other_options_make_moot_get_a_note():

@@ -181,15 +181,38 @@ def test_validation_without_a_val_label_file_uses_every_val_image(widerface_samp
     assert re.search(r"^validation: 100%.* 2/2 ", capsys.readouterr().err, re.MULTILINE)
 
 
+def damage_scan_data(path: Path) -> Path:
+    """Cut a JPEG's compressed data in half and end it properly: whole to a reading of its bytes, damaged
+    to the decoder (libjpeg warns, OpenCV fills the rest grey)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2] + b"\xff\xd9")
+    return path
+
+
+def test_val_images_that_are_not_images_stop_the_run_at_start_up(widerface_sample, tmp_path, monkeypatch, capsys):
+    """Found by reading the files' bytes before training, not at the first validation (--eval_every 10: ten
+    epochs later), after which every validation would fail."""
+    root = make_dataset(tmp_path / "ds", widerface_sample, with_val=True)
+    names = image_names(root / "val")
+    (root / "val/images" / names[0]).write_text("<html>not an image</html>\n")
+    cut = root / "val/images" / names[1]
+    cut.write_bytes(cut.read_bytes()[:1000])
+    monkeypatch.chdir(tmp_path)
+    assert train.main(run_args(root, "valcheck", "--epochs", "1", "--eval_every", "1")) == 1
+    message = error_line(capsys)
+    assert message.startswith("train.py: error: ") and "2 of " in message and "validation images cannot be read" in message
+    assert f"{root / 'val/images' / names[0]}: not a JPEG, PNG, BMP or WebP image" in message, message
+    assert not (tmp_path / "experiments/valcheck/ckpt").exists()  # nothing was trained
+
+
 def test_failed_validation_is_logged_and_training_continues(widerface_sample, tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "ds", widerface_sample, with_val=True)
-    bad = root / "val/images" / image_names(root / "val")[0]
-    bad.write_text("not an image\n")
+    bad = damage_scan_data(root / "val/images" / image_names(root / "val")[0])  # found only when decoded
     monkeypatch.chdir(tmp_path)
     argv = run_args(root, "val", "--epochs", "2", "--eval_every", "1")
     assert train.main(argv) == 3  # finished, but a validation failed
     log = (tmp_path / "experiments/val/log/logs.txt").read_text()
-    failures = re.findall(r"validation after epoch (\d) \(step (\d+)\) failed: cannot read (\S+): not a readable image",
+    failures = re.findall(r"validation after epoch (\d) \(step (\d+)\) failed: cannot read (\S+): corrupt JPEG data",
                           log)
     assert failures == [("1", "5", str(bad)), ("2", "10", str(bad))], log
     assert "2 validation(s) failed" in log
@@ -207,8 +230,7 @@ def test_two_processes_share_skipped_images_and_validation_failures(widerface_sa
     drawn = {str(root / "train/images" / names[i]) for i in (1, 4, 8)}
     # the second val image is detected by rank 1 (images are shared out round-robin): its failure
     # reaches rank 0 through the gather instead of leaving rank 0 waiting
-    bad_val = root / "val/images" / image_names(root / "val")[1]
-    bad_val.write_bytes(b"")
+    bad_val = damage_scan_data(root / "val/images" / image_names(root / "val")[1])
     lines = (root / "val/label.txt").read_text().splitlines()
     third = [i for i, line in enumerate(lines) if line.startswith("#")][2]
     (root / "val/label.txt").write_text("\n".join(lines[:third]) + "\n")  # two val images: one per rank
@@ -359,7 +381,7 @@ def test_ctrl_c_during_a_validation_stops_it_and_the_resume_runs_it_first(widerf
     monkeypatch.setattr(utils.evaluation, "format_prediction_file", ctrl_c_at_the_first_image)
     assert train.main(run_args(root, "cutval", "--epochs", "2", "--eval_every", "1")) == 130
     assert len(written) < 3  # the image already queued behind the first one is finished, the third is not run
-    assert "train.py: stopping the validation (last.pth was saved before it" in capfd.readouterr().err
+    assert "train.py: Ctrl-C: stopping the validation (last.pth was saved before it" in capfd.readouterr().err
     log_file = tmp_path / "experiments/cutval/log/logs.txt"
     log = log_file.read_text()
     assert "val AP after epoch 1" not in log

@@ -381,7 +381,8 @@ class WiderFaceDataset(Dataset):
                 f"under {self.image_root}: {listed}{more}"
             )
             if missing == "raise":
-                raise FileNotFoundError(message)
+                raise FileNotFoundError(message + "; restore them, or delete their entries from the label file "
+                                        "to train without them")
             warnings.warn(message + " (skipped)", stacklevel=2)
             absent = {id(a) for a in missing_paths}
             images = [a for a in images if id(a) not in absent]

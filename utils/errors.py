@@ -20,6 +20,14 @@ class TrainingDivergedError(RuntimeError):
     """The loss became NaN/inf; the message names the step and the last checkpoint saved before it."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler's time limit or pre-emption, ``docker stop``, ``kill``): handled
+    like Ctrl-C, which it derives from, but the command lines exit with ``128 + SIGTERM`` (143)."""
+
+    exit_status = 143
+    what = "terminated (SIGTERM)"
+
+
 CV_NO_MEMORY = -4  # cv::Error::StsNoMem: "(-4:Insufficient memory) Failed to allocate N bytes"
 
 

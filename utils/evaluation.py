@@ -172,6 +172,30 @@ def check_images_in_gt(images: Sequence[ValImage], gt: WiderFaceGroundTruth) -> 
                               f"e.g. {unknown[0]} (is --gt_dir the WIDER FACE val ground truth?)")
 
 
+#: how the image formats a validation set may hold start (JPEG, PNG, BMP, WebP's RIFF container)
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"RIFF")
+
+
+def check_image_files(images: Sequence[ValImage]) -> None:
+    """Raise :class:`EvaluationError` when a listed image is empty, not an image file (a text or
+    HTML page saved under an image name) or a JPEG/PNG cut short: the bytes are read, not decoded
+    (the full WIDER FACE val set, 3,226 files, 360 MB, is read in seconds), so that training finds
+    such a file at start-up and not at its first validation, epochs later. Damage inside the
+    compressed data shows only when decoding; that validation then fails with the reason."""
+    from utils.image_loader import truncation_reason  # noqa: PLC0415 (imports torch's DataLoader)
+
+    bad = []
+    for image in images:
+        data = image.path.read_bytes()
+        problem = ("empty file" if not data else truncation_reason(data)
+                   or (None if data.startswith(_IMAGE_SIGNATURES) else "not a JPEG, PNG, BMP or WebP image"))
+        if problem:
+            bad.append((image.path, problem))
+    if bad:
+        raise EvaluationError(f"{len(bad)} of {len(images)} validation images cannot be read, e.g. {bad[0][0]}: "
+                              f"{bad[0][1]}; replace them, or delete their lines from the label file")
+
+
 # --------------------------------------------------------------------------------------------
 # Prediction files (public test_widerface.py convention)
 # --------------------------------------------------------------------------------------------

@@ -368,8 +368,12 @@ def ignore_interrupts_in_worker(worker_id: int) -> None:
     ignore it and end with the loader. A worker that stopped on it instead would exit without
     closing its queue and wait, up to DataLoader's join timeout, for the main process to read the
     images it still holds (seconds per worker); forked training workers would also run the
-    training process's :class:`~utils.train_utils.StopRequest` handler (one message each)."""
+    training process's :class:`~utils.train_utils.StopRequest` handler (one message each).
+    SIGTERM too: a batch scheduler sends it to every process of a job, and training saves
+    ``last.pth`` on it, for which it still needs its workers; once the main process is gone,
+    PyTorch's workers end themselves."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset: ImageFolderDataset, batch_size: int = 1, workers: int = 2) -> DataLoader:

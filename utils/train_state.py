@@ -63,7 +63,8 @@ def save_training_state(path: Path, ctx: "TrainContext") -> Path:
     ``scaler``, ``epoch`` (epoch in progress, 0-based), ``step`` (optimizer steps done),
     ``iters_per_epoch``, ``seed``, ``rng_state``, ``best_metric`` (best val hard AP or None),
     ``best_epoch``, ``metrics`` (latest val APs), ``validated_step`` (the step of the last
-    validation, or None), ``args``."""
+    validation, or None), ``tensorboard_offset`` (TensorBoard's step minus ``step``: nonzero once a
+    resume converted the step), ``args``."""
     return save_checkpoint(
         path, ctx.raw_model,
         optimizer=ctx.optimizer.state_dict(), scheduler=ctx.scheduler.state_dict(),
@@ -71,7 +72,7 @@ def save_training_state(path: Path, ctx: "TrainContext") -> Path:
         step=ctx.global_step, iters_per_epoch=ctx.iters_per_epoch, seed=ctx.seed,
         rng_state=capture_rng_state(), best_metric=ctx.best_metric, best_epoch=ctx.best_epoch,
         metrics=dict(ctx.last_metrics), validated_step=ctx.validated_step,
-        args={k: plain_value(v) for k, v in vars(ctx.args).items()})
+        tensorboard_offset=ctx.tensorboard_offset, args={k: plain_value(v) for k, v in vars(ctx.args).items()})
 
 
 def zero_missing_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
@@ -116,6 +117,7 @@ def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> l
     if checkpoint.get("scaler"):
         ctx.scaler.load_state_dict(checkpoint["scaler"])
     step = int(checkpoint["step"])
+    ctx.tensorboard_offset = int(checkpoint.get("tensorboard_offset") or 0)
     # checkpoints written before validated_step was saved: as if the validation due at their step had run
     validated_here = checkpoint.get("validated_step", step) == step
     saved_iters = int(checkpoint.get("iters_per_epoch", ctx.iters_per_epoch))
@@ -126,7 +128,10 @@ def load_training_state(ctx: "TrainContext", checkpoint: Mapping[str, Any]) -> l
         notes.append(f"resuming with {ctx.iters_per_epoch} iterations per epoch instead of {saved_iters} (batch "
                      f"size, data or process count changed): step {step} of the checkpoint is step {converted} here, "
                      f"the {'start' if done == 0 else 'same point'} of epoch {epoch + 1}; the data order does not "
-                     "continue exactly")
+                     "continue exactly; TensorBoard's steps go on from the checkpoint's")
+        # TensorBoard keeps counting the steps taken: the curves logged up to the checkpoint stay,
+        # and this run's go on after them (its own steps would go back and replace theirs)
+        ctx.tensorboard_offset += step - converted
         step = converted
     ctx.global_step = step
     ctx.validated_step = step if validated_here else None

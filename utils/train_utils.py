@@ -60,7 +60,7 @@ from utils.checkpoint import (
     split_checkpoint,
 )
 from utils.distributed import DistInfo, check_ranks_agree, cleanup_distributed, setup_distributed
-from utils.errors import TrainingDivergedError, TrainingSetupError
+from utils.errors import Terminated, TrainingDivergedError, TrainingSetupError
 from utils.evaluation import EvaluationError
 from utils.image_io import ImageReadError
 from utils.lr_schedule import (build_scheduler, decay_epoch_notes, recipe_differences, resolve_epochs_and_steps,
@@ -388,6 +388,7 @@ class TrainContext:
     replaced_samples: int = 0  # samples of this process that an unreadable image handed to another image
     failed_validations: list[str] = field(default_factory=list)  # one line per periodic validation that failed
     interrupt: "StopRequest | None" = None  # Ctrl-C: stop at the next step boundary (single-process runs)
+    tensorboard_offset: int = 0  # TensorBoard's step minus global_step (a resume that converted the step)
 
     @property
     def schedule_steps(self) -> int:
@@ -399,6 +400,12 @@ class TrainContext:
         """Optimizer steps of this run (``--max_iters`` when it comes first)."""
         total = self.schedule_steps
         return min(total, self.args.max_iters) if self.args.max_iters else total
+
+    @property
+    def tensorboard_step(self) -> int:
+        """The step TensorBoard events are logged at: optimizer steps taken in the whole run, which
+        differs from ``global_step`` once a resume converted it (another batch size)."""
+        return self.global_step + self.tensorboard_offset
 
     @property
     def stop_requested(self) -> bool:
@@ -462,38 +469,77 @@ class TrainContext:
 
 
 class StopRequest:
-    """Context manager that turns the first Ctrl-C (SIGINT) into a request, ``requested``, that the
-    training loop honours at the next step boundary, so that ``last.pth`` can be saved with a
-    consistent state (a validation, ``during == "validation"``, ends after the images in progress);
-    a second Ctrl-C interrupts at once (the handler before it is back in place).
-    Only installed from the main thread (``signal`` allows no other)."""
+    """Context manager that turns the first Ctrl-C (SIGINT) or SIGTERM (a batch scheduler's time
+    limit or pre-emption: SLURM sends it, then SIGKILL 30 s later by default) into a request,
+    ``requested``, that the training loop honours at the next step boundary, so that ``last.pth``
+    can be saved with a consistent state (a validation, ``during == "validation"``, ends after the
+    images in progress); a second signal acts at once (the handlers before it are back in place).
+    ``signal_name`` says which signal came (``None`` before). Only installed from the main thread
+    (``signal`` allows no other)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
         self.during = "step"  # or "validation": what the first Ctrl-C stops (its message says so)
-        self._previous: Any = None
-        self._installed = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
-            self._installed = True
+            self._previous = {number: signal.signal(number, self._on_signal) for number in self.SIGNALS}
         return self
 
-    def _on_interrupt(self, signum: int, frame: Any) -> None:
+    def _on_signal(self, signum: int, frame: Any) -> None:
         self.requested = True
+        self.signal_name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         self._restore()
         doing = ("stopping the validation (last.pth was saved before it; --resume runs it first)"
                  if self.during == "validation" else "stopping after this step to save last.pth")
-        print(f"\ntrain.py: {doing} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        again = "Ctrl-C again" if signum == signal.SIGINT else "a second signal"
+        print(f"\ntrain.py: {self.signal_name}: {doing} ({again} stops at once)", file=sys.stderr, flush=True)
+
+    def interruption(self) -> KeyboardInterrupt:
+        """What the run raises once it stopped: KeyboardInterrupt (exit status 130), or
+        :class:`utils.errors.Terminated` for SIGTERM (143)."""
+        return Terminated() if self.signal_name == "SIGTERM" else KeyboardInterrupt()
 
     def _restore(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
-            self._installed = False
+        for number, previous in self._previous.items():
+            signal.signal(number, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
+
+
+class _TerminateAtOnce:
+    """SIGTERM raises :class:`utils.errors.Terminated` where the run is (as Ctrl-C raises
+    KeyboardInterrupt), so that a run stopped at once (under torchrun, whose ranks cannot agree
+    on a step to stop at) still says so in logs.txt; Python's default would end the process
+    without a word. Main thread only."""
+
+    def __enter__(self) -> "_TerminateAtOnce":
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def read_checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint file holds, or None (no file, unreadable)."""
+    try:
+        return int(read_checkpoint(path)["step"]) if path.is_file() else None
+    except (CheckpointError, KeyError, ValueError, TypeError):
+        return None
 
 
 def _format_duration(seconds: float) -> str:
@@ -511,11 +557,8 @@ def _kept_checkpoint_message(ctx: TrainContext) -> str:
     may already have been on the way to the overflow."""
     path = ctx.ckpt_dir / "last.pth"
     if path.is_file():
-        try:
-            step = int(read_checkpoint(path)["step"])
-            return f"the last checkpoint saved before that, {path} (step {step}), was kept"
-        except (CheckpointError, KeyError):
-            return f"the last checkpoint saved before that, {path}, was kept"
+        step = read_checkpoint_step(path)
+        return f"the last checkpoint saved before that, {path}{'' if step is None else f' (step {step})'}, was kept"
     return "no checkpoint had been written yet"
 
 
@@ -673,9 +716,9 @@ def train_one_epoch(ctx: TrainContext, epoch: int, skip_batches: int = 0) -> boo
                             + f" ({speed:.3f} s/iter, data wait {data_share:.0%}, run ETA {eta})")
                     if ctx.writer is not None:
                         for key, value in means.items():
-                            ctx.writer.add_scalar(f"train/{key}", value, ctx.global_step)
-                        ctx.writer.add_scalar("train/lr", lr, ctx.global_step)
-                        ctx.writer.add_scalar("train/data_wait_share", data_share, ctx.global_step)
+                            ctx.writer.add_scalar(f"train/{key}", value, ctx.tensorboard_step)
+                        ctx.writer.add_scalar("train/lr", lr, ctx.tensorboard_step)
+                        ctx.writer.add_scalar("train/data_wait_share", data_share, ctx.tensorboard_step)
                     # judged after the first epoch's first windows (worker start-up is not the steady state)
                     if (info.device.type == "cuda" and not ctx.loader_hint_given
                             and ctx.global_step >= 3 * args.log_every):
@@ -760,9 +803,10 @@ def load_validation_ground_truth(val_root: str | Path, gt_dir: str | Path) -> An
     """The WIDER FACE ground truth of ``gt_dir``, checked against the images of
     ``<val_root>/val``, for the periodic validation. Raises :class:`TrainingSetupError` (one line
     naming the folder) when a ``.mat`` file cannot be read or does not hold the ground truth
-    (corrupt, wrong file, missing variable) or the images are not in it: at start-up, not at the
-    first validation epochs later."""
-    from utils.evaluation import check_images_in_gt, list_val_images
+    (corrupt, wrong file, missing variable), the images are not in it or one is not an image file or
+    cut short (:func:`utils.evaluation.check_image_files`): at start-up, not at the first validation
+    epochs later."""
+    from utils.evaluation import check_image_files, check_images_in_gt, list_val_images
     from utils.metric import load_ground_truth
 
     try:
@@ -771,7 +815,9 @@ def load_validation_ground_truth(val_root: str | Path, gt_dir: str | Path) -> An
         raise TrainingSetupError(f"cannot use the WIDER FACE ground truth in {gt_dir} for the validation: "
                                  f"{one_line(error)} (fix --gt_dir, or --eval_every 0)") from None
     try:
-        check_images_in_gt(list_val_images(val_root), gt)
+        images = list_val_images(val_root)
+        check_images_in_gt(images, gt)
+        check_image_files(images)
     except (EvaluationError, OSError, ValueError) as error:
         raise TrainingSetupError(f"{Path(val_root) / 'val'}: {one_line(error)}") from None
     return gt
@@ -984,7 +1030,7 @@ def _evaluate(ctx: TrainContext, epoch: int, val_root: str, gt: Any) -> bool | N
                 f"epoch {ctx.best_epoch}; {time.perf_counter() - started:.1f} s)")
         if ctx.writer is not None:
             for key, value in aps.items():
-                ctx.writer.add_scalar(f"val/AP_{key}", value, ctx.global_step)
+                ctx.writer.add_scalar(f"val/AP_{key}", value, ctx.tensorboard_step)
     if ctx.info.distributed:
         dist.barrier()
     return improved
@@ -1207,7 +1253,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             # a resume drops the events the stopped run logged after last.pth (TensorBoard hides events
             # of steps >= purge_step written before this writer's start): one value per step
             writer = SummaryWriter(log_dir=str(exp_dir / "log"),
-                                   purge_step=ctx.global_step + 1 if resume_ckpt is not None else None)
+                                   purge_step=ctx.tensorboard_step + 1 if resume_ckpt is not None else None)
             ctx.writer = writer
             ctx.log(f"training {config} on {info.device} x{info.world_size} process(es); "
                     f"{len(dataset)} images ({dataset.num_faces} faces), {iters_per_epoch} iterations/epoch of "
@@ -1231,9 +1277,9 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         start_epoch, skip = divmod(ctx.global_step, iters_per_epoch)
         stopped = bool(args.max_iters) and ctx.global_step >= args.max_iters
         epoch = start_epoch
-        # under torchrun the ranks would not stop at the same step: Ctrl-C stops them at once
+        # under torchrun the ranks would not stop at the same step: Ctrl-C and SIGTERM stop them at once
         ctx.interrupt = None if info.distributed else StopRequest()
-        with ctx.interrupt or nullcontext():
+        with ctx.interrupt or _TerminateAtOnce():
             missed = pending_validation(ctx, val_root) if resume_ckpt is not None else None
             if missed is not None:
                 ctx.log(f"the validation after epoch {missed + 1} (step {ctx.global_step}) did not run before the "
@@ -1255,11 +1301,13 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         skipped_validation = pending_validation(ctx, val_root)
         # not when the last step and its validation were done anyway
         if ctx.stop_requested and (ctx.global_step < ctx.total_steps or skipped_validation is not None):
-            ctx.log(f"interrupted (Ctrl-C) at step {ctx.global_step}"
+            ctx.log(f"interrupted ({ctx.interrupt.signal_name}) at step {ctx.global_step}"
                     + (f", before the validation after epoch {skipped_validation + 1}"
                        if skipped_validation is not None else "")
                     + f": continue with --resume {ctx.ckpt_dir / 'last.pth'}")
-            raise KeyboardInterrupt
+            stop = ctx.interrupt.interruption()
+            stop.logged = True
+            raise stop
         if info.distributed:
             dist.barrier()
         problems = []
@@ -1273,6 +1321,14 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                 f"checkpoints in {ctx.ckpt_dir}"
                 + (f"; but {' and '.join(problems)}" if problems else ""))
         return _run_summary(ctx, info.rank)
+    except KeyboardInterrupt as stop:
+        if ctx is not None and not getattr(stop, "logged", False) and ctx.info.is_main:
+            # stopped at once (torchrun, a second Ctrl-C): logs.txt would otherwise just end
+            saved = read_checkpoint_step(ctx.ckpt_dir / "last.pth")
+            ctx.log(f"{getattr(stop, 'what', 'interrupted (Ctrl-C)')} after step {ctx.global_step}, stopped at once; "
+                    + (f"last.pth holds step {saved}: continue with --resume {ctx.ckpt_dir / 'last.pth'}"
+                       if saved is not None else "no checkpoint was saved yet"))
+        raise
     except (TrainingDivergedError, TrainingSetupError) as error:
         if logger is not None:  # into logs.txt only: the console gets train.py's one-line error
             record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, f"error: {error}", None, None)
