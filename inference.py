@@ -9,7 +9,7 @@ Options are declared in ``config.py`` (``python inference.py --help``); the work
 Exit codes: 0 all images processed, 3 finished but some files (or unreadable folders) were
 skipped (listed in the summary and in ``OUT/summary.json``), 1 nothing run (no images, missing
 weights, unavailable device, output folder already holds results or cannot be written ...),
-2 bad option, 130 interrupted.
+2 bad option, 130 interrupted (143 for SIGTERM; both write the results of the images done).
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ EPILOG = ("exit status: 0 all images processed; 3 finished, but some files were 
           "(unreadable, truncated, empty, not an image, or in a folder that cannot be read; listed in "
           "the summary and summary.json); 1 nothing was run (no images, none of them processed, input "
           "not found or not readable, missing weights, unavailable device, output folder already holds "
-          "results without --exist_ok or cannot be created or written); 2 invalid option; 130 interrupted.")
+          "results without --exist_ok or cannot be created or written); 2 invalid option; 130 interrupted "
+          "(Ctrl-C), 143 terminated (SIGTERM): the results of the images done are written.")
 
 MASKS_NOT_WRITTEN = ("inference.py: warning: --mask true computes the masks but only --save_mask true writes them "
                      "(the Python inference() returns them)")

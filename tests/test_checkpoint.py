@@ -53,6 +53,19 @@ def test_our_checkpoint_round_trip_rebuilds_the_architecture(tmp_path):
     assert torch.load(path, weights_only=True)["epoch"] == 4
 
 
+def test_bare_state_dict_with_a_non_default_width_loads_with_that_width(tmp_path):
+    """A foreign file (a bare state dict, no recorded configuration) of a model whose FPN/SSH
+    width is not its backbone's default: the width is read from the weights' shapes."""
+    torch.manual_seed(0)
+    config = ModelConfig(network="mobilenet0.25", cascade=False, out_channels=32)
+    assert config.fpn_channels != ModelConfig(network="mobilenet0.25", cascade=False).fpn_channels
+    model = RetinaFace(config).eval()
+    torch.save(model.state_dict(), tmp_path / "bare.pth")
+    loaded = load_model(tmp_path / "bare.pth")
+    assert loaded.config.fpn_channels == 32 and loaded.fpn.output1[0].out_channels == 32
+    outputs_equal(loaded, model, torch.randn(1, 3, 64, 64))
+
+
 @pytest.mark.parametrize("umask", [0o022, 0o077])
 def test_checkpoint_files_follow_the_umask_like_other_outputs(tmp_path, umask):
     import os

@@ -134,6 +134,20 @@ def test_retinaface_format(tmp_path: Path) -> None:
     assert [a.line for a in parsed.images] == [1, 6, 7]
 
 
+def test_a_first_landmark_at_x_zero_still_means_the_face_has_landmarks(tmp_path: Path) -> None:
+    """Landmarks are absent only when marked -1 (the public loader's ``x >= 0`` rule): a face at the
+    left edge whose left eye is at x = 0.0 keeps its landmarks and flag 1."""
+    label = tmp_path / "label.txt"
+    label.write_text(
+        "# a/edge.jpg\n"
+        "0 10 20 20 0.0 15.0 0.0 12.0 15.0 0.0 6.0 20.0 0.0 2.0 25.0 0.0 10.0 25.0 0.0 0.9\n"
+        "30 10 20 20 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0 -1.0\n"
+    )
+    targets = parse_label_file(label).images[0].targets
+    lms = [(0, 15), (12, 15), (6, 20), (2, 25), (10, 25)]
+    np.testing.assert_array_equal(targets, _targets(_face(0, 10, 20, 30, lms), _face(30, 10, 50, 30)))
+
+
 @pytest.mark.parametrize(
     "fmt, text, bad_line",
     [
@@ -286,6 +300,29 @@ def test_flip_comes_before_the_resize_like_the_public_code() -> None:
                                               AugmentParams(crop, PhotometricParams(), True, cv2.INTER_NEAREST))
     marker = np.all(out[28:33] == (0, 0, 255), axis=-1)
     assert marker[:, 68:73].all() and not marker[:, :68].any() and not marker[:, 73:].any()
+
+
+def test_min_face_size_applies_to_the_shorter_side_at_output_scale() -> None:
+    """``min_face_size`` keeps a face only when the *shorter* side of its clipped box, at output
+    scale, exceeds it: a 40x3 px strip (6 px at the 2x output scale) goes, a 20x20 face (40 px)
+    stays, with min_face_size 10 between them."""
+    min_face_size, (left, top, side), im_size = 10.0, (10, 20, 100), 200
+    faces = [_face(30, 40, 70, 43), _face(50, 60, 70, 80, [(55, 65), (65, 65), (60, 70), (56, 75), (64, 75)])]
+    targets = _targets(*faces)
+    scale = im_size / side
+    kept = [min(x2 - x1, y2 - y1) * scale > min_face_size for x1, y1, x2, y2 in targets[:, :4]]
+    assert kept == [False, True]
+    expected = targets[kept].copy()
+    expected[:, 0:14:2] = (expected[:, 0:14:2] - left) * scale
+    expected[:, 1:14:2] = (expected[:, 1:14:2] - top) * scale
+    transform = TrainTransform(im_size, rng=0, min_face_size=min_face_size)
+    out_t = transform.transform_targets(targets, (200, 300, 3), AugmentParams((left, top, side), PhotometricParams(),
+                                                                              False, cv2.INTER_NEAREST))
+    np.testing.assert_allclose(out_t, expected, atol=1e-4)
+    # the public default (0) keeps both
+    everything = TrainTransform(im_size, rng=0).transform_targets(
+        targets, (200, 300, 3), AugmentParams((left, top, side), PhotometricParams(), False, cv2.INTER_NEAREST))
+    assert len(everything) == 2
 
 
 def test_crop_offsets_never_touch_the_far_edge_unless_the_side_spans_the_image() -> None:

@@ -921,6 +921,41 @@ def test_evaluate_model_api_and_batching(sample_run, widerface_sample, widerface
     assert kept.read_text() == "my own notes\n"
 
 
+def test_model_evaluation_defaults_are_the_public_protocol_of_test_py(widerface_sample, widerface_gt_dir,
+                                                                      mobilenet_weights, tmp_path):
+    """train.py's evaluation (evaluate_model, protocol_detector), told no thresholds, runs the
+    public test_widerface.py protocol that test.py's defaults also follow: score > 0.02, NMS IoU
+    0.4, no top-k cuts. On a crowded sample image its prediction file is the one of a detector
+    built with test.py's default options, and differs from the inference default NMS 0.3."""
+    from config import parse_args
+    from models.detector import FaceDetector
+    from utils.checkpoint import load_model
+    from utils.evaluation import evaluate_model, protocol_detector
+
+    cli = parse_args("test", [])
+    assert (cli.confidence_threshold, cli.nms_threshold, cli.top_k, cli.keep_top_k) == (0.02, 0.4, None, None)
+    model = load_model(mobilenet_weights)
+    detector = protocol_detector(model, "cpu")
+    assert (detector.confidence_threshold, detector.nms_threshold, detector.top_k, detector.keep_top_k) == \
+        (0.02, 0.4, None, None)
+    key = "12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg"
+    dataset = small_dataset(tmp_path, widerface_sample, [key])
+    event, stem = key[:-4].split("/")
+
+    def cli_rows(nms_threshold: float) -> np.ndarray:
+        out = tmp_path / f"nms{nms_threshold}"
+        run_detector = FaceDetector(model=model, device="cpu", confidence_threshold=cli.confidence_threshold,
+                                    nms_threshold=nms_threshold, top_k=cli.top_k, keep_top_k=cli.keep_top_k)
+        predict_widerface(run_detector, dataset, out, batch_size=1, workers=0, progress=False)
+        return read_prediction_dir(out)[event][stem]
+
+    evaluate_model(model, dataset, widerface_gt_dir, "cpu", out_dir=tmp_path / "evaluate_model")
+    rows = read_prediction_dir(tmp_path / "evaluate_model")[event][stem]
+    np.testing.assert_array_equal(rows, cli_rows(cli.nms_threshold))
+    looser = cli_rows(0.3)
+    assert len(looser) != len(rows) or not np.array_equal(looser, rows)
+
+
 def test_tta_detector_follows_insightface_pipeline(widerface_sample, mobilenet_weights):
     """TTA of one sample image at two small pass sizes against insightface's steps written out
     here: its scale rule; each pass resizes the uint8 image, mirrors the resized one, keeps the

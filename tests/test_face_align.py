@@ -45,6 +45,20 @@ def test_noisy_points_get_the_least_squares_similarity():
         np.testing.assert_allclose(similarity_transform(source, target), expected, atol=1e-6)
 
 
+def test_template_is_the_112_pixel_arcface_template_scaled_to_the_crop():
+    """Other crop sizes scale the 112x112 ArcFace points uniformly (the template_points
+    docstring), so a 224 crop is the 112 crop at twice the resolution."""
+    from utils.face_align import ARCFACE_TEMPLATE
+
+    np.testing.assert_array_equal(template_points(), ARCFACE_TEMPLATE)
+    np.testing.assert_array_equal(template_points(112), ARCFACE_TEMPLATE)
+    np.testing.assert_allclose(template_points(224), 2 * ARCFACE_TEMPLATE, rtol=1e-15)
+    np.testing.assert_allclose(template_points(160), ARCFACE_TEMPLATE * 160 / 112, rtol=1e-15)
+    np.testing.assert_allclose(template_points(56), ARCFACE_TEMPLATE / 2, rtol=1e-15)
+    with pytest.raises(ValueError, match="positive"):
+        template_points(0)
+
+
 def test_never_mirrors_and_rejects_degenerate_points():
     source = np.array([[0.0, 0.0], [10, 0], [5, 5], [2, 10], [8, 10]])
     mirrored = source * np.array([-1.0, 1.0])

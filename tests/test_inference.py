@@ -929,6 +929,36 @@ def test_ctrl_c_mid_run_writes_partial_results_and_exits_130(widerface_sample, m
     assert json.loads((out / "summary.json").read_text())["interrupted"] is False
 
 
+def test_sigterm_mid_run_writes_partial_results_and_exits_143(widerface_sample, mobilenet_weights, tmp_path,
+                                                              monkeypatch, capsys):
+    """SIGTERM (a batch job's time limit, docker stop) ended the run without writing the results of the images done."""
+    import signal
+
+    from models.detector import FaceDetector
+
+    submit, calls = FaceDetector.submit, []
+
+    def terminated_at_the_third(self, images):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return submit(self, images)
+
+    monkeypatch.setattr(FaceDetector, "submit", terminated_at_the_third)
+    folder = link_images(tmp_path / "in", {f"{i}.jpg": p for i, p in enumerate(
+        sorted((widerface_sample / "val/images").rglob("*.jpg"))[:4])})
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    code, stdout, err = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder",
+                                  out, "--workers", "0", "--device", "cpu"], capsys)
+    assert code == 143 and "Traceback" not in err, err
+    assert "images: 2 done, 0 skipped of 4; faces found: " in stdout and "  [terminated (SIGTERM)]" in stdout
+    assert signal.getsignal(signal.SIGTERM) is before
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["exit_code"] == 143 and summary["processed"] == 2
+    assert list(json.loads((out / "detections.json").read_text())) == ["0.jpg", "1.jpg"]
+
+
 @pytest.mark.parametrize("options,message", [
     ({"batch_sise": 4}, "unknown inference option(s): batch_sise (did you mean batch_size?)"),
     ({"confidence_threshold": 5.0}, "confidence_threshold=5.0: expected a number in [0, 1], got '5.0'"),

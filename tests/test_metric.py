@@ -132,6 +132,23 @@ def test_false_positive_above_all_true_positives():
     _assert_matches_reference(preds, records)
 
 
+def test_iou_equal_to_the_threshold_is_a_hit():
+    """A detection matches its face from IoU ``>= iou_threshold`` (the public ``max_overlap >=
+    iou_thresh``): a 10x20 px box over a 10x10 px face sharing its top half has +1-pixel IoU
+    exactly 100 / 200 = 0.5, so with a perfect detection of a second face the AP is 1."""
+    faces = np.array([[0, 0, 9, 9], [100, 0, 9, 9]], dtype=np.float64)  # x y w h: 10x10 pixels each
+    tall = [0, 0, 9, 19]  # 10x20 pixels over face 0
+    # at the origin the x y w h rows are also their x1 y1 x2 y2 corners
+    assert bbox_overlaps_plus1(np.array([tall], np.float64), faces[:1])[0, 0] == 0.5
+    records = [("e", "a", faces, _keep_all(2))]
+    for first_score in (1.0, 0.0):  # the tie ranked above and below the exact detection
+        preds = {"e": {"a": _pred([*tall, first_score], [*faces[1], 1.0 - first_score])}}
+        assert evaluate(preds, _gt(records)).aps == {"easy": 1.0, "medium": 1.0, "hard": 1.0}
+        _assert_matches_reference(preds, records)
+    preds = {"e": {"a": _pred([*tall, 1.0], [*faces[1], 0.0])}}
+    assert evaluate(preds, _gt(records), iou_threshold=0.5 + 1e-9).hard < 1.0  # just above: a false positive
+
+
 def test_second_detection_of_recalled_face_is_false_positive():
     # face 1 detected twice (0.9, 0.5), face 2 once (0.1): lo 0.1, hi 0.9 -> 1.0, 0.5, 0.0.
     # th in (0.5, 1]: P 1/1 R 1/2; th in (0, 0.5]: P 1/2 R 1/2; th 0: P 2/3 R 1 -> AP = 0.5 + 0.5 * 2/3

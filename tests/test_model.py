@@ -156,3 +156,85 @@ def test_sync_batchnorm_of_multi_gpu_training_is_folded_too():
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
     fused = fuse_conv_bn(model)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+
+
+def _face_target(box) -> torch.Tensor:
+    """One ``(1, 15)`` training target without landmarks (pixels of the network input)."""
+    target = torch.full((1, 15), -1.0)
+    target[0, :4] = torch.tensor(box)
+    return target
+
+
+def test_refine_stage2_loss_sends_no_gradient_into_stage1_boxes():
+    """Stage 2 of the refine cascade is matched and encoded against the *detached* stage-1 boxes:
+    its loss must not train the stage-1 box head (only the stage-1 loss does)."""
+    from layers.multibox_loss import MultiBoxLoss
+    from models.retinaface import StageOutput
+
+    torch.manual_seed(0)
+    config = ModelConfig(network="mobilenet0.25", num_anchor=2, cascade=True, cascade_mode="refine")
+    model = RetinaFace(config)
+    priors = prior_boxes((64, 64), 2)
+    n = priors.shape[0]
+    loc1 = (0.3 * torch.randn(1, n, 4)).requires_grad_()
+    second = StageOutput((0.3 * torch.randn(1, n, 4)).requires_grad_(), torch.randn(1, n, 2), torch.randn(1, n, 10),
+                         None)
+    outputs = [StageOutput(loc1, torch.randn(1, n, 2), torch.randn(1, n, 10), None), second]
+    losses = MultiBoxLoss(config)(model, outputs, priors, [_face_target([20.0, 20.0, 44.0, 44.0])])
+    assert losses["stage2/loss_box"] > 0 and losses["num_pos"] > 0
+    (grad,) = torch.autograd.grad(losses["stage2/total"], loc1, retain_graph=True, allow_unused=True)
+    assert grad is None or not grad.any()
+    (grad,) = torch.autograd.grad(losses["stage1/total"], loc1)
+    assert grad.any()  # the stage-1 loss does reach them
+
+
+def test_tina_iou_target_is_the_iou_of_the_predicted_box():
+    """``loss_iou`` is the binary cross-entropy between the IoU logit and the IoU of each
+    positive's *predicted* (decoded) box with its face, summed over positives and divided by their
+    number; recomputed here from the protocol: torchvision IoUs, the 0.35 / best-anchor
+    positives, the offsets decoded by hand."""
+    from torchvision.ops import box_iou
+
+    from layers.multibox_loss import MultiBoxLoss
+    from models.retinaface import StageOutput
+    from utils.box_utils import point_form
+
+    torch.manual_seed(0)
+    config = ModelConfig(network="mobilenet0.25", num_anchor=2, cascade=False, model_version="tina")
+    model = RetinaFace(config)
+    priors = prior_boxes((64, 64), 2)
+    n = priors.shape[0]
+    face = torch.tensor([[18.0, 22.0, 42.0, 50.0]])
+    loc, iou_logit = 0.5 * torch.randn(1, n, 4), torch.randn(1, n, 1)
+    outputs = [StageOutput(loc, torch.randn(1, n, 2), torch.randn(1, n, 10), iou_logit)]
+    losses = MultiBoxLoss(config)(model, outputs, priors, [_face_target(face[0].tolist())])
+
+    overlaps = box_iou(face, point_form(priors))[0]
+    positive = overlaps >= 0.35
+    assert overlaps.max() >= 0.2
+    positive[overlaps.argmax()] = True
+    anchors, offsets = priors[positive], loc[0, positive]
+    centre = anchors[:, :2] + offsets[:, :2] * 0.1 * anchors[:, 2:]
+    size = anchors[:, 2:] * torch.exp(offsets[:, 2:] * 0.2)
+    predicted = torch.cat([centre - size / 2, centre + size / 2], dim=1)
+    target = box_iou(predicted, face)[:, 0]
+    assert 0.05 < target.min() and target.max() < 0.95  # far from the matched box's IoU of 1
+    probability = torch.sigmoid(iou_logit[0, positive, 0])
+    bce = -(target * torch.log(probability) + (1 - target) * torch.log(1 - probability))
+    torch.testing.assert_close(losses["stage1/loss_iou"], bce.sum() / positive.sum())
+
+
+def test_a_face_claims_its_best_anchor_at_exactly_the_minimum_iou():
+    """A face claims its best anchor when that IoU is ``>= 0.2`` (the public ``match``), even below
+    the 0.35 positive threshold: a 10x2 face at the top of a 10x10 anchor has IoU 20 / 100,
+    exactly float32(0.2); a 10x1.5 face (IoU 0.15) claims nothing."""
+    from layers.multibox_loss import box_iou_batched, match_anchors, pad_targets
+
+    anchors = torch.tensor([[5.0, 5.0, 10.0, 10.0], [100.0, 100.0, 10.0, 10.0]])  # cx, cy, w, h
+    for height, claimed in ((2.0, True), (1.5, False)):
+        face = torch.tensor([[0.0, 0.0, 10.0, height]])
+        iou = box_iou_batched(face[None], torch.tensor([[0.0, 0.0, 10.0, 10.0]]))[0, 0, 0]
+        assert iou.item() == (torch.tensor(0.2).item() if claimed else torch.tensor(0.15).item())
+        padded, valid, _ = pad_targets([_face_target(face[0].tolist())])
+        match = match_anchors(padded[..., :4], valid, anchors)
+        assert match.positive[0].tolist() == [claimed, False], height

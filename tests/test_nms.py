@@ -37,6 +37,44 @@ def test_plus_one_pixel_convention_changes_the_decision():
     assert nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.27, 1.0).tolist() == [0]
 
 
+def test_an_iou_equal_to_the_threshold_does_not_suppress():
+    """A box is suppressed only when its IoU *exceeds* the threshold (the public ``ovr <= thresh``
+    keep rule): 10x10 and 10x20 pixel boxes sharing their top 10x10 have +1-pixel IoU exactly
+    100 / 200 = 0.5, so at 0.5 every NMS path keeps both, and just under 0.5 drops the second."""
+    from utils.nms import batched_nms
+
+    boxes = np.array([[0, 0, 9, 9], [0, 0, 9, 19]], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    width, height = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+    intersection = np.float32(10 * 10)
+    assert intersection / ((width * height).sum() - intersection) == 0.5  # exact, in float32 and float64
+    one_image = torch.zeros(2, dtype=torch.long)
+    for threshold, expected in ((0.5, [0, 1]), (0.49, [0])):
+        assert nms_numpy(boxes, scores, threshold).tolist() == expected, threshold
+        assert nms(torch.from_numpy(boxes), torch.from_numpy(scores), threshold).tolist() == expected, threshold
+        kept = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), one_image, threshold)
+        assert kept.tolist() == expected, threshold
+
+
+@pytest.mark.parametrize("merge", [None, True])
+def test_a_score_equal_to_the_confidence_threshold_is_dropped(merge):
+    """Candidates need a score *above* the threshold (the public ``scores > confidence_threshold``):
+    a score of exactly 0.5 (exact in float32) is dropped at 0.5 and kept just under it, on the
+    per-batch path and on the merged path that CUDA takes for batches of different sizes."""
+    from utils.postprocess import postprocess_groups_to_host
+
+    # far apart boxes: NMS suppresses nothing; image 0 scores 0.5 / 0.75, image 1 (another size) 0.5
+    first = (torch.tensor([[[0.0, 0, 10, 10], [50, 50, 60, 60]]]), torch.tensor([[0.5, 0.75]]), torch.zeros(1, 2, 10))
+    second = (torch.tensor([[[0.0, 0, 10, 10]]]), torch.tensor([[0.5]]), torch.zeros(1, 1, 10))
+    assert torch.tensor(0.5, dtype=torch.float32).item() == 0.5
+    for threshold, expected_counts in ((0.5, [1, 0]), (0.4999, [2, 1])):
+        rows, counts = postprocess_groups_to_host([first, second], threshold, 0.4, merge=merge)
+        assert counts == expected_counts, threshold
+        assert (rows[:, 4] > threshold).all()
+    found = postprocess(*first, confidence_threshold=0.5, nms_threshold=0.4)
+    assert found.counts == [1] and found.scores.tolist() == [0.75]
+
+
 def per_image_reference(boxes, scores, landmarks, conf, iou, top_k, keep_top_k):
     """The public pipeline's steps for one image: threshold, top-k, NumPy NMS, keep-top-k."""
     inds = np.where(scores > conf)[0]
@@ -45,7 +83,8 @@ def per_image_reference(boxes, scores, landmarks, conf, iou, top_k, keep_top_k):
     return boxes[order][keep], scores[order][keep], landmarks[order][keep]
 
 
-def test_batched_postprocess_equals_per_image_pipeline():
+@pytest.mark.parametrize("nms_threshold", [0.3, 0.4, 0.7])  # the CLI default, the WIDER protocol's, a loose one
+def test_batched_postprocess_equals_per_image_pipeline(nms_threshold):
     batch, n = 4, 600
     rng = np.random.default_rng(7)
     all_boxes, all_scores = zip(*(random_detections(s, n) for s in range(batch)))
@@ -54,12 +93,12 @@ def test_batched_postprocess_equals_per_image_pipeline():
     scores[2] = 0.01  # an image with no candidate above the threshold
     landmarks = rng.uniform(0, 300, (batch, n, 10)).astype(np.float32)
     found = postprocess(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(landmarks),
-                        confidence_threshold=0.3, nms_threshold=0.4, top_k=300, keep_top_k=40)
+                        confidence_threshold=0.3, nms_threshold=nms_threshold, top_k=300, keep_top_k=40)
     assert len(found.counts) == batch and found.counts[2] == 0
     start = 0
     for image in range(batch):
         ref_boxes, ref_scores, ref_landmarks = per_image_reference(
-            boxes[image], scores[image], landmarks[image], 0.3, 0.4, 300, 40)
+            boxes[image], scores[image], landmarks[image], 0.3, nms_threshold, 300, 40)
         stop = start + found.counts[image]
         assert (found.image_index[start:stop] == image).all()
         np.testing.assert_array_equal(found.boxes[start:stop].numpy(), ref_boxes)

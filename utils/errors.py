@@ -28,6 +28,32 @@ class Terminated(KeyboardInterrupt):
     what = "terminated (SIGTERM)"
 
 
+class sigterm_raises_terminated:  # noqa: N801 - used as a context manager, like contextlib's
+    """Within the block, SIGTERM raises :class:`Terminated` where the program is (as Ctrl-C raises
+    KeyboardInterrupt), so that the code that handles Ctrl-C (partial results written, a log line)
+    runs for it too; Python's default would end the process without a word. Main thread only
+    (elsewhere it does nothing)."""
+
+    def __enter__(self) -> "sigterm_raises_terminated":
+        import signal
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, self._previous)
+
+
 CV_NO_MEMORY = -4  # cv::Error::StsNoMem: "(-4:Insufficient memory) Failed to allocate N bytes"
 
 

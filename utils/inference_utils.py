@@ -19,7 +19,7 @@ writable ...), none of the files found could be processed, or the run stopped on
 (its outputs so far are written, with the error in ``summary.json``),
 :data:`EXIT_USAGE` (2) bad command-line option, :data:`EXIT_SKIPPED` (3) finished but some
 files were skipped (unreadable, truncated, empty, not images, out of memory, in folders that cannot
-be listed), 130 interrupted. Names that hold line breaks are escaped in the text outputs
+be listed), 130 interrupted (143 for SIGTERM; the results so far are written in both cases). Names that hold line breaks are escaped in the text outputs
 (:func:`escape_name`).
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ from config import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, UsageEr
                     check_option_combinations, detection_limit, moot_option_warnings, one_line)
 from utils.atomic_file import atomic_path
 from utils.checkpoint import checkpoint_for_run, resolve_weights
-from utils.errors import InferenceError, unless_out_of_memory
+from utils.errors import InferenceError, Terminated, sigterm_raises_terminated, unless_out_of_memory
 from utils.image_io import IMAGE_EXTENSIONS
 from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, UnreadableInputError,
                                 find_images, make_loader, os_error_reason, start_loader)
@@ -341,6 +341,7 @@ class InferenceSummary:
     device: str = ""
     weights: str = ""  # the checkpoint that was run
     interrupted: bool = False
+    interrupt_status: int = EXIT_INTERRUPTED  # 143 for SIGTERM
     error: str | None = None  # what stopped the run part-way (it then raises)
 
     @property
@@ -348,7 +349,7 @@ class InferenceSummary:
         if self.error is not None:
             return EXIT_ERROR
         if self.interrupted:
-            return EXIT_INTERRUPTED
+            return self.interrupt_status
         return EXIT_SKIPPED if self.skipped else EXIT_OK
 
     def ms_per_image(self) -> dict[str, float]:
@@ -374,7 +375,8 @@ def format_summary(summary: InferenceSummary) -> str:
     ms = summary.ms_per_image()
     lines = [f"images: {summary.processed} done, {len(summary.skipped)} skipped of {summary.total_files}; "
              f"faces found: {summary.faces}"
-             + ("  [interrupted]" if summary.interrupted else "")]
+             + (("  [terminated (SIGTERM)]" if summary.interrupt_status == Terminated.exit_status else "  [interrupted]")
+                if summary.interrupted else "")]
     for name, reason in summary.skipped:
         lines.append(f"  skipped {escape_name(name)}: {reason}")
     for name, note in summary.notes:
@@ -826,6 +828,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
         _warn(bar, warning)
     loop_started = time.perf_counter()
     loop_error: BaseException | None = None
+    terminate = sigterm_raises_terminated().__enter__()  # SIGTERM (a batch job's time limit) as Ctrl-C
     try:
         for records in start_loader(loader):
             good = []
@@ -849,13 +852,15 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
                 runner.detect_queued(batch)
         runner.finish_queued()
         runner.finish_masks(wait=True)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (utils.errors.Terminated)
         summary.interrupted = True
+        summary.interrupt_status = getattr(stop, "exit_status", EXIT_INTERRUPTED)
     except BaseException as error:  # e.g. a CUDA error or a killed decoding worker: outputs so far are kept
         summary.error = f"{type(error).__name__}: {error}"
         loop_error = error
         raise
     finally:
+        terminate.__exit__()
         if runner.in_flight is not None:  # stopped part-way (Ctrl-C, an error): the batch already queued still counts
             with contextlib.suppress(Exception):
                 runner.finish_queued()

@@ -60,7 +60,7 @@ from utils.checkpoint import (
     split_checkpoint,
 )
 from utils.distributed import DistInfo, check_ranks_agree, cleanup_distributed, setup_distributed
-from utils.errors import Terminated, TrainingDivergedError, TrainingSetupError
+from utils.errors import Terminated, TrainingDivergedError, TrainingSetupError, sigterm_raises_terminated
 from utils.evaluation import EvaluationError
 from utils.image_io import ImageReadError
 from utils.lr_schedule import (build_scheduler, decay_epoch_notes, recipe_differences, resolve_epochs_and_steps,
@@ -511,27 +511,6 @@ class StopRequest:
 
     def __exit__(self, *exc: Any) -> None:
         self._restore()
-
-
-class _TerminateAtOnce:
-    """SIGTERM raises :class:`utils.errors.Terminated` where the run is (as Ctrl-C raises
-    KeyboardInterrupt), so that a run stopped at once (under torchrun, whose ranks cannot agree
-    on a step to stop at) still says so in logs.txt; Python's default would end the process
-    without a word. Main thread only."""
-
-    def __enter__(self) -> "_TerminateAtOnce":
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._raise)
-        return self
-
-    @staticmethod
-    def _raise(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def read_checkpoint_step(path: Path) -> int | None:
@@ -1279,7 +1258,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
         epoch = start_epoch
         # under torchrun the ranks would not stop at the same step: Ctrl-C and SIGTERM stop them at once
         ctx.interrupt = None if info.distributed else StopRequest()
-        with ctx.interrupt or _TerminateAtOnce():
+        with ctx.interrupt or sigterm_raises_terminated():
             missed = pending_validation(ctx, val_root) if resume_ckpt is not None else None
             if missed is not None:
                 ctx.log(f"the validation after epoch {missed + 1} (step {ctx.global_step}) did not run before the "
