@@ -1491,7 +1491,8 @@ def test_a_resume_with_another_batch_size_keeps_the_tensorboard_curves_logged_be
     epoch, done = divmod(6, 5)   # the checkpoint's place in its epochs, 2 iterations per epoch here
     converted = epoch * 2 + round(done * 2 / 5)
     assert summary["step"] == 3 * 2 and converted == 2
-    assert torch.load(tmp_path / "experiments/tb/ckpt/last.pth", weights_only=True)["tensorboard_offset"] == 6 - converted
+    saved = torch.load(tmp_path / "experiments/tb/ckpt/last.pth", weights_only=True)
+    assert saved["tensorboard_offset"] == 6 - converted
     after = EventAccumulator(str(tmp_path / "experiments/tb/log"))
     after.Reload()
     events = [(event.step, event.value) for event in after.Scalars("train/total")]
@@ -1512,3 +1513,18 @@ def test_options_that_other_options_make_moot_get_a_note():
     assert tu.ignored_option_notes(args, set()) == []
     used = ["--lr_steps", "5,8", "--amp_dtype", "fp16", "--val_dataset", "v"]
     assert tu.ignored_option_notes(parse_args("train", used), tu.explicit_options(used)) == []
+
+
+def test_a_branch_is_told_where_the_best_checkpoint_it_carries_on_is(tmp_path):
+    """``--resume experiments/a/ckpt/best.pth --experiment_name b`` logged "best hard 0.93 at epoch 2" with no
+    best.pth in b: the note says whose AP that is and where its best.pth is."""
+    from types import SimpleNamespace
+
+    ctx = SimpleNamespace(ckpt_dir=tmp_path / "b/ckpt", best_metric=0.93141, best_epoch=2)
+    (notes,) = tu.branch_notes(ctx, str(tmp_path / "a/ckpt/best.pth"))
+    assert notes == (f"note: the best hard AP so far, 0.9314 (epoch 2), is the resumed run's; its best.pth stays in "
+                     f"{tmp_path / 'a/ckpt'}, and {tmp_path / 'b/ckpt/best.pth'} is written when a validation here "
+                     "beats it")
+    assert tu.branch_notes(ctx, str(tmp_path / "b/ckpt/last.pth")) == []  # the same run
+    assert tu.branch_notes(SimpleNamespace(ckpt_dir=ctx.ckpt_dir, best_metric=None, best_epoch=None),
+                           str(tmp_path / "a/ckpt/last.pth")) == []  # no AP carried on

@@ -200,7 +200,8 @@ def test_val_images_that_are_not_images_stop_the_run_at_start_up(widerface_sampl
     monkeypatch.chdir(tmp_path)
     assert train.main(run_args(root, "valcheck", "--epochs", "1", "--eval_every", "1")) == 1
     message = error_line(capsys)
-    assert message.startswith("train.py: error: ") and "2 of " in message and "validation images cannot be read" in message
+    assert message.startswith("train.py: error: ") and "2 of " in message, message
+    assert "validation images cannot be read" in message
     assert f"{root / 'val/images' / names[0]}: not a JPEG, PNG, BMP or WebP image" in message, message
     assert not (tmp_path / "experiments/valcheck/ckpt").exists()  # nothing was trained
 

@@ -19,8 +19,8 @@ writable ...), none of the files found could be processed, or the run stopped on
 (its outputs so far are written, with the error in ``summary.json``),
 :data:`EXIT_USAGE` (2) bad command-line option, :data:`EXIT_SKIPPED` (3) finished but some
 files were skipped (unreadable, truncated, empty, not images, out of memory, in folders that cannot
-be listed), 130 interrupted (143 for SIGTERM; the results so far are written in both cases). Names that hold line breaks are escaped in the text outputs
-(:func:`escape_name`).
+be listed), 130 interrupted (143 for SIGTERM; the results so far are written in both cases). Names
+that hold line breaks or bytes that are not UTF-8 are escaped in the text outputs (:func:`escape_name`).
 """
 from __future__ import annotations
 

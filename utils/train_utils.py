@@ -149,7 +149,8 @@ def load_init_weights(model: RetinaFace, state_dict: Mapping[str, torch.Tensor],
     new = [k for k in expected if k not in usable]
     dropped = [k for k in state_dict if k not in usable]
     return [f"initial weights: {source}: loaded {len(usable)} of {len(expected)} tensors; "
-            f"{len(new)} newly initialised (e.g. {new[:3]}), {len(dropped)} unused (e.g. {dropped[:3]})"]
+            + (f"{len(new)} newly initialised (e.g. {new[:3]})" if new else "none newly initialised")
+            + (f", {len(dropped)} unused (e.g. {dropped[:3]})" if dropped else ", none unused")]
 
 
 def build_model(args: argparse.Namespace, resume_checkpoint: Mapping[str, Any] | None = None
@@ -888,6 +889,17 @@ def check_no_run_overwritten(exp_dir: Path, resume: str | None, resume_checkpoin
     return []
 
 
+def branch_notes(ctx: TrainContext, resume: str) -> list[str]:
+    """A note for a resume into another run folder (a branch): the best AP it carries on is the
+    resumed run's, whose ``best.pth`` stays in that run's folder."""
+    source = Path(resume).resolve().parent
+    if source == ctx.ckpt_dir.resolve() or ctx.best_metric is None:
+        return []
+    return [f"note: the best hard AP so far, {ctx.best_metric:.4f} (epoch {ctx.best_epoch}), is the resumed run's; "
+            f"its best.pth stays in {source}, and {ctx.ckpt_dir / 'best.pth'} is written when a validation here "
+            "beats it"]
+
+
 def create_run_folders(exp_dir: Path) -> None:
     """Create ``<exp_dir>/ckpt`` and ``<exp_dir>/log`` and write (and remove) a file in each, so that an
     unusable folder stops the run at start-up with :class:`TrainingSetupError`, not at the first save
@@ -1199,6 +1211,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                            logger=logger, compile_augment=getattr(args, "compile_augment", False))
         if resume_ckpt is not None:
             notes += load_training_state(ctx, resume_ckpt)
+            notes += branch_notes(ctx, args.resume)
         if resume_ckpt is not None and explicit:
             ignored = [f"--{name}" for name in ("seed", "init_weights") if name in explicit]
             if ignored:
@@ -1217,7 +1230,8 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
                 ctx.log(f"nothing to train: {args.resume} is at step {ctx.global_step}, "
                         + (f"{where} --max_iters {args.max_iters}; give a larger --max_iters, or leave it out for "
                            "the whole schedule" if ctx.total_steps < ctx.schedule_steps else
-                           f"{where} the end of its {epochs} epochs; give a larger --epochs to train on"))
+                           f"{where} the end of its {epochs} epoch{'s' * (epochs != 1)}; give a larger --epochs to "
+                           "train on"))
                 return _run_summary(ctx, info.rank)
         notes += graph_training_network(ctx, args, autocast_dtype)
         if args.lr_schedule == "step":
@@ -1237,7 +1251,7 @@ def train(args: argparse.Namespace, explicit: set[str] | None = None) -> dict[st
             ctx.log(f"training {config} on {info.device} x{info.world_size} process(es); "
                     f"{len(dataset)} images ({dataset.num_faces} faces), {iters_per_epoch} iterations/epoch of "
                     f"{args.batch_size} per process, "
-                    f"{epochs} epochs, {args.lr_schedule} schedule"
+                    f"{epochs} epoch{'s' * (epochs != 1)}, {args.lr_schedule} schedule"
                     + (f" (x0.1 at epochs {steps})" if args.lr_schedule == "step" else "")
                     + f", lr {args.lr}, warm-up {args.warmup_epochs} epochs, "
                     f"amp {describe_amp(autocast_dtype, info.device, args.amp)}, seed {seed}")
