@@ -503,15 +503,41 @@ _OPTION_HERE = {(TRAIN, "--weights"): "--init_weights PATH fine-tunes a checkpoi
                 (INFERENCE, "--init_weights"): "--weights PATH or --model_weight FILE picks the checkpoint"}
 
 
+#: options of the public Pytorch_Retinaface scripts (train.py, test_widerface.py, detect.py) and what
+#: takes their place here, for users who bring their command lines
+_PUBLIC_OPTIONS = {
+    "--training_dataset": "--dataset DIR (the folder holding train/label.txt and train/images/, not the label file)",
+    "--num_workers": "--workers N",
+    "--resume_net": "--resume PATH (continues a run of this project exactly) or --init_weights PATH (fine-tunes "
+                    "any checkpoint, the published ones included)",
+    "--resume_epoch": "--resume PATH (the checkpoint holds its epoch and step)",
+    "--gamma": "--lr_steps E1,E2 (the decay epochs; the factor is 0.1, as the public default)",
+    "--save_folder": "--experiment_name NAME (train.py: experiments/NAME/; test.py: --results_dir DIR; "
+                     "inference.py: --inference_save_folder DIR)",
+    "--trained_model": "--weights PATH (or mobilenet0.25 / resnet50 for the published weights)",
+    "--origin_size": "nothing: the original size is the default (test.py --target_size 1600 --max_size 2150 for the "
+                     "other setting)",
+    "--dataset_folder": "--dataset DIR (the folder holding val/images/ and val/label.txt)",
+    "--cpu": "--device cpu",
+    "--save_image": "--save_img true (inference.py)",
+    "--vis_thres": "--confidence_threshold T (inference.py draws every face it keeps)",
+}
+
+
 def _other_script_hint(script: str, message: str) -> str:
     """For an unrecognized option that another script takes: which script, and what this one
-    takes instead where the two are often confused (``train.py --weights``)."""
+    takes instead where the two are often confused (``train.py --weights``); for an option of the
+    public Pytorch_Retinaface scripts, what takes its place here."""
+    if "invalid choice: 'mobile0.25'" in message:
+        return " (Pytorch_Retinaface's mobile0.25 is mobilenet0.25 here)"
     if not message.startswith("unrecognized arguments: "):
         return ""
     for token in message.split(": ", 1)[1].split():
         option = token.split("=", 1)[0]
         if not option.startswith("--"):
             continue
+        if option in _PUBLIC_OPTIONS:
+            return f" ({option} is Pytorch_Retinaface's; here: {_PUBLIC_OPTIONS[option]})"
         owners = [f"{name}.py" for name in SCRIPTS
                   if name != script and option in build_parser(name)._option_string_actions]
         if owners:

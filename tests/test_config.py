@@ -84,6 +84,12 @@ def test_bad_values_are_rejected_with_a_clear_message(script, argv, message, cap
                                       "inference.py; here --init_weights PATH fine-tunes a checkpoint, --resume PATH"),
     ("test", ["--resume=w.pth"], "(--resume is an option of train.py; here --weights PATH or --model_weight FILE"),
     ("inference", ["--inference_dir", "x", "--epochs", "3"], "--epochs 3 (--epochs is an option of train.py) (see"),
+    # the public Pytorch_Retinaface scripts' options: what takes their place
+    ("train", ["--training_dataset", "data/widerface/train/label.txt"],
+     "(--training_dataset is Pytorch_Retinaface's; here: --dataset DIR (the folder holding train/label.txt"),
+    ("train", ["--network", "mobile0.25"], "(Pytorch_Retinaface's mobile0.25 is mobilenet0.25 here) (see --help)"),
+    ("test", ["--trained_model", "w.pth", "--cpu"], "(--trained_model is Pytorch_Retinaface's; here: --weights PATH"),
+    ("inference", ["--inference_dir", "x", "--cpu"], "(--cpu is Pytorch_Retinaface's; here: --device cpu)"),
 ])
 def test_option_combinations_exit_2_with_one_line_before_any_work(script, argv, message, capsys, tmp_path,
                                                                   monkeypatch):
