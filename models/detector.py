@@ -117,13 +117,18 @@ def _scalar(value: Any) -> Any:
     return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
 
 
-def _fraction_or_none(name: str, value: Any) -> float | None:
+def _fraction_or_none(name: str, value: Any, none_means: str = "or None") -> float | None:
     value = _scalar(value)
-    if value is None:
+    if value is None and none_means == "or None":
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1] (or None), got {value!r}")
+    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] ({none_means}), got {value!r}")
     return float(value)
+
+
+def _fraction(name: str, value: Any) -> float:
+    """A threshold that must be given (the confidence threshold: None has no meaning there)."""
+    return _fraction_or_none(name, value, none_means="0 keeps every candidate")
 
 
 def _limit_or_none(name: str, value: Any) -> int | None:
@@ -134,6 +139,16 @@ def _limit_or_none(name: str, value: Any) -> int | None:
         return None
     _check_positive_integer(name, value, "number of detections (or None / 0: no limit)")
     return int(value)
+
+
+def postprocess_settings(confidence_threshold: Any, nms_threshold: Any, top_k: Any, keep_top_k: Any
+                         ) -> tuple[float, float | None, int | None, int | None]:
+    """The four post-processing settings checked and normalised as :class:`FaceDetector` takes
+    them (thresholds in [0, 1], the NMS one also None: no NMS; limits positive, or None / 0 for no
+    limit; numpy and torch scalars accepted); ``ValueError`` names the one out of range."""
+    return (_fraction("confidence_threshold", confidence_threshold),
+            _fraction_or_none("nms_threshold", nms_threshold),
+            _limit_or_none("top_k", top_k), _limit_or_none("keep_top_k", keep_top_k))
 
 
 def _pixels_or_none(name: str, value: Any) -> int | None:
@@ -281,7 +296,7 @@ class FaceDetector:
     (they are checked again); a :meth:`submit` uses the values of the moment it is called.
     """
 
-    confidence_threshold = _Checked(_fraction_or_none)
+    confidence_threshold = _Checked(_fraction)
     nms_threshold = _Checked(_fraction_or_none)
     top_k = _Checked(_limit_or_none)
     keep_top_k = _Checked(_limit_or_none)

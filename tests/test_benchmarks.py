@@ -1112,6 +1112,14 @@ def test_benchmark_cpu_takes_a_published_weights_name(tmp_path):
      "--batch_sizes '1,²': expected comma-separated positive integers"),
     ("benchmark_cli", ["--device", "cpu", "--dataset", "/nonexistent"],
      "--dataset: no val/images/ folder in /nonexistent"),
+    # these gave a traceback (after loading the models, for the variants)
+    ("benchmark_inference", ["--device", "cpu", "--size", "640"],
+     "--size '640': expected WIDTHxHEIGHT in pixels, e.g. 640x480"),
+    ("benchmark_inference", ["--device", "cpu", "--variants", "fp99"],
+     "variant 'fp99': start with one of ('fp32', 'tf32', 'bf16', 'fp16') or 'ref'"),
+    ("benchmark_inference", ["--device", "cpu", "--iters", "0"], "--iters 0: expected at least 1 timed batch"),
+    ("tta_check", ["--weights", "w.pth", "--dataset", "d", "--scales", "abc"],
+     "argument --scales: expected comma-separated integers >= 0, got 'abc'"),
 ])
 def test_benchmark_argument_errors_are_one_line_before_any_work(module, argv, message, capsys):
     import importlib
@@ -1121,6 +1129,33 @@ def test_benchmark_argument_errors_are_one_line_before_any_work(module, argv, me
     err = capsys.readouterr().err
     assert info.value.code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1].endswith(f": error: {message}"), err  # after the program name (argv[0])
+
+
+@pytest.mark.parametrize("module,argv", [
+    ("benchmark_inference", ["--device", "cpu", "--models", "mobilenet0.25", "--batch_sizes", "1"]),
+    ("benchmark_nms", ["--device", "cpu"]),
+    ("benchmark_train", ["--device", "cpu"]),
+])
+def test_an_out_file_that_cannot_be_written_stops_the_benchmark_before_it_runs(module, argv, tmp_path, capsys,
+                                                                                monkeypatch):
+    """The report was appended after the whole run (minutes of a GPU lease), then failed with a traceback."""
+    import importlib
+
+    benchmark = importlib.import_module(f"tools.{module}")
+    with pytest.raises(SystemExit) as info:
+        benchmark.main([*argv, "--out", str(tmp_path)])
+    assert info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f": error: --out {tmp_path}: Is a directory")
+
+
+def test_cpu_benchmark_calls_pipelines_that_disagree_no_comparison():
+    from tools.benchmark_cpu import MAX_UNMATCHED_SHARE, disagreements
+
+    report = {"images": 2, "onnx_detections_score_ge_0.5_unmatched_vs_ours": 30,
+              "detections_score_ge_0.5_unmatched_between_pipelines": 0}
+    assert MAX_UNMATCHED_SHARE * 1000 < 30 < MAX_UNMATCHED_SHARE * 4000
+    assert disagreements(report, 1000) == ["onnx_detections_score_ge_0.5_unmatched_vs_ours = 30"]
+    assert disagreements(report, 4000) == []  # 30 of 4000: within the near-ties of float differences
 
 
 def test_speed_table_survives_cut_reports(tmp_path, capsys):

@@ -201,8 +201,12 @@ def test_needs_exactly_one_source():
     ("batch_size", 1.5, "batch_size must be a positive whole number of images, got 1.5"),
     ("pad_to", 0, "pad_to must be a positive whole number of pixels, got 0"),
     ("pad_to", 2.5, "pad_to must be a positive whole number of pixels, got 2.5"),
-    ("confidence_threshold", 2, "confidence_threshold must be a number in [0, 1] (or None), got 2"),
-    ("confidence_threshold", "0.5", "confidence_threshold must be a number in [0, 1] (or None), got '0.5'"),
+    ("confidence_threshold", 2, "confidence_threshold must be a number in [0, 1] (0 keeps every candidate), got 2"),
+    ("confidence_threshold", "0.5",
+     "confidence_threshold must be a number in [0, 1] (0 keeps every candidate), got '0.5'"),
+    # None is no NMS for nms_threshold, but no confidence threshold is not a threshold: it failed inside detect()
+    ("confidence_threshold", None, "confidence_threshold must be a number in [0, 1] (0 keeps every candidate), "
+                                   "got None"),
     ("nms_threshold", -0.1, "nms_threshold must be a number in [0, 1] (or None), got -0.1"),
     ("top_k", -5, "top_k must be a positive whole number of detections (or None / 0: no limit), got -5"),
     ("keep_top_k", 2.5, "keep_top_k must be a positive whole number of detections (or None / 0: no limit), got 2.5"),

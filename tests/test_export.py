@@ -80,6 +80,24 @@ def test_onnx_detections_take_images_as_face_detector_does(published_onnx, wider
         onnx_detections(published_onnx, image.astype(np.float32))
 
 
+def test_onnx_detections_take_the_settings_as_face_detector_does(published_onnx, widerface_sample, mobilenet_weights):
+    """0 is no limit for top_k / keep_top_k (it kept nothing), and settings out of range are refused (a
+    confidence threshold of -1 returned 750 rows, an NMS threshold of 2 kept overlapping boxes)."""
+    from models.detector import FaceDetector
+
+    path = widerface_sample / "val/images/12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg"
+    unlimited = onnx_detections(published_onnx, path, confidence_threshold=0.3, top_k=None, keep_top_k=None)
+    assert len(unlimited) > 10  # 0 kept none of them
+    np.testing.assert_array_equal(onnx_detections(published_onnx, path, confidence_threshold=0.3, top_k=0,
+                                                  keep_top_k=0), unlimited)
+    ours = FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.3, top_k=0, keep_top_k=0).detect(path)
+    assert len(ours) == len(unlimited)
+    for settings, name in (({"confidence_threshold": -1}, "confidence_threshold"), ({"nms_threshold": 2}, "nms_threshold"),
+                           ({"keep_top_k": -3}, "keep_top_k")):
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            onnx_detections(published_onnx, path, **settings)
+
+
 def test_cascade_and_iou_head_export_equal_the_pytorch_model(tmp_path):
     """Stage-2 residual offsets, the IoU head, 3 anchors and folded BatchNorm, against the plain
     (unfolded) model decoded with the cached priors."""
@@ -137,6 +155,19 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, mobilenet_weights, m
     assert "weights file not found" in lines[0] and "no images found" in lines[1]
     assert lines[2].endswith(f"--output {tmp_path} is a folder; give a file path (e.g. {tmp_path / 'model.onnx'})")
     assert lines[3].startswith(f"export_onnx.py: error: cannot write --output {tmp_path / 'file' / 'm.onnx'}: ")
+    # an opset the exporter cannot write this graph in: it printed a converter traceback, wrote opset 18 and exited 0
+    with pytest.raises(SystemExit) as stopped:
+        main(["--weights", str(mobilenet_weights), "--opset", "11"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "export_onnx.py: error: argument --opset: 11: the exporter writes this model in opset 18 or later (its Resize "
+        "cannot be converted to older opsets); onnxruntime 1.14 and later run opset 18")
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    assert main(["--weights", str(mobilenet_weights), "--opset", str(newest + 1)]) == 2
+    assert capsys.readouterr().err.strip() == (f"export_onnx.py: error: --opset {newest + 1}: the installed onnx knows "
+                                               f"opsets up to {newest}")
 
 
 def test_cpu_benchmark_times_the_exported_model_in_the_same_rounds(published_onnx_file, mobilenet_weights,

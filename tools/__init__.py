@@ -13,9 +13,12 @@ def shared_root() -> Path:
     return Path(os.environ.get("RETINAFACE_SHARED", REPO_ROOT.parent / "shared")).resolve()
 
 
-def check_inputs(prog: str, device: str | None = None, paths: dict[str, str | Path] | None = None) -> None:
+def check_inputs(prog: str, device: str | None = None, paths: dict[str, str | Path] | None = None,
+                 out: str | Path | None = None) -> None:
     """Exit with one line before any work: status 2 for an unusable ``device`` (``cpu``, ``cuda``,
-    ``cuda:N``), status 1 for a path of ``paths`` (``{"--option": path}``) that does not exist."""
+    ``cuda:N``), status 1 for a path of ``paths`` (``{"--option": path}``) that does not exist or an
+    ``--out`` file that cannot be appended to (a folder, a path that cannot be created): found
+    before a benchmark's minutes, not when its report is written."""
     import sys
 
     if device is not None:
@@ -30,3 +33,11 @@ def check_inputs(prog: str, device: str | None = None, paths: dict[str, str | Pa
         if not Path(path).exists():
             print(f"{prog}: error: {option}: {path} not found", file=sys.stderr)
             raise SystemExit(1)
+    if out is not None:
+        try:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            with open(out, "a", encoding="utf-8"):
+                pass
+        except OSError as error:
+            print(f"{prog}: error: --out {out}: {error.strerror or error}", file=sys.stderr)
+            raise SystemExit(1) from None

@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.gt_dir = str(Path(args.gt_dir or Path(args.dataset) / "ground_truth").resolve())
     if args.extra is None:
         args.extra = ["--pad_to 128 --batch_size 8"]
-    device = setup_device(args.device, None)  # the header's device facts; the work runs in child processes
+    device = setup_device(args.device, None, args.out)  # the header's device facts; the work runs in child processes
     report = report_header("cli", "tools/benchmark_cli.py", argv, device)
     report.update(weights=args.weights, dataset=args.dataset, rounds=args.rounds, public_style=None, test_py=[])
     notes: list[str] = []

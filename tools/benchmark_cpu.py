@@ -31,7 +31,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from config import non_negative_int, positive_int  # noqa: E402
+from config import non_negative_int, one_line, positive_int  # noqa: E402
 from models.detector import FaceDetector  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
 from tools import shared_root  # noqa: E402
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     cv2.setNumThreads(args.threads)
     paths = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not paths:
-        raise SystemExit(f"no images under {args.images}")
+        raise SystemExit(f"benchmark_cpu.py: error: no images under {args.images}")
 
     detector = FaceDetector(args.weights, device="cpu", confidence_threshold=0.02, nms_threshold=0.4)
     model = detector.model.eval()
@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.onnx:
         from tools.export_onnx import onnx_detections, onnx_session
 
-        session = onnx_session(args.onnx, threads=args.threads)
+        try:
+            session = onnx_session(args.onnx, threads=args.threads)
+        except Exception as error:  # noqa: BLE001 - onnxruntime's own error types (InvalidProtobuf ...)
+            raise SystemExit(f"benchmark_cpu.py: error: --onnx {args.onnx}: onnxruntime cannot load it "
+                             f"({one_line(error)[:200]})") from None
         pipelines["onnx"] = lambda steps: [onnx_detections(session, read_image(p), 0.02, 0.4) for p in paths]
     for run in pipelines.values():  # warm-up (allocations, caches)
         run({})
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "cpu_pipeline_mobilenet0.25_original_scale",
         "images": n, "threads": args.threads, "repeats": args.repeats,
+        "ours_detections_score_ge_0.5": int(sum((rows[:, 4] >= 0.5).sum() for rows in results_of["ours"])),
         "ours_ms_per_img": round(best["ours"] / n * 1000, 2),
         "public_style_ms_per_img": round(best["public"] / n * 1000, 2),
         "ratio_ours_over_public": round(best["ours"] / best["public"], 3),
@@ -157,5 +162,23 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
+#: unmatched detections (score >= 0.5, both ways) above this share of ours: the pipelines do not run the same
+#: model (e.g. an --onnx export of other weights), and their times are no comparison
+MAX_UNMATCHED_SHARE = 0.01
+
+
+def disagreements(report: dict, ours_detections: int) -> list[str]:
+    """The report's ``*_unmatched*`` counts above :data:`MAX_UNMATCHED_SHARE` of ``ours_detections``."""
+    limit = MAX_UNMATCHED_SHARE * max(ours_detections, 1)
+    return [f"{key} = {value}" for key, value in report.items() if "unmatched" in key and value > limit]
+
+
 if __name__ == "__main__":
-    main()
+    result = main()
+    wrong = disagreements(result, result["ours_detections_score_ge_0.5"])
+    if wrong:
+        print(f"benchmark_cpu.py: error: the pipelines disagree ({', '.join(wrong)}, of "
+              f"{result['ours_detections_score_ge_0.5']} detections of ours), so their times are no comparison"
+              + ("; do --weights and --onnx hold the same model?" if any("onnx" in w for w in wrong) else
+                 " (random weights score many near-ties: use trained ones)"), file=sys.stderr)
+        sys.exit(1)

@@ -333,6 +333,8 @@ def parse_weights(items: Sequence[str]) -> dict[str, str]:
         name, sep, path = item.partition("=")
         if not sep or name not in MODELS:
             raise SystemExit(f"--weights {item!r}: expected MODEL=PATH (or MODEL=random) with MODEL in {sorted(MODELS)}")
+        if path != "random" and not Path(path).is_file():
+            raise SystemExit(f"--weights {item!r}: {path} not found")
         weights[name] = path
     return weights
 
@@ -1102,10 +1104,10 @@ def model_names(text: str, option: str) -> list[str]:
     return names
 
 
-def setup_device(name: str | None, threads: int | None) -> torch.device:
+def setup_device(name: str | None, threads: int | None, out: str | None = None) -> torch.device:
     """The benchmark device (see ``resolve_device``) with the CPU thread counts and, on CUDA, the
-    current device and cuDNN autotuning set; an unusable ``name`` exits with one line."""
-    check_inputs(Path(sys.argv[0]).name, name)
+    current device and cuDNN autotuning set; an unusable ``name`` (or ``--out`` file) exits with one line."""
+    check_inputs(Path(sys.argv[0]).name, name, out=out)
     device = resolve_device(name)
     if threads:
         torch.set_num_threads(threads)
@@ -1123,12 +1125,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     batch_sizes = [b.strip() for b in args.batch_sizes.split(",") if b.strip()]
     if not batch_sizes or not all(re.fullmatch(r"[0-9]+", b) and int(b) > 0 for b in batch_sizes):
         parser.error(f"--batch_sizes {args.batch_sizes!r}: expected comma-separated positive integers")
-    device = setup_device(args.device, args.threads)
+    device = setup_device(args.device, args.threads, args.out)
     cuda = device.type == "cuda"
     args.models = model_names(args.models, "--models")
     args.batch_sizes = [int(b) for b in batch_sizes]
     args.stream = args.stream == "on"
-    args.width, args.height = (int(v) for v in args.size.lower().split("x"))
+    size = re.fullmatch(r"([0-9]+)x([0-9]+)", args.size.strip().lower())
+    if not size or not all(int(v) > 0 for v in size.groups()):
+        parser.error(f"--size {args.size!r}: expected WIDTHxHEIGHT in pixels, e.g. 640x480")
+    args.width, args.height = (int(v) for v in size.groups())
+    if args.iters is not None and args.iters < 1:
+        parser.error(f"--iters {args.iters}: expected at least 1 timed batch")
     args.weights = parse_weights(args.weights)
     args.iters = args.iters or (30 if cuda else 3)
     args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
@@ -1152,8 +1159,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return chosen
 
     default = default_variants(device, args.compile, args.graphs == "on")
-    variants = variants_from(args.variants, default)
-    sample_variants = variants_from(args.sample_variants, [v for v in default if "compile" not in v])
+    try:
+        variants = variants_from(args.variants, default)
+        sample_variants = variants_from(args.sample_variants, [v for v in default if "compile" not in v])
+    except ValueError as error:  # a variant name that does not parse
+        parser.error(str(error))
     if not cuda:
         notes.append("CPU run: CUDA graphs and torch.compile are measured on CUDA only; tf32 equals fp32 here")
 

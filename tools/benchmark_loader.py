@@ -57,7 +57,7 @@ if str(REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from tools import shared_root  # noqa: E402
+from tools import check_inputs, shared_root  # noqa: E402
 from tools.benchmark_train import RepeatDataset  # noqa: E402
 from utils.data_loaders import dataset_from_root  # noqa: E402
 from utils.image_loader import start_loader  # noqa: E402
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="append the JSON line to this file")
     args = parser.parse_args(argv)
+    check_inputs("benchmark_loader.py", out=args.out)
     if args.workers < 1 or args.batches < 1 or args.batch_size < 1 or args.rounds < 1:
         parser.error("--workers, --batches, --batch_size and --rounds must be at least 1")
     if not (args.dataset / args.split / "label.txt").is_file():

@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         width, height = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise SystemExit(f"benchmark_nms.py: error: --size {args.size!r}: WxH expected") from None
-    device = setup_device(args.device, args.threads)
+    device = setup_device(args.device, args.threads, args.out)
     _, arrays = load_sample_arrays(Path(args.sample_images), None)
     if not arrays:
         raise SystemExit(f"benchmark_nms.py: error: no images in {args.sample_images}")

@@ -1057,7 +1057,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    device = setup_device(args.device, args.threads)
+    device = setup_device(args.device, args.threads, args.out)
     cuda = device.type == "cuda"
     if cuda:
         from utils.train_utils import configure_backends

@@ -46,7 +46,7 @@ from torch import nn  # noqa: E402
 
 from config import HelpFormatter, add_architecture_options, architecture_overrides, one_line, str2bool  # noqa: E402
 from layers.prior_box import make_priors  # noqa: E402
-from models.detector import FaceDetector  # noqa: E402
+from models.detector import FaceDetector, postprocess_settings  # noqa: E402
 from models.net import fuse_conv_bn  # noqa: E402
 from models.retinaface import BGR_MEAN, RetinaFace, preprocess  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
@@ -59,6 +59,23 @@ from utils.postprocess import postprocess  # noqa: E402
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("boxes", "scores", "landmarks")
 DEFAULT_OPSET = 18
+#: the lowest opset the exporter writes this graph in: below it, onnxscript's version converter has
+#: no adapter for Resize (the FPN's upsampling) and the file came out at 18 anyway
+MIN_OPSET = 18
+
+
+def opset_version(text: str) -> int:
+    """``--opset``: a whole number from :data:`MIN_OPSET` (the newest the installed onnx knows is
+    checked before the export)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < MIN_OPSET:
+        raise argparse.ArgumentTypeError(f"{value}: the exporter writes this model in opset {MIN_OPSET} or later (its "
+                                         "Resize cannot be converted to older opsets); onnxruntime 1.14 and later run "
+                                         "opset 18")
+    return value
 #: the detection settings of the check on real images (the public WIDER FACE test's)
 CHECK_CONFIDENCE, CHECK_NMS = 0.02, 0.4
 MAX_CHECK_IMAGES = 20
@@ -105,6 +122,12 @@ def _require_packages() -> None:
             missing.append(name)
     if missing:
         raise ExportError(f"missing {', '.join(missing)}: {EXPORT_PACKAGES}")
+
+
+def _newest_opset() -> int:
+    import onnx  # noqa: PLC0415 (an export package, checked by _require_packages)
+
+    return int(onnx.defs.onnx_opset_version())
 
 
 def export_onnx(model: RetinaFace, output: str | Path, opset: int = DEFAULT_OPSET) -> Path:
@@ -169,10 +192,12 @@ def onnx_detections(session, image: np.ndarray | str | Path, confidence_threshol
     """Final detections of one image from an exported model, as (K, 15) rows ``x1, y1, x2, y2,
     score, 10 landmark values`` (pixels), with :class:`FaceDetector`'s post-processing. ``image``:
     a path, or an array as :class:`FaceDetector` takes it (BGR uint8 (H, W, 3); grayscale, BGRA,
-    uint16 and float in [0, 1] are converted the same way)."""
+    uint16 and float in [0, 1] are converted the same way). The settings are checked as
+    ``FaceDetector`` checks them (``ValueError``); ``top_k`` / ``keep_top_k`` 0 or None: no cut."""
+    settings = postprocess_settings(confidence_threshold, nms_threshold, top_k, keep_top_k)
     image = image_as_bgr_uint8(image)
     boxes, scores, landmarks = (torch.from_numpy(a) for a in run_onnx(session, image[None]))
-    found = postprocess(boxes, scores, landmarks, confidence_threshold, nms_threshold, top_k, keep_top_k)
+    found = postprocess(boxes, scores, landmarks, *settings)
     return as_rows(found.boxes.numpy(), found.scores.numpy(), found.landmarks.numpy())
 
 
@@ -249,14 +274,15 @@ def check_image_paths(folder: str | Path | None) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="export_onnx.py", description=__doc__.split("\n")[0],
                                      formatter_class=HelpFormatter)
     parser.add_argument("--weights", required=True,
                         help="'mobilenet0.25' or 'resnet50' (published weights) or a checkpoint path")
     parser.add_argument("--output", default=None,
                         help="ONNX file to write (default: the checkpoint's path with .onnx; for a published "
                              "name, <file name>.onnx in the current folder)")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version")
+    parser.add_argument("--opset", type=opset_version, default=DEFAULT_OPSET,
+                        help=f"ONNX opset version, {MIN_OPSET} or later (up to the newest the installed onnx knows)")
     parser.add_argument("--check_images", default=None,
                         help=f"image file or folder: also compare final detections with PyTorch (first "
                              f"{MAX_CHECK_IMAGES} images)")
@@ -266,6 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         _require_packages()
+        newest = _newest_opset()
+        if args.opset > newest:
+            print(f"export_onnx.py: error: --opset {args.opset}: the installed onnx knows opsets up to {newest}",
+                  file=sys.stderr)
+            return 2
         check_images = check_image_paths(args.check_images)
         model = load_model(args.weights, architecture_overrides(args))
         output = Path(args.output) if args.output else default_output(args.weights)

@@ -1,6 +1,10 @@
 """Comparison of detections with the public Pytorch_Retinaface reference outputs."""
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports, which need the repository root on the path
+    raise SystemExit(f"{__file__}: a module (the detection comparison used by the tests and tools/benchmark_*.py), "
+                     "not a command; see README, Layout")
+
 import json
 from pathlib import Path
 from typing import Sequence

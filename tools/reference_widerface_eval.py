@@ -11,6 +11,10 @@ Ground truth is a list of :class:`RefImage`; :func:`load_reference_gt` reads the
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports, which need the repository root on the path
+    raise SystemExit(f"{__file__}: a module (the loop-based WIDER FACE evaluation the tests use as an oracle), "
+                     "not a command; see README, Layout")
+
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass

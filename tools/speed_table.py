@@ -521,8 +521,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     text = render(reports, args.latest)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n", encoding="utf-8")
+        except OSError as error:
+            raise SystemExit(f"speed_table.py: error: --out {args.out}: {error.strerror or error}") from None
     return text
 
 

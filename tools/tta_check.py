@@ -62,12 +62,19 @@ def nms_merge(parts: list[Detections], threshold: float, keep_top_k: int | None)
     return Detections(boxes[keep], scores[keep], landmarks[keep])
 
 
+def _scales(text: str) -> tuple[int, ...]:
+    try:
+        return parse_scales(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="tta_check.py", description=__doc__.split("\n")[0])
     parser.add_argument("--weights", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--gt_dir", default=None)
-    parser.add_argument("--scales", default="0," + ",".join(map(str, DEFAULT_SCALES)),
+    parser.add_argument("--scales", type=_scales, default="0," + ",".join(map(str, DEFAULT_SCALES)),
                         help="pass sizes to measure (see test.py --tta_scales; 0 = original size)")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
@@ -84,7 +91,7 @@ def measure(args: argparse.Namespace) -> int:
     gt = load_gt(args.gt_dir or default_gt_dir(args.dataset))
     check_images_in_gt(images, gt)
     detector = protocol_detector(args.weights, args.device)  # test.py's protocol
-    scales = parse_scales(args.scales)
+    scales = args.scales
     # passes[(scale, flipped)][image index] -> Detections; seconds[scale] for both flips
     passes: dict[tuple[int, bool], list[Detections]] = defaultdict(list)
     seconds: dict[int, float] = defaultdict(float)
