@@ -345,6 +345,26 @@ def test_pad_to_square_when_no_crop() -> None:
     np.testing.assert_array_equal(out_t, targets)
 
 
+@pytest.mark.parametrize("flip", [False, True])
+def test_landmarks_outside_the_padded_image_are_clamped_without_a_crop(flip: bool) -> None:
+    """The no-crop path keeps annotations as they are, and a landmark may lie outside the image
+    (x = -5, y = 130 below a 100 x 60 image padded to 100 x 100): the final clamp puts every
+    landmark of a face that has them in ``[0, S]``; a face without landmarks keeps ``-1``."""
+    image = np.full((60, 100, 3), 90, np.uint8)
+    targets = _targets(_face(20, 10, 60, 50, [(-5, 20), (50, 20), (40, 30), (32, 130), (48, 40)]),
+                       _face(70, 10, 90, 40))
+    size = 50
+    transform = TrainTransform(size, rng=0)
+    _, out_t = transform.apply(image, targets, AugmentParams(None, PhotometricParams(), flip, cv2.INTER_NEAREST))
+    _assert_inside(out_t, size)
+    # the clamp moves only the two outside points: the others are scaled (and mirrored) as they were
+    points = targets[0, 4:14].reshape(5, 2) * (size / 100)
+    if flip:
+        points = points[[1, 0, 2, 4, 3]]
+        points[:, 0] = size - points[:, 0]
+    np.testing.assert_allclose(out_t[0, 4:14].reshape(5, 2), np.clip(points, 0, size), rtol=0, atol=1e-5)
+
+
 def test_no_valid_crop_falls_back_to_padding() -> None:
     image = np.full((100, 300, 3), 50, np.uint8)
     targets = _targets(_face(0, 0, 250, 90))  # wider than any square crop (side <= 100)
@@ -419,6 +439,32 @@ def test_photometric_matches_float_reference() -> None:
     before = image.copy()
     photometric_distort(image[5:30, 5:30], cases[-4])  # works on crop views and never writes in place
     np.testing.assert_array_equal(image, before)
+
+
+def test_random_draws_cover_the_public_recipe() -> None:
+    """Over 20000 seeded draws: the resize interpolation is one of the public recipe's five OpenCV
+    flags, each about 1/5 of the time; each photometric op and the flip are on about half the
+    time; brightness spans U(-32, 32), contrast and saturation U(0.5, 1.5), and hue is a whole
+    number from -18 to +18, both ends included (the public ``random.randint(-18, 18)``)."""
+    public_interpolations = {cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_NEAREST,
+                             cv2.INTER_LANCZOS4}
+    draws = 20000
+    transform = TrainTransform(64, rng=123)
+    params = [transform.sample_params((80, 120, 3), empty_targets()) for _ in range(draws)]
+    interpolations = [p.interpolation for p in params]
+    assert set(interpolations) == public_interpolations
+    for flag in public_interpolations:
+        assert abs(interpolations.count(flag) / draws - 1 / 5) < 0.02, flag
+    assert abs(sum(p.flip for p in params) / draws - 0.5) < 0.02
+    photometric = [p.photometric for p in params]
+    assert abs(sum(p.contrast_last for p in photometric) / draws - 0.5) < 0.02
+    for name, low, high in (("brightness", -32.0, 32.0), ("contrast", 0.5, 1.5), ("saturation", 0.5, 1.5)):
+        values = np.array([getattr(p, name) for p in photometric if getattr(p, name) is not None])
+        assert abs(len(values) / draws - 0.5) < 0.02, name
+        assert low <= values.min() < low + 0.01 and high - 0.01 < values.max() < high, name
+    hues = [p.hue for p in photometric if p.hue is not None]
+    assert abs(len(hues) / draws - 0.5) < 0.02
+    assert set(hues) == set(range(-18, 19)) and all(isinstance(h, int) for h in hues)
 
 
 def test_val_transform_is_identity() -> None:

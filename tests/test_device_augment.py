@@ -466,6 +466,28 @@ def test_resize_groups_are_the_cheapest_partition(monkeypatch):
     assert len(resize_groups([40] * 8 + [400] * 8, 96)) == 2
 
 
+def test_a_group_may_fill_the_canvas_limit_exactly():
+    """MAX_CANVAS_PIXELS is an upper bound a group may reach: three 4096-pixel images make
+    3 * 4096^2 = 48 MiPx = the default limit, one canvas (one canvas is also the cheapest: the
+    same product work, fewer groups)."""
+    import utils.device_augment as device_augment
+    from utils.device_augment import resize_groups
+
+    assert 3 * 4096 ** 2 == 48 * 2 ** 20 == device_augment.MAX_CANVAS_PIXELS
+    assert resize_groups([4096] * 3, 640) == [(0, 3)]
+    assert resize_groups([4096] * 3 + [4097], 640) == [(0, 3), (3, 4)]  # one pixel more: a fourth does not fit
+
+
+def test_eager_augmentation_returns_channels_last_when_asked(widerface_sample):
+    dataset = dataset_from_root(widerface_sample, "val", DeferredTrainTransform(64, rng=5))
+    batch, _ = detection_collate([dataset[i] for i in range(2)])
+    default = augment(batch)
+    assert default.is_contiguous()
+    out = augment(batch, channels_last=True)  # compiled=False: the eager kernels
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.equal(out, default)
+
+
 def test_grouped_resize_equals_one_canvas(widerface_sample, monkeypatch):
     import utils.device_augment as device_augment
 

@@ -190,6 +190,24 @@ def test_pyramid_scale_follows_insightface_rule():
     assert len({pyramid_scale(521, 1024, s) for s in (500, 800, 1100, 1400, 1700)}) == 5
 
 
+def test_pyramid_scale_compares_the_rounded_longer_side_with_1200():
+    """insightface compares ``np.round(im_scale * im_size_max)`` with 1200: a longer side of
+    1200.4994 rounds to 1200, not more, so the shorter-side rule (800) still holds."""
+    longer = 1202 * 800 / 801
+    assert 1200 < longer < 1200.5 and round(longer) == 1200
+    assert pyramid_scale(801, 1202, 800) == 800 / 801
+    assert pyramid_scale(1202, 801, 1700) == 1700 / 800 * (800 / 801)
+
+
+def test_tta_defaults_are_the_insightface_protocol():
+    """The paper's TTA: five pyramid sizes 500 ... 1700, each with its mirror image: ten passes;
+    votes need two boxes except the last one kept, at most 750 merged boxes."""
+    config = TTAConfig()
+    assert config.scales == (500, 800, 1100, 1400, 1700)
+    assert config.flip and config.num_passes == 10
+    assert (config.min_votes, config.keep_last, config.keep_top_k) == (2, True, 750)
+
+
 def test_flip_detections_maps_back_and_swaps_landmarks():
     width = 100
     found = Detections(np.array([[10., 20., 30., 50.]], np.float32), np.array([0.9], np.float32),

@@ -1340,6 +1340,23 @@ def test_opencv_out_of_memory_in_the_detector_is_retried_downscaled(tmp_path):
     assert np.allclose(runner.results[0].detections.boxes, [[40, 40, 80, 80]])
 
 
+def test_text_results_truncate_coordinates_toward_zero_and_give_six_decimals_of_score():
+    """format_results_txt's documented convention: ``x1 y1 x2 y2`` truncated to integers (the
+    public writer's ``int()``: toward zero, so -1.5 -> -1, never rounded), the score as ``%f``."""
+    import math
+
+    from models.detector import Detections
+
+    boxes = [(1.7, 2.2, 10.5, 3.9), (-1.5, -0.25, 7.999, 99.5)]
+    scores = [0.1234567, 0.9]
+    found = Detections(np.array(boxes, np.float64), np.array(scores, np.float64), np.zeros((2, 5, 2)))
+    text = iu.format_results_txt([("a.jpg", found)])
+    expected = ["a.jpg"] + [" ".join(str(math.trunc(v)) for v in box) + f" {score:.6f}"
+                            for box, score in zip(boxes, scores)]
+    assert text == "".join(line + "\n" for line in expected)
+    assert text.splitlines()[1:] == ["1 2 10 3 0.123457", "-1 0 7 99 0.900000"]
+
+
 def test_names_with_line_breaks_stay_one_line_in_the_text_results(widerface_sample, mobilenet_weights, tmp_path,
                                                                   capsys):
     folder = tmp_path / "in"
@@ -1466,6 +1483,26 @@ def test_mask_without_save_mask_on_the_command_line_warns_that_nothing_is_writte
     assert not (tmp_path / "a" / "masks").exists()
     code, _, err = run_main(common + ["--inference_save_folder", tmp_path / "b", "--save_mask", "true"], capsys)
     assert code == config.EXIT_OK and "warning" not in err and (tmp_path / "b" / "masks").is_dir()
+
+
+def test_masks_of_a_jpeg_are_saved_as_png(sample_mask_images, mobilenet_weights, tmp_path, capsys):
+    """A binary mask must survive its file: masks are PNG (lossless, values 0 and 255 only)
+    whatever the input's format; a JPEG mask would blur its edges into grey levels."""
+    require_installed("mediapipe", "the mask stage needs mediapipe (absent on the GPU machines)")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    assert cv2.imwrite(str(folder / "portrait.jpg"), cv2.imread(str(sample_mask_images / "sideface_0003.png")))
+    out = tmp_path / "out"
+    code, _, _ = run_main(["--weights", mobilenet_weights, "--inference_dir", folder, "--inference_save_folder", out,
+                           "--save_mask", "true", "--workers", "0", "--device", "cpu"], capsys)
+    assert code == config.EXIT_OK
+    for kind in ("masks", "head_masks"):
+        saved = list((out / kind).iterdir())
+        assert saved and all(path.suffix == ".png" for path in saved), (kind, saved)
+        mask = cv2.imread(str(out / kind / "portrait_0.png"), cv2.IMREAD_UNCHANGED)
+        assert mask is not None and mask.ndim == 2, kind
+        assert set(np.unique(mask)) == {0, 255}, kind
+    assert not list((out / "masks").glob("*.jpg"))
 
 
 def test_options_that_do_nothing_in_a_run_are_named():

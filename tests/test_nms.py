@@ -108,6 +108,29 @@ def test_batched_postprocess_equals_per_image_pipeline(nms_threshold):
     assert max(found.counts) == 40  # keep_top_k is reached on the busy images
 
 
+def test_top_k_cuts_the_candidates_before_nms():
+    """Only the ``top_k`` best candidates above the threshold enter NMS: three far-apart boxes
+    (none suppresses another) with top_k=2 give the two best, as sorting, cutting and NMS-ing
+    them by hand does."""
+    boxes = np.array([[0, 0, 10, 10], [100, 100, 120, 120], [200, 0, 230, 30]], np.float32)
+    scores = np.array([0.7, 0.9, 0.8], np.float32)
+    landmarks = np.arange(30, dtype=np.float32).reshape(3, 10)
+    order = np.argsort(-scores, kind="stable")[:2]  # the public steps: sort by score, cut at top_k ...
+    keep = order[nms_numpy(boxes[order], scores[order], 0.4)]  # ... then NMS (suppresses nothing here)
+    assert keep.tolist() == [1, 2]
+    for keep_top_k in (None, 750):
+        found = postprocess(torch.from_numpy(boxes)[None], torch.from_numpy(scores)[None],
+                            torch.from_numpy(landmarks)[None], confidence_threshold=0.5, nms_threshold=0.4,
+                            top_k=2, keep_top_k=keep_top_k)
+        assert found.counts == [2]
+        np.testing.assert_array_equal(found.boxes.numpy(), boxes[keep])
+        np.testing.assert_array_equal(found.scores.numpy(), scores[keep])
+        np.testing.assert_array_equal(found.landmarks.numpy(), landmarks[keep])
+    everything = postprocess(torch.from_numpy(boxes)[None], torch.from_numpy(scores)[None],
+                             torch.from_numpy(landmarks)[None], confidence_threshold=0.5, nms_threshold=0.4, top_k=None)
+    assert everything.counts == [3]  # the boxes really are far apart: the cut, not NMS, dropped one
+
+
 def test_batched_postprocess_keeps_images_apart_with_negative_coordinates():
     # A face at the bottom-right corner of image 0 and a face cut off at the top-left of image 1
     # (negative decoded coordinates): offsetting groups by the largest coordinate alone would

@@ -200,6 +200,52 @@ def test_empty_image_negatives():
     assert torch.allclose(everything["loss_cls"], expected)  # at most N - 1 negatives, as 7:1 mining
 
 
+def test_landmark_loss_is_divided_by_the_positives_with_landmarks_only():
+    """The landmark term averages over the positive anchors whose face has landmarks (the public
+    loss's ``num_pos_landm``): a face without landmarks added to the other image makes more
+    positives, not more landmark positives, and leaves the landmark loss as it was."""
+    torch.manual_seed(0)
+    config = ModelConfig(network="mobilenet0.25", num_anchor=2, cascade=False)
+    model = RetinaFace(config)
+    images = torch.randn(2, 3, 96, 96) * 50
+    priors = prior_boxes((96, 96), 2)
+    outputs = model(images)
+    targets = _targets(with_landmarks=True)  # image 0: two faces with landmarks, one without; image 1: none
+    extra = torch.full((1, 15), -1.0)
+    extra[0, :4] = torch.tensor([30.0, 30.0, 70.0, 70.0])  # image 1, no landmarks
+    before = MultiBoxLoss(config)(model, outputs, priors, targets)
+    after = MultiBoxLoss(config)(model, outputs, priors, [targets[0], extra])
+    assert after["num_pos"] > before["num_pos"]
+    assert not torch.allclose(after["loss_box"], before["loss_box"])  # divided by all positives
+    assert before["loss_landm"] > 0
+    torch.testing.assert_close(after["loss_landm"], before["loss_landm"], rtol=1e-6, atol=0)
+
+
+def test_hard_negatives_are_the_highest_losses_among_the_non_positive_anchors():
+    """Positive anchors take no place in the negative ranking, even when their own losses are the
+    largest: each image gets ``min(ratio * positives, N - 1)`` negatives (as many as there are
+    non-positive anchors at most), the highest-loss non-positives, re-ranked here by hand."""
+    from layers.multibox_loss import hard_negative_mask
+
+    generator = torch.Generator().manual_seed(0)
+    num_anchors = 20
+    cls_loss = torch.rand(3, num_anchors, generator=generator)  # distinct values: no ties
+    positive = torch.zeros(3, num_anchors, dtype=torch.bool)
+    positive[0, [3, 7]] = True          # 2 positives, ratio 3: 6 negatives out of 18
+    positive[1, :12] = True             # 12 positives: min(36, N - 1) = 19, but only 8 anchors are not positive
+    # image 2: no positive, no negative (the public rule)
+    cls_loss[positive] = 10.0 + torch.arange(int(positive.sum()), dtype=torch.float32)  # the largest losses
+    mask = hard_negative_mask(cls_loss, positive, 3.0)
+    assert mask.shape == positive.shape and mask.dtype == torch.bool
+    for image in range(3):
+        num_pos = int(positive[image].sum())
+        candidates = [i for i in range(num_anchors) if not positive[image, i]]
+        count = min(3 * num_pos, num_anchors - 1, len(candidates))
+        ranked = sorted(candidates, key=lambda i: -cls_loss[image, i].item())
+        assert mask[image].nonzero().flatten().tolist() == sorted(ranked[:count]), image
+    assert mask.sum(dim=1).tolist() == [6, 8, 0]
+
+
 def test_refine_stage2_matches_against_stage1_boxes():
     """Stage 2 of the refine cascade is matched against the decoded stage-1 boxes: offsets that
     move stage-1 boxes onto a face make anchors positive that are negative for the priors."""
@@ -251,6 +297,20 @@ def test_sampler_skip_and_shards():
         s.set_epoch(0)
     assert len(shards[0]) == len(shards[1]) == 6
     assert set(i for s in shards for i, _ in s) == set(range(11))
+
+
+def test_sampler_shuffles_each_epoch_anew():
+    """The permutation is drawn from ``seed + epoch``: consecutive epochs see the images in other
+    orders (two of 50! orders coincide with chance 1/50!), and an epoch's order is reproducible."""
+    sampler = train_data.ResumableSampler(50, seed=3)
+    orders = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        orders.append([i for i, e in sampler if e == epoch])
+    assert all(sorted(order) == list(range(50)) for order in orders)
+    assert orders[0] != orders[1] and orders[0] == orders[2]
+    expected = torch.randperm(50, generator=torch.Generator().manual_seed(3 + 1)).tolist()
+    assert orders[1] == expected
 
 
 def test_build_model_backbone_errors(monkeypatch, tmp_path, mobilenet_backbone_weights, mobilenet_weights):
@@ -917,6 +977,31 @@ def test_nan_loss_stops_and_names_the_checkpoint_saved_before_it(widerface_sampl
         assert not last.exists()
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")], ids=["inf", "-inf"])
+def test_infinite_loss_stops_like_a_nan_loss(widerface_sample, tmp_path, monkeypatch, capsys, bad):
+    """An overflowing loss (inf, not NaN) is just as diverged: the run stops at that step with the
+    same one-line error instead of training on with infinite gradients."""
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    original = MultiBoxLoss.forward
+    calls = {"n": 0}
+
+    def overflowing(self, *args, **kwargs):
+        losses = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            losses["total"] = losses["total"] + bad
+        return losses
+
+    monkeypatch.setattr(MultiBoxLoss, "forward", overflowing)
+    assert train.main(_run_args(widerface_sample, "inf", "--max_iters", "4")) == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("train.py: error: loss became NaN/inf at step 2 (epoch 1); training stopped and no "
+                              "checkpoint had been written yet. Try a lower --lr, "), message
+    assert calls["n"] == 2 and not (tmp_path / "experiments/inf/ckpt/last.pth").exists()
+
+
 def test_resuming_an_earlier_checkpoint_of_a_run_does_not_overwrite_its_later_last_pth(widerface_sample, tmp_path,
                                                                                         monkeypatch, capsys):
     import shutil
@@ -1528,3 +1613,35 @@ def test_a_branch_is_told_where_the_best_checkpoint_it_carries_on_is(tmp_path):
     assert tu.branch_notes(ctx, str(tmp_path / "b/ckpt/last.pth")) == []  # the same run
     assert tu.branch_notes(SimpleNamespace(ckpt_dir=ctx.ckpt_dir, best_metric=None, best_epoch=None),
                            str(tmp_path / "a/ckpt/last.pth")) == []  # no AP carried on
+
+
+def test_validation_runs_every_eval_every_epochs_and_after_the_last_and_best_follows_the_hard_ap(
+        widerface_sample, widerface_gt_dir, tmp_path, monkeypatch):
+    """--epochs 3 --eval_every 2 validates after epoch 2 and after the last epoch (3, not a multiple
+    of 2), and best.pth is the epoch of the highest *hard* AP (the WIDER FACE model-selection set),
+    whatever easy and medium do. The APs are scripted: hard falls from 0.6 to 0.5 while medium
+    rises from 0.3 to 0.7."""
+    import train
+
+    monkeypatch.chdir(tmp_path)
+    scripted = [{"easy": 0.8, "medium": 0.3, "hard": 0.6}, {"easy": 0.9, "medium": 0.7, "hard": 0.5}]
+    steps = []
+
+    def scripted_aps(model, *args, **kwargs):
+        steps.append(len(steps))
+        return dict(scripted[min(len(steps) - 1, len(scripted) - 1)])
+
+    monkeypatch.setattr(tu, "evaluate_widerface", scripted_aps)
+    summary = train.run(_run_args(widerface_sample, "sched", "--epochs", "3", "--eval_every", "2",
+                                  "--val_dataset", str(widerface_sample), "--gt_dir", str(widerface_gt_dir)))
+    assert summary["step"] == 15  # 3 epochs of 5 steps
+    log = (tmp_path / "experiments/sched/log/logs.txt").read_text()
+    assert re.findall(r"val AP after epoch (\d+)", log) == ["2", "3"]
+    assert len(steps) == 2
+    best_hard = max(aps["hard"] for aps in scripted)
+    best = torch.load(tmp_path / "experiments/sched/ckpt/best.pth", weights_only=True)
+    assert (best["best_epoch"], best["best_metric"]) == (2, pytest.approx(best_hard))
+    assert best["step"] == 10  # the weights of the end of epoch 2
+    last = torch.load(tmp_path / "experiments/sched/ckpt/last.pth", weights_only=True)
+    assert (last["best_epoch"], last["best_metric"]) == (2, pytest.approx(best_hard))
+    assert summary["best_metric"] == pytest.approx(best_hard) and summary["metrics"] == scripted[-1]

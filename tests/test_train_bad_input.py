@@ -98,6 +98,72 @@ def test_replacement_depends_only_on_seed_epoch_and_index(widerface_sample, tmp_
     assert len(train_data.EpochSeededDataset(dataset, 7)[(bad[0], 1)]) == 2  # without report: plain samples
 
 
+class _InMemoryImages(torch.utils.data.Dataset):
+    """``count`` distinct 40 x 48 images with one face each; the indices in ``unreadable`` raise
+    ImageReadError as a broken file does. ``loaded`` records the indices actually read."""
+
+    def __init__(self, count: int, unreadable: set[int], transform) -> None:
+        from utils.data_transformer import TrainTransform
+
+        assert isinstance(transform, TrainTransform)
+        rng = np.random.default_rng(0)
+        self.images = [rng.integers(0, 256, (40, 48, 3), dtype=np.uint8) for _ in range(count)]
+        self.targets = [np.array([[4 + i, 6, 30 + i, 34, *[-1.0] * 10, -1.0]], np.float32) for i in range(count)]
+        self.unreadable, self.transform, self.loaded = unreadable, transform, []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, index: int) -> str:
+        return f"img{index}.jpg"
+
+    def __getitem__(self, index: int):
+        from utils.image_io import ImageReadError
+
+        if index in self.unreadable:
+            raise ImageReadError(f"img{index}.jpg: not a readable image")
+        self.loaded.append(index)
+        return self.transform(self.images[index], self.targets[index])
+
+
+def test_a_replacement_image_is_augmented_with_the_seed_of_the_slot_it_fills():
+    """The docstring's rule: the replacement is augmented with ``[seed, epoch, index]`` of the
+    unreadable image's slot, not with the replacement's own index (which would repeat the draws of
+    that image's own slot in the same epoch)."""
+    from utils.data_transformer import TrainTransform
+
+    dataset = _InMemoryImages(8, {5}, TrainTransform(32, rng=0))
+    wrapped = train_data.EpochSeededDataset(dataset, 7, report=True)
+    for epoch in range(3):
+        dataset.loaded.clear()
+        image, targets, report = wrapped[(5, epoch)]
+        (used,) = dataset.loaded
+        assert used != 5 and report.replaced == 1
+        expected_image, expected_targets = TrainTransform(32, rng=[7, epoch, 5])(dataset.images[used],
+                                                                               dataset.targets[used])
+        np.testing.assert_array_equal(image, expected_image)
+        np.testing.assert_array_equal(targets, expected_targets)
+        own_slot, _ = TrainTransform(32, rng=[7, epoch, used])(dataset.images[used], dataset.targets[used])
+        assert not np.array_equal(image, own_slot)
+
+
+def test_the_replacement_of_an_unreadable_image_changes_from_epoch_to_epoch():
+    """The scan for a replacement starts at an offset drawn from ``[seed, epoch, index]``: over ten
+    epochs one unreadable image of eight is not always replaced by the same image (chance of
+    that with a fresh draw each epoch: 7 * (1/7)^10)."""
+    from utils.data_transformer import TrainTransform
+
+    dataset = _InMemoryImages(8, {2}, TrainTransform(32, rng=0))
+    wrapped = train_data.EpochSeededDataset(dataset, 7, report=True)
+    used = []
+    for epoch in range(10):
+        dataset.loaded.clear()
+        wrapped[(2, epoch)]
+        used.extend(dataset.loaded)
+    assert len(used) == 10 and 2 not in used
+    assert len(set(used)) > 1, used
+
+
 def test_unreadable_training_images_are_skipped_reported_once_and_resume_stays_exact(
         widerface_sample, tmp_path, monkeypatch, capsys):
     root = make_dataset(tmp_path / "ds", widerface_sample)
