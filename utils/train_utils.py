@@ -506,8 +506,9 @@ class StopRequest:
         return Terminated() if self.signal_name == "SIGTERM" else KeyboardInterrupt()
 
     def _restore(self) -> None:
-        for number, previous in self._previous.items():
-            signal.signal(number, previous if previous is not None else signal.SIG_DFL)
+        for number, previous in self._previous.items():  # None: a handler not set from Python, the default then
+            default = signal.default_int_handler if number == signal.SIGINT else signal.SIG_DFL
+            signal.signal(number, previous if previous is not None else default)
         self._previous = {}
 
     def __exit__(self, *exc: Any) -> None:
