@@ -75,9 +75,12 @@ def earlier_output_subfolders(root: str | Path) -> list[Path]:
     input folder ``root`` itself (``--inference_save_folder`` = ``--inference_dir``): its images
     are outputs, not inputs. Empty unless ``root`` holds that run's result files."""
     root = Path(root)
-    if not all((root / marker).is_file() for marker in (DETECTIONS_JSON, SUMMARY_JSON)):
+    try:
+        if not all((root / marker).is_file() for marker in (DETECTIONS_JSON, SUMMARY_JSON)):
+            return []
+        return [root / name for name in RESULT_SUBFOLDERS if (root / name).is_dir()]
+    except OSError:  # a folder that cannot be searched: find_images says so
         return []
-    return [root / name for name in RESULT_SUBFOLDERS if (root / name).is_dir()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -750,12 +753,13 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     unreadable: list[tuple[str, str]] = []
     earlier_results: list[str] = []
     link_loops: list[str] = []
+    earlier_outputs = earlier_output_subfolders(root)
     try:
         # the output folder (when inside the input), the result sub-folders of earlier runs there
         # (when it is the input folder itself) and other output folders of earlier runs below the
         # input folder (drawn images would be detected again) are outputs, not inputs
         files = find_images(root, exclude=[output, *(output / name for name in RESULT_SUBFOLDERS),
-                                           *earlier_output_subfolders(root)],
+                                           *earlier_outputs],
                             unreadable=unreadable, marker_files=(DETECTIONS_JSON, SUMMARY_JSON),
                             marked=earlier_results, loops=link_loops)
     except UnreadableInputError as error:
@@ -816,7 +820,7 @@ def run_inference(args: Any, collect: bool = True, progress: bool | None = None)
     for name, reason in unreadable:
         _warn(bar, f"skipped {escape_name(name)}: {reason}")
     for name, note in ([(name, EARLIER_RESULTS_NOTE) for name in earlier_results]
-                       + [(folder.name + "/", EARLIER_OUTPUTS_NOTE) for folder in earlier_output_subfolders(root)]
+                       + [(folder.name + "/", EARLIER_OUTPUTS_NOTE) for folder in earlier_outputs]
                        + [(name, LINK_LOOP_NOTE) for name in link_loops]):
         summary.notes.append((name, note))
         _warn(bar, f"{escape_name(name)}: {note}")
