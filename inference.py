@@ -18,7 +18,7 @@ import sys
 from typing import Sequence
 
 from config import run_command_line
-from utils.errors import CheckpointError, InferenceError
+from utils.errors import CheckpointError, InferenceError, check_input
 
 DESCRIPTION = ("Detect faces in every image under --inference_dir (recursively) and write "
                "<experiment>_inference_results.txt, detections.json and summary.json to "
@@ -70,6 +70,7 @@ def inference(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_input(args.inference_dir)  # a missing input answers before torch is imported (seconds)
     # imported once the options are checked: --help and option errors answer without loading torch
     from utils.inference_utils import format_summary, run_inference  # noqa: PLC0415
 

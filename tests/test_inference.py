@@ -759,10 +759,12 @@ def test_image_loader_workers_ignore_ctrl_c_and_deliver_every_image(widerface_sa
     assert names == [str(f) for f in files]
 
 
-@pytest.mark.parametrize("argv,status", [(["--help"], 0), (["--inference_dir", "x", "--batch_size", "0"], 2)],
-                         ids=["help", "bad_option"])
+@pytest.mark.parametrize("argv,status", [(["--help"], 0), (["--inference_dir", "x", "--batch_size", "0"], 2),
+                                         (["--inference_dir", "/nonexistent/photos"], 1)],
+                         ids=["help", "bad_option", "missing_input"])
 def test_help_and_option_errors_answer_without_importing_torch(argv, status):
-    """Fail fast: the options are checked before the detector's modules (torch) are imported."""
+    """Fail fast: the options, and that the input exists, are checked before the detector's modules (torch) are
+    imported (seconds on a small machine)."""
     program = ("import sys, inference; status = inference.main(sys.argv[1:]); "
                "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(status)")
     done = subprocess.run([sys.executable, "-c", program, *argv], cwd=REPO, capture_output=True, text=True,

@@ -1,6 +1,8 @@
 """User-facing error types and out-of-memory handling, importable without torch so command lines
 fail fast and light."""
 
+import errno
+import os
 from typing import Any, Callable
 
 
@@ -52,6 +54,27 @@ class sigterm_raises_terminated:  # noqa: N801 - used as a context manager, like
             import signal
 
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def os_error_reason(error: OSError) -> str:
+    """``permission denied``-style text of an OSError, without the path it names."""
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop"
+    text = error.strerror or str(error) or type(error).__name__
+    return text[:1].lower() + text[1:]
+
+
+def check_input(root: "str | os.PathLike[str]") -> None:
+    """:class:`InferenceError` with a one-line reason when ``--inference_dir`` cannot be opened at
+    all (inference.py checks it before importing torch, and ``run_inference`` again)."""
+    try:
+        os.stat(root)
+    except OSError as error:
+        if os.path.islink(root) and error.errno == errno.ENOENT:
+            raise InferenceError(f"input not found: {root} (broken symbolic link to {os.readlink(root)})") from None
+        if error.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise InferenceError(f"input not found: {root}") from None
+        raise InferenceError(f"cannot read input {root}: {os_error_reason(error)}") from None
 
 
 CV_NO_MEMORY = -4  # cv::Error::StsNoMem: "(-4:Insufficient memory) Failed to allocate N bytes"

@@ -25,7 +25,7 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from models.padding_mask import padded_size
-from utils.errors import is_opencv_error, is_out_of_memory
+from utils.errors import is_opencv_error, is_out_of_memory, os_error_reason
 from utils.image_io import IMAGE_EXTENSIONS, ImageReadError, as_bgr_uint8, decode_image, read_image_bytes
 from utils.names import escape_name
 from utils.native_stderr import captured_native_stderr, write_lines
@@ -43,14 +43,6 @@ def is_image_file(path: str | Path) -> bool:
 
 class UnreadableInputError(OSError):
     """The input folder itself cannot be listed (permission denied, ...); ``str()`` says why."""
-
-
-def os_error_reason(error: OSError) -> str:
-    """``permission denied``-style text of an OSError, without the path it names."""
-    if error.errno == errno.ELOOP:
-        return "symbolic link loop"
-    text = error.strerror or str(error) or type(error).__name__
-    return text[:1].lower() + text[1:]
 
 
 def find_images(root: str | Path, exclude: Iterable[str | Path] = (),

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
-import errno
 import json
 import os
 import sys
@@ -48,10 +47,11 @@ from config import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_SKIPPED, UsageEr
                     check_option_combinations, detection_limit, moot_option_warnings, one_line)
 from utils.atomic_file import atomic_path
 from utils.checkpoint import checkpoint_for_run, resolve_weights
-from utils.errors import InferenceError, Terminated, sigterm_raises_terminated, unless_out_of_memory
+from utils.errors import (InferenceError, Terminated, check_input, os_error_reason, sigterm_raises_terminated,
+                          unless_out_of_memory)
 from utils.image_io import IMAGE_EXTENSIONS
 from utils.image_loader import (DEFAULT_MAX_PIXELS, ImageFolderDataset, ImageRecord, SameSizeBatcher, UnreadableInputError,
-                                find_images, make_loader, os_error_reason, start_loader)
+                                find_images, make_loader, start_loader)
 from utils.names import NAME_MAX, escape_name, fit_file_name
 from utils.progress import progress_bar
 
@@ -682,18 +682,6 @@ class _Runner:
                 # the graphs' segmentation time per graph: the stage's time when they all work at once
                 self.summary.timings["masks"] += self.segmenter.busy_seconds / threads
                 self.segmenter = None
-
-
-def check_input(root: Path) -> None:
-    """InferenceError with a one-line reason when ``--inference_dir`` cannot be opened at all."""
-    try:
-        os.stat(root)
-    except OSError as error:
-        if os.path.islink(root) and error.errno == errno.ENOENT:
-            raise InferenceError(f"input not found: {root} (broken symbolic link to {os.readlink(root)})") from None
-        if error.errno in (errno.ENOENT, errno.ENOTDIR):
-            raise InferenceError(f"input not found: {root}") from None
-        raise InferenceError(f"cannot read input {root}: {os_error_reason(error)}") from None
 
 
 def complete_args(args: Any = None, **overrides: Any) -> argparse.Namespace:
