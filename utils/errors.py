@@ -1,5 +1,6 @@
-"""User-facing error types and out-of-memory handling, importable without torch so command lines
-fail fast and light."""
+"""User-facing error types, signals as exceptions, the input check inference.py makes before
+importing torch, and out-of-memory handling: importable without torch so command lines fail fast
+and light."""
 
 import errno
 import os
