@@ -114,6 +114,9 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(report, indent=2))
+    if not passed:
+        print("finetune_check.py: failed: AP moved by " + ", ".join(f"{k} {v:+.4f}" for k, v in diff.items())
+              + f", beyond --tolerance {opts.tolerance}", file=sys.stderr)
     return 0 if passed else 1
 
 

@@ -163,6 +163,10 @@ def main(argv=None) -> int:
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(json.dumps(report, indent=2))
+    if not passed:
+        print(f"overfit_check.py: failed: final hard AP {final['hard']:.4f} "
+              + (f"below --min_hard_ap {opts.min_hard_ap}" if final["hard"] < opts.min_hard_ap else
+                 f"not above the first point's {curve[0]['hard']:.4f}"), file=sys.stderr)
     return 0 if passed else 1
 
 
