@@ -178,9 +178,16 @@ def test_cpu_benchmark_times_the_exported_model_in_the_same_rounds(published_onn
     images.mkdir()
     for name in ("12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg", GREETING):
         (images / Path(name).name).symlink_to(widerface_sample / "val" / "images" / name)
-    report = benchmark_cpu.main(["--weights", str(mobilenet_weights), "--images", str(images), "--repeats", "1",
-                                 "--onnx", str(published_onnx_file), "--nchw"])
+    out = tmp_path / "cpu.jsonl"
+    argv = ["--weights", str(mobilenet_weights), "--images", str(images), "--repeats", "1",
+            "--onnx", str(published_onnx_file), "--nchw", "--out", str(out)]
+    report = benchmark_cpu.main(argv)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == report
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [report]  # --out appends the same line
+    assert report["command"].startswith("python tools/benchmark_cpu.py --weights ") and report["date"][:2] == "20"
+    assert (report["weights"], report["images_folder"]) == (str(mobilenet_weights), str(images))
+    assert report["ours_detections_score_ge_0.5"] > 0 and benchmark_cpu.disagreements(
+        report, report["ours_detections_score_ge_0.5"]) == []
     assert report["images"] == 2 and report["onnx_ms_per_img"] > 0 and report["ours_ms_per_img"] > 0
     assert report["onnx_detections_score_ge_0.5_unmatched_vs_ours"] == 0
     assert report["detections_score_ge_0.5_unmatched_between_pipelines"] == 0

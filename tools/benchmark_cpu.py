@@ -12,14 +12,16 @@ adds our pipeline with the network in the NCHW layout (``FaceDetector(channels_l
 to show what the channels_last default gains. ``--pad_to N`` adds our pipeline with padded batches
 (``FaceDetector(pad_to=N, batch_size=--pad_batch)``, test.py's ``--pad_to``), to show what padding
 costs on the CPU.
-Prints one JSON line.
+Prints one JSON line (with the date, the command and the inputs; ``--out FILE`` also appends it there).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,7 +36,7 @@ import torch  # noqa: E402
 from config import non_negative_int, one_line, positive_int  # noqa: E402
 from models.detector import FaceDetector  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
-from tools import shared_root  # noqa: E402
+from tools import check_inputs, shared_root  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.checkpoint import PUBLISHED_WEIGHTS  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
@@ -56,7 +58,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pad_to", type=non_negative_int, default=0,
                         help="also time our pipeline with --pad_to N canvases")
     parser.add_argument("--pad_batch", type=positive_int, default=1, help="images per padded batch (with --pad_to)")
+    parser.add_argument("--out", default=None, help="append the JSON line to this file")
     args = parser.parse_args(argv)
+    check_inputs("benchmark_cpu.py", out=args.out)
     for option, path in (("--weights", args.weights), ("--onnx", args.onnx)):
         published = option == "--weights" and path in PUBLISHED_WEIGHTS  # FaceDetector fetches those by name
         if path is not None and not published and not Path(path).is_file():
@@ -128,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     n = len(paths)
     report = {
         "benchmark": "cpu_pipeline_mobilenet0.25_original_scale",
+        "date": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "command": shlex.join(["python", "tools/benchmark_cpu.py", *(sys.argv[1:] if argv is None else argv)]),
+        "weights": args.weights, "images_folder": args.images,
         "images": n, "threads": args.threads, "repeats": args.repeats,
         "ours_detections_score_ge_0.5": int(sum((rows[:, 4] >= 0.5).sum() for rows in results_of["ours"])),
         "ours_ms_per_img": round(best["ours"] / n * 1000, 2),
@@ -158,7 +165,11 @@ def main(argv: list[str] | None = None) -> dict:
         import onnxruntime
 
         report["env"]["onnxruntime"] = onnxruntime.__version__
-    print(json.dumps(report))
+    line = json.dumps(report)
+    print(line)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
     return report
 
 
