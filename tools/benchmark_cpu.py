@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shlex
@@ -37,6 +36,7 @@ from config import non_negative_int, one_line, positive_int  # noqa: E402
 from models.detector import FaceDetector  # noqa: E402
 from tools.fidelity import as_rows, unmatched  # noqa: E402
 from tools import check_inputs, shared_root  # noqa: E402
+from tools.benchmark_inference import emit  # noqa: E402
 from tools.public_pipeline import public_style_detect  # noqa: E402
 from utils.checkpoint import PUBLISHED_WEIGHTS  # noqa: E402
 from utils.image_io import IMAGE_EXTENSIONS, read_image  # noqa: E402
@@ -165,11 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         import onnxruntime
 
         report["env"]["onnxruntime"] = onnxruntime.__version__
-    line = json.dumps(report)
-    print(line)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as handle:
-            handle.write(line + "\n")
+    emit(report, args.out)
     return report
 
 
