@@ -681,6 +681,7 @@ def test_too_many_pixels_are_downscaled(widerface_sample, mobilenet_weights, tmp
                                   "--inference_save_folder", small, "--workers", "0",
                                   "--max_pixels", str(height * width // 2)], capsys)
     assert code == config.EXIT_OK and "more than" in err and "more than" in stdout
+    assert "--max_pixels 0 turns this off" in err and "--max_size" not in err
     faces = json.loads((small / "detections.json").read_text())["big.jpg"]
     reference = json.loads((full / "detections.json").read_text())["big.jpg"]
     assert len(faces) >= 3

@@ -326,7 +326,7 @@ def load_record(index: int, path: str | Path, name: str, max_pixels: int | None 
             h, w = image.shape[:2]
             nh, nw = record.net_image.shape[:2]
             record.notes.append(f"{w}x{h} has more than {max_pixels} pixels: downscaled to {nw}x{nh} "
-                                f"before detection (boxes mapped back; use --max_size to choose the scale)")
+                                f"before detection (boxes mapped back; --max_pixels 0 turns this off)")
     except (ImageReadError, OSError, ValueError, MemoryError, cv2.error) as error:
         record.image = record.net_image = None
         record.error = "out of memory while decoding" if is_out_of_memory(error) else _reason(error, str(path))
