@@ -18,7 +18,8 @@ Bad input does not stop the batch: a val image that cannot be read (or, with ``-
 malformed prediction file) is named on stderr, the other images are evaluated (as a subset), the
 results say how many files were left out, and the exit status is 3 (as train.py's and
 inference.py's). Exit status: 0 done, 3 finished with files left out, 1 error (one line on
-stderr), 2 bad option, 130 interrupted.
+stderr), 2 bad option, 130 interrupted (143 for SIGTERM; the prediction files of the images done stay,
+no results are written).
 """
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ DESCRIPTION = ("Evaluate a RetinaFace checkpoint on WIDER FACE val (easy/medium/
                "protocol), or an existing prediction folder with --pred_dir.")
 EPILOG = ("exit status: 0 done; 3 finished, but some val images / prediction files could not be read (each "
           "is named, the others are evaluated as a subset); 1 error (missing dataset, ground truth or weights, "
-          "results folder not writable, no file readable); 2 invalid option; 130 interrupted. A val set with "
-          "only part of the 3226 images is evaluated on those images only (reported as a subset).")
+          "results folder not writable, no file readable); 2 invalid option; 130 interrupted (143: SIGTERM). A val "
+          "set with only part of the 3226 images is evaluated on those images only (reported as a subset).")
 #: the options that --pred_dir uses (--dataset too when it locates the ground truth); the others
 #: only matter when a model is run
 PRED_DIR_OPTIONS = frozenset({"pred_dir", "gt_dir", "results_dir", "results_json"})
@@ -208,11 +209,14 @@ def test(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
-    from utils.errors import CheckpointError  # noqa: PLC0415
+    from utils.errors import CheckpointError, sigterm_raises_terminated  # noqa: PLC0415
     from utils.evaluation import EvaluationError  # noqa: PLC0415
 
-    return run_command_line("test", argv, lambda args: evaluate_folder(args) if args.pred_dir else test(args),
-                            (EvaluationError, CheckpointError, OSError, ValueError),
+    def run(args: argparse.Namespace) -> int:
+        with sigterm_raises_terminated():  # a batch job's time limit: a line and 143, as Ctrl-C gives 130
+            return evaluate_folder(args) if args.pred_dir else test(args)
+
+    return run_command_line("test", argv, run, (EvaluationError, CheckpointError, OSError, ValueError),
                             description=DESCRIPTION, epilog=EPILOG)
 
 

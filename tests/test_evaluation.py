@@ -740,6 +740,37 @@ def test_default_checkpoint_is_last_and_ctrl_c_keeps_the_files_written(test_scri
     assert not (tmp_path / "experiments/exp/results/results.json").exists()
 
 
+def test_sigterm_ends_the_run_with_one_line_and_143(test_script, widerface_sample, widerface_gt_dir,
+                                                   mobilenet_weights, tmp_path, capsys, monkeypatch):
+    """SIGTERM (a batch job's time limit) ended test.py without a word (Python's default); it now
+    ends as Ctrl-C does: the prediction files of the images done stay, one line, status 143."""
+    import signal
+
+    from models.detector import FaceDetector
+
+    submit, calls = FaceDetector.submit, []
+
+    def terminated_at_the_second(self, images):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return submit(self, images)
+
+    monkeypatch.setattr(FaceDetector, "submit", terminated_at_the_second)
+    keys = ["49--Greeting/49_Greeting_peoplegreeting_49_56.jpg",
+            "12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg"]
+    dataset = small_dataset(tmp_path, widerface_sample, keys)
+    before = signal.getsignal(signal.SIGTERM)
+    code, out, err = run_cli(test_script, ["--weights", mobilenet_weights, "--dataset", dataset, "--gt_dir",
+                                           widerface_gt_dir, "--workers", 0, "--results_dir", tmp_path / "res"],
+                             tmp_path, capsys)
+    assert code == 143 and err.strip().splitlines()[-1] == "test.py: terminated (SIGTERM)" and "Traceback" not in err
+    assert signal.getsignal(signal.SIGTERM) is before
+    written = sorted(p.relative_to(tmp_path / "res/widerface_txt").as_posix()
+                     for p in (tmp_path / "res/widerface_txt").rglob("*.txt"))
+    assert written == [keys[0].replace(".jpg", ".txt")] and not (tmp_path / "res/results.json").exists()
+
+
 def test_interrupted_run_leaves_only_its_own_prediction_files_and_no_results(test_script, widerface_sample,
                                                                             widerface_gt_dir, mobilenet_weights,
                                                                             tmp_path, capsys, detection_fails_on_call):
