@@ -4,20 +4,25 @@
     faces = detector.detect("group.jpg")            # one image -> Detections
     batch = detector.detect([img1, img2, "x.png"])  # list -> list[Detections]
 
-Images are BGR uint8 arrays (H, W, 3) or paths. Results are in pixels of the original image:
-boxes (K, 4) x1, y1, x2, y2; scores (K,); landmarks (K, 5, 2) as (x, y) in the order left eye,
-right eye, nose, left mouth corner, right mouth corner (the RetinaFace label order).
+Images are BGR uint8 arrays (H, W, 3) (``channel_order="rgb"`` for RGB ones), PIL images or
+paths. Results are in pixels of the original image: boxes (K, 4) x1, y1, x2, y2, continuous
+coordinates not clipped to the image (a face at the border may reach past it; see
+:meth:`Detections.clipped`); scores (K,); landmarks (K, 5, 2) as (x, y) in the order eye on the
+image's left (the person's right), the other eye, nose, mouth corner on the image's left, the
+other corner (the RetinaFace label order).
 """
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import numbers
 import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence, Union
 
 import cv2
 import numpy as np
@@ -28,11 +33,19 @@ from models.padding_mask import padded_size
 from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace
 from utils.checkpoint import load_model
 from utils.image_io import NONE_IMAGE
-from utils.image_loader import image_as_bgr_uint8
+from utils.image_loader import check_channel_order, image_as_bgr_uint8, is_pil_image
 from utils.nms import PUBLIC_PIXEL_OFFSET
 from utils.postprocess import DeferredPostprocess, Finish
 
-ImageInput = Union[np.ndarray, str, Path]
+ImageInput = Union[np.ndarray, str, Path, Any]  # Any: a PIL image
+
+
+class Face(NamedTuple):
+    """One detection: ``box`` (4,) x1, y1, x2, y2, ``score``, ``landmarks`` (5, 2) (x, y)."""
+
+    box: np.ndarray
+    score: float
+    landmarks: np.ndarray
 
 
 @dataclass(eq=False)  # arrays: == would be ambiguous; compare the fields with numpy
@@ -45,6 +58,23 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def __getitem__(self, index: Any) -> "Face | Detections":
+        """``faces[i]``: one :class:`Face`; a slice, index array or boolean mask (``faces[faces.scores
+        > 0.9]``): the :class:`Detections` it selects."""
+        if isinstance(index, numbers.Integral):
+            return Face(self.boxes[index], float(self.scores[index]), self.landmarks[index])
+        return Detections(self.boxes[index], self.scores[index], self.landmarks[index])
+
+    def __iter__(self) -> Iterator[Face]:
+        return (self[i] for i in range(len(self)))
+
+    def clipped(self, height: int, width: int) -> "Detections":
+        """The boxes clipped to an image of ``height`` x ``width`` pixels (x to [0, width], y to
+        [0, height]); the landmarks stay as found. For crops: ``image[int(y1):int(y2), ...]`` of an
+        unclipped box that starts above the image would be empty."""
+        limits = np.array([width, height, width, height], dtype=np.float32)
+        return Detections(np.clip(self.boxes, 0, limits).astype(np.float32), self.scores, self.landmarks)
 
     @classmethod
     def empty(cls) -> "Detections":
@@ -187,11 +217,33 @@ def as_image_list(images: Any, method: str, single_allowed: bool = False) -> lis
 def detect_in_batches(detector: Any, images: ImageInput | Sequence[ImageInput]) -> Detections | list[Detections]:
     """``detect`` of :class:`FaceDetector` and :class:`utils.tta.TTADetector`: one image ->
     :class:`Detections`; a list -> a list, run ``detector.batch_size`` images per ``detect_batch``."""
-    if isinstance(images, (np.ndarray, str, Path)):
+    if isinstance(images, (str, Path)) or (isinstance(images, np.ndarray) and images.ndim != 4) or is_pil_image(images):
         return detector.detect_batch([images])[0]
     images = as_image_list(images, "detect", single_allowed=True)
-    size = detector.batch_size
-    return [d for start in range(0, len(images), size) for d in detector.detect_batch(images[start:start + size])]
+    size, found = detector.batch_size, []
+    for start in range(0, len(images), size):
+        try:
+            found += detector.detect_batch(images[start:start + size])
+        except (TypeError, ValueError) as error:
+            if hasattr(error, "image_index"):  # the index in this call's list, not in its chunk
+                error.image_index += start
+                error.add_note(f"(image {error.image_index} of the list)")
+            raise
+    return found
+
+
+def images_as_bgr_uint8(images: Sequence[ImageInput], channel_order: str = "bgr") -> list[np.ndarray]:
+    """Each image read or converted (:func:`utils.image_loader.image_as_bgr_uint8`); an image that
+    cannot be is named by its index in the error's ``image_index`` (and a note for a list of
+    several)."""
+    arrays = []
+    for index, image in enumerate(images):
+        try:
+            arrays.append(image_as_bgr_uint8(image, channel_order))
+        except (TypeError, ValueError) as error:
+            error.image_index = index
+            raise
+    return arrays
 
 
 class _Checked:
@@ -292,9 +344,23 @@ class FaceDetector:
         compile: ``torch.compile`` the network and decoding (compiles once per input shape: for
             inputs of fixed size, e.g. with ``target_size`` and equal aspect ratios).
 
+        channel_order: ``"bgr"`` (cv2.imread's order, the default) or ``"rgb"`` for numpy arrays
+            in RGB order (PIL, matplotlib, torchvision.io). Paths and PIL images are converted
+            whatever it says. The network was trained on BGR: RGB given as BGR finds fewer faces.
+
     The post-processing and resize settings and ``batch_size`` may be changed after construction
-    (they are checked again); a :meth:`submit` uses the values of the moment it is called.
+    (they are checked again); a :meth:`submit` uses the values of the moment it is called. The
+    other options are fixed when the detector is built; setting them (or a name that is no
+    setting) raises ``AttributeError``. ``model`` may be replaced, and the detector follows its
+    weights: changed in place (an optimizer step, ``load_state_dict``), the next call rebuilds the
+    copy it runs (:meth:`refresh`; a change that replaces tensors, as ``load_state_dict(...,
+    assign=True)`` does, needs ``refresh(force=True)``).
     """
+
+    #: what may be set after construction (besides the checked settings): the detector's state
+    _STATE = frozenset({"dense", "deferred", "timings"})
+    #: fixed at construction: setting them says so
+    _FIXED = ("device", "pad_to", "pad_batches", "pixel_offset", "channel_order")
 
     confidence_threshold = _Checked(_fraction)
     nms_threshold = _Checked(_fraction_or_none)
@@ -311,9 +377,12 @@ class FaceDetector:
                  batch_size: int = 1, pad_batches: bool = False, pad_to: int = 1, half: bool = False,
                  precision: str | None = None, channels_last: bool | None = None, fuse_bn: bool = True,
                  cuda_graphs: bool = True, compile: bool = False,
-                 pixel_offset: float = PUBLIC_PIXEL_OFFSET) -> None:
+                 pixel_offset: float = PUBLIC_PIXEL_OFFSET, channel_order: str = "bgr") -> None:
         if (weights is None) == (model is None):
             raise ValueError("give exactly one of weights or model")
+        if model is not None and not isinstance(model, RetinaFace):
+            kind = "a state dict: pass it as weights" if isinstance(model, Mapping) else type(model).__name__
+            raise TypeError(f"model must be a RetinaFace (models.retinaface), got {kind}")
         self.confidence_threshold = confidence_threshold  # each checked (_Checked) before any loading
         self.nms_threshold = nms_threshold
         self.top_k = top_k
@@ -329,18 +398,88 @@ class FaceDetector:
             if flag is not None and not isinstance(flag, (bool, np.bool_)):
                 raise ValueError(f"{name} must be True or False{' (or None)' if name == 'channels_last' else ''}, "
                                  f"got {flag!r}")
-        self.device = resolve_device(device)
-        self.model = (model if model is not None else load_model(weights, overrides)).to(self.device)
-        self.pad_to = int(pad_to)
-        self.pad_batches = bool(pad_batches) or self.pad_to > 1
-        self.pixel_offset = pixel_offset
+        fixed = {"device": resolve_device(device), "pad_to": int(pad_to),
+                 "pad_batches": bool(pad_batches) or int(pad_to) > 1, "pixel_offset": pixel_offset,
+                 "channel_order": check_channel_order(channel_order)}
+        for name, value in fixed.items():
+            object.__setattr__(self, f"_{name}", value)
         if precision != "fp32" and self.device.type != "cuda":
             warnings.warn(f"half precision is only used on CUDA; running in float32, not {precision}", stacklevel=2)
-        self.dense = DensePath(self.model, self.device, precision=precision, channels_last=channels_last,
-                               fuse_bn=fuse_bn, cuda_graphs=cuda_graphs, compile=compile)
+        self._dense_options = {"precision": precision, "channels_last": channels_last, "fuse_bn": fuse_bn,
+                               "cuda_graphs": cuda_graphs, "compile": compile}
+        self.model = model if model is not None else load_model(weights, overrides)  # builds self.dense
         with self.dense.device_scope():
             self.deferred = DeferredPostprocess(self.device)
         self.timings: dict[str, float] = defaultdict(float)  # seconds: preprocess, forward, postprocess
+
+    device = property(lambda self: self._device)
+    pad_to = property(lambda self: self._pad_to)
+    pad_batches = property(lambda self: self._pad_batches)
+    pixel_offset = property(lambda self: self._pixel_offset)
+    channel_order = property(lambda self: self._channel_order)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._FIXED:
+            raise AttributeError(f"{name} is fixed when the detector is built: FaceDetector(..., {name}=...)")
+        settable = name.startswith("_") or name in self._STATE or isinstance(getattr(type(self), name, None),
+                                                                              (_Checked, property))
+        if not settable:
+            raise AttributeError(f"FaceDetector has no setting {name!r} (those that can change after construction: "
+                                 f"{', '.join(self._changeable())}, model)")
+        object.__setattr__(self, name, value)
+
+    @property
+    def model(self) -> RetinaFace:
+        """The network; the detector runs an inference copy of it (``fuse_bn``: BatchNorm folded)."""
+        return self._model
+
+    @model.setter
+    def model(self, model: RetinaFace) -> None:
+        if not isinstance(model, RetinaFace):
+            raise TypeError(f"model must be a RetinaFace (models.retinaface), got {type(model).__name__}")
+        self._model = model.to(self.device)
+        self.refresh(force=True)
+
+    def with_settings(self, **settings: Any) -> "FaceDetector":
+        """A shallow copy with other post-processing / resize settings or ``batch_size`` (checked as
+        when set), or another ``channel_order``, sharing this detector's network, CUDA graphs and
+        ``timings``: ``detector.with_settings(confidence_threshold=0.9)(image)`` leaves
+        ``detector`` as it is (threads can share one detector this way)."""
+        other = copy.copy(self)
+        for name, value in settings.items():
+            if name == "channel_order":
+                object.__setattr__(other, "_channel_order", check_channel_order(value))
+            elif isinstance(getattr(type(self), name, None), _Checked):
+                setattr(other, name, value)
+            else:
+                raise TypeError(f"with_settings() takes the settings that can change ({', '.join(self._changeable())})"
+                                f" and channel_order, not {name!r}")
+        return other
+
+    @classmethod
+    def _changeable(cls) -> list[str]:
+        return [name for name, value in vars(cls).items() if isinstance(value, _Checked)]
+
+    def _weights_version(self) -> int | None:
+        """The sum of the version counters of the model's parameters and buffers (each in-place
+        change raises one), or None when they have none (tensors made under inference mode)."""
+        try:
+            return sum(tensor._version for tensor in self._tensors)
+        except RuntimeError:
+            return None
+
+    def refresh(self, force: bool = False) -> bool:
+        """Rebuild the inference copy of ``model`` (and drop its CUDA graphs) when the model's
+        weights changed in place since it was made, or always with ``force``; returns whether it
+        did. Each call of :meth:`submit` does this first."""
+        if not force and self._weights_version() == self._built_version:
+            return False
+        if getattr(self, "dense", None) is not None:
+            self.dense.drop_graphs()
+        self._tensors = list(itertools.chain(self._model.parameters(), self._model.buffers()))
+        self._built_version = self._weights_version()
+        self.dense = DensePath(self._model, self.device, **self._dense_options)
+        return True
 
     @property
     def config(self) -> ModelConfig:
@@ -371,8 +510,9 @@ class FaceDetector:
         ``images``: a list (or a (B, H, W, 3) array); one image alone is refused (:meth:`detect`
         takes it), as iterating it would run its rows or characters as images."""
         images = as_image_list(images, "submit")
+        self.refresh()
         started = time.perf_counter()
-        arrays = [image_as_bgr_uint8(im) for im in images]
+        arrays = images_as_bgr_uint8(images, self.channel_order)
         scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
         inputs = [a if s == 1.0 else resize_image(a, s) for a, s in zip(arrays, scales)]
         self.timings["preprocess"] += time.perf_counter() - started
@@ -408,7 +548,9 @@ class FaceDetector:
             sizes = torch.tensor([im.shape[:2] for im in images], dtype=torch.int64)
             sizes = sizes.pin_memory() if cuda else sizes
         if len(images) == 1 and sizes is None and not cuda:
-            tensor = torch.from_numpy(np.ascontiguousarray(images[0])[None])
+            image = np.ascontiguousarray(images[0])
+            # a read-only array (np.asarray of a PIL image) is copied: torch warns about sharing it
+            tensor = torch.from_numpy(image if image.flags.writeable else image.copy())[None]
         else:  # on CUDA assembled straight in page-locked memory: the copy to the GPU is asynchronous
             tensor = torch.empty(shape, dtype=torch.float32 if dtype == np.float32 else torch.uint8, pin_memory=cuda)
             # the padding (any finite value would do: it is masked) from one mean row: assigning the

@@ -498,3 +498,174 @@ def test_compiled_dense_path_equals_eager(mobilenet_weights):
     assert torch.isinf(padded_want[1][1]).sum() > 0  # the second image's padding priors are left out
     for got, want in zip(padded_got, padded_want):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Python API as a notebook user calls it (a user review: each of these ran wrongly or
+# failed without a word before)
+# ---------------------------------------------------------------------------------------------
+GREETING = "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
+
+
+def _same(a: Detections, b: Detections) -> bool:
+    return (len(a) == len(b) and np.array_equal(a.boxes, b.boxes) and np.array_equal(a.scores, b.scores)
+            and np.array_equal(a.landmarks, b.landmarks))
+
+
+def test_detector_follows_its_model_when_the_weights_change(mobilenet_weights, widerface_sample):
+    detector = FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.5)
+    image = widerface_sample / GREETING
+    before = detector.detect(image)
+    assert len(before) >= 5
+    assert detector.refresh() is False  # nothing changed: the inference copy is kept
+    kept = detector.dense
+    with torch.no_grad():  # an in-place change, as an optimizer step or load_state_dict makes
+        for head in detector.model.ClassHead:
+            head.conv1x1.bias[1::2] -= 20.0  # the face logit of every anchor: every score near 0
+    assert len(detector.detect(image)) == 0 and detector.dense is not kept
+    detector.model = FaceDetector(mobilenet_weights, device="cpu").model  # replaced: followed too
+    assert _same(detector.detect(image), before)
+    with pytest.raises(TypeError, match="model must be a RetinaFace .* got OrderedDict"):
+        detector.model = torch.load(mobilenet_weights, map_location="cpu")
+
+
+def test_weights_may_be_a_state_dict_as_torch_load_gives_it(mobilenet_weights, widerface_sample):
+    image = widerface_sample / GREETING
+    from_file = FaceDetector(mobilenet_weights, device="cpu").detect(image)
+    from_dict = FaceDetector(torch.load(mobilenet_weights, map_location="cpu"), device="cpu").detect(image)
+    assert len(from_file) >= 5 and _same(from_dict, from_file)
+    with pytest.raises(TypeError, match="model must be a RetinaFace .* a state dict: pass it as weights"):
+        FaceDetector(model=torch.load(mobilenet_weights, map_location="cpu"))
+    with pytest.raises(TypeError, match="model must be a RetinaFace .* got Conv2d"):
+        FaceDetector(model=torch.nn.Conv2d(3, 3, 1))
+    import io
+    with pytest.raises(TypeError, match="weights must be a checkpoint path, .* or a state dict, got BytesIO"):
+        FaceDetector(io.BytesIO(b"x"))
+
+
+def test_rgb_arrays_and_pil_images_give_the_detections_of_the_bgr_image(detector, widerface_sample, tmp_path):
+    import cv2
+    from PIL import Image
+
+    bgr = cv2.imread(str(widerface_sample / GREETING))
+    expected = detector.detect(bgr)
+    rgb = bgr[:, :, ::-1]  # as np.asarray(PIL image) or matplotlib give it
+    assert not _same(detector.detect(np.ascontiguousarray(rgb)), expected)  # taken as BGR: other detections
+    assert _same(detector.with_settings(channel_order="rgb").detect(rgb), expected)
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    assert _same(FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.02,
+                              channel_order="rgb").detect(rgba), expected)
+    png = tmp_path / "greeting.png"  # lossless: PIL and OpenCV decode the same pixels
+    cv2.imwrite(str(png), bgr)
+    with Image.open(png) as pil:
+        assert _same(detector.detect(pil), expected)
+        assert all(_same(found, expected) for found in detector.detect([pil, str(png)]))
+        readonly = np.asarray(pil)  # read-only: torch warned about sharing it
+    with _no_warnings():
+        assert _same(detector.with_settings(channel_order="rgb").detect(readonly), expected)
+    with pytest.raises(ValueError, match="channel_order must be 'bgr' .* or 'rgb'"):
+        FaceDetector(model=detector.model, device="cpu", channel_order="BGR")
+
+
+class _no_warnings:  # noqa: N801 - a context manager
+    def __enter__(self):
+        import warnings
+        self._catcher = warnings.catch_warnings(record=True)
+        self.caught = self._catcher.__enter__()
+        warnings.simplefilter("always")
+
+    def __exit__(self, *exc):
+        self._catcher.__exit__(*exc)
+        assert not [str(w.message) for w in self.caught]
+
+
+def test_images_that_would_read_wrongly_are_refused(detector, widerface_sample):
+    import cv2
+
+    image = cv2.imread(str(widerface_sample / GREETING))
+    with pytest.raises(ValueError, match=r"goes down to -1 \(a normalised image\?"):
+        detector.detect((image.astype(np.float32) - 127.5) / 127.5)
+    with pytest.raises(ValueError, match="all of this one's are below 256 .* image.astype"):
+        detector.detect(image.astype(np.uint16))  # 8-bit data in a uint16 array: black after >> 8
+    np.testing.assert_array_equal(detector.detect(image.astype(np.uint16) * 257).boxes, detector.detect(image).boxes)
+    with pytest.raises(TypeError, match=r"got Tensor; for a tensor pass tensor.permute\(1, 2, 0\)"):
+        detector.detect(torch.from_numpy(image).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="expected an .* BGR image") as info:
+        detector.detect([image, image, image[:, :, :2]])
+    assert info.value.image_index == 2 and "(image 2 of the list)" in info.value.__notes__
+    single = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.02)  # batch_size 1
+    with pytest.raises(TypeError, match="cv2.imread returns None") as info:
+        single.detect([image, image, None, image])
+    assert info.value.__notes__ == ["(image 2 of the list)"]
+
+
+def test_a_4d_array_given_to_detect_is_a_batch(detector, widerface_sample):
+    import cv2
+
+    image = cv2.imread(str(widerface_sample / GREETING))
+    found = detector.detect(np.stack([image, image[:, ::-1]]))
+    assert isinstance(found, list) and len(found) == 2
+    assert _same(found[0], detector.detect(image)) and len(found[1]) >= 5
+
+
+def test_detections_index_iterate_and_clip(detector, widerface_sample):
+    import cv2
+
+    image = cv2.imread(str(widerface_sample / GREETING))
+    found = detector.detect(image)
+    faces = list(found)
+    assert len(faces) == len(found) >= 5
+    first = found[0]
+    assert first.score == pytest.approx(float(found.scores[0])) and isinstance(first.score, float)
+    np.testing.assert_array_equal(first.box, found.boxes[0])
+    np.testing.assert_array_equal(first.landmarks, found.landmarks[0])
+    confident = found[found.scores > 0.5]
+    assert isinstance(confident, Detections) and len(confident) == int((found.scores > 0.5).sum())
+    np.testing.assert_array_equal(found[1:3].boxes, found.boxes[1:3])
+    # a face cut by the top edge of a crop: its box starts above it, the clipped one at row 0
+    top = int(found.boxes[0, 1] + found.boxes[0, 3]) // 2
+    cut = detector.detect(image[top:])
+    assert cut.boxes[:, 1].min() < 0
+    height, width = image.shape[0] - top, image.shape[1]
+    clipped = cut.clipped(height, width)
+    assert clipped.boxes[:, [0, 1]].min() >= 0 and (clipped.boxes[:, [0, 2]] <= width).all()
+    assert (clipped.boxes[:, [1, 3]] <= height).all()
+    inside = (cut.boxes[:, 0] >= 0) & (cut.boxes[:, 1] >= 0) & (cut.boxes[:, 2] <= width) & (cut.boxes[:, 3] <= height)
+    np.testing.assert_array_equal(clipped.boxes[inside], cut.boxes[inside])
+    np.testing.assert_array_equal(clipped.scores, cut.scores)
+    outside = np.flatnonzero(cut.boxes[:, 1] < 0)[0]
+    assert clipped.boxes[outside, 1] == 0 and clipped.boxes[outside, 3] == cut.boxes[outside, 3]
+
+
+def test_fixed_options_and_unknown_names_cannot_be_set_silently(detector, widerface_sample):
+    for name in ("pad_to", "device", "pad_batches", "pixel_offset", "channel_order"):
+        with pytest.raises(AttributeError, match=f"{name} is fixed when the detector is built"):
+            setattr(detector, name, getattr(detector, name))
+    for typo in ("half", "confidence", "nms"):  # would have been ignored without a word
+        with pytest.raises(AttributeError, match=f"no setting '{typo}' .*confidence_threshold, nms_threshold"):
+            setattr(detector, typo, 0.9)
+    image = str(widerface_sample / GREETING)
+    strict = detector.with_settings(confidence_threshold=0.9, keep_top_k=3)
+    assert detector.confidence_threshold == 0.02 and strict.confidence_threshold == 0.9
+    found = strict.detect(image)
+    everything = detector.detect(image)
+    assert 1 <= len(found) <= 3 and _same(found, everything[everything.scores > 0.9][:3])
+    with pytest.raises(ValueError, match=r"confidence_threshold must be a number in \[0, 1\]"):
+        detector.with_settings(confidence_threshold=2)
+    with pytest.raises(TypeError, match="with_settings\\(\\) takes the settings .* not 'pad_to'"):
+        detector.with_settings(pad_to=32)
+
+
+def test_tta_uses_the_detectors_settings_of_the_moment(mobilenet_weights, widerface_sample):
+    from utils.tta import TTAConfig, TTADetector
+
+    image = str(widerface_sample / GREETING)
+    detector = FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.02)
+    tta = TTADetector(detector, TTAConfig(scales=(0,)))
+    loose = tta.detect(image)
+    assert loose.scores.min() < 0.5
+    detector.confidence_threshold = 0.5
+    strict = tta.detect(image)
+    assert strict.scores.min() > 0.5
+    assert _same(strict, TTADetector(FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.5),
+                                     TTAConfig(scales=(0,))).detect(image))

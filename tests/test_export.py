@@ -80,6 +80,15 @@ def test_onnx_detections_take_images_as_face_detector_does(published_onnx, wider
         onnx_detections(published_onnx, image.astype(np.float32))
 
 
+def test_onnx_detections_take_the_model_file_in_place_of_a_session(published_onnx, published_onnx_file,
+                                                                   widerface_sample):
+    image = cv2.imread(str(widerface_sample / "val" / "images" / GREETING))
+    expected = onnx_detections(published_onnx, image)
+    assert len(expected) >= 5
+    for file in (published_onnx_file, str(published_onnx_file)):
+        np.testing.assert_array_equal(onnx_detections(file, image), expected)
+
+
 def test_onnx_detections_take_the_settings_as_face_detector_does(published_onnx, widerface_sample, mobilenet_weights):
     """0 is no limit for top_k / keep_top_k (it kept nothing), and settings out of range are refused (a
     confidence threshold of -1 returned 750 rows, an NMS threshold of 2 kept overlapping boxes)."""

@@ -123,3 +123,23 @@ def test_save_aligned_on_photos(photos_dir, mobilenet_weights, tmp_path, capsys)
     # the detector's landmark order is the template's: upright faces fit it closely (a template
     # with the eyes swapped leaves residuals of about a third of the crop)
     assert np.median(fit_errors) < 8.0, sorted(fit_errors)
+
+
+def test_align_face_takes_a_path_and_names_wrong_arguments(tmp_path):
+    landmarks = _apply(_similarity(0.2, 1.5, (60.0, 50.0)), template_points(112))
+    image = np.random.default_rng(0).integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    path = tmp_path / "face.png"
+    cv2.imwrite(str(path), image)
+    expected = align_face(image, landmarks)
+    for source in (path, str(path)):
+        np.testing.assert_array_equal(align_face(source, landmarks), expected)
+    np.testing.assert_array_equal(align_face(image, landmarks, np.int64(112)), expected)
+    np.testing.assert_array_equal(align_face(image, landmarks.reshape(10)), expected)
+    with pytest.raises(TypeError, match=r"size is the side of the square crop in pixels \(an int\), got \(112, 112\)"):
+        align_face(image, landmarks, (112, 112))
+    with pytest.raises(TypeError, match="size is the side .* got 112.0"):
+        align_face(image, landmarks, 112.0)
+    with pytest.raises(ValueError, match=r"the five \(x, y\) points of one face, shape \(5, 2\), got shape \(2, 5, 2\)"):
+        align_face(image, np.stack([landmarks, landmarks]))
+    with pytest.raises(TypeError, match="takes an image array .* got list"):
+        align_face([image], landmarks)

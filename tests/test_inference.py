@@ -371,6 +371,12 @@ def test_segmenter_pool_gives_one_graphs_masks_on_several_threads(photos_dir, mo
 
     with fm.HeadSegmenter() as one:
         expected = [fm.masks_of_faces(image, found.boxes, one) for image, found in zip(images, detections)]
+        # from Python: the image's Detections and its path (or a float image) work as boxes and arrays do
+        path = sorted(photos_dir.glob("*"))[0]
+        for image, boxes in ((path, detections[0]), (images[0].astype(np.float32) / 255, detections[0].boxes)):
+            again = fm.masks_of_faces(image, boxes, one)
+            assert [p["head_box"] for p in again] == [p["head_box"] for p in expected[0]]
+            assert all(np.array_equal(a["head_mask"], b["head_mask"]) for a, b in zip(again, expected[0]))
     monkeypatch.setattr(fm.HeadSegmenter, "segment", recorded)
     with fm.SegmenterPool(3) as pool:
         assert pool.threads == 3 and fm.masks_of_faces(images[0], np.zeros((0, 4)), pool) == []

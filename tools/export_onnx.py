@@ -193,8 +193,12 @@ def onnx_detections(session, image: np.ndarray | str | Path, confidence_threshol
     score, 10 landmark values`` (pixels), with :class:`FaceDetector`'s post-processing. ``image``:
     a path, or an array as :class:`FaceDetector` takes it (BGR uint8 (H, W, 3); grayscale, BGRA,
     uint16 and float in [0, 1] are converted the same way). The settings are checked as
-    ``FaceDetector`` checks them (``ValueError``); ``top_k`` / ``keep_top_k`` 0 or None: no cut."""
+    ``FaceDetector`` checks them (``ValueError``); ``top_k`` / ``keep_top_k`` 0 or None: no cut.
+    ``session``: an :func:`onnx_session`, or the ``.onnx`` file's path (a session is then made for
+    this one call: for several images make it once)."""
     settings = postprocess_settings(confidence_threshold, nms_threshold, top_k, keep_top_k)
+    if isinstance(session, (str, Path)):
+        session = onnx_session(session)
     image = image_as_bgr_uint8(image)
     boxes, scores, landmarks = (torch.from_numpy(a) for a in run_onnx(session, image[None]))
     found = postprocess(boxes, scores, landmarks, *settings)

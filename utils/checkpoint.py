@@ -262,28 +262,39 @@ def checkpoint_for_run(weights: str | None, model_weight: str | None, experiment
                           f"pass --weights mobilenet0.25|resnet50|PATH or --model_weight FILE")
 
 
-def load_model(weights: str | Path, overrides: Mapping[str, Any] | None = None,
+def load_model(weights: str | Path | Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
                device: str | torch.device = "cpu") -> RetinaFace:
     """Build the model a checkpoint describes and load its weights strictly, in eval mode.
 
-    ``overrides`` (architecture options from the command line) apply only where the file does
-    not say: a recorded configuration wins, with a warning when an override disagrees.
+    ``weights``: a checkpoint file, ``mobilenet0.25``/``resnet50`` (the published models), or what
+    ``torch.load`` gives for such a file (a state dict or a checkpoint dict). ``overrides``
+    (architecture options from the command line) apply only where the file does not say: a
+    recorded configuration wins, with a warning when an override disagrees.
     """
-    path = resolve_weights(weights)
-    state_dict, recorded = split_checkpoint(read_checkpoint(path))
+    if isinstance(weights, Mapping):
+        name = source = "the state dict given"
+        checkpoint = weights
+    elif isinstance(weights, (str, Path)):
+        path = resolve_weights(weights)
+        name, source = path.name, str(path)
+        checkpoint = read_checkpoint(path)
+    else:
+        raise TypeError(f"weights must be a checkpoint path, 'mobilenet0.25' / 'resnet50', or a state dict, got "
+                        f"{type(weights).__name__}")
+    state_dict, recorded = split_checkpoint(checkpoint)
     overrides = dict(overrides or {})
     if recorded is not None:
         config = recorded
         conflicts = {k: v for k, v in overrides.items() if getattr(recorded, k) != v}
         if conflicts:
-            warnings.warn(f"{path.name} records its architecture; ignoring {conflicts}", stacklevel=2)
+            warnings.warn(f"{name} records its architecture; ignoring {conflicts}", stacklevel=2)
     else:
         try:
             config = infer_model_config(state_dict).replace(**overrides)
         except CheckpointError as error:
-            raise CheckpointError(f"{path}: {error}") from None
+            raise CheckpointError(f"{source}: {error}") from None
     model = RetinaFace(config)
-    load_state_dict_strict(model, state_dict, source=str(path))
+    load_state_dict_strict(model, state_dict, source=source)
     return model.to(device).eval()
 
 

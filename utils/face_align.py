@@ -9,6 +9,9 @@ left mouth corner, right mouth corner ("left" = the image's left, as in the Reti
 """
 from __future__ import annotations
 
+import numbers
+from pathlib import Path
+
 import cv2
 import numpy as np
 
@@ -54,11 +57,26 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return matrix
 
 
-def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
-    """The ``size`` x ``size`` aligned crop of one face (same channels and dtype as ``image``).
+def align_face(image: np.ndarray | str | Path, landmarks: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
+    """The ``size`` x ``size`` aligned crop of one face (same channels and dtype as ``image``; a
+    path is read as the detector reads it, BGR uint8).
 
-    ``landmarks``: ``(5, 2)`` pixel coordinates in ``image``. Pixels outside the image are black.
+    ``landmarks``: ``(5, 2)`` pixel coordinates in ``image`` (a detection's ``landmarks``, e.g.
+    ``faces[0].landmarks``). Pixels outside the image are black.
     """
+    if isinstance(image, (str, Path)):
+        from utils.image_loader import read_complete_image  # noqa: PLC0415
+
+        image = read_complete_image(image)
+    if not isinstance(image, np.ndarray) or image.ndim not in (2, 3):
+        raise TypeError(f"align_face() takes an image array (H, W[, C]) or a path, got {type(image).__name__}"
+                        + (f" of shape {image.shape}" if isinstance(image, np.ndarray) else ""))
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        raise TypeError(f"size is the side of the square crop in pixels (an int), got {size!r}")
+    if np.shape(landmarks) not in ((5, 2), (10,)):
+        raise ValueError(f"landmarks must be the five (x, y) points of one face, shape (5, 2), got shape "
+                         f"{np.shape(landmarks)}")
+    size = int(size)
     matrix = similarity_transform(landmarks, template_points(size))
     return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                           borderValue=0)

@@ -25,7 +25,8 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -275,15 +276,20 @@ def mask_parts(face_boxes: Sequence[Sequence[float]], heads: Sequence[tuple[int,
     return out
 
 
-def masks_of_faces(image: np.ndarray, face_boxes: Sequence[Sequence[float]],
+def masks_of_faces(image: np.ndarray | str | Path, face_boxes: Sequence[Sequence[float]] | Any,
                    segmenter: HeadSegmenter | SegmenterPool, scale: float = HEAD_SCALE) -> list[dict[str, object]]:
-    """Everything the mask stage produces for each face of a BGR image, in the order of
-    ``face_boxes``; the head crops are segmented by ``segmenter.segment_all`` (a
-    :class:`SegmenterPool` segments them in parallel).
+    """Everything the mask stage produces for each face of a BGR image (or an image as the
+    detector takes it: a path, grayscale, float in [0, 1] ...), in the order of ``face_boxes``
+    (x1, y1, x2, y2 rows, or the :class:`models.detector.Detections` of the image); the head crops
+    are segmented by ``segmenter.segment_all`` (a :class:`SegmenterPool` segments them in parallel).
 
     Each dict holds ``head_box`` (image coordinates), ``face_box`` (head-crop coordinates),
     ``head``/``face`` (BGR crops, views of ``image``), ``head_mask``/``face_mask`` ((h, w) uint8
     0/255, the sizes of the crops).
     """
+    from utils.image_loader import image_as_bgr_uint8  # noqa: PLC0415
+
+    image = image_as_bgr_uint8(image)
+    face_boxes = getattr(face_boxes, "boxes", face_boxes)  # Detections: their boxes
     heads, crops = head_crops(image, face_boxes, scale)
     return mask_parts(face_boxes, heads, crops, segmenter.segment_all(crops))

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -296,11 +296,35 @@ def _file_problem(path: str | Path) -> str | None:
     return None
 
 
-def image_as_bgr_uint8(image: np.ndarray | str | Path) -> np.ndarray:
+#: the channel orders an array may come in (``FaceDetector(channel_order=...)``)
+CHANNEL_ORDERS = ("bgr", "rgb")
+
+
+def check_channel_order(channel_order: str) -> str:
+    if channel_order not in CHANNEL_ORDERS:
+        raise ValueError(f"channel_order must be 'bgr' (cv2.imread's order) or 'rgb' (PIL's, matplotlib's), "
+                         f"got {channel_order!r}")
+    return channel_order
+
+
+def is_pil_image(image: Any) -> bool:
+    """Whether ``image`` is a PIL image (checked without importing PIL)."""
+    return type(image).__module__.startswith("PIL.") and hasattr(image, "convert")
+
+
+def image_as_bgr_uint8(image: Any, channel_order: str = "bgr") -> np.ndarray:
     """A path read as inference.py reads it (:func:`read_complete_image`: a truncated or damaged
-    file raises :class:`ImageReadError` with the reason the command line gives), an array
-    converted with :func:`~utils.image_io.as_bgr_uint8`."""
-    return read_complete_image(image) if isinstance(image, (str, Path)) else as_bgr_uint8(image)
+    file raises :class:`ImageReadError` with the reason the command line gives), a PIL image
+    converted from its RGB (as PIL gives it: its EXIF orientation is not applied, see
+    ``PIL.ImageOps.exif_transpose``), an array converted with :func:`~utils.image_io.as_bgr_uint8`
+    after reversing its channels when ``channel_order`` is ``"rgb"`` (a paths' and PIL images'
+    order is known and never reversed)."""
+    if isinstance(image, (str, Path)):
+        return read_complete_image(image)
+    if is_pil_image(image):
+        return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+    bgr = as_bgr_uint8(image)
+    return np.ascontiguousarray(bgr[:, :, ::-1]) if check_channel_order(channel_order) == "rgb" else bgr
 
 
 def downscale_for_memory(image: np.ndarray, max_pixels: int | None) -> tuple[np.ndarray, tuple[float, float]]:

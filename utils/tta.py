@@ -34,7 +34,6 @@ device; the network is whichever the detector holds.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -44,8 +43,8 @@ import numpy as np
 import torch
 from torchvision import ops
 
-from models.detector import Detections, as_image_list, detect_in_batches, resize_image, resize_scale
-from utils.image_loader import image_as_bgr_uint8
+from models.detector import (Detections, as_image_list, detect_in_batches, images_as_bgr_uint8, resize_image,
+                             resize_scale)
 from utils.nms import with_pixel_offset
 
 if TYPE_CHECKING:  # for annotations only
@@ -221,8 +220,8 @@ class TTADetector:
     of the module docstring).
 
     The passes run through a shallow copy of ``detector`` without NMS or top-k cuts (same
-    network, confidence threshold, device, precision and ``timings``); its NMS threshold is the
-    default voting IoU. ``detect``/``detect_batch`` mirror the FaceDetector methods and return
+    network, device, precision and ``timings``), made at each call: the confidence threshold, and
+    the NMS threshold that is the default voting IoU, are the detector's of that moment. ``detect``/``detect_batch`` mirror the FaceDetector methods and return
     :class:`models.detector.Detections` in original-image pixels.
     """
 
@@ -231,13 +230,23 @@ class TTADetector:
         self.config = config or TTAConfig()
         if not self.config.scales:
             raise ValueError("TTA needs at least one scale")
-        self.vote_threshold = (detector.nms_threshold if self.config.vote_threshold is None
-                               else self.config.vote_threshold)
-        if self.vote_threshold is None:
+        self.vote_threshold  # noqa: B018 - refused now, not at the first image, when there is none
+
+    @property
+    def vote_threshold(self) -> float:
+        """``TTAConfig.vote_threshold``, else the detector's NMS threshold of the moment."""
+        threshold = self.config.vote_threshold
+        threshold = self.detector.nms_threshold if threshold is None else threshold
+        if threshold is None:
             raise ValueError("TTA needs a voting IoU: give the detector an NMS threshold or TTAConfig.vote_threshold")
-        self._candidates = copy.copy(detector)  # runs the resized images as they are, keeps every candidate
-        for option in ("target_size", "max_size", "nms_threshold", "top_k", "keep_top_k"):
-            setattr(self._candidates, option, None)
+        return threshold
+
+    def _candidates(self) -> FaceDetector:
+        """The detector with its settings of the moment (confidence threshold ...), without NMS, top-k
+        cuts and resizing: runs the resized images as they are and keeps every candidate."""
+        self.detector.refresh()  # a model changed since: rebuilt once, here, not in each copy
+        return self.detector.with_settings(target_size=None, max_size=None, nms_threshold=None, top_k=None,
+                                           keep_top_k=None, channel_order="bgr")
 
     @property
     def timings(self) -> dict[str, float]:
@@ -265,7 +274,8 @@ class TTADetector:
         clipped to the resized image, in original-image pixels, not merged. A size's image and its
         mirror share one forward pass."""
         images = as_image_list(images, "detect_batch")
-        arrays = [image_as_bgr_uint8(im) for im in images]
+        arrays = images_as_bgr_uint8(images, self.detector.channel_order)
+        candidates = self._candidates()
         pooled: list[list[tuple[int, bool, Detections]]] = [[] for _ in arrays]
         pending = []
         for size in self.config.scales:
@@ -277,7 +287,7 @@ class TTADetector:
             if self.config.flip:
                 resized += [np.ascontiguousarray(r[:, ::-1]) for r in resized]
             self.timings["preprocess"] += time.perf_counter() - started
-            pending.append((size, scales, resized, self._candidates.submit(resized)))
+            pending.append((size, scales, resized, candidates.submit(resized)))
         for size, scales, resized, handle in pending:
             found = handle.result()  # in resized pixels
             for index, scale in enumerate(scales):
