@@ -53,6 +53,21 @@ def test_our_checkpoint_round_trip_rebuilds_the_architecture(tmp_path):
     assert torch.load(path, weights_only=True)["epoch"] == 4
 
 
+def test_overrides_are_ignored_for_a_recorded_architecture_with_a_warning_only_when_they_differ(tmp_path):
+    """A checkpoint of ours records its architecture: overrides that say the same load silently,
+    overrides that contradict it are ignored and named in a warning."""
+    import warnings
+
+    config = ModelConfig(network="mobilenet0.25", num_anchor=2, cascade=False)
+    path = save_checkpoint(tmp_path / "last.pth", RetinaFace(config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_model(path, overrides={"network": "mobilenet0.25", "cascade": False}).config == config
+    with pytest.warns(UserWarning, match=r"ignoring \{'num_anchor': 3\}"):
+        loaded = load_model(path, overrides={"network": "mobilenet0.25", "num_anchor": 3})
+    assert loaded.config == config
+
+
 def test_bare_state_dict_with_a_non_default_width_loads_with_that_width(tmp_path):
     """A foreign file (a bare state dict, no recorded configuration) of a model whose FPN/SSH
     width is not its backbone's default: the width is read from the weights' shapes."""

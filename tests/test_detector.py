@@ -121,6 +121,39 @@ def test_max_size_maps_boxes_back_to_the_original_image(detector, widerface_samp
     assert capped.boxes[:, 2].max() > 640  # coordinates are in the original (1024 px wide) image
 
 
+def test_max_size_maps_landmarks_back_to_the_original_image_too(detector, widerface_sample):
+    """Downscaled for the network (max_size), the landmarks come back in original pixels like the
+    boxes: the five points of each confident face centre inside its box, and match the points
+    found at full size on the same face."""
+    path = widerface_sample / "val/images/49--Greeting/49_Greeting_peoplegreeting_49_56.jpg"
+    full = detector.detect(path)
+    capped = FaceDetector(model=detector.model, device="cpu", confidence_threshold=0.5, max_size=640).detect(path)
+    assert len(capped) >= 3 and capped.boxes[:, 2].max() > 640
+    from torchvision.ops import box_iou
+    iou = box_iou(torch.from_numpy(capped.boxes), torch.from_numpy(full.boxes)).numpy()
+    for box, points, overlaps in zip(capped.boxes, capped.landmarks, iou):
+        x1, y1, x2, y2 = box
+        centre_x, centre_y = points.mean(axis=0)  # (a profile's far eye may lie just outside its box)
+        assert x1 < centre_x < x2 and y1 < centre_y < y2
+        match = int(np.argmax(overlaps))
+        if overlaps[match] > 0.8:
+            assert np.abs(points - full.landmarks[match]).max() < 0.15 * (x2 - x1)
+
+
+def test_rescaled_divides_x_by_scale_x_and_y_by_scale_y():
+    """``rescaled(sx, sy)`` maps detections of an image resized by (sx, sy) back to the
+    original: x coordinates divided by sx, y coordinates by sy (unequal for inference.py's
+    --max_pixels downscale, whose sides are rounded separately)."""
+    found = Detections(np.array([[10.0, 20.0, 30.0, 60.0]], np.float32), np.array([0.9], np.float32),
+                       np.array([[[12.0, 24.0], [28.0, 24.0], [20.0, 36.0], [14.0, 48.0], [26.0, 48.0]]], np.float32))
+    back = found.rescaled(0.5, 0.25)
+    np.testing.assert_allclose(back.boxes, [[20.0, 80.0, 60.0, 240.0]])
+    np.testing.assert_allclose(back.landmarks, [[[24.0, 96.0], [56.0, 96.0], [40.0, 144.0], [28.0, 192.0],
+                                                 [52.0, 192.0]]])
+    np.testing.assert_array_equal(back.scores, found.scores)
+    np.testing.assert_allclose(found.rescaled(0.5).boxes, [[20.0, 40.0, 60.0, 120.0]])
+
+
 def test_no_nms_returns_every_candidate_above_the_threshold(detector, widerface_sample):
     """nms_threshold=None: all candidates over the confidence threshold, by score, which NMS
     (torchvision, +1 pixel areas) reduces to the usual detections."""
@@ -174,6 +207,15 @@ def test_resize_scale():
     assert resize_scale(480, 640, max_size=320) == 0.5
     assert resize_scale(1000, 500, target_size=1600, max_size=2150) == 2150 / 1000
     assert resize_scale(500, 600, target_size=1600, max_size=2150) == 1600 / 500
+
+
+def test_resize_scale_lets_the_long_side_reach_max_size_exactly():
+    """The public test_widerface.py rule: the target-size scale is kept unless the rounded long
+    side would be *more than* max_size. 1343 * 1.6 = 2148.8 rounds to 2149: a max_size of 2149
+    keeps 1.6, one of 2148 caps the long side."""
+    assert resize_scale(1000, 1343, target_size=1600, max_size=2149) == 1.6
+    assert resize_scale(1343, 1000, target_size=1600, max_size=2149) == 1.6
+    assert resize_scale(1000, 1343, target_size=1600, max_size=2148) == 2148 / 1343
 
 
 def test_device_resolution():

@@ -258,6 +258,18 @@ def test_prediction_rows_of_boxes_beyond_int64_stay_finite_and_ordered():
     assert lines[1] == "1 2 2 2 0.4"
 
 
+def test_prediction_rows_truncate_the_float32_corners_of_float64_boxes():
+    """The public script truncates float32 corners: a float64 corner within float32 rounding of
+    the next integer (10.99999999 and 30.99999999 round to 11.0 and 31.0 in float32, whose
+    spacing there is about 1e-6) is written as that integer, x = 11, w = 31 - 11 = 20."""
+    found = Detections(np.array([[10.99999999, 20.0, 30.99999999, 40.5]], np.float64),
+                       np.array([0.5], np.float32), np.zeros((1, 5, 2), np.float32))
+    assert np.float32(10.99999999) == 11.0 and np.float32(30.99999999) == 31.0
+    rows, lines = prediction_rows(found)
+    assert lines == ["11 20 20 20 0.5"]
+    np.testing.assert_array_equal(rows, [[11, 20, 20, 20, 0.5]])
+
+
 # --------------------------------------------------------------------------------------------
 # --pred_dir (no model) and errors
 # --------------------------------------------------------------------------------------------
@@ -562,6 +574,54 @@ def test_evaluate_predictions_rejects_empty_and_list_val_images_errors(widerface
     (tmp_path / "val" / "label.txt").write_bytes(b"# 0--Parade/a.jpg\n1 2 3 4\n# 0--Parade/\xe9.jpg\n")
     with pytest.raises(EvaluationError, match=r"label\.txt:3: not UTF-8 text \(byte 0xe9 at column 13\)"):
         list_val_images(tmp_path)
+
+
+def _two_image_gt():
+    from utils.metric import WiderFaceGroundTruth
+
+    face = np.array([[0, 0, 9, 9]], dtype=np.float64)  # x y w h: 10 x 10 pixels
+    keep = {"easy": [1], "medium": [1], "hard": [1]}
+    return WiderFaceGroundTruth.from_records([("e", "a", face, keep), ("e", "b", face, keep)])
+
+
+def test_evaluate_predictions_of_every_image_is_the_official_protocol_not_a_subset():
+    """Predictions for every ground-truth image: the official protocol (no subset flag, no
+    "not comparable" note); one image missing: a subset of 1 of 2 images."""
+    gt = _two_image_gt()
+    exact = np.array([[0, 0, 9, 9, 0.9]])
+    full = evaluate_predictions({"e": {"a": exact, "b": exact * [1, 1, 1, 1, 0.5]}}, gt)
+    assert full.num_images == 2 and not full.subset and subset_note(full) is None
+    assert full.aps == {"easy": 1.0, "medium": 1.0, "hard": 1.0}
+    part = evaluate_predictions({"e": {"a": exact}}, gt)
+    assert part.num_images == 1 and part.subset
+    assert subset_note(part) == "subset: 1 of 2 images, not comparable with full-val numbers"
+
+
+def test_evaluate_predictions_applies_its_iou_threshold():
+    """A 10 x 25 px detection over a 10 x 10 px face sharing its top-left corner has +1-pixel IoU
+    100 / (250 + 100 - 100) = 0.4: a false positive at the default 0.5 (precision 0: AP 0), a
+    match at 0.3 (both faces found, precision 1: AP 1)."""
+    gt = _two_image_gt()
+    preds = {"e": {"a": np.array([[0, 0, 9, 24, 0.9]]), "b": np.array([[0, 0, 9, 24, 0.6]])}}
+    assert evaluate_predictions(preds, gt).aps == {"easy": 0.0, "medium": 0.0, "hard": 0.0}
+    assert evaluate_predictions(preds, gt, iou_threshold=0.3).aps == {"easy": 1.0, "medium": 1.0, "hard": 1.0}
+
+
+def test_results_txt_gives_the_aps_with_six_decimals(tmp_path):
+    """results.txt reports each AP as format_aps prints it, six decimals. Image a: a false positive
+    (raw score 1.0) above the face (0.5); image b: its face (0.0). Thresholds above 0.5: P 0/1;
+    down to 0.5: P 1/2, R 1/2; at 0: P 2/3, R 1 -> AP = 1/2 * 2/3 + 1/2 * 2/3 = 2/3 = 0.666667."""
+    from utils.evaluation import write_results
+
+    gt = _two_image_gt()
+    preds = {"e": {"a": np.array([[400, 300, 30, 30, 1.0], [0, 0, 9, 9, 0.5]]), "b": np.array([[0, 0, 9, 9, 0.0]])}}
+    result = evaluate_predictions(preds, gt)
+    assert result.hard == pytest.approx(2 / 3, abs=1e-12) and not result.subset
+    write_results(tmp_path, result, plot=False)
+    lines = (tmp_path / "results.txt").read_text().splitlines()
+    assert [line for line in lines if " AP: " in line] == ["Easy AP: 0.666667", "Medium AP: 0.666667",
+                                                          "Hard AP: 0.666667"]
+    assert format_aps(result) == "Easy AP: 0.666667  Medium AP: 0.666667  Hard AP: 0.666667"
 
 
 # --------------------------------------------------------------------------------------------

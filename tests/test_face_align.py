@@ -69,6 +69,24 @@ def test_never_mirrors_and_rejects_degenerate_points():
         similarity_transform(source[:4], source)
 
 
+def test_mirrored_points_get_the_least_squares_proper_similarity():
+    """Landmarks that a reflection would fit best (e.g. a mirrored face) still get the best
+    rotation + uniform scale + shift: the same fit as a generic least-squares solver over
+    (a, b, tx, ty), scale included."""
+    rng = np.random.default_rng(2)
+    for _ in range(10):
+        source = rng.uniform(0, 200, (5, 2))
+        target = _apply(_similarity(rng.uniform(-np.pi, np.pi), 0.8, (20, 5)), source * np.array([-1.0, 1.0]))
+        target += rng.normal(0, 2, (5, 2))
+
+        def residual(p):
+            return (_apply(np.array([[p[0], -p[1], p[2]], [p[1], p[0], p[3]]]), source) - target).ravel()
+
+        fit = least_squares(residual, x0=np.array([1.0, 0.0, 0.0, 0.0]), xtol=1e-14, ftol=1e-14).x
+        expected = np.array([[fit[0], -fit[1], fit[2]], [fit[1], fit[0], fit[3]]])
+        np.testing.assert_allclose(similarity_transform(source, target), expected, atol=1e-6)
+
+
 def test_warp_puts_the_landmarks_on_the_template():
     """Draw a dot at each known landmark of a rotated, scaled face, align, find the dots again."""
     size = 112

@@ -557,6 +557,32 @@ def test_corner_face_is_not_assumed_centred():
     assert face.shape == (20, 20) and (face == 255).all()  # a centred cut, [15:35, 15:35], would be mostly empty
 
 
+def test_face_mask_cut_when_the_head_box_starts_at_different_x_and_y():
+    """A face near the top of a wide image: its head box is clipped at the top only (hy1 = 0,
+    hx1 > 0), so the face's offset inside the head crop differs in x and y."""
+    image_shape = (200, 300)
+    face_box = (140.3, 40.6, 170.2, 70.5)
+    head = fm.head_box(face_box, image_shape)
+    hx1, hy1, hx2, hy2 = head
+    assert hy1 == 0 and hx1 > 50 and hy2 > 71
+    image_mask = np.arange(image_shape[0] * image_shape[1], dtype=np.int64).reshape(image_shape)
+    face = fm.face_mask_from_head_mask(image_mask[hy1:hy2, hx1:hx2], face_box, head)
+    assert np.array_equal(face, image_mask[40:71, 140:171])  # floor / ceil of the face box
+    assert fm.face_box_in_head(face_box, head) == (140 - hx1, 40 - hy1, 171 - hx1, 71 - hy1)
+
+
+def test_pixel_box_of_a_box_at_or_past_the_far_edges_is_the_last_pixel():
+    """pixel_box is never empty and lies inside the image, also for a box that starts on or
+    beyond the right or bottom border: it shrinks to the last column / row."""
+    image = np.arange(100 * 120).reshape(100, 120)
+    for box, expected in [((120.0, 10.0, 130.0, 20.0), (119, 10, 120, 20)),
+                          ((150.5, 110.2, 170.0, 130.0), (119, 99, 120, 100)),
+                          ((5.0, 100.0, 15.0, 100.0), (5, 99, 15, 100))]:
+        x1, y1, x2, y2 = fm.pixel_box(box, image.shape)
+        assert (x1, y1, x2, y2) == expected, box
+        assert image[y1:y2, x1:x2].size > 0
+
+
 def test_binarize_threshold():
     assert fm.binarize(np.array([[0.0, 0.1, 0.11, 1.0]], np.float32)).tolist() == [[0, 0, 255, 255]]
 

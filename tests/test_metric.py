@@ -149,6 +149,20 @@ def test_iou_equal_to_the_threshold_is_a_hit():
     assert evaluate(preds, _gt(records), iou_threshold=0.5 + 1e-9).hard < 1.0  # just above: a false positive
 
 
+def test_touching_zero_area_boxes_have_iou_zero_not_nan():
+    """As in the Cython kernel, a pair with ``iw <= 0`` or ``ih <= 0`` has IoU 0 and is never divided:
+    a zero-area face (w = -1: x2 = x1 - 1) and an identical prediction touch with iw = 0 and
+    union 0 + 0 - 0 = 0, so their IoU is 0, not 0/0 = nan. With iou_threshold 0 (0 >= 0) the
+    prediction therefore matches its best-overlap face, the first one, and recalls it: with the
+    exact detection of face 2 below it, AP 1."""
+    faces = np.array([[0, 0, -1, 5], [100, 0, 9, 9]], dtype=np.float64)
+    records = [("e", "a", faces, _keep_all(2))]
+    preds = {"e": {"a": _pred([0, 0, -1, 5, 1.0], [100, 0, 9, 9, 0.0])}}
+    r = evaluate(preds, _gt(records), iou_threshold=0.0)
+    assert r.curves["hard"].recalled[0] == 1 and r.hard == 1.0
+    _assert_matches_reference(preds, records, iou_threshold=0.0)
+
+
 def test_second_detection_of_recalled_face_is_false_positive():
     # face 1 detected twice (0.9, 0.5), face 2 once (0.1): lo 0.1, hi 0.9 -> 1.0, 0.5, 0.0.
     # th in (0.5, 1]: P 1/1 R 1/2; th in (0, 0.5]: P 1/2 R 1/2; th 0: P 2/3 R 1 -> AP = 0.5 + 0.5 * 2/3
@@ -179,6 +193,24 @@ def test_ignored_faces_change_nothing():
     assert r2.easy == 1.0 and r2.medium == 1.0
     for p in (base, with_ignored, top_ignored):
         _assert_matches_reference({"e": {"a": p}}, records)
+
+
+def test_a_detection_never_matches_a_face_of_another_image():
+    """Matching is per image. Image a has 3 faces and a false positive exactly on the spot where
+    image b has its only face; b's face is found by b's own detection. Scores: a's faces 1, 0.75,
+    0.5, a's FP 0.25, b's detection 0 (lo 0, hi 1: unchanged by the normalisation). Every
+    detection but the FP is a hit, so the curve ends at 4 of 4 faces with 4 of 5 proposals and,
+    with precision 1 until the FP, AP = 3/4 * 1 + 1/4 * 4/5 = 0.95."""
+    spot = [400, 300, 30, 30]
+    records = [("e", "a", FACES, _keep_all(3)), ("e", "b", np.array([spot], dtype=np.float64), _keep_all(1))]
+    preds = {"e": {"a": np.vstack([np.column_stack([FACES, [1.0, 0.75, 0.5]]), [*spot, 0.25]]),
+                   "b": _pred([*spot, 0.0])}}
+    r = evaluate(preds, _gt(records))
+    c = r.curves["hard"]
+    assert c.proposals[-1] == 5 and c.recalled[-1] == 4 and c.num_faces == 4
+    assert c.recalled[499] == 3 and c.proposals[749] == 4 and c.recalled[749] == 3
+    assert r.hard == pytest.approx(0.95, abs=1e-12)
+    _assert_matches_reference(preds, records)
 
 
 def test_empty_images():
@@ -245,6 +277,28 @@ def test_all_scores_equal_gives_zero_ap():
     preds = {"e": {"a": np.column_stack([FACES, [0.7, 0.7, 0.7]])}}
     r = evaluate(preds, _gt(records))  # normalisation 0/0 -> nan -> nothing passes any threshold
     assert r.aps == {"easy": 0.0, "medium": 0.0, "hard": 0.0}
+    _assert_matches_reference(preds, records)
+
+
+@pytest.mark.parametrize("raw, counts", [
+    # all scores above 1: lo = min(1, 3) = 1, hi = 5 -> (s - 1) / 4 = 1.0 (face 1), 0.75 (FP), 0.5 (face 2)
+    ([5.0, 4.0, 3.0], {"proposals": ([1, 2, 3], [249, 250, 501]), "recalled": ([1, 1, 2], [249, 250, 501])}),
+    # all scores below 0: lo = -4, hi = max(0, -1) = 0 -> (s + 4) / 4 = 0.75 (face 1), 0.5 (FP), 0.0 (face 2)
+    ([-1.0, -2.0, -4.0], {"proposals": ([0, 1, 2, 3], [249, 250, 500, 1]),
+                          "recalled": ([0, 1, 1, 2], [249, 250, 500, 1])}),
+])
+def test_evaluate_normalises_scores_with_the_public_quirk(raw, counts):
+    """evaluate() normalises the scores as the public ``norm_score`` (lo starts at 1, hi at 0), not by
+    plain min-max, so scores that all lie above 1 or below 0 are not stretched to [0, 1]; the PR
+    curve shows it. Face 1, a false positive and face 2 score ``raw``; a detection passes
+    th_t = 1 - (t + 1) / 1000 from th 0.75 on at t = 249, from 0.5 at t = 499, and 0.0 only at
+    t = 999 (plain min-max would give face 1 the score 1 and face 2 the score 0)."""
+    records = [("e", "a", FACES[:2], _keep_all(2))]
+    preds = {"e": {"a": _pred([*FACES[0], raw[0]], [400, 300, 30, 30, raw[1]], [*FACES[1], raw[2]])}}
+    c = evaluate(preds, _gt(records)).curves["hard"]
+    for name, (values, lengths) in counts.items():
+        assert sum(lengths) == 1000
+        np.testing.assert_array_equal(getattr(c, name), np.repeat(values, lengths), err_msg=name)
     _assert_matches_reference(preds, records)
 
 

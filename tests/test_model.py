@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -108,6 +109,56 @@ def test_cascade_semantics():
         # test-time scores come from the last stage
         _, scores, _ = model.decode_detections(outputs, priors)
         torch.testing.assert_close(scores, torch.softmax(outputs[1].conf, -1)[..., 1])
+
+
+def test_cascade_stage_reads_the_fpn_features_not_stage_1s_ssh_outputs():
+    """The cascade stage is "a second detection stage on the same FPN features" (ModelConfig):
+    it has its own SSH modules on the FPN outputs, so changing stage 1's SSH weights changes
+    stage 1's outputs and leaves stage 2's as they were."""
+    torch.manual_seed(0)
+    for mode in ("refine", "residual"):
+        model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=True, cascade_mode=mode)).eval()
+        x = torch.randn(1, 3, 64, 96)
+        with torch.no_grad():
+            before = model(x)
+            for ssh in (model.ssh1, model.ssh2, model.ssh3):
+                for parameter in ssh.parameters():
+                    parameter.add_(torch.randn_like(parameter))
+            after = model(x)
+        assert not torch.allclose(before[0].conf, after[0].conf)
+        for a, b in zip(before[1], after[1]):
+            if a is not None:
+                torch.testing.assert_close(b, a)
+
+
+def test_refine_stage_decodes_boxes_and_landmarks_from_the_stage_1_boxes():
+    """``refine``: stage 2 "regresses boxes and landmarks from the stage-1 decoded boxes"
+    (ModelConfig). Decoded here by hand: the stage-1 box of each prior becomes the anchor
+    (centre, size) of the stage-2 box and landmark offsets (variances 0.1 and 0.2)."""
+    from models.retinaface import StageOutput
+
+    model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=True, cascade_mode="refine")).eval()
+    priors = torch.tensor([[32.0, 32.0, 16.0, 16.0], [48.0, 16.0, 32.0, 32.0], [100.0, 60.0, 64.0, 64.0]])
+    generator = torch.Generator().manual_seed(0)
+    loc1, loc2 = torch.randn(1, 3, 4, generator=generator), torch.randn(1, 3, 4, generator=generator)
+    landm1, landm2 = torch.randn(1, 3, 10, generator=generator), torch.randn(1, 3, 10, generator=generator)
+    conf1, conf2 = torch.randn(1, 3, 2, generator=generator), torch.randn(1, 3, 2, generator=generator)
+    outputs = [StageOutput(loc1, conf1, landm1, None), StageOutput(loc2, conf2, landm2, None)]
+    boxes, scores, landmarks = model.decode_detections(outputs, priors)
+
+    for i, (px, py, pw, ph) in enumerate(priors.tolist()):
+        dx, dy, dw, dh = loc1[0, i].tolist()
+        ax, ay = px + dx * 0.1 * pw, py + dy * 0.1 * ph  # the stage-1 box: the stage-2 anchor
+        aw, ah = pw * math.exp(dw * 0.2), ph * math.exp(dh * 0.2)
+        dx, dy, dw, dh = loc2[0, i].tolist()
+        cx, cy = ax + dx * 0.1 * aw, ay + dy * 0.1 * ah
+        w, h = aw * math.exp(dw * 0.2), ah * math.exp(dh * 0.2)
+        torch.testing.assert_close(boxes[0, i], torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]))
+        points = landm2[0, i].view(5, 2)
+        expected = torch.stack([ax + points[:, 0] * 0.1 * aw, ay + points[:, 1] * 0.1 * ah], dim=1).flatten()
+        torch.testing.assert_close(landmarks[0, i], expected)
+        odds = math.exp(conf2[0, i, 1].item() - conf2[0, i, 0].item())
+        assert scores[0, i].item() == pytest.approx(odds / (1 + odds), rel=1e-5)
 
 
 def test_tina_score_is_geometric_mean():
