@@ -62,7 +62,9 @@ class Detections:
     def __getitem__(self, index: Any) -> "Face | Detections":
         """``faces[i]``: one :class:`Face`; a slice, index array or boolean mask (``faces[faces.scores
         > 0.9]``): the :class:`Detections` it selects."""
-        if isinstance(index, numbers.Integral):
+        if isinstance(index, numbers.Integral) or (isinstance(index, np.ndarray) and index.ndim == 0
+                                                    and index.dtype.kind in "iu"):
+            index = int(index)
             return Face(self.boxes[index], float(self.scores[index]), self.landmarks[index])
         return Detections(self.boxes[index], self.scores[index], self.landmarks[index])
 
@@ -234,8 +236,8 @@ def detect_in_batches(detector: Any, images: ImageInput | Sequence[ImageInput]) 
 
 def images_as_bgr_uint8(images: Sequence[ImageInput], channel_order: str = "bgr") -> list[np.ndarray]:
     """Each image read or converted (:func:`utils.image_loader.image_as_bgr_uint8`); an image that
-    cannot be is named by its index in the error's ``image_index`` (and a note for a list of
-    several)."""
+    cannot be is named by its index in the error's ``image_index`` (``detect`` makes that the
+    index in its whole list and adds it as a note to the error)."""
     arrays = []
     for index, image in enumerate(images):
         try:
@@ -302,6 +304,55 @@ def cudnn_autotuning(enabled: bool):
         torch.backends.cudnn.benchmark = old
 
 
+def _retinaface(model: Any, hint: str) -> RetinaFace:
+    """``model`` as a :class:`RetinaFace`: one wrapped by ``torch.compile``, DataParallel or
+    DistributedDataParallel is unwrapped (the detector compiles its own copy with ``compile=True``);
+    anything else raises ``TypeError`` (``hint`` for a state dict)."""
+    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module) or isinstance(
+            model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        model = getattr(model, "_orig_mod", None) or model.module
+    if not isinstance(model, RetinaFace):
+        kind = f"a state dict ({hint})" if isinstance(model, Mapping) else type(model).__name__
+        raise TypeError(f"model must be a RetinaFace (models.retinaface), got {kind}")
+    return model
+
+
+class _Network:
+    """A :class:`FaceDetector`'s model and the inference copy it runs (:class:`DensePath`), shared
+    by the detector's :meth:`~FaceDetector.with_settings` copies, so that a rebuild serves them all.
+
+    :meth:`follow_changes` rebuilds the copy when the version counters of the model's parameters
+    and buffers moved (each autograd-visible in-place change raises one; fused optimizer kernels
+    and ``.data`` edits do not)."""
+
+    def __init__(self, model: RetinaFace, device: torch.device, options: Mapping[str, Any]) -> None:
+        self.model, self.device, self.options = model, device, dict(options)
+        self.tensors = list(itertools.chain(model.parameters(), model.buffers()))
+        self.rebuild()
+        if self.version is None:
+            warnings.warn("the model's tensors were made under torch.inference_mode and have no version counter: "
+                          "the detector cannot see changes to them; call detector.refresh() after any", stacklevel=3)
+
+    def _version(self) -> int | None:
+        try:
+            return sum(tensor._version for tensor in self.tensors)
+        except RuntimeError:  # inference tensors: no version counter
+            return None
+
+    def rebuild(self) -> None:
+        # the earlier copy is let go, not cleared: a pending batch may still read its graph outputs
+        self.version = self._version()
+        self.dense = DensePath(self.model, self.device, **self.options)
+
+    def follow_changes(self) -> None:
+        if self.version is not None and self._version() != self.version:
+            self.rebuild()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # copy.deepcopy, pickle: new tensors, new counters
+        self.__dict__.update(state)
+        self.version = self._version()
+
+
 class FaceDetector:
     """Face detector built once from a checkpoint (see ``utils/checkpoint.py`` for formats).
 
@@ -351,16 +402,22 @@ class FaceDetector:
     The post-processing and resize settings and ``batch_size`` may be changed after construction
     (they are checked again); a :meth:`submit` uses the values of the moment it is called. The
     other options are fixed when the detector is built; setting them (or a name that is no
-    setting) raises ``AttributeError``. ``model`` may be replaced, and the detector follows its
-    weights: changed in place (an optimizer step, ``load_state_dict``), the next call rebuilds the
-    copy it runs (:meth:`refresh`; a change that replaces tensors, as ``load_state_dict(...,
-    assign=True)`` does, needs ``refresh(force=True)``).
+    setting) raises ``AttributeError``. The detector runs an inference copy of ``model`` made
+    when it is built or ``model`` is set: after changing the model's weights call
+    :meth:`refresh`. A change made in place through autograd-visible operations
+    (``load_state_dict``, ``param.mul_(...)``, an optimizer without ``fused=True``) is also seen
+    by the next call, which then rebuilds the copy; fused optimizers (``SGD(fused=True)``, as
+    ``train.py`` uses on CUDA), edits through ``.data`` and replaced tensors are not.
+
+    A detector and its :meth:`with_settings` copies share one network and its CUDA graphs: call
+    them from one thread at a time (a lock around ``detect``), or build a detector per thread.
     """
 
-    #: what may be set after construction (besides the checked settings): the detector's state
-    _STATE = frozenset({"dense", "deferred", "timings"})
-    #: fixed at construction: setting them says so
-    _FIXED = ("device", "pad_to", "pad_batches", "pixel_offset", "channel_order")
+    #: what may be set after construction besides the checked settings and ``model``
+    _STATE = frozenset({"deferred", "timings"})
+    #: the constructor's options that are fixed once the detector is built
+    _FIXED = ("device", "pad_to", "pad_batches", "pixel_offset", "channel_order", "weights", "overrides", "half",
+              "precision", "channels_last", "fuse_bn", "cuda_graphs", "compile")
 
     confidence_threshold = _Checked(_fraction)
     nms_threshold = _Checked(_fraction_or_none)
@@ -370,7 +427,7 @@ class FaceDetector:
     max_size = _Checked(_pixels_or_none)
     batch_size = _Checked(_positive_count)
 
-    def __init__(self, weights: str | Path | None = None, *, model: RetinaFace | None = None,
+    def __init__(self, weights: str | Path | Mapping[str, Any] | None = None, *, model: RetinaFace | None = None,
                  device: str | torch.device | None = None, overrides: Mapping[str, Any] | None = None,
                  confidence_threshold: float = 0.5, nms_threshold: float | None = 0.4, top_k: int | None = 5000,
                  keep_top_k: int | None = 750, target_size: int | None = None, max_size: int | None = None,
@@ -380,9 +437,7 @@ class FaceDetector:
                  pixel_offset: float = PUBLIC_PIXEL_OFFSET, channel_order: str = "bgr") -> None:
         if (weights is None) == (model is None):
             raise ValueError("give exactly one of weights or model")
-        if model is not None and not isinstance(model, RetinaFace):
-            kind = "a state dict: pass it as weights" if isinstance(model, Mapping) else type(model).__name__
-            raise TypeError(f"model must be a RetinaFace (models.retinaface), got {kind}")
+        model = None if model is None else _retinaface(model, hint="pass it as weights")
         self.confidence_threshold = confidence_threshold  # each checked (_Checked) before any loading
         self.nms_threshold = nms_threshold
         self.top_k = top_k
@@ -407,7 +462,7 @@ class FaceDetector:
             warnings.warn(f"half precision is only used on CUDA; running in float32, not {precision}", stacklevel=2)
         self._dense_options = {"precision": precision, "channels_last": channels_last, "fuse_bn": fuse_bn,
                                "cuda_graphs": cuda_graphs, "compile": compile}
-        self.model = model if model is not None else load_model(weights, overrides)  # builds self.dense
+        self.model = model if model is not None else load_model(weights, overrides)  # builds the network
         with self.dense.device_scope():
             self.deferred = DeferredPostprocess(self.device)
         self.timings: dict[str, float] = defaultdict(float)  # seconds: preprocess, forward, postprocess
@@ -420,9 +475,9 @@ class FaceDetector:
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._FIXED:
-            raise AttributeError(f"{name} is fixed when the detector is built: FaceDetector(..., {name}=...)")
-        settable = name.startswith("_") or name in self._STATE or isinstance(getattr(type(self), name, None),
-                                                                              (_Checked, property))
+            hint = " or detector.with_settings(channel_order=...)" if name == "channel_order" else ""
+            raise AttributeError(f"{name} is fixed when the detector is built: FaceDetector(..., {name}=...){hint}")
+        settable = name.startswith("_") or name in self._STATE or name == "model" or name in self._changeable()
         if not settable:
             raise AttributeError(f"FaceDetector has no setting {name!r} (those that can change after construction: "
                                  f"{', '.join(self._changeable())}, model)")
@@ -431,25 +486,34 @@ class FaceDetector:
     @property
     def model(self) -> RetinaFace:
         """The network; the detector runs an inference copy of it (``fuse_bn``: BatchNorm folded)."""
-        return self._model
+        return self._network.model
 
     @model.setter
     def model(self, model: RetinaFace) -> None:
-        if not isinstance(model, RetinaFace):
-            raise TypeError(f"model must be a RetinaFace (models.retinaface), got {type(model).__name__}")
-        self._model = model.to(self.device)
-        self.refresh(force=True)
+        # a network of its own: copies made by with_settings before keep the one they share
+        self._network = _Network(_retinaface(model, hint="to load weights use detector.model.load_state_dict(...)"
+                                             ).to(self.device), self.device, self._dense_options)
+
+    @property
+    def dense(self) -> DensePath:
+        """The inference copy of ``model`` (pre-processing, network, decoding; CUDA graphs)."""
+        return self._network.dense
+
+    def refresh(self) -> None:
+        """Rebuild the inference copy of ``model`` from its weights of now (for this detector and
+        the :meth:`with_settings` copies that share its network)."""
+        self._network.rebuild()
 
     def with_settings(self, **settings: Any) -> "FaceDetector":
         """A shallow copy with other post-processing / resize settings or ``batch_size`` (checked as
         when set), or another ``channel_order``, sharing this detector's network, CUDA graphs and
         ``timings``: ``detector.with_settings(confidence_threshold=0.9)(image)`` leaves
-        ``detector`` as it is (threads can share one detector this way)."""
+        ``detector`` as it is."""
         other = copy.copy(self)
         for name, value in settings.items():
             if name == "channel_order":
                 object.__setattr__(other, "_channel_order", check_channel_order(value))
-            elif isinstance(getattr(type(self), name, None), _Checked):
+            elif name in self._changeable():
                 setattr(other, name, value)
             else:
                 raise TypeError(f"with_settings() takes the settings that can change ({', '.join(self._changeable())})"
@@ -458,28 +522,8 @@ class FaceDetector:
 
     @classmethod
     def _changeable(cls) -> list[str]:
-        return [name for name, value in vars(cls).items() if isinstance(value, _Checked)]
-
-    def _weights_version(self) -> int | None:
-        """The sum of the version counters of the model's parameters and buffers (each in-place
-        change raises one), or None when they have none (tensors made under inference mode)."""
-        try:
-            return sum(tensor._version for tensor in self._tensors)
-        except RuntimeError:
-            return None
-
-    def refresh(self, force: bool = False) -> bool:
-        """Rebuild the inference copy of ``model`` (and drop its CUDA graphs) when the model's
-        weights changed in place since it was made, or always with ``force``; returns whether it
-        did. Each call of :meth:`submit` does this first."""
-        if not force and self._weights_version() == self._built_version:
-            return False
-        if getattr(self, "dense", None) is not None:
-            self.dense.drop_graphs()
-        self._tensors = list(itertools.chain(self._model.parameters(), self._model.buffers()))
-        self._built_version = self._weights_version()
-        self.dense = DensePath(self._model, self.device, **self._dense_options)
-        return True
+        return [name for klass in reversed(cls.__mro__) for name, value in vars(klass).items()
+                if isinstance(value, _Checked)]
 
     @property
     def config(self) -> ModelConfig:
@@ -510,7 +554,7 @@ class FaceDetector:
         ``images``: a list (or a (B, H, W, 3) array); one image alone is refused (:meth:`detect`
         takes it), as iterating it would run its rows or characters as images."""
         images = as_image_list(images, "submit")
-        self.refresh()
+        self._network.follow_changes()
         started = time.perf_counter()
         arrays = images_as_bgr_uint8(images, self.channel_order)
         scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]

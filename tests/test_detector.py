@@ -555,20 +555,55 @@ def _same(a: Detections, b: Detections) -> bool:
 
 
 def test_detector_follows_its_model_when_the_weights_change(mobilenet_weights, widerface_sample):
+    """The detector runs an inference copy of its model: an in-place change (as load_state_dict or
+    a non-fused optimizer step makes) is seen by the next call; one made through ``.data`` is not,
+    until refresh(); a model set anew is used at once. Copies made by with_settings share the
+    rebuilt network (one rebuild for all), and a copy given a model of its own leaves the others."""
     detector = FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.5)
     image = widerface_sample / GREETING
     before = detector.detect(image)
     assert len(before) >= 5
-    assert detector.refresh() is False  # nothing changed: the inference copy is kept
+    strict = detector.with_settings(confidence_threshold=0.9)
     kept = detector.dense
-    with torch.no_grad():  # an in-place change, as an optimizer step or load_state_dict makes
-        for head in detector.model.ClassHead:
-            head.conv1x1.bias[1::2] -= 20.0  # the face logit of every anchor: every score near 0
-    assert len(detector.detect(image)) == 0 and detector.dense is not kept
-    detector.model = FaceDetector(mobilenet_weights, device="cpu").model  # replaced: followed too
-    assert _same(detector.detect(image), before)
-    with pytest.raises(TypeError, match="model must be a RetinaFace .* got OrderedDict"):
+    detector.detect(image)
+    assert detector.dense is kept  # nothing changed: the inference copy is kept
+    biases = [head.conv1x1.bias for head in detector.model.ClassHead]
+    saved = [bias.detach().clone() for bias in biases]
+    with torch.no_grad():
+        for bias in biases:
+            bias[1::2] -= 20.0  # the face logit of every anchor: every score near 0
+    assert len(strict.detect(image)) == 0 and strict.dense is not kept
+    rebuilt = strict.dense
+    assert len(detector.detect(image)) == 0 and detector.dense is rebuilt  # rebuilt once, for both
+    for bias, values in zip(biases, saved):
+        bias.data.copy_(values)  # through .data: no version counter moves
+    assert len(detector.detect(image)) == 0
+    detector.refresh()
+    assert _same(detector.detect(image), before) and _same(strict.detect(image), before[before.scores > 0.9])
+    other = strict.with_settings()
+    other.model = RetinaFace(ModelConfig(network="mobilenet0.25", cascade=False))  # random weights: its own
+    assert detector.dense is strict.dense is not other.dense and _same(detector.detect(image), before)
+    with pytest.raises(TypeError, match="model must be a RetinaFace .* got a state dict .*load_state_dict"):
         detector.model = torch.load(mobilenet_weights, map_location="cpu")
+
+
+def test_copies_and_pickles_of_a_detector_run_without_a_rebuild(detector, widerface_sample):
+    import copy
+    import pickle
+
+    image = str(widerface_sample / GREETING)
+    expected = detector.detect(image)
+    for twin in (copy.deepcopy(detector), pickle.loads(pickle.dumps(detector))):
+        kept = twin.dense
+        assert _same(twin.detect(image), expected) and twin.dense is kept
+
+
+def test_a_compiled_or_wrapped_model_is_unwrapped(detector, widerface_sample):
+    image = str(widerface_sample / GREETING)
+    expected = detector.detect(image)
+    for wrapped in (torch.compile(detector.model), torch.nn.DataParallel(detector.model)):
+        again = FaceDetector(model=wrapped, device="cpu", confidence_threshold=0.02)
+        assert again.model is detector.model and _same(again.detect(image), expected)
 
 
 def test_weights_may_be_a_state_dict_as_torch_load_gives_it(mobilenet_weights, widerface_sample):
@@ -576,7 +611,7 @@ def test_weights_may_be_a_state_dict_as_torch_load_gives_it(mobilenet_weights, w
     from_file = FaceDetector(mobilenet_weights, device="cpu").detect(image)
     from_dict = FaceDetector(torch.load(mobilenet_weights, map_location="cpu"), device="cpu").detect(image)
     assert len(from_file) >= 5 and _same(from_dict, from_file)
-    with pytest.raises(TypeError, match="model must be a RetinaFace .* a state dict: pass it as weights"):
+    with pytest.raises(TypeError, match=r"model must be a RetinaFace .* got a state dict \(pass it as weights\)"):
         FaceDetector(model=torch.load(mobilenet_weights, map_location="cpu"))
     with pytest.raises(TypeError, match="model must be a RetinaFace .* got Conv2d"):
         FaceDetector(model=torch.nn.Conv2d(3, 3, 1))
@@ -605,6 +640,11 @@ def test_rgb_arrays_and_pil_images_give_the_detections_of_the_bgr_image(detector
         readonly = np.asarray(pil)  # read-only: torch warned about sharing it
     with _no_warnings():
         assert _same(detector.with_settings(channel_order="rgb").detect(readonly), expected)
+    gray16 = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257  # 16-bit: convert("RGB") clipped it white
+    for pil in (Image.fromarray(gray16), Image.fromarray(gray16.astype(np.float32) / 65535)):  # I;16 and F
+        assert pil.mode in ("I;16", "F")
+        assert _same(detector.detect(pil), detector.detect(gray16))
+    assert _same(detector.detect(Image.fromarray(gray16.astype(np.int32))), detector.detect(gray16))  # mode I
     with pytest.raises(ValueError, match="channel_order must be 'bgr' .* or 'rgb'"):
         FaceDetector(model=detector.model, device="cpu", channel_order="BGR")
 
@@ -629,6 +669,7 @@ def test_images_that_would_read_wrongly_are_refused(detector, widerface_sample):
         detector.detect((image.astype(np.float32) - 127.5) / 127.5)
     with pytest.raises(ValueError, match="all of this one's are below 256 .* image.astype"):
         detector.detect(image.astype(np.uint16))  # 8-bit data in a uint16 array: black after >> 8
+    assert len(detector.detect(np.zeros((64, 64, 3), np.uint16))) == 0  # a black frame is no mistake
     np.testing.assert_array_equal(detector.detect(image.astype(np.uint16) * 257).boxes, detector.detect(image).boxes)
     with pytest.raises(TypeError, match=r"got Tensor; for a tensor pass tensor.permute\(1, 2, 0\)"):
         detector.detect(torch.from_numpy(image).permute(2, 0, 1))
@@ -664,6 +705,8 @@ def test_detections_index_iterate_and_clip(detector, widerface_sample):
     confident = found[found.scores > 0.5]
     assert isinstance(confident, Detections) and len(confident) == int((found.scores > 0.5).sum())
     np.testing.assert_array_equal(found[1:3].boxes, found.boxes[1:3])
+    for index in (np.int64(1), np.array(1)):
+        assert found[index].score == float(found.scores[1])
     # a face cut by the top edge of a crop: its box starts above it, the clipped one at row 0
     top = int(found.boxes[0, 1] + found.boxes[0, 3]) // 2
     cut = detector.detect(image[top:])
@@ -680,10 +723,11 @@ def test_detections_index_iterate_and_clip(detector, widerface_sample):
 
 
 def test_fixed_options_and_unknown_names_cannot_be_set_silently(detector, widerface_sample):
-    for name in ("pad_to", "device", "pad_batches", "pixel_offset", "channel_order"):
+    for name in ("pad_to", "device", "pad_batches", "pixel_offset", "channel_order", "half", "precision",
+                 "cuda_graphs"):
         with pytest.raises(AttributeError, match=f"{name} is fixed when the detector is built"):
-            setattr(detector, name, getattr(detector, name))
-    for typo in ("half", "confidence", "nms"):  # would have been ignored without a word
+            setattr(detector, name, getattr(detector, name, True))
+    for typo in ("confidence", "nms", "dense"):  # would have been ignored without a word
         with pytest.raises(AttributeError, match=f"no setting '{typo}' .*confidence_threshold, nms_threshold"):
             setattr(detector, typo, 0.9)
     image = str(widerface_sample / GREETING)

@@ -76,7 +76,7 @@ def as_bgr_uint8(image: np.ndarray) -> np.ndarray:
         raise TypeError(f"expected a numpy image (BGR, as cv2.imread gives) or a path, got "
                         f"{type(image).__name__}{hint}")
     if image.dtype == np.uint16:
-        if image.size and int(image.max()) < 256:
+        if image.size and 0 < int(image.max()) < 256:  # (all zeros: a black frame, black either way)
             raise ValueError("a uint16 image holds 16-bit values and is reduced to its high 8 bits, but all of "
                              "this one's are below 256 (8-bit data in a uint16 array would read as black): pass "
                              "image.astype(np.uint8)")

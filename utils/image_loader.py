@@ -14,6 +14,7 @@ import re
 import signal
 import stat
 import struct
+import sys
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -308,8 +309,23 @@ def check_channel_order(channel_order: str) -> str:
 
 
 def is_pil_image(image: Any) -> bool:
-    """Whether ``image`` is a PIL image (checked without importing PIL)."""
-    return type(image).__module__.startswith("PIL.") and hasattr(image, "convert")
+    """Whether ``image`` is a PIL image (without importing PIL: none can exist before it is)."""
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(image, pil.Image)
+
+
+def _pil_as_bgr_uint8(image: Any) -> np.ndarray:
+    """A PIL image as BGR uint8. 16-bit, 32-bit integer and float modes go through
+    :func:`~utils.image_io.as_bgr_uint8` as arrays (``convert("RGB")`` would clip them: a 16-bit
+    image white, a float one in [0, 1] black); the others are converted from RGB."""
+    if image.mode.startswith("I;16") or image.mode == "F":
+        return as_bgr_uint8(np.asarray(image))
+    if image.mode == "I":  # 32-bit integers: 16-bit PNGs open so in some Pillow versions
+        values = np.asarray(image)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"a PIL image of mode I with values outside 0..65535 ({values.min()}..{values.max()})")
+        return as_bgr_uint8(values.astype(np.uint16))
+    return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
 
 
 def image_as_bgr_uint8(image: Any, channel_order: str = "bgr") -> np.ndarray:
@@ -322,7 +338,7 @@ def image_as_bgr_uint8(image: Any, channel_order: str = "bgr") -> np.ndarray:
     if isinstance(image, (str, Path)):
         return read_complete_image(image)
     if is_pil_image(image):
-        return np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        return _pil_as_bgr_uint8(image)
     bgr = as_bgr_uint8(image)
     return np.ascontiguousarray(bgr[:, :, ::-1]) if check_channel_order(channel_order) == "rgb" else bgr
 

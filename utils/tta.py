@@ -244,7 +244,6 @@ class TTADetector:
     def _candidates(self) -> FaceDetector:
         """The detector with its settings of the moment (confidence threshold ...), without NMS, top-k
         cuts and resizing: runs the resized images as they are and keeps every candidate."""
-        self.detector.refresh()  # a model changed since: rebuilt once, here, not in each copy
         return self.detector.with_settings(target_size=None, max_size=None, nms_threshold=None, top_k=None,
                                            keep_top_k=None, channel_order="bgr")
 
