@@ -284,8 +284,8 @@ def masks_of_faces(image: np.ndarray | str | Path, face_boxes: Sequence[Sequence
     are segmented by ``segmenter.segment_all`` (a :class:`SegmenterPool` segments them in parallel).
 
     Each dict holds ``head_box`` (image coordinates), ``face_box`` (head-crop coordinates),
-    ``head``/``face`` (BGR crops, views of ``image``, or of its converted copy when it was not BGR uint8), ``head_mask``/``face_mask`` ((h, w) uint8
-    0/255, the sizes of the crops).
+    ``head``/``face`` (BGR crops, views of ``image``, or of its converted copy when it was not BGR
+    uint8), ``head_mask``/``face_mask`` ((h, w) uint8 0/255, the sizes of the crops).
     """
     from utils.image_loader import image_as_bgr_uint8  # noqa: PLC0415
 

@@ -221,7 +221,8 @@ class TTADetector:
 
     The passes run through a shallow copy of ``detector`` without NMS or top-k cuts (same
     network, device, precision and ``timings``), made at each call: the confidence threshold, and
-    the NMS threshold that is the default voting IoU, are the detector's of that moment. ``detect``/``detect_batch`` mirror the FaceDetector methods and return
+    the NMS threshold that is the default voting IoU, are the detector's of that moment.
+    ``detect``/``detect_batch`` mirror the FaceDetector methods and return
     :class:`models.detector.Detections` in original-image pixels.
     """
 
