@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import math
 import numbers
 import time
 import warnings
@@ -366,6 +367,9 @@ class FaceDetector:
             for ``top_k`` / ``keep_top_k``: no limit, as on the command line); the defaults are the
             public demo's except the threshold. NMS runs in original-image pixels.
         target_size, max_size: test-time resize (see :func:`resize_scale`); default original size.
+        max_pixels: an image that would reach the network with more pixels is scaled down to about
+            this many (boxes mapped back), as ``inference.py --max_pixels`` does (36 MP there); the
+            default None never (a 48 MP photo then takes several GB of memory).
         batch_size: images per :meth:`detect_batch` call made by :meth:`detect` (``detect_batch``
             itself runs all the images it is given, one forward pass per size group).
         pad_batches: run all the images of a :meth:`detect_batch` call in one forward pass,
@@ -425,13 +429,14 @@ class FaceDetector:
     keep_top_k = _Checked(_limit_or_none)
     target_size = _Checked(_pixels_or_none)
     max_size = _Checked(_pixels_or_none)
+    max_pixels = _Checked(_pixels_or_none)
     batch_size = _Checked(_positive_count)
 
     def __init__(self, weights: str | Path | Mapping[str, Any] | None = None, *, model: RetinaFace | None = None,
                  device: str | torch.device | None = None, overrides: Mapping[str, Any] | None = None,
                  confidence_threshold: float = 0.5, nms_threshold: float | None = 0.4, top_k: int | None = 5000,
                  keep_top_k: int | None = 750, target_size: int | None = None, max_size: int | None = None,
-                 batch_size: int = 1, pad_batches: bool = False, pad_to: int = 1, half: bool = False,
+                 max_pixels: int | None = None, batch_size: int = 1, pad_batches: bool = False, pad_to: int = 1, half: bool = False,
                  precision: str | None = None, channels_last: bool | None = None, fuse_bn: bool = True,
                  cuda_graphs: bool = True, compile: bool = False,
                  pixel_offset: float = PUBLIC_PIXEL_OFFSET, channel_order: str = "bgr") -> None:
@@ -444,6 +449,7 @@ class FaceDetector:
         self.keep_top_k = keep_top_k
         self.target_size = target_size
         self.max_size = max_size
+        self.max_pixels = max_pixels
         self.batch_size = batch_size
         _check_positive_integer("pad_to", pad_to, "number of pixels")
         precision = precision or ("fp16" if half else "fp32")
@@ -557,7 +563,7 @@ class FaceDetector:
         self._network.follow_changes()
         started = time.perf_counter()
         arrays = images_as_bgr_uint8(images, self.channel_order)
-        scales = [resize_scale(a.shape[0], a.shape[1], self.target_size, self.max_size) for a in arrays]
+        scales = [self._scale(*a.shape[:2]) for a in arrays]
         inputs = [a if s == 1.0 else resize_image(a, s) for a, s in zip(arrays, scales)]
         self.timings["preprocess"] += time.perf_counter() - started
         groups = self._groups(inputs)
@@ -571,6 +577,14 @@ class FaceDetector:
                                                 keep_top_k=self.keep_top_k, pixel_offset=self.pixel_offset)
         return PendingDetections(self, len(inputs), [i for group in groups for i in group], finish,
                                  [clock for _, clock in launched])
+
+    def _scale(self, height: int, width: int) -> float:
+        """The resize of an image before the network: :func:`resize_scale`, then down to
+        ``max_pixels`` where the result would have more."""
+        scale = resize_scale(height, width, self.target_size, self.max_size)
+        if self.max_pixels is not None and height * width * scale * scale > self.max_pixels:
+            scale = math.sqrt(self.max_pixels / (height * width))
+        return scale
 
     def _groups(self, inputs: Sequence[np.ndarray]) -> list[list[int]]:
         return [list(range(len(inputs)))] if self.pad_batches and inputs else same_size_groups(inputs)

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -755,3 +757,30 @@ def test_tta_uses_the_detectors_settings_of_the_moment(mobilenet_weights, widerf
     assert strict.scores.min() > 0.5
     assert _same(strict, TTADetector(FaceDetector(mobilenet_weights, device="cpu", confidence_threshold=0.5),
                                      TTAConfig(scales=(0,))).detect(image))
+
+
+def test_max_pixels_scales_a_large_image_down_and_maps_the_boxes_back(detector, widerface_sample):
+    """The command line's --max_pixels guard, in the API: an image with more pixels reaches the
+    network at about that many, its faces come back in original pixels; a smaller image is untouched."""
+    import cv2
+    from torchvision.ops import box_iou
+
+    image = cv2.imread(str(widerface_sample / GREETING))
+    height, width = image.shape[:2]
+    full = detector.detect(image)
+    capped = detector.with_settings(max_pixels=height * width // 2)
+    seen = []
+    hook = capped.dense.network.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[-2:]))
+    try:
+        found = capped.detect(image)
+        assert _same(detector.with_settings(max_pixels=height * width).detect(image), full)
+    finally:
+        hook.remove()
+    assert 0.45 * height * width < seen[0][0] * seen[0][1] <= height * width // 2 + height + width  # rounded sides
+    assert seen[0][0] == round(height * math.sqrt(0.5))
+    big = full[(full.scores > 0.5) & ((full.boxes[:, 2] - full.boxes[:, 0]) > 40)]  # large, confident faces
+    assert len(big) >= 3 and found.boxes[:, 2].max() > width * 0.71 + 40  # original, not network pixels
+    iou = box_iou(torch.from_numpy(big.boxes), torch.from_numpy(found.boxes)).numpy()
+    assert (iou.max(axis=1) > 0.8).all()
+    with pytest.raises(ValueError, match="max_pixels must be a positive whole number of pixels"):
+        detector.with_settings(max_pixels=0)
