@@ -62,8 +62,8 @@ def as_bgr_uint8(image: np.ndarray) -> np.ndarray:
     uint16 (reduced to 8 bits) or float in [0, 1] (clipped: a resized image over- and undershoots a
     little). Input that would be read wrongly without a word is refused: a float image holding
     values above 2 (0..255, as ``np.float32(cv2.imread(...))`` gives), below -0.25 (normalised, mean
-    subtracted) or NaN, a uint16 image whose values all lie below 256 (8-bit data, which the
-    reduction would turn black). The channel order is not checked: RGB arrays (PIL, matplotlib,
+    subtracted) or NaN, a uint16 image whose values all lie below 256 but not all at 0 (8-bit data,
+    which the reduction would turn black). The channel order is not checked: RGB arrays (PIL, matplotlib,
     ``torchvision.io``) need ``image[:, :, ::-1]`` first, or ``FaceDetector(channel_order="rgb")``.
     """
     if image is None:

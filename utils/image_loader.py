@@ -333,8 +333,8 @@ def image_as_bgr_uint8(image: Any, channel_order: str = "bgr") -> np.ndarray:
     file raises :class:`ImageReadError` with the reason the command line gives), a PIL image
     converted from its RGB (as PIL gives it: its EXIF orientation is not applied, see
     ``PIL.ImageOps.exif_transpose``), an array converted with :func:`~utils.image_io.as_bgr_uint8`
-    after reversing its channels when ``channel_order`` is ``"rgb"`` (a paths' and PIL images'
-    order is known and never reversed)."""
+    after reversing its channels when ``channel_order`` is ``"rgb"`` (the order of a path's or a
+    PIL image's pixels is known: never reversed)."""
     if isinstance(image, (str, Path)):
         return read_complete_image(image)
     if is_pil_image(image):
