@@ -31,7 +31,7 @@ import torch
 
 from models.dense_path import PRECISIONS, DensePath
 from models.padding_mask import padded_size
-from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace
+from models.retinaface import BGR_MEAN, ModelConfig, RetinaFace, unwrap_model
 from utils.checkpoint import load_model
 from utils.image_io import NONE_IMAGE
 from utils.image_loader import check_channel_order, image_as_bgr_uint8, is_pil_image
@@ -307,11 +307,10 @@ def cudnn_autotuning(enabled: bool):
 
 def _retinaface(model: Any, hint: str) -> RetinaFace:
     """``model`` as a :class:`RetinaFace`: one wrapped by ``torch.compile``, DataParallel or
-    DistributedDataParallel is unwrapped (the detector compiles its own copy with ``compile=True``);
-    anything else raises ``TypeError`` (``hint`` for a state dict)."""
-    while isinstance(getattr(model, "_orig_mod", None), torch.nn.Module) or isinstance(
-            model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
-        model = getattr(model, "_orig_mod", None) or model.module
+    DistributedDataParallel is unwrapped (:func:`~models.retinaface.unwrap_model`; the detector
+    compiles its own copy with ``compile=True``); anything else raises ``TypeError`` (``hint`` for
+    a state dict)."""
+    model = unwrap_model(model)
     if not isinstance(model, RetinaFace):
         kind = f"a state dict ({hint})" if isinstance(model, Mapping) else type(model).__name__
         raise TypeError(f"model must be a RetinaFace (models.retinaface), got {kind}")

@@ -227,6 +227,13 @@ class RetinaFace(nn.Module):
         return boxes, scores, landmarks
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The network inside ``torch.compile``'s wrapper and then inside DistributedDataParallel,
+    DataParallel or the graphed-training wrapper (their ``module``); other modules as they are."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
 def preprocess(images: torch.Tensor, channels_last_input: bool = True, mean: torch.Tensor | None = None
                ) -> torch.Tensor:
     """uint8 BGR images -> float32 network input (B, 3, H, W) minus the BGR mean.

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 from config import CUDA_GRAPHS_WITH_COMPILE, architecture_overrides, one_line
 from layers.multibox_loss import LOSS_TERMS, MultiBoxLoss
 from layers.prior_box import prior_boxes
-from models.retinaface import ModelConfig, RetinaFace
+from models.retinaface import ModelConfig, RetinaFace, unwrap_model
 from utils.checkpoint import (
     CheckpointError,
     infer_model_config,
@@ -284,10 +284,8 @@ def graph_training_network(ctx: TrainContext, args: argparse.Namespace, autocast
             f"{args.batch_size} at {args.im_size} px ({time.perf_counter() - started:.1f} s)"]
 
 
-def unwrap(model: nn.Module) -> RetinaFace:
-    """The :class:`RetinaFace` inside what :func:`wrap_model` returns (torch.compile, DDP)."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+#: the :class:`RetinaFace` inside what :func:`wrap_model` returns (torch.compile, DDP)
+unwrap = unwrap_model
 
 
 # --------------------------------------------------------------------------------------------
