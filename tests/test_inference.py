@@ -141,6 +141,10 @@ def test_refuses_to_overwrite_results(widerface_run, capsys):
     assert code == config.EXIT_ERROR
     assert len(err.strip().splitlines()) == 1 and "already holds results" in err and "--exist_ok" in err
     assert (out / "detections.json").read_text() == before
+    from utils.inference_utils import InferenceError, run_inference
+    with pytest.raises(InferenceError, match=r"already holds results .*\(from Python: exist_ok=True\)"):
+        run_inference({"weights": "mobilenet0.25", "inference_dir": images, "inference_save_folder": out})
+    assert (out / "detections.json").read_text() == before
 
 
 def test_output_folder_that_is_the_input_folder_does_not_read_its_own_results(widerface_sample, mobilenet_weights,

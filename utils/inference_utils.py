@@ -110,7 +110,7 @@ def check_output_folder(folder: str | Path, exist_ok: bool) -> Path:
     if found and not exist_ok:
         raise InferenceError(f"output folder {folder} already holds results ({', '.join(found[:3])}"
                              f"{' ...' if len(found) > 3 else ''}); choose another --inference_save_folder "
-                             f"or pass --exist_ok true to write into it")
+                             f"or pass --exist_ok true to write into it (from Python: exist_ok=True)")
     return folder
 
 
