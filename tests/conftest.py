@@ -107,18 +107,24 @@ def one_cpu_thread():
 def detection_fails_on_call(monkeypatch):
     """``fail(call, error)``: from now on ``FaceDetector.submit`` (what ``detect_batch`` calls, and
     test.py's pass directly) raises ``error`` on its ``call``-th call (1-based) and works normally
-    otherwise; returns the original method."""
+    otherwise; ``error`` may be a ``signal.Signals`` instead, raised in the process there (what a
+    batch scheduler's SIGTERM does); returns the original method."""
+    import signal
+
     from models.detector import FaceDetector
 
     original = FaceDetector.submit
 
-    def fail(call: int, error: BaseException):
+    def fail(call: int, error: BaseException | signal.Signals):
         calls = []
 
         def submit(self, images):
             calls.append(1)
             if len(calls) == call:
-                raise error
+                if isinstance(error, signal.Signals):
+                    signal.raise_signal(error)
+                else:
+                    raise error
             return original(self, images)
 
         monkeypatch.setattr(FaceDetector, "submit", submit)

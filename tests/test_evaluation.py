@@ -801,22 +801,12 @@ def test_default_checkpoint_is_last_and_ctrl_c_keeps_the_files_written(test_scri
 
 
 def test_sigterm_ends_the_run_with_one_line_and_143(test_script, widerface_sample, widerface_gt_dir,
-                                                   mobilenet_weights, tmp_path, capsys, monkeypatch):
+                                                   mobilenet_weights, tmp_path, capsys, detection_fails_on_call):
     """SIGTERM (a batch job's time limit) ended test.py without a word (Python's default); it now
     ends as Ctrl-C does: the prediction files of the images done stay, one line, status 143."""
     import signal
 
-    from models.detector import FaceDetector
-
-    submit, calls = FaceDetector.submit, []
-
-    def terminated_at_the_second(self, images):
-        calls.append(1)
-        if len(calls) == 2:
-            signal.raise_signal(signal.SIGTERM)
-        return submit(self, images)
-
-    monkeypatch.setattr(FaceDetector, "submit", terminated_at_the_second)
+    detection_fails_on_call(2, signal.SIGTERM)
     keys = ["49--Greeting/49_Greeting_peoplegreeting_49_56.jpg",
             "12--Group/12_Group_Large_Group_12_Group_Large_Group_12_228.jpg"]
     dataset = small_dataset(tmp_path, widerface_sample, keys)

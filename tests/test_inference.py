@@ -969,21 +969,11 @@ def test_ctrl_c_mid_run_writes_partial_results_and_exits_130(widerface_sample, m
 
 
 def test_sigterm_mid_run_writes_partial_results_and_exits_143(widerface_sample, mobilenet_weights, tmp_path,
-                                                              monkeypatch, capsys):
+                                                              detection_fails_on_call, capsys):
     """SIGTERM (a batch job's time limit, docker stop) ended the run without writing the results of the images done."""
     import signal
 
-    from models.detector import FaceDetector
-
-    submit, calls = FaceDetector.submit, []
-
-    def terminated_at_the_third(self, images):
-        calls.append(1)
-        if len(calls) == 3:
-            signal.raise_signal(signal.SIGTERM)
-        return submit(self, images)
-
-    monkeypatch.setattr(FaceDetector, "submit", terminated_at_the_third)
+    detection_fails_on_call(3, signal.SIGTERM)
     folder = link_images(tmp_path / "in", {f"{i}.jpg": p for i, p in enumerate(
         sorted((widerface_sample / "val/images").rglob("*.jpg"))[:4])})
     out = tmp_path / "out"
